@@ -1,0 +1,189 @@
+"""Inference engines behind one interface: ``engine.run(x)`` with x float32 (N, 1, S, S) in [0, 1]
+returns float32 (N, C, S, S) probabilities, C = every class channel of the package in order.
+
+onnxruntime is the default everywhere; torch (CUDA when present) and TensorRT are optional and
+imported only when chosen.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import XctrtError
+from .model import ModelPackage
+
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+
+
+class Engine:
+    name = "?"
+    device = "cpu"
+
+    def run(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+
+    def __init__(self, package: ModelPackage, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or 0
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in ort.get_available_providers()]
+        try:
+            self.sessions = [ort.InferenceSession(g.data, sess_options=opts, providers=providers)
+                             for g in package.graphs]
+        except Exception as exc:
+            raise XctrtError(f"{package.path}: ONNX Runtime cannot load the model graph ({exc})") from exc
+        self.device = "cuda" if self.sessions[0].get_providers()[0].startswith("CUDA") else "cpu"
+        self.input_names = [s.get_inputs()[0].name for s in self.sessions]
+
+    def run(self, x):
+        outs = [s.run(None, {n: x})[0] for s, n in zip(self.sessions, self.input_names)]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
+
+
+class TorchEngine(Engine):
+    """Runs the package's ONNX graphs as torch modules (onnx2torch), on CUDA when available."""
+
+    name = "torch"
+
+    def __init__(self, package: ModelPackage, threads: int = 0):
+        try:
+            import onnx
+            import torch
+            from onnx2torch import convert
+        except ImportError as exc:
+            raise XctrtError("the torch backend needs torch, onnx and onnx2torch (pip install 'xctrt[torch]')") from exc
+        self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.modules = [convert(onnx.load_from_string(g.data)).eval().to(self.device) for g in package.graphs]
+
+    def run(self, x):
+        torch = self.torch
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(self.device, non_blocking=True)
+            outs = [m(t) for m in self.modules]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+            return out.float().cpu().numpy()
+
+
+class TensorRTEngine(Engine):
+    """TensorRT >= 10: builds an fp16 engine per graph from the ONNX, cached next to the package
+    (or in ~/.cache/xctrt) keyed by GPU name, TensorRT version and graph sha256. Device buffers
+    come from torch. Not run in this repository's CI: TensorRT is not installable there."""
+
+    name = "tensorrt"
+    device = "cuda"
+
+    def __init__(self, package: ModelPackage, threads: int = 0, max_batch: int = 32):
+        try:
+            import tensorrt as trt
+            import torch
+        except ImportError as exc:
+            raise XctrtError("the tensorrt backend needs the tensorrt and torch packages with a CUDA GPU") from exc
+        if not torch.cuda.is_available():
+            raise XctrtError("the tensorrt backend needs a CUDA GPU; none is visible")
+        self.trt, self.torch = trt, torch
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.max_batch = max_batch
+        size = package.input_size
+        self.engines = []
+        for g in package.graphs:
+            plan = self._cached_plan(package, g, size)
+            engine = self.runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise XctrtError(f"{package.path}: TensorRT could not deserialise the engine for {g.file}")
+            self.engines.append((engine, engine.create_execution_context(), len(g.outputs)))
+        self.stream = torch.cuda.Stream()
+
+    def _cached_plan(self, package, graph, size) -> bytes:
+        trt, torch = self.trt, self.torch
+        gpu = torch.cuda.get_device_name().replace(" ", "_")
+        key = hashlib.sha256(graph.data).hexdigest()[:16]
+        name = f"{Path(graph.file).stem}.{gpu}.trt{trt.__version__}.b{self.max_batch}.{key}.engine"
+        cache_dir = package.path if package.path.is_dir() and os.access(package.path, os.W_OK) \
+            else Path.home() / ".cache" / "xctrt" / "engines"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cached = cache_dir / name
+        if cached.is_file():
+            return cached.read_bytes()
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse(graph.data):
+            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise XctrtError(f"{package.path}: TensorRT cannot parse {graph.file}: {errs}")
+        config = builder.create_builder_config()
+        config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        inp = network.get_input(0).name
+        profile.set_shape(inp, (1, 1, size, size), (max(1, self.max_batch // 2), 1, size, size),
+                          (self.max_batch, 1, size, size))
+        config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise XctrtError(f"{package.path}: TensorRT failed to build an engine for {graph.file}")
+        plan = bytes(plan)
+        tmp = cached.with_suffix(".partial")
+        tmp.write_bytes(plan)
+        os.replace(tmp, cached)
+        return plan
+
+    def run(self, x):
+        torch = self.torch
+        outs = []
+        with torch.cuda.stream(self.stream):
+            for start in range(0, x.shape[0], self.max_batch):
+                chunk = torch.from_numpy(np.ascontiguousarray(x[start:start + self.max_batch])).cuda()
+                parts = []
+                for engine, ctx, n_out in self.engines:
+                    in_name = engine.get_tensor_name(0)
+                    out_name = engine.get_tensor_name(1)
+                    ctx.set_input_shape(in_name, tuple(chunk.shape))
+                    out = torch.empty((chunk.shape[0], n_out) + tuple(chunk.shape[2:]), device="cuda",
+                                      dtype=torch.float32)
+                    ctx.set_tensor_address(in_name, chunk.data_ptr())
+                    ctx.set_tensor_address(out_name, out.data_ptr())
+                    if not ctx.execute_async_v3(self.stream.cuda_stream):
+                        raise XctrtError("TensorRT execution failed")
+                    parts.append(out)
+                outs.append(torch.cat(parts, dim=1))
+        self.stream.synchronize()
+        return torch.cat(outs).cpu().numpy()
+
+
+def available_backends() -> list[str]:
+    names = ["onnxruntime"]
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("onnx2torch"):
+        names.append("torch")
+    if importlib.util.find_spec("tensorrt"):
+        names.append("tensorrt")
+    return names
+
+
+def make_engine(package: ModelPackage, backend: str = "auto", threads: int = 0) -> Engine:
+    if backend not in BACKENDS:
+        raise XctrtError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        # TensorRT only where it is installed and a GPU is visible; otherwise ONNX Runtime.
+        if "tensorrt" in available_backends():
+            try:
+                return TensorRTEngine(package, threads)
+            except XctrtError:
+                pass
+        backend = "onnxruntime"
+    cls = {"onnxruntime": OnnxRuntimeEngine, "torch": TorchEngine, "tensorrt": TensorRTEngine}[backend]
+    return cls(package, threads)

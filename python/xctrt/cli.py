@@ -1,0 +1,180 @@
+"""Command line: xctrt segment | info | bench | phantom."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import XctrtError
+
+STAGES = ("read", "tile", "infer", "stitch", "aggregate", "components")
+
+
+def _voxel_size(values):
+    if values is None:
+        return None
+    if len(values) == 1:
+        return (values[0],) * 3
+    if len(values) == 3:
+        return tuple(values)
+    raise XctrtError("--voxel-size takes one value (isotropic) or three (DZ DY DX), in mm")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default="default",
+                   help="model package folder or .zip, or the name of an embedded one (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],
+                   help="inference engine; auto = TensorRT when installed with a GPU, else ONNX Runtime")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per engine call (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for inference and kernels (0 = all)")
+    p.add_argument("--slab", type=int, default=8, help="slices read and processed together (default: %(default)s)")
+    p.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="grey values mapped to 0 and 1 (default: from the model: fixed or volume percentiles)")
+    p.add_argument("--connectivity", type=int, default=26, choices=[6, 18, 26],
+                   help="3D neighbourhood joining defect voxels (default: %(default)s)")
+    p.add_argument("--min-voxels", type=int, default=1,
+                   help="drop defects smaller than this many voxels (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _segmenter(args):
+    from .pipeline import Segmenter
+    return Segmenter(args.model, backend=args.backend, batch_size=args.batch_size, threads=args.threads,
+                     connectivity=args.connectivity, min_voxels=args.min_voxels, slab=args.slab,
+                     window=args.window, progress=not args.no_progress)
+
+
+def cmd_segment(args) -> int:
+    seg = _segmenter(args)
+    res = seg.segment(args.volume, out_dir=args.output, voxel_size=_voxel_size(args.voxel_size))
+    r = res.summary["result"]
+    unit = r["unit"]
+    print(f"{args.volume}: {res.summary['input']['shape']} in {res.summary['timing']['total_s']:.1f} s "
+          f"({res.summary['timing']['slices_per_s']:.2f} slices/s, {seg.engine.name} on {seg.engine.device})")
+    print(f"  porosity {r['porosity_percent']:.3f}% of the part; "
+          + ", ".join(f"{n} {d['count']}" for n, d in r["defects"].items())
+          + f" defects (sizes in {unit})")
+    if not seg.package.trained:
+        print("  note: the model is UNTRAINED (random weights); these labels mean nothing")
+    for name, path in res.outputs.items():
+        print(f"  wrote {path}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import _core
+    from .backends import available_backends
+    from .model import load_package
+    pkg = load_package(args.model)
+    print(pkg.describe())
+    print(f"backends    {', '.join(available_backends())}")
+    print(f"xctrt       {__version__}  (C++ kernels, OpenMP {'on' if _core.openmp else 'off'})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import numpy as np
+
+    from .phantom import make_phantom
+    seg = _segmenter(args)
+    with tempfile.TemporaryDirectory(prefix="xctrt-bench-") as tmp:
+        if args.volume:
+            volume = args.volume
+        else:
+            ph = make_phantom(tuple(args.shape), seed=0)
+            volume = np.concatenate([ph.render(z, min(z + 16, args.shape[0]))[0]
+                                     for z in range(0, args.shape[0], 16)])
+        runs = []
+        for _ in range(args.repeat):
+            res = seg.segment(volume, out_dir=Path(tmp) / "out", keep_labels=False)
+            runs.append(res.summary)
+    best = min(runs, key=lambda s: s["timing"]["total_s"])
+    t = best["timing"]
+    z = best["input"]["shape"][0]
+    print(f"volume {best['input']['shape']} {best['input']['dtype']}, model {seg.package.name}, "
+          f"backend {seg.engine.name} on {seg.engine.device}, batch {args.batch_size}, best of {args.repeat}")
+    print(f"{'stage':<12}{'busy s':>10}{'ms/slice':>10}")
+    for st in STAGES:
+        s = t["stage_busy_s"].get(st, 0.0)
+        print(f"{st:<12}{s:>10.3f}{1000 * s / z:>10.2f}")
+    print(f"{'end to end':<12}{t['total_s']:>10.3f}{1000 * t['total_s'] / z:>10.2f}   "
+          f"{t['slices_per_s']:.2f} slices/s")
+    print("(stages overlap in three threads, so busy times can add up to more than end to end)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs, "best": best}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_phantom(args) -> int:
+    from .phantom import write_phantom
+    t0 = time.perf_counter()
+    write_phantom(args.output, tuple(args.shape), seed=args.seed, voxel_size=_voxel_size(args.voxel_size),
+                  labels_path=args.labels)
+    print(f"wrote {args.output} {tuple(args.shape)} uint16" + (f" and {args.labels}" if args.labels else "")
+          + f" in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="xctrt", description="Pore and inclusion segmentation for industrial XCT volumes.")
+    ap.add_argument("--version", action="version", version=f"xctrt {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment a volume into air/material/pore/inclusion and report defects",
+                       description="Writes labels.tif (uint8: 0 air, 1 material, 2 pore, 3 inclusion; input "
+                                   "geometry), defects.csv (one row per 3D defect), summary.json and preview.png.")
+    p.add_argument("volume", help="multi-page/Big/OME-TIFF, folder of TIFF or PNG slices, or .npy (Z, Y, X)")
+    p.add_argument("-o", "--output", default="xctrt-out", help="output folder (default: %(default)s)")
+    p.add_argument("--voxel-size", type=float, nargs="+", metavar="MM",
+                   help="voxel size in mm (one value or DZ DY DX); overrides the file's metadata")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("info", help="describe a model package and the available backends")
+    p.add_argument("model", nargs="?", default="default", help="package folder, .zip or embedded name")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="time every stage of segment on a volume (or a generated phantom)")
+    p.add_argument("volume", nargs="?", help="volume to time (default: a generated phantom)")
+    p.add_argument("--shape", type=int, nargs=3, default=[32, 512, 512], metavar=("Z", "Y", "X"))
+    p.add_argument("--repeat", type=int, default=2, help="runs; the best is reported (default: %(default)s)")
+    p.add_argument("--json", help="also save all runs as JSON here")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("phantom", help="write a synthetic test volume (cylinder with pores and inclusions)")
+    p.add_argument("output", help="image .tif to write")
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 512, 512], metavar=("Z", "Y", "X"))
+    p.add_argument("--labels", help="also write the true labels here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--voxel-size", type=float, nargs="+", default=[0.01], metavar="MM")
+    p.set_defaults(func=cmd_phantom)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except XctrtError as exc:
+        print(f"xctrt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xctrt: interrupted; no outputs were written", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"xctrt: internal error: {type(exc).__name__}: {msg} (rerun with --debug for details)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Per-defect table and volume summary from the streamed component labeller (C++)."""
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+
+from . import _core
+
+DEFECT_CLASSES = {2: "pore", 3: "inclusion"}
+HIST_BINS_VOX = [1, 2, 3, 5, 8, 13, 21, 34, 55]  # equivalent-diameter bin edges in voxels (Fibonacci-ish)
+
+
+class DefectCounter:
+    """Streams label slabs through 3D connected components; also counts class voxels."""
+
+    def __init__(self, shape, voxel_size, connectivity=26, classes=tuple(DEFECT_CLASSES)):
+        if connectivity not in (6, 18, 26):
+            raise ValueError("connectivity must be 6, 18 or 26")
+        self.voxel_size = tuple(float(v) for v in voxel_size)
+        self.labeller = _core.ComponentLabeller(shape=tuple(shape), classes=list(classes),
+                                                connectivity=connectivity, voxel_size=self.voxel_size)
+        self.class_voxels = np.zeros(256, np.int64)
+
+    def add_slab(self, labels: np.ndarray, image: np.ndarray) -> None:
+        self.class_voxels += np.bincount(labels.ravel(), minlength=256)
+        self.labeller.add_slab(labels, image)
+
+    def finish(self, min_voxels: int = 1) -> dict[str, np.ndarray]:
+        return self.labeller.finish(min_voxels=max(0, int(min_voxels)))
+
+
+def csv_columns(unit: str) -> list[tuple[str, str]]:
+    """(table column, CSV header) pairs; lengths in `unit` (mm, or vox when the size is unknown)."""
+    return [
+        ("id", "id"), ("class_name", "class"), ("voxels", "voxels"),
+        ("volume", f"volume_{unit}3"), ("equivalent_diameter", f"equivalent_diameter_{unit}"),
+        ("surface_area", f"surface_area_{unit}2"), ("sphericity", "sphericity"),
+        ("centroid_z", "centroid_z"), ("centroid_y", "centroid_y"), ("centroid_x", "centroid_x"),
+        ("bbox_z0", "bbox_z0"), ("bbox_y0", "bbox_y0"), ("bbox_x0", "bbox_x0"),
+        ("bbox_z1", "bbox_z1"), ("bbox_y1", "bbox_y1"), ("bbox_x1", "bbox_x1"),
+        ("grey_mean", "grey_mean"), ("grey_min", "grey_min"), ("grey_max", "grey_max"),
+        ("touches_edge", "touches_edge"),
+    ]
+
+
+def table_to_csv(table: dict[str, np.ndarray], unit: str) -> str:
+    cols = csv_columns(unit)
+    names = np.array([DEFECT_CLASSES.get(int(c), str(int(c))) for c in table["class"]], dtype=object)
+    data = dict(table, class_name=names)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([h for _, h in cols])
+    n = len(table["id"])
+    fmt = {k: (lambda v: f"{v:.6g}") for k in ("volume", "equivalent_diameter", "surface_area", "sphericity",
+                                                  "grey_mean", "grey_min", "grey_max")}
+    fmt.update({k: (lambda v: f"{v:.3f}") for k in ("centroid_z", "centroid_y", "centroid_x")})
+    fmt["touches_edge"] = lambda v: "1" if v else "0"
+    for i in range(n):
+        w.writerow([fmt.get(k, str)(data[k][i]) for k, _ in cols])
+    return buf.getvalue()
+
+
+def summarise(table: dict[str, np.ndarray], class_voxels: np.ndarray, voxel_size, unit: str,
+              class_names: dict[int, str]) -> dict:
+    """Porosity of the part, counts and size statistics per defect class."""
+    part = int(class_voxels[1:].sum())  # every non-air voxel belongs to the part
+    voxel_volume = float(np.prod(voxel_size))
+    out = {
+        "voxels_per_class": {"air": int(class_voxels[0]),
+                             **{n: int(class_voxels[c]) for c, n in class_names.items()}},
+        "part_volume": part * voxel_volume,
+        "porosity_percent": 100.0 * float(class_voxels[2]) / part if part else 0.0,
+        "inclusion_percent": 100.0 * float(class_voxels[3]) / part if part else 0.0,
+        "unit": unit,
+        "defects": {},
+    }
+    mean_voxel_edge = voxel_volume ** (1 / 3)
+    edges = [b * mean_voxel_edge for b in HIST_BINS_VOX] + [float("inf")]
+    for cid, cname in DEFECT_CLASSES.items():
+        sel = table["class"] == cid
+        d = table["equivalent_diameter"][sel]
+        v = table["volume"][sel]
+        entry = {"count": int(sel.sum()), "touching_edge": int(table["touches_edge"][sel].sum())}
+        if d.size:
+            entry.update({
+                f"volume_{unit}3": {"total": float(v.sum()), "min": float(v.min()), "median": float(np.median(v)),
+                                    "mean": float(v.mean()), "max": float(v.max())},
+                f"equivalent_diameter_{unit}": {"min": float(d.min()), "median": float(np.median(d)),
+                                                "mean": float(d.mean()), "max": float(d.max())},
+            })
+        counts, _ = np.histogram(d, bins=[0.0] + edges)
+        entry[f"histogram_equivalent_diameter_{unit}"] = {
+            "edges": [0.0] + [e for e in edges[:-1]] + ["inf"], "counts": counts.tolist()}
+        out["defects"][cname] = entry
+    return out

@@ -1,0 +1,306 @@
+"""Volume input and label output.
+
+Inputs are read slab by slab (TIFF pages, a memory map, or one file per slice), never as
+a whole unless the caller asks, so a volume larger than RAM still segments. Outputs are
+written to a temporary file beside the target and renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import tifffile
+
+from .errors import XctrtError
+
+KERNEL_DTYPES = (np.uint8, np.uint16, np.float32)  # what the C++ kernels take without a copy
+SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+_UNIT_TO_MM = {"mm": 1.0, "millimeter": 1.0, "µm": 1e-3, "um": 1e-3, "micron": 1e-3, "micrometer": 1e-3,
+               "\\u00B5m": 1e-3, "nm": 1e-6, "cm": 10.0, "m": 1e3}
+
+
+def _kernel_dtype(dtype: np.dtype, path: Path) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype in [np.dtype(d) for d in KERNEL_DTYPES]:
+        return dtype
+    if dtype.kind in "iu" and dtype.itemsize <= 4 or dtype.kind == "f" and dtype.itemsize <= 8:
+        return np.dtype(np.float32)  # int16/int32/float64 scans: converted slab by slab
+    raise XctrtError(f"{path}: unsupported voxel type {dtype}; expected an integer or float grey-value volume")
+
+
+class VolumeSource:
+    """A 3D grey-value volume (Z, Y, X) that can be read in slabs of consecutive slices."""
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], file_dtype: np.dtype,
+                 voxel_size: tuple[float, float, float] | None):
+        self.path = path
+        self.shape = tuple(int(s) for s in shape)
+        self.file_dtype = np.dtype(file_dtype)
+        self.dtype = _kernel_dtype(self.file_dtype, path)
+        self.voxel_size = voxel_size  # (dz, dy, dx) in mm, or None when the file does not say
+        if len(self.shape) != 3:
+            raise XctrtError(f"{path}: expected a 3D volume (Z, Y, X), got shape {self.shape}")
+        if min(self.shape) == 0:
+            raise XctrtError(f"{path}: the volume is empty (shape {self.shape})")
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        """Slices z0..z1-1 as a C-contiguous array of a kernel dtype; NaN/inf is an error."""
+        try:
+            slab = self._read(z0, z1)
+        except XctrtError:
+            raise
+        except Exception as exc:  # tifffile/PIL/numpy raise many types for damaged files
+            raise XctrtError(f"{self.path}: cannot read slices {z0}-{z1 - 1}; the file is truncated or corrupt "
+                             f"({type(exc).__name__}: {exc})") from exc
+        slab = np.ascontiguousarray(slab, dtype=self.dtype)
+        if slab.shape != (z1 - z0,) + self.shape[1:]:
+            raise XctrtError(f"{self.path}: slices {z0}-{z1 - 1} have shape {slab.shape[1:]}, "
+                             f"expected {self.shape[1:]}")
+        if slab.dtype.kind == "f" and not np.isfinite(slab).all():
+            bad = int(np.argwhere(~np.isfinite(slab))[0][0]) + z0
+            raise XctrtError(f"{self.path}: slice {bad} contains NaN or infinite values")
+        return slab
+
+    def slabs(self, depth: int) -> Iterator[tuple[int, np.ndarray]]:
+        for z0 in range(0, self.shape[0], depth):
+            z1 = min(z0 + depth, self.shape[0])
+            yield z0, self.read(z0, z1)
+
+    def sample_slices(self, count: int = 16) -> np.ndarray:
+        """Evenly spaced slices, for intensity percentiles without reading the whole volume."""
+        zs = np.unique(np.linspace(0, self.shape[0] - 1, min(count, self.shape[0])).round().astype(int))
+        return np.stack([self.read(int(z), int(z) + 1)[0] for z in zs])
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ArraySource(VolumeSource):
+    """An in-memory (or memory-mapped) array, e.g. from a plant pipeline or a .npy file."""
+
+    def __init__(self, array: np.ndarray, path: Path | str = "<array>",
+                 voxel_size: tuple[float, float, float] | None = None):
+        self.array = array
+        super().__init__(Path(path), array.shape, array.dtype, voxel_size)
+
+    def _read(self, z0, z1):
+        return self.array[z0:z1]
+
+
+class TiffSource(VolumeSource):
+    def __init__(self, path: Path):
+        try:
+            self.tif = tifffile.TiffFile(path)
+            series = self.tif.series[0]
+            shape = tuple(series.shape)
+            dtype = series.dtype
+        except Exception as exc:
+            raise XctrtError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+        if len(shape) == 2:
+            raise XctrtError(f"{path}: is a single 2D image {shape}; xctrt needs a 3D volume (a multi-page TIFF "
+                             "or a folder of slices)")
+        squeezed = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
+        if len(squeezed) != 3:
+            raise XctrtError(f"{path}: has shape {shape} (axes {series.axes}); expected one grey-value volume (Z, Y, X)")
+        self.series = series
+        self._memmap = None
+        if series.dataoffset is not None and not series.keyframe.is_tiled:
+            try:  # uncompressed and contiguous: map it instead of decoding pages
+                self._memmap = tifffile.memmap(path, mode="r").reshape(squeezed)
+            except Exception:
+                self._memmap = None
+        super().__init__(path, squeezed, dtype, _tiff_voxel_size(self.tif))
+        if self._memmap is None and len(series.pages) != self.shape[0] and len(shape) == 3:
+            raise XctrtError(f"{path}: has {len(series.pages)} readable pages for {self.shape[0]} slices; "
+                             "the file is truncated or corrupt")
+
+    def _read(self, z0, z1):
+        if self._memmap is not None:
+            return self._memmap[z0:z1]
+        return self.tif.asarray(key=range(z0, z1), series=0).reshape((z1 - z0,) + self.shape[1:])
+
+    def close(self):
+        self._memmap = None
+        self.tif.close()
+
+
+class SliceFolderSource(VolumeSource):
+    """A folder of 2D TIFF or PNG slices, in natural sort order of their names."""
+
+    def __init__(self, path: Path):
+        files = [p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES and p.is_file()]
+        if not files:
+            raise XctrtError(f"{path}: folder holds no .tif/.tiff/.png slices")
+        files.sort(key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+        self.files = files
+        first = self._read_file(files[0])
+        if first.ndim != 2:
+            raise XctrtError(f"{files[0]}: slice has shape {first.shape}; expected a 2D grey-value image")
+        super().__init__(path, (len(files),) + first.shape, first.dtype, None)
+
+    @staticmethod
+    def _read_file(p: Path) -> np.ndarray:
+        if p.suffix.lower() == ".png":
+            from PIL import Image
+            with Image.open(p) as im:
+                return np.asarray(im)
+        return tifffile.imread(p)
+
+    def _read(self, z0, z1):
+        out = []
+        for p in self.files[z0:z1]:
+            try:
+                out.append(self._read_file(p))
+            except Exception as exc:
+                raise XctrtError(f"{p}: cannot read slice ({type(exc).__name__}: {exc})") from exc
+            if out[-1].shape != self.shape[1:]:
+                raise XctrtError(f"{p}: slice has shape {out[-1].shape}, expected {self.shape[1:]}")
+        return np.stack(out)
+
+
+def _tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
+    """(dz, dy, dx) in mm from OME or ImageJ metadata, else None."""
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            root = ET.fromstring(tif.ome_metadata)
+            pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+            sizes = []
+            for ax in "ZYX":
+                v = pixels.get(f"PhysicalSize{ax}")
+                unit = pixels.get(f"PhysicalSize{ax}Unit", "µm")
+                if v is None or unit not in _UNIT_TO_MM:
+                    return None
+                sizes.append(float(v) * _UNIT_TO_MM[unit])
+            return tuple(sizes)
+        ij = tif.imagej_metadata
+        if ij and "spacing" in ij:
+            unit = str(ij.get("unit", "")).replace("\\u00B5", "µ")
+            scale = _UNIT_TO_MM.get(unit)
+            tags = tif.pages[0].tags
+            if scale is None or "XResolution" not in tags:
+                return None
+            xr = tags["XResolution"].value
+            yr = tags["YResolution"].value
+            return (float(ij["spacing"]) * scale, yr[1] / yr[0] * scale, xr[1] / xr[0] * scale)
+    except (StopIteration, ET.ParseError, KeyError, ZeroDivisionError, ValueError, TypeError):
+        return None
+    return None
+
+
+def open_volume(path: str | os.PathLike) -> VolumeSource:
+    """Open a multi-page/Big/OME-TIFF, a folder of TIFF/PNG slices, or a .npy volume."""
+    path = Path(path)
+    if not path.exists():
+        raise XctrtError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return SliceFolderSource(path)
+    if path.stat().st_size == 0:
+        raise XctrtError(f"{path}: the file is empty (0 bytes)")
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except Exception as exc:
+            raise XctrtError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+        if arr.ndim != 3:
+            raise XctrtError(f"{path}: expected a 3D volume (Z, Y, X), got shape {arr.shape}")
+        return ArraySource(arr, path)
+    if path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8"):
+        return TiffSource(path)
+    raise XctrtError(f"{path}: unknown volume format; use a TIFF stack, a folder of TIFF/PNG slices or a .npy file")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class StagedOutputs:
+    """Files written under hidden temporary names in one folder and renamed into place together,
+    in the order given, only by commit(); discard() (or leaving the block with an error) removes
+    them, so a failed run never leaves a file that looks complete."""
+
+    def __init__(self, out_dir: Path, order: Iterable[str] = ()):
+        self.out_dir = Path(out_dir)
+        self.order = list(order)
+        self.tmp: dict[str, Path] = {}
+
+    def path(self, name: str) -> Path:
+        p = self.out_dir / f".{name}.{os.getpid()}.partial"
+        self.tmp[name] = p
+        return p
+
+    def commit(self) -> dict[str, Path]:
+        names = [n for n in self.order if n in self.tmp] + [n for n in self.tmp if n not in self.order]
+        done = {}
+        for name in names:
+            os.replace(self.tmp.pop(name), self.out_dir / name)
+            done[name] = self.out_dir / name
+        return done
+
+    def discard(self) -> None:
+        for p in self.tmp.values():
+            p.unlink(missing_ok=True)
+        self.tmp.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def ome_metadata(voxel_size: tuple[float, float, float] | None) -> dict:
+    md = {"axes": "ZYX"}
+    if voxel_size is not None:
+        for ax, v in zip("ZYX", voxel_size):
+            md[f"PhysicalSize{ax}"] = float(v)
+            md[f"PhysicalSize{ax}Unit"] = "mm"
+    return md
+
+
+def write_volume_tiff(target: Path, pages: Iterable[np.ndarray], shape: tuple[int, int, int], dtype,
+                      voxel_size: tuple[float, float, float] | None) -> None:
+    """Write a compressed OME-TIFF page by page from an iterator (stage it with StagedOutputs)."""
+    with tifffile.TiffWriter(target, bigtiff=True, ome=True) as tw:
+        tw.write(data=iter(pages), shape=tuple(shape), dtype=np.dtype(dtype), compression="zlib",
+                 photometric="minisblack", metadata=ome_metadata(voxel_size))
+
+
+def check_output_dir(out_dir: Path) -> Path:
+    """Create the output folder and prove it is writable before any work is done."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".xctrt-write-check."):
+            pass
+    except OSError as exc:
+        raise XctrtError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from exc
+    return out_dir

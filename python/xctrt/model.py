@@ -1,0 +1,202 @@
+"""Model packages: a folder or .zip holding manifest.json and ONNX graphs, each file pinned by sha256.
+
+Graph contract (every backend relies on it): input ``image`` float32 (N, 1, S, S), grey values
+already windowed to [0, 1]; output float32 (N, C, S, S) per-class probabilities, C = the
+graph's ``outputs`` list. Paper mode ships one single-output graph per class; shared-encoder
+mode ships one graph with several outputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import XctrtError
+
+FORMAT = "xctrt-model/1"
+PRIORITY_RULES = ("priority", "argmax")
+INPUT_MODES = ("tile", "resize")
+BLENDS = ("constant", "ramp")
+PADS = ("edge", "constant")
+EMBEDDED = Path(__file__).parent / "models"
+DEFAULT_MODEL = "untrained-tiny"
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    id: int          # label value written to labels.tif
+    name: str
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Graph:
+    file: str
+    outputs: tuple[str, ...]
+    data: bytes = field(repr=False)
+
+
+@dataclass
+class ModelPackage:
+    path: Path
+    manifest: dict
+    classes: list[ClassSpec]       # one per probability channel, in channel order
+    graphs: list[Graph]
+    aggregation: str
+    priority: list[int]            # channel indices, highest priority first
+    input_size: int
+    input_mode: str
+    overlap: int
+    blend: str
+    pad: str
+    window: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name", self.path.name)
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.manifest.get("trained", False))
+
+    def describe(self) -> str:
+        m = self.manifest
+        lines = [
+            f"model       {self.name}  ({'trained' if self.trained else 'UNTRAINED: random weights'})",
+            f"path        {self.path}",
+            f"backbone    {m.get('backbone', '?')}",
+            f"classes     " + ", ".join(f"{c.id}={c.name} (p>={c.threshold:g})" for c in self.classes),
+            f"aggregation {self.aggregation}" + (
+                " (" + " > ".join(self.classes[i].name for i in self.priority) + " > air)"
+                if self.aggregation == "priority" else ""),
+            f"input       {self.input_mode} {self.input_size}x{self.input_size}, overlap {self.overlap}, "
+            f"blend {self.blend}, pad {self.pad}",
+            f"window      {json.dumps(self.window)}",
+            f"graphs      " + ", ".join(f"{g.file} -> {list(g.outputs)} ({len(g.data) / 1e6:.2f} MB)"
+                                        for g in self.graphs),
+            f"training    {m.get('training_data', '-')}",
+            f"metrics     {json.dumps(m.get('metrics', {}))}",
+            f"versions    {json.dumps(m.get('versions', {}))}",
+        ]
+        if m.get("description"):
+            lines.append(f"about       {m['description']}")
+        return "\n".join(lines)
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """A path, or the name of an embedded package ('default' is the shipped one)."""
+    if model is None or str(model) == "default":
+        model = DEFAULT_MODEL
+    p = Path(model)
+    if not p.exists() and (EMBEDDED / str(model)).is_dir():
+        return EMBEDDED / str(model)
+    return p
+
+
+def _reader(path: Path):
+    """A function name -> bytes over a package folder or zip."""
+    if path.is_dir():
+        def read(name: str) -> bytes:
+            f = path / name
+            if not f.is_file():
+                raise XctrtError(f"{path}: model package is missing {name}")
+            return f.read_bytes()
+        return read
+    if path.is_file():
+        try:
+            zf = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as exc:
+            raise XctrtError(f"{path}: not a model package (neither a folder nor a valid .zip)") from exc
+        names = set(zf.namelist())
+        prefix = ""
+        if "manifest.json" not in names:  # allow one top-level folder inside the zip
+            tops = [n for n in names if n.endswith("/manifest.json") and n.count("/") == 1]
+            prefix = tops[0][: -len("manifest.json")] if tops else ""
+
+        def read(name: str) -> bytes:
+            try:
+                return zf.read(prefix + name)
+            except KeyError as exc:
+                raise XctrtError(f"{path}: model package is missing {name}") from exc
+        return read
+    raise XctrtError(f"{path}: model package not found (give a folder, a .zip, or 'default')")
+
+
+def load_package(model: str | Path | None = None) -> ModelPackage:
+    """Load and verify a model package; any defect is an XctrtError naming the package."""
+    path = resolve_model_path(model)
+    read = _reader(path)
+    try:
+        manifest = json.loads(read("manifest.json"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise XctrtError(f"{path}: manifest.json is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise XctrtError(f"{path}: unsupported model package format {got!r}; this xctrt reads {FORMAT!r}")
+    try:
+        return _parse(path, manifest, read)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise XctrtError(f"{path}: manifest.json is incomplete or malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _parse(path: Path, m: dict, read) -> ModelPackage:
+    hashes = m["files"]
+    graphs = []
+    for g in m["graphs"]:
+        name = g["file"]
+        if name not in hashes:
+            raise XctrtError(f"{path}: {name} has no sha256 in manifest.json")
+        data = read(name)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != hashes[name]:
+            raise XctrtError(f"{path}: {name} does not match its sha256 in manifest.json; "
+                             "the package is damaged or was modified")
+        graphs.append(Graph(name, tuple(g["outputs"]), data))
+    by_name = {c["name"]: c for c in m["classes"]}
+    channel_names = [o for g in graphs for o in g.outputs]
+    if sorted(channel_names) != sorted(by_name) or len(set(channel_names)) != len(channel_names):
+        raise XctrtError(f"{path}: graph outputs {channel_names} do not match the classes {sorted(by_name)}")
+    classes = [ClassSpec(int(by_name[n]["id"]), n, float(by_name[n]["threshold"])) for n in channel_names]
+    if any(not 0 < c.id < 256 for c in classes) or len({c.id for c in classes}) != len(classes):
+        raise XctrtError(f"{path}: class ids must be distinct values 1..255")
+    agg = m.get("aggregation", "priority")
+    if agg not in PRIORITY_RULES:
+        raise XctrtError(f"{path}: aggregation must be one of {PRIORITY_RULES}, not {agg!r}")
+    prio_names = m.get("priority", channel_names)
+    if sorted(prio_names) != sorted(channel_names):
+        raise XctrtError(f"{path}: priority {prio_names} must list every class once")
+    inp = m["input"]
+    size, mode = int(inp["size"]), inp.get("mode", "tile")
+    overlap = int(inp.get("overlap", 0))
+    blend, pad = inp.get("blend", "ramp"), inp.get("pad", "edge")
+    if mode not in INPUT_MODES or blend not in BLENDS or pad not in PADS or not 0 <= overlap < size:
+        raise XctrtError(f"{path}: bad input section {inp}")
+    window = m.get("intensity_window", {"mode": "percentile", "low": 0.5, "high": 99.5})
+    if window.get("mode") not in ("percentile", "fixed") or not float(window["low"]) < float(window["high"]):
+        raise XctrtError(f"{path}: bad intensity_window {window}")
+    return ModelPackage(path=path, manifest=m, classes=classes, graphs=graphs, aggregation=agg,
+                        priority=[channel_names.index(n) for n in prio_names], input_size=size,
+                        input_mode=mode, overlap=overlap, blend=blend, pad=pad, window=window)
+
+
+def write_package(out: Path, manifest: dict, files: dict[str, bytes]) -> Path:
+    """Write a package folder (or .zip when out ends in .zip), filling in the sha256 of every file."""
+    manifest = dict(manifest, format=FORMAT, files={n: hashlib.sha256(b).hexdigest() for n, b in files.items()})
+    text = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
+    out = Path(out)
+    if out.suffix == ".zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("manifest.json", text)
+            for n, b in files.items():
+                zf.writestr(n, b)
+        out.write_bytes(buf.getvalue())
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").write_bytes(text)
+        for n, b in files.items():
+            (out / n).write_bytes(b)
+    return out

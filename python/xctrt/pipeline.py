@@ -1,0 +1,352 @@
+"""read -> window/tile -> infer in batches -> stitch -> aggregate -> components + write.
+
+Three threads joined by bounded queues: a reader prefetches slabs, the caller's thread runs
+tiling and inference, and a writer runs connected components and streams compressed label
+pages to disk. Memory is a few slabs, whatever the volume size.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import queue
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__, _core
+from .backends import make_engine
+from .defects import DEFECT_CLASSES, DefectCounter, summarise, table_to_csv
+from .errors import XctrtError
+from .io import ArraySource, StagedOutputs, VolumeSource, check_output_dir, open_volume, write_json, write_volume_tiff
+from .model import ModelPackage, load_package
+from .preview import write_preview
+
+OUTPUTS = ("labels.tif", "defects.csv", "preview.png", "summary.json")  # summary.json last: it marks a finished run
+_END = object()
+
+
+@dataclass
+class SegmentResult:
+    labels: np.ndarray | None            # (Z, Y, X) uint8 when kept in memory
+    defects: dict[str, np.ndarray]       # per-defect columns (see defects.csv)
+    summary: dict
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds = defaultdict(float)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self.seconds[stage] += dt
+
+
+def _put(q: queue.Queue, item, failed: threading.Event) -> None:
+    while True:
+        if failed.is_set():
+            raise _StageFailed
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+class _StageFailed(Exception):
+    pass
+
+
+class Segmenter:
+    """Segment XCT volumes with a model package.
+
+    >>> seg = Segmenter("default", backend="onnxruntime")
+    >>> result = seg.segment("part.tif", out_dir="out/")      # files, as the CLI does
+    >>> result = seg.segment(volume_array)                    # in memory: result.labels, result.defects
+    """
+
+    def __init__(self, model: str | Path | ModelPackage | None = None, backend: str = "auto", batch_size: int = 8,
+                 threads: int = 0, connectivity: int = 26, min_voxels: int = 1, slab: int = 8,
+                 window: tuple[float, float] | None = None, progress: bool = True):
+        self.package = model if isinstance(model, ModelPackage) else load_package(model)
+        if batch_size < 1 or slab < 1:
+            raise XctrtError("batch size and slab depth must be at least 1")
+        if connectivity not in (6, 18, 26):
+            raise XctrtError(f"connectivity must be 6, 18 or 26, not {connectivity}")
+        if window is not None and not float(window[0]) < float(window[1]):
+            raise XctrtError(f"intensity window needs low < high, got {window}")
+        if threads:
+            _core.set_num_threads(threads)
+        self.engine = make_engine(self.package, backend, threads)
+        self.batch_size, self.threads, self.slab = batch_size, threads, slab
+        self.connectivity, self.min_voxels, self.window, self.progress = connectivity, min_voxels, window, progress
+        pkg = self.package
+        self._thresholds = np.array([c.threshold for c in pkg.classes], np.float32)
+        self._ids = np.array([c.id for c in pkg.classes], np.uint8)
+        self._priority = np.array(pkg.priority, np.int64)
+        self.class_names = {c.id: c.name for c in pkg.classes}
+
+    # -------------------------------------------------------------- stages
+
+    def intensity_window(self, source: VolumeSource) -> tuple[float, float]:
+        """Raw grey values mapped to 0 and 1: user override, else the manifest (fixed or percentiles
+        of evenly spaced sample slices, so the whole volume is never read for it)."""
+        if self.window is not None:
+            return float(self.window[0]), float(self.window[1])
+        w = self.package.window
+        if w["mode"] == "fixed":
+            return float(w["low"]), float(w["high"])
+        sample = source.sample_slices(16)[:, ::2, ::2]
+        lo, hi = (float(v) for v in np.percentile(sample, [float(w["low"]), float(w["high"])]))
+        if not hi > lo:  # a flat volume: any window works, keep it valid
+            hi = lo + 1.0
+        return lo, hi
+
+    def labels_for_slab(self, slab: np.ndarray, window: tuple[float, float], timer: _Timer | None = None
+                        ) -> np.ndarray:
+        """Class labels for consecutive slices (z, Y, X) of a kernel dtype."""
+        timer = timer or _Timer()
+        pkg, eng = self.package, self.engine
+        size, ov = pkg.input_size, pkg.overlap
+        lo, hi = window
+        z, h, w = slab.shape
+        tiled = pkg.input_mode == "tile"
+        per_slice = len(_core.tile_starts(h, size, ov)) * len(_core.tile_starts(w, size, ov)) if tiled else 1
+        group = max(1, self.batch_size // per_slice)  # whole slices per engine call, to fill batches
+        k = len(pkg.classes)
+        out = np.empty((z, h, w), np.uint8)
+        for g0 in range(0, z, group):
+            g1 = min(z, g0 + group)
+            with timer("tile"):
+                if tiled:
+                    tiles = np.concatenate([_core.extract_tiles(slab[i], size, ov, lo, hi, pkg.pad)
+                                            for i in range(g0, g1)])
+                else:
+                    tiles = np.stack([_core.resize_bilinear(_core.window(slab[i], lo, hi), size, size)
+                                      for i in range(g0, g1)])
+                x = tiles[:, None]
+            with timer("infer"):
+                probs = [eng.run(np.ascontiguousarray(x[b:b + self.batch_size]))
+                         for b in range(0, len(x), self.batch_size)]
+                probs = probs[0] if len(probs) == 1 else np.concatenate(probs)
+            if probs.shape != (len(x), k, size, size) or probs.dtype != np.float32:
+                raise XctrtError(f"{pkg.path}: the model returned {probs.dtype} {probs.shape}, "
+                                 f"expected float32 {(len(x), k, size, size)}")
+            for j, i in enumerate(range(g0, g1)):
+                p = probs[j * per_slice:(j + 1) * per_slice]
+                with timer("stitch"):
+                    full = (_core.stitch_tiles(p, h, w, ov, pkg.blend) if tiled
+                            else _core.resize_bilinear(p[0], h, w))
+                with timer("aggregate"):
+                    out[i] = _core.aggregate(full, self._thresholds, self._ids, self._priority, pkg.aggregation)
+        return out
+
+    # -------------------------------------------------------------- driver
+
+    def segment(self, volume, out_dir: str | Path | None = None, voxel_size: tuple[float, float, float] | None = None,
+                on_slab: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+                keep_labels: bool | None = None) -> SegmentResult:
+        """Segment a path (TIFF stack, slice folder, .npy), an array (Z, Y, X) or a VolumeSource.
+
+        out_dir: write labels.tif, defects.csv, preview.png, summary.json there (atomically).
+        on_slab(z0, image_slab, label_slab): called for every slab in order, e.g. to stream labels on.
+        keep_labels: return the label volume in memory (default: only when no out_dir is given).
+        """
+        own = not isinstance(volume, VolumeSource)
+        source = (ArraySource(volume) if isinstance(volume, np.ndarray) else
+                  volume if isinstance(volume, VolumeSource) else open_volume(volume))
+        out = check_output_dir(Path(out_dir)) if out_dir is not None else None
+        staged = StagedOutputs(out, OUTPUTS) if out is not None else None
+        try:
+            return self._segment(source, out, staged, voxel_size, on_slab,
+                                 keep_labels if keep_labels is not None else out is None)
+        except BaseException:
+            if staged:
+                staged.discard()
+            raise
+        finally:
+            if own:
+                source.close()
+
+    def _segment(self, source, out, staged, voxel_size, on_slab, keep_labels) -> SegmentResult:
+        t_start = time.perf_counter()
+        timer = _Timer()
+        Z, Y, X = source.shape
+        if voxel_size is not None:
+            vs, vs_from = tuple(float(v) for v in voxel_size), "given"
+        elif source.voxel_size is not None:
+            vs, vs_from = source.voxel_size, "file metadata"
+        else:
+            vs, vs_from = (1.0, 1.0, 1.0), "unknown (sizes in voxels)"
+        if any(not (v > 0 and np.isfinite(v)) for v in vs):
+            raise XctrtError(f"voxel size must be positive, got {vs}")
+        unit = "vox" if vs_from.startswith("unknown") else "mm"
+        with timer("read"):
+            window = self.intensity_window(source)
+        counter = DefectCounter(source.shape, vs, self.connectivity)
+        labels_all = np.empty(source.shape, np.uint8) if keep_labels else None
+        planes = {"z": None, "y": ([], []), "x": ([], [])}
+        failed = threading.Event()
+        errors: list[BaseException] = []
+        q_in: queue.Queue = queue.Queue(maxsize=2)
+        q_out: queue.Queue = queue.Queue(maxsize=2)
+        bar = _progress(Z, self.progress)
+
+        def reader():
+            try:
+                it = source.slabs(self.slab)
+                while True:
+                    with timer("read"):
+                        item = next(it, _END)
+                    _put(q_in, item, failed)
+                    if item is _END:
+                        return
+            except _StageFailed:
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+                failed.set()
+
+        def finished_slabs():
+            while True:
+                try:
+                    item = q_out.get(timeout=0.1)
+                except queue.Empty:
+                    if failed.is_set():
+                        raise _StageFailed
+                    continue
+                if item is _END:
+                    return
+                z0, img, lab = item
+                with timer("components"):
+                    counter.add_slab(lab, img)
+                if Z // 2 in range(z0, z0 + len(lab)):
+                    planes["z"] = (img[Z // 2 - z0].copy(), lab[Z // 2 - z0].copy())
+                for key, sl in (("y", np.s_[:, Y // 2, :]), ("x", np.s_[:, :, X // 2])):
+                    planes[key][0].append(img[sl].copy())
+                    planes[key][1].append(lab[sl].copy())
+                if labels_all is not None:
+                    labels_all[z0:z0 + len(lab)] = lab
+                if on_slab is not None:
+                    on_slab(z0, img, lab)
+                bar.update(len(lab))
+                yield from lab
+
+        def writer():
+            try:
+                pages = finished_slabs()
+                if staged is not None:
+                    try:
+                        write_volume_tiff(staged.path("labels.tif"), pages, (Z, Y, X), np.uint8, vs if unit == "mm" else None)
+                    except OSError as exc:
+                        raise XctrtError(f"{out}: cannot write labels.tif ({exc.strerror or exc})") from exc
+                else:
+                    for _ in pages:
+                        pass
+            except _StageFailed:
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+                failed.set()
+
+        threads = [threading.Thread(target=reader, name="xctrt-read", daemon=True),
+                   threading.Thread(target=writer, name="xctrt-write", daemon=True)]
+        for t in threads:
+            t.start()
+        ok = False
+        try:
+            while True:
+                item = None
+                while item is None:
+                    if failed.is_set():
+                        raise _StageFailed
+                    try:
+                        item = q_in.get(timeout=0.1)
+                    except queue.Empty:
+                        pass
+                if item is _END:
+                    _put(q_out, _END, failed)
+                    break
+                z0, slab = item
+                _put(q_out, (z0, slab, self.labels_for_slab(slab, window, timer)), failed)
+            threads[1].join()
+            ok = True
+        except _StageFailed:
+            pass
+        finally:
+            if not ok:
+                failed.set()  # stops the other stages; their own errors are in `errors`
+            for t in threads:
+                t.join()
+            bar.close()
+        if errors:
+            raise errors[0]
+
+        with timer("components"):
+            table = counter.finish(self.min_voxels)
+        elapsed = time.perf_counter() - t_start
+        summary = {
+            "input": {"path": str(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),
+                      "voxel_size_mm": list(vs) if unit == "mm" else None, "voxel_size_from": vs_from},
+            "model": {"name": self.package.name, "path": str(self.package.path), "trained": self.package.trained,
+                      "files_sha256": self.package.manifest.get("files", {})},
+            "run": {"backend": self.engine.name, "device": self.engine.device, "batch_size": self.batch_size,
+                    "threads": self.threads, "slab": self.slab, "connectivity": self.connectivity,
+                    "min_voxels": self.min_voxels, "intensity_window": list(window),
+                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "host": platform.node(), "versions": _versions()},
+            "timing": {"total_s": elapsed, "slices_per_s": Z / elapsed if elapsed > 0 else None,
+                       "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
+            "result": summarise(table, counter.class_voxels, vs, unit, {**self.class_names}),
+        }
+        outputs = {}
+        if staged is not None:
+            try:
+                staged.path("defects.csv").write_text(table_to_csv(table, unit))
+                pz = planes["z"]
+                py_ = (np.concatenate(planes["y"][0]), np.concatenate(planes["y"][1]))
+                px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
+                write_preview(staged.path("preview.png"), {"z": pz, "y": py_, "x": px}, window, vs,
+                              self.class_names, f"{source.path.name}  {Z}x{Y}x{X}  model {self.package.name}"
+                              + ("" if self.package.trained else " (UNTRAINED)"))
+                summary["outputs"] = list(OUTPUTS)
+                write_json(staged.path("summary.json"), summary)
+                outputs = staged.commit()
+            except OSError as exc:
+                raise XctrtError(f"{out}: cannot write the outputs ({exc.strerror or exc})") from exc
+        return SegmentResult(labels_all, table, summary, outputs)
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import tifffile
+    return {"xctrt": __version__, "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
+            "tifffile": tifffile.__version__, "python": platform.python_version(), "openmp": bool(_core.openmp)}
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, unit="slice", desc="segment", dynamic_ncols=True, leave=False)

@@ -1,4 +1,574 @@
+// Streamed 3D connected components with per-defect statistics.
+//
+// The volume arrives slab by slab in z order and is never held whole: each z-plane is turned
+// into runs (maximal x-intervals of one defect label value), and each run is linked by
+// union-find to the runs it touches in the row above and in up to three rows of the previous
+// plane. Only the previous plane's runs and label values are kept, so memory is O(one slice)
+// plus O(provisional components) for the statistics. Statistics are accumulated per provisional
+// id and merged through the union-find in finish(), so there is no second pass over voxels.
+// Union is by smaller id, so every root is the component's first provisional id, which is
+// created at its first voxel in raster order.
+//
+// Multi-label semantics match cc3d on a volume with non-defect values zeroed: a voxel takes part
+// if its label is in `classes`, and neighbours join only if their label values are equal.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
 #include "bindings.hpp"
+
+namespace py = pybind11;
+
 namespace xctrt {
-void bind_components(pybind11::module_&) {}  // filled in by the components work
+namespace {
+
+constexpr uint32_t kNone = std::numeric_limits<uint32_t>::max();
+constexpr double kPi = 3.14159265358979323846;
+
+struct Run {
+  int32_t x0, x1;  // inclusive
+  uint32_t id;     // provisional id (a root when it was assigned)
+  uint8_t label;
+};
+
+// Runs of one plane; row y owns runs[row_start[y] .. row_start[y+1]).
+struct PlaneRuns {
+  std::vector<Run> runs;
+  std::vector<uint32_t> row_start;
+};
+
+struct Stat {
+  int64_t voxels = 0;
+  int64_t sz = 0, sy = 0, sx = 0;  // coordinate sums, exact in int64
+  int64_t fz = 0, fy = 0, fx = 0;  // exposed faces normal to z, y, x
+  double gsum = 0.0;
+  double gmin = std::numeric_limits<double>::infinity();
+  double gmax = -std::numeric_limits<double>::infinity();
+  int32_t z0 = std::numeric_limits<int32_t>::max(), y0 = std::numeric_limits<int32_t>::max(),
+          x0 = std::numeric_limits<int32_t>::max();
+  int32_t z1 = -1, y1 = -1, x1 = -1;
+  uint8_t cls = 0;
+  bool edge = false;
+
+  void merge(const Stat& o) {
+    voxels += o.voxels;
+    sz += o.sz, sy += o.sy, sx += o.sx;
+    fz += o.fz, fy += o.fy, fx += o.fx;
+    gsum += o.gsum;
+    gmin = std::min(gmin, o.gmin), gmax = std::max(gmax, o.gmax);
+    z0 = std::min(z0, o.z0), y0 = std::min(y0, o.y0), x0 = std::min(x0, o.x0);
+    z1 = std::max(z1, o.z1), y1 = std::max(y1, o.y1), x1 = std::max(x1, o.x1);
+    edge = edge || o.edge;
+  }
+};
+
+inline int64_t count_ne(const uint8_t* p, int64_t n, uint8_t v) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += p[i] != v;
+  return c;
 }
+
+// Image element types the grey statistics are templated on; NoImage skips them (label_volume).
+struct NoImage {};
+
+class Labeller {
+ public:
+  Labeller(std::array<int64_t, 3> shape, const std::vector<int64_t>& classes, int connectivity,
+           std::array<double, 3> voxel_size) {
+    for (int64_t s : shape)
+      if (s <= 0 || s > std::numeric_limits<int32_t>::max())
+        throw std::invalid_argument("shape entries must be positive and below 2**31");
+    if (connectivity != 6 && connectivity != 18 && connectivity != 26)
+      throw std::invalid_argument("connectivity must be 6, 18 or 26, got " +
+                                  std::to_string(connectivity));
+    for (double v : voxel_size)
+      if (!(v > 0.0) || !std::isfinite(v))
+        throw std::invalid_argument("voxel_size entries must be positive and finite");
+    lut_.fill(0);
+    for (int64_t c : classes) {
+      if (c < 0 || c > 255)
+        throw std::invalid_argument("classes must be label values in 0..255, got " +
+                                    std::to_string(c));
+      if (!lut_[c]) cls_.push_back(static_cast<uint8_t>(c));
+      lut_[c] = 1;
+    }
+    Z_ = shape[0], Y_ = shape[1], X_ = shape[2];
+    plane_ = Y_ * X_;
+    conn_ = connectivity;
+    dz_ = voxel_size[0], dy_ = voxel_size[1], dx_ = voxel_size[2];
+    mask_.resize(X_);
+    prev_lab_.resize(Z_ > 1 ? plane_ : 0);
+    prev_.row_start.assign(Y_ + 1, 0);
+    cur_.row_start.assign(Y_ + 1, 0);
+  }
+
+  int64_t Z() const { return Z_; }
+  int64_t Y() const { return Y_; }
+  int64_t X() const { return X_; }
+  int64_t slices_received() const { return z_; }
+  int64_t n_provisional() const { return static_cast<int64_t>(parent_.size()); }
+
+  // nz consecutive planes; img may be null only for T = NoImage. ids (optional, label_volume)
+  // receives provisional id + 1 for every defect voxel.
+  template <class T>
+  void add(const uint8_t* lab, const T* img, int64_t nz, int32_t* ids) {
+    for (int64_t k = 0; k < nz; ++k) {
+      const uint8_t* cur = lab + k * plane_;
+      const uint8_t* prev = z_ == 0 ? nullptr : (k == 0 ? prev_lab_.data() : cur - plane_);
+      process_plane<T>(cur, img ? img + k * plane_ : nullptr, prev, ids ? ids + k * plane_ : nullptr);
+      ++z_;
+    }
+    // The next slab's first plane needs this slab's last plane's labels for faces and joins.
+    if (nz > 0 && z_ < Z_) std::memcpy(prev_lab_.data(), lab + (nz - 1) * plane_, plane_);
+  }
+
+  // Provisional id -> final id (1..N in raster order of first voxel, 0 if dropped), plus the
+  // merged statistics of every kept component.
+  void resolve(int64_t min_voxels, std::vector<uint32_t>& final_id, std::vector<Stat>& out) {
+    const size_t n = parent_.size();
+    std::vector<Stat> merged;
+    std::vector<uint32_t> slot(n);
+    for (size_t i = 0; i < n; ++i) {
+      const uint32_t r = find(static_cast<uint32_t>(i));
+      if (r == i) {
+        slot[i] = static_cast<uint32_t>(merged.size());
+        merged.push_back(stats_[i]);
+      } else {
+        slot[i] = slot[r];  // r < i, already assigned
+        merged[slot[r]].merge(stats_[i]);
+      }
+    }
+    std::vector<uint32_t> keep_id(merged.size(), 0);
+    out.clear();
+    for (size_t k = 0; k < merged.size(); ++k) {
+      if (merged[k].voxels >= min_voxels) {
+        out.push_back(merged[k]);
+        keep_id[k] = static_cast<uint32_t>(out.size());
+      }
+    }
+    final_id.resize(n);
+    for (size_t i = 0; i < n; ++i) final_id[i] = keep_id[slot[i]];
+  }
+
+  double dz() const { return dz_; }
+  double dy() const { return dy_; }
+  double dx() const { return dx_; }
+
+ private:
+  uint32_t find(uint32_t x) {
+    while (parent_[x] != x) {
+      parent_[x] = parent_[parent_[x]];  // path halving
+      x = parent_[x];
+    }
+    return x;
+  }
+
+  // Join every run in list[p..end) that overlaps [lo, hi] and has label L into id (a root).
+  // p only moves past runs that end before lo, which later runs of the row start after too.
+  inline void link(const Run* list, uint32_t end, uint32_t& p, int32_t lo, int32_t hi, uint8_t L,
+                   uint32_t& id) {
+    while (p < end && list[p].x1 < lo) ++p;
+    for (uint32_t q = p; q < end && list[q].x0 <= hi; ++q) {
+      if (list[q].label != L) continue;
+      const uint32_t r = find(list[q].id);
+      if (id == kNone) {
+        id = r;
+      } else if (r != id) {
+        if (r < id) {
+          parent_[id] = r;
+          id = r;
+        } else {
+          parent_[r] = id;
+        }
+      }
+    }
+  }
+
+  void extract_runs(const uint8_t* lab, PlaneRuns& pr) {
+    pr.runs.clear();
+    const int64_t X = X_;
+    uint8_t* m = mask_.data();
+    const size_t ncls = cls_.size();
+    for (int64_t y = 0; y < Y_; ++y) {
+      pr.row_start[y] = static_cast<uint32_t>(pr.runs.size());
+      if (ncls == 0) continue;
+      const uint8_t* row = lab + y * X;
+      // Membership mask: a few compare passes vectorise; many classes fall back to the table.
+      if (ncls <= 4) {
+        const uint8_t c0 = cls_[0];
+        for (int64_t x = 0; x < X; ++x) m[x] = row[x] == c0;
+        for (size_t c = 1; c < ncls; ++c) {
+          const uint8_t cc = cls_[c];
+          for (int64_t x = 0; x < X; ++x) m[x] |= row[x] == cc;
+        }
+      } else {
+        for (int64_t x = 0; x < X; ++x) m[x] = lut_[row[x]];
+      }
+      int64_t x = 0;
+      for (;;) {
+        // Most voxels are not defects: skip them eight at a time.
+        while (x + 8 <= X) {
+          uint64_t w;
+          std::memcpy(&w, m + x, 8);
+          if (w) break;
+          x += 8;
+        }
+        while (x < X && !m[x]) ++x;
+        if (x >= X) break;
+        const uint8_t L = row[x];
+        const int64_t s = x++;
+        while (x < X && row[x] == L) ++x;
+        pr.runs.push_back(Run{static_cast<int32_t>(s), static_cast<int32_t>(x - 1), kNone, L});
+      }
+    }
+    pr.row_start[Y_] = static_cast<uint32_t>(pr.runs.size());
+    if (pr.runs.size() >= kNone)
+      throw std::invalid_argument("too many defect runs in one plane");
+  }
+
+  template <class T>
+  void process_plane(const uint8_t* lab, const T* img, const uint8_t* prev, int32_t* ids) {
+    extract_runs(lab, cur_);
+    const int64_t X = X_, Y = Y_;
+    const int32_t z = static_cast<int32_t>(z_);
+    const bool last = z_ == Z_ - 1;
+    const bool zedge = z_ == 0 || last;
+    // Reach of the neighbour rows along x: same-plane row y-1 and previous-plane row y use
+    // x-1..x+1 beyond 6-conn; previous-plane rows y+-1 are out for 6, x only for 18.
+    const int32_t d1 = conn_ == 6 ? 0 : 1;
+    const int32_t d2 = conn_ == 26 ? 1 : 0;
+    const bool diag_rows = conn_ != 6;
+    const Run* cr = cur_.runs.data();
+    const Run* pr = prev_.runs.data();
+    const uint32_t* cs = cur_.row_start.data();
+    const uint32_t* ps = prev_.row_start.data();
+
+    for (int64_t y = 0; y < Y; ++y) {
+      const uint32_t rb = cs[y], re = cs[y + 1];
+      const uint8_t* row = lab + y * X;
+      if (rb != re) {
+        const uint8_t* above = y > 0 ? row - X : nullptr;
+        const uint8_t* below = y + 1 < Y ? row + X : nullptr;
+        const uint8_t* prow = prev ? prev + y * X : nullptr;
+        // Cursors into the neighbour rows' run lists.
+        uint32_t pu = y > 0 ? cs[y - 1] : 0, pu_end = y > 0 ? cs[y] : 0;
+        uint32_t q0 = 0, q0_end = 0, qm = 0, qm_end = 0, qp = 0, qp_end = 0;
+        if (prev) {
+          q0 = ps[y], q0_end = ps[y + 1];
+          if (diag_rows && y > 0) qm = ps[y - 1], qm_end = ps[y];
+          if (diag_rows && y + 1 < Y) qp = ps[y + 1], qp_end = ps[y + 2];
+        }
+        const bool yedge = y == 0 || y == Y - 1;
+        for (uint32_t i = rb; i < re; ++i) {
+          Run& r = cur_.runs[i];
+          const int32_t a = r.x0, b = r.x1;
+          const uint8_t L = r.label;
+          uint32_t id = kNone;
+          link(cr, pu_end, pu, a - d1, b + d1, L, id);
+          if (prev) {
+            link(pr, q0_end, q0, a - d1, b + d1, L, id);
+            link(pr, qm_end, qm, a - d2, b + d2, L, id);
+            link(pr, qp_end, qp, a - d2, b + d2, L, id);
+          }
+          if (id == kNone) {
+            if (parent_.size() >= kNone - 1)
+              throw std::invalid_argument("too many provisional components for 32-bit ids");
+            id = static_cast<uint32_t>(parent_.size());
+            parent_.push_back(id);
+            stats_.emplace_back();
+            stats_.back().cls = L;
+          }
+          r.id = id;
+
+          const int64_t len = b - a + 1;
+          Stat& s = stats_[id];
+          s.voxels += len;
+          s.sz += static_cast<int64_t>(z) * len;
+          s.sy += y * len;
+          s.sx += (static_cast<int64_t>(a) + b) * len / 2;
+          s.z0 = std::min(s.z0, z), s.z1 = std::max(s.z1, z);
+          s.y0 = std::min(s.y0, static_cast<int32_t>(y)), s.y1 = std::max(s.y1, static_cast<int32_t>(y));
+          s.x0 = std::min(s.x0, a), s.x1 = std::max(s.x1, b);
+          if (zedge || yedge || a == 0 || b == X - 1) s.edge = true;
+          // A run is maximal for its label, so both x ends are exposed.
+          s.fx += 2;
+          s.fy += (above ? count_ne(above + a, len, L) : len) + (below ? count_ne(below + a, len, L) : len);
+          // -z faces against the previous plane; +z faces are counted when the next plane
+          // arrives (below), or here for the last plane.
+          s.fz += (prow ? count_ne(prow + a, len, L) : len) + (last ? len : 0);
+          if constexpr (!std::is_same_v<T, NoImage>) {
+            const T* g = img + y * X + a;
+            double sum = 0.0, mn = s.gmin, mx = s.gmax;
+            for (int64_t k = 0; k < len; ++k) {
+              const double v = static_cast<double>(g[k]);
+              sum += v;
+              mn = v < mn ? v : mn;
+              mx = v > mx ? v : mx;
+            }
+            s.gsum += sum, s.gmin = mn, s.gmax = mx;
+          }
+          if (ids) {
+            const int32_t v = static_cast<int32_t>(id) + 1;
+            int32_t* o = ids + y * X;
+            for (int32_t x = a; x <= b; ++x) o[x] = v;
+          }
+        }
+      }
+      // +z faces of the previous plane's runs in this row.
+      if (prev) {
+        for (uint32_t i = ps[y]; i < ps[y + 1]; ++i) {
+          const Run& r = pr[i];
+          stats_[r.id].fz += count_ne(row + r.x0, r.x1 - r.x0 + 1, r.label);
+        }
+      }
+    }
+    std::swap(prev_, cur_);
+  }
+
+  int64_t Z_ = 0, Y_ = 0, X_ = 0, plane_ = 0, z_ = 0;
+  int conn_ = 26;
+  double dz_ = 1.0, dy_ = 1.0, dx_ = 1.0;
+  std::array<uint8_t, 256> lut_{};
+  std::vector<uint8_t> cls_;
+  std::vector<uint8_t> mask_;
+  std::vector<uint8_t> prev_lab_;
+  PlaneRuns prev_, cur_;
+  std::vector<uint32_t> parent_;
+  std::vector<Stat> stats_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Python side.
+
+using LabelArray = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
+LabelArray as_labels(const py::array& a) {
+  if (!py::isinstance<py::array_t<uint8_t>>(a))
+    throw std::invalid_argument("labels must be a uint8 array, got dtype " +
+                                py::str(a.dtype()).cast<std::string>());
+  return LabelArray::ensure(a);  // same dtype: only makes it C-contiguous if needed
+}
+
+enum class ImageType { U8, U16, F32 };
+
+ImageType image_type(const py::array& a) {
+  if (py::isinstance<py::array_t<uint8_t>>(a)) return ImageType::U8;
+  if (py::isinstance<py::array_t<uint16_t>>(a)) return ImageType::U16;
+  if (py::isinstance<py::array_t<float>>(a)) return ImageType::F32;
+  throw std::invalid_argument("image must be a native uint8, uint16 or float32 array, got dtype " +
+                              py::str(a.dtype()).cast<std::string>());
+}
+
+class PyLabeller {
+ public:
+  PyLabeller(std::array<int64_t, 3> shape, std::vector<int64_t> classes, int connectivity,
+             std::array<double, 3> voxel_size)
+      : lab_(shape, classes, connectivity, voxel_size) {}
+
+  void add_slab(const py::array& labels, const py::array& image) {
+    if (busy_) throw std::runtime_error("ComponentLabeller is busy in another thread");
+    if (labels.ndim() != 3 || labels.shape(1) != lab_.Y() || labels.shape(2) != lab_.X())
+      throw std::invalid_argument("labels must be (z, " + std::to_string(lab_.Y()) + ", " +
+                                  std::to_string(lab_.X()) + ")");
+    if (image.ndim() != 3 || image.shape(0) != labels.shape(0) ||
+        image.shape(1) != labels.shape(1) || image.shape(2) != labels.shape(2))
+      throw std::invalid_argument("image must have the same shape as labels");
+    const int64_t nz = labels.shape(0);
+    if (lab_.slices_received() + nz > lab_.Z())
+      throw std::invalid_argument("too many slices: " + std::to_string(lab_.slices_received()) +
+                                  " received, this slab has " + std::to_string(nz) +
+                                  ", the volume has " + std::to_string(lab_.Z()));
+    LabelArray l = as_labels(labels);
+    switch (image_type(image)) {
+      case ImageType::U8: run<uint8_t>(l, image, nz); break;
+      case ImageType::U16: run<uint16_t>(l, image, nz); break;
+      case ImageType::F32: run<float>(l, image, nz); break;
+    }
+  }
+
+  py::dict finish(int64_t min_voxels) {
+    if (lab_.slices_received() != lab_.Z())
+      throw std::invalid_argument("finish() before all slices arrived: " +
+                                  std::to_string(lab_.slices_received()) + " of " +
+                                  std::to_string(lab_.Z()));
+    if (min_voxels < 0) throw std::invalid_argument("min_voxels must be >= 0");
+    std::vector<uint32_t> final_id;
+    std::vector<Stat> st;
+    // resolve() compresses union-find paths, so it must not overlap another call either.
+    if (busy_) throw std::runtime_error("ComponentLabeller is busy in another thread");
+    busy_ = true;
+    try {
+      py::gil_scoped_release release;
+      lab_.resolve(min_voxels, final_id, st);
+    } catch (...) {
+      busy_ = false;
+      throw;
+    }
+    busy_ = false;
+    return make_table(st, lab_.dz(), lab_.dy(), lab_.dx());
+  }
+
+  int64_t n_provisional() const { return lab_.n_provisional(); }
+  int64_t slices_received() const { return lab_.slices_received(); }
+  py::tuple shape() const { return py::make_tuple(lab_.Z(), lab_.Y(), lab_.X()); }
+
+  static py::dict make_table(const std::vector<Stat>& st, double dz, double dy, double dx) {
+    const py::ssize_t n = static_cast<py::ssize_t>(st.size());
+    py::array_t<int64_t> id(n), voxels(n), z0(n), y0(n), x0(n), z1(n), y1(n), x1(n);
+    py::array_t<uint8_t> cls(n);
+    py::array_t<double> volume(n), eqd(n), cz(n), cy(n), cx(n), area(n), spher(n), gmean(n),
+        gmin(n), gmax(n);
+    py::array_t<bool> edge(n);
+    auto I = [](py::array_t<int64_t>& a) { return a.mutable_data(); };
+    auto D = [](py::array_t<double>& a) { return a.mutable_data(); };
+    int64_t *pid = I(id), *pv = I(voxels), *pz0 = I(z0), *py0 = I(y0), *px0 = I(x0), *pz1 = I(z1),
+            *py1 = I(y1), *px1 = I(x1);
+    double *pvol = D(volume), *peq = D(eqd), *pcz = D(cz), *pcy = D(cy), *pcx = D(cx),
+           *parea = D(area), *psph = D(spher), *pgm = D(gmean), *pgmin = D(gmin), *pgmax = D(gmax);
+    uint8_t* pcls = cls.mutable_data();
+    bool* pedge = edge.mutable_data();
+    const double ayx = dy * dx, azx = dz * dx, azy = dz * dy;
+    const double cbrt_pi = std::cbrt(kPi);
+    for (py::ssize_t i = 0; i < n; ++i) {
+      const Stat& s = st[i];
+      const double v = static_cast<double>(s.voxels);
+      pid[i] = i + 1;
+      pcls[i] = s.cls;
+      pv[i] = s.voxels;
+      const double vol = v * dz * dy * dx;
+      pvol[i] = vol;
+      peq[i] = std::cbrt(6.0 * vol / kPi);
+      pz0[i] = s.z0, py0[i] = s.y0, px0[i] = s.x0, pz1[i] = s.z1, py1[i] = s.y1, px1[i] = s.x1;
+      pcz[i] = static_cast<double>(s.sz) / v;
+      pcy[i] = static_cast<double>(s.sy) / v;
+      pcx[i] = static_cast<double>(s.sx) / v;
+      const double a = static_cast<double>(s.fz) * ayx + static_cast<double>(s.fy) * azx +
+                       static_cast<double>(s.fx) * azy;
+      parea[i] = a;
+      psph[i] = cbrt_pi * std::pow(6.0 * vol, 2.0 / 3.0) / a;
+      pgm[i] = s.gsum / v;
+      pgmin[i] = s.gmin, pgmax[i] = s.gmax;
+      pedge[i] = s.edge;
+    }
+    py::dict t;
+    t["id"] = id, t["class"] = cls, t["voxels"] = voxels, t["volume"] = volume;
+    t["equivalent_diameter"] = eqd;
+    t["bbox_z0"] = z0, t["bbox_y0"] = y0, t["bbox_x0"] = x0;
+    t["bbox_z1"] = z1, t["bbox_y1"] = y1, t["bbox_x1"] = x1;
+    t["centroid_z"] = cz, t["centroid_y"] = cy, t["centroid_x"] = cx;
+    t["surface_area"] = area, t["sphericity"] = spher;
+    t["grey_mean"] = gmean, t["grey_min"] = gmin, t["grey_max"] = gmax;
+    t["touches_edge"] = edge;
+    return t;
+  }
+
+  Labeller& core() { return lab_; }
+
+ private:
+  template <class T>
+  void run(const LabelArray& l, const py::array& image, int64_t nz) {
+    auto img = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(image);
+    const uint8_t* lp = l.data();
+    const T* ip = img.data();
+    // Another Python thread could call in while the GIL is released; refuse rather than race.
+    if (busy_) throw std::runtime_error("ComponentLabeller is busy in another thread");
+    busy_ = true;
+    try {
+      py::gil_scoped_release release;
+      lab_.add<T>(lp, ip, nz, nullptr);
+    } catch (...) {
+      busy_ = false;
+      throw;
+    }
+    busy_ = false;
+  }
+
+  Labeller lab_;
+  bool busy_ = false;
+};
+
+py::dict label_components(const py::array& labels, const py::array& image,
+                          std::vector<int64_t> classes, int connectivity,
+                          std::array<double, 3> voxel_size, int64_t min_voxels, int64_t slab) {
+  if (labels.ndim() != 3) throw std::invalid_argument("labels must be a 3-D (Z, Y, X) array");
+  if (slab < 1) throw std::invalid_argument("slab must be >= 1");
+  PyLabeller lab({labels.shape(0), labels.shape(1), labels.shape(2)}, std::move(classes),
+                 connectivity, voxel_size);
+  const int64_t Z = labels.shape(0);
+  // Stream views of the whole volume; add_slab validates dtype and shape.
+  for (int64_t z = 0; z < Z; z += slab) {
+    const int64_t e = std::min(Z, z + slab);
+    py::slice sl(z, e, 1);
+    lab.add_slab(labels[sl].cast<py::array>(), image[sl].cast<py::array>());
+  }
+  return lab.finish(min_voxels);
+}
+
+py::array_t<int32_t> label_volume(const py::array& labels, std::vector<int64_t> classes,
+                                  int connectivity) {
+  if (labels.ndim() != 3) throw std::invalid_argument("labels must be a 3-D (Z, Y, X) array");
+  LabelArray l = as_labels(labels);
+  const int64_t Z = l.shape(0), Y = l.shape(1), X = l.shape(2);
+  Labeller lab({Z, Y, X}, classes, connectivity, {1.0, 1.0, 1.0});
+  py::array_t<int32_t> out({Z, Y, X});
+  int32_t* o = out.mutable_data();
+  const uint8_t* lp = l.data();
+  {
+    py::gil_scoped_release release;
+    std::fill(o, o + Z * Y * X, 0);
+    // Provisional ids + 1 go straight into the output, then get renumbered.
+    lab.add<NoImage>(lp, nullptr, Z, o);
+    if (lab.n_provisional() >= std::numeric_limits<int32_t>::max())
+      throw std::invalid_argument("too many components for int32 ids");
+    std::vector<uint32_t> final_id;
+    std::vector<Stat> st;
+    lab.resolve(0, final_id, st);
+    const int64_t n = Z * Y * X;
+    for (int64_t i = 0; i < n; ++i)
+      if (o[i]) o[i] = static_cast<int32_t>(final_id[o[i] - 1]);
+  }
+  return out;
+}
+
+}  // namespace
+
+void bind_components(py::module_& m) {
+  py::class_<PyLabeller>(m, "ComponentLabeller",
+                         "Streamed 3D connected components with per-component statistics.\n"
+                         "Feed (z, Y, X) slabs in z order with add_slab(labels, image), then\n"
+                         "finish(min_voxels) returns a dict of 1-D column arrays.")
+      .def(py::init<std::array<int64_t, 3>, std::vector<int64_t>, int, std::array<double, 3>>(),
+           py::arg("shape"), py::arg("classes") = std::vector<int64_t>{2, 3},
+           py::arg("connectivity") = 26,
+           py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0})
+      .def("add_slab", &PyLabeller::add_slab, py::arg("labels"), py::arg("image"),
+           "labels: uint8 (z, Y, X); image: same shape, uint8, uint16 or float32.")
+      .def("finish", &PyLabeller::finish, py::arg("min_voxels") = 0,
+           "Merge and return the table (dict of columns); components with fewer than\n"
+           "min_voxels voxels are dropped before ids 1..N are assigned in raster order.")
+      .def_property_readonly("n_provisional", &PyLabeller::n_provisional)
+      .def_property_readonly("slices_received", &PyLabeller::slices_received)
+      .def_property_readonly("shape", &PyLabeller::shape);
+
+  m.def("label_components", &label_components, py::arg("labels"), py::arg("image"),
+        py::arg("classes") = std::vector<int64_t>{2, 3}, py::arg("connectivity") = 26,
+        py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0}, py::arg("min_voxels") = 0,
+        py::arg("slab") = 32,
+        "Stream an in-memory (Z, Y, X) volume through a ComponentLabeller; returns the table.");
+  m.def("label_volume", &label_volume, py::arg("labels"),
+        py::arg("classes") = std::vector<int64_t>{2, 3}, py::arg("connectivity") = 26,
+        "int32 component ids per voxel (0 = background), numbered like the table's id with\n"
+        "min_voxels=0. Holds the whole volume (for tests and comparisons).");
+}
+
+}  // namespace xctrt

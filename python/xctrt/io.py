@@ -118,25 +118,47 @@ class TiffSource(VolumeSource):
         if len(squeezed) != 3:
             raise XctrtError(f"{path}: has shape {shape} (axes {series.axes}); expected one grey-value volume (Z, Y, X)")
         self.series = series
-        self._memmap = None
-        if series.dataoffset is not None and not series.keyframe.is_tiled:
-            try:  # uncompressed and contiguous: map it instead of decoding pages
-                self._memmap = tifffile.memmap(path, mode="r").reshape(squeezed)
-            except Exception:
-                self._memmap = None
         super().__init__(path, squeezed, dtype, _tiff_voxel_size(self.tif))
-        if self._memmap is None and len(series.pages) != self.shape[0] and len(shape) == 3:
+        if len(series.pages) != self.shape[0] and len(shape) == 3:
             raise XctrtError(f"{path}: has {len(series.pages)} readable pages for {self.shape[0]} slices; "
                              "the file is truncated or corrupt")
 
     def _read(self, z0, z1):
-        if self._memmap is not None:
-            return self._memmap[z0:z1]
+        # Plain page reads, never a memory map: mapped pages would count against the process's
+        # resident memory until unmapped, and volumes may be larger than RAM.
         return self.tif.asarray(key=range(z0, z1), series=0).reshape((z1 - z0,) + self.shape[1:])
 
     def close(self):
-        self._memmap = None
         self.tif.close()
+
+
+class NpySource(VolumeSource):
+    """A .npy volume read slab by slab with file reads (no memory map, see TiffSource._read)."""
+
+    def __init__(self, path: Path):
+        try:
+            header = np.load(path, mmap_mode="r")  # parses the header; no page is touched
+            shape, dtype, self.offset = header.shape, header.dtype, header.offset
+            fortran = header.ndim > 1 and not header.flags.c_contiguous
+            del header
+        except Exception as exc:
+            raise XctrtError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+        if len(shape) != 3:
+            raise XctrtError(f"{path}: expected a 3D volume (Z, Y, X), got shape {shape}")
+        if fortran or dtype.hasobject:
+            raise XctrtError(f"{path}: Fortran-ordered or object .npy files are not supported; save with np.save "
+                             "from a C-ordered numeric array")
+        super().__init__(path, shape, dtype, None)
+        expected = self.offset + int(np.prod(shape)) * dtype.itemsize
+        if path.stat().st_size < expected:
+            raise XctrtError(f"{path}: file is truncated ({path.stat().st_size} of {expected} bytes)")
+
+    def _read(self, z0, z1):
+        plane = self.shape[1] * self.shape[2]
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + z0 * plane * self.file_dtype.itemsize)
+            data = np.fromfile(fh, dtype=self.file_dtype, count=(z1 - z0) * plane)
+        return data.reshape((z1 - z0,) + self.shape[1:])
 
 
 class SliceFolderSource(VolumeSource):
@@ -212,13 +234,7 @@ def open_volume(path: str | os.PathLike) -> VolumeSource:
     if path.stat().st_size == 0:
         raise XctrtError(f"{path}: the file is empty (0 bytes)")
     if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except Exception as exc:
-            raise XctrtError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
-        if arr.ndim != 3:
-            raise XctrtError(f"{path}: expected a 3D volume (Z, Y, X), got shape {arr.shape}")
-        return ArraySource(arr, path)
+        return NpySource(path)
     if path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8"):
         return TiffSource(path)
     raise XctrtError(f"{path}: unknown volume format; use a TIFF stack, a folder of TIFF/PNG slices or a .npy file")

@@ -1,0 +1,104 @@
+// Class aggregator: K per-class probability maps -> one uint8 label map.
+//   priority: the first channel (in priority order) whose probability >= its threshold
+//             wins (the paper's rule: inclusion > pore > material > air).
+//   argmax:   among channels at or above their threshold, the most probable wins
+//             (the lower channel index on ties); none -> 0.
+#include <pybind11/numpy.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "bindings.hpp"
+
+namespace py = pybind11;
+
+namespace xctrt {
+namespace {
+
+using ProbArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+void aggregate_priority(const float* p, int64_t k, int64_t n, const float* thr,
+                        const uint8_t* ids, const int64_t* order, uint8_t* out) {
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for schedule(static) if (n > (1 << 18))
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    uint8_t label = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t c = order[j];
+      if (p[c * n + i] >= thr[c]) {
+        label = ids[c];
+        break;
+      }
+    }
+    out[i] = label;
+  }
+}
+
+void aggregate_argmax(const float* p, int64_t k, int64_t n, const float* thr,
+                      const uint8_t* ids, uint8_t* out) {
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for schedule(static) if (n > (1 << 18))
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    uint8_t label = 0;
+    float best = 0.0f;
+    bool found = false;
+    for (int64_t c = 0; c < k; ++c) {
+      const float v = p[c * n + i];
+      if (v >= thr[c] && (!found || v > best)) {
+        best = v;
+        label = ids[c];
+        found = true;
+      }
+    }
+    out[i] = label;
+  }
+}
+
+py::array_t<uint8_t> aggregate(ProbArray probs, py::array_t<float, py::array::forcecast> thresholds,
+                               py::array_t<uint8_t, py::array::forcecast> label_ids,
+                               py::array_t<int64_t, py::array::forcecast> priority,
+                               const std::string& mode) {
+  if (probs.ndim() < 2) throw std::invalid_argument("probs must be (K, ...) with K classes first");
+  const int64_t k = probs.shape(0);
+  if (thresholds.size() != k || label_ids.size() != k)
+    throw std::invalid_argument("thresholds and label_ids need one entry per class channel");
+  std::vector<py::ssize_t> shape(probs.shape() + 1, probs.shape() + probs.ndim());
+  py::array_t<uint8_t> out(shape);
+  const int64_t n = out.size();
+  const float* p = probs.data();
+  const float* thr = thresholds.data();
+  const uint8_t* ids = label_ids.data();
+  uint8_t* o = out.mutable_data();
+  if (mode == "priority") {
+    if (priority.size() != k) throw std::invalid_argument("priority must list every channel once");
+    std::vector<int64_t> order(priority.data(), priority.data() + k);
+    std::vector<bool> seen(k, false);
+    for (int64_t c : order) {
+      if (c < 0 || c >= k || seen[c]) throw std::invalid_argument("priority must list every channel once");
+      seen[c] = true;
+    }
+    py::gil_scoped_release release;
+    aggregate_priority(p, k, n, thr, ids, order.data(), o);
+  } else if (mode == "argmax") {
+    py::gil_scoped_release release;
+    aggregate_argmax(p, k, n, thr, ids, o);
+  } else {
+    throw std::invalid_argument("mode must be 'priority' or 'argmax'");
+  }
+  return out;
+}
+
+}  // namespace
+
+void bind_aggregate(py::module_& m) {
+  m.def("aggregate", &aggregate, py::arg("probs"), py::arg("thresholds"), py::arg("label_ids"),
+        py::arg("priority"), py::arg("mode") = "priority",
+        "Per-class probabilities (K, ...) -> uint8 labels (...).\n"
+        "priority: channel indices, highest priority first; the first channel with p >= threshold wins.\n"
+        "argmax: the most probable channel among those with p >= threshold; none -> 0.");
+}
+
+}  // namespace xctrt

@@ -1,0 +1,428 @@
+"""Streamed 3D connected components (xctrt._core.ComponentLabeller) against NumPy/SciPy and cc3d."""
+
+import math
+
+import cc3d
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xctrt import _core
+
+RANK = {6: 1, 18: 2, 26: 3}
+INT_COLS = ["id", "voxels", "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1"]
+FLOAT_COLS = ["volume", "equivalent_diameter", "centroid_z", "centroid_y", "centroid_x",
+              "surface_area", "sphericity", "grey_mean", "grey_min", "grey_max"]
+ALL_COLS = INT_COLS + ["class", "touches_edge"] + FLOAT_COLS
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: scipy.ndimage.label per class value, every column computed in NumPy.
+
+def reference(lab, img, classes=(2, 3), connectivity=26, voxel_size=(1.0, 1.0, 1.0),
+              min_voxels=0):
+    """Returns (table, id_volume) with components ordered by their first voxel's raster index."""
+    Z, Y, X = lab.shape
+    dz, dy, dx = (float(v) for v in voxel_size)
+    struct = ndi.generate_binary_structure(3, RANK[connectivity])
+    zz, yy, xx = np.indices(lab.shape)
+    boundary = np.zeros(lab.shape, bool)
+    boundary[0] = boundary[-1] = True
+    boundary[:, 0] = boundary[:, -1] = True
+    boundary[:, :, 0] = boundary[:, :, -1] = True
+    grey = img.astype(np.float64)
+    comps = []  # (first flat index, class, flat voxel indices, face counts z/y/x)
+    for c in sorted(set(int(c) for c in classes)):
+        mask = lab == c
+        s, n = ndi.label(mask, struct)
+        if n == 0:
+            continue
+        # Exposed faces per voxel along each axis: neighbour outside the volume or of another value.
+        p = np.pad(mask, 1, constant_values=False)
+        core = (slice(1, -1),) * 3
+        faces = []
+        for ax in range(3):
+            lo = list(core)
+            hi = list(core)
+            lo[ax] = slice(0, -2)
+            hi[ax] = slice(2, None)
+            faces.append((~p[tuple(lo)]).astype(np.int64) + (~p[tuple(hi)]).astype(np.int64))
+        flat = s.ravel()
+        order = np.argsort(flat, kind="stable")
+        starts = np.searchsorted(flat[order], np.arange(1, n + 1))
+        ends = np.append(starts[1:], flat.size)
+        for k in range(n):
+            idx = order[starts[k]:ends[k]]  # ascending flat indices (stable sort)
+            f = tuple(int(fc.ravel()[idx].sum()) for fc in faces)
+            comps.append((int(idx[0]), c, idx, f))
+    comps.sort(key=lambda t: t[0])
+
+    ids = np.zeros(lab.shape, np.int32)
+    rows = {k: [] for k in ALL_COLS}
+    for first, c, idx, (fz, fy, fx) in comps:
+        n = idx.size
+        if n < min_voxels:
+            continue
+        ids.ravel()[idx] = len(rows["id"]) + 1
+        z, y, x = zz.ravel()[idx], yy.ravel()[idx], xx.ravel()[idx]
+        vol = n * dz * dy * dx
+        area = fz * (dy * dx) + fy * (dz * dx) + fx * (dz * dy)
+        g = grey.ravel()[idx]
+        rows["id"].append(len(rows["id"]) + 1)
+        rows["class"].append(c)
+        rows["voxels"].append(n)
+        rows["volume"].append(vol)
+        rows["equivalent_diameter"].append(np.cbrt(6.0 * vol / math.pi))
+        for name, v in zip("zyx", (z, y, x)):
+            rows[f"bbox_{name}0"].append(int(v.min()))
+            rows[f"bbox_{name}1"].append(int(v.max()))
+            rows[f"centroid_{name}"].append(int(v.astype(np.int64).sum()) / n)
+        rows["surface_area"].append(area)
+        rows["sphericity"].append(np.cbrt(math.pi) * (6.0 * vol) ** (2.0 / 3.0) / area)
+        rows["grey_mean"].append(g.sum() / n)
+        rows["grey_min"].append(g.min())
+        rows["grey_max"].append(g.max())
+        rows["touches_edge"].append(bool(boundary.ravel()[idx].any()))
+    dtypes = {"class": np.uint8, "touches_edge": bool}
+    dtypes.update({k: np.int64 for k in INT_COLS})
+    dtypes.update({k: np.float64 for k in FLOAT_COLS})
+    table = {k: np.asarray(v, dtype=dtypes[k]).reshape(-1) for k, v in rows.items()}
+    return table, ids
+
+
+def assert_table_equal(got, ref):
+    assert set(got) == set(ALL_COLS)
+    n = len(ref["id"])
+    for k in ALL_COLS:
+        a = got[k]
+        assert a.ndim == 1 and a.shape[0] == n, k
+        assert a.dtype == ref[k].dtype, (k, a.dtype, ref[k].dtype)
+        if k in FLOAT_COLS:
+            np.testing.assert_allclose(a, ref[k], rtol=1e-12, atol=0, err_msg=k)
+        else:
+            np.testing.assert_array_equal(a, ref[k], err_msg=k)
+    # Computed the same way in both, so these agree bit for bit.
+    for k in ["volume", "centroid_z", "centroid_y", "centroid_x", "surface_area", "grey_min",
+              "grey_max"]:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def stream(lab, img, slabs, min_voxels=0, **kw):
+    lb = _core.ComponentLabeller(shape=lab.shape, **kw)
+    z = 0
+    for d in slabs:
+        lb.add_slab(lab[z:z + d], img[z:z + d])
+        z += d
+    assert z == lab.shape[0] and lb.slices_received == z
+    return lb, lb.finish(min_voxels=min_voxels)
+
+
+def random_slabs(rng, Z):
+    mode = rng.integers(0, 4)
+    if mode == 0:
+        return [Z]
+    if mode == 1:
+        return [1] * Z
+    out, z = [], 0
+    while z < Z:
+        d = int(rng.integers(0 if mode == 2 else 1, Z - z + 1))  # mode 2 also sends empty slabs
+        out.append(d)
+        z += d
+    return out
+
+
+def random_image(rng, shape):
+    kind = rng.integers(0, 3)
+    if kind == 0:
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    if kind == 1:
+        return rng.integers(0, 65536, shape, dtype=np.uint16)
+    return rng.uniform(0, 1000, shape).astype(np.float32)
+
+
+def random_labels(rng, shape):
+    kind = rng.integers(0, 5)
+    if kind == 0:  # sparse random defects of two kinds that touch each other
+        p = rng.dirichlet([4, 4, 1, 1])
+        return rng.choice(4, size=shape, p=p).astype(np.uint8)
+    if kind == 1:  # dense: big tangled components, pore and inclusion adjacent
+        return rng.integers(0, 4, shape, dtype=np.uint8)
+    if kind == 2:  # blobs on material
+        lab = np.ones(shape, np.uint8)
+        zz, yy, xx = np.indices(shape)
+        for _ in range(rng.integers(0, 6)):
+            c = rng.uniform(0, shape)
+            r = rng.uniform(0.5, 4, 3)
+            m = ((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2 <= 1
+            lab[m] = rng.integers(2, 4)
+        return lab
+    if kind == 3:  # uniform: all background or all one defect value
+        return np.full(shape, rng.choice([0, 1, 2, 3]), np.uint8)
+    return rng.integers(0, 8, shape, dtype=np.uint8)  # more label values than classes
+
+
+CLASS_SETS = [[2, 3], [2, 3], [2, 3], [2], [3], [1, 2, 3], [0, 3], [2, 3, 5, 7, 1, 4], []]
+
+
+def random_case(seed):
+    rng = np.random.default_rng(seed)
+    dims = [int(rng.integers(1, 13)) for _ in range(3)]
+    for i in range(3):  # make degenerate axes common
+        if rng.random() < 0.12:
+            dims[i] = 1
+    shape = tuple(dims)
+    lab = random_labels(rng, shape)
+    img = random_image(rng, shape)
+    classes = CLASS_SETS[rng.integers(0, len(CLASS_SETS))]
+    conn = int(rng.choice([6, 18, 26]))
+    vs = tuple(float(v) for v in rng.uniform(0.1, 3.0, 3)) if rng.random() < 0.7 else (1.0, 1.0, 1.0)
+    min_voxels = int(rng.integers(1, 6)) if rng.random() < 0.25 else 0
+    return rng, lab, img, classes, conn, vs, min_voxels
+
+
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(240))
+def test_random_against_reference(seed):
+    rng, lab, img, classes, conn, vs, min_voxels = random_case(seed)
+    ref, ref_ids = reference(lab, img, classes, conn, vs, min_voxels)
+    lb, got = stream(lab, img, random_slabs(rng, lab.shape[0]), min_voxels, classes=classes,
+                     connectivity=conn, voxel_size=vs)
+    assert_table_equal(got, ref)
+    assert lb.n_provisional >= len(ref["id"])
+    if min_voxels == 0:
+        np.testing.assert_array_equal(_core.label_volume(lab, classes, conn), ref_ids)
+        slab = int(rng.integers(1, lab.shape[0] + 3))
+        assert_table_equal(_core.label_components(lab, img, classes, conn, vs, 0, slab), ref)
+
+
+def cc3d_check(lab, classes, conn):
+    v = np.where(np.isin(lab, classes), lab, 0).astype(np.uint8)
+    cl, n = cc3d.connected_components(v, connectivity=conn, return_N=True)
+    ids = _core.label_volume(lab, classes, conn)
+    table = _core.label_components(lab, np.zeros(lab.shape, np.uint8), classes, conn)
+    assert ids.dtype == np.int32 and ids.shape == lab.shape
+    assert len(table["id"]) == n == ids.max()
+    counts = cc3d.statistics(cl)["voxel_counts"][1:]
+    np.testing.assert_array_equal(np.sort(table["voxels"]), np.sort(counts.astype(np.int64)))
+    np.testing.assert_array_equal(np.bincount(ids.ravel(), minlength=n + 1)[1:], table["voxels"])
+    # Same partition: the (cc3d, ours) label pairs form a bijection.
+    assert ((cl == 0) == (ids == 0)).all()
+    pairs = np.unique(np.stack([cl.ravel(), ids.ravel()]), axis=1)
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_against_cc3d(seed):
+    rng = np.random.default_rng(10_000 + seed)
+    shape = tuple(int(v) for v in rng.integers(1, 24, 3))
+    lab = random_labels(rng, shape)
+    classes = [[2, 3], [2], [1, 2, 3], [2, 3, 5, 7, 1, 4]][seed % 4]
+    cc3d_check(lab, classes, [6, 18, 26][seed % 3])
+
+
+@pytest.mark.parametrize("conn", [6, 18, 26])
+def test_blobs_larger_volume_against_cc3d(conn):
+    rng = np.random.default_rng(conn)
+    lab = np.ones((40, 64, 72), np.uint8)
+    zz, yy, xx = np.ogrid[:40, :64, :72]
+    for _ in range(60):
+        c = rng.uniform(0, lab.shape)
+        r = rng.uniform(1, 8, 3)
+        m = ((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2 <= 1
+        lab[m] = rng.integers(2, 4)
+    cc3d_check(lab, [2, 3], conn)
+    img = rng.integers(0, 65536, lab.shape, dtype=np.uint16)
+    ref, _ = reference(lab, img, (2, 3), conn, (0.5, 0.7, 1.3))
+    assert_table_equal(_core.label_components(lab, img, connectivity=conn,
+                                              voxel_size=(0.5, 0.7, 1.3), slab=7), ref)
+
+
+@given(
+    shape=st.tuples(st.integers(1, 7), st.integers(1, 7), st.integers(1, 7)),
+    conn=st.sampled_from([6, 18, 26]),
+    seed=st.integers(0, 2**32 - 1),
+    slab=st.integers(1, 9),
+)
+@settings(max_examples=60, deadline=None)
+def test_hypothesis_against_reference(shape, conn, seed, slab):
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, 4, shape, dtype=np.uint8)
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    ref, ids = reference(lab, img, (2, 3), conn)
+    assert_table_equal(_core.label_components(lab, img, connectivity=conn, slab=slab), ref)
+    np.testing.assert_array_equal(_core.label_volume(lab, [2, 3], conn), ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-made cases.
+
+def test_single_voxel_values():
+    lab = np.zeros((3, 4, 5), np.uint8)
+    lab[1, 2, 3] = 2
+    img = np.full(lab.shape, 7, np.uint16)
+    img[1, 2, 3] = 1000
+    t = _core.label_components(lab, img, voxel_size=(2.0, 3.0, 5.0))
+    assert list(t["id"]) == [1] and t["class"][0] == 2 and t["voxels"][0] == 1
+    assert t["volume"][0] == 30.0
+    assert t["surface_area"][0] == 2 * 15 + 2 * 10 + 2 * 6
+    assert (t["bbox_z0"][0], t["bbox_y0"][0], t["bbox_x0"][0]) == (1, 2, 3)
+    assert (t["bbox_z1"][0], t["bbox_y1"][0], t["bbox_x1"][0]) == (1, 2, 3)
+    assert (t["centroid_z"][0], t["centroid_y"][0], t["centroid_x"][0]) == (1.0, 2.0, 3.0)
+    assert t["grey_mean"][0] == t["grey_min"][0] == t["grey_max"][0] == 1000.0
+    assert not t["touches_edge"][0]
+
+
+def test_cube_sphericity_and_edge():
+    lab = np.zeros((6, 6, 6), np.uint8)
+    lab[1:4, 1:4, 1:4] = 3
+    t = _core.label_components(lab, np.zeros(lab.shape, np.float32))
+    assert t["voxels"][0] == 27 and t["surface_area"][0] == 54.0
+    np.testing.assert_allclose(t["sphericity"][0], (math.pi / 6) ** (1 / 3), rtol=1e-12)
+    lab[0, 2, 2] = 3  # now touches z = 0
+    t = _core.label_components(lab, np.zeros(lab.shape, np.float32))
+    assert t["touches_edge"][0] and t["surface_area"][0] == 54.0 + 4.0
+
+
+def test_pore_and_inclusion_touching_are_separate():
+    lab = np.zeros((1, 1, 6), np.uint8)
+    lab[0, 0] = [2, 2, 3, 3, 2, 0]
+    t = _core.label_components(lab, np.arange(6, dtype=np.uint8).reshape(lab.shape))
+    assert list(t["class"]) == [2, 3, 2] and list(t["voxels"]) == [2, 2, 1]
+    assert list(t["grey_mean"]) == [0.5, 2.5, 4.0]
+    np.testing.assert_array_equal(_core.label_volume(lab)[0, 0], [1, 1, 2, 2, 3, 0])
+
+
+@pytest.mark.parametrize("conn,expected", [(6, 2), (18, 1), (26, 1)])
+def test_connectivity_edge_neighbours(conn, expected):
+    lab = np.zeros((2, 2, 2), np.uint8)
+    lab[0, 0, 0] = lab[1, 1, 0] = 2  # share an edge
+    assert len(_core.label_components(lab, lab, connectivity=conn)["id"]) == expected
+
+
+@pytest.mark.parametrize("conn,expected", [(6, 2), (18, 2), (26, 1)])
+def test_connectivity_corner_neighbours(conn, expected):
+    lab = np.zeros((2, 2, 2), np.uint8)
+    lab[0, 0, 0] = lab[1, 1, 1] = 2  # share a corner only
+    assert len(_core.label_components(lab, lab, connectivity=conn)["id"]) == expected
+
+
+def test_u_shape_merges_across_slabs_and_keeps_first_voxel_id():
+    # Two arms started separately join in a later slab; the component keeps the earlier arm's id.
+    lab = np.zeros((5, 3, 7), np.uint8)
+    lab[0, 1, 5] = 2  # a lone pore, first in raster order
+    lab[1:4, 1, 1] = 2
+    lab[1:4, 1, 4] = 2
+    lab[3, 1, 1:5] = 2
+    lab[4, 0, 0] = 3
+    img = np.zeros(lab.shape, np.uint8)
+    lb, t = stream(lab, img, [1, 1, 1, 2], connectivity=6)
+    assert list(t["voxels"]) == [1, 8, 1] and list(t["class"]) == [2, 2, 3]
+    assert lb.n_provisional == 4
+    ref, ids = reference(lab, img, (2, 3), 6)
+    assert_table_equal(t, ref)
+    np.testing.assert_array_equal(_core.label_volume(lab, [2, 3], 6), ids)
+
+
+def test_min_voxels_and_repeat_finish():
+    rng = np.random.default_rng(5)
+    lab = rng.integers(0, 4, (6, 7, 8), dtype=np.uint8)
+    img = rng.integers(0, 256, lab.shape, dtype=np.uint8)
+    lb, full = stream(lab, img, [6], connectivity=6)
+    big = lb.finish(min_voxels=3)
+    keep = full["voxels"] >= 3
+    assert np.array_equal(big["id"], np.arange(1, keep.sum() + 1))
+    for k in ALL_COLS:
+        if k != "id":
+            np.testing.assert_array_equal(big[k], full[k][keep], err_msg=k)
+    assert_table_equal(lb.finish(), full)
+    assert len(lb.finish(min_voxels=10**9)["id"]) == 0
+
+
+def test_all_defect_and_empty():
+    img = np.zeros((4, 5, 6), np.uint8)
+    t = _core.label_components(np.full((4, 5, 6), 2, np.uint8), img)
+    assert list(t["voxels"]) == [120] and t["touches_edge"][0]
+    assert t["surface_area"][0] == 2 * (20 + 24 + 30)
+    t = _core.label_components(np.ones((4, 5, 6), np.uint8), img)
+    assert all(len(v) == 0 for v in t.values()) and set(t) == set(ALL_COLS)
+    assert t["id"].dtype == np.int64 and t["touches_edge"].dtype == bool
+
+
+def test_non_contiguous_inputs():
+    rng = np.random.default_rng(3)
+    lab = rng.integers(0, 4, (9, 8, 7), dtype=np.uint8)
+    img = rng.integers(0, 65536, lab.shape, dtype=np.uint16)
+    ref = _core.label_components(lab, img, slab=4)
+    labT = np.ascontiguousarray(lab.transpose(2, 1, 0)).transpose(2, 1, 0)
+    imgT = np.asfortranarray(img)
+    assert not labT.flags.c_contiguous
+    assert_table_equal(_core.label_components(labT, imgT, slab=4), ref)
+    np.testing.assert_array_equal(_core.label_volume(labT), _core.label_volume(lab))
+
+
+def test_n_provisional_read_only():
+    lb = _core.ComponentLabeller((1, 1, 3))
+    assert lb.n_provisional == 0 and lb.shape == (1, 1, 3)
+    lb.add_slab(np.array([[[2, 0, 2]]], np.uint8), np.zeros((1, 1, 3), np.uint8))
+    assert lb.n_provisional == 2
+    with pytest.raises(AttributeError):
+        lb.n_provisional = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors.
+
+def test_errors():
+    Z, Y, X = 4, 5, 6
+    lab = np.zeros((Z, Y, X), np.uint8)
+    img = np.zeros((Z, Y, X), np.uint8)
+    lb = _core.ComponentLabeller((Z, Y, X))
+    for bad_lab in (lab.astype(np.int16), lab.astype(np.float32), lab.astype(bool)):
+        with pytest.raises(ValueError, match="uint8"):
+            lb.add_slab(bad_lab, img)
+    for bad_img in (img.astype(np.int32), img.astype(np.float64), img.astype(">u2")):
+        with pytest.raises(ValueError, match="image"):
+            lb.add_slab(lab, bad_img)
+    with pytest.raises(ValueError):
+        lb.add_slab(lab[:, :, :-1], img[:, :, :-1])  # wrong X
+    with pytest.raises(ValueError):
+        lb.add_slab(lab[0], img[0])  # 2-D
+    with pytest.raises(ValueError):
+        lb.add_slab(lab, img[:2])  # image shape differs
+    assert lb.slices_received == 0
+    lb.add_slab(lab[:3], img[:3])
+    with pytest.raises(ValueError, match="finish"):
+        lb.finish()
+    with pytest.raises(ValueError, match="too many slices"):
+        lb.add_slab(lab[:2], img[:2])
+    lb.add_slab(lab[3:], img[3:])
+    with pytest.raises(ValueError, match="too many slices"):
+        lb.add_slab(lab[:1], img[:1])
+    with pytest.raises(ValueError):
+        lb.finish(min_voxels=-1)
+    assert len(lb.finish()["id"]) == 0
+
+    for conn in (0, 4, 8, 27):
+        with pytest.raises(ValueError, match="connectivity"):
+            _core.ComponentLabeller((Z, Y, X), connectivity=conn)
+        with pytest.raises(ValueError, match="connectivity"):
+            _core.label_components(lab, img, connectivity=conn)
+        with pytest.raises(ValueError, match="connectivity"):
+            _core.label_volume(lab, [2, 3], conn)
+    with pytest.raises(ValueError):
+        _core.ComponentLabeller((0, Y, X))
+    with pytest.raises(ValueError):
+        _core.ComponentLabeller((Z, Y, X), classes=[256])
+    with pytest.raises(ValueError):
+        _core.ComponentLabeller((Z, Y, X), classes=[-1])
+    with pytest.raises(ValueError):
+        _core.ComponentLabeller((Z, Y, X), voxel_size=(1.0, 0.0, 1.0))
+    with pytest.raises(ValueError):
+        _core.label_components(lab, img, slab=0)
+    with pytest.raises(ValueError):
+        _core.label_components(lab[0], img[0])
+    with pytest.raises(ValueError, match="uint8"):
+        _core.label_volume(lab.astype(np.int32))

@@ -114,14 +114,19 @@ def cmd_phantom(args) -> int:
     from .phantom import write_phantom
     t0 = time.perf_counter()
     write_phantom(args.output, tuple(args.shape), seed=args.seed, voxel_size=_voxel_size(args.voxel_size),
-                  labels_path=args.labels)
+                  labels_path=args.labels, compression=None if args.uncompressed else "zlib")
     print(f"wrote {args.output} {tuple(args.shape)} uint16" + (f" and {args.labels}" if args.labels else "")
           + f" in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other xctrt error
+        self.exit(2, f"xctrt: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="xctrt", description="Pore and inclusion segmentation for industrial XCT volumes.")
+    ap = _Parser(prog="xctrt", description="Pore and inclusion segmentation for industrial XCT volumes.")
     ap.add_argument("--version", action="version", version=f"xctrt {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -154,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="also write the true labels here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--voxel-size", type=float, nargs="+", default=[0.01], metavar="MM")
+    p.add_argument("--uncompressed", action="store_true", help="write raw pages (fast for very large volumes)")
     p.set_defaults(func=cmd_phantom)
     return ap
 

@@ -7,6 +7,7 @@ written to a temporary file beside the target and renamed into place only when c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -102,26 +103,53 @@ class ArraySource(VolumeSource):
         return self.array[z0:z1]
 
 
+class _Collect(logging.Handler):
+    """Keeps tifffile's log records: it logs, rather than raises, where the chain of pages breaks
+    (a file cut at a page boundary then reads as a shorter volume), and they must not reach stderr."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+_BROKEN_CHAIN = ("invalid page offset", "invalid offset to page", "corrupted tag list")
+
+
 class TiffSource(VolumeSource):
     def __init__(self, path: Path):
+        log, logger = _Collect(), logging.getLogger("tifffile")
+        logger.addHandler(log)
         try:
             self.tif = tifffile.TiffFile(path)
             series = self.tif.series[0]
             shape = tuple(series.shape)
             dtype = series.dtype
+            len(self.tif.pages)  # follows the whole chain of pages
         except Exception as exc:
             raise XctrtError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
-        if len(shape) == 2:
-            raise XctrtError(f"{path}: is a single 2D image {shape}; xctrt needs a 3D volume (a multi-page TIFF "
-                             "or a folder of slices)")
-        squeezed = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
-        if len(squeezed) != 3:
-            raise XctrtError(f"{path}: has shape {shape} (axes {series.axes}); expected one grey-value volume (Z, Y, X)")
-        self.series = series
-        super().__init__(path, squeezed, dtype, _tiff_voxel_size(self.tif))
-        if len(series.pages) != self.shape[0] and len(shape) == 3:
-            raise XctrtError(f"{path}: has {len(series.pages)} readable pages for {self.shape[0]} slices; "
-                             "the file is truncated or corrupt")
+        finally:
+            logger.removeHandler(log)
+        try:  # any rejection below must not leave the file open
+            broken = [m for m in log.messages if any(s in m for s in _BROKEN_CHAIN)]
+            if broken:
+                raise XctrtError(f"{path}: the file is truncated or corrupt ({broken[0]})")
+            if len(shape) == 2:
+                raise XctrtError(f"{path}: is a single 2D image {shape}; xctrt needs a 3D volume (a multi-page TIFF "
+                                 "or a folder of slices)")
+            squeezed = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
+            if len(squeezed) != 3:
+                raise XctrtError(f"{path}: has shape {shape} (axes {series.axes}); expected one grey-value volume (Z, Y, X)")
+            self.series = series
+            super().__init__(path, squeezed, dtype, _tiff_voxel_size(self.tif))
+            if len(series.pages) != self.shape[0] and len(shape) == 3:
+                raise XctrtError(f"{path}: has {len(series.pages)} readable pages for {self.shape[0]} slices; "
+                                 "the file is truncated or corrupt")
+        except BaseException:
+            self.tif.close()
+            raise
 
     def _read(self, z0, z1):
         # Plain page reads, never a memory map: mapped pages would count against the process's
@@ -303,10 +331,10 @@ def ome_metadata(voxel_size: tuple[float, float, float] | None) -> dict:
 
 
 def write_volume_tiff(target: Path, pages: Iterable[np.ndarray], shape: tuple[int, int, int], dtype,
-                      voxel_size: tuple[float, float, float] | None) -> None:
+                      voxel_size: tuple[float, float, float] | None, compression: str | None = "zlib") -> None:
     """Write a compressed OME-TIFF page by page from an iterator (stage it with StagedOutputs)."""
     with tifffile.TiffWriter(target, bigtiff=True, ome=True) as tw:
-        tw.write(data=iter(pages), shape=tuple(shape), dtype=np.dtype(dtype), compression="zlib",
+        tw.write(data=iter(pages), shape=tuple(shape), dtype=np.dtype(dtype), compression=compression,
                  photometric="minisblack", metadata=ome_metadata(voxel_size))
 
 

@@ -66,8 +66,8 @@ def make_phantom(shape=(64, 512, 512), seed: int = 0, dtype=np.uint16, pores_per
 
 
 def write_phantom(path, shape=(64, 512, 512), seed: int = 0, dtype=np.uint16, voxel_size=(0.01, 0.01, 0.01),
-                  labels_path=None, slab: int = 16) -> Phantom:
-    """Write image (and optionally labels) as compressed OME-TIFF, slab by slab."""
+                  labels_path=None, slab: int = 16, compression: str | None = "zlib") -> Phantom:
+    """Write image (and optionally labels) as OME-TIFF, slab by slab."""
     from .io import StagedOutputs, write_volume_tiff
     ph = make_phantom(shape, seed, dtype)
     path = Path(path)
@@ -77,9 +77,9 @@ def write_phantom(path, shape=(64, 512, 512), seed: int = 0, dtype=np.uint16, vo
             yield from ph.render(z0, min(z0 + slab, shape[0]))[which]
 
     with StagedOutputs(path.parent) as staged:
-        write_volume_tiff(staged.path(path.name), pages(0), shape, ph.dtype, voxel_size)
+        write_volume_tiff(staged.path(path.name), pages(0), shape, ph.dtype, voxel_size, compression)
     if labels_path is not None:
         labels_path = Path(labels_path)
         with StagedOutputs(labels_path.parent) as staged:
-            write_volume_tiff(staged.path(labels_path.name), pages(1), shape, np.uint8, voxel_size)
+            write_volume_tiff(staged.path(labels_path.name), pages(1), shape, np.uint8, voxel_size, compression)
     return ph

@@ -168,9 +168,10 @@ class Segmenter:
         own = not isinstance(volume, VolumeSource)
         source = (ArraySource(volume) if isinstance(volume, np.ndarray) else
                   volume if isinstance(volume, VolumeSource) else open_volume(volume))
-        out = check_output_dir(Path(out_dir)) if out_dir is not None else None
-        staged = StagedOutputs(out, OUTPUTS) if out is not None else None
+        staged = None
         try:
+            out = check_output_dir(Path(out_dir)) if out_dir is not None else None
+            staged = StagedOutputs(out, OUTPUTS) if out is not None else None
             return self._segment(source, out, staged, voxel_size, on_slab,
                                  keep_labels if keep_labels is not None else out is None)
         except BaseException:
@@ -349,4 +350,6 @@ def _progress(total: int, enabled: bool):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
-    return tqdm(total=total, unit="slice", desc="segment", dynamic_ncols=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs, pipes), where it would stay as
+    # extra lines around the one-line error
+    return tqdm(total=total, unit="slice", desc="segment", dynamic_ncols=True, leave=False, disable=None)

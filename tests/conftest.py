@@ -1,0 +1,92 @@
+"""Shared fixtures: a small phantom volume on disk, the default model package, a warm Segmenter,
+and helpers that run the command line in-process (fast) or as a real `python -m xctrt` process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xctrt
+from xctrt.model import load_package
+from xctrt.phantom import make_phantom, write_phantom
+
+PHANTOM_SHAPE = (12, 96, 80)
+PHANTOM_VOXEL = (0.02, 0.01, 0.01)  # (dz, dy, dx) mm, anisotropic on purpose
+OUTPUT_NAMES = {"labels.tif", "defects.csv", "preview.png", "summary.json"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def phantom_array(shape=PHANTOM_SHAPE, seed: int = 0, dtype=np.uint16) -> np.ndarray:
+    ph = make_phantom(shape, seed=seed, dtype=dtype)
+    return ph.render(0, shape[0])[0]
+
+
+@pytest.fixture
+def phantom_path(tmp_path) -> Path:
+    """A compressed OME-TIFF phantom (uint16, PHANTOM_SHAPE, PHANTOM_VOXEL mm) in its own folder."""
+    p = tmp_path / "in" / "phantom.ome.tif"
+    p.parent.mkdir()
+    write_phantom(p, PHANTOM_SHAPE, seed=0, voxel_size=PHANTOM_VOXEL)
+    return p
+
+
+@pytest.fixture(scope="session")
+def phantom_volume() -> np.ndarray:
+    """The same phantom as phantom_path, in memory (read-only)."""
+    a = phantom_array()
+    a.setflags(write=False)
+    return a
+
+
+@pytest.fixture(scope="session")
+def default_package():
+    return load_package()
+
+
+@pytest.fixture(scope="session")
+def segmenter(default_package):
+    """One warm ONNX Runtime segmenter for tests that do not vary its settings (do not mutate)."""
+    from xctrt.pipeline import Segmenter
+    return Segmenter(default_package, backend="onnxruntime", progress=False)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """run_cli(*args) -> (exit code, stdout, stderr) of xctrt.cli.main in this process."""
+    from xctrt.cli import main
+
+    def run(*args):
+        capsys.readouterr()  # drop anything printed before
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse usage errors, --version
+            code = exc.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
+
+
+def xctrt_env() -> dict:
+    """Environment for a child `python -m xctrt` that imports the same xctrt as this process,
+    whether it is installed or found through PYTHONPATH=python."""
+    env = dict(os.environ)
+    root = str(Path(xctrt.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def run_xctrt_process(*args, timeout: float = 120, cwd=None):
+    """(exit code, stdout, stderr) of a real `python -m xctrt ARGS` process."""
+    p = subprocess.run([sys.executable, "-m", "xctrt", *map(str, args)], capture_output=True, text=True,
+                       env=xctrt_env(), timeout=timeout, cwd=cwd)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture
+def run_process():
+    return run_xctrt_process

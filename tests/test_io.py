@@ -1,0 +1,341 @@
+"""Volume input (TIFF flavours, slice folders, .npy) and label output (OME-TIFF, staged files)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from conftest import PHANTOM_SHAPE, PHANTOM_VOXEL
+from xctrt.errors import XctrtError
+from xctrt.io import (ArraySource, NpySource, SliceFolderSource, StagedOutputs, TiffSource, check_output_dir,
+                      open_volume, write_volume_tiff)
+
+
+def volume(shape=(7, 20, 30), dtype=np.uint16, seed=0):
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        return rng.normal(100, 20, shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, -3000), min(info.max, 60000), shape, endpoint=True).astype(dtype)
+
+
+def read_all(src):
+    return src.read(0, src.shape[0])
+
+
+# ------------------------------------------------------------------ TIFF flavours
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},                                   # classic TIFF, uncompressed
+    {"compression": "zlib"},
+    {"bigtiff": True},
+    {"bigtiff": True, "compression": "zlib"},
+], ids=["plain", "zlib", "bigtiff", "bigtiff-zlib"])
+def test_multipage_tiff_reads_exactly(tmp_path, kwargs):
+    a = volume()
+    p = tmp_path / "v.tif"
+    tifffile.imwrite(p, a, photometric="minisblack", **kwargs)
+    with open_volume(p) as src:
+        assert isinstance(src, TiffSource)
+        assert src.tif.is_bigtiff == bool(kwargs.get("bigtiff"))
+        assert src.shape == a.shape
+        assert src.dtype == np.uint16 and src.file_dtype == np.uint16
+        assert src.voxel_size is None  # no metadata: unknown, not guessed
+        got = read_all(src)
+        assert got.flags.c_contiguous
+        np.testing.assert_array_equal(got, a)
+
+
+def test_bigtiff_suffix_btf(tmp_path):
+    a = volume((5, 16, 18), np.uint8)
+    p = tmp_path / "scan.btf"
+    tifffile.imwrite(p, a, bigtiff=True, photometric="minisblack")
+    with open_volume(p) as src:
+        np.testing.assert_array_equal(read_all(src), a)
+
+
+def test_uncompressed_and_compressed_tiff_give_identical_slabs(tmp_path):
+    a = volume((11, 33, 27))
+    plain, packed, ome = tmp_path / "plain.tif", tmp_path / "packed.tif", tmp_path / "packed.ome.tif"
+    tifffile.imwrite(plain, a, photometric="minisblack")
+    tifffile.imwrite(packed, a, photometric="minisblack", compression="zlib")
+    tifffile.imwrite(ome, a, photometric="minisblack", compression="zlib", ome=True)
+    assert tifffile.TiffFile(plain).series[0].dataoffset is not None      # contiguous
+    assert tifffile.TiffFile(packed).series[0].dataoffset is None         # page by page
+    for depth in (1, 3, 4, 11, 50):
+        slabs = [list(open_volume(p).slabs(depth)) for p in (plain, packed, ome)]
+        for (za, sa), (zb, sb), (zc, sc) in zip(*slabs):
+            assert za == zb == zc
+            np.testing.assert_array_equal(sa, sb)
+            np.testing.assert_array_equal(sa, sc)
+            np.testing.assert_array_equal(sa, a[za:za + len(sa)])
+        assert len(slabs[0]) == len(slabs[1]) == len(slabs[2]) == -(-11 // depth)
+
+
+def test_ome_tiff_physical_size_in_um_and_mixed_units(tmp_path):
+    a = volume((5, 20, 30))
+    p = tmp_path / "v.ome.tif"
+    tifffile.imwrite(p, a, ome=True, photometric="minisblack", metadata={
+        "axes": "ZYX", "PhysicalSizeZ": 2.0, "PhysicalSizeZUnit": "µm", "PhysicalSizeY": 1.5,
+        "PhysicalSizeYUnit": "µm", "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "mm"})
+    with open_volume(p) as src:
+        assert src.voxel_size == pytest.approx((0.002, 0.0015, 0.5))
+        np.testing.assert_array_equal(read_all(src), a)
+
+
+def test_ome_tiff_physical_size_default_unit_is_um(tmp_path):
+    p = tmp_path / "v.ome.tif"
+    tifffile.imwrite(p, volume((5, 20, 30)), ome=True, photometric="minisblack",
+                     metadata={"axes": "ZYX", "PhysicalSizeZ": 8.0, "PhysicalSizeY": 4.0, "PhysicalSizeX": 2.0})
+    with open_volume(p) as src:
+        assert src.voxel_size == pytest.approx((0.008, 0.004, 0.002))
+
+
+def test_ome_tiff_without_physical_size_has_no_voxel_size(tmp_path):
+    p = tmp_path / "v.ome.tif"
+    tifffile.imwrite(p, volume((5, 20, 30)), ome=True, photometric="minisblack", metadata={"axes": "ZYX"})
+    with open_volume(p) as src:
+        assert src.voxel_size is None
+
+
+def test_phantom_fixture_is_an_ome_tiff_with_its_voxel_size(phantom_path, phantom_volume):
+    with open_volume(phantom_path) as src:
+        assert src.tif.is_ome
+        assert src.shape == PHANTOM_SHAPE
+        assert src.voxel_size == pytest.approx(PHANTOM_VOXEL)
+        np.testing.assert_array_equal(read_all(src), phantom_volume)
+
+
+@pytest.mark.parametrize("unit,scale", [("mm", 1.0), ("micron", 1e-3), ("\\u00B5m", 1e-3), ("um", 1e-3)])
+def test_imagej_tiff_spacing_unit_resolution(tmp_path, unit, scale):
+    a = volume((6, 20, 30))
+    p = tmp_path / "ij.tif"
+    # ImageJ stores pixels per unit in X/YResolution and the slice spacing in the description
+    tifffile.imwrite(p, a, imagej=True, resolution=(1 / 4.0, 1 / 3.0),
+                     metadata={"spacing": 5.0, "unit": unit, "axes": "ZYX"})
+    with open_volume(p) as src:
+        assert src.tif.is_imagej
+        assert src.voxel_size == pytest.approx((5.0 * scale, 3.0 * scale, 4.0 * scale))
+        np.testing.assert_array_equal(read_all(src), a)
+
+
+def test_imagej_tiff_unknown_unit_gives_no_voxel_size(tmp_path):
+    p = tmp_path / "ij.tif"
+    tifffile.imwrite(p, volume((6, 20, 30)), imagej=True, resolution=(1.0, 1.0),
+                     metadata={"spacing": 5.0, "unit": "pixel", "axes": "ZYX"})
+    with open_volume(p) as src:
+        assert src.voxel_size is None
+
+
+# ------------------------------------------------------------------ slice folders
+
+
+def _natural_names(n, stem="slice_", suffix=".tif"):
+    return [f"{stem}{i}{suffix}" for i in range(n)]  # slice_0 .. slice_11: lexical order would be wrong
+
+
+def test_tiff_slice_folder_natural_sort(tmp_path):
+    a = volume((12, 20, 30))
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for name, s in zip(_natural_names(12), a):
+        tifffile.imwrite(folder / name, s)
+    (folder / "notes.txt").write_text("not a slice")
+    (folder / "sub.tif").mkdir()  # a folder with a slice suffix is not a slice
+    with open_volume(folder) as src:
+        assert isinstance(src, SliceFolderSource)
+        names = [f.name for f in src.files]
+        assert names.index("slice_2.tif") < names.index("slice_10.tif")
+        assert names == _natural_names(12)
+        assert src.shape == a.shape and src.voxel_size is None
+        np.testing.assert_array_equal(read_all(src), a)
+        np.testing.assert_array_equal(src.read(9, 11), a[9:11])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_slice_folder_natural_sort(tmp_path, dtype):
+    a = volume((11, 20, 30), dtype)
+    folder = tmp_path / "png"
+    folder.mkdir()
+    for name, s in zip(_natural_names(11, suffix=".png"), a):
+        Image.fromarray(s).save(folder / name)
+    with open_volume(folder) as src:
+        assert src.shape == a.shape
+        assert src.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(read_all(src), a)
+
+
+def test_slice_folder_with_a_wrong_size_slice_names_it(tmp_path):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for name, s in zip(_natural_names(5), volume((5, 20, 30))):
+        tifffile.imwrite(folder / name, s)
+    tifffile.imwrite(folder / "slice_3.tif", volume((1, 21, 30))[0])
+    with open_volume(folder) as src:
+        np.testing.assert_array_equal(src.read(0, 3).shape, (3, 20, 30))
+        with pytest.raises(XctrtError, match="slice_3.tif"):
+            src.read(0, 5)
+
+
+def test_empty_slice_folder_is_an_error(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("x")
+    with pytest.raises(XctrtError, match="no .tif/.tiff/.png slices") as e:
+        open_volume(folder)
+    assert str(folder) in str(e.value)
+
+
+# ------------------------------------------------------------------ .npy
+
+
+def test_npy_is_read_slab_by_slab(tmp_path):
+    a = volume((9, 17, 23))
+    p = tmp_path / "v.npy"
+    np.save(p, a)
+    with open_volume(p) as src:
+        assert isinstance(src, NpySource)
+        assert src.shape == a.shape and src.dtype == np.uint16 and src.voxel_size is None
+        for z0, slab in src.slabs(4):
+            np.testing.assert_array_equal(slab, a[z0:z0 + 4])
+        np.testing.assert_array_equal(src.read(8, 9), a[8:9])
+
+
+def test_npy_errors(tmp_path):
+    p = tmp_path / "v.npy"
+    np.save(p, volume((9, 17, 23)))
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 100])
+    with pytest.raises(XctrtError, match="truncated|not a readable") as e:
+        open_volume(p)
+    assert str(p) in str(e.value)
+    f = tmp_path / "fortran.npy"
+    np.save(f, np.asfortranarray(volume((4, 5, 6))))
+    with pytest.raises(XctrtError, match="Fortran"):
+        open_volume(f)
+    flat = tmp_path / "flat.npy"
+    np.save(flat, volume((5, 6)))
+    with pytest.raises(XctrtError, match="3D"):
+        open_volume(flat)
+
+
+# ------------------------------------------------------------------ dtypes, slabs, samples
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float64, np.uint32])
+def test_other_dtypes_become_float32(tmp_path, dtype):
+    a = volume((6, 10, 12), dtype)
+    if np.dtype(dtype).kind == "i":
+        a[0, 0, 0] = -1234  # negative grey values survive
+    p = tmp_path / "v.tif"
+    tifffile.imwrite(p, a, photometric="minisblack")
+    with open_volume(p) as src:
+        assert src.file_dtype == np.dtype(dtype)
+        assert src.dtype == np.float32
+        got = read_all(src)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, a.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_kernel_dtypes_are_kept(dtype):
+    src = ArraySource(volume((4, 5, 6), dtype))
+    assert src.dtype == np.dtype(dtype) and read_all(src).dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.bool_, np.int64])
+def test_unsupported_dtypes_are_rejected(dtype):
+    with pytest.raises(XctrtError, match="unsupported voxel type"):
+        ArraySource(np.zeros((2, 3, 4), dtype))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5, 7, 100])
+def test_slabs_cover_the_volume_exactly(depth):
+    a = volume((7, 5, 6))
+    src = ArraySource(a)
+    slabs = list(src.slabs(depth))
+    assert [z for z, _ in slabs] == list(range(0, 7, depth))
+    assert all(len(s) == min(depth, 7 - z) for z, s in slabs)
+    np.testing.assert_array_equal(np.concatenate([s for _, s in slabs]), a)
+
+
+@pytest.mark.parametrize("z,count,expected", [
+    (40, 16, 16), (5, 16, 5), (1, 16, 1), (40, 3, 3)])
+def test_sample_slices_are_evenly_spaced_and_include_both_ends(z, count, expected):
+    a = np.arange(z, dtype=np.float32)[:, None, None] * np.ones((1, 4, 5), np.float32)
+    sample = ArraySource(a).sample_slices(count)
+    assert sample.shape == (expected, 4, 5)
+    zs = sample[:, 0, 0]
+    assert zs[0] == 0 and zs[-1] == z - 1
+    assert np.all(np.diff(zs) > 0)
+    if expected > 2:  # evenly spaced: no gap more than one slice longer than another
+        gaps = np.diff(zs)
+        assert gaps.max() - gaps.min() <= 1
+
+
+def test_non_finite_values_are_reported_with_their_slice():
+    a = np.ones((6, 4, 5), np.float32)
+    a[4, 2, 1] = np.inf
+    src = ArraySource(a)
+    np.testing.assert_array_equal(src.read(0, 4), a[:4])
+    with pytest.raises(XctrtError, match="slice 4 contains NaN or infinite"):
+        src.read(2, 6)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 4), (3, 0, 4), (4, 4)])
+def test_empty_or_flat_arrays_are_rejected(shape):
+    with pytest.raises(XctrtError):
+        ArraySource(np.zeros(shape, np.uint8))
+
+
+# ------------------------------------------------------------------ output
+
+
+@pytest.mark.parametrize("voxel_size", [(0.02, 0.01, 0.005), None])
+def test_labels_round_trip_through_write_volume_tiff(tmp_path, voxel_size):
+    labels = np.random.default_rng(3).integers(0, 4, (9, 31, 17)).astype(np.uint8)
+    p = tmp_path / "labels.tif"
+    write_volume_tiff(p, iter(labels), labels.shape, np.uint8, voxel_size)
+    with open_volume(p) as src:
+        assert src.tif.is_ome and src.tif.is_bigtiff
+        assert src.tif.pages[0].compression != 1  # compressed
+        assert src.shape == labels.shape
+        assert src.file_dtype == np.uint8 and src.dtype == np.uint8
+        if voxel_size is None:
+            assert src.voxel_size is None
+        else:
+            assert src.voxel_size == pytest.approx(voxel_size)
+        np.testing.assert_array_equal(read_all(src), labels)
+
+
+def test_staged_outputs_commit_in_order_and_discard(tmp_path):
+    with StagedOutputs(tmp_path, ["a.txt", "b.txt"]) as st:
+        st.path("b.txt").write_text("b")
+        st.path("a.txt").write_text("a")
+        st.path("c.txt").write_text("c")
+        # nothing under its final name until the block ends
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f".{n}.txt.{os.getpid()}.partial" for n in "abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt"]
+    assert (tmp_path / "a.txt").read_text() == "a"
+
+    out = tmp_path / "fail"
+    out.mkdir()
+    with pytest.raises(RuntimeError):
+        with StagedOutputs(out, ["x.txt"]) as st:
+            st.path("x.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert list(out.iterdir()) == []
+
+
+def test_check_output_dir_creates_folders_and_rejects_files(tmp_path):
+    out = check_output_dir(tmp_path / "a" / "b")
+    assert out.is_dir() and list(out.iterdir()) == []
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(XctrtError, match="not writable") as e:
+        check_output_dir(afile / "sub")
+    assert str(afile / "sub") in str(e.value)

@@ -1,0 +1,293 @@
+"""Model packages: the embedded default, write/load round trips, and every defect named clearly."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from xctrt.errors import XctrtError
+from xctrt.model import DEFAULT_MODEL, EMBEDDED, FORMAT, load_package, resolve_model_path, write_package
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "python" / "xctrt" / "models" / "untrained-tiny"
+
+
+@pytest.fixture(scope="module")
+def base(default_package):
+    """(manifest without format/files, graph bytes) of the default package, to build variants from."""
+    m = copy.deepcopy(default_package.manifest)
+    m.pop("files")
+    m.pop("format")
+    return m, {g.file: g.data for g in default_package.graphs}
+
+
+def _write(tmp_path, manifest, files, name="pkg"):
+    return write_package(tmp_path / name, manifest, files)
+
+
+def _expect_error(path, match):
+    with pytest.raises(XctrtError, match=match) as e:
+        load_package(path)
+    assert str(path) in str(e.value), "the message must name the package"
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+# ------------------------------------------------------------------ the default package
+
+
+def test_default_package_loads_and_verifies(default_package):
+    pkg = default_package
+    assert pkg.path == EMBEDDED / DEFAULT_MODEL
+    assert pkg.manifest["format"] == FORMAT
+    assert [(c.id, c.name, c.threshold) for c in pkg.classes] == [
+        (1, "material", 0.5), (2, "pore", 0.5), (3, "inclusion", 0.5)]
+    assert [pkg.classes[i].name for i in pkg.priority] == ["inclusion", "pore", "material"]
+    assert (pkg.aggregation, pkg.input_mode, pkg.input_size, pkg.overlap, pkg.blend, pkg.pad) == (
+        "priority", "tile", 256, 32, "ramp", "edge")
+    assert pkg.window == {"mode": "percentile", "low": 0.5, "high": 99.5}
+    assert pkg.trained is False
+    [g] = pkg.graphs
+    assert g.outputs == ("material", "pore", "inclusion")
+    assert hashlib.sha256(g.data).hexdigest() == pkg.manifest["files"]["model.onnx"]
+    assert g.data == (SHIPPED / "model.onnx").read_bytes()
+    text = pkg.describe()
+    assert "UNTRAINED" in text and "inclusion > pore > material > air" in text
+
+
+@pytest.mark.parametrize("name", [None, "default", DEFAULT_MODEL])
+def test_default_names_resolve_to_the_embedded_package(name):
+    assert resolve_model_path(name) == EMBEDDED / DEFAULT_MODEL
+    assert load_package(name).path == EMBEDDED / DEFAULT_MODEL
+
+
+def test_an_existing_path_wins_over_an_embedded_name(tmp_path, base, monkeypatch):
+    _write(tmp_path, dict(base[0], name="local"), base[1], name=DEFAULT_MODEL)
+    monkeypatch.chdir(tmp_path)
+    assert load_package(DEFAULT_MODEL).name == "local"
+
+
+# ------------------------------------------------------------------ round trips
+
+
+def test_write_package_folder_round_trip(tmp_path, base):
+    manifest, files = base
+    out = _write(tmp_path, dict(manifest, name="copy", trained=True), files)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
+    pkg = load_package(out)
+    assert pkg.path == out and pkg.name == "copy" and pkg.trained
+    assert pkg.graphs[0].data == files["model.onnx"]
+    assert pkg.manifest["files"] == {"model.onnx": hashlib.sha256(files["model.onnx"]).hexdigest()}
+    assert {k: v for k, v in pkg.manifest.items() if k not in ("files", "format", "name", "trained")} == {
+        k: v for k, v in manifest.items() if k not in ("name", "trained")}
+    assert "trained" in pkg.describe() and "UNTRAINED" not in pkg.describe()
+
+
+def test_write_package_zip_round_trip(tmp_path, base, default_package):
+    manifest, files = base
+    out = write_package(tmp_path / "pkg.zip", manifest, files)
+    assert zipfile.is_zipfile(out)
+    assert sorted(zipfile.ZipFile(out).namelist()) == ["manifest.json", "model.onnx"]
+    pkg = load_package(out)
+    assert pkg.path == out
+    assert pkg.graphs[0].data == files["model.onnx"]
+    assert pkg.classes == default_package.classes and pkg.priority == default_package.priority
+
+
+def test_zip_with_one_top_level_folder(tmp_path, base, default_package):
+    manifest, files = base
+    folder = _write(tmp_path, manifest, files, name="inner")
+    z = tmp_path / "wrapped.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("inner/", "")
+        for f in folder.iterdir():
+            zf.write(f, f"inner/{f.name}")
+    pkg = load_package(z)
+    assert pkg.graphs[0].data == files["model.onnx"]
+    assert pkg.classes == default_package.classes
+
+
+def test_package_copy_of_the_shipped_folder_loads(tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(SHIPPED, dst)
+    assert load_package(dst).manifest == load_package("default").manifest
+
+
+# ------------------------------------------------------------------ defects
+
+
+def test_missing_path(tmp_path):
+    _expect_error(tmp_path / "nope", "not found")
+
+
+def test_not_a_zip(tmp_path):
+    p = tmp_path / "pkg.zip"
+    p.write_bytes(b"PK\x03\x04 but not really a zip")
+    _expect_error(p, "neither a folder nor a valid .zip")
+
+
+def test_missing_manifest(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    _expect_error(tmp_path / "pkg", "missing manifest.json")
+
+
+def test_missing_manifest_in_zip(tmp_path):
+    z = tmp_path / "pkg.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("model.onnx", b"x")
+    _expect_error(z, "missing manifest.json")
+
+
+@pytest.mark.parametrize("text", [b"{not json", b"\xff\xfe\x00garbage", b""])
+def test_invalid_json(tmp_path, base, text):
+    p = _write(tmp_path, *base)
+    (p / "manifest.json").write_bytes(text)
+    _expect_error(p, "not valid JSON")
+
+
+@pytest.mark.parametrize("fmt", ["xctrt-model/2", "", None])
+def test_wrong_format_string(tmp_path, base, fmt):
+    p = _write(tmp_path, *base)
+    m = json.loads((p / "manifest.json").read_text())
+    if fmt is None:
+        del m["format"]
+    else:
+        m["format"] = fmt
+    (p / "manifest.json").write_text(json.dumps(m))
+    msg = _expect_error(p, "unsupported model package format")
+    assert FORMAT in msg
+
+
+def test_manifest_that_is_not_an_object(tmp_path, base):
+    p = _write(tmp_path, *base)
+    (p / "manifest.json").write_text("[1, 2]")
+    _expect_error(p, "unsupported model package format 'list'")
+
+
+def test_missing_graph_file(tmp_path, base):
+    p = _write(tmp_path, *base)
+    (p / "model.onnx").unlink()
+    _expect_error(p, "missing model.onnx")
+
+
+def test_missing_graph_file_in_zip(tmp_path, base):
+    manifest, files = base
+    folder = _write(tmp_path, manifest, files)
+    z = tmp_path / "pkg.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.write(folder / "manifest.json", "manifest.json")
+    _expect_error(z, "missing model.onnx")
+
+
+@pytest.mark.parametrize("where", [0, 100, -1])
+def test_tampered_graph(tmp_path, base, where):
+    p = _write(tmp_path, *base)
+    data = bytearray((p / "model.onnx").read_bytes())
+    data[where] ^= 0x01
+    (p / "model.onnx").write_bytes(bytes(data))
+    msg = _expect_error(p, "sha256")
+    assert "model.onnx" in msg
+
+
+def test_tampered_graph_in_zip(tmp_path, base):
+    manifest, files = base
+    z = write_package(tmp_path / "pkg.zip", manifest, files)
+    bad = bytearray(files["model.onnx"])
+    bad[50] ^= 0xFF
+    with zipfile.ZipFile(z) as zin:
+        man = zin.read("manifest.json")
+    with zipfile.ZipFile(z, "w") as zout:
+        zout.writestr("manifest.json", man)
+        zout.writestr("model.onnx", bytes(bad))
+    _expect_error(z, "sha256")
+
+
+def test_graph_without_a_sha256(tmp_path, base):
+    p = _write(tmp_path, *base)
+    m = json.loads((p / "manifest.json").read_text())
+    m["files"] = {}
+    (p / "manifest.json").write_text(json.dumps(m))
+    _expect_error(p, "model.onnx has no sha256")
+
+
+@pytest.mark.parametrize("outputs", [
+    ["material", "pore"],                              # a class without a channel
+    ["material", "pore", "inclusion", "crack"],        # a channel without a class
+    ["material", "pore", "pore"],                      # a channel twice
+])
+def test_outputs_not_matching_classes(tmp_path, base, outputs):
+    manifest, files = base
+    m = copy.deepcopy(manifest)
+    m["graphs"][0]["outputs"] = outputs
+    _expect_error(_write(tmp_path, m, files), "do not match the classes")
+
+
+@pytest.mark.parametrize("priority", [["pore", "material"], ["pore", "pore", "material"],
+                                      ["inclusion", "pore", "material", "air"]])
+def test_bad_priority(tmp_path, base, priority):
+    manifest, files = base
+    _expect_error(_write(tmp_path, dict(manifest, priority=priority), files), "priority")
+
+
+def test_bad_aggregation(tmp_path, base):
+    manifest, files = base
+    _expect_error(_write(tmp_path, dict(manifest, aggregation="vote"), files), "aggregation must be one of")
+
+
+@pytest.mark.parametrize("change", [
+    {"mode": "crop"}, {"blend": "gauss"}, {"pad": "reflect"}, {"overlap": 256}, {"overlap": -1}])
+def test_bad_input_section(tmp_path, base, change):
+    manifest, files = base
+    m = dict(manifest, input=dict(manifest["input"], **change))
+    _expect_error(_write(tmp_path, m, files), "bad input section")
+
+
+@pytest.mark.parametrize("inp", [{}, {"size": "big"}, None])
+def test_malformed_input_section(tmp_path, base, inp):
+    manifest, files = base
+    m = dict(manifest)
+    if inp is None:
+        del m["input"]
+    else:
+        m["input"] = inp
+    _expect_error(_write(tmp_path, m, files), "incomplete or malformed")
+
+
+@pytest.mark.parametrize("window", [{"mode": "auto", "low": 0, "high": 1}, {"mode": "fixed", "low": 5, "high": 5}])
+def test_bad_intensity_window(tmp_path, base, window):
+    manifest, files = base
+    _expect_error(_write(tmp_path, dict(manifest, intensity_window=window), files), "bad intensity_window")
+
+
+@pytest.mark.parametrize("ids", [(0, 2, 3), (1, 1, 3), (1, 2, 256)])
+def test_bad_class_ids(tmp_path, base, ids):
+    manifest, files = base
+    m = copy.deepcopy(manifest)
+    for c, i in zip(m["classes"], ids):
+        c["id"] = i
+    _expect_error(_write(tmp_path, m, files), "class ids")
+
+
+# ------------------------------------------------------------------ the shipped package is reproducible
+
+
+def test_regenerating_the_untrained_package_is_byte_identical(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnx")
+    script = REPO / "training" / "make_untrained_model.py"
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends the repo's python/ folder
+    spec = importlib.util.spec_from_file_location("_make_untrained_model", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "regenerated"
+    mod.main([str(out)])
+    assert "wrote" in capsys.readouterr().out
+    for name in ("model.onnx", "manifest.json"):
+        assert (out / name).read_bytes() == (SHIPPED / name).read_bytes(), name
+    assert load_package(out).graphs[0].data == load_package("default").graphs[0].data

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import __version__
 from .errors import XctrtError
 
-STAGES = ("read", "tile", "infer", "stitch", "aggregate", "components")
+STAGES = ("read", "tile", "infer", "stitch", "aggregate", "components", "write")
 
 
 def _voxel_size(values):

@@ -224,7 +224,8 @@ class Segmenter:
         def finished_slabs():
             while True:
                 try:
-                    item = q_out.get(timeout=0.1)
+                    with timer("write_wait"):
+                        item = q_out.get(timeout=0.1)
                 except queue.Empty:
                     if failed.is_set():
                         raise _StageFailed
@@ -247,6 +248,7 @@ class Segmenter:
                 yield from lab
 
         def writer():
+            t0 = time.perf_counter()
             try:
                 pages = finished_slabs()
                 if staged is not None:
@@ -262,6 +264,9 @@ class Segmenter:
             except BaseException as exc:
                 errors.append(exc)
                 failed.set()
+            # encoding + disk time: the writer thread's life minus waiting and components
+            s = timer.seconds
+            s["write"] = time.perf_counter() - t0 - s.pop("write_wait", 0.0) - s["components"]
 
         threads = [threading.Thread(target=reader, name="xctrt-read", daemon=True),
                    threading.Thread(target=writer, name="xctrt-write", daemon=True)]

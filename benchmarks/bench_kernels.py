@@ -154,8 +154,9 @@ def main():
     thr = np.array([0.5, 0.6, 0.7], np.float32)
     ids = np.array([1, 2, 3], np.uint8)
     order = np.array([2, 1, 0])
-    t_agg, a = best_time(lambda: _core.aggregate(p, thr, ids, order, "priority"), args.repeat)
-    t_np, b = best_time(lambda: numpy_aggregate(p, thr, ids, order), args.repeat)
+    out = np.empty(p.shape[1:], np.uint8)
+    t_agg, a = best_time(lambda: _core.aggregate(p, thr, ids, order, "priority", out), args.repeat * 3)
+    t_np, b = best_time(lambda: numpy_aggregate(p, thr, ids, order), args.repeat * 3)
     assert np.array_equal(a, b)
     floor = (p.nbytes + a.nbytes) / bw
     res["aggregate"] = {"s": t_agg, "numpy_s": t_np, "floor_s": floor, "x_floor": t_agg / floor,

@@ -74,13 +74,23 @@ void aggregate_argmax(const float* p, int64_t k, int64_t n, const float* thr,
 py::array_t<uint8_t> aggregate(ProbArray probs, py::array_t<float, py::array::forcecast> thresholds,
                                py::array_t<uint8_t, py::array::forcecast> label_ids,
                                py::array_t<int64_t, py::array::forcecast> priority,
-                               const std::string& mode) {
+                               const std::string& mode, py::object out_obj) {
   if (probs.ndim() < 2) throw std::invalid_argument("probs must be (K, ...) with K classes first");
   const int64_t k = probs.shape(0);
   if (thresholds.size() != k || label_ids.size() != k)
     throw std::invalid_argument("thresholds and label_ids need one entry per class channel");
   std::vector<py::ssize_t> shape(probs.shape() + 1, probs.shape() + probs.ndim());
-  py::array_t<uint8_t> out(shape);
+  // A caller-owned output buffer (reused across slices) saves a page-faulting allocation per call.
+  py::array_t<uint8_t> out;
+  if (out_obj.is_none()) {
+    out = py::array_t<uint8_t>(shape);
+  } else {
+    out = py::array_t<uint8_t>::ensure(out_obj);
+    if (!out || !py::isinstance<py::array_t<uint8_t>>(out_obj) ||
+        !(out.flags() & py::array::c_style) ||
+        std::vector<py::ssize_t>(out.shape(), out.shape() + out.ndim()) != shape)
+      throw std::invalid_argument("out must be a C-contiguous uint8 array shaped like one probability map");
+  }
   const int64_t n = out.size();
   const float* p = probs.data();
   const float* thr = thresholds.data();
@@ -109,10 +119,11 @@ py::array_t<uint8_t> aggregate(ProbArray probs, py::array_t<float, py::array::fo
 
 void bind_aggregate(py::module_& m) {
   m.def("aggregate", &aggregate, py::arg("probs"), py::arg("thresholds"), py::arg("label_ids"),
-        py::arg("priority"), py::arg("mode") = "priority",
+        py::arg("priority"), py::arg("mode") = "priority", py::arg("out") = py::none(),
         "Per-class probabilities (K, ...) -> uint8 labels (...).\n"
         "priority: channel indices, highest priority first; the first channel with p >= threshold wins.\n"
-        "argmax: the most probable channel among those with p >= threshold; none -> 0.");
+        "argmax: the most probable channel among those with p >= threshold; none -> 0.\n"
+        "out: optional uint8 buffer to fill and return.");
 }
 
 }  // namespace xctrt

@@ -73,3 +73,16 @@ def test_large_input_uses_parallel_path_and_still_matches():
 def test_bad_arguments_raise(args):
     with pytest.raises(ValueError):
         _core.aggregate(np.zeros((2, 3, 3), np.float32), **args)
+
+
+def test_out_buffer_is_filled_and_returned():
+    rng = np.random.default_rng(3)
+    p = rng.random((3, 5, 6), dtype=np.float32)
+    out = np.full((5, 6), 99, np.uint8)
+    got = _core.aggregate(p, [0.5] * 3, [1, 2, 3], [2, 1, 0], "priority", out)
+    assert got is out
+    assert np.array_equal(out, ref_priority(p, np.full(3, 0.5, np.float32), np.array([1, 2, 3]), [2, 1, 0]))
+    with pytest.raises(ValueError):
+        _core.aggregate(p, [0.5] * 3, [1, 2, 3], [2, 1, 0], "priority", np.empty((5, 7), np.uint8))
+    with pytest.raises(ValueError):
+        _core.aggregate(p, [0.5] * 3, [1, 2, 3], [2, 1, 0], "priority", np.empty((5, 6), np.int32))

@@ -151,7 +151,7 @@ class Segmenter:
                     full = (_core.stitch_tiles(p, h, w, ov, pkg.blend) if tiled
                             else _core.resize_bilinear(p[0], h, w))
                 with timer("aggregate"):
-                    out[i] = _core.aggregate(full, self._thresholds, self._ids, self._priority, pkg.aggregation)
+                    _core.aggregate(full, self._thresholds, self._ids, self._priority, pkg.aggregation, out[i])
         return out
 
     # -------------------------------------------------------------- driver

@@ -55,7 +55,7 @@ def manifest(seed: int) -> dict:
         "trained": False,
         "description": "Random weights (seed %d): exercises the whole pipeline; its labels mean nothing. "
                        "Replace with a trained Conv-LoRA SAM package." % seed,
-        "backbone": "tiny CNN (mean filter + 2 random conv layers), 115 parameters",
+        "backbone": "tiny CNN (mean filter + 2 random conv layers), 107 parameters",
         "training_data": "none",
         "recipe": f"python training/make_untrained_model.py OUT --seed {seed}",
         "classes": [{"id": i + 1, "name": n, "threshold": 0.5} for i, n in enumerate(CLASSES)],

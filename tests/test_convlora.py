@@ -1,0 +1,319 @@
+"""Conv-LoRA SAM training code: adapter maths, parameter budget, loss, export parity, train loop.
+
+Needs the `train` extra (torch, segment-anything); skipped without it. Tiny random-weight SAM only.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("segment_anything")
+onnx = pytest.importorskip("onnx")
+
+from training.conv_lora import (ConvLoRAQKV, apply_conv_lora, balance_loss, conv_lora_modules,  # noqa: E402
+                                cv_squared, reduce_mask_decoder, trainable_parameter_count)
+from training.losses import structure_loss  # noqa: E402
+from training.sam_model import BACKBONES, XctSam, build_xct_sam  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def tiny_sam(seed=0):
+    torch.manual_seed(seed)
+    return BACKBONES["sam_tiny_test"]()
+
+
+def randomise_adapters(model, seed=1):
+    """Nonzero B, random gate and experts, and a decoder whose logits span a few units."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in conv_lora_modules(model):
+            m.lora_b.weight.copy_(torch.randn(m.lora_b.weight.shape, generator=g) * 0.05)
+            m.w_gate.copy_(torch.randn(m.w_gate.shape, generator=g) * 2)
+            m.w_noise.copy_(torch.randn(m.w_noise.shape, generator=g))
+            for e in m.experts:
+                e.conv.weight.copy_(torch.randn(e.conv.weight.shape, generator=g) * 0.3)
+                e.conv.bias.copy_(torch.randn(e.conv.bias.shape, generator=g) * 0.1)
+        for dec in model.mask_decoders:
+            dec.output_hypernetworks_mlps[0].layers[-1].weight.mul_(300)
+    return model
+
+
+# ---------------------------------------------------------------------- parameter budget
+
+def test_vit_h_trainable_count_matches_the_paper():
+    with torch.device("meta"):
+        sam = BACKBONES["sam_vit_h"]()
+        apply_conv_lora(sam, r=3, alpha=32)
+    blocks = sam.image_encoder.blocks
+    assert len(blocks) == 32
+    a = blocks[0].attn.qkv
+    assert isinstance(a, ConvLoRAQKV)
+    parts = {"A": a.lora_a.weight.numel(), "B": a.lora_b.weight.numel(), "gate": a.w_gate.numel(),
+             "noise": a.w_noise.numel(), "experts": sum(p.numel() for p in a.experts.parameters())}
+    assert parts == {"A": 3840, "B": 11520, "gate": 24, "noise": 24, "experts": 8 * 84}
+    per_block = trainable_parameter_count(blocks[0])
+    assert per_block == 16_080
+    decoder = trainable_parameter_count(sam.mask_decoder)
+    assert decoder == 3_505_536
+    assert trainable_parameter_count(sam) == 3_505_536 + 32 * 16_080 == 4_020_096
+    assert trainable_parameter_count(sam.prompt_encoder) == 0
+    assert trainable_parameter_count(sam.mask_decoder.iou_prediction_head) == 0
+    assert sam.mask_decoder.num_mask_tokens == 1 and len(sam.mask_decoder.output_hypernetworks_mlps) == 1
+
+
+# ---------------------------------------------------------------------- adapter behaviour
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_zero_init_b_leaves_the_frozen_model_unchanged(train_mode):
+    sam = tiny_sam()
+    frozen_sam = copy.deepcopy(sam)
+    reduce_mask_decoder(frozen_sam.mask_decoder)   # same single-mask decoder, no adapters
+    frozen = XctSam.from_sam(frozen_sam)
+    adapted = XctSam.from_sam(apply_conv_lora(copy.deepcopy(sam)))
+    x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    frozen.eval()
+    adapted.train(train_mode)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), adapted(x))   # exact: B = 0 adds exact zeros
+
+
+def test_reducing_the_decoder_keeps_the_single_mask_weights():
+    # SAM's single-mask output is token 0 / hypernetwork 0; the multimask ones are dropped. (Outputs
+    # are not identical afterwards: the dropped tokens took part in the decoder's token attention.)
+    dec = tiny_sam().mask_decoder
+    token0 = dec.mask_tokens.weight[0].clone()
+    hyper0 = copy.deepcopy(dec.output_hypernetworks_mlps[0])
+    iou_w = dec.iou_prediction_head.layers[-1].weight[0].clone()
+    reduce_mask_decoder(dec)
+    assert dec.num_mask_tokens == 1 and dec.mask_tokens.weight.shape[0] == 1
+    assert torch.equal(dec.mask_tokens.weight[0], token0)
+    assert all(torch.equal(a, b) for a, b in zip(dec.output_hypernetworks_mlps[0].parameters(), hyper0.parameters()))
+    assert torch.equal(dec.iou_prediction_head.layers[-1].weight[0], iou_w)
+
+
+def test_gradients_reach_only_the_trainable_set():
+    model = randomise_adapters(build_xct_sam("sam_tiny_test", num_heads=2))
+    model.train()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    for n in names:   # the trainable set is exactly: adapters + decoder heads without the IoU head
+        assert (".attn.qkv.lora_" in n or ".attn.qkv.w_" in n or ".attn.qkv.experts." in n
+                or (n.startswith("mask_decoders.") and "iou_prediction_head" not in n)), n
+    assert any("iou_token" in n for n in names)
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 64, 64)
+    t = (torch.rand(4, 2, 64, 64) > 0.7).float()
+    loss = structure_loss(model.logits(x), t) + balance_loss(model)
+    loss.backward()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, n
+        elif ".experts." not in n:   # an expert no sample was routed to gets no gradient this step
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    for m in conv_lora_modules(model):
+        assert any(e.conv.weight.grad is not None and e.conv.weight.grad.abs().sum() > 0 for e in m.experts)
+        assert m.lora_a.weight.grad.abs().sum() > 0 and m.w_gate.grad.abs().sum() > 0
+        assert m.w_noise.grad.abs().sum() > 0
+
+
+def test_static_expert_select_matches_routed_experts():
+    torch.manual_seed(0)
+    m = ConvLoRAQKV(torch.nn.Linear(16, 48), rank=3)
+    with torch.no_grad():
+        m.lora_b.weight.normal_()
+        m.w_gate.normal_(0, 3)
+    m.eval()
+    x = torch.randn(32, 5, 5, 16)
+    with torch.no_grad():
+        routed = m(x)
+        chosen = (m.lora_a(x).mean(dim=(1, 2)) @ m.w_gate).argmax(1)
+        assert len(set(chosen.tolist())) > 2
+        m.static_select = True
+        static = m(x)
+    assert torch.allclose(routed, static, rtol=1e-5, atol=1e-5)
+
+
+def test_balancing_loss_is_nonnegative_small_when_balanced_and_differentiable():
+    assert float(cv_squared(torch.full((8,), 5.0))) == 0.0
+    assert math.isclose(float(cv_squared(torch.tensor([4.0, 0, 0, 0, 0, 0, 0, 0]))), 7.0, rel_tol=1e-6)
+    torch.manual_seed(0)
+    m = ConvLoRAQKV(torch.nn.Linear(8, 24), rank=3).train()
+    x = torch.randn(4096, 2, 2, 8)
+    m(x)   # zero-initialised gate: noise alone routes, nearly uniformly
+    balanced = m.balance_loss.detach()
+    assert 0 <= float(balanced) < 0.002
+    with torch.no_grad():
+        m.w_gate[:, 0] = 50.0
+        m.w_noise.fill_(-20.0)   # softplus -> ~0: std = 0.01, routing deterministic
+        m.lora_a.weight.fill_(0.1)
+    x = torch.rand(4096, 2, 2, 8) + 1   # positive pooled z: expert 0 always wins
+    m(x)
+    skewed = m.balance_loss.detach()
+    assert math.isclose(float(skewed), 0.01 * (7 + 7), rel_tol=0.02)
+    m.zero_grad()
+    m.w_gate.data.zero_()
+    m.w_noise.data.zero_()
+    m(torch.randn(64, 3, 3, 8))
+    m.balance_loss.backward()
+    assert m.w_gate.grad.abs().sum() > 0 and m.w_noise.grad.abs().sum() > 0
+    m.eval()
+    m(x)
+    assert m.balance_loss is None
+
+
+# ---------------------------------------------------------------------- loss
+
+def test_structure_loss_hand_computed():
+    g = [[1.0, 0.0], [0.0, 0.0]]
+    z = [[2.0, -1.0], [0.0, 1.0]]
+    # 31×31 mean with zero padding over a 2×2 image: every window covers all of it -> sum(g)/961.
+    avg = 1 / 961
+    w = [[1 + 5 * abs(avg - gi) for gi in row] for row in g]
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    bce = [[-(gi * math.log(sig(zi)) + (1 - gi) * math.log(1 - sig(zi))) for gi, zi in zip(gr, zr)]
+           for gr, zr in zip(g, z)]
+    cells = [(w[i][j], bce[i][j], sig(z[i][j]), g[i][j]) for i in range(2) for j in range(2)]
+    wbce = sum(wi * b for wi, b, _, _ in cells) / sum(wi for wi, _, _, _ in cells)
+    inter = sum(wi * p * gi for wi, _, p, gi in cells)
+    union = sum(wi * (p + gi) for wi, _, p, gi in cells)
+    expected = wbce + 1 - (inter + 1) / (union - inter + 1)
+    got = structure_loss(torch.tensor(z)[None, None], torch.tensor(g)[None, None])
+    assert math.isclose(float(got), expected, rel_tol=1e-6), (float(got), expected)
+    # The BCE really is weighted: the unweighted mean differs.
+    unweighted = sum(b for _, b, _, _ in cells) / 4 + 1 - (inter + 1) / (union - inter + 1)
+    assert abs(expected - unweighted) > 1e-3
+
+
+# ---------------------------------------------------------------------- export
+
+def test_onnx_export_parity_and_package(tmp_path):
+    import onnxruntime as ort
+
+    from training.export import check_package, export_onnx, write_model_package
+    from xctrt.backends import make_engine
+    from xctrt.model import load_package
+
+    model = randomise_adapters(build_xct_sam("sam_tiny_test")).eval()
+    graph = export_onnx(model, with_logits=True)
+    ops = {n.op_type for n in onnx.load_from_string(graph).graph.node}
+    assert "NonZero" not in ops and "Resize" in ops and "Loop" not in ops and "If" not in ops
+    sess = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    x = torch.rand(5, 1, 64, 64, generator=torch.Generator().manual_seed(3))   # batch != export batch
+    with torch.no_grad():
+        logits = model.logits(x)
+        probs = torch.sigmoid(logits)
+    chosen = {int(k) for m in conv_lora_modules(model) for k in m.last_choice}
+    assert len(chosen) > 1, "the check should cover more than one expert"
+    p_onnx, l_onnx = sess.run(None, {"image": x.numpy()})
+    err_p = float(np.abs(p_onnx - probs.numpy()).max())
+    err_l = float(np.abs(l_onnx - logits.numpy()).max())
+    spread = float(logits.std())
+    assert spread > 0.5, f"logits too flat for a meaningful check (std {spread:.3f})"
+    assert err_p < 1e-3 and err_l < 1e-3, f"ONNX vs PyTorch max abs error: probs {err_p:.3g}, logits {err_l:.3g}"
+    print(f"parity: probs {err_p:.3g}, logits {err_l:.3g} (logit std {spread:.2f})")
+
+    # The LoRA path matters: merged weights differ from the frozen ones and change the output.
+    frozen_sam = tiny_sam()
+    reduce_mask_decoder(frozen_sam.mask_decoder)
+    frozen = XctSam.from_sam(frozen_sam)
+    with torch.no_grad():
+        assert float((frozen.eval()(x) - probs).abs().max()) > 1e-2
+
+    # Paper-mode package (one graph per class) through the runtime's loader and engine.
+    models = {c: randomise_adapters(build_xct_sam("sam_tiny_test"), seed=i)
+              for i, c in enumerate(["material", "pore", "inclusion"])}
+    out = write_model_package(tmp_path / "paper", models, "paper", list(models), backbone="sam_tiny_test",
+                              metrics={"val_iou": {"pore": 0.5}})
+    pkg = load_package(out)
+    assert [c.name for c in pkg.classes] == ["material", "pore", "inclusion"]
+    assert [pkg.classes[i].name for i in pkg.priority] == ["inclusion", "pore", "material"]
+    assert pkg.input_size == 64 and len(pkg.graphs) == 3 and pkg.trained
+    assert pkg.manifest["export_check"]["max_abs_diff_probs"] < 1e-3
+    y = make_engine(pkg, "onnxruntime").run(x.numpy())
+    assert y.shape == (5, 3, 64, 64) and y.dtype == np.float32
+    assert check_package(out, models, list(models)) < 1e-3
+
+    # Shared mode: one graph, three output channels.
+    shared = randomise_adapters(build_xct_sam("sam_tiny_test", num_heads=3))
+    out = write_model_package(tmp_path / "shared.zip", {"shared": shared}, "shared",
+                              ["material", "pore", "inclusion"], backbone="sam_tiny_test", input_mode="resize")
+    pkg = load_package(out)
+    assert len(pkg.graphs) == 1 and pkg.graphs[0].outputs == ("material", "pore", "inclusion")
+    assert pkg.input_mode == "resize"
+    assert check_package(out, {"shared": shared}, ["material", "pore", "inclusion"]) < 1e-3
+
+
+# ---------------------------------------------------------------------- training
+
+def synthetic_volume(folder, shape=(8, 64, 64), seed=0):
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    labels = np.zeros(shape, np.uint8)
+    labels[(y - 32) ** 2 + (x - 32) ** 2 < 26 ** 2] = 1
+    for cls, n in ((2, 6), (3, 3)):
+        for _ in range(n):
+            cz, cy, cx = rng.integers(0, shape[0]), rng.integers(14, 50), rng.integers(14, 50)
+            labels[((z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 < 9) & (labels == 1)] = cls
+    grey = np.array([10, 40, 18, 70], np.float32)[labels] + rng.normal(0, 3, shape)
+    folder.mkdir(parents=True)
+    tifffile.imwrite(folder / "image.tif", np.clip(grey, 0, 255).astype(np.uint8))
+    tifffile.imwrite(folder / "labels.tif", labels)
+    return folder
+
+
+def test_train_steps_only_trainable_change_and_resume(tmp_path):
+    from training.export import export_checkpoint
+    from training.train import Trainer, parse_args
+    from xctrt.model import load_package
+
+    data = synthetic_volume(tmp_path / "vol")
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    argv = ["--data", str(data), "--backbone", "sam_tiny_test", "--mode", "paper", "--classes", "pore,inclusion",
+            "--steps", "2", "--steps-per-epoch", "1", "--batch-size", "2", "--val-fraction", "0.25",
+            "--val-crops", "2", "--device", "cpu", "--seed", "0", "--warmup", "1", "-o", str(ckpt)]
+    logs = []
+    tr = Trainer(parse_args(argv), log=logs.append)
+    before = {c: {n: p.detach().clone() for n, p in m.named_parameters()} for c, m in tr.models.items()}
+    tr.fit()
+    assert tr.step == 2 and ckpt.is_file()
+    for c, m in tr.models.items():
+        changed = []
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                changed.append(not torch.equal(p, before[c][n]))
+            else:
+                assert torch.equal(p, before[c][n]), f"frozen {c}:{n} changed"
+        assert any(changed)
+    epochs = tr.history
+    assert len(epochs) == 2 and all(math.isfinite(v) for h in epochs for v in h["loss"].values())
+    assert all(set(h["val_iou"]) == {"pore", "inclusion"} for h in epochs)
+    assert any(line.startswith("epoch 2 step 2/2 loss ") and "val_iou" in line for line in logs)
+
+    # Resume continues the step count from the checkpoint and keeps the frozen weights.
+    logs.clear()
+    tr2 = Trainer(parse_args(argv[:-2] + ["-o", str(ckpt), "--resume", "--steps", "3"]), log=logs.append)
+    assert tr2.step == 2 and any("resumed" in line and "step 2" in line for line in logs)
+    for c, m in tr2.models.items():
+        for n, p in m.named_parameters():
+            if not p.requires_grad:
+                assert torch.equal(p, before[c][n])
+            else:
+                assert torch.equal(p, dict(tr.models[c].named_parameters())[n])
+    tr2.fit()
+    assert tr2.step == 3 and len(tr2.history) == 3
+
+    pkg = load_package(export_checkpoint(ckpt, tmp_path / "pkg"))
+    assert [c.name for c in pkg.classes] == ["pore", "inclusion"] and pkg.manifest["metrics"]["step"] == 3
+
+
+def test_backbone_registry_errors():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_xct_sam("sam_vit_x")
+    with pytest.raises((RuntimeError, NotImplementedError), match="litemedsam"):
+        BACKBONES["litemedsam"]()

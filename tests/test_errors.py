@@ -430,3 +430,12 @@ def test_previous_outputs_survive_failed_runs(run_cli, long_phantom, tmp_path, m
     for code, _, err in failures:
         assert_one_error_line(code, err)
     assert snapshot(out) == before
+
+
+def test_multichannel_single_page_is_named_as_such(run_cli, tmp_path):
+    bad = tmp_path / "rgb.tif"
+    tifffile.imwrite(bad, np.zeros((32, 32, 3), np.uint8), photometric="rgb")  # one page, 3 samples per pixel
+    out = tmp_path / "out"
+    code, _, err = run_cli("segment", bad, "-o", out)
+    assert_one_error_line(code, err, bad, "channel")
+    assert_no_outputs(out)

@@ -136,6 +136,9 @@ class TiffSource(VolumeSource):
             broken = [m for m in log.messages if any(s in m for s in _BROKEN_CHAIN)]
             if broken:
                 raise XctrtError(f"{path}: the file is truncated or corrupt ({broken[0]})")
+            if series.keyframe.samplesperpixel > 1:
+                raise XctrtError(f"{path}: is a {series.keyframe.samplesperpixel}-channel image {shape} (colour or "
+                                 "samples per pixel); xctrt needs one grey value per voxel, one page per slice")
             if len(shape) == 2:
                 raise XctrtError(f"{path}: is a single 2D image {shape}; xctrt needs a 3D volume (a multi-page TIFF "
                                  "or a folder of slices)")

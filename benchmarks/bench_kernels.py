@@ -146,7 +146,6 @@ def main():
                          "speedup_vs_cc3d": t_cc3d / t_ours, "speedup_vs_scipy": t_scipy / t_ours}
     rows.append(("components 26-conn + table", t_ours, f"cc3d cc+statistics {t_cc3d:.3f}s ({t_cc3d / t_ours:.1f}x)",
                  f"scipy label+find_objects {t_scipy:.3f}s ({t_scipy / t_ours:.1f}x)"))
-    del labels, image, defect
 
     # ------------------------------------------------------------ aggregator: a 16-slice slab, K=3
     rng = np.random.default_rng(2)

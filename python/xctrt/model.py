@@ -68,14 +68,14 @@ class ModelPackage:
             f"model       {self.name}  ({'trained' if self.trained else 'UNTRAINED: random weights'})",
             f"path        {self.path}",
             f"backbone    {m.get('backbone', '?')}",
-            f"classes     " + ", ".join(f"{c.id}={c.name} (p>={c.threshold:g})" for c in self.classes),
+            "classes     " + ", ".join(f"{c.id}={c.name} (p>={c.threshold:g})" for c in self.classes),
             f"aggregation {self.aggregation}" + (
                 " (" + " > ".join(self.classes[i].name for i in self.priority) + " > air)"
                 if self.aggregation == "priority" else ""),
             f"input       {self.input_mode} {self.input_size}x{self.input_size}, overlap {self.overlap}, "
             f"blend {self.blend}, pad {self.pad}",
             f"window      {json.dumps(self.window)}",
-            f"graphs      " + ", ".join(f"{g.file} -> {list(g.outputs)} ({len(g.data) / 1e6:.2f} MB)"
+            "graphs      " + ", ".join(f"{g.file} -> {list(g.outputs)} ({len(g.data) / 1e6:.2f} MB)"
                                         for g in self.graphs),
             f"training    {m.get('training_data', '-')}",
             f"metrics     {json.dumps(m.get('metrics', {}))}",

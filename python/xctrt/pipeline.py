@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__, _core
 from .backends import make_engine
-from .defects import DEFECT_CLASSES, DefectCounter, summarise, table_to_csv
+from .defects import DefectCounter, summarise, table_to_csv
 from .errors import XctrtError
 from .io import ArraySource, StagedOutputs, VolumeSource, check_output_dir, open_volume, write_json, write_volume_tiff
 from .model import ModelPackage, load_package

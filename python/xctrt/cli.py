@@ -1,4 +1,4 @@
-"""Command line: xctrt segment | info | bench | phantom."""
+"""Command line: xctrt segment | info | bench | phantom | simulate."""
 from __future__ import annotations
 
 import argparse
@@ -120,6 +120,31 @@ def cmd_phantom(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from .simulate import SimConfig, simulate
+    if args.voxel_size <= 0:
+        raise XctrtError(f"--voxel-size must be > 0 mm, got {args.voxel_size:g}")
+    cfg = SimConfig(shape=tuple(args.shape), part=args.part, stl=args.stl, material=args.material,
+                    inclusion=args.inclusion, pores_per_mm3=args.pores_per_mm3, pore_size=args.pore_size,
+                    pore_mix=tuple(args.pore_mix), inclusions_per_mm3=args.inclusions_per_mm3,
+                    inclusion_size=args.inclusion_size, views=args.views, geometry=args.geometry, kvp=args.kvp,
+                    beam_filter=_filter_spec(args.beam_filter) if args.beam_filter else None,
+                    mono_kev=args.mono, dose=args.dose, recon_filter=args.recon_filter, seed=args.seed,
+                    voxel_size=args.voxel_size, dtype=args.dtype)
+    s = simulate(args.output, cfg, workers=args.workers, progress=not args.no_progress)
+    print(f"wrote {args.output}/image.tif ({s['config']['dtype']}) and labels.tif {tuple(s['shape'])}, "
+          f"{s['config']['views']} {s['config']['geometry']}-beam views, {s['spectrum']['source']}, "
+          f"porosity {s['porosity_percent']:.2f}% in {s['timing_s']['total']:.1f} s ({s['workers']} workers)")
+    return 0
+
+
+def _filter_spec(values):
+    try:
+        return values[0], float(values[1])
+    except ValueError:
+        raise XctrtError(f"--beam-filter takes an element and a thickness in mm (e.g. Cu 0.5), got {' '.join(values)}")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other xctrt error
         self.exit(2, f"xctrt: error: {message} (see '{self.prog} --help')\n")
@@ -161,6 +186,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voxel-size", type=float, nargs="+", default=[0.01], metavar="MM")
     p.add_argument("--uncompressed", action="store_true", help="write raw pages (fast for very large volumes)")
     p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("simulate", help="simulate an XCT scan of an AM part (phantom, polychromatic projection, "
+                                        "noise, FBP) with its true labels",
+                       description="Writes OUT_DIR/image.tif (reconstructed volume), labels.tif (uint8: 0 air, "
+                                   "1 material, 2 pore, 3 inclusion) and simulate.json (all parameters). Needs "
+                                   "pip install 'xctrt[sim]'.")
+    p.add_argument("output", help="output folder")
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 512, 512], metavar=("Z", "Y", "X"))
+    p.add_argument("--part", default="cylinder", choices=["cylinder", "block", "lattice", "overhang"],
+                   help="part geometry (default: %(default)s; lattice = sheet gyroid in a cylindrical skin)")
+    p.add_argument("--stl", metavar="FILE", help="voxelise this closed STL mesh (mm, centred) instead of --part")
+    p.add_argument("--material", default="alsi10mg", choices=["alsi10mg", "ti64", "316l"])
+    p.add_argument("--inclusion", default="ni", choices=["ni", "w"], help="dense inclusion metal")
+    p.add_argument("--pores-per-mm3", type=float, default=20.0, help="pores per mm^3 of part (default: %(default)s)")
+    p.add_argument("--pore-size", type=float, default=0.1, metavar="MM", help="mean pore diameter (default: %(default)s)")
+    p.add_argument("--pore-mix", type=float, nargs=3, default=[0.5, 0.3, 0.2], metavar=("SPH", "ELL", "LOF"),
+                   help="fractions of spherical, ellipsoidal, lack-of-fusion pores (default: 0.5 0.3 0.2)")
+    p.add_argument("--inclusions-per-mm3", type=float, default=2.0, help="(default: %(default)s)")
+    p.add_argument("--inclusion-size", type=float, default=0.06, metavar="MM", help="mean diameter (default: %(default)s)")
+    p.add_argument("--views", type=int, default=360, help="projections (parallel: over 180 deg, fan: 360; default: %(default)s)")
+    p.add_argument("--geometry", default="parallel", choices=["parallel", "fan"])
+    p.add_argument("--kvp", type=float, default=160.0, help="tube voltage, W anode (default: %(default)s)")
+    p.add_argument("--beam-filter", nargs=2, metavar=("ELEMENT", "MM"), help="pre-filter, e.g. Cu 0.5 (less cupping)")
+    p.add_argument("--mono", type=float, metavar="KEV", help="monochromatic beam at KEV instead (no beam hardening)")
+    p.add_argument("--dose", type=float, default=1e4,
+                   help="photons per detector pixel per view, unattenuated; 0 = noiseless (default: %(default)g)")
+    p.add_argument("--recon-filter", default="ramp", choices=["ramp", "shepp-logan", "cosine", "hamming", "hann"])
+    p.add_argument("--dtype", default="uint16", choices=["uint16", "float32"],
+                   help="uint16 grey (linear in mu, see simulate.json) or float32 mu in 1/mm (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--voxel-size", type=float, default=0.02, metavar="MM", help="isotropic (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="processes over slices (0 = all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_simulate)
     return ap
 
 

@@ -1,7 +1,7 @@
 """Synthetic XCT-like test volumes: a cylindrical part with dark spherical pores and bright
 inclusions, plus Gaussian noise. Rendered slab by slab, so a volume larger than RAM can be
-written; the exact labels come with it. For demos, tests and throughput runs only (the
-physics simulator with projections and reconstruction is `xctrt simulate`, a later stage)."""
+written; the exact labels come with it. For demos, tests and throughput runs only; the
+physics simulator with projections and reconstruction is `xctrt simulate` (simulate.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""Command line: xctrt segment | info | bench | phantom | simulate."""
+"""Command line: xctrt segment | info | bench | phantom | simulate | evaluate | domain-shift."""
 from __future__ import annotations
 
 import argparse
@@ -145,6 +145,26 @@ def _filter_spec(values):
         raise XctrtError(f"--beam-filter takes an element and a thickness in mm (e.g. Cu 0.5), got {' '.join(values)}")
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_volumes, format_report
+    res = evaluate_volumes(args.pred, args.truth, connectivity=args.connectivity)
+    print(format_report(res))
+    if args.json:
+        from .io import StagedOutputs, write_json
+        out = Path(args.json)
+        with StagedOutputs(out.parent) as staged:
+            write_json(staged.path(out.name), {"pred": args.pred, "truth": args.truth, **res})
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_domain_shift(args) -> int:
+    from .evaluate import domain_shift
+    d = domain_shift(args.a, args.b, seed=args.seed)
+    print(f"domain shift (Frechet distance of filter-bank patch features) {args.a} vs {args.b}: {d:.4f}")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other xctrt error
         self.exit(2, f"xctrt: error: {message} (see '{self.prog} --help')\n")
@@ -220,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="processes over slices (0 = all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("evaluate", help="compare a label volume with the truth: IoU, layer-by-layer P/R/F1, "
+                                        "3D object detection")
+    p.add_argument("pred", help="predicted labels (e.g. OUT/labels.tif)")
+    p.add_argument("truth", help="true labels, same shape")
+    p.add_argument("--connectivity", type=int, default=26, choices=[6, 18, 26])
+    p.add_argument("--json", help="also write the full result here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("domain-shift", help="how different two grey-value volumes look to a model (unitless; "
+                                            "0 = same distribution)")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--seed", type=int, default=0, help="patch sampling seed")
+    p.set_defaults(func=cmd_domain_shift)
     return ap
 
 

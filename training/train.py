@@ -34,7 +34,7 @@ import torch
 from .conv_lora import balance_loss, trainable_parameter_count
 from .data import CLASS_IDS, CropSampler, load_volume, split_volume
 from .losses import structure_loss
-from .sam_model import build_xct_sam
+from .sam_model import BUNDLED_WEIGHTS, build_xct_sam
 
 FORMAT = "xctrt-convlora-ckpt/1"
 SHARED = "shared"
@@ -58,7 +58,7 @@ def build_from_checkpoint(ckpt: dict, base_checkpoint: str | Path | None = None,
         raise ValueError(f"not an xctrt Conv-LoRA checkpoint (format {ckpt.get('format')!r}, expected {FORMAT!r})")
     cfg = ckpt["config"]
     base_path = base_checkpoint or ckpt.get("base_checkpoint")
-    if ckpt.get("frozen") is None and base_path is None:
+    if ckpt.get("frozen") is None and base_path is None and ckpt["backbone"] not in BUNDLED_WEIGHTS:
         raise ValueError("checkpoint holds no frozen weights and names no base SAM checkpoint")
     heads = len(ckpt["classes"]) if ckpt["mode"] == SHARED else 1
     base = build_xct_sam(ckpt["backbone"], None if ckpt.get("frozen") is not None else base_path,
@@ -82,6 +82,29 @@ def _load(model: torch.nn.Module, state: dict, expect_all_frozen: bool) -> None:
     bad = [k for k in missing if (k not in train) == expect_all_frozen]
     if bad:
         raise ValueError(f"checkpoint lacks weights: {bad[:5]}")
+
+
+def slim_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """A training checkpoint cut down for keeping and export: trainable weights only, cast to `dtype`
+    (fp16 halves them; export casts back to fp32), no optimiser, scaler or RNG state (it cannot be
+    resumed). Frozen weights are dropped when they equal the backbone's bundled pretrained weights
+    (litemedsam), which rebuild them; otherwise they are kept as they are."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    if ckpt.get("format") != FORMAT:
+        raise ValueError(f"{src}: not an xctrt Conv-LoRA checkpoint")
+    slim = {k: v for k, v in ckpt.items() if k not in ("optimizers", "scaler", "rng")}
+    slim["models"] = {n: {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in state.items()}
+                      for n, state in ckpt["models"].items()}
+    slim["slim"] = {"dtype": str(dtype).replace("torch.", ""), "from": Path(src).name}
+    frozen = ckpt.get("frozen")
+    if frozen is not None and ckpt.get("base_checkpoint") is None and ckpt["backbone"] in BUNDLED_WEIGHTS:
+        cfg = ckpt["config"]
+        heads = len(ckpt["classes"]) if ckpt["mode"] == SHARED else 1
+        ref = frozen_state(build_xct_sam(ckpt["backbone"], num_heads=heads, r=cfg["rank"], alpha=cfg["alpha"]))
+        if ref.keys() == frozen.keys() and all(torch.equal(ref[k], frozen[k]) for k in ref):
+            slim["frozen"] = None
+    save_atomic(slim, Path(dst))
+    return Path(dst)
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -111,6 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rank", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--steps", type=int, default=1000, help="total optimiser steps (per model)")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="wall-clock budget for this run's training loop (steps, validation, checkpoints). "
+                         "The step count is cut to what fits, from the measured step time, so the learning-rate "
+                         "schedule still completes; a hard stop at the budget guards the rest")
     ap.add_argument("--steps-per-epoch", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -124,16 +151,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="mixed precision on CUDA (auto: bf16 where supported, else fp16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch default)")
+    ap.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
+                    help="draw the next step's crops in a background thread while the device computes "
+                         "(auto: on for CUDA)")
     ap.add_argument("-o", "--out", type=Path, default=Path("runs/convlora.pt"), help="checkpoint file")
     ap.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     return ap.parse_args(argv)
 
 
-def _lr(args, step: int) -> float:
-    """Linear warm-up, then cosine decay to 10% over --steps."""
+def _lr(args, step: int, total: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to 10% over `total` steps (default --steps)."""
+    total = args.steps if total is None else total
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    t = min(1.0, (step - args.warmup) / max(1, total - args.warmup))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -158,6 +189,8 @@ class Trainer:
         ckpt = None
         if args.resume and args.out.is_file():
             ckpt = torch.load(args.out, map_location="cpu", weights_only=False)
+            if ckpt.get("slim"):
+                raise ValueError(f"{args.out}: a slim checkpoint (no optimiser state) cannot be resumed")
             for key, want in (("backbone", args.backbone), ("mode", args.mode), ("classes", self.classes)):
                 if ckpt[key] != want:
                     raise ValueError(f"{args.out}: cannot resume, its {key} is {ckpt[key]!r}, not {want!r}")
@@ -177,6 +210,7 @@ class Trainer:
             self.models = {n: (base if i == 0 else copy.deepcopy(base)).to(self.device) for i, n in enumerate(names)}
             self.base_checkpoint = str(Path(args.sam_checkpoint).resolve()) if args.sam_checkpoint else None
             self.step, self.history = 0, []
+        self.total_steps = args.steps     # cut by --max-minutes once the step time is known
         first = next(iter(self.models.values()))
         self.size = first.image_size
         self.overlap = args.overlap if args.overlap is not None else self.size // 8
@@ -199,6 +233,8 @@ class Trainer:
                  f"{self.size}², {len(self.models)} model(s) x {trainable_parameter_count(first):,} trainable "
                  f"parameters, device {self.device}, amp {self.amp}")
         self._make_samplers()
+        self.prefetch = args.prefetch == "on" or (args.prefetch == "auto" and self.device.type == "cuda")
+        self._pool, self._pending = None, {}
 
     # -------------------------------------------------------------- data
 
@@ -235,16 +271,37 @@ class Trainer:
 
     # -------------------------------------------------------------- steps
 
+    def _draw(self, name: str):
+        sampler, focus = self.samplers[name]
+        return sampler.batch(self.rng, self.args.batch_size, focus)
+
+    def _batch(self, name: str):
+        """This step's crops for model `name`. With prefetching, they were drawn in a background thread
+        during the previous step, and the next step's are queued now; one worker keeps the draws in a
+        fixed order, so runs stay reproducible."""
+        if not self.prefetch:
+            return self._draw(name)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crops")
+        fut = self._pending.pop(name, None) or self._pool.submit(self._draw, name)   # every draw on the worker
+        self._pending[name] = self._pool.submit(self._draw, name)
+        return fut.result()
+
+    def _drain(self) -> None:
+        for fut in self._pending.values():
+            fut.result()
+
+
     def _autocast(self):
         dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp != "off")
 
     def train_step(self) -> dict[str, float]:
         a, out = self.args, {}
-        lr = _lr(a, self.step)
+        lr = _lr(a, self.step, self.total_steps)
         for name, model in self.models.items():
-            sampler, focus = self.samplers[name]
-            x, t = sampler.batch(self.rng, a.batch_size, focus)
+            x, t = self._batch(name)
             x, t = x.to(self.device, non_blocking=True), t.to(self.device, non_blocking=True)
             model.train()
             opt = self.optimizers[name]
@@ -290,27 +347,55 @@ class Trainer:
                 union[chans] += (pred | tgt).sum(dim=(0, 2, 3)).double().numpy()
         return {c: (float(inter[k] / union[k]) if union[k] > 0 else None) for k, c in enumerate(self.classes)}
 
+    TIMING_WARMUP = 3      # steps not timed (CUDA/cuDNN start-up, allocator growth)
+    TIMING_STEPS = 10      # steps timed before the first plan under --max-minutes
+
+    def _plan(self, left_s: float, s_per_step: float) -> None:
+        """Cut total_steps to what fits in left_s seconds (5% margin), never past --steps."""
+        fit_steps = int(max(0.0, left_s) * 0.95 / max(s_per_step, 1e-9))
+        planned = max(self.step + 1, min(self.args.steps, self.step + fit_steps))
+        if planned != self.total_steps:
+            self.log(f"time budget: {s_per_step:.3f} s/step, {left_s:.0f} s left -> {planned} steps "
+                     f"(was {self.total_steps})")
+            self.total_steps = planned
+
     def fit(self) -> None:
         a = self.args
+        budget = a.max_minutes * 60 if a.max_minutes else None
         epoch_losses: dict[str, list[float]] = {}
-        t0 = time.time()
-        while self.step < a.steps:
+        start = t0 = time.time()
+        timed_from = timed_step = None     # start of the timed window (after TIMING_WARMUP steps)
+        while self.step < self.total_steps:
             for k, v in self.train_step().items():
                 epoch_losses.setdefault(k, []).append(v)
-            if self.step % a.steps_per_epoch == 0 or self.step == a.steps:
+            if budget is not None:
+                now = time.time()
+                if timed_from is None and self.step >= self.TIMING_WARMUP:
+                    timed_from, timed_step = now, self.step
+                elif timed_from is not None and self.step == timed_step + self.TIMING_STEPS:
+                    self._plan(budget - (now - start), (now - timed_from) / self.TIMING_STEPS)
+            end = self.step % a.steps_per_epoch == 0 or self.step == self.total_steps
+            if budget is not None and not end and time.time() - start >= budget:
+                self.log(f"time budget of {a.max_minutes:g} min reached at step {self.step}")
+                self.total_steps, end = self.step, True
+            if end:
                 val = self.validate()
                 epoch = math.ceil(self.step / a.steps_per_epoch)
                 losses = {k: float(np.mean(v)) for k, v in epoch_losses.items()}
                 rec = {"epoch": epoch, "step": self.step, "loss": losses, "val_iou": val,
-                       "lr": _lr(a, self.step - 1), "seconds": round(time.time() - t0, 2)}
+                       "lr": _lr(a, self.step - 1, self.total_steps), "seconds": round(time.time() - t0, 2)}
                 self.history.append(rec)
                 main = " ".join(f"{k}={v:.4f}" for k, v in losses.items() if not k.endswith(":balance"))
                 bal = sum(v for k, v in losses.items() if k.endswith(":balance"))
                 ious = " ".join(f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in val.items())
-                self.log(f"epoch {epoch} step {self.step}/{a.steps} loss {main} (balance {bal:.4f}) "
+                self.log(f"epoch {epoch} step {self.step}/{self.total_steps} loss {main} (balance {bal:.4f}) "
                          f"val_iou {ious or '-'} lr {rec['lr']:.2e} {rec['seconds']:.1f}s")
                 self.save()
                 epoch_losses, t0 = {}, time.time()
+                if budget is not None and timed_from is not None and self.step < self.total_steps:
+                    # re-plan with the step time so far, validation and checkpoint writing included
+                    now = time.time()
+                    self._plan(budget - (now - start), (now - timed_from) / max(1, self.step - timed_step))
 
     # -------------------------------------------------------------- checkpoint
 
@@ -327,7 +412,8 @@ class Trainer:
             "config": {"rank": a.rank, "alpha": a.alpha, "input_mode": a.input_mode, "input_size": self.size,
                        "overlap": self.overlap, "intensity_window": {"mode": "percentile", "low": 0.5, "high": 99.5},
                        "batch_size": a.batch_size, "lr": a.lr, "weight_decay": a.weight_decay,
-                       "steps": a.steps, "seed": a.seed, "amp": self.amp},
+                       "steps": self.total_steps, "max_minutes": a.max_minutes, "seed": a.seed,
+                       "amp": self.amp},
             "frozen": frozen_state(first) if self.base_checkpoint is None else None,
             "models": {n: trainable_state(m) for n, m in self.models.items()},
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
@@ -342,6 +428,7 @@ class Trainer:
         }
 
     def save(self) -> None:
+        self._drain()    # the RNG state is read below; no crop may be drawn meanwhile
         save_atomic(self.checkpoint(), self.args.out)
 
 

@@ -68,7 +68,11 @@ class TorchEngine(Engine):
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.modules = [convert(onnx.load_from_string(g.data)).eval().to(self.device) for g in package.graphs]
+        # Shape inference with data propagation first: onnx2torch sizes LayerNormalization from the graph's
+        # value_info, and a TinyViT (LiteMedSAM) graph reshapes with computed shapes that plain inference
+        # leaves unknown (it would build LayerNorm(normalized_shape=[0])).
+        self.modules = [convert(onnx.shape_inference.infer_shapes(onnx.load_from_string(g.data), data_prop=True))
+                        .eval().to(self.device) for g in package.graphs]
 
     def run(self, x):
         torch = self.torch

@@ -6,4 +6,7 @@ losses     structure loss (weighted BCE + weighted IoU)
 data       volume loading, class-balanced crop sampling, augmentation
 train      the training loop and its checkpoint format
 export     LoRA merge, ONNX export and xctrt model package writing
+cyclegan   CycleGAN simulated -> real slice translation (train, translate + defect survival report)
+unet25d    2.5D U-Net baseline (5 slices in, 4-class softmax, weighted Dice; train, predict label volumes)
+common     device/AMP choice, atomic checkpoints, wall-clock step budget, staged-volume metadata
 """

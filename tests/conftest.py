@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The suite runs on the tiny untrained package: fast, and every pipeline stage still runs for real.
+# Subprocesses inherit it. Tests of the trained package name it explicitly.
+os.environ["XCTRT_MODEL"] = "untrained-tiny"
+
 import xctrt
 from xctrt.model import load_package
 from xctrt.phantom import make_phantom, write_phantom

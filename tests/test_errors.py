@@ -15,7 +15,7 @@ import tifffile
 
 import xctrt.pipeline as pipeline
 from conftest import OUTPUT_NAMES
-from xctrt.model import EMBEDDED, DEFAULT_MODEL
+from xctrt.model import EMBEDDED
 from xctrt.phantom import write_phantom
 
 LONG = (40, 64, 48)  # more slices than the 16 sampled for the intensity window, several slabs
@@ -256,7 +256,7 @@ def test_folder_with_a_damaged_slice(run_cli, tmp_path):
 
 def test_tampered_model_package(run_cli, phantom_path, tmp_path):
     pkg = tmp_path / "pkg"
-    shutil.copytree(EMBEDDED / DEFAULT_MODEL, pkg)
+    shutil.copytree(EMBEDDED / "untrained-tiny", pkg)
     data = bytearray((pkg / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0x10
     (pkg / "model.onnx").write_bytes(bytes(data))
@@ -421,7 +421,7 @@ def test_previous_outputs_survive_failed_runs(run_cli, long_phantom, tmp_path, m
     failures.append(run_cli("segment", cut(long_phantom, size=size), "-o", out,
                             "--window", "0", "65535", "--slab", "2"))                      # mid-stream
     pkg = tmp_path / "pkg"
-    shutil.copytree(EMBEDDED / DEFAULT_MODEL, pkg)
+    shutil.copytree(EMBEDDED / "untrained-tiny", pkg)
     (pkg / "model.onnx").write_bytes((pkg / "model.onnx").read_bytes()[:-1] + b"\0")
     failures.append(run_cli("segment", long_phantom, "-o", out, "-m", pkg))                # bad model
     with monkeypatch.context() as m:

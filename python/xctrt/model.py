@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,9 +88,10 @@ class ModelPackage:
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
-    """A path, or the name of an embedded package ('default' is the shipped one)."""
+    """A path, or the name of an embedded package. 'default' (or None) is $XCTRT_MODEL when set
+    (a site's own package, or a faster embedded one), else the shipped DEFAULT_MODEL."""
     if model is None or str(model) == "default":
-        model = DEFAULT_MODEL
+        model = os.environ.get("XCTRT_MODEL") or DEFAULT_MODEL
     p = Path(model)
     if not p.exists() and (EMBEDDED / str(model)).is_dir():
         return EMBEDDED / str(model)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Peak resident memory of `xctrt segment` on a 1024^3 uint16 volume (2 GiB), untrained default model.
+# Peak resident memory of `xctrt segment` on a 1024^3 uint16 volume (2 GiB); model $MODEL (default untrained-tiny).
 # Usage: benchmarks/bench_memory.sh [WORKDIR]   (needs ~2.2 GB free disk; xctrt installed or PYTHONPATH=python)
 set -euo pipefail
 work=${1:-$(mktemp -d)}
@@ -7,7 +7,7 @@ mkdir -p "$work"
 size=${SIZE:-1024}
 python -m xctrt phantom "$work/big.tif" --shape "$size" "$size" "$size" --uncompressed
 ls -l "$work/big.tif"
-/usr/bin/time -v python -m xctrt segment "$work/big.tif" -o "$work/out" --no-progress 2> "$work/time.txt"
+/usr/bin/time -v python -m xctrt segment "$work/big.tif" -o "$work/out" -m "${MODEL:-untrained-tiny}" --no-progress 2> "$work/time.txt"
 grep -E "Maximum resident|Elapsed \(wall" "$work/time.txt"
 python - "$work" <<'PY'
 import json, sys, tifffile

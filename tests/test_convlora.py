@@ -247,6 +247,97 @@ def test_onnx_export_parity_and_package(tmp_path):
     assert check_package(out, {"shared": shared}, ["material", "pore", "inclusion"]) < 1e-3
 
 
+def test_store_weights_fp16_halves_a_weight_heavy_graph(tmp_path):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from training.export import store_weights_fp16
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 256)).astype(np.float32) / 16
+    huge = np.full((1, 2048), 1e6, np.float32)                    # outside float16's range: stays float32
+    bias = rng.standard_normal(256).astype(np.float32)            # small: stays float32
+    table = rng.standard_normal((4, 256)).astype(np.float32)      # 1024 elements: not over the limit
+    big_const = rng.standard_normal((8, 256)).astype(np.float32)  # a Constant node's tensor: converted
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(big_const, "c")),
+         helper.make_node("MatMul", ["x", "w"], ["h"]),
+         helper.make_node("Add", ["h", "bias"], ["h1"]),
+         helper.make_node("Add", ["h1", "c"], ["h2"]),
+         helper.make_node("ReduceSum", ["table"], ["t"], keepdims=1),
+         helper.make_node("Add", ["h2", "t"], ["h3"]),
+         helper.make_node("ReduceMax", ["huge"], ["m"], keepdims=1),
+         helper.make_node("Div", ["h3", "m"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 256])],
+        [numpy_helper.from_array(a, n) for a, n in [(w, "w"), (huge, "huge"), (bias, "bias"), (table, "table")]])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    half = store_weights_fp16(model)
+    onnx.checker.check_model(half)
+    assert len(model.graph.initializer) == 4 and len(model.graph.node) == 8    # the input is left alone
+    kinds = {t.name: t.data_type for t in half.graph.initializer}
+    assert kinds == {"w__fp16": TensorProto.FLOAT16, "huge": TensorProto.FLOAT, "bias": TensorProto.FLOAT,
+                     "table": TensorProto.FLOAT}
+    casts = [n for n in half.graph.node if n.op_type == "Cast"]
+    assert sorted((n.input[0], n.output[0]) for n in casts) == [("c__fp16", "c"), ("w__fp16", "w")]
+    a, b = model.SerializeToString(), half.SerializeToString()
+    assert 0.45 < len(b) / len(a) < 0.6, (len(a), len(b))
+    x = rng.standard_normal((8, 256)).astype(np.float32)                  # rows broadcast against c
+    ya = ort.InferenceSession(a, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    yb = ort.InferenceSession(b, opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(ya, yb, rtol=0, atol=2e-3 * float(np.abs(ya).max()))
+    # ONNX Runtime folded the Casts: the session computes with float32 constants only.
+    opt = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert {t.data_type for t in opt.graph.initializer} == {TensorProto.FLOAT}
+    assert not [n for n in opt.graph.node if n.op_type == "Cast"]
+
+
+def test_weights_fp16_package_matches_fp32_on_the_tiny_backbone(tmp_path):
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from training.export import FP16_MIN_ELEMENTS, export_onnx, store_weights_fp16, write_model_package
+    from xctrt.backends import make_engine
+    from xctrt.model import load_package
+
+    torch.manual_seed(0)   # the random backbone's init; the steep random decoder puts pixels near p = 0.5
+    model = randomise_adapters(build_xct_sam("sam_tiny_test", num_heads=3)).eval()
+    graph = export_onnx(model)
+    full = onnx.load_from_string(graph)
+    half = store_weights_fp16(full)
+    onnx.checker.check_model(half)
+    converted = sum(int(np.prod(t.dims)) for t in full.graph.initializer
+                    if t.data_type == TensorProto.FLOAT and np.prod(t.dims) > FP16_MIN_ELEMENTS)
+    assert converted > 0 and not [t for t in half.graph.initializer
+                                  if t.data_type == TensorProto.FLOAT and np.prod(t.dims) > FP16_MIN_ELEMENTS]
+    small = half.SerializeToString()
+    # The tiny graph is mostly structure, so the file shrinks by (at least) the 2 bytes saved per weight.
+    assert len(graph) - len(small) > 1.9 * converted
+    x = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(5)).numpy()
+    p32 = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    p16 = ort.InferenceSession(small, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    # float16 rounding (relative 2^-11) of every weight: max 1.3e-3..2.4e-3 over init seeds 0-7, mean < 1e-4
+    assert float(np.abs(p32 - p16).max()) < 5e-3 and float(np.abs(p32 - p16).mean()) < 2e-4
+    assert float(((p32 >= 0.5) != (p16 >= 0.5)).mean()) < 1e-3
+
+    classes = ["material", "pore", "inclusion"]
+    out = write_model_package(tmp_path / "half", {"shared": model}, "shared", classes, backbone="sam_tiny_test",
+                              weights_fp16=True, check_images=x[:2, 0], card={"seed": 7, "metrics": {"a": 1}})
+    pkg = load_package(out)
+    m = pkg.manifest
+    assert m["weights"]["storage"] == "float16" and m["weights"]["compute"] == "float32"
+    assert m["seed"] == 7 and m["metrics"]["a"] == 1
+    check = m["export_check"]
+    assert check["max_abs_diff_probs"] < 5e-3
+    assert check["fp16_vs_fp32_random"]["max_abs_diff_probs"] < 5e-3
+    assert check["fp16_vs_fp32_real"]["max_abs_diff_probs"] < 5e-3
+    assert len(check["fp16_vs_fp32_real"]["decision_flip_fraction"]) == 3
+    y = make_engine(pkg, "onnxruntime").run(x)
+    assert y.shape == (4, 3, 64, 64) and y.dtype == np.float32 and float(np.abs(y - p16).max()) < 1e-5
+
+
 # ---------------------------------------------------------------------- training
 
 def synthetic_volume(folder, shape=(8, 64, 64), seed=0):

@@ -43,9 +43,9 @@ def _expect_error(path, match):
 # ------------------------------------------------------------------ the default package
 
 
-def test_default_package_loads_and_verifies(default_package):
-    pkg = default_package
-    assert pkg.path == EMBEDDED / DEFAULT_MODEL
+def test_untrained_package_loads_and_verifies(default_package):
+    pkg = default_package  # conftest points 'default' at untrained-tiny via XCTRT_MODEL
+    assert pkg.path == EMBEDDED / "untrained-tiny"
     assert pkg.manifest["format"] == FORMAT
     assert [(c.id, c.name, c.threshold) for c in pkg.classes] == [
         (1, "material", 0.5), (2, "pore", 0.5), (3, "inclusion", 0.5)]
@@ -62,10 +62,24 @@ def test_default_package_loads_and_verifies(default_package):
     assert "UNTRAINED" in text and "inclusion > pore > material > air" in text
 
 
-@pytest.mark.parametrize("name", [None, "default", DEFAULT_MODEL])
-def test_default_names_resolve_to_the_embedded_package(name):
+@pytest.mark.parametrize("name", [None, "default"])
+def test_default_names_follow_xctrt_model_else_the_shipped_package(name, monkeypatch):
+    monkeypatch.setenv("XCTRT_MODEL", "untrained-tiny")
+    assert resolve_model_path(name) == EMBEDDED / "untrained-tiny"
+    monkeypatch.delenv("XCTRT_MODEL")
     assert resolve_model_path(name) == EMBEDDED / DEFAULT_MODEL
-    assert load_package(name).path == EMBEDDED / DEFAULT_MODEL
+    assert resolve_model_path(DEFAULT_MODEL) == EMBEDDED / DEFAULT_MODEL
+
+
+def test_shipped_default_is_the_trained_package_and_verifies():
+    pkg = load_package(EMBEDDED / DEFAULT_MODEL)  # reads and hashes every file
+    assert pkg.trained is True
+    assert [c.name for c in pkg.classes] == ["material", "pore", "inclusion"]
+    assert [pkg.classes[i].name for i in pkg.priority] == ["inclusion", "pore", "material"]
+    m = pkg.manifest
+    for key in ("backbone", "training_data", "recipe", "metrics"):
+        assert m.get(key), key
+    assert sum(len(g.data) for g in pkg.graphs) < 60e6
 
 
 def test_an_existing_path_wins_over_an_embedded_name(tmp_path, base, monkeypatch):

@@ -23,7 +23,7 @@ INPUT_MODES = ("tile", "resize")
 BLENDS = ("constant", "ramp")
 PADS = ("edge", "constant")
 EMBEDDED = Path(__file__).parent / "models"
-DEFAULT_MODEL = "untrained-tiny"
+DEFAULT_MODEL = "litemedsam-convlora-shared"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,22 @@ def pick_amp(device: torch.device, amp: str = "auto") -> str:
     return amp
 
 
+def setup_torch(args) -> tuple[torch.device, str]:
+    """Threads, device and mixed-precision mode from a trainer's --threads/--device/--amp."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    return device, pick_amp(device, args.amp)
+
+
+def load_checkpoint(path: str | Path, fmt: str, what: str) -> dict:
+    """One of our own checkpoints (full unpickling: we wrote it); ValueError for anything else."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise ValueError(f"{path}: not a {what} checkpoint")
+    return ckpt
+
+
 def autocast(device: torch.device, amp: str):
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype, enabled=amp != "off")

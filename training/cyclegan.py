@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (StepBudget, autocast, image_path, pick_amp, pick_device, rng_state, save_atomic,
-                     set_rng_state, source_window)
+from .common import (StepBudget, autocast, image_path, load_checkpoint, pick_amp, pick_device, rng_state, save_atomic,
+                     set_rng_state, setup_torch, source_window)
 from .data import percentile_window
 
 FORMAT = "xctrt-cyclegan-ckpt/1"
@@ -250,15 +250,10 @@ class CycleGANTrainer:
 
     def __init__(self, args: argparse.Namespace, log=print):
         self.args, self.log = args, log
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        self.device = pick_device(args.device)
-        self.amp = pick_amp(self.device, args.amp)
+        self.device, self.amp = setup_torch(args)
         ckpt = None
         if args.resume and args.out.is_file():
-            ckpt = torch.load(args.out, map_location="cpu", weights_only=False)
-            if ckpt.get("format") != FORMAT:
-                raise ValueError(f"{args.out}: not a CycleGAN checkpoint")
+            ckpt = load_checkpoint(args.out, FORMAT, "CycleGAN")
             for k in self.ARCH_KEYS:
                 if ckpt["config"][k] != getattr(args, k):
                     raise ValueError(f"{args.out}: cannot resume, its {k} is {ckpt['config'][k]}, not {getattr(args, k)}")
@@ -514,7 +509,7 @@ def translate(ckpt_path, sim_dir, out_dir, device: str = "auto", batch: int = 4,
         raise FileNotFoundError(f"{labels_src} not found (translate needs a labelled simulated volume folder)")
     dev = pick_device(device)
     amp = pick_amp(dev, amp)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(ckpt_path, FORMAT, "CycleGAN")
     gen = load_generator(ckpt, "G_AB", dev)
     lo_b, hi_b = ckpt["real_window"]
     out_dtype = np.dtype(ckpt.get("real_dtype", "uint8"))

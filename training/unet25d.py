@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (StepBudget, autocast, image_path, pick_amp, pick_device, read_slices_json, rng_state,
-                     save_atomic, segment_bounds, set_rng_state, source_window)
+from .common import (StepBudget, autocast, image_path, load_checkpoint, pick_amp, pick_device, read_slices_json,
+                     rng_state, save_atomic, segment_bounds, set_rng_state, setup_torch, source_window)
 from .data import CropSampler, Volume, _window, load_volume, split_volume
 
 FORMAT = "xctrt-unet25d-ckpt/1"
@@ -285,18 +285,11 @@ def load_model(ckpt: dict, which: str = "best", device="cpu") -> UNet25D:
 class UNetTrainer:
     def __init__(self, args: argparse.Namespace, log=print):
         self.args, self.log = args, log
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        self.device = pick_device(args.device)
-        self.amp = pick_amp(self.device, args.amp)
+        self.device, self.amp = setup_torch(args)
         ckpt = None
         if args.resume and args.out.is_file():
-            ckpt = torch.load(args.out, map_location="cpu", weights_only=False)
-            if ckpt.get("format") != FORMAT:
-                raise ValueError(f"{args.out}: not a 2.5D U-Net checkpoint")
-        init = torch.load(args.init, map_location="cpu", weights_only=False) if args.init and ckpt is None else None
-        if init is not None and init.get("format") != FORMAT:
-            raise ValueError(f"{args.init}: not a 2.5D U-Net checkpoint")
+            ckpt = load_checkpoint(args.out, FORMAT, "2.5D U-Net")
+        init = load_checkpoint(args.init, FORMAT, "2.5D U-Net") if args.init and ckpt is None else None
         src_cfg = (ckpt or init or {}).get("config")
         self.cfg = {"context": CONTEXT, "base": args.base, "depth": args.depth}
         if src_cfg:
@@ -524,7 +517,7 @@ def predict(ckpt_path, volume, out_path, every: int = 1, truth=None, truth_out=N
     t0 = time.time()
     dev = pick_device(device)
     amp = pick_amp(dev, amp)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(ckpt_path, FORMAT, "2.5D U-Net")
     model = load_model(ckpt, which, dev)
     ctx = ckpt["config"]["context"]
     out_path = Path(out_path)

@@ -252,6 +252,7 @@ def test_store_weights_fp16_halves_a_weight_heavy_graph(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     from training.export import store_weights_fp16
+    from xctrt.backends import weights_as_float32
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((256, 256)).astype(np.float32) / 16
@@ -292,9 +293,20 @@ def test_store_weights_fp16_halves_a_weight_heavy_graph(tmp_path):
     opt = onnx.load(str(tmp_path / "optimized.onnx"))
     assert {t.data_type for t in opt.graph.initializer} == {TensorProto.FLOAT}
     assert not [n for n in opt.graph.node if n.op_type == "Cast"]
+    # The runtime's inverse (torch / TensorRT backends): plain float32 initializers, the float16 values.
+    back = weights_as_float32(onnx.load_from_string(b))
+    onnx.checker.check_model(back)
+    assert not [n for n in back.graph.node if n.op_type in ("Cast", "Constant")]
+    got = {t.name: numpy_helper.to_array(t) for t in back.graph.initializer}
+    assert sorted(got) == ["bias", "c", "huge", "table", "w"] and all(v.dtype == np.float32 for v in got.values())
+    assert np.array_equal(got["w"], w.astype(np.float16).astype(np.float32)) and np.array_equal(got["bias"], bias)
+    yc = ort.InferenceSession(back.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(yb, yc, rtol=1e-6, atol=1e-6)
 
 
 def test_weights_fp16_package_matches_fp32_on_the_tiny_backbone(tmp_path):
+    import importlib.util
+
     import onnxruntime as ort
     from onnx import TensorProto
 
@@ -304,6 +316,11 @@ def test_weights_fp16_package_matches_fp32_on_the_tiny_backbone(tmp_path):
 
     torch.manual_seed(0)   # the random backbone's init; the steep random decoder puts pixels near p = 0.5
     model = randomise_adapters(build_xct_sam("sam_tiny_test", num_heads=3)).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # distinct heads, as after training: the exporter ties identical weights with
+        for dec in model.mask_decoders:   # Identity nodes, which onnx2torch (torch backend) cannot read
+            for p in dec.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 1e-3)
     graph = export_onnx(model)
     full = onnx.load_from_string(graph)
     half = store_weights_fp16(full)
@@ -336,6 +353,8 @@ def test_weights_fp16_package_matches_fp32_on_the_tiny_backbone(tmp_path):
     assert len(check["fp16_vs_fp32_real"]["decision_flip_fraction"]) == 3
     y = make_engine(pkg, "onnxruntime").run(x)
     assert y.shape == (4, 3, 64, 64) and y.dtype == np.float32 and float(np.abs(y - p16).max()) < 1e-5
+    if importlib.util.find_spec("onnx2torch"):   # the torch backend reads the float16-stored weights too
+        assert float(np.abs(make_engine(pkg, "torch").run(x) - p16).max()) < 1e-4
 
 
 # ---------------------------------------------------------------------- training

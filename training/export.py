@@ -99,7 +99,7 @@ def store_weights_fp16(model, min_elements: int = FP16_MIN_ELEMENTS):
     taken |= {t.name for t in g.initializer} | {i.name for i in g.input}
     graph_inputs = {i.name for i in g.input}
 
-    def half(t) -> "TensorProto | None":
+    def half(t) -> TensorProto | None:
         if t.data_type != TensorProto.FLOAT or int(np.prod(t.dims, dtype=np.int64)) <= min_elements:
             return None
         a = numpy_helper.to_array(t)

@@ -19,6 +19,49 @@ from .model import ModelPackage
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 
 
+def weights_as_float32(model):
+    """Undo float16 weight storage (training.export --weights-fp16) in an onnx ModelProto, in place:
+    each Cast-to-float32 of a float16 initializer or Constant that nothing else reads becomes a
+    float32 initializer under the Cast's output name. For converters that need weights as initializers
+    (onnx2torch takes Conv/MatMul weights from them; TensorRT builds its own fp16 engine). Same values,
+    so the outputs are unchanged. Returns the model."""
+    from onnx import TensorProto, numpy_helper
+
+    g = model.graph
+    readers: dict[str, int] = {}
+    for node in g.node:
+        for i in node.input:
+            readers[i] = readers.get(i, 0) + 1
+    for o in g.output:
+        readers[o.name] = readers.get(o.name, 0) + 1
+    half = {t.name: t for t in g.initializer if t.data_type == TensorProto.FLOAT16}
+    consts = {n.output[0]: k for k, n in enumerate(g.node) if n.op_type == "Constant" and len(n.attribute) == 1
+              and n.attribute[0].name == "value" and n.attribute[0].t.data_type == TensorProto.FLOAT16}
+    drop_nodes, drop_inits, new = set(), set(), []   # node indices (protobuf wrappers have no stable id)
+    for k, node in enumerate(g.node):
+        if node.op_type != "Cast" or readers.get(node.input[0]) != 1:
+            continue
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        src = node.input[0]
+        if to != TensorProto.FLOAT or (src not in half and src not in consts):
+            continue
+        t = half[src] if src in half else g.node[consts[src]].attribute[0].t
+        new.append(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), node.output[0]))
+        drop_nodes.add(k)
+        if src in half:
+            drop_inits.add(src)
+        else:
+            drop_nodes.add(consts[src])
+    if new:
+        keep = [n for k, n in enumerate(g.node) if k not in drop_nodes]
+        inits = [t for t in g.initializer if t.name not in drop_inits] + new
+        del g.node[:]
+        g.node.extend(keep)
+        del g.initializer[:]
+        g.initializer.extend(inits)
+    return model
+
+
 class Engine:
     name = "?"
     device = "cpu"
@@ -71,7 +114,9 @@ class TorchEngine(Engine):
         # Shape inference with data propagation first: onnx2torch sizes LayerNormalization from the graph's
         # value_info, and a TinyViT (LiteMedSAM) graph reshapes with computed shapes that plain inference
         # leaves unknown (it would build LayerNorm(normalized_shape=[0])).
-        self.modules = [convert(onnx.shape_inference.infer_shapes(onnx.load_from_string(g.data), data_prop=True))
+        # Float16-stored weights go back to float32 initializers first (onnx2torch reads Conv weights from those).
+        self.modules = [convert(onnx.shape_inference.infer_shapes(weights_as_float32(onnx.load_from_string(g.data)),
+                                                                  data_prop=True))
                         .eval().to(self.device) for g in package.graphs]
 
     def run(self, x):
@@ -127,7 +172,7 @@ class TensorRTEngine(Engine):
         builder = trt.Builder(self.logger)
         network = builder.create_network(0)
         parser = trt.OnnxParser(network, self.logger)
-        if not parser.parse(graph.data):
+        if not parser.parse(self._float32_weights(graph.data)):
             errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise XctrtError(f"{package.path}: TensorRT cannot parse {graph.file}: {errs}")
         config = builder.create_builder_config()
@@ -145,6 +190,16 @@ class TensorRTEngine(Engine):
         tmp.write_bytes(plan)
         os.replace(tmp, cached)
         return plan
+
+    @staticmethod
+    def _float32_weights(data: bytes) -> bytes:
+        """Float16-stored weights as plain float32 initializers (the parser's constant weights; the
+        engine is built in fp16 anyway); the graph as it is when onnx is not installed."""
+        try:
+            import onnx
+        except ImportError:
+            return data
+        return weights_as_float32(onnx.load_from_string(data)).SerializeToString()
 
     def run(self, x):
         torch = self.torch

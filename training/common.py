@@ -50,6 +50,19 @@ def load_checkpoint(path: str | Path, fmt: str, what: str) -> dict:
     return ckpt
 
 
+def load_train_val(data, val_dirs, val_fraction: float, load, split) -> tuple[list, list]:
+    """Training and validation volumes: explicit --val folders, else the last val_fraction of each
+    training volume held out. `load`/`split` are the caller's volume reader and splitter."""
+    train, val = [], []
+    for d in data:
+        v = load(d)
+        if not val_dirs and val_fraction > 0:
+            v, hv = split(v, val_fraction)
+            val.append(hv)
+        train.append(v)
+    return train, val + [load(d) for d in val_dirs]
+
+
 def autocast(device: torch.device, amp: str):
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype, enabled=amp != "off")

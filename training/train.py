@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .common import load_train_val
 from .conv_lora import balance_loss, trainable_parameter_count
 from .data import CLASS_IDS, CropSampler, load_volume, split_volume
 from .losses import structure_loss
@@ -240,14 +241,7 @@ class Trainer:
 
     def _load_data(self) -> None:
         a = self.args
-        train, val = [], []
-        for d in a.data:
-            v = load_volume(d)
-            if not a.val and a.val_fraction > 0:
-                v, hv = split_volume(v, a.val_fraction)
-                val.append(hv)
-            train.append(v)
-        val += [load_volume(d) for d in a.val]
+        train, val = load_train_val(a.data, a.val, a.val_fraction, load_volume, split_volume)
         ids = [CLASS_IDS[c] for c in self.classes]
         for v in train + val:
             v.index_points(ids, self.rng)

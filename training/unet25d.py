@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import (StepBudget, autocast, image_path, load_checkpoint, pick_amp, pick_device, read_slices_json,
-                     rng_state, save_atomic, segment_bounds, set_rng_state, setup_torch, source_window)
+                     load_train_val, rng_state, save_atomic, segment_bounds, set_rng_state, setup_torch,
+                     source_window)
 from .data import CropSampler, Volume, _window, load_volume, split_volume
 
 FORMAT = "xctrt-unet25d-ckpt/1"
@@ -329,14 +330,7 @@ class UNetTrainer:
 
     def _load_data(self) -> None:
         a = self.args
-        train, val = [], []
-        for d in a.data:
-            v = load_stack_volume(d)
-            if not a.val and a.val_fraction > 0:
-                v, hv = split_stack_volume(v, a.val_fraction)
-                val.append(hv)
-            train.append(v)
-        val += [load_stack_volume(d) for d in a.val]
+        train, val = load_train_val(a.data, a.val, a.val_fraction, load_stack_volume, split_stack_volume)
         replay = [load_stack_volume(d) for d in a.replay]
         for v in train + val + replay:
             index_targets(v, [1, 2, 3], self.rng)

@@ -1,0 +1,314 @@
+"""SAM image-encoder attention with decomposed relative-position bias.
+
+For a (B, H, W, C) block input with nh heads (head dim D, N = H*W tokens) SAM computes, per batch*head,
+
+    S[i, j] = (q_i * scale) . k_j + rel_h[i, kh(j)] + rel_w[i, kw(j)]      j = kh*W + kw
+    out     = softmax_j(S) @ v
+
+with rel_h[i, :] = q_i @ Rh[qh(i)]^T and rel_w[i, :] = q_i @ Rw[qw(i)]^T (unscaled q; Rh, Rw are the
+(H, H, D) and (W, W, D) tables gathered from the learned rel_pos_h / rel_pos_w by relative offset).
+
+Four implementations of the same maths share this module:
+  attention_reference  plain float32 (or float64) maths, the test oracle
+  attention_sdpa       materialises the (B', N, N) bias and calls torch's SDPA (works everywhere)
+  attention_triton     fused flash-attention kernel: the bias is never materialised, it is rebuilt per
+                       score tile from the small per-query rows rel_h (N x H) and rel_w (N x W)
+  attention            dispatch (triton on CUDA when available, sdpa otherwise)
+
+Only imported on the torch path; Triton is imported lazily so the module loads without it.
+"""
+import math
+import os
+import types
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional: the sdpa/reference paths work without Triton
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    tl = types.SimpleNamespace(constexpr=int)  # only so the kernel's annotations evaluate
+
+# The kernel's annotations must read literally `tl.constexpr` and be real objects (the interpreter
+# re-parses the source, the JIT inspects the signature), so no `from __future__ import annotations`.
+
+__all__ = [
+    "relative_tables", "relative_bias_terms", "attention_reference", "attention_sdpa",
+    "attention_triton", "attention", "triton_available", "default_config",
+]
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------- bias terms
+
+def _relative_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """(size, size, D) table T[a, b] = rel_pos[a - b + size - 1] (query and key share one size here).
+
+    A rel_pos of another length (model trained at another resolution) is first resampled linearly to
+    2*size - 1 entries, as SAM does."""
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:
+        # interpolate along the offset axis: (L, D) -> (1, D, L) -> (1, D, length) -> (length, D)
+        rel_pos = F.interpolate(rel_pos.float().t()[None], size=length, mode="linear")[0].t()
+    pos = torch.arange(size, device=rel_pos.device)
+    return rel_pos[pos[:, None] - pos[None, :] + (size - 1)]
+
+
+def relative_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: Tuple[int, int],
+                    dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Rh (H, H, D), Rw (W, W, D)) in `dtype` (default: the parameters' dtype). They depend only on the
+    weights and the grid, so a caller running the same block many times may compute them once."""
+    h, w = hw
+    rh, rw = _relative_table(h, rel_pos_h), _relative_table(w, rel_pos_w)
+    if dtype is not None:
+        rh, rw = rh.to(dtype), rw.to(dtype)
+    return rh, rw
+
+
+def relative_bias_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                        hw: Tuple[int, int], tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rel_h (B', N, H), rel_w (B', N, W)) from q (B', N, D), computed in q's dtype.
+
+    rel_h[b, i, kh] = q[b, i] . Rh[qh(i), kh] and rel_w[b, i, kw] = q[b, i] . Rw[qw(i), kw].
+    `tables` may pass precomputed relative_tables(...) to skip the gather."""
+    h, w = hw
+    b, n, d = q.shape
+    if n != h * w:
+        raise ValueError(f"q has {n} tokens, hw={hw} needs {h * w}")
+    rh, rw = tables if tables is not None else relative_tables(rel_pos_h, rel_pos_w, hw)
+    grid = q.reshape(b, h, w, d)
+    rel_h = torch.einsum("byxc,ykc->byxk", grid, rh.to(q.dtype)).reshape(b, n, h)
+    rel_w = torch.einsum("byxc,xkc->byxk", grid, rw.to(q.dtype)).reshape(b, n, w)
+    return rel_h, rel_w
+
+
+def _full_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, hw: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The (B', N, N) additive bias: bias[b, i, kh*W + kw] = rel_h[b, i, kh] + rel_w[b, i, kw]."""
+    h, w = hw
+    b, n, _ = rel_h.shape
+    return (rel_h.to(dtype)[..., :, None] + rel_w.to(dtype)[..., None, :]).reshape(b, n, h * w)
+
+
+def _check_shapes(q, k, v, rel_h, rel_w, hw):
+    h, w = hw
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one (B', N, D) shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, n, _ = q.shape
+    if n != h * w:
+        raise ValueError(f"N={n} tokens do not match hw={tuple(hw)}")
+    if tuple(rel_h.shape) != (b, n, h) or tuple(rel_w.shape) != (b, n, w):
+        raise ValueError(f"rel_h {tuple(rel_h.shape)} / rel_w {tuple(rel_w.shape)} must be "
+                         f"({b}, {n}, {h}) / ({b}, {n}, {w})")
+
+
+# ------------------------------------------------------------------------------------ torch versions
+
+def attention_reference(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None) -> torch.Tensor:
+    """Plain maths in float32 (float64 when q is float64); returns q's dtype."""
+    _check_shapes(q, k, v, rel_h, rel_w, hw)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = (q.to(ct) * scale) @ k.to(ct).transpose(-2, -1) + _full_bias(rel_h, rel_w, hw, ct)
+    return (torch.softmax(s, dim=-1) @ v.to(ct)).to(q.dtype)
+
+
+def attention_sdpa(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None) -> torch.Tensor:
+    """torch SDPA with the bias materialised as a (B', N, N) mask in q's dtype."""
+    _check_shapes(q, k, v, rel_h, rel_w, hw)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bias = _full_bias(rel_h, rel_w, hw, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+# ------------------------------------------------------------------------------------- Triton kernel
+
+def _attn_fwd(Q, K, V, RH, RW, O,
+              sqb, sqn, sqd, skb, skn, skd, svb, svn, svd,
+              srhb, srhn, srhk, srwb, srwn, srwk, sob, son, sod,
+              N, qk_scale, bias_scale,
+              KW: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASK_N: tl.constexpr, W_PERIODIC: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """One program = one batch*head and BLOCK_M queries; loops over all keys in BLOCK_N tiles.
+
+    Scores are kept in the log2 domain (qk_scale = scale*log2e, bias_scale = log2e) so exp2 is used.
+    MASK_N:     N % BLOCK_N != 0, the last key tile has keys >= N that get -inf.
+    W_PERIODIC: BLOCK_N % KW == 0, every key tile starts at kw = 0, so the rel_w tile is the same for
+                all tiles and is loaded once before the loop.
+    ROW_BLOCK:  BLOCK_N == KW, each key tile is one key row kh, so rel_h is one column per tile.
+    """
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)  # int64: B'*N*D offsets of big batches overflow int32
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Clamp instead of masking loads: padded query rows re-read row N-1 and are never stored.
+    rows = tl.minimum(offs_m, N - 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+
+    q_ptrs = Q + pid_b * sqb + rows[:, None] * sqn + offs_d[None, :] * sqd
+    k_base = K + pid_b * skb + offs_d[:, None] * skd   # K loaded transposed: (BLOCK_D, BLOCK_N)
+    v_base = V + pid_b * svb + offs_d[None, :] * svd
+    rh_row = RH + pid_b * srhb + rows * srhn          # per-query row starts of the bias terms
+    rw_row = RW + pid_b * srwb + rows * srwn
+
+    if BLOCK_D == HEAD_D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
+
+    if W_PERIODIC:
+        kw0 = tl.arange(0, BLOCK_N) % KW
+        bias_w = tl.load(rw_row[:, None] + kw0[None, :] * srwk).to(tl.float32) * bias_scale
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASK_N:
+            cols = tl.minimum(offs_n, N - 1)  # keeps tail addresses (and kh) in range
+        else:
+            cols = offs_n
+
+        if BLOCK_D == HEAD_D:
+            kt = tl.load(k_base + cols[None, :] * skn)
+        else:
+            kt = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt) * qk_scale
+
+        if ROW_BLOCK:
+            bias_h = tl.load(rh_row + (start_n // KW) * srhk).to(tl.float32) * bias_scale
+            s += bias_w + bias_h[:, None]
+        elif W_PERIODIC:
+            kh = cols // KW
+            s += bias_w + tl.load(rh_row[:, None] + kh[None, :] * srhk).to(tl.float32) * bias_scale
+        else:
+            kh = cols // KW
+            kw = cols % KW
+            bias = (tl.load(rh_row[:, None] + kh[None, :] * srhk).to(tl.float32)
+                    + tl.load(rw_row[:, None] + kw[None, :] * srwk).to(tl.float32))
+            s += bias * bias_scale
+        if MASK_N:
+            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+
+        # online softmax: rescale what was accumulated under the old row maximum
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        if BLOCK_D == HEAD_D:
+            vt = tl.load(v_base + cols[:, None] * svn)
+        else:
+            vt = tl.load(v_base + cols[:, None] * svn, mask=d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_ptrs = O + pid_b * sob + offs_m[:, None] * son + offs_d[None, :] * sod
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m < N)[:, None] & d_ok[None, :])
+
+
+_KERNELS: dict = {}
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _kernel(interpret: bool):
+    """The kernel, built on first use rather than at import: triton.jit decides compile-vs-interpret when
+    it decorates, so building late lets a module imported before TRITON_INTERPRET was set still pick
+    the interpreter. (Triton's own tl.max/tl.sum are decorated when triton is imported, so the variable
+    must also have been set before that; a CPU run without it fails with a clear message.)"""
+    if triton is None:
+        raise RuntimeError("attention_triton needs Triton")
+    if interpret and not _interpret_env():
+        raise RuntimeError("attention_triton on CPU tensors runs under the Triton interpreter: set "
+                           "TRITON_INTERPRET=1 before triton is imported")
+    if interpret not in _KERNELS:
+        _KERNELS[interpret] = triton.jit(_attn_fwd)
+    return _KERNELS[interpret]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def default_config(n: int, d: int) -> dict:
+    """Launch defaults for Hopper. Short sequences (SAM's 14x14 windows, N=196) use 64-row query blocks
+    so the padded tail wastes less; long ones (64x64 global, N=4096) use 128 x 64 tiles."""
+    if n <= 256:
+        return dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    return dict(block_m=128, block_n=64, num_warps=8 if d > 64 else 4, num_stages=3)
+
+
+def attention_triton(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None, *,
+                     block_m: Optional[int] = None, block_n: Optional[int] = None,
+                     num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fused attention; q, k, v (B', N, D) with any strides (e.g. views of a permuted qkv), rel_h
+    (B', N, H), rel_w (B', N, W). bf16/fp16 (fp32 accumulation) or float32. Returns (B', N, D) in q's
+    dtype, written into `out` when given. CPU tensors run under the Triton interpreter."""
+    _check_shapes(q, k, v, rel_h, rel_w, hw)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError("q, k, v must share one dtype")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {q.dtype}")
+    h, w = hw
+    b, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    cfg = default_config(n, d)
+    for key, val in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
+                     ("num_stages", num_stages)):
+        if val is not None:
+            cfg[key] = val
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
+        raise ValueError("block_m and block_n must be powers of two >= 16 (tl.dot tiles)")
+    if out is None:
+        out = torch.empty((b, n, d), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError("out must match q's shape and dtype")
+    if b == 0 or n == 0:
+        return out
+
+    kernel = _kernel(q.device.type != "cuda" or _interpret_env())
+    grid = (math.ceil(n / bm), b)  # query blocks of one head run next to each other (K/V stay in L2)
+    kernel[grid](
+        q, k, v, rel_h, rel_w, out,
+        *q.stride(), *k.stride(), *v.stride(), *rel_h.stride(), *rel_w.stride(), *out.stride(),
+        n, float(scale) * LOG2E, LOG2E,
+        KW=w, HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn,
+        MASK_N=(n % bn != 0), W_PERIODIC=(bn % w == 0), ROW_BLOCK=(bn == w),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+# -------------------------------------------------------------------------------------------- dispatch
+
+def attention(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None, impl: str = "auto", **triton_kw):
+    """impl: "auto" (triton for CUDA tensors when Triton imports, else sdpa), "triton", "sdpa",
+    "reference". triton_kw (block_m, block_n, num_warps, num_stages) go to the Triton kernel."""
+    if impl == "auto":
+        impl = "triton" if q.is_cuda and triton_available() else "sdpa"
+    if impl == "triton":
+        return attention_triton(q, k, v, rel_h, rel_w, hw, scale, **triton_kw)
+    if impl == "sdpa":
+        return attention_sdpa(q, k, v, rel_h, rel_w, hw, scale)
+    if impl == "reference":
+        return attention_reference(q, k, v, rel_h, rel_w, hw, scale)
+    raise ValueError(f"unknown attention impl {impl!r}")

@@ -1,0 +1,229 @@
+"""SAM attention with decomposed relative positions: reference, SDPA and the fused Triton kernel.
+
+The Triton kernel runs under the Triton interpreter on CPU tensors. Triton decorates its own library
+functions (tl.max, tl.sum, ...) when it is imported, so the interpreter only works in a process that had
+TRITON_INTERPRET=1 before triton was first imported. torch._dynamo (pulled in by segment_anything and
+others) imports triton, so when another test module got there first, the kernel tests run in a fresh
+child pytest instead (test_triton_tests_in_fresh_process); exactly one of the two routes runs.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Decide before touching the environment: was triton imported already without the interpreter?
+_TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+from xctrt.gpu.attention import (  # noqa: E402
+    attention, attention_reference, attention_sdpa, attention_triton, relative_bias_terms,
+    relative_tables, triton_available,
+)
+
+HAVE_TRITON = triton_available()
+INTERPRETER_HERE = HAVE_TRITON and not _TRITON_PREIMPORTED
+interpreted = pytest.mark.skipif(
+    not INTERPRETER_HERE,
+    reason="triton missing, or imported before TRITON_INTERPRET=1 (then run by test_triton_tests_in_fresh_process)")
+
+
+def make_case(seed, b, hw, d, dtype=torch.float32, pos_scale=1.0, qk_scale=1.0):
+    """Fresh random q, k, v (B', N, D) and rel_h, rel_w from random rel_pos tables."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = hw
+    n = h * w
+    q, k, v = (torch.randn(b, n, d, generator=g) for _ in range(3))
+    q, k = q * qk_scale, k * qk_scale
+    rel_pos_h = torch.randn(2 * h - 1, d, generator=g) * pos_scale
+    rel_pos_w = torch.randn(2 * w - 1, d, generator=g) * pos_scale
+    rel_h, rel_w = relative_bias_terms(q, rel_pos_h, rel_pos_w, hw)
+    return tuple(t.to(dtype) for t in (q, k, v, rel_h, rel_w))
+
+
+def assert_close(out, ref, atol=1e-4, rtol_norm=1e-5):
+    """max |out-ref| against the output's scale, and the relative Frobenius error."""
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all()
+    scale = max(1.0, ref.abs().max().item())
+    err = (out - ref).abs().max().item()
+    rel = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < atol * scale and rel < rtol_norm, f"max err {err:.3g} (scale {scale:.3g}), rel {rel:.3g}"
+
+
+# ------------------------------------------------------------------------------------ torch pieces
+
+@pytest.mark.parametrize("hw,length", [((4, 4), None), ((5, 3), None), ((6, 4), 5)])
+def test_relative_bias_terms_match_segment_anything(hw, length):
+    ie = pytest.importorskip("segment_anything.modeling.image_encoder")
+    h, w = hw
+    d, b = 8, 3
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(b, h * w, d, generator=g)
+    # length differing from 2*size-1 exercises the linear resampling of the tables
+    rel_pos_h = torch.randn(length or 2 * h - 1, d, generator=g)
+    rel_pos_w = torch.randn(length or 2 * w - 1, d, generator=g)
+    rel_h, rel_w = relative_bias_terms(q, rel_pos_h, rel_pos_w, hw)
+    assert rel_h.shape == (b, h * w, h) and rel_w.shape == (b, h * w, w)
+    # SAM adds the bias to an attention map; on a zero map its result is the bias itself
+    theirs = ie.add_decomposed_rel_pos(torch.zeros(b, h * w, h * w), q, rel_pos_h, rel_pos_w, hw, hw)
+    ours = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, h * w, h * w)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    rh, _ = relative_tables(rel_pos_h, rel_pos_w, hw)
+    torch.testing.assert_close(rh, ie.get_rel_pos(h, h, rel_pos_h))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("hw,d", [((4, 4), 16), ((5, 3), 32), ((8, 8), 16)])
+def test_sdpa_matches_reference(seed, hw, d):
+    q, k, v, rel_h, rel_w = make_case(seed, 3, hw, d)
+    assert_close(attention_sdpa(q, k, v, rel_h, rel_w, hw, d ** -0.5),
+                 attention_reference(q, k, v, rel_h, rel_w, hw, d ** -0.5))
+
+
+def test_reference_float64_and_softmax_rows():
+    hw, n = (3, 5), 15
+    q, k, v, rel_h, rel_w = make_case(3, 2, hw, n, dtype=torch.float64)  # D = N so v can be the identity
+    assert attention_reference(q, k, v, rel_h, rel_w, hw).dtype == torch.float64  # scale defaults to D^-0.5
+    # with v = identity the output is the attention matrix itself: rows sum to one
+    eye = torch.eye(n, dtype=torch.float64).expand(2, n, n)
+    p = attention_reference(q, k, eye, rel_h, rel_w, hw)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, n, dtype=torch.float64))
+    assert (p >= 0).all()
+
+
+def test_dispatch_and_errors():
+    hw, d = (4, 4), 16
+    q, k, v, rel_h, rel_w = make_case(5, 2, hw, d)
+    ref = attention_reference(q, k, v, rel_h, rel_w, hw, 0.25)
+    assert_close(attention(q, k, v, rel_h, rel_w, hw, 0.25), ref)  # auto on CPU -> sdpa
+    assert_close(attention(q, k, v, rel_h, rel_w, hw, 0.25, impl="reference"), ref)
+    with pytest.raises(ValueError):
+        attention(q, k, v, rel_h, rel_w, hw, 0.25, impl="nope")
+    with pytest.raises(ValueError):
+        attention_sdpa(q, k, v, rel_h, rel_w, (2, 4), 0.25)
+    with pytest.raises(ValueError):
+        attention_reference(q, k, v[:, :-1], rel_h, rel_w, hw, 0.25)
+
+
+# --------------------------------------------------------------------------------- Triton (interpreter)
+
+# (hw, D, BLOCK_M, BLOCK_N): which kernel path each case takes
+TRITON_CASES = [
+    ((4, 4), 16, 16, 16),   # BLOCK_N % W == 0: rel_w tile hoisted, rel_h gathered
+    ((2, 16), 32, 16, 16),  # BLOCK_N == W: rel_h one column per key tile
+    ((5, 3), 32, 16, 16),   # general gathers, N=15 not a multiple of BLOCK_N
+    ((3, 4), 16, 16, 16),   # hoisted rel_w with a masked key tail (N=12)
+    ((8, 8), 16, 32, 16),   # several query and key blocks
+    ((7, 5), 24, 16, 32),   # D=24 padded to 32, N=35: partial query and key blocks
+]
+
+
+@interpreted
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("hw,d,bm,bn", TRITON_CASES)
+def test_triton_matches_reference(seed, hw, d, bm, bn):
+    q, k, v, rel_h, rel_w = make_case(seed, 3, hw, d)
+    out = attention_triton(q, k, v, rel_h, rel_w, hw, d ** -0.5, block_m=bm, block_n=bn)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, attention_reference(q, k, v, rel_h, rel_w, hw, d ** -0.5))
+
+
+@interpreted
+def test_triton_float16():
+    # bf16 cannot run here: the interpreter's tl.dot multiplies bf16 bit patterns as integers.
+    hw, d = (8, 8), 32
+    q, k, v, rel_h, rel_w = make_case(7, 2, hw, d, dtype=torch.float16)
+    out = attention_triton(q, k, v, rel_h, rel_w, hw, block_m=16, block_n=32)
+    assert out.dtype == torch.float16
+    assert_close(out, attention_reference(q, k, v, rel_h, rel_w, hw), atol=5e-3, rtol_norm=5e-3)
+
+
+@interpreted
+@pytest.mark.parametrize("hw,bn", [((4, 4), 16), ((5, 3), 16)])
+def test_triton_large_bias_is_stable(hw, bn):
+    # bias and logits in the hundreds: exp without the running maximum would overflow
+    q, k, v, rel_h, rel_w = make_case(11, 2, hw, 16, pos_scale=40.0, qk_scale=6.0)
+    assert rel_h.abs().max() > 100
+    ref = attention_reference(q, k, v, rel_h, rel_w, hw, 0.25)
+    assert_close(attention_triton(q, k, v, rel_h, rel_w, hw, 0.25, block_m=16, block_n=bn), ref)
+    assert_close(attention_sdpa(q, k, v, rel_h, rel_w, hw, 0.25), ref)
+
+
+@interpreted
+def test_triton_writes_every_row_and_nothing_else():
+    hw, d = (5, 3), 16  # N=15: last query block is partial
+    q, k, v, rel_h, rel_w = make_case(13, 2, hw, d)
+    n = q.shape[1]
+    big = torch.full((2, n + 9, d), float("nan"))  # rows >= N of the buffer must stay untouched
+    out = big[:, :n]
+    attention_triton(q, k, v, rel_h, rel_w, hw, block_m=16, block_n=16, out=out)
+    assert torch.isfinite(out).all()
+    assert torch.isnan(big[:, n:]).all()
+    assert_close(out, attention_reference(q, k, v, rel_h, rel_w, hw))
+
+
+@interpreted
+def test_triton_strided_inputs():
+    # q, k, v as SAM makes them: views of one permuted qkv projection (token stride 3*nh*D)
+    bsz, nh, hw, d = 1, 2, (4, 4), 16
+    n = hw[0] * hw[1]
+    g = torch.Generator().manual_seed(17)
+    qkv = torch.randn(bsz, n, 3, nh, d, generator=g).permute(2, 0, 3, 1, 4).reshape(3, bsz * nh, n, d)
+    q, k, v = qkv.unbind(0)
+    assert not q.is_contiguous()
+    # and a feature-strided v (D stride != 1)
+    v = torch.randn(bsz * nh, d, n, generator=g).transpose(1, 2)
+    rel_h, rel_w = relative_bias_terms(q, torch.randn(2 * hw[0] - 1, d, generator=g),
+                                       torch.randn(2 * hw[1] - 1, d, generator=g), hw)
+    ref = attention_reference(q, k, v, rel_h, rel_w, hw)
+    assert_close(attention_triton(q, k, v, rel_h, rel_w, hw, block_m=16, block_n=16), ref)
+    assert_close(attention_triton(q, k, v, rel_h.transpose(0, 1).contiguous().transpose(0, 1), rel_w, hw,
+                                  block_m=16, block_n=16), ref)
+
+
+def _sam_attention_case(impl):
+    ie = pytest.importorskip("segment_anything.modeling.image_encoder")
+    dim, nh, (h, w), bsz = 32, 2, (4, 5), 2
+    torch.manual_seed(23)
+    mod = ie.Attention(dim, num_heads=nh, qkv_bias=True, use_rel_pos=True, input_size=(h, w)).eval()
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    x = torch.randn(bsz, h, w, dim)
+    with torch.no_grad():
+        expected = mod(x)
+        d = dim // nh
+        qkv = mod.qkv(x).reshape(bsz, h * w, 3, nh, d).permute(2, 0, 3, 1, 4).reshape(3, bsz * nh, h * w, d)
+        q, k, v = qkv.unbind(0)
+        rel_h, rel_w = relative_bias_terms(q, mod.rel_pos_h, mod.rel_pos_w, (h, w))
+        kw = dict(block_m=16, block_n=16) if impl == "triton" else {}
+        o = attention(q, k, v, rel_h, rel_w, (h, w), mod.scale, impl=impl, **kw)
+        got = mod.proj(o.view(bsz, nh, h, w, d).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, dim))
+    assert_close(got, expected, atol=1e-4, rtol_norm=1e-5)
+
+
+def test_sam_attention_module_sdpa():
+    _sam_attention_case("sdpa")
+
+
+@interpreted
+def test_sam_attention_module_triton():
+    _sam_attention_case("triton")
+
+
+@pytest.mark.skipif(not HAVE_TRITON or INTERPRETER_HERE, reason="the kernel tests ran in this process")
+def test_triton_tests_in_fresh_process():
+    """triton was imported here before TRITON_INTERPRET=1: rerun the kernel tests where it is set first."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "python"), str(root)] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(Path(__file__)),
+                        "-k", "triton and not fresh_process"], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=root)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]  # 0 also means some test was collected
+    assert "SKIPPED" not in p.stdout, p.stdout[-2000:]

@@ -540,6 +540,51 @@ py::array_t<int32_t> label_volume(const py::array& labels, std::vector<int64_t> 
   return out;
 }
 
+// The per-component table from already merged statistics (one row per component, in id
+// order): lets the array (NumPy/CuPy) labeller share make_table with the C++ one, so the
+// derived columns agree bit for bit.
+py::dict component_table(
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> voxels,
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> sz,
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> sy,
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> sx,
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> fz,
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> fy,
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> fx,
+    py::array_t<double, py::array::c_style | py::array::forcecast> gsum,
+    py::array_t<double, py::array::c_style | py::array::forcecast> gmin,
+    py::array_t<double, py::array::c_style | py::array::forcecast> gmax,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> z0,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> y0,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> x0,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> z1,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> y1,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> x1,
+    py::array_t<uint8_t, py::array::c_style | py::array::forcecast> cls,
+    py::array_t<bool, py::array::c_style | py::array::forcecast> edge,
+    std::array<double, 3> voxel_size) {
+  for (double v : voxel_size)
+    if (!(v > 0.0) || !std::isfinite(v))
+      throw std::invalid_argument("voxel_size entries must be positive and finite");
+  const py::ssize_t n = voxels.size();
+  const py::array* cols[] = {&voxels, &sz, &sy, &sx, &fz, &fy, &fx, &gsum, &gmin,
+                             &gmax, &z0, &y0, &x0, &z1, &y1, &x1, &cls, &edge};
+  for (const py::array* c : cols)
+    if (c->ndim() != 1 || c->size() != n)
+      throw std::invalid_argument("component_table needs 1-D columns of one length");
+  std::vector<Stat> st(static_cast<size_t>(n));
+  for (py::ssize_t i = 0; i < n; ++i) {
+    Stat& s = st[i];
+    s.voxels = voxels.at(i), s.sz = sz.at(i), s.sy = sy.at(i), s.sx = sx.at(i);
+    s.fz = fz.at(i), s.fy = fy.at(i), s.fx = fx.at(i);
+    s.gsum = gsum.at(i), s.gmin = gmin.at(i), s.gmax = gmax.at(i);
+    s.z0 = z0.at(i), s.y0 = y0.at(i), s.x0 = x0.at(i);
+    s.z1 = z1.at(i), s.y1 = y1.at(i), s.x1 = x1.at(i);
+    s.cls = cls.at(i), s.edge = edge.at(i);
+  }
+  return PyLabeller::make_table(st, voxel_size[0], voxel_size[1], voxel_size[2]);
+}
+
 }  // namespace
 
 void bind_components(py::module_& m) {
@@ -569,6 +614,13 @@ void bind_components(py::module_& m) {
         py::arg("classes") = std::vector<int64_t>{2, 3}, py::arg("connectivity") = 26,
         "int32 component ids per voxel (0 = background), numbered like the table's id with\n"
         "min_voxels=0. Holds the whole volume (for tests and comparisons).");
+  m.def("component_table", &component_table, py::arg("voxels"), py::arg("sz"), py::arg("sy"),
+        py::arg("sx"), py::arg("fz"), py::arg("fy"), py::arg("fx"), py::arg("gsum"),
+        py::arg("gmin"), py::arg("gmax"), py::arg("z0"), py::arg("y0"), py::arg("x0"),
+        py::arg("z1"), py::arg("y1"), py::arg("x1"), py::arg("cls"), py::arg("edge"),
+        py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
+        "ComponentLabeller's table from merged per-component sums (voxels, coordinate sums,\n"
+        "exposed faces per axis, grey sum/min/max, bbox, class, edge flag), one row per id.");
 }
 
 }  // namespace xctrt

@@ -133,6 +133,15 @@ def test_triton_matches_reference(seed, hw, d, bm, bn):
 
 
 @interpreted
+@pytest.mark.parametrize("hw", [(4, 4), (2, 16), (3, 4)])
+def test_triton_rel_w_reloaded_per_tile(hw):
+    # hoist_w=False: the periodic rel_w tile is reloaded for every key tile instead of kept in registers
+    q, k, v, rel_h, rel_w = make_case(9, 2, hw, 16)
+    out = attention_triton(q, k, v, rel_h, rel_w, hw, block_m=16, block_n=16, hoist_w=False)
+    assert_close(out, attention_reference(q, k, v, rel_h, rel_w, hw))
+
+
+@interpreted
 def test_triton_float16():
     # bf16 cannot run here: the interpreter's tl.dot multiplies bf16 bit patterns as integers.
     hw, d = (8, 8), 32
@@ -227,3 +236,76 @@ def test_triton_tests_in_fresh_process():
                        timeout=300, cwd=root)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]  # 0 also means some test was collected
     assert "SKIPPED" not in p.stdout, p.stdout[-2000:]
+
+
+# Compiles the kernel for sm_90 (H100/H200) with the local Triton and its bundled ptxas, no GPU
+# needed: catches what the lenient interpreter accepts but the compiler does not, and register
+# spills of the default launch configs. Uses Triton's ahead-of-time API (ASTSource), which moves
+# between versions: an API mismatch skips, a compile error or a spill fails.
+_SM90_SCRIPT = r'''
+import json, os, re, subprocess, sys, tempfile
+import triton
+from xctrt.gpu import attention as A
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except Exception as exc:
+    print(json.dumps({"api": repr(exc)})); sys.exit(0)
+fn = triton.jit(A._attn_fwd)
+names = fn.arg_names
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+report = {}
+for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((14, 14), 80)]:
+    n = h * w
+    cfg = A.default_config(n, d)
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SRHK=1, SRWK=1, KW=w, HEAD_D=d,
+                 BLOCK_D=max(16, A._next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn, MASK_N=n % bn != 0,
+                 W_PERIODIC=bn % w == 0, HOIST_W=True, ROW_BLOCK=bn == w)
+    sig = {nm: ("*bf16" if nm in "Q K V RH RW O".split() else "fp32" if nm.endswith("scale")
+                else "constexpr" if nm in const else "i32") for nm in names}
+    # what the launcher specialises at run time for contiguous (B', N, D) inputs: 16-aligned pointers
+    # and 16-divisible integer arguments
+    ints = dict(sqb=n * d, sqn=d, skb=n * d, skn=d, svb=n * d, svn=d, srhb=n * h, srhn=h, srwb=n * w,
+                srwn=w, sob=n * d, son=d, N=n)
+    div16 = [nm for nm in names if nm in "Q K V RH RW O".split() or ints.get(nm, 1) % 16 == 0]
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                        attrs={(names.index(nm),): [["tt.divisibility", 16]] for nm in div16})
+        kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    except triton.CompilationError as exc:
+        report[f"{h}x{w}/{d}"] = {"error": str(exc)[-2000:]}; continue
+    except Exception as exc:
+        print(json.dumps({"api": repr(exc)[:500]})); sys.exit(0)
+    row = {"wgmma": "wgmma" in kern.asm.get("ptx", "")}
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(kern.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+        if m:
+            row.update(regs=int(m.group(1)), stack=int(m.group(2)))
+    report[f"{h}x{w}/{d}"] = row
+print(json.dumps(report))
+'''
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton missing")
+def test_triton_compiles_for_sm90_without_spills():
+    import json
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, don't interpret
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "python")] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    p = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
+                       timeout=240, cwd=root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    if "api" in report:
+        pytest.skip(f"Triton's ahead-of-time compile API differs here: {report['api']}")
+    for shape, row in report.items():
+        assert "error" not in row, f"{shape}: {row.get('error')}"
+        assert row["wgmma"], f"{shape}: expected Hopper wgmma instructions"
+        assert row.get("stack", 0) == 0, f"{shape}: register spills {row}"

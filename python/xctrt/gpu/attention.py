@@ -129,18 +129,21 @@ def attention_sdpa(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None) -> 
 # ------------------------------------------------------------------------------------- Triton kernel
 
 def _attn_fwd(Q, K, V, RH, RW, O,
-              sqb, sqn, sqd, skb, skn, skd, svb, svn, svd,
-              srhb, srhn, srhk, srwb, srwn, srwk, sob, son, sod,
+              sqb, sqn, skb, skn, svb, svn, srhb, srhn, srwb, srwn, sob, son,
               N, qk_scale, bias_scale,
+              SQD: tl.constexpr, SKD: tl.constexpr, SVD: tl.constexpr, SOD: tl.constexpr,
+              SRHK: tl.constexpr, SRWK: tl.constexpr,
               KW: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK_N: tl.constexpr, W_PERIODIC: tl.constexpr, ROW_BLOCK: tl.constexpr):
+              MASK_N: tl.constexpr, W_PERIODIC: tl.constexpr, HOIST_W: tl.constexpr, ROW_BLOCK: tl.constexpr):
     """One program = one batch*head and BLOCK_M queries; loops over all keys in BLOCK_N tiles.
 
     Scores are kept in the log2 domain (qk_scale = scale*log2e, bias_scale = log2e) so exp2 is used.
+    The innermost strides (S*D, S*K) are constexpr: usually 1, and a compile-time 1 is what lets the
+    loads vectorise whatever the Triton version specialises on its own.
     MASK_N:     N % BLOCK_N != 0, the last key tile has keys >= N that get -inf.
-    W_PERIODIC: BLOCK_N % KW == 0, every key tile starts at kw = 0, so the rel_w tile is the same for
-                all tiles and is loaded once before the loop.
+    W_PERIODIC: BLOCK_N % KW == 0, every key tile starts at kw = 0, so every tile needs the same rel_w
+                tile; HOIST_W keeps it in registers across the loop instead of reloading it (L1 hits).
     ROW_BLOCK:  BLOCK_N == KW, each key tile is one key row kh, so rel_h is one column per tile.
     """
     pid_m = tl.program_id(0)
@@ -152,9 +155,9 @@ def _attn_fwd(Q, K, V, RH, RW, O,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
 
-    q_ptrs = Q + pid_b * sqb + rows[:, None] * sqn + offs_d[None, :] * sqd
-    k_base = K + pid_b * skb + offs_d[:, None] * skd   # K loaded transposed: (BLOCK_D, BLOCK_N)
-    v_base = V + pid_b * svb + offs_d[None, :] * svd
+    q_ptrs = Q + pid_b * sqb + rows[:, None] * sqn + offs_d[None, :] * SQD
+    k_base = K + pid_b * skb + offs_d[:, None] * SKD   # K loaded transposed: (BLOCK_D, BLOCK_N)
+    v_base = V + pid_b * svb + offs_d[None, :] * SVD
     rh_row = RH + pid_b * srhb + rows * srhn          # per-query row starts of the bias terms
     rw_row = RW + pid_b * srwb + rows * srwn
 
@@ -164,8 +167,9 @@ def _attn_fwd(Q, K, V, RH, RW, O,
         q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
 
     if W_PERIODIC:
-        kw0 = tl.arange(0, BLOCK_N) % KW
-        bias_w = tl.load(rw_row[:, None] + kw0[None, :] * srwk).to(tl.float32) * bias_scale
+        rw_tile = rw_row[:, None] + (tl.arange(0, BLOCK_N) % KW)[None, :] * SRWK
+        if HOIST_W:
+            bias_w = tl.load(rw_tile).to(tl.float32) * bias_scale
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -184,17 +188,22 @@ def _attn_fwd(Q, K, V, RH, RW, O,
             kt = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None], other=0.0)
         s = tl.dot(q, kt) * qk_scale
 
-        if ROW_BLOCK:
-            bias_h = tl.load(rh_row + (start_n // KW) * srhk).to(tl.float32) * bias_scale
-            s += bias_w + bias_h[:, None]
-        elif W_PERIODIC:
-            kh = cols // KW
-            s += bias_w + tl.load(rh_row[:, None] + kh[None, :] * srhk).to(tl.float32) * bias_scale
+        if W_PERIODIC:
+            if HOIST_W:
+                bw = bias_w
+            else:
+                bw = tl.load(rw_tile).to(tl.float32) * bias_scale
+            if ROW_BLOCK:
+                bh = tl.load(rh_row + (start_n // KW) * SRHK).to(tl.float32) * bias_scale
+                s += bw + bh[:, None]
+            else:
+                kh = cols // KW
+                s += bw + tl.load(rh_row[:, None] + kh[None, :] * SRHK).to(tl.float32) * bias_scale
         else:
             kh = cols // KW
             kw = cols % KW
-            bias = (tl.load(rh_row[:, None] + kh[None, :] * srhk).to(tl.float32)
-                    + tl.load(rw_row[:, None] + kw[None, :] * srwk).to(tl.float32))
+            bias = (tl.load(rh_row[:, None] + kh[None, :] * SRHK).to(tl.float32)
+                    + tl.load(rw_row[:, None] + kw[None, :] * SRWK).to(tl.float32))
             s += bias * bias_scale
         if MASK_N:
             s = tl.where((offs_n < N)[None, :], s, float("-inf"))
@@ -213,7 +222,7 @@ def _attn_fwd(Q, K, V, RH, RW, O,
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_ptrs = O + pid_b * sob + offs_m[:, None] * son + offs_d[None, :] * sod
+    o_ptrs = O + pid_b * sob + offs_m[:, None] * son + offs_d[None, :] * SOD
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m < N)[:, None] & d_ok[None, :])
 
 
@@ -249,19 +258,23 @@ def _next_pow2(x: int) -> int:
 
 def default_config(n: int, d: int) -> dict:
     """Launch defaults for Hopper. Short sequences (SAM's 14x14 windows, N=196) use 64-row query blocks
-    so the padded tail wastes less; long ones (64x64 global, N=4096) use 128 x 64 tiles."""
+    so the padded tail wastes less; long ones (64x64 global, N=4096) use 128 x 64 tiles with 8 warps.
+    (sm_90 compile with Triton 3.8: 168 and 153 registers, no spills; D=80, ViT-H, needs the 8 warps
+    for 64-row blocks too.) 128 x 128 tiles spill; 128 x 64 with 4 warps sits at ~252 registers."""
     if n <= 256:
-        return dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
-    return dict(block_m=128, block_n=64, num_warps=8 if d > 64 else 4, num_stages=3)
+        return dict(block_m=64, block_n=64, num_warps=8 if d > 64 else 4, num_stages=2)
+    return dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
 
 
 def attention_triton(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None, *,
                      block_m: Optional[int] = None, block_n: Optional[int] = None,
                      num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     hoist_w: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fused attention; q, k, v (B', N, D) with any strides (e.g. views of a permuted qkv), rel_h
     (B', N, H), rel_w (B', N, W). bf16/fp16 (fp32 accumulation) or float32. Returns (B', N, D) in q's
-    dtype, written into `out` when given. CPU tensors run under the Triton interpreter."""
+    dtype, written into `out` when given. CPU tensors run under the Triton interpreter.
+    Launch overrides for tuning: block_m, block_n (powers of two >= 16), num_warps, num_stages, and
+    hoist_w (keep the rel_w tile in registers when block_n is a multiple of W; False reloads it)."""
     _check_shapes(q, k, v, rel_h, rel_w, hw)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError("q, k, v must share one dtype")
@@ -289,10 +302,13 @@ def attention_triton(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None, *
     grid = (math.ceil(n / bm), b)  # query blocks of one head run next to each other (K/V stay in L2)
     kernel[grid](
         q, k, v, rel_h, rel_w, out,
-        *q.stride(), *k.stride(), *v.stride(), *rel_h.stride(), *rel_w.stride(), *out.stride(),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        rel_h.stride(0), rel_h.stride(1), rel_w.stride(0), rel_w.stride(1), out.stride(0), out.stride(1),
         n, float(scale) * LOG2E, LOG2E,
+        SQD=q.stride(2), SKD=k.stride(2), SVD=v.stride(2), SOD=out.stride(2),
+        SRHK=rel_h.stride(2), SRWK=rel_w.stride(2),
         KW=w, HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn,
-        MASK_N=(n % bn != 0), W_PERIODIC=(bn % w == 0), ROW_BLOCK=(bn == w),
+        MASK_N=(n % bn != 0), W_PERIODIC=(bn % w == 0), HOIST_W=bool(hoist_w), ROW_BLOCK=(bn == w),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -302,7 +318,7 @@ def attention_triton(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None, *
 
 def attention(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None, impl: str = "auto", **triton_kw):
     """impl: "auto" (triton for CUDA tensors when Triton imports, else sdpa), "triton", "sdpa",
-    "reference". triton_kw (block_m, block_n, num_warps, num_stages) go to the Triton kernel."""
+    "reference". triton_kw (block_m, block_n, num_warps, num_stages, hoist_w) go to the Triton kernel."""
     if impl == "auto":
         impl = "triton" if q.is_cuda and triton_available() else "sdpa"
     if impl == "triton":

@@ -1,0 +1,253 @@
+"""One-shot GPU check of SAM's relative-position attention: correctness and speed of the fused Triton
+kernel and of torch SDPA against the float32 reference, at ViT-B 1024x1024 shapes.
+
+    python benchmarks/gpu_attention_check.py --out DIR               # CUDA, bf16 (target: H200, <= 60 s)
+    python benchmarks/gpu_attention_check.py --out DIR --device cpu  # dry run: tiny shapes, float32,
+                                                                     # Triton interpreter
+
+Shapes (batch 8, 12 heads, D = 64): global blocks B' = 96, 64x64 tokens (N = 4096); windowed blocks
+B' = 8*25*12 = 2400, 14x14 tokens (N = 196). FLOPs = 4 * B' * N^2 * D (two matmuls).
+Every variant is run inside its own try/except: a failure is reported, not fatal. Writes
+DIR/gpu_attention.json and prints a table last.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path, help="folder for gpu_attention.json")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (implied by --device cpu)")
+    ap.add_argument("--budget-s", type=float, default=45.0,
+                    help="skip the remaining sweep configs once this much time has gone")
+    return ap.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.device == "cpu":
+    # must be set before triton is imported (by torch or by us) for the interpreter to work
+    os.environ["TRITON_INTERPRET"] = "1"
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+import torch  # noqa: E402
+
+from xctrt.gpu.attention import (  # noqa: E402
+    attention_reference, attention_sdpa, attention_triton, default_config, relative_bias_terms,
+    triton_available,
+)
+
+# name -> (B', (H, W), D, how many batch*heads the float32 reference checks)
+FULL_SHAPES = {
+    "global": (8 * 12, (64, 64), 64, 12),
+    "windowed": (8 * 25 * 12, (14, 14), 64, 8 * 25 * 12),
+}
+TINY_SHAPES = {
+    "global": (4, (8, 8), 16, 4),
+    "windowed": (6, (5, 3), 16, 6),
+}
+
+
+def _cfg(bm, bn, nw, ns, hoist_w=True):
+    return dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, hoist_w=hoist_w)
+
+
+# launch configs tried besides the default (default_config: global 128x64 w8 s3, windowed 64x64 w4 s2)
+FULL_SWEEP = {
+    "global": [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3, hoist_w=False), _cfg(64, 64, 4, 3),
+               _cfg(128, 64, 8, 2)],
+    "windowed": [_cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2)],
+}
+TINY_SWEEP = {
+    "global": [_cfg(16, 16, 4, 1), _cfg(32, 16, 4, 1, hoist_w=False), _cfg(16, 32, 4, 1)],
+    "windowed": [_cfg(16, 16, 4, 1)],
+}
+
+
+def make_inputs(bp, hw, d, dtype, device, seed):
+    """Fresh random q, k, v and the bias terms from random rel_pos tables (never zeros)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h, w = hw
+    n = h * w
+    q, k, v = (torch.randn(bp, n, d, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    rel_pos_h = (0.2 * torch.randn(2 * h - 1, d, generator=g)).to(device)
+    rel_pos_w = (0.2 * torch.randn(2 * w - 1, d, generator=g)).to(device)
+    rel_h, rel_w = relative_bias_terms(q, rel_pos_h, rel_pos_w, hw)
+    return q, k, v, rel_h, rel_w
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, warmup, reps):
+    """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device == "cuda":
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for a, b in ev:
+            a.record()
+            fn()
+            b.record()
+        torch.cuda.synchronize()
+        times = [a.elapsed_time(b) for a, b in ev]
+    else:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def errors(out, ref):
+    out, ref = out.float(), ref.float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    return rel, (out - ref).abs().max().item()
+
+
+def short_error(exc):
+    lines = traceback.format_exception_only(type(exc), exc)
+    return " ".join(s.strip() for s in lines)[-400:]
+
+
+def cfg_label(cfg):
+    return (f"{cfg['block_m']}x{cfg['block_n']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            + ("" if cfg.get("hoist_w", True) else " reload"))
+
+
+def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
+    bp, hw, d, n_check = shape
+    n = hw[0] * hw[1]
+    device = args.device
+    flops = 4.0 * bp * n * n * d
+    warmup, reps = (10, 30) if device == "cuda" else (1, 2)
+    res = {"B": bp, "hw": list(hw), "N": n, "D": d, "flops": flops, "checked_batch_heads": n_check,
+           "variants": []}
+    try:
+        q, k, v, rel_h, rel_w = make_inputs(bp, hw, d, dtype, device, seed)
+        scale = d ** -0.5
+        sl = slice(0, n_check)
+        ref = attention_reference(q[sl], k[sl], v[sl], rel_h[sl], rel_w[sl], hw, scale)  # float32 maths
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        res["error"] = short_error(exc)
+        return res
+
+    def variant(label, fn, cfg=None, check=True):
+        row = {"variant": label, "config": cfg_label(cfg) if cfg else "", "launch": cfg}
+        try:
+            if check:
+                out = fn()
+                sync(device)
+                rel, mx = errors(out[sl], ref)
+                row.update(rel_err=rel, max_abs_err=mx, check="PASS" if rel < tol else "FAIL")
+                del out
+            ms = time_ms(fn, device, warmup, reps)
+            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = short_error(exc)
+            row["check"] = "ERROR"
+        res["variants"].append(row)
+        return row
+
+    if triton_available():
+        base = dict(default_config(n, d), hoist_w=True)
+        # poisoned output buffer: an element the kernel fails to write shows up as NaN in the check
+        out_buf = torch.full_like(q, float("nan"))
+        variant("triton", lambda: attention_triton(q, k, v, rel_h, rel_w, hw, scale, out=out_buf, **base), base)
+        for cfg in sweep:
+            if cfg == base:
+                continue
+            if time.perf_counter() - t0 > args.budget_s:
+                res["variants"].append({"variant": "triton-sweep", "config": cfg_label(cfg), "launch": cfg,
+                                        "check": "SKIP", "error": "time budget"})
+                continue
+            out_buf.fill_(float("nan"))
+            variant("triton-sweep", lambda c=cfg: attention_triton(q, k, v, rel_h, rel_w, hw, scale,
+                                                                   out=out_buf, **c), cfg)
+    else:
+        res["variants"].append({"variant": "triton", "check": "ERROR", "error": "triton not importable"})
+
+    variant("sdpa", lambda: attention_sdpa(q, k, v, rel_h, rel_w, hw, scale))
+    # speed-of-light reference only: SDPA without any mask (other maths, so no check)
+    variant("sdpa-nobias", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale),
+            check=False)
+
+    ok = [r for r in res["variants"] if r["variant"].startswith("triton") and r.get("check") == "PASS"]
+    if ok:
+        best = min(ok, key=lambda r: r["ms"])
+        res["best_triton"] = {"config": best["config"], "launch": best["launch"], "ms": best["ms"],
+                              "tflops": best["tflops"]}
+    return res
+
+
+def fmt(x, spec):
+    return format(x, spec) if isinstance(x, (int, float)) and math.isfinite(x) else "-"
+
+
+def print_table(report):
+    print()
+    print(f"{'shape':9} {'variant':13} {'config':20} {'ms':>9} {'TFLOP/s':>8} {'rel_err':>9}  check")
+    for name, res in report["shapes"].items():
+        if "error" in res:
+            print(f"{name:9} ERROR {res['error']}")
+        for r in res["variants"]:
+            print(f"{name:9} {r['variant']:13} {r.get('config', ''):20} {fmt(r.get('ms'), '9.3f')} "
+                  f"{fmt(r.get('tflops'), '8.4g')} {fmt(r.get('rel_err'), '9.2e')}  {r.get('check', '')}"
+                  + (f"  {r['error']}" if r.get("error") else ""))
+        if "best_triton" in res:
+            b = res["best_triton"]
+            print(f"{name:9} best triton: {b['config']} {b['ms']:.3f} ms {b['tflops']:.4g} TFLOP/s")
+    print(f"total {report['elapsed_s']:.1f} s on {report['device_name']}")
+
+
+def main(args):
+    t0 = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available; use --device cpu for a dry run", file=sys.stderr)
+        return 2
+    tiny = args.tiny or args.device == "cpu"
+    # bf16 on the GPU; float32 on the CPU dry run (the interpreter's tl.dot cannot multiply bf16)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    shapes, sweep = (TINY_SHAPES, TINY_SWEEP) if tiny else (FULL_SHAPES, FULL_SWEEP)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = None
+    report = {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__, "triton": triton_version, "dtype": str(dtype).replace("torch.", ""),
+        "tolerance_rel": tol, "tiny": tiny, "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "shapes": {},
+    }
+    for i, (name, shape) in enumerate(shapes.items()):
+        res = run_shape(name, shape, sweep.get(name, []), args, dtype, tol, t0, seed=100 + i)
+        report["shapes"][name] = res
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"[{time.perf_counter() - t0:6.1f} s] {name} done", flush=True)
+    report["elapsed_s"] = time.perf_counter() - t0
+    (args.out / "gpu_attention.json").write_text(json.dumps(report, indent=2))
+    print_table(report)
+    checks = [r.get("check") for res in report["shapes"].values() for r in res["variants"]
+              if r["variant"] in ("triton", "sdpa")]
+    return 0 if checks and all(c == "PASS" for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))

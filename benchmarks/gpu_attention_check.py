@@ -36,14 +36,26 @@ if ARGS is not None and ARGS.device == "cpu":
     # must be set before triton is imported (by torch or by us) for the interpreter to work
     os.environ["TRITON_INTERPRET"] = "1"
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import torch
 
-import torch  # noqa: E402
 
-from xctrt.gpu.attention import (  # noqa: E402
-    attention_reference, attention_sdpa, attention_triton, default_config, relative_bias_terms,
-    triton_available,
-)
+def _load_attention():
+    """python/xctrt/gpu/attention.py loaded by path: it needs only torch (and Triton), so the check
+    runs on a GPU machine whatever else of xctrt's dependencies is installed there."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "python" / "xctrt" / "gpu" / "attention.py"
+    spec = importlib.util.spec_from_file_location("xctrt_gpu_attention_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_att = _load_attention()
+attention_reference, attention_sdpa, attention_triton = (
+    _att.attention_reference, _att.attention_sdpa, _att.attention_triton)
+default_config, relative_bias_terms, triton_available = (
+    _att.default_config, _att.relative_bias_terms, _att.triton_available)
 
 # name -> (B', (H, W), D, how many batch*heads the float32 reference checks)
 FULL_SHAPES = {
@@ -57,7 +69,7 @@ TINY_SHAPES = {
 
 
 def _cfg(bm, bn, nw, ns, hoist_w=True):
-    return dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, hoist_w=hoist_w)
+    return {"block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": ns, "hoist_w": hoist_w}
 
 
 # launch configs tried besides the default (default_config: global 128x64 w8 s3, windowed 64x64 w4 s2)

@@ -15,13 +15,18 @@ from pathlib import Path
 _TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
+import pytest
 
 torch = pytest.importorskip("torch")
 
-from xctrt.gpu.attention import (  # noqa: E402
-    attention, attention_reference, attention_sdpa, attention_triton, relative_bias_terms,
-    relative_tables, triton_available,
+from xctrt.gpu.attention import (
+    attention,
+    attention_reference,
+    attention_sdpa,
+    attention_triton,
+    relative_bias_terms,
+    relative_tables,
+    triton_available,
 )
 
 HAVE_TRITON = triton_available()
@@ -29,6 +34,19 @@ INTERPRETER_HERE = HAVE_TRITON and not _TRITON_PREIMPORTED
 interpreted = pytest.mark.skipif(
     not INTERPRETER_HERE,
     reason="triton missing, or imported before TRITON_INTERPRET=1 (then run by test_triton_tests_in_fresh_process)")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _child_env(interpret: bool) -> dict:
+    """Environment for a child Python that imports this checkout's xctrt, with or without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(ROOT)] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
 
 
 def make_case(seed, b, hw, d, dtype=torch.float32, pos_scale=1.0, qk_scale=1.0):
@@ -142,6 +160,16 @@ def test_triton_rel_w_reloaded_per_tile(hw):
 
 
 @interpreted
+def test_triton_batch_split_over_grid_limit(monkeypatch):
+    import xctrt.gpu.attention as att
+    monkeypatch.setattr(att, "_MAX_GRID_Y", 2)  # 5 batch*heads -> launches of 2, 2 and 1
+    hw = (4, 4)
+    q, k, v, rel_h, rel_w = make_case(19, 5, hw, 16)
+    out = attention_triton(q, k, v, rel_h, rel_w, hw, block_m=16, block_n=16)
+    assert_close(out, attention_reference(q, k, v, rel_h, rel_w, hw))
+
+
+@interpreted
 def test_triton_float16():
     # bf16 cannot run here: the interpreter's tl.dot multiplies bf16 bit patterns as integers.
     hw, d = (8, 8), 32
@@ -209,7 +237,7 @@ def _sam_attention_case(impl):
         qkv = mod.qkv(x).reshape(bsz, h * w, 3, nh, d).permute(2, 0, 3, 1, 4).reshape(3, bsz * nh, h * w, d)
         q, k, v = qkv.unbind(0)
         rel_h, rel_w = relative_bias_terms(q, mod.rel_pos_h, mod.rel_pos_w, (h, w))
-        kw = dict(block_m=16, block_n=16) if impl == "triton" else {}
+        kw = {"block_m": 16, "block_n": 16} if impl == "triton" else {}
         o = attention(q, k, v, rel_h, rel_w, (h, w), mod.scale, impl=impl, **kw)
         got = mod.proj(o.view(bsz, nh, h, w, d).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, dim))
     assert_close(got, expected, atol=1e-4, rtol_norm=1e-5)
@@ -227,13 +255,10 @@ def test_sam_attention_module_triton():
 @pytest.mark.skipif(not HAVE_TRITON or INTERPRETER_HERE, reason="the kernel tests ran in this process")
 def test_triton_tests_in_fresh_process():
     """triton was imported here before TRITON_INTERPRET=1: rerun the kernel tests where it is set first."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "python"), str(root)] + (
-        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = _child_env(interpret=True)
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(Path(__file__)),
-                        "-k", "triton and not fresh_process"], capture_output=True, text=True, env=env,
-                       timeout=300, cwd=root)
+                        "-k", "triton and not fresh_process"], capture_output=True, text=True, env=env, check=False,
+                       timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]  # 0 also means some test was collected
     assert "SKIPPED" not in p.stdout, p.stdout[-2000:]
 
@@ -295,12 +320,8 @@ print(json.dumps(report))
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton missing")
 def test_triton_compiles_for_sm90_without_spills():
     import json
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, don't interpret
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "python")] + (
-        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    p = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
-                       timeout=240, cwd=root)
+    p = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, check=False,
+                       env=_child_env(interpret=False), timeout=240, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(p.stdout.strip().splitlines()[-1])
     if "api" in report:

@@ -20,7 +20,6 @@ Only imported on the torch path; Triton is imported lazily so the module loads w
 import math
 import os
 import types
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 try:  # optional: the sdpa/reference paths work without Triton
     import triton
     import triton.language as tl
-except Exception:  # pragma: no cover - depends on the install
+except Exception:  # noqa: BLE001 - any failure to import means "no Triton"
     triton = None
     tl = types.SimpleNamespace(constexpr=int)  # only so the kernel's annotations evaluate
 
@@ -36,8 +35,14 @@ except Exception:  # pragma: no cover - depends on the install
 # re-parses the source, the JIT inspects the signature), so no `from __future__ import annotations`.
 
 __all__ = [
-    "relative_tables", "relative_bias_terms", "attention_reference", "attention_sdpa",
-    "attention_triton", "attention", "triton_available", "default_config",
+    "attention",
+    "attention_reference",
+    "attention_sdpa",
+    "attention_triton",
+    "default_config",
+    "relative_bias_terms",
+    "relative_tables",
+    "triton_available",
 ]
 
 LOG2E = 1.4426950408889634
@@ -58,8 +63,8 @@ def _relative_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     return rel_pos[pos[:, None] - pos[None, :] + (size - 1)]
 
 
-def relative_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: Tuple[int, int],
-                    dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def relative_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int],
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Rh (H, H, D), Rw (W, W, D)) in `dtype` (default: the parameters' dtype). They depend only on the
     weights and the grid, so a caller running the same block many times may compute them once."""
     h, w = hw
@@ -70,8 +75,8 @@ def relative_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: Tuple[
 
 
 def relative_bias_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                        hw: Tuple[int, int], tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+                        hw: tuple[int, int], tables: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rel_h (B', N, H), rel_w (B', N, W)) from q (B', N, D), computed in q's dtype.
 
     rel_h[b, i, kh] = q[b, i] . Rh[qh(i), kh] and rel_w[b, i, kw] = q[b, i] . Rw[qw(i), kw].
@@ -87,7 +92,7 @@ def relative_bias_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: tor
     return rel_h, rel_w
 
 
-def _full_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, hw: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def _full_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """The (B', N, N) additive bias: bias[b, i, kh*W + kw] = rel_h[b, i, kh] + rel_w[b, i, kw]."""
     h, w = hw
     b, n, _ = rel_h.shape
@@ -109,7 +114,7 @@ def _check_shapes(q, k, v, rel_h, rel_w, hw):
 
 # ------------------------------------------------------------------------------------ torch versions
 
-def attention_reference(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None) -> torch.Tensor:
+def attention_reference(q, k, v, rel_h, rel_w, hw, scale: float | None = None) -> torch.Tensor:
     """Plain maths in float32 (float64 when q is float64); returns q's dtype."""
     _check_shapes(q, k, v, rel_h, rel_w, hw)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -118,7 +123,7 @@ def attention_reference(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None
     return (torch.softmax(s, dim=-1) @ v.to(ct)).to(q.dtype)
 
 
-def attention_sdpa(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None) -> torch.Tensor:
+def attention_sdpa(q, k, v, rel_h, rel_w, hw, scale: float | None = None) -> torch.Tensor:
     """torch SDPA with the bias materialised as a (B', N, N) mask in q's dtype."""
     _check_shapes(q, k, v, rel_h, rel_w, hw)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -227,6 +232,7 @@ def _attn_fwd(Q, K, V, RH, RW, O,
 
 
 _KERNELS: dict = {}
+_MAX_GRID_Y = 65535
 
 
 def triton_available() -> bool:
@@ -262,14 +268,14 @@ def default_config(n: int, d: int) -> dict:
     (sm_90 compile with Triton 3.8: 168 and 153 registers, no spills; D=80, ViT-H, needs the 8 warps
     for 64-row blocks too.) 128 x 128 tiles spill; 128 x 64 with 4 warps sits at ~252 registers."""
     if n <= 256:
-        return dict(block_m=64, block_n=64, num_warps=8 if d > 64 else 4, num_stages=2)
-    return dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+        return {"block_m": 64, "block_n": 64, "num_warps": 8 if d > 64 else 4, "num_stages": 2}
+    return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
 
 
-def attention_triton(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None, *,
-                     block_m: Optional[int] = None, block_n: Optional[int] = None,
-                     num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                     hoist_w: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def attention_triton(q, k, v, rel_h, rel_w, hw, scale: float | None = None, *,
+                     block_m: int | None = None, block_n: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None,
+                     hoist_w: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused attention; q, k, v (B', N, D) with any strides (e.g. views of a permuted qkv), rel_h
     (B', N, H), rel_w (B', N, W). bf16/fp16 (fp32 accumulation) or float32. Returns (B', N, D) in q's
     dtype, written into `out` when given. CPU tensors run under the Triton interpreter.
@@ -280,7 +286,7 @@ def attention_triton(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None, *
         raise ValueError("q, k, v must share one dtype")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {q.dtype}")
-    h, w = hw
+    _, w = hw
     b, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     cfg = default_config(n, d)
@@ -299,24 +305,28 @@ def attention_triton(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None, *
         return out
 
     kernel = _kernel(q.device.type != "cuda" or _interpret_env())
-    grid = (math.ceil(n / bm), b)  # query blocks of one head run next to each other (K/V stay in L2)
-    kernel[grid](
-        q, k, v, rel_h, rel_w, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        rel_h.stride(0), rel_h.stride(1), rel_w.stride(0), rel_w.stride(1), out.stride(0), out.stride(1),
-        n, float(scale) * LOG2E, LOG2E,
-        SQD=q.stride(2), SKD=k.stride(2), SVD=v.stride(2), SOD=out.stride(2),
-        SRHK=rel_h.stride(2), SRWK=rel_w.stride(2),
-        KW=w, HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn,
-        MASK_N=(n % bn != 0), W_PERIODIC=(bn % w == 0), HOIST_W=bool(hoist_w), ROW_BLOCK=(bn == w),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    # grid axis 1 holds at most 65535 programs: very large batches go in slices (views, same strides)
+    for b0 in range(0, b, _MAX_GRID_Y):
+        sl = slice(b0, min(b, b0 + _MAX_GRID_Y))
+        qs, ks, vs, rhs, rws, os_ = q[sl], k[sl], v[sl], rel_h[sl], rel_w[sl], out[sl]
+        grid = (math.ceil(n / bm), qs.shape[0])  # a head's query blocks run side by side (K/V stay in L2)
+        kernel[grid](
+            qs, ks, vs, rhs, rws, os_,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            rel_h.stride(0), rel_h.stride(1), rel_w.stride(0), rel_w.stride(1), out.stride(0), out.stride(1),
+            n, float(scale) * LOG2E, LOG2E,
+            SQD=q.stride(2), SKD=k.stride(2), SVD=v.stride(2), SOD=out.stride(2),
+            SRHK=rel_h.stride(2), SRWK=rel_w.stride(2),
+            KW=w, HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn,
+            MASK_N=(n % bn != 0), W_PERIODIC=(bn % w == 0), HOIST_W=bool(hoist_w), ROW_BLOCK=(bn == w),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return out
 
 
 # -------------------------------------------------------------------------------------------- dispatch
 
-def attention(q, k, v, rel_h, rel_w, hw, scale: Optional[float] = None, impl: str = "auto", **triton_kw):
+def attention(q, k, v, rel_h, rel_w, hw, scale: float | None = None, impl: str = "auto", **triton_kw):
     """impl: "auto" (triton for CUDA tensors when Triton imports, else sdpa), "triton", "sdpa",
     "reference". triton_kw (block_m, block_n, num_warps, num_stages, hoist_w) go to the Triton kernel."""
     if impl == "auto":

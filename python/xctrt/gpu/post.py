@@ -2,12 +2,12 @@
 
 Every function takes its array module from its input (`array_module`): NumPy arrays run on the
 CPU, CuPy arrays on the GPU, with the same code. The only CuPy-specific lines are the shims
-`array_module`, `scatter_min`, `scatter_max` and `to_host` below.
+`array_module`, `scatter_min`, `scatter_max`, `segment_sum` and `to_host` below.
 
 Exactness. _core is built with -ffp-contract=off, so each float32 operation rounds on its own.
 Here every float32 step is a separate ufunc call writing a float32 array (on CuPy: one kernel
 each, never a fused ElementwiseKernel, which NVRTC would contract into FMA), in the C++ order.
-Component statistics are integers accumulated exactly (bincount with float64 weights only where
+Component statistics are integers accumulated exactly (float64 segment sums only where
 every partial sum is an integer below 2**53, checked in ComponentLabeller.__init__), and the
 derived table columns come from the same C++ builder (`_core.component_table`). The one
 exception: for float32 images grey_mean is the C++ value up to rounding (the C++ sum order
@@ -15,16 +15,16 @@ follows its runs and provisional ids); uint8/uint16 images give it bit for bit.
 
 Components (ComponentLabeller), per slab of nz planes with n defect voxels (n ~ 1-3 % of the
 slab on CT parts), bytes moved on the device:
-  - foreground: LUT gather of the labels + flatnonzero              ~ 2 B/voxel of the slab
-  - slab plus the carried previous plane (ext), dense local index map ~ 1 + 4 B/voxel (map
-    written only at defect voxels, read only at matching neighbours)
+  - foreground: LUT gather of the labels + flatnonzero (a scan)     ~ 6 B/voxel of the slab
+  - slab plus the carried previous plane (ext): one copy            ~ 2 B/voxel; the dense
+    local index map is written only at defect voxels and read only at matching neighbours
   - everything else works on the n compact defect voxels: coordinates, 13/9/3 backward
     neighbour gathers (edges), 6 face gathers, union-find by hook (scatter-min) and pointer
-    jumping, bincount/scatter statistics                           ~ 1-2 kB per defect voxel
-So a 1000x1200x1200 volume with 2 % defects moves ~1.4 GB over the label volume and ~30-60 GB
+    jumping, segment sums, scatter min/max                        ~ 1-2 kB per defect voxel
+So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~30-60 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
 synchronisations (one flatnonzero per slab, a few per union-find round) dominate, hence slabs
-of 32-128 planes. aggregate reads K float32 maps once per channel (~12-15 B/voxel for K=3).
+of 32-128 planes. aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
 Only the previous slab's last plane (labels, provisional ids) and per-provisional-component
 statistics are carried between slabs; finish() merges provisional components.
 """
@@ -52,17 +52,30 @@ def array_module(a):
 
 def scatter_min(a, idx, v) -> None:
     """a[idx] = min(a[idx], v) with repeated indices, in place (numpy.minimum.at)."""
-    if a.__class__ is np.ndarray:
+    if isinstance(a, np.ndarray):
         np.minimum.at(a, idx, v)
     else:
         _cupyx.scatter_min(a, idx, v)
 
 
 def scatter_max(a, idx, v) -> None:
-    if a.__class__ is np.ndarray:
+    if isinstance(a, np.ndarray):
         np.maximum.at(a, idx, v)
     else:
         _cupyx.scatter_max(a, idx, v)
+
+
+def segment_sum(ids, n: int, weights=None):
+    """float64 sums of `weights` (1 without) per id in 0..n-1.
+
+    cupy.bincount syncs twice (a sign check and a max) and refuses empty input; a scatter-add
+    into n zeros does neither. Exact for integer sums below 2**53 in any order.
+    """
+    if isinstance(ids, np.ndarray):
+        return np.bincount(ids, weights, minlength=n).astype(np.float64, copy=False)
+    out = _cupy.zeros(n, np.float64)
+    _cupyx.scatter_add(out, ids, 1.0 if weights is None else weights)
+    return out
 
 
 def to_host(a) -> np.ndarray:
@@ -265,12 +278,9 @@ def _rank_roots(xp, parent):
     return rank[parent], roots, int(roots.size)
 
 
-def _count(xp, ids, n: int, weights=None):
-    """Exact integer sums per id (bincount; float64 weights are exact for integer sums < 2**53)."""
-    if n == 0:
-        return xp.zeros(0, np.int64)
-    s = xp.bincount(ids, weights=weights, minlength=n)
-    return s.astype(np.int64) if weights is not None else s.astype(np.int64, copy=False)
+def _count(ids, n: int, weights=None):
+    """Exact integer sums per id (float64 sums of integers < 2**53, see __init__)."""
+    return segment_sum(ids, n, weights).astype(np.int64)
 
 
 _I32_MAX = np.iinfo(np.int32).max
@@ -302,7 +312,7 @@ class ComponentLabeller:
                 raise ValueError(f"classes must be label values in 0..255, got {c}")
             self._lut[int(c)] = True
         nvox = shape[0] * shape[1] * shape[2]
-        # Coordinate and uint16 grey sums go through float64 bincounts: exact below 2**53.
+        # Coordinate and uint16 grey sums go through float64 segment sums: exact below 2**53.
         if nvox * max(max(shape), 65535) >= 2 ** 53:
             raise ValueError("volume too large for exact float64 sums")
         self.shape, self.connectivity, self.voxel_size = shape, connectivity, vs
@@ -357,7 +367,7 @@ class ComponentLabeller:
         ext = xp.concatenate([prev[0], lab]) if prev is not None else lab
         goff = plane if prev is not None else 0
 
-        idx = xp.flatnonzero(self._lut[lab])  # defect voxels, raster order (host sync)
+        idx = xp.flatnonzero(xp.take(self._lut, lab))  # defect voxels, raster order (host sync)
         n = int(idx.size)
         e = idx + goff  # index into ext
         L = lab[idx]
@@ -408,7 +418,7 @@ class ComponentLabeller:
             if p_idx.size:
                 exposed = lab[p_idx] != p_lab[p_idx]
                 p_first = self._slabs[-1]["first"]
-                p_fz += _count(xp, p_ids[exposed] - np.int32(p_first), p_fz.shape[0])
+                p_fz += _count(p_ids[exposed] - np.int32(p_first), p_fz.shape[0])
 
         # Exposed faces: the neighbour is outside the volume or has another label value.
         def differs(ok, d):
@@ -422,9 +432,9 @@ class ComponentLabeller:
 
         zg = zl + np.int32(z0)
         st = {"first": first, "n": nloc}
-        st["voxels"] = _count(xp, pid, nloc)
+        st["voxels"] = _count(pid, nloc)
         for name, v in (("sz", zg), ("sy", y), ("sx", x), ("fz", fz), ("fy", fy), ("fx", fx)):
-            st[name] = _count(xp, pid, nloc, v.astype(np.float64))
+            st[name] = _count(pid, nloc, v.astype(np.float64))
         for name, v in (("z0", zg), ("y0", y), ("x0", x)):
             st[name] = xp.full(nloc, _I32_MAX, np.int32)
             scatter_min(st[name], pid, v)
@@ -433,10 +443,10 @@ class ComponentLabeller:
             scatter_max(st[name], pid, v)
         st["cls"] = L[roots]
         edge = (zg == 0) | (zg == Z - 1) | (y == 0) | (y == Y - 1) | (x == 0) | (x == X - 1)
-        st["edge"] = _count(xp, pid[edge], nloc) > 0
+        st["edge"] = _count(pid[edge], nloc) > 0
         if image is not None:
             g = xp.asarray(image).reshape(-1)[idx].astype(np.float64)
-            st["gsum"] = xp.bincount(pid, weights=g, minlength=nloc) if nloc else xp.zeros(0)
+            st["gsum"] = segment_sum(pid, nloc, g)
             # The C++ min/max skip NaN (a comparison with NaN is false).
             nan = xp.isnan(g)
             st["gmin"] = xp.full(nloc, np.inf)
@@ -450,7 +460,7 @@ class ComponentLabeller:
         self._nprov += nloc
         self._z += nz
         if not last:
-            tail = int(xp.searchsorted(idx, (nz - 1) * plane))
+            tail = n - int(xp.count_nonzero(idx >= (nz - 1) * plane))  # last plane's defects
             self._prev = (lab[(nz - 1) * plane:].copy(), idx[tail:] - (nz - 1) * plane,
                           pid[tail:] + np.int32(first), st["fz"])
         else:
@@ -471,14 +481,14 @@ class ComponentLabeller:
                 if k not in ("first", "n")}
         m = {}
         for k in _SUM_COLS:
-            m[k] = _count(xp, comp, nc, cols[k].astype(np.float64))
+            m[k] = _count(comp, nc, cols[k].astype(np.float64))
         for k in _MIN_COLS + _MAX_COLS:
             m[k] = xp.full(nc, _I32_MAX if k in _MIN_COLS else -1, np.int32)
             (scatter_min if k in _MIN_COLS else scatter_max)(m[k], comp, cols[k])
         m["cls"] = cols["cls"][roots]
-        m["edge"] = _count(xp, comp, nc, cols["edge"].astype(np.float64)) > 0
+        m["edge"] = _count(comp, nc, cols["edge"].astype(np.float64)) > 0
         if "gsum" in cols:
-            m["gsum"] = xp.bincount(comp, weights=cols["gsum"], minlength=nc) if nc else xp.zeros(0)
+            m["gsum"] = segment_sum(comp, nc, cols["gsum"])
             m["gmin"] = xp.full(nc, np.inf)
             scatter_min(m["gmin"], comp, cols["gmin"])
             m["gmax"] = xp.full(nc, -np.inf)

@@ -1,0 +1,366 @@
+"""GPU post-processing (xctrt.gpu.post on CuPy) against the C++ kernels, and its speed at full size.
+
+    python benchmarks/gpu_post_check.py --out DIR                      # H200: 1000x1200x1200
+    python benchmarks/gpu_post_check.py --out DIR --xp numpy --z 16 --y 128 --x 128   # CPU dry run
+
+1. Small checks: fresh random inputs at a few sizes, every function on the device vs _core on
+   the host, exact (grey_mean of float32 images up to rounding). Each check prints PASS/FAIL;
+   exceptions are caught and reported per check.
+2. Full size: a 3-class probability volume (material cylinder; pores and inclusions as random
+   ellipsoids of radius 1-8; smooth fields plus hash noise) and a uint16 grey volume, generated
+   slab by slab on the device from a fixed seed (never held whole). aggregate + components +
+   table are timed over all slices (warm-up first, median of --repeats); generation is not.
+   Then one more pass compares against _core (aggregate per slab and ComponentLabeller
+   streamed, on host copies). JSON goes to DIR/gpu_post.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from xctrt import _core  # noqa: E402
+from xctrt.gpu import post  # noqa: E402
+
+THRESHOLDS = np.array([0.5, 0.5, 0.5], np.float32)
+LABEL_IDS = np.array([1, 2, 3], np.uint8)  # channels: material, pore, inclusion
+PRIORITY = np.array([2, 1, 0])  # inclusion > pore > material
+DTYPES = (np.uint8, np.uint16, np.float32)
+
+
+class Checks:
+    def __init__(self):
+        self.results = {}
+
+    def run(self, name, fn):
+        try:
+            ok, detail = fn()
+        except Exception as exc:  # report and go on: one broken check must not hide the others
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+            traceback.print_exc(limit=4)
+        self.results[name] = {"pass": bool(ok), "detail": detail}
+        print(f"{'PASS' if ok else 'FAIL'}  {name}{'' if ok else '  ' + str(detail)}", flush=True)
+        return ok
+
+
+def same(got, ref):
+    got = post.to_host(got)
+    if got.dtype != ref.dtype or got.shape != ref.shape:
+        return False, f"dtype/shape {got.dtype}{got.shape} vs {ref.dtype}{ref.shape}"
+    bad = int(np.count_nonzero(~((got == ref) | (np.isnan(got) & np.isnan(ref)))
+                               if got.dtype.kind == "f" else got != ref))
+    return bad == 0, f"{bad} of {ref.size} differ"
+
+
+def same_table(got, ref, float_image=False):
+    if list(got) != list(ref):
+        return False, "columns differ"
+    bad = []
+    for k in ref:
+        if got[k].dtype != ref[k].dtype or got[k].shape != ref[k].shape:
+            bad.append(f"{k}: {got[k].dtype}{got[k].shape} vs {ref[k].dtype}{ref[k].shape}")
+        elif float_image and k == "grey_mean":
+            if not np.allclose(got[k], ref[k], rtol=1e-12, atol=0):
+                bad.append(k)
+        elif not np.array_equal(got[k], ref[k]):
+            bad.append(k)
+    return not bad, f"{len(ref['id'])} components" + (f"; differ: {bad}" if bad else "")
+
+
+# ---------------------------------------------------------------- 1. small checks
+
+def small_checks(xp, checks: Checks, seed: int):
+    rng = np.random.default_rng(seed)
+    dev = xp.asarray
+
+    def rand_slice(shape, dtype):
+        if dtype == np.uint8:
+            return rng.integers(0, 256, shape, dtype=np.uint8), 10.0, 200.0
+        if dtype == np.uint16:
+            return rng.integers(0, 65536, shape, dtype=np.uint16), 1000.5, 50000.0
+        return (rng.standard_normal(shape) * 3).astype(np.float32), -2.0, 2.5
+
+    for shape in [(1, 1), (257, 300), (1024, 1024)]:
+        for dt in DTYPES:
+            s, lo, hi = rand_slice(shape, dt)
+            checks.run(f"window {np.dtype(dt).name} {shape}",
+                       lambda: same(post.window(dev(s), lo, hi), _core.window(s, lo, hi)))
+    for (c, h, w), (oh, ow) in [((1, 7, 9), (33, 5)), ((3, 100, 120), (256, 256)),
+                                ((3, 1024, 1024), (1200, 1300)), ((3, 1200, 1200), (256, 256))]:
+        img = rng.standard_normal((c, h, w)).astype(np.float32)
+        checks.run(f"resize_bilinear {(c, h, w)}->{(oh, ow)}",
+                   lambda: same(post.resize_bilinear(dev(img), oh, ow), _core.resize_bilinear(img, oh, ow)))
+    batch = rng.standard_normal((4, 3, 64, 80)).astype(np.float32)
+    checks.run("resize_bilinear batch (4,3,64,80)->(256,256)",
+               lambda: same(post.resize_bilinear(dev(batch), 256, 256),
+                            np.stack([_core.resize_bilinear(b, 256, 256) for b in batch])))
+    for mode in ("priority", "argmax"):
+        for shape in [(3, 5, 7), (4, 512, 600), (3, 1200, 1200)]:
+            p = rng.random(shape).astype(np.float32)
+            p[:, ::3] = np.floor(p[:, ::3] * 4) / 4  # ties and values on the threshold
+            k = shape[0]
+            thr, ids = rng.choice([0.25, 0.5, 0.75], k).astype(np.float32), np.arange(1, k + 1, dtype=np.uint8)
+            prio = rng.permutation(k)
+            checks.run(f"aggregate {mode} {shape}",
+                       lambda: same(post.aggregate(dev(p), thr, ids, prio, mode),
+                                    _core.aggregate(p, thr, ids, prio, mode)))
+        pb = rng.random((5, 3, 64, 64)).astype(np.float32)
+        checks.run(f"aggregate {mode} batch (5,3,64,64)",
+                   lambda: same(post.aggregate(dev(pb), THRESHOLDS, LABEL_IDS, PRIORITY, mode),
+                                np.stack([_core.aggregate(b, THRESHOLDS, LABEL_IDS, PRIORITY, mode) for b in pb])))
+    for (h, w), tile, ov in [((300, 280), 64, 16), ((1200, 1200), 256, 32), ((50, 40), 64, 8)]:
+        for pad in ("edge", "constant"):
+            s, lo, hi = rand_slice((h, w), np.uint16)
+            checks.run(f"extract_tiles {pad} {(h, w)} tile {tile}/{ov}",
+                       lambda: same(post.extract_tiles(dev(s), tile, ov, lo, hi, pad),
+                                    _core.extract_tiles(s, tile, ov, lo, hi, pad)))
+        nt = len(_core.tile_starts(h, tile, ov)) * len(_core.tile_starts(w, tile, ov))
+        t = rng.random((nt, 3, tile, tile)).astype(np.float32)
+        for blend in ("constant", "ramp"):
+            checks.run(f"stitch_tiles {blend} {(h, w)} tile {tile}/{ov}",
+                       lambda: same(post.stitch_tiles(dev(t), h, w, ov, blend),
+                                    _core.stitch_tiles(t, h, w, ov, blend)))
+
+    def blobs(shape, n):
+        lab = np.ones(shape, np.uint8)
+        for _ in range(n):
+            c = rng.uniform(0, shape)
+            r = rng.uniform(0.5, 6, 3)
+            sl = tuple(slice(max(0, int(c[i] - r[i]) - 1), min(shape[i], int(c[i] + r[i]) + 2))
+                       for i in range(3))
+            zz, yy, xx = np.ogrid[sl]
+            m = ((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2 <= 1
+            lab[sl][m] = rng.integers(2, 4)
+        return lab
+
+    cases = [("blobs", (40, 64, 64), lambda s: blobs(s, 80)),
+             ("blobs", (96, 200, 180), lambda s: blobs(s, 600)),
+             ("noise", (17, 33, 45), lambda s: rng.choice(4, s, p=[0.4, 0.3, 0.15, 0.15]).astype(np.uint8)),
+             ("dense noise", (64, 256, 256), lambda s: rng.integers(0, 4, s, dtype=np.uint8))]
+    for kind, shape, make in cases:
+        lab = make(shape)
+        for conn in (6, 18, 26):
+            dt = DTYPES[conn % 3]
+            img = (rng.integers(0, 256 if dt == np.uint8 else 65536, shape).astype(dt) if dt != np.float32
+                   else rng.uniform(0, 1000, shape).astype(np.float32))
+            for slab in (1, 5, shape[0]):
+                if slab == 1 and shape[0] * shape[1] * shape[2] > 300000:
+                    continue  # one plane per call is slow through Python; thin slabs are covered above
+                vs = (0.5, 1.0, 2.0)
+                mv = 3 if slab == 5 else 0
+
+                def comp():
+                    ref = _core.ComponentLabeller(shape, [2, 3], conn, vs)
+                    got = post.ComponentLabeller(shape, [2, 3], conn, vs)
+                    for z in range(0, shape[0], slab):
+                        ref.add_slab(lab[z:z + slab], img[z:z + slab])
+                        got.add_slab(dev(lab[z:z + slab]), dev(img[z:z + slab]))
+                    return same_table(got.finish(mv), ref.finish(mv), dt == np.float32)
+
+                checks.run(f"components {kind} {shape} conn {conn} slab {slab} {np.dtype(dt).name}", comp)
+            checks.run(f"label_volume {kind} {shape} conn {conn}",
+                       lambda: same(post.label_volume(dev(lab), [2, 3], conn), _core.label_volume(lab, [2, 3], conn)))
+
+
+# ---------------------------------------------------------------- 2. full-size volume
+
+class Phantom:
+    """Deterministic probabilities and grey values of any slab, generated on the device."""
+
+    def __init__(self, xp, shape, seed=0, fraction=0.02):
+        self.xp, self.shape = xp, shape
+        Z, Y, X = shape
+        rng = np.random.default_rng(seed)
+        self.cy, self.cx, self.R = (Y - 1) / 2, (X - 1) / 2, 0.45 * min(Y, X)
+        # Mean ellipsoid volume with radii ~U(1, 8): 4/3 pi 4.5^3 voxels, ~3/4 of it above 0.5.
+        n = max(1, int(fraction * Z * Y * X / (4 / 3 * np.pi * 4.5 ** 3 * 0.75)))
+        ang, rad = rng.uniform(0, 2 * np.pi, n), (self.R - 9) * np.sqrt(rng.random(n))
+        d = np.stack([rng.uniform(0, Z, n), self.cy + rad * np.sin(ang), self.cx + rad * np.cos(ang)], 1)
+        r = rng.uniform(1, 8, (n, 3))
+        chan = np.where(rng.random(n) < 0.7, 1, 2)  # 70 % pores, 30 % inclusions
+        order = np.argsort(d[:, 0])
+        self.centre, self.radius, self.chan = d[order], r[order], chan[order]
+        self.box = np.stack(np.meshgrid(*[np.arange(-9, 10)] * 3, indexing="ij"), -1).reshape(-1, 3)
+
+    def noise(self, z0, nz, salt):
+        """Hash noise in [-0.5, 0.5) per voxel (uint32 arithmetic wraps the same in NumPy and CuPy)."""
+        xp = self.xp
+        plane = self.shape[1] * self.shape[2]
+        h = xp.arange(nz * plane, dtype=np.uint32) + np.uint32((z0 * plane + salt * 0x9E3779B9) & 0xFFFFFFFF)
+        h = h * np.uint32(2654435761)
+        h = h ^ (h >> np.uint32(15))
+        h = h * np.uint32(2246822519)
+        h = h ^ (h >> np.uint32(13))
+        return ((h >> np.uint32(8)).astype(np.float32) * np.float32(1 / 2 ** 24) - np.float32(0.5)).reshape(
+            nz, self.shape[1], self.shape[2])
+
+    def slab(self, z0, z1):
+        xp = self.xp
+        Z, Y, X = self.shape
+        nz = z1 - z0
+        yy = xp.arange(Y, dtype=np.float32)[:, None] - np.float32(self.cy)
+        xx = xp.arange(X, dtype=np.float32)[None, :] - np.float32(self.cx)
+        dist = xp.clip(np.float32(self.R) - xp.sqrt(yy * yy + xx * xx), -60, 60)
+        material = (np.float32(1) / (np.float32(1) + xp.exp(-dist / np.float32(2))))[None]
+        defects = xp.zeros((2, nz * Y * X), np.float32)
+        lo, hi = np.searchsorted(self.centre[:, 0], [z0 - 9, z1 + 9])
+        for c0 in range(lo, hi, 2000):  # rasterise ellipsoids in chunks: value 1 - q/2 (0.5 at q = 1)
+            c1 = min(hi, c0 + 2000)
+            cen, rad = xp.asarray(self.centre[c0:c1]), xp.asarray(self.radius[c0:c1])
+            pos = xp.floor(cen)[:, None, :] + xp.asarray(self.box)[None]  # (n, 6859, 3)
+            q = (((pos - cen[:, None, :]) / rad[:, None, :]) ** 2).sum(-1)
+            v = (1 - 0.5 * q).astype(np.float32)
+            ok = (v > 0) & (pos[..., 0] >= z0) & (pos[..., 0] < z1) & (pos[..., 1] >= 0) & \
+                (pos[..., 1] < Y) & (pos[..., 2] >= 0) & (pos[..., 2] < X)
+            p = pos.astype(np.int64)
+            flat = ((p[..., 0] - z0) * Y + p[..., 1]) * X + p[..., 2]
+            ch = xp.broadcast_to(xp.asarray(self.chan[c0:c1] - 1)[:, None], flat.shape)
+            post.scatter_max(defects, (ch[ok], flat[ok]), v[ok])
+        defects = defects.reshape(2, nz, Y, X)
+        probs = xp.empty((3, nz, Y, X), np.float32)
+        for c, field in enumerate([xp.broadcast_to(material, (nz, Y, X)), defects[0], defects[1]]):
+            probs[c] = xp.clip(field + np.float32(0.08) * self.noise(z0, nz, c), 0, 1)
+        grey = (np.float32(8000) + np.float32(30000) * material - np.float32(20000) * defects[0]
+                + np.float32(15000) * defects[1] + np.float32(2000) * self.noise(z0, nz, 7))
+        return probs, xp.clip(grey, 0, 65535).astype(np.uint16)
+
+
+def full_run(xp, shape, slab, repeats, checks: Checks, seed: int):
+    Z = shape[0]
+    ph = Phantom(xp, shape, seed)
+    pool = xp.get_default_memory_pool() if xp is not np else None
+    peak = [0]
+
+    def sync():
+        if xp is not np:
+            xp.cuda.Device().synchronize()
+            peak[0] = max(peak[0], pool.total_bytes())
+
+    def one_pass(compare=False):
+        t = {"aggregate": 0.0, "components": 0.0, "finish": 0.0}
+        lb = post.ComponentLabeller(shape, (2, 3), 26)
+        ref = _core.ComponentLabeller(shape, [2, 3], 26) if compare else None
+        label_bad = 0
+        defect_voxels = 0
+        for z0 in range(0, Z, slab):
+            z1 = min(Z, z0 + slab)
+            probs, grey = ph.slab(z0, z1)
+            sync()
+            t0 = time.perf_counter()
+            labels = post.aggregate(probs.transpose(1, 0, 2, 3), THRESHOLDS, LABEL_IDS, PRIORITY)
+            sync()
+            t1 = time.perf_counter()
+            lb.add_slab(labels, grey)
+            sync()
+            t2 = time.perf_counter()
+            t["aggregate"] += t1 - t0
+            t["components"] += t2 - t1
+            if compare:
+                ph_host = post.to_host(probs)
+                ref_lab = _core.aggregate(ph_host, THRESHOLDS, LABEL_IDS, PRIORITY)
+                label_bad += int(np.count_nonzero(ref_lab != post.to_host(labels)))
+                defect_voxels += int(np.count_nonzero(ref_lab >= 2))
+                ref.add_slab(ref_lab, post.to_host(grey))
+            del probs, grey, labels
+        sync()
+        t0 = time.perf_counter()
+        table = lb.finish(0)
+        sync()
+        t["finish"] = time.perf_counter() - t0
+        t["total"] = t["aggregate"] + t["components"] + t["finish"]
+        if compare:
+            return t, table, ref.finish(0), label_bad, defect_voxels
+        return t, table
+
+    times = []
+    for rep in range(1 + repeats):
+        t, table = one_pass()
+        if rep:  # the first pass warms up (CuPy compiles its kernels)
+            times.append(t)
+        print(f"  pass {rep}{' (warm-up)' if rep == 0 else ''}: " +
+              ", ".join(f"{k} {v:.3f} s" for k, v in t.items()), flush=True)
+    med = {k: float(np.median([t[k] for t in times])) for k in times[0]} if times else {}
+    out = {"times_s": times, "median_s": med, "components": int(len(table["id"]))}
+
+    def compare():
+        t, got, ref, label_bad, defect_voxels = one_pass(compare=True)
+        out["defect_voxels"] = defect_voxels
+        out["defect_fraction"] = defect_voxels / float(np.prod(shape))
+        out["components_cpp"] = int(len(ref["id"]))
+        ok_t, detail = same_table(got, ref)
+        return label_bad == 0 and ok_t, f"{label_bad} labels differ; {detail}"
+
+    checks.run(f"full size {shape}: aggregate labels and table vs _core", compare)
+    out["gpu_peak_pool_bytes"] = peak[0]
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--xp", choices=["cupy", "numpy"], default="cupy")
+    ap.add_argument("--z", type=int, default=1000)
+    ap.add_argument("--y", type=int, default=1200)
+    ap.add_argument("--x", type=int, default=1200)
+    ap.add_argument("--slab", type=int, default=None, help="planes per slab (default 64; z/3 for small z)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-small", action="store_true")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    if args.xp == "cupy":
+        import cupy as xp
+    else:
+        xp = np
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = {"xp": args.xp, "numpy": np.__version__, "python": platform.python_version()}
+    if xp is not np:
+        info.update(cupy=xp.__version__, cuda_runtime=xp.cuda.runtime.runtimeGetVersion(),
+                    cuda_driver=xp.cuda.runtime.driverGetVersion(),
+                    device=xp.cuda.runtime.getDeviceProperties(0)["name"].decode())
+    print(json.dumps(info), flush=True)
+    checks = Checks()
+    if not args.skip_small:
+        t0 = time.perf_counter()
+        small_checks(xp, checks, args.seed)
+        info["small_checks_s"] = time.perf_counter() - t0
+    shape = (args.z, args.y, args.x)
+    args.slab = args.slab or (64 if args.z >= 192 else max(1, args.z // 3))  # small runs still cross slabs
+    print(f"full size {shape}, slabs of {args.slab}", flush=True)
+    full = {}
+    try:
+        full = full_run(xp, shape, args.slab, args.repeats, checks, args.seed)
+    except Exception as exc:
+        traceback.print_exc()
+        checks.results["full size run"] = {"pass": False, "detail": f"{type(exc).__name__}: {exc}"}
+        print(f"FAIL  full size run  {type(exc).__name__}: {exc}")
+    n_pass = sum(r["pass"] for r in checks.results.values())
+    result = {"info": info, "shape": shape, "slab": args.slab, "full": full, "checks": checks.results,
+              "passed": n_pass, "failed": len(checks.results) - n_pass,
+              "wall_s": time.perf_counter() - t_start}
+    (args.out / "gpu_post.json").write_text(json.dumps(result, indent=1))
+
+    med = full.get("median_s", {})
+    print("\n| what | value |\n| --- | --- |")
+    rows = [("device", info.get("device", "cpu (numpy)")), ("volume", "x".join(map(str, shape))),
+            ("defect voxels", f"{full.get('defect_fraction', float('nan')) * 100:.2f} %"),
+            ("components (post / _core)", f"{full.get('components')} / {full.get('components_cpp')}")]
+    rows += [(f"{k} (median of {len(full.get('times_s', []))})", f"{v:.3f} s") for k, v in med.items()]
+    rows += [("peak device pool", f"{full.get('gpu_peak_pool_bytes', 0) / 2 ** 30:.2f} GiB"),
+             ("checks", f"{n_pass} passed, {len(checks.results) - n_pass} failed"),
+             ("wall", f"{result['wall_s']:.1f} s")]
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+    return 0 if n_pass == len(checks.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,4 @@
-"""XctSam: SAM used as a prompt-free per-class segmenter under the runtime's graph contract.
-
-image (N, 1, S, S) float32 in [0, 1]  ->  probabilities (N, K, S, S), one channel per decoder head.
-S is the encoder's input size (its absolute position embedding fixes it). One head = the paper's
-binary model for one class; several heads over one encoder = our shared-encoder mode.
+"""SAM backbones for XctSam (defined in xctrt.gpu.sam: the prompt-free per-class segmenter).
 
 Backbones are built by name from BACKBONES; each builder takes an optional segment-anything
 state dict path (stock ViT-B/L/H checkpoints load as-is; no checkpoint means random weights,
@@ -14,89 +10,16 @@ Input scaling follows each backbone's own preprocessing: segment-anything models
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from xctrt.gpu.sam import PIXEL_MEAN, PIXEL_STD, XctSam  # noqa: F401  (one definition, in the runtime)
+
 from .conv_lora import apply_conv_lora
-
-PIXEL_MEAN = (123.675, 116.28, 103.53)   # SAM's normalisation, on the 0..255 scale
-PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-class XctSam(nn.Module):
-    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
-                 num_heads: int = 1, input_norm: str = "sam"):
-        super().__init__()
-        if input_norm not in ("sam", "unit"):
-            raise ValueError(f"input_norm must be 'sam' (SAM pixel mean/std) or 'unit' ([0, 1] as is), not {input_norm!r}")
-        self.input_norm = input_norm
-        self.image_encoder = image_encoder
-        self.prompt_encoder = prompt_encoder
-        # Head 0 is the given decoder; further heads start as copies of it (same pretrained start).
-        self.mask_decoders = nn.ModuleList([mask_decoder] + [copy.deepcopy(mask_decoder)
-                                                             for _ in range(num_heads - 1)])
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
-
-    @classmethod
-    def from_sam(cls, sam: nn.Module, num_heads: int = 1) -> XctSam:
-        """From a segment-anything Sam or a LiteMedSAM (whose builder marks it `xct_input_norm = "unit"`)."""
-        return cls(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, num_heads,
-                   input_norm=getattr(sam, "xct_input_norm", "sam"))
-
-    def train(self, mode: bool = True) -> XctSam:
-        """As nn.Module.train, but frozen BatchNorm layers (TinyViT's Conv2d_BN) stay in eval mode: a
-        frozen backbone keeps its running statistics, in training steps too, and they never change."""
-        super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-                m.eval()
-        return self
-
-    @property
-    def image_size(self) -> int:
-        return int(self.image_encoder.img_size)
-
-    @property
-    def num_heads(self) -> int:
-        return len(self.mask_decoders)
-
-    def _decode(self, dec: nn.Module, emb: torch.Tensor, pe: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """One decoder head without prompts -> low-res mask logits (N, 1, 4h, 4w).
-
-        Written out instead of calling MaskDecoder.forward, whose repeat_interleave assumes one
-        image and many prompts; here it is many images and no prompt (empty sparse embeddings)."""
-        n, c, h, w = emb.shape
-        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = tokens.unsqueeze(0).expand(n, -1, -1)
-        hs, src = dec.transformer(emb + dense, pe, tokens)     # pe (1, c, h, w) broadcasts over N
-        mask_token = hs[:, 1, :]                               # the single-mask token
-        up = dec.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
-        hyper = dec.output_hypernetworks_mlps[0](mask_token)   # (N, c/8)
-        _, cu, hu, wu = up.shape
-        return (hyper.unsqueeze(1) @ up.reshape(n, cu, hu * wu)).reshape(n, 1, hu, wu)
-
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """(N, 1, S, S) in [0, 1] -> mask logits (N, K, S, S)."""
-        s = image.shape[-1]
-        if self.input_norm == "unit":
-            x = image.expand(-1, 3, -1, -1)
-        else:
-            x = (image.expand(-1, 3, -1, -1) * 255.0 - self.pixel_mean) / self.pixel_std
-        emb = self.image_encoder(x)
-        pe = self.prompt_encoder.get_dense_pe()
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        low = torch.cat([self._decode(d, emb, pe, dense) for d in self.mask_decoders], dim=1)
-        return F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(image))
 
 
 # ---------------------------------------------------------------------- backbones

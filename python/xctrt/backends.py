@@ -65,6 +65,7 @@ def weights_as_float32(model):
 class Engine:
     name = "?"
     device = "cpu"
+    torch_model = None   # a torch callable on device tensors, for the GPU path (torch engines only)
 
     def run(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
@@ -118,6 +119,8 @@ class TorchEngine(Engine):
         self.modules = [convert(onnx.shape_inference.infer_shapes(weights_as_float32(onnx.load_from_string(g.data)),
                                                                   data_prop=True))
                         .eval().to(self.device) for g in package.graphs]
+        mods = self.modules
+        self.torch_model = lambda t: mods[0](t) if len(mods) == 1 else torch.cat([m(t) for m in mods], dim=1)
 
     def run(self, x):
         torch = self.torch
@@ -125,6 +128,28 @@ class TorchEngine(Engine):
             t = torch.from_numpy(x).to(self.device, non_blocking=True)
             outs = [m(t) for m in self.modules]
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+            return out.float().cpu().numpy()
+
+
+class TorchModuleEngine(Engine):
+    """An in-memory torch module as an engine (benchmarks: the same network run several ways).
+
+    batch: images per module call (1 = one image at a time, as a plain segment-anything loop does)."""
+
+    name = "torch-module"
+
+    def __init__(self, module, device: str = "cuda", batch: int | None = None, name: str | None = None):
+        import torch
+        self.torch, self.torch_model, self.device, self.batch = torch, module, device, batch
+        if name:
+            self.name = name
+
+    def run(self, x):
+        torch = self.torch
+        step = self.batch or len(x)
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(self.device, non_blocking=True)
+            out = torch.cat([self.torch_model(t[i:i + step]) for i in range(0, len(t), step)])
             return out.float().cpu().numpy()
 
 

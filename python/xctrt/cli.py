@@ -38,6 +38,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="3D neighbourhood joining defect voxels (default: %(default)s)")
     p.add_argument("--min-voxels", type=int, default=1,
                    help="drop defects smaller than this many voxels (default: %(default)s)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu: C++ stages on the host around the engine; cuda: model (torch) and every stage on "
+                        "the GPU (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -45,7 +48,7 @@ def _segmenter(args):
     from .pipeline import Segmenter
     return Segmenter(args.model, backend=args.backend, batch_size=args.batch_size, threads=args.threads,
                      connectivity=args.connectivity, min_voxels=args.min_voxels, slab=args.slab,
-                     window=args.window, progress=not args.no_progress)
+                     window=args.window, progress=not args.no_progress, device=args.device)
 
 
 def cmd_segment(args) -> int:
@@ -77,6 +80,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.gpu:
+        from .gpu import bench
+        if args.shape is None:
+            args.shape = [1000, 1200, 1200]
+        return bench.main(args)
     import numpy as np
 
     from .phantom import make_phantom
@@ -85,6 +93,7 @@ def cmd_bench(args) -> int:
         if args.volume:
             volume = args.volume
         else:
+            args.shape = args.shape or [32, 512, 512]
             ph = make_phantom(tuple(args.shape), seed=0)
             volume = np.concatenate([ph.render(z, min(z + 16, args.shape[0]))[0]
                                      for z in range(0, args.shape[0], 16)])
@@ -192,9 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time every stage of segment on a volume (or a generated phantom)")
     p.add_argument("volume", nargs="?", help="volume to time (default: a generated phantom)")
-    p.add_argument("--shape", type=int, nargs=3, default=[32, 512, 512], metavar=("Z", "Y", "X"))
+    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   help="generated volume (default: 32 512 512; with --gpu 1000 1200 1200)")
     p.add_argument("--repeat", type=int, default=2, help="runs; the best is reported (default: %(default)s)")
     p.add_argument("--json", help="also save all runs as JSON here")
+    g = p.add_argument_group("GPU comparison (--gpu): one random-weight SAM run naive, compiled and ours")
+    g.add_argument("--gpu", action="store_true", help="compare on the CUDA device instead of timing a package")
+    g.add_argument("--backbone", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"])
+    g.add_argument("--modes", nargs="+", default=["paper", "shared"], choices=["paper", "shared"])
+    g.add_argument("--naive-slices", type=int, default=16, help="slices the naive anchor runs (default: %(default)s)")
+    g.add_argument("--compiled-slices", type=int, default=96, help="slices the compiled anchor runs")
+    g.add_argument("--compile-mode", default="max-autotune",
+                   help="torch.compile mode of the compiled anchor, or 'none' to skip it (default: %(default)s)")
+    g.add_argument("--attention", default="auto", choices=["auto", "triton", "sdpa", "reference"])
+    g.add_argument("--work", help="folder for the generated volume and outputs (default: a temporary one)")
+    g.add_argument("--host-arrays", action="store_true",
+                   help="run the GPU path's code on the host (NumPy, torch CPU): a dry run without a GPU")
     _add_run_options(p)
     p.set_defaults(func=cmd_bench)
 
@@ -238,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--voxel-size", type=float, default=0.02, metavar="MM", help="isotropic (default: %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="processes over slices (0 = all cores)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu: C++ stages on the host around the engine; cuda: model (torch) and every stage on "
+                        "the GPU (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
 

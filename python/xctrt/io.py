@@ -335,10 +335,14 @@ def ome_metadata(voxel_size: tuple[float, float, float] | None) -> dict:
 
 def write_volume_tiff(target: Path, pages: Iterable[np.ndarray], shape: tuple[int, int, int], dtype,
                       voxel_size: tuple[float, float, float] | None, compression: str | None = "zlib") -> None:
-    """Write a compressed OME-TIFF page by page from an iterator (stage it with StagedOutputs)."""
+    """Write a compressed OME-TIFF page by page from an iterator (stage it with StagedOutputs).
+
+    zlib at level 1: label volumes still shrink ~6× (level 6: ~8.6×) at ~3× the speed, which keeps
+    the writer ahead of a GPU producing 100+ slices/s."""
+    extra = {"compressionargs": {"level": 1}, "rowsperstrip": 64} if compression == "zlib" else {}
     with tifffile.TiffWriter(target, bigtiff=True, ome=True) as tw:
         tw.write(data=iter(pages), shape=tuple(shape), dtype=np.dtype(dtype), compression=compression,
-                 photometric="minisblack", metadata=ome_metadata(voxel_size))
+                 photometric="minisblack", metadata=ome_metadata(voxel_size), **extra)
 
 
 def check_output_dir(out_dir: Path) -> Path:

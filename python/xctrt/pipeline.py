@@ -27,6 +27,7 @@ from .io import ArraySource, StagedOutputs, VolumeSource, check_output_dir, open
 from .model import ModelPackage, load_package
 from .preview import write_preview
 
+DEVICES = ("cpu", "cuda", "host-arrays")
 OUTPUTS = ("labels.tif", "defects.csv", "preview.png", "summary.json")  # summary.json last: it marks a finished run
 _END = object()
 
@@ -80,8 +81,18 @@ class Segmenter:
 
     def __init__(self, model: str | Path | ModelPackage | None = None, backend: str = "auto", batch_size: int = 8,
                  threads: int = 0, connectivity: int = 26, min_voxels: int = 1, slab: int = 8,
-                 window: tuple[float, float] | None = None, progress: bool = True):
+                 window: tuple[float, float] | None = None, progress: bool = True, device: str = "cpu",
+                 engine=None, compression: str | None = "zlib"):
+        """device "cpu": window/tile/stitch/aggregate/components in C++ on the host around the engine.
+        device "cuda": all of it on the GPU (xctrt.gpu: torch model, CuPy stages), needs the torch
+        backend; "host-arrays": that GPU path's code with NumPy and torch on the host (tests, dry runs).
+        engine: a ready Engine instead of one built from the package (benchmarks)."""
         self.package = model if isinstance(model, ModelPackage) else load_package(model)
+        if device not in DEVICES:
+            raise XctrtError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+        if device != "cpu" and engine is None and backend not in ("torch", "auto"):
+            raise XctrtError(f"--device cuda runs the model with torch; backend {backend!r} cannot")
+        self.device, self.compression = device, compression
         if batch_size < 1 or slab < 1:
             raise XctrtError("batch size and slab depth must be at least 1")
         if connectivity not in (6, 18, 26):
@@ -90,7 +101,10 @@ class Segmenter:
             raise XctrtError(f"intensity window needs low < high, got {window}")
         if threads:
             _core.set_num_threads(threads)
-        self.engine = make_engine(self.package, backend, threads)
+        self.engine = engine if engine is not None else make_engine(
+            self.package, "torch" if device != "cpu" else backend, threads)
+        if device != "cpu" and getattr(self.engine, "torch_model", None) is None:
+            raise XctrtError(f"engine {self.engine.name} cannot run on the GPU path (no torch model)")
         self.batch_size, self.threads, self.slab = batch_size, threads, slab
         self.connectivity, self.min_voxels, self.window, self.progress = connectivity, min_voxels, window, progress
         pkg = self.package
@@ -154,6 +168,17 @@ class Segmenter:
                     _core.aggregate(full, self._thresholds, self._ids, self._priority, pkg.aggregation, out[i])
         return out
 
+    def _compute_stage(self, shape, voxel_size, timer):
+        if self.device != "cpu":
+            from .gpu.pipeline import GpuStage
+            pkg = self.package
+            if pkg.input_mode != "resize":
+                raise XctrtError(f"{pkg.path}: the GPU path runs resize-mode models; this one tiles")
+            return GpuStage(self.engine.torch_model, pkg.input_size, self._thresholds, self._ids, self._priority,
+                            pkg.aggregation, shape, voxel_size, self.connectivity, batch_size=self.batch_size,
+                            device="cuda" if self.device == "cuda" else "cpu")
+        return _CpuStage(self, DefectCounter(shape, voxel_size, self.connectivity), timer)
+
     # -------------------------------------------------------------- driver
 
     def segment(self, volume, out_dir: str | Path | None = None, voxel_size: tuple[float, float, float] | None = None,
@@ -197,7 +222,8 @@ class Segmenter:
         unit = "vox" if vs_from.startswith("unknown") else "mm"
         with timer("read"):
             window = self.intensity_window(source)
-        counter = DefectCounter(source.shape, vs, self.connectivity)
+        stage = self._compute_stage(source.shape, vs, timer)
+        counter = stage.counter
         labels_all = np.empty(source.shape, np.uint8) if keep_labels else None
         planes = {"z": None, "y": ([], []), "x": ([], [])}
         failed = threading.Event()
@@ -253,7 +279,8 @@ class Segmenter:
                 pages = finished_slabs()
                 if staged is not None:
                     try:
-                        write_volume_tiff(staged.path("labels.tif"), pages, (Z, Y, X), np.uint8, vs if unit == "mm" else None)
+                        write_volume_tiff(staged.path("labels.tif"), pages, (Z, Y, X), np.uint8,
+                                          vs if unit == "mm" else None, compression=self.compression)
                     except OSError as exc:
                         raise XctrtError(f"{out}: cannot write labels.tif ({exc.strerror or exc})") from exc
                 else:
@@ -284,10 +311,13 @@ class Segmenter:
                     except queue.Empty:
                         pass
                 if item is _END:
+                    for done in stage.flush():
+                        _put(q_out, done, failed)
                     _put(q_out, _END, failed)
                     break
                 z0, slab = item
-                _put(q_out, (z0, slab, self.labels_for_slab(slab, window, timer)), failed)
+                for done in stage.submit(z0, slab, window):
+                    _put(q_out, done, failed)
             threads[1].join()
             ok = True
         except _StageFailed:
@@ -303,13 +333,16 @@ class Segmenter:
 
         with timer("components"):
             table = counter.finish(self.min_voxels)
+        for k, v in stage.stage_seconds().items():
+            timer.seconds[k] += v
         elapsed = time.perf_counter() - t_start
         summary = {
             "input": {"path": str(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),
                       "voxel_size_mm": list(vs) if unit == "mm" else None, "voxel_size_from": vs_from},
             "model": {"name": self.package.name, "path": str(self.package.path), "trained": self.package.trained,
                       "files_sha256": self.package.manifest.get("files", {})},
-            "run": {"backend": self.engine.name, "device": self.engine.device, "batch_size": self.batch_size,
+            "run": {"backend": self.engine.name, "device": self.engine.device, "pipeline": self.device,
+                    "batch_size": self.batch_size,
                     "threads": self.threads, "slab": self.slab, "connectivity": self.connectivity,
                     "min_voxels": self.min_voxels, "intensity_window": list(window),
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -334,6 +367,22 @@ class Segmenter:
             except OSError as exc:
                 raise XctrtError(f"{out}: cannot write the outputs ({exc.strerror or exc})") from exc
         return SegmentResult(labels_all, table, summary, outputs)
+
+
+class _CpuStage:
+    """Labels slab by slab on the host (C++ kernels); components run later, in the writer thread."""
+
+    def __init__(self, seg: Segmenter, counter: DefectCounter, timer: _Timer):
+        self.seg, self.counter, self.timer = seg, counter, timer
+
+    def submit(self, z0, slab, window):
+        return [(z0, slab, self.seg.labels_for_slab(slab, window, self.timer))]
+
+    def flush(self):
+        return []
+
+    def stage_seconds(self) -> dict[str, float]:
+        return {}
 
 
 def _versions() -> dict:

@@ -1,0 +1,307 @@
+"""`xctrt bench --gpu`: one random-weight SAM network, three ways, on one generated volume.
+
+  naive     segment-anything as users run it: eager float32, one image at a time, probabilities
+            back to the host, resize/aggregate/components/write on the CPU (our C++ pipeline)
+  compiled  the same network in bf16 through torch.compile (mode configurable), batched, same host
+            pipeline
+  ours      bf16, fused relative-position attention, CUDA graphs, batched; window/resize,
+            aggregate and 3D components on the GPU (xctrt.gpu.pipeline)
+
+All three read the same TIFF and write the same outputs. The anchors run on a prefix of the
+volume (they are slow; their rate is per slice all the same), ours on all of it. Ours is also
+checked against the naive run on shared slices (probabilities and labels).
+
+Thresholds: random decoders have no meaning, so each class's threshold is set from the naive
+model's probabilities on the first slices such that the defect classes cover ~1 % of voxels and
+material ~60 %, as on a real part; the components stage then sees blobs, not noise.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import XctrtError
+from ..model import ClassSpec, ModelPackage
+
+CLASSES = (("material", 1), ("pore", 2), ("inclusion", 3))
+COVER = {"material": 0.60, "pore": 0.01, "inclusion": 0.01}   # target voxel fractions for the thresholds
+
+
+def bench_package(size: int, thresholds, name: str) -> ModelPackage:
+    """An in-memory package describing the random network (no graphs: the engine is given)."""
+    return ModelPackage(path=Path(f"<{name}>"), manifest={"name": name, "trained": False},
+                        classes=[ClassSpec(i, n, float(t)) for (n, i), t in zip(CLASSES, thresholds)],
+                        graphs=[], aggregation="priority", priority=[2, 1, 0], input_size=size,
+                        input_mode="resize", overlap=0, blend="constant", pad="edge",
+                        window={"mode": "fixed", "low": 0.0, "high": 65535.0})
+
+
+def synthetic_volume(path: Path, shape, seed: int = 0, device: str = "cuda", chunk: int = 50) -> None:
+    """A uint16 XCT-like volume written as an uncompressed TIFF: a cylinder of material with spherical
+    pores (dark) and inclusions (bright), noise on top. Made on the device, chunk by chunk."""
+    import torch
+
+    from ..io import write_volume_tiff
+
+    z, y, x = shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n = max(8, z * y * x // 4_000_000)
+    centres = torch.rand(n, 3, generator=g) * torch.tensor([z, y, x])
+    radii = 2 + torch.rand(n, generator=g) * 6
+    kinds = torch.rand(n, generator=g) < 0.8          # 80 % pores, 20 % inclusions
+    yy, xx = torch.meshgrid(torch.arange(y, device=device), torch.arange(x, device=device), indexing="ij")
+    inside = ((yy - y / 2) ** 2 + (xx - x / 2) ** 2) < (0.42 * min(y, x)) ** 2
+
+    def pages():
+        for z0 in range(0, z, chunk):
+            z1 = min(z, z0 + chunk)
+            v = torch.where(inside, 30000.0, 6000.0).expand(z1 - z0, y, x).clone()
+            zz = torch.arange(z0, z1, device=device).view(-1, 1, 1)
+            for c, r, pore in zip(centres.tolist(), radii.tolist(), kinds.tolist()):
+                if c[0] + r < z0 or c[0] - r >= z1:
+                    continue
+                d2 = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2
+                v[d2 < r * r] = 12000.0 if pore else 55000.0
+            v += torch.randn(v.shape, device=device, generator=torch.Generator(device=device).manual_seed(seed + z0)) * 1500
+            yield from v.clamp_(0, 65535).to(torch.int32).cpu().numpy().astype(np.uint16)
+
+    write_volume_tiff(path, pages(), shape, np.uint16, None, compression=None)
+
+
+def matmul_peak(torch, n: int = 8192, reps: int = 10) -> float:
+    """Measured bf16 matrix-product rate (TFLOP/s) on random data: the % of peak below uses it."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    return 2 * n ** 3 / float(np.median(times)) / 1e12
+
+
+def time_cuda(torch, fn, reps: int = 10, warmup: int = 3) -> float:
+    """Median seconds of fn() by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    return float(np.median(times))
+
+
+def check_attention(torch, device) -> dict:
+    """Fused kernel vs float32 reference on fresh random ViT-B-shaped inputs; 'triton' if it passes."""
+    from . import attention as A
+
+    out = {}
+    for hw, bh in (((64, 64), 24), ((14, 14), 96)):
+        n, d = hw[0] * hw[1], 64
+        q, k, v = (torch.randn(bh, n, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+        rh, rw = (torch.randn(bh, n, s, device=device) for s in hw)
+        ref = A.attention_reference(q.float(), k.float(), v.float(), rh, rw, hw, d ** -0.5)
+        for impl in ("triton", "sdpa"):
+            try:
+                o = A.attention(q, k, v, rh, rw, hw, d ** -0.5, impl=impl).float()
+                err = float((o - ref).norm() / ref.norm())
+                out[f"{impl} {hw[0]}x{hw[1]}"] = err
+            except Exception as exc:     # report, then fall back
+                out[f"{impl} {hw[0]}x{hw[1]}"] = f"{type(exc).__name__}: {exc}"[:300]
+    ok = all(isinstance(out[f"triton {s}"], float) and out[f"triton {s}"] < 2e-2 for s in ("64x64", "14x14"))
+    out["chosen"] = "triton" if ok else "sdpa"
+    return out
+
+
+def _stage_row(summary: dict) -> dict:
+    t = summary["timing"]
+    return {"slices": summary["input"]["shape"][0], "total_s": t["total_s"], "slices_per_s": t["slices_per_s"],
+            "stage_busy_s": t["stage_busy_s"]}
+
+
+def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shared"), batch: int = 8,
+        slab: int = 32, naive_slices: int = 16, compiled_slices: int = 96, compile_mode: str | None = "max-autotune",
+        attention_impl: str = "auto", volume: str | None = None, work: str | None = None,
+        device: str = "cuda", seed: int = 0, log=print) -> dict:
+    import torch
+
+    from ..backends import TorchModuleEngine
+    from ..pipeline import Segmenter
+    from .sam import accelerate, build_random_class_net, encoder_flops
+
+    cuda = device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise XctrtError("xctrt bench --gpu needs a CUDA device; torch sees none")
+    gpu_device = "cuda" if cuda else "host-arrays"
+    tmp = Path(work or tempfile.mkdtemp(prefix="xctrt-gpu-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
+                 "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                 "shape": list(shape), "backbone": backbone, "batch": batch, "slab": slab, "modes": {}}
+    if cuda:
+        res["matmul_bf16_tflops"] = matmul_peak(torch)
+        log(f"bf16 matmul peak (measured): {res['matmul_bf16_tflops']:.0f} TFLOP/s")
+        res["attention_check"] = check_attention(torch, device)
+        chosen = res["attention_check"]["chosen"] if attention_impl == "auto" else attention_impl
+        log(f"attention check: {res['attention_check']}")
+    else:
+        chosen = "sdpa" if attention_impl == "auto" else attention_impl
+    res["attention_impl"] = chosen
+    vol = Path(volume) if volume else tmp / "volume.tif"
+    if not vol.exists():
+        t0 = time.perf_counter()
+        synthetic_volume(vol, shape, seed, device=device)
+        res["volume_write_s"] = time.perf_counter() - t0
+        log(f"volume {shape} written in {res['volume_write_s']:.1f} s")
+    from ..io import open_volume
+    src = open_volume(vol)
+    try:
+        shape = src.shape
+        head = src.read(0, min(shape[0], max(naive_slices, compiled_slices if compile_mode else 0, 4)))
+    finally:
+        src.close()
+
+    for mode in modes:
+        r: dict = {}
+        res["modes"][mode] = r
+        net = build_random_class_net(backbone, len(CLASSES), mode, seed=seed, device=device)
+        size = net.image_size
+        r["encoder_tflop_per_image"] = encoder_flops(net.models[0]) / 1e12
+        r["encoder_passes_per_slice"] = len(net.models)
+        # thresholds from the naive model's probabilities on the first slices (see the module notes)
+        naive = TorchModuleEngine(net, device=device, batch=1, name="naive-fp32-eager")
+        lo, hi = 0.0, 65535.0
+        from .. import _core
+        x = np.stack([_core.resize_bilinear(_core.window(s, lo, hi), size, size) for s in head[:4]])[:, None]
+        p = naive.run(x)
+        thr = [float(np.quantile(p[:, i], 1 - COVER[n])) for i, (n, _) in enumerate(CLASSES)]
+        r["thresholds"] = thr
+        pkg = bench_package(size, thr, f"random-{backbone}-{mode}")
+        common = dict(batch_size=batch, slab=slab, progress=False, window=(lo, hi))
+
+        # naive anchor
+        seg = Segmenter(pkg, engine=naive, **common)
+        s = seg.segment(head[:naive_slices], out_dir=tmp / f"naive-{mode}", keep_labels=True)
+        r["naive"] = _stage_row(s.summary)
+        naive_labels = s.labels
+        log(f"[{mode}] naive: {r['naive']['slices_per_s']:.2f} slices/s")
+        if cuda:
+            xb = torch.from_numpy(np.repeat(x[:1], batch, 0)).to(device)
+            with torch.inference_mode():
+                r["naive"]["model_s_per_image"] = time_cuda(torch, lambda: net(xb[:1]), reps=5, warmup=2)
+                r["naive"]["encoder_s_per_image"] = time_cuda(torch, lambda: net.encode(xb[:1]), reps=5, warmup=2)
+
+        # ours
+        fast = accelerate(copy.deepcopy(net), chosen).cast_weights(torch.bfloat16 if cuda else torch.float32)
+        eng = TorchModuleEngine(fast, device=device, name=f"xctrt-gpu-{chosen}")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        seg = Segmenter(pkg, engine=eng, device=gpu_device, **common)
+        s = seg.segment(vol, out_dir=tmp / f"ours-{mode}", keep_labels=False)
+        r["ours"] = _stage_row(s.summary)
+        r["ours"]["wall_s_incl_capture"] = time.perf_counter() - t0
+        r["ours"]["defects"] = {k: v["count"] for k, v in s.summary["result"]["defects"].items()}
+        if cuda:
+            r["ours"]["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            try:
+                import cupy
+                r["ours"]["cupy_pool_gib"] = cupy.get_default_memory_pool().total_bytes() / 2 ** 30
+            except Exception:
+                pass
+        log(f"[{mode}] ours: {r['ours']['slices_per_s']:.1f} slices/s end to end, stages "
+            f"{ {k: round(v, 2) for k, v in r['ours']['stage_busy_s'].items()} }")
+        # same slices as the naive run: labels agreement (bf16 vs float32)
+        seg = Segmenter(pkg, engine=eng, device=gpu_device, **common)
+        s = seg.segment(head[:naive_slices], keep_labels=True)
+        r["ours"]["label_agreement_vs_naive"] = float((s.labels == naive_labels).mean())
+        with torch.inference_mode():
+            xt = torch.from_numpy(x).to(device)
+            pf = fast(xt).float().cpu().numpy()
+        r["ours"]["prob_max_abs_diff_vs_naive"] = float(np.abs(pf - p).max())
+        r["ours"]["prob_mean_abs_diff_vs_naive"] = float(np.abs(pf - p).mean())
+        if cuda:
+            xb8 = torch.from_numpy(np.repeat(x[:1], batch, 0)).to(device)
+            from .sam import GraphedStep
+            with torch.inference_mode():
+                enc = GraphedStep(lambda t: tuple(fast.encode(t)), xb8)
+                dt = time_cuda(torch, lambda: enc(xb8), reps=10)
+            passes = len(fast.models)
+            r["ours"]["encoder_s_per_image"] = dt / batch
+            tflops = r["encoder_tflop_per_image"] * passes * batch / dt
+            r["ours"]["encoder_tflops"] = tflops
+            r["ours"]["encoder_percent_of_peak"] = 100 * tflops / res["matmul_bf16_tflops"]
+            log(f"[{mode}] ours encoder: {batch * passes / dt:.0f} img/s, {tflops:.0f} TFLOP/s "
+                f"({r['ours']['encoder_percent_of_peak']:.0f}% of measured peak)")
+            enc = None
+        fast = eng = seg = None   # free the device memory before the next run
+
+        # compiled anchor (last: its compile time is the least predictable)
+        if compile_mode and mode == modes[0] and cuda:
+            comp_net = copy.deepcopy(net).cast_weights(torch.bfloat16)
+            compiled = torch.compile(comp_net, mode=compile_mode)
+            eng = TorchModuleEngine(compiled, device=device, batch=batch, name=f"compiled-{compile_mode}")
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                compiled(torch.from_numpy(np.repeat(x[:1], batch, 0)).to(device))
+                torch.cuda.synchronize()
+            r["compiled_compile_s"] = time.perf_counter() - t0
+            seg = Segmenter(pkg, engine=eng, **common)
+            s = seg.segment(head[:compiled_slices], out_dir=tmp / f"compiled-{mode}", keep_labels=False)
+            r["compiled"] = _stage_row(s.summary)
+            with torch.inference_mode():
+                xb8 = torch.from_numpy(np.repeat(x[:1], batch, 0)).to(device)
+                r["compiled"]["model_s_per_image"] = time_cuda(torch, lambda: compiled(xb8), reps=5) / batch
+            log(f"[{mode}] compiled ({compile_mode}): {r['compiled']['slices_per_s']:.1f} slices/s, "
+                f"compile {r['compiled_compile_s']:.0f} s")
+            compiled = comp_net = eng = seg = None
+        net = naive = None
+        if cuda:
+            torch.cuda.empty_cache()
+    return res
+
+
+def table(res: dict) -> str:
+    """The short summary printed last."""
+    rows = [f"{res['device']}  {res['date']}  volume {res['shape']}  {res['backbone']}  batch {res['batch']}  "
+            f"attention {res['attention_impl']}"]
+    rows.append(f"{'mode':<8}{'run':<10}{'slices/s':>10}{'x naive':>9}{'x compiled':>11}{'enc TFLOP/s':>12}{'% peak':>8}")
+    for mode, r in res["modes"].items():
+        base = r["naive"]["slices_per_s"]
+        comp = r.get("compiled", {}).get("slices_per_s")
+        for run_ in ("naive", "compiled", "ours"):
+            if run_ not in r:
+                continue
+            v = r[run_]["slices_per_s"]
+            rows.append(f"{mode:<8}{run_:<10}{v:>10.1f}{v / base:>9.1f}"
+                        f"{(v / comp if comp else float('nan')):>11.2f}"
+                        f"{r[run_].get('encoder_tflops', float('nan')):>12.0f}"
+                        f"{r[run_].get('encoder_percent_of_peak', float('nan')):>8.0f}")
+    return "\n".join(rows)
+
+
+def main(args) -> int:
+    res = run(shape=tuple(args.shape), backbone=args.backbone, modes=tuple(args.modes), batch=args.batch_size,
+              slab=args.slab, naive_slices=args.naive_slices, compiled_slices=args.compiled_slices,
+              compile_mode=None if args.compile_mode == "none" else args.compile_mode,
+              attention_impl=args.attention, volume=args.volume, work=args.work,
+              device="cuda" if not args.host_arrays else "cpu")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    print(table(res))
+    return 0

@@ -1,0 +1,294 @@
+"""The GPU compute stage of Segmenter: slab in host memory -> labels, with everything on the device.
+
+    host slab (pinned) --copy stream--> device --compute stream--> window + resize (post.py)
+        -> encoder (one CUDA graph per batch) -> decoders -> resize back + aggregate (post.py)
+        --post stream--> 3D components (post.ComponentLabeller)   and   --copy stream--> labels to host
+
+Three CUDA streams so that copies, the model and the component labelling of the previous slab
+overlap; `submit` returns the slabs whose labels have reached the host (one slab behind), and the
+Segmenter's reader and writer threads keep disk reads and TIFF encoding off this thread.
+
+On a machine without CUDA the same code runs on the CPU with NumPy (tests, dry runs): the maths
+are identical, only nothing overlaps.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from ..errors import XctrtError
+from . import post
+
+
+class _Clock:
+    """Per-stage busy time: CUDA events on the stage's stream (read once the slab is finished), or
+    the host clock on the CPU, where every call has finished when it returns."""
+
+    def __init__(self, torch, cuda: bool):
+        self.torch, self.cuda = torch, cuda
+        self.seconds = defaultdict(float)
+        self._pending: list[tuple[str, object, object]] = []
+
+    def mark(self, stream=None):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = self.torch.cuda.Event(enable_timing=True)
+        ev.record(stream)
+        return ev
+
+    def span(self, stage: str, start, end) -> None:
+        if self.cuda:
+            self._pending.append((stage, start, end))
+        else:
+            self.seconds[stage] += end - start
+
+    def collect(self) -> None:
+        """Add the spans whose end events have completed."""
+        keep = []
+        for stage, a, b in self._pending:
+            if b.query():
+                self.seconds[stage] += a.elapsed_time(b) / 1000.0
+            else:
+                keep.append((stage, a, b))
+        self._pending = keep
+
+    def finish(self) -> dict[str, float]:
+        for _, _, b in self._pending:
+            b.synchronize()
+        self.collect()
+        return dict(self.seconds)
+
+
+class GpuCounter:
+    """The writer thread's view of the components: already counted on the device, so add_slab does
+    nothing and finish() asks the stage."""
+
+    def __init__(self, stage: GpuStage):
+        self.stage = stage
+
+    def add_slab(self, labels, image) -> None:
+        pass
+
+    @property
+    def class_voxels(self) -> np.ndarray:
+        return self.stage.host_class_voxels()
+
+    def finish(self, min_voxels: int = 1) -> dict:
+        return self.stage.finish(max(0, int(min_voxels)))
+
+
+class GpuStage:
+    """Labels for slabs on a CUDA device (or, without one, the CPU), components included.
+
+    model: a ClassNet-like object with encode(x) -> embeddings and decode(embeddings, size) ->
+    float32 probabilities (N, K, S, S) for x float32 (N, 1, S, S) in [0, 1] on the device, or any
+    callable x -> probabilities (then encoder and decoder are timed as one stage, "model").
+    """
+
+    def __init__(self, model, input_size: int, thresholds, label_ids, priority, aggregation: str,
+                 shape, voxel_size, connectivity: int = 26, classes=(2, 3), batch_size: int = 8,
+                 device: str = "cuda", graphs: bool = True):
+        import torch
+
+        self.torch = torch
+        self.cuda = device.startswith("cuda")
+        if self.cuda and not torch.cuda.is_available():
+            raise XctrtError("the GPU path needs a CUDA device; torch sees none")
+        self.device = torch.device(device)
+        if self.cuda:
+            import cupy
+            self.xp = cupy
+        else:
+            self.xp = np
+        self.model, self.size, self.batch = model, int(input_size), int(batch_size)
+        self.split = hasattr(model, "encode") and hasattr(model, "decode")
+        self.thresholds = np.asarray(thresholds, np.float32)
+        self.ids = np.asarray(label_ids, np.uint8)
+        self.priority = np.asarray(priority, np.int64)
+        self.aggregation = aggregation
+        self.labeller = post.ComponentLabeller(tuple(shape), classes=tuple(classes), connectivity=connectivity,
+                                               voxel_size=tuple(voxel_size))
+        self.class_voxels = self.xp.zeros(256, self.xp.int64)
+        self.clock = _Clock(torch, self.cuda)
+        self.counter = GpuCounter(self)
+        self.pending: list = []          # submitted slabs whose labels are not yet on the host
+        self._steps = None
+        if self.cuda:
+            self.compute = torch.cuda.Stream()
+            self.copy = torch.cuda.Stream()
+            self.postproc = torch.cuda.Stream()
+            if graphs and self.split:
+                self._steps = self._capture()
+
+    # ---------------------------------------------------------------- model steps
+
+    def _capture(self):
+        """One CUDA graph for the encoders and one for the decoders at the batch size."""
+        from .sam import GraphedStep
+
+        torch = self.torch
+        with torch.cuda.stream(self.compute):
+            x = torch.rand(self.batch, 1, self.size, self.size, device=self.device)
+            enc = GraphedStep(lambda t: tuple(self.model.encode(t)), x)
+            dec = GraphedStep(lambda *e: self.model.decode(list(e), self.size), list(enc.static_out))
+        torch.cuda.synchronize()
+        return enc, dec
+
+    def _encode(self, x):
+        if self._steps is None:
+            return self.model.encode(x)
+        n = x.shape[0]
+        if n < self.batch:   # the graph's batch is fixed: pad the last one
+            x = self.torch.cat([x, x.new_zeros((self.batch - n,) + tuple(x.shape[1:]))])
+        return list(self._steps[0](x))
+
+    def _decode(self, emb, n):
+        if self._steps is None:
+            return self.model.decode(emb, self.size)
+        return self._steps[1](*emb)[:n]
+
+    # ---------------------------------------------------------------- per slab
+
+    def submit(self, z0: int, slab: np.ndarray, window) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Queue one slab (z, Y, X) host array; return the slabs finished meanwhile, in order."""
+        torch, xp, clock = self.torch, self.xp, self.clock
+        lo, hi = (float(w) for w in window)
+        n, h, w = slab.shape
+        with torch.inference_mode():
+            if self.cuda:
+                # uint16 crosses as int16 (same bytes): torch and DLPack handle int16 everywhere
+                raw = np.ascontiguousarray(slab)
+                raw = raw.view(np.int16) if raw.dtype == np.uint16 else raw
+                host = torch.from_numpy(raw).pin_memory()
+                with torch.cuda.stream(self.copy):
+                    t0 = clock.mark(self.copy)
+                    dev = host.to(self.device, non_blocking=True)
+                    t1 = clock.mark(self.copy)
+                clock.span("h2d", t0, t1)
+                self.compute.wait_stream(self.copy)
+                dev.record_stream(self.compute)
+                ctx = torch.cuda.stream(self.compute)
+            else:
+                dev = np.ascontiguousarray(slab)
+                ctx = _null()
+            with ctx, _xp_stream(xp, self.compute if self.cuda else None):
+                img = _to_xp(xp, dev)
+                if img.dtype != slab.dtype:
+                    img = img.view(slab.dtype)
+                t0 = clock.mark()
+                x = post.resize_bilinear(post.window(img, lo, hi), self.size, self.size)
+                x = _to_torch(torch, x).unsqueeze(1)
+                t1 = clock.mark()
+                clock.span("preprocess", t0, t1)
+                probs = []
+                for b in range(0, n, self.batch):
+                    xb = x[b:b + self.batch]
+                    if self.split:
+                        t0 = clock.mark()
+                        emb = self._encode(xb)
+                        t1 = clock.mark()
+                        p = self._decode(emb, xb.shape[0])
+                        t2 = clock.mark()
+                        clock.span("encoder", t0, t1)
+                        clock.span("decoder", t1, t2)
+                    else:
+                        t0 = clock.mark()
+                        p = self.model(xb)
+                        clock.span("model", t0, clock.mark())
+                    probs.append(_to_xp(xp, p.float()).copy())   # graph outputs are reused by the next batch
+                t0 = clock.mark()
+                probs = probs[0] if len(probs) == 1 else xp.concatenate(probs)
+                if probs.shape != (n, len(self.ids), self.size, self.size):
+                    raise XctrtError(f"the model returned {probs.shape}, expected {(n, len(self.ids), self.size, self.size)}")
+                full = post.resize_bilinear(probs, h, w)
+                labels = post.aggregate(full, self.thresholds, self.ids, self.priority, self.aggregation)
+                self.class_voxels += xp.bincount(labels.ravel(), minlength=256)
+                t1 = clock.mark()
+                clock.span("aggregate", t0, t1)
+                del full, probs
+            if self.cuda:
+                ready = torch.cuda.Event()
+                ready.record(self.compute)
+                # components on their own stream: their host syncs then wait for this slab's labels only,
+                # not for the next slab's model work queued behind it on the compute stream
+                self.postproc.wait_event(ready)
+                out = torch.empty((n, h, w), dtype=torch.uint8, pin_memory=True)
+                with torch.cuda.stream(self.copy):
+                    self.copy.wait_event(ready)
+                    t0 = clock.mark(self.copy)
+                    out.copy_(_to_torch(torch, labels), non_blocking=True)
+                    t1 = clock.mark(self.copy)
+                clock.span("d2h", t0, t1)
+                copied = torch.cuda.Event()
+                copied.record(self.copy)
+                self.pending.append((z0, slab, out, copied, labels, img))
+            else:
+                self.pending.append((z0, slab, labels, None, labels, img))
+        done = self._components_of_previous(keep=1)
+        return done
+
+    def _components_of_previous(self, keep: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Label components of all but the newest `keep` submitted slabs and hand them back."""
+        torch, xp, clock = self.torch, self.xp, self.clock
+        done = []
+        while len(self.pending) > keep:
+            z0, slab, out, copied, labels, img = self.pending.pop(0)
+            with (torch.cuda.stream(self.postproc) if self.cuda else _null()), \
+                    _xp_stream(xp, self.postproc if self.cuda else None):
+                t0 = clock.mark(self.postproc if self.cuda else None)
+                self.labeller.add_slab(labels, img)
+                clock.span("components", t0, clock.mark(self.postproc if self.cuda else None))
+            if self.cuda:
+                copied.synchronize()
+                out = out.numpy()
+            else:
+                out = np.asarray(out)
+            clock.collect()
+            done.append((z0, slab, out))
+        return done
+
+    def flush(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        return self._components_of_previous(keep=0)
+
+    def finish(self, min_voxels: int = 0) -> dict:
+        """The defect table (same columns and values as the C++ labeller's)."""
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        with _xp_stream(self.xp, self.postproc if self.cuda else None):
+            t0 = time.perf_counter()
+            table = self.labeller.finish(min_voxels=min_voxels)
+            self.clock.seconds["components"] += time.perf_counter() - t0
+        return table
+
+    def host_class_voxels(self) -> np.ndarray:
+        return np.asarray(self.class_voxels.get() if self.cuda else self.class_voxels)
+
+    def stage_seconds(self) -> dict[str, float]:
+        return self.clock.finish()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _xp_stream(xp, torch_stream):
+    """Make CuPy queue its kernels on the given torch stream (no-op for NumPy)."""
+    if torch_stream is None or xp is np:
+        return _null()
+    return xp.cuda.ExternalStream(torch_stream.cuda_stream)
+
+
+def _to_xp(xp, t):
+    if isinstance(t, np.ndarray):
+        return t
+    return xp.from_dlpack(t) if xp is not np else t.numpy()
+
+
+def _to_torch(torch, a):
+    return torch.from_dlpack(a) if not isinstance(a, np.ndarray) else torch.from_numpy(np.ascontiguousarray(a))

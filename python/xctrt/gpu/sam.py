@@ -1,0 +1,290 @@
+"""XctSam: SAM as a prompt-free per-class segmenter, and its fast bf16 forward for GPUs.
+
+image (N, 1, S, S) float32 in [0, 1]  ->  probabilities (N, K, S, S), one channel per decoder head.
+S is the encoder's input size (its absolute position embedding fixes it). One head = the paper's
+binary model for one class; several heads over one encoder = our shared-encoder mode.
+
+Training (training/sam_model.py) builds these from backbones; the runtime's GPU path runs them.
+Input scaling follows each backbone's own preprocessing: segment-anything models see
+(255·x − pixel_mean) / pixel_std; LiteMedSAM sees x itself, grey replicated to 3 channels in both.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)   # SAM's normalisation, on the 0..255 scale
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class XctSam(nn.Module):
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
+                 num_heads: int = 1, input_norm: str = "sam"):
+        super().__init__()
+        if input_norm not in ("sam", "unit"):
+            raise ValueError(f"input_norm must be 'sam' (SAM pixel mean/std) or 'unit' ([0, 1] as is), not {input_norm!r}")
+        self.input_norm = input_norm
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        # Head 0 is the given decoder; further heads start as copies of it (same pretrained start).
+        self.mask_decoders = nn.ModuleList([mask_decoder] + [copy.deepcopy(mask_decoder)
+                                                             for _ in range(num_heads - 1)])
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_sam(cls, sam: nn.Module, num_heads: int = 1) -> XctSam:
+        """From a segment-anything Sam or a LiteMedSAM (whose builder marks it `xct_input_norm = "unit"`)."""
+        return cls(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, num_heads,
+                   input_norm=getattr(sam, "xct_input_norm", "sam"))
+
+    def train(self, mode: bool = True) -> XctSam:
+        """As nn.Module.train, but frozen BatchNorm layers (TinyViT's Conv2d_BN) stay in eval mode: a
+        frozen backbone keeps its running statistics, in training steps too, and they never change."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+        return self
+
+    @property
+    def image_size(self) -> int:
+        return int(self.image_encoder.img_size)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.mask_decoders)
+
+    def _decode(self, dec: nn.Module, emb: torch.Tensor, pe: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """One decoder head without prompts -> low-res mask logits (N, 1, 4h, 4w).
+
+        Written out instead of calling MaskDecoder.forward, whose repeat_interleave assumes one
+        image and many prompts; here it is many images and no prompt (empty sparse embeddings)."""
+        n, c, h, w = emb.shape
+        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = tokens.unsqueeze(0).expand(n, -1, -1)
+        hs, src = dec.transformer(emb + dense, pe, tokens)     # pe (1, c, h, w) broadcasts over N
+        mask_token = hs[:, 1, :]                               # the single-mask token
+        up = dec.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
+        hyper = dec.output_hypernetworks_mlps[0](mask_token)   # (N, c/8)
+        _, cu, hu, wu = up.shape
+        return (hyper.unsqueeze(1) @ up.reshape(n, cu, hu * wu)).reshape(n, 1, hu, wu)
+
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        """(N, 1, S, S) in [0, 1] -> the backbone's 3-channel input, in the image's dtype."""
+        x = image.expand(-1, 3, -1, -1)
+        return x if self.input_norm == "unit" else (x * 255.0 - self.pixel_mean) / self.pixel_std
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """(N, 1, S, S) in [0, 1] -> image embedding (N, c, h, w), in the encoder's dtype (the
+        normalisation stays in the image's precision: the pixel mean/std buffers are float32)."""
+        return self.image_encoder(self.prepare(image).to(next(self.image_encoder.parameters()).dtype))
+
+    def decode(self, emb: torch.Tensor, size: int) -> torch.Tensor:
+        """Image embedding -> mask logits (N, K, size, size), one channel per head."""
+        pe = self.prompt_encoder.get_dense_pe()
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        low = torch.cat([self._decode(d, emb, pe, dense) for d in self.mask_decoders], dim=1)
+        return F.interpolate(low.float(), size=(size, size), mode="bilinear", align_corners=False)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """(N, 1, S, S) in [0, 1] -> mask logits (N, K, S, S)."""
+        return self.decode(self.encode(image), image.shape[-1])
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(image))
+
+
+# ---------------------------------------------------------------------- K classes from one or more XctSam
+
+class ClassNet(nn.Module):
+    """K class channels from XctSam models: paper mode = one single-head model per class (K encoder
+    passes per image), shared mode = one model with K heads (one encoder pass)."""
+
+    def __init__(self, models: list[XctSam]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    @property
+    def image_size(self) -> int:
+        return self.models[0].image_size
+
+    @property
+    def num_classes(self) -> int:
+        return sum(m.num_heads for m in self.models)
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return [m.encode(image) for m in self.models]
+
+    def decode(self, embeddings: list[torch.Tensor], size: int) -> torch.Tensor:
+        """Embeddings -> probabilities (N, K, size, size) in float32."""
+        logits = torch.cat([m.decode(e, size) for m, e in zip(self.models, embeddings)], dim=1)
+        return torch.sigmoid(logits.float())
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(image), image.shape[-1])
+
+    def cast_weights(self, dtype: torch.dtype) -> ClassNet:
+        """Encoders, prompt encoders and decoders in `dtype`; the input normalisation (pixel mean/std),
+        the upsampling of mask logits and the sigmoid stay float32. In place."""
+        for m in self.models:
+            for part in (m.image_encoder, m.prompt_encoder, m.mask_decoders):
+                part.to(dtype)
+        return self
+
+
+def build_random_class_net(backbone: str = "vit_b", classes: int = 3, mode: str = "paper", seed: int = 0,
+                           device: str | torch.device = "cpu") -> ClassNet:
+    """segment-anything backbone with random weights (no checkpoint can be had here), K classes.
+
+    Relative-position tables are drawn too (segment-anything initialises them to zero, which would
+    make the attention bias vanish and hide mistakes in it). The same seed gives the same weights."""
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    configs = {  # embed dim, depth, heads, global blocks, image size, window (segment-anything's builders)
+        "vit_b": (768, 12, 12, (2, 5, 8, 11), 1024, 14),
+        "vit_l": (1024, 24, 16, (5, 11, 17, 23), 1024, 14),
+        "vit_h": (1280, 32, 16, (7, 15, 23, 31), 1024, 14),
+        "tiny": (32, 2, 2, (1,), 64, 3),   # for tests: 4×4 tokens, one windowed and one global block
+    }
+    if backbone not in configs:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(configs)}")
+    if mode not in ("paper", "shared"):
+        raise ValueError(f"mode must be 'paper' or 'shared', not {mode!r}")
+    dim, depth, heads, glob, img, win = configs[backbone]
+    out, patch = (256, 16) if backbone != "tiny" else (32, 16)
+    grid = img // patch
+    gen = torch.Generator().manual_seed(seed)
+
+    def one_sam() -> XctSam:
+        sam = Sam(
+            image_encoder=ImageEncoderViT(depth=depth, embed_dim=dim, img_size=img, mlp_ratio=4,
+                                          norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=heads,
+                                          patch_size=patch, qkv_bias=True, use_rel_pos=True,
+                                          global_attn_indexes=glob, window_size=win, out_chans=out),
+            prompt_encoder=PromptEncoder(embed_dim=out, image_embedding_size=(grid, grid),
+                                         input_image_size=(img, img), mask_in_chans=16),
+            mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=out, iou_head_depth=3,
+                                     iou_head_hidden_dim=256,
+                                     transformer=TwoWayTransformer(depth=2, embedding_dim=out,
+                                                                   mlp_dim=2048 if backbone != "tiny" else 64,
+                                                                   num_heads=8 if backbone != "tiny" else 2)),
+            pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
+        net = XctSam.from_sam(sam, 1 if mode == "paper" else classes)
+        with torch.no_grad():   # seeded draws on the CPU generator: same weights on any device; every
+            for name, p in net.named_parameters():   # head its own (from_sam copies head 0)
+                if p.dim() > 1 or "rel_pos" in name:
+                    std = 0.1 if "rel_pos" in name else (1.0 / p[0].numel()) ** 0.5
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return net
+
+    models = [one_sam() for _ in range(classes if mode == "paper" else 1)]
+    return ClassNet(models).eval().to(device)
+
+
+def encoder_flops(model: XctSam) -> float:
+    """Floating-point operations (multiply-add = 2) of one image through a segment-anything
+    ImageEncoderViT: patch embedding, every block's linears and attention, the neck."""
+    enc = model.image_encoder
+    s = model.image_size
+    patch = enc.patch_embed.proj.kernel_size[0]
+    g = s // patch
+    dim = enc.patch_embed.proj.out_channels
+    flops = 2.0 * g * g * dim * 3 * patch * patch
+    for blk in enc.blocks:
+        w = blk.window_size
+        if w > 0:
+            gp = -(-g // w) * w                     # padded grid: segment-anything pads before attention
+            n_tok, n_win = w * w, (gp // w) ** 2
+        else:
+            gp, n_tok, n_win = g, g * g, 1
+        mlp = blk.mlp.lin1.out_features
+        flops += 2.0 * gp * gp * 4 * dim * dim + 2.0 * g * g * 2 * dim * mlp   # qkv + proj (padded), MLP
+        hd = dim // blk.attn.num_heads
+        # QKᵀ and PV, plus the two relative-position einsums (q against H and W tables)
+        flops += n_win * blk.attn.num_heads * (4.0 * n_tok * n_tok * hd + 2.0 * n_tok * hd * (2 * int(n_tok ** 0.5)))
+    neck_out = enc.neck[0].out_channels
+    flops += 2.0 * g * g * dim * neck_out + 2.0 * g * g * neck_out * neck_out * 9
+    return flops
+
+
+# ---------------------------------------------------------------------- the fast forward
+
+def accelerate(net: nn.Module, attention_impl: str = "auto") -> nn.Module:
+    """Swap every segment-anything image-encoder Attention in `net` for the same maths through
+    xctrt.gpu.attention (fused relative-position flash attention on CUDA). In place; the weights,
+    and any wrapped qkv (Conv-LoRA), stay as they are."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    fast = fast_attention_class()
+    for m in net.modules():
+        if isinstance(m, Attention):
+            m.__class__ = fast
+            m.attention_impl = attention_impl
+    return net
+
+
+_FAST: list[type] = []
+
+
+def fast_attention_class() -> type:
+    """The FastAttention class, made once (it subclasses segment-anything's, imported only here)."""
+    if not _FAST:
+        _FAST.append(_make_fast_attention())
+    return _FAST[0]
+
+
+def _make_fast_attention() -> type:
+    from segment_anything.modeling.image_encoder import Attention
+
+    from .attention import attention, relative_bias_terms
+
+    class FastAttention(Attention):
+        """segment-anything's Attention, computed by one fused kernel (no N×N matrix in memory)."""
+        attention_impl = "auto"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, h, w, _ = x.shape
+            qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
+            if self.use_rel_pos:
+                # the bias terms in float32: bf16 would round a bias of ~10 to ±0.03 before the softmax
+                rel_h, rel_w = relative_bias_terms(q.float(), self.rel_pos_h.float(), self.rel_pos_w.float(), (h, w))
+                o = attention(q, k, v, rel_h, rel_w, (h, w), self.scale, impl=self.attention_impl)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            o = o.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+            return self.proj(o)
+
+    FastAttention.__module__ = __name__
+    return FastAttention
+
+
+class GraphedStep:
+    """A fixed-shape function replayed as one CUDA graph (no per-kernel launch cost).
+
+    Call with a tensor of the captured shape; the result lives in the graph's static output and
+    is overwritten by the next call, so consume (or copy) it first."""
+
+    def __init__(self, fn, example, warmup: int = 2):
+        self.static_in = [t.clone() for t in example] if isinstance(example, (list, tuple)) else [example.clone()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):       # warm-up outside capture: autotuning, lazy allocations
+            for _ in range(warmup):
+                fn(*self.static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = fn(*self.static_in)
+
+    def __call__(self, *inputs):
+        for dst, src in zip(self.static_in, inputs):
+            dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return self.static_out

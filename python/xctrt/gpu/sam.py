@@ -184,7 +184,7 @@ def build_random_class_net(backbone: str = "vit_b", classes: int = 3, mode: str 
         return net
 
     models = [one_sam() for _ in range(classes if mode == "paper" else 1)]
-    return ClassNet(models).eval().to(device)
+    return ClassNet(models).eval().requires_grad_(False).to(device)
 
 
 def encoder_flops(model: XctSam) -> float:

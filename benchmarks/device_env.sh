@@ -1,0 +1,18 @@
+# Sourced by the device-call scripts (benchmarks/gpu_throughput.sh, benchmarks/experiments_gpu.sh,
+# training/gpu_recipe.sh) after `cd` to the repository root, with PY and WORK set.
+# Makes xctrt importable on the lent machine's own Python: carried wheels ($WHEELS, default .whl, see
+# training/gpu_stage.sh) into /tmp/xctrt_site when $1 (a Python import line) fails, then the C++ kernels
+# built for that Python.
+_xctrt_needs=${1:-}
+_xctrt_wheels=${WHEELS:-.whl}
+if [ -n "$_xctrt_needs" ] && [ -d "$_xctrt_wheels" ] && ! $PY -c "$_xctrt_needs" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/xctrt_site "$_xctrt_wheels"/*.whl
+  export PYTHONPATH=/tmp/xctrt_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ! $PY -c "import xctrt._core" 2>/dev/null; then   # the C++ kernels, for this machine's Python
+  _xctrt_build=build/device-$($PY -c 'import sys; print("%d%d" % sys.version_info[:2])')
+  cmake -S . -B "$_xctrt_build" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v $PY)" \
+    -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" > "$WORK/cmake.log" 2>&1 \
+    && cmake --build "$_xctrt_build" -j "$(nproc)" >> "$WORK/cmake.log" 2>&1 || { tail -30 "$WORK/cmake.log"; exit 1; }
+fi

@@ -1,0 +1,102 @@
+"""Markdown summary of one benchmarks/gpu_throughput.sh call: python benchmarks/gpu_summary.py OUT_DIR.
+
+Reads what the steps wrote (gpu_post.json, bench.json, bench_compiled.json, gpu_attention.json);
+a step that failed or ran out of time is named as missing, the others are still summarised.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+STAGES = ("read", "h2d", "preprocess", "tile", "encoder", "decoder", "infer", "aggregate", "stitch",
+          "components", "d2h", "write")
+
+
+def _load(out: Path, name: str):
+    p = out / name
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _f(v, fmt=".1f"):
+    return format(v, fmt) if isinstance(v, (int, float)) else "–"
+
+
+def bench_rows(res: dict, label: str) -> list[str]:
+    rows = []
+    for mode, r in res["modes"].items():
+        naive = r["naive"]["slices_per_s"]
+        comp = r.get("compiled", {}).get("slices_per_s")
+        for run in ("naive", "compiled", "ours"):
+            if run not in r:
+                continue
+            x = r[run]
+            busy = x.get("stage_busy_s", {})
+            stages = ", ".join(f"{s} {busy[s]:.2f}" for s in STAGES if busy.get(s, 0) >= 0.005)
+            rows.append(f"| {label} | {mode} | {run} | {x['slices']} | {_f(x['slices_per_s'])} | "
+                        f"{_f(x['slices_per_s'] / naive)} | {_f(x['slices_per_s'] / comp, '.2f') if comp else '–'} | "
+                        f"{_f(x.get('encoder_tflops'), '.0f')} | {_f(x.get('encoder_percent_of_peak'), '.0f')} | "
+                        f"{_f(x.get('torch_peak_gib'), '.1f')} | {stages} |")
+    return rows
+
+
+def main(out: Path) -> str:
+    lines = [f"# GPU throughput, {out}", ""]
+    bench, comp = _load(out, "bench.json"), _load(out, "bench_compiled.json")
+    ref = bench or comp
+    if ref:
+        lines += [f"device {ref['device']}, torch {ref['torch']}, {ref['date']}, volume {ref['shape']} uint16, "
+                  f"{ref['backbone']} random weights, batch {ref['batch']}, attention {ref.get('attention_impl')}, "
+                  f"measured bf16 matmul {_f(ref.get('matmul_bf16_tflops'), '.0f')} TFLOP/s", "",
+                  "| call | mode | run | slices | slices/s | × naive | × compiled | enc TFLOP/s | % peak | "
+                  "torch GiB | busy s per stage |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for res, label in ((bench, "bench"), (comp, "compiled")):
+            if res:
+                lines += bench_rows(res, label)
+        for res, label in ((bench, "bench"), (comp, "compiled")):
+            for mode, r in (res or {}).get("modes", {}).items():
+                o = r.get("ours", {})
+                lines.append(f"- {label}/{mode}: ours vs naive on the same slices: labels agree "
+                             f"{_f(100 * o.get('label_agreement_vs_naive', float('nan')), '.3f')} %, probability "
+                             f"max |Δ| {_f(o.get('prob_max_abs_diff_vs_naive'), '.3g')}, mean |Δ| "
+                             f"{_f(o.get('prob_mean_abs_diff_vs_naive'), '.3g')}; defects {o.get('defects')}; "
+                             f"capture+run wall {_f(o.get('wall_s_incl_capture'))} s"
+                             + (f"; compile {_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else ""))
+        if ref.get("attention_check"):
+            lines.append(f"- attention check in the bench: {ref['attention_check']}")
+    else:
+        lines.append("bench: no results (step failed or timed out)")
+    lines.append("")
+    post = _load(out, "gpu_post.json")
+    if post:
+        full = post.get("full", {})
+        med = full.get("median_s", {})
+        lines.append(f"post-processing ({post.get('info', {}).get('device', '?')}): checks {post.get('passed')} passed, "
+                     f"{post.get('failed')} failed; full size {post.get('shape')}: aggregate {_f(med.get('aggregate'), '.3f')} s"
+                     f" + components {_f(med.get('components'), '.3f')} s + table {_f(med.get('finish'), '.3f')} s = "
+                     f"{_f(med.get('total'), '.3f')} s; components {full.get('components')} (C++ {full.get('components_cpp')}),"
+                     f" defect fraction {_f(full.get('defect_fraction'), '.4f')}, pool peak "
+                     f"{_f((full.get('gpu_peak_pool_bytes') or 0) / 2 ** 30, '.2f')} GiB")
+    else:
+        lines.append("post-processing: no results (step failed or timed out)")
+    att = _load(out, "gpu_attention.json")
+    if att:
+        for shape, s in att.get("shapes", {}).items():
+            best = {}
+            for v in s.get("variants", []):
+                k = v["variant"].split("-")[0] if v["variant"].startswith("triton") else v["variant"]
+                if isinstance(v.get("tflops"), (int, float)) and v["tflops"] > best.get(k, {}).get("tflops", -1):
+                    best[k] = v
+            lines.append(f"attention {shape} {s.get('hw')} x{s.get('B')}: " + "; ".join(
+                f"{k} {v.get('config', '')} {_f(v['tflops'], '.0f')} TFLOP/s ({v.get('check', '-')})"
+                for k, v in best.items()))
+    else:
+        lines.append("attention: no results (step failed or timed out)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(main(Path(sys.argv[1])))

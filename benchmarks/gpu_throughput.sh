@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# GPU throughput (issue 5) in ONE call on a lent H100/H200 machine (<= 9 min wall, ~7.5 expected).
+#
+#   1. here, once: the one wheel the machine lacks
+#          mkdir -p .whl-sam && pip download --no-deps segment-anything==1.0 -d .whl-sam
+#   2. the device call (tool `run`), exactly:
+#          command:   bash benchmarks/gpu_throughput.sh
+#          carry:     [".whl-sam"]
+#          timeout_s: 580
+#      results under $OUT: gpu_throughput.log, gpu_post.json, bench.json, bench_compiled.json,
+#      gpu_attention.json, summary.md (the table, also printed last)
+#   Dry run here, on CPU (the same code with NumPy and torch CPU, tiny network and volume):
+#          DRY_RUN=1 bash benchmarks/gpu_throughput.sh
+#
+# Steps, each under its own time limit so that one failure or overrun leaves the others' numbers:
+#   post       benchmarks/gpu_post_check.py: CuPy window/resize/aggregate/components vs the C++ kernels
+#              (exact), then aggregate + components + table of a 1000x1200x1200 volume, timed
+#   bench      xctrt bench --gpu (no compile): a generated 1000x1200x1200 uint16 TIFF, random ViT-B,
+#              paper and shared mode, naive anchor (segment-anything eager fp32, bs 1, host post-processing)
+#              and ours (bf16, fused attention, CUDA graphs, GPU post-processing), stage by stage
+#   attention  benchmarks/gpu_attention_check.py: fused kernel vs SDPA vs float32 reference, launch sweep
+#   compiled   xctrt bench --gpu --modes paper with the torch.compile anchor (max-autotune, bf16, bs 8):
+#              naive, compiled and ours again, in one process, on the same volume
+# Knobs (environment): SHAPE ("1000 1200 1200"), BATCH (8), COMPILE_MODE (max-autotune), WORK
+# (/tmp/xctrt_gpu), PYTHON (python3), OUT (set by the device tool; default $WORK/out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY_RUN=${DRY_RUN:-0}
+PY=${PYTHON:-python3}
+WORK=${WORK:-/tmp/xctrt_gpu}
+OUT=${OUT:-$WORK/out}
+mkdir -p "$WORK" "$OUT"
+exec > >(tee -a "$OUT/gpu_throughput.log") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::FutureWarning,ignore::UserWarning
+stage() { echo; echo "=== [+${SECONDS}s] $*"; }
+left() { echo $(( ${LIMIT:-560} - SECONDS )); }   # seconds left of the call's budget
+
+stage "environment"
+WHEELS=.whl-sam . benchmarks/device_env.sh "import segment_anything"
+$PY -c "import torch, xctrt._core, segment_anything; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" || exit 1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
+
+if [ "$DRY_RUN" = 1 ]; then
+  SHAPE=${SHAPE:-"12 96 96"}; BATCH=${BATCH:-2}
+  POST="--xp numpy --z 16 --y 128 --x 128"; ATTN="--device cpu"
+  BENCH="--host-arrays --backbone tiny --naive-slices 4 --compiled-slices 4 --slab 4"
+  COMPILE_MODE=${COMPILE_MODE:-default}
+else
+  SHAPE=${SHAPE:-"1000 1200 1200"}; BATCH=${BATCH:-8}
+  POST=""; ATTN=""; BENCH="--slab 32"
+  COMPILE_MODE=${COMPILE_MODE:-max-autotune}
+fi
+
+stage "post: GPU post-processing vs C++"
+timeout 110 $PY benchmarks/gpu_post_check.py --out "$OUT" $POST || echo "post step failed or timed out (rc $?)"
+
+stage "bench: naive vs ours, paper and shared"
+timeout 200 $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --compile-mode none \
+  --work "$WORK/bench" --json "$OUT/bench.json" || echo "bench step failed or timed out (rc $?)"
+
+stage "attention: fused kernel vs SDPA vs reference"
+timeout 70 $PY benchmarks/gpu_attention_check.py --out "$OUT" $ATTN || echo "attention step failed or timed out (rc $?)"
+
+stage "compiled: naive vs torch.compile($COMPILE_MODE) vs ours, paper mode ($(left) s left)"
+if [ "$(left)" -gt 60 ]; then
+  timeout $(( $(left) - 15 )) $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --modes paper \
+    --compile-mode "$COMPILE_MODE" --work "$WORK/bench" --json "$OUT/bench_compiled.json" \
+    || echo "compiled step failed or timed out (rc $?)"
+fi
+
+stage "summary"
+$PY benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.md"

@@ -12,12 +12,13 @@
 #   Dry run here, on CPU (the same code with NumPy and torch CPU, tiny network and volume):
 #          DRY_RUN=1 bash benchmarks/gpu_throughput.sh
 #
-# Steps, each under its own time limit so that one failure or overrun leaves the others' numbers:
-#   post       benchmarks/gpu_post_check.py: CuPy window/resize/aggregate/components vs the C++ kernels
-#              (exact), then aggregate + components + table of a 1000x1200x1200 volume, timed
+# Steps, each under its own time limit so that one overrun leaves the others' numbers (a failing bench
+# step, the main result, ends the call at once instead, to leave device time for a rerun):
 #   bench      xctrt bench --gpu (no compile): a generated 1000x1200x1200 uint16 TIFF, random ViT-B,
 #              paper and shared mode, naive anchor (segment-anything eager fp32, bs 1, host post-processing)
 #              and ours (bf16, fused attention, CUDA graphs, GPU post-processing), stage by stage
+#   post       benchmarks/gpu_post_check.py: CuPy window/resize/aggregate/components vs the C++ kernels
+#              (exact), then aggregate + components + table of a 1000x1200x1200 volume, timed
 #   attention  benchmarks/gpu_attention_check.py: fused kernel vs SDPA vs float32 reference, launch sweep
 #   compiled   xctrt bench --gpu --modes paper with the torch.compile anchor (max-autotune, bf16, bs 8):
 #              naive, compiled and ours again, in one process, on the same volume
@@ -51,12 +52,12 @@ else
   COMPILE_MODE=${COMPILE_MODE:-max-autotune}
 fi
 
-stage "post: GPU post-processing vs C++"
-timeout 110 $PY benchmarks/gpu_post_check.py --out "$OUT" $POST || echo "post step failed or timed out (rc $?)"
-
 stage "bench: naive vs ours, paper and shared"
 timeout 200 $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --compile-mode none \
-  --work "$WORK/bench" --json "$OUT/bench.json" || echo "bench step failed or timed out (rc $?)"
+  --work "$WORK/bench" --json "$OUT/bench.json" || { rc=$?; echo "bench step failed (rc $rc): stopping here to leave device time for a rerun"; exit $rc; }
+
+stage "post: GPU post-processing vs C++"
+timeout 110 $PY benchmarks/gpu_post_check.py --out "$OUT" $POST || echo "post step failed or timed out (rc $?)"
 
 stage "attention: fused kernel vs SDPA vs reference"
 timeout 70 $PY benchmarks/gpu_attention_check.py --out "$OUT" $ATTN || echo "attention step failed or timed out (rc $?)"

@@ -209,6 +209,10 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
         # ours
         fast = accelerate(copy.deepcopy(net), chosen).cast_weights(torch.bfloat16 if cuda else torch.float32)
         eng = TorchModuleEngine(fast, device=device, name=f"xctrt-gpu-{chosen}")
+        # same slices as the naive run: labels agreement (bf16 vs float32)
+        seg = Segmenter(pkg, engine=eng, device=gpu_device, **common)
+        s = seg.segment(head[:naive_slices], keep_labels=True)
+        agreement = float((s.labels == naive_labels).mean())
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -226,10 +230,7 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
                 pass
         log(f"[{mode}] ours: {r['ours']['slices_per_s']:.1f} slices/s end to end, stages "
             f"{ {k: round(v, 2) for k, v in r['ours']['stage_busy_s'].items()} }")
-        # same slices as the naive run: labels agreement (bf16 vs float32)
-        seg = Segmenter(pkg, engine=eng, device=gpu_device, **common)
-        s = seg.segment(head[:naive_slices], keep_labels=True)
-        r["ours"]["label_agreement_vs_naive"] = float((s.labels == naive_labels).mean())
+        r["ours"]["label_agreement_vs_naive"] = agreement
         with torch.inference_mode():
             xt = torch.from_numpy(x).to(device)
             pf = fast(xt).float().cpu().numpy()

@@ -85,7 +85,7 @@ class XctSam(nn.Module):
 
     def decode(self, emb: torch.Tensor, size: int) -> torch.Tensor:
         """Image embedding -> mask logits (N, K, size, size), one channel per head."""
-        pe = self.prompt_encoder.get_dense_pe()
+        pe = self.prompt_encoder.get_dense_pe().to(emb.dtype)   # made in float32 (see ClassNet.cast_weights)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         low = torch.cat([self._decode(d, emb, pe, dense) for d in self.mask_decoders], dim=1)
         return F.interpolate(low.float(), size=(size, size), mode="bilinear", align_corners=False)
@@ -129,10 +129,13 @@ class ClassNet(nn.Module):
 
     def cast_weights(self, dtype: torch.dtype) -> ClassNet:
         """Encoders, prompt encoders and decoders in `dtype`; the input normalisation (pixel mean/std),
-        the upsampling of mask logits and the sigmoid stay float32. In place."""
+        the prompt encoder's positional-frequency table, the upsampling of mask logits and the sigmoid
+        stay float32. In place."""
         for m in self.models:
             for part in (m.image_encoder, m.prompt_encoder, m.mask_decoders):
                 part.to(dtype)
+            # get_dense_pe multiplies a float32 coordinate grid by this table: it must stay float32
+            m.prompt_encoder.pe_layer.float()
         return self
 
 
@@ -183,7 +186,11 @@ def build_random_class_net(backbone: str = "vit_b", classes: int = 3, mode: str 
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return net
 
-    models = [one_sam() for _ in range(classes if mode == "paper" else 1)]
+    # what the draws above leave (biases, the prompt encoder's frequency table) comes from the modules'
+    # own initialisation on the global generator: seeded too, and the caller's state given back after
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        models = [one_sam() for _ in range(classes if mode == "paper" else 1)]
     return ClassNet(models).eval().requires_grad_(False).to(device)
 
 

@@ -1,0 +1,341 @@
+"""The GPU path's code run on the host (Segmenter(device="host-arrays"): xctrt.gpu.pipeline with NumPy and
+torch on the CPU) against the C++ pipeline, bit for bit; the random-weight SAM networks of xctrt.gpu.sam
+(builder, encoder FLOPs, fast attention swap, bf16 weights); `xctrt bench --gpu --host-arrays` and the
+markdown summary of benchmarks/gpu_summary.py. No GPU needed: CUDA-only parts are covered by their
+device scripts (benchmarks/gpu_throughput.sh)."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("segment_anything")
+
+from conftest import REPO, xctrt_env
+from xctrt import _core
+from xctrt.backends import TorchModuleEngine
+from xctrt.errors import XctrtError
+from xctrt.gpu.bench import CLASSES, COVER, bench_package
+from xctrt.gpu.sam import (
+    ClassNet,
+    XctSam,
+    accelerate,
+    build_random_class_net,
+    encoder_flops,
+)
+from xctrt.pipeline import Segmenter
+
+MODES = ("paper", "shared")
+SHAPE = (10, 70, 90)   # neither Y nor X is the model's 64: both resizes run; Z divides by neither slab
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return {mode: build_random_class_net("tiny", 3, mode, seed=0) for mode in MODES}
+
+
+@pytest.fixture(scope="module")
+def volume():
+    """uint16 over the whole 0..65535 range: noisy material with dark and bright balls."""
+    rng = np.random.default_rng(0)
+    z, y, x = SHAPE
+    zz, yy, xx = np.mgrid[:z, :y, :x]
+    v = 20000.0 + rng.normal(0, 6000, SHAPE)
+    for _ in range(12):
+        c, r = rng.uniform(0, 1, 3) * SHAPE, rng.uniform(2, 9)
+        v[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < r * r] = rng.choice([0, 2000, 60000, 65535])
+    v = np.clip(v, 0, 65535).astype(np.uint16)
+    assert v.min() == 0 and v.max() == 65535
+    v.setflags(write=False)
+    return v
+
+
+@pytest.fixture(scope="module")
+def packages(nets, volume):
+    """As bench.run picks them: thresholds at the model's own probability quantiles on the first slices
+    (material ~60 %, pores and inclusions ~1 % of voxels), so every class is present."""
+    out = {}
+    for mode, net in nets.items():
+        x = np.stack([_core.resize_bilinear(_core.window(s, 0.0, 65535.0), 64, 64) for s in volume[:4]])[:, None]
+        p = TorchModuleEngine(net, device="cpu", batch=1).run(x)
+        thr = [float(np.quantile(p[:, i], 1 - COVER[n])) for i, (n, _) in enumerate(CLASSES)]
+        out[mode] = bench_package(64, thr, f"random-tiny-{mode}")
+    return out
+
+
+def segment_both(net, pkg, volume, **kw):
+    """(C++ pipeline result, host-arrays GPU-path result), same engine settings and run options."""
+    common = dict(progress=False, **kw)
+    cpu = Segmenter(pkg, engine=TorchModuleEngine(net, device="cpu"), device="cpu", **common)
+    host = Segmenter(pkg, engine=TorchModuleEngine(net, device="cpu"), device="host-arrays", **common)
+    return cpu, host
+
+
+def assert_same_results(a, b):
+    """Labels, every defect column (values and dtype) and the summary's result section all identical."""
+    np.testing.assert_array_equal(b.labels, a.labels)
+    assert sorted(b.defects) == sorted(a.defects)
+    for col in a.defects:
+        assert b.defects[col].dtype == a.defects[col].dtype, col
+        np.testing.assert_array_equal(b.defects[col], a.defects[col], err_msg=col)
+    ra, rb = a.summary["result"], b.summary["result"]
+    assert rb["voxels_per_class"] == ra["voxels_per_class"]
+    assert rb["porosity_percent"] == ra["porosity_percent"]
+    assert rb["inclusion_percent"] == ra["inclusion_percent"]
+    assert rb == ra
+
+
+# ---------------------------------------------------------------- 1. host-arrays GPU path == C++ pipeline
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("slab,batch", [(3, 1), (3, 3), (4, 1), (4, 3)])
+def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, batch):
+    # Exact equality holds because both paths feed the float32 CPU model the same batches: batches are
+    # cut per slab at batch_size in both. (Different batch sizes change probabilities by ~1e-7.)
+    cpu, host = segment_both(nets[mode], packages[mode], volume, slab=slab, batch_size=batch)
+    a, b = cpu.segment(volume), host.segment(volume)
+    assert a.labels.shape == SHAPE and a.labels.dtype == np.uint8
+    assert set(np.unique(a.labels)) == {0, 1, 2, 3}, "the thresholds should leave every class present"
+    assert len(a.defects["class"]) > 0 and set(a.defects["class"]) == {2, 3}
+    assert_same_results(a, b)
+    # the second run really was the GPU path's code (GpuStage), not the C++ stages
+    assert b.summary["run"]["pipeline"] == "host-arrays" and a.summary["run"]["pipeline"] == "cpu"
+    assert {"preprocess", "encoder", "decoder", "aggregate"} <= set(b.summary["timing"]["stage_busy_s"])
+    assert "encoder" not in a.summary["timing"]["stage_busy_s"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_host_arrays_writes_same_files(nets, packages, volume, tmp_path, mode):
+    import tifffile
+
+    cpu, host = segment_both(nets[mode], packages[mode], volume, slab=4, batch_size=3)
+    a = cpu.segment(volume, out_dir=tmp_path / "cpu", keep_labels=True)
+    b = host.segment(volume, out_dir=tmp_path / "host", keep_labels=True)
+    for name in ("labels.tif", "defects.csv", "summary.json"):
+        assert (tmp_path / "cpu" / name).is_file() and (tmp_path / "host" / name).is_file(), name
+    la, lb = tifffile.imread(tmp_path / "cpu" / "labels.tif"), tifffile.imread(tmp_path / "host" / "labels.tif")
+    np.testing.assert_array_equal(la, a.labels)
+    np.testing.assert_array_equal(lb, la)
+    assert (tmp_path / "host" / "defects.csv").read_text() == (tmp_path / "cpu" / "defects.csv").read_text()
+    sa = json.loads((tmp_path / "cpu" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "host" / "summary.json").read_text())
+    assert sb["result"] == sa["result"] and sa["result"]["defects"]["pore"]["count"] > 0
+    assert_same_results(a, b)
+
+
+# ---------------------------------------------------------------- 2. the random networks
+
+
+def test_build_random_class_net_is_seeded():
+    torch.manual_seed(123)
+    before = torch.rand(4)
+    torch.manual_seed(123)
+    a = build_random_class_net("tiny", 3, "paper", seed=0)
+    assert torch.equal(torch.rand(4), before), "building must leave the caller's global generator as it was"
+    b = build_random_class_net("tiny", 3, "paper", seed=0)
+    c = build_random_class_net("tiny", 3, "paper", seed=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert sa.keys() == sb.keys() == sc.keys()
+    for k in sa:   # every tensor: drawn weights, default-initialised biases, the prompt encoder's buffer
+        assert torch.equal(sa[k], sb[k]), k
+    # another seed: every random tensor differs (LayerNorm/BatchNorm-style constants do not)
+    linear = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    rand = {f"{n}.bias" for n, m in a.named_modules() if isinstance(m, linear) and m.bias is not None}
+    rand |= {k for k in sa if sa[k].dim() > 1 or "rel_pos" in k}
+    assert len(rand) > 100
+    for k in rand:
+        assert not torch.equal(sa[k], sc[k]), k
+
+
+def test_build_random_class_net_structure(nets):
+    paper, shared = nets["paper"], nets["shared"]
+    assert isinstance(paper, ClassNet) and all(isinstance(m, XctSam) for m in paper.models)
+    assert len(paper.models) == 3 and [m.num_heads for m in paper.models] == [1, 1, 1]
+    assert len(shared.models) == 1 and shared.models[0].num_heads == 3
+    assert paper.num_classes == shared.num_classes == 3 and paper.image_size == shared.image_size == 64
+    for net in (paper, shared):
+        assert not net.training
+        assert all(not p.requires_grad for p in net.parameters())
+        rel = [p for n, p in net.named_parameters() if "rel_pos" in n]
+        assert len(rel) == 2 * 2 * len(net.models)   # h and w tables, two blocks
+        assert all(float(p.abs().min()) > 0 for p in rel), "relative-position tables must be drawn, not zero"
+    # shared mode: every head its own random weights (from_sam starts them as copies of head 0)
+    heads = shared.models[0].mask_decoders
+    for i in range(3):
+        for j in range(i + 1, 3):
+            for (n, p), q in zip(heads[i].named_parameters(), heads[j].parameters()):
+                if p.dim() > 1:
+                    assert not torch.equal(p, q), (i, j, n)
+    # paper mode: the encoders differ from model to model
+    e = [m.image_encoder.patch_embed.proj.weight for m in paper.models]
+    assert not torch.equal(e[0], e[1]) and not torch.equal(e[1], e[2])
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    for net in (paper, shared):
+        with torch.inference_mode():
+            p = net(x)
+        assert p.shape == (2, 3, 64, 64) and p.dtype == torch.float32
+        assert float(p.min()) >= 0.0 and float(p.max()) <= 1.0
+        assert float(p.std()) > 1e-3, "random heads should not give constant maps"
+
+
+def test_build_random_class_net_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_random_class_net("vit_x", 3)
+    with pytest.raises(ValueError, match="mode"):
+        build_random_class_net("tiny", 3, "both")
+
+
+# ---------------------------------------------------------------- 3. encoder FLOPs
+
+
+def test_encoder_flops_vit_b():
+    """The published SAM ViT-B figure at 1024² (../shared/DESIGN.md: 0.972 TFLOP), built on the meta device
+    (shapes only, no memory); and torch's own FLOP counter on the same encoder agrees exactly."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = build_random_class_net("vit_b", 1, "paper", device="meta")
+    sam = net.models[0]
+    assert sam.image_size == 1024 and next(sam.parameters()).device.type == "meta"
+    f = encoder_flops(sam)
+    assert abs(f / 0.972e12 - 1) < 1e-3, f
+    with FlopCounterMode(display=False) as counter:
+        sam.image_encoder(torch.empty(1, 3, 1024, 1024, device="meta"))
+    assert counter.get_total_flops() == f
+
+
+def test_encoder_flops_tiny_by_hand(nets):
+    # tiny: dim 32, 2 heads (head dim 16), MLP 128, patch 16 -> 4×4 tokens, window 3 in block 0 (grid
+    # padded to 6×6 = four 3×3 windows), block 1 global (one 4×4 window), neck 32 -> 32 (1×1 then 3×3)
+    patch = 2 * 16 * 32 * (3 * 16 * 16)                 # conv as one product per output: 786432
+    b0 = (2 * 36 * 4 * 32 * 32                          # qkv + proj on the padded 6×6 tokens
+          + 2 * 16 * 2 * 32 * 128                       # MLP on the 4×4 tokens
+          + 4 * 2 * (4 * 9 * 9 * 16 + 2 * 9 * 16 * (3 + 3)))   # 4 windows × 2 heads: QKᵀ, PV, rel-pos h + w
+    b1 = (2 * 16 * 4 * 32 * 32
+          + 2 * 16 * 2 * 32 * 128
+          + 1 * 2 * (4 * 16 * 16 * 16 + 2 * 16 * 16 * (4 + 4)))
+    neck = 2 * 16 * 32 * 32 + 2 * 16 * 32 * 32 * 9
+    assert (patch, b0, b1, neck) == (786432, 612352, 434176, 327680)
+    for net in nets.values():
+        assert encoder_flops(net.models[0]) == patch + b0 + b1 + neck == 2160640
+
+
+# ---------------------------------------------------------------- 4. fast attention swap
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_accelerate_sdpa_same_outputs(nets, mode):
+    from segment_anything.modeling.image_encoder import Attention
+    from xctrt.gpu.sam import fast_attention_class
+
+    net = nets[mode]
+    x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = net(x)
+        fast = accelerate(copy.deepcopy(net), "sdpa")
+        attn = [m for m in fast.modules() if isinstance(m, Attention)]
+        assert len(attn) == 2 * len(fast.models)
+        assert all(type(m) is fast_attention_class() and m.attention_impl == "sdpa" for m in attn)
+        assert not any(type(m) is fast_attention_class() for m in net.modules()), "the original is untouched"
+        out = fast(x)
+        assert (out - ref).abs().max().item() < 1e-5
+        assert accelerate(fast, "sdpa") is fast   # again: harmless
+        assert all(type(m) is fast_attention_class() for m in fast.modules() if isinstance(m, Attention))
+        assert (fast(x) - ref).abs().max().item() < 1e-5
+
+
+# ---------------------------------------------------------------- 5. bf16 weights
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cast_weights_bf16(nets, mode):
+    net = nets[mode]
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    b = copy.deepcopy(net).cast_weights(torch.bfloat16)
+    for m in b.models:
+        assert all(p.dtype == torch.bfloat16 for p in m.image_encoder.parameters())
+        assert all(p.dtype == torch.bfloat16 for p in m.mask_decoders.parameters())
+        assert m.pixel_mean.dtype == m.pixel_std.dtype == torch.float32
+    with torch.inference_mode():
+        ref, p = net(x), b(x)
+    assert p.dtype == torch.float32 and p.shape == ref.shape
+    assert 0 < (p - ref).abs().max().item() < 0.05   # bf16 really ran, and stays close
+
+
+# ---------------------------------------------------------------- 6. xctrt bench --gpu --host-arrays, summary
+
+
+def _load_gpu_summary():
+    spec = importlib.util.spec_from_file_location("gpu_summary", REPO / "benchmarks" / "gpu_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_gpu_host_arrays_cli(tmp_path):
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "xctrt", "bench", "--gpu", "--host-arrays", "--backbone", "tiny",
+           "--shape", "6", "64", "64", "--naive-slices", "3", "--compile-mode", "none", "--batch-size", "2",
+           "--slab", "3", "--work", str(work), "--json", str(tmp_path / "b.json")]
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=xctrt_env(), cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["device"] == "cpu" and res["backbone"] == "tiny" and res["shape"] == [6, 64, 64]
+    assert sorted(res["modes"]) == ["paper", "shared"]
+    for mode, r in res["modes"].items():
+        assert "compiled" not in r
+        assert r["naive"]["slices"] == 3 and r["ours"]["slices"] == 6
+        assert r["naive"]["slices_per_s"] > 0 and r["ours"]["slices_per_s"] > 0
+        assert r["ours"]["label_agreement_vs_naive"] == 1.0
+        assert r["ours"]["prob_max_abs_diff_vs_naive"] < 1e-5   # float32 on the host: the same maths
+        assert r["encoder_passes_per_slice"] == (3 if mode == "paper" else 1)
+        assert r["encoder_tflop_per_image"] == 2160640 / 1e12
+        assert (work / f"ours-{mode}" / "labels.tif").is_file()
+    last = p.stdout.strip().splitlines()[-4:]
+    assert [line.split()[:2] for line in last] == [["paper", "naive"], ["paper", "ours"],
+                                                   ["shared", "naive"], ["shared", "ours"]], p.stdout
+
+    out = tmp_path / "summary"
+    out.mkdir()
+    shutil.copy(tmp_path / "b.json", out / "bench.json")
+    md = _load_gpu_summary().main(out)
+    for mode in MODES:
+        for run in ("naive", "ours"):
+            assert f"| bench | {mode} | {run} |" in md
+        assert f"- bench/{mode}: ours vs naive on the same slices: labels agree 100.000 %" in md
+    assert "post-processing: no results" in md and "attention: no results" in md
+    assert "bench: no results" not in md
+
+
+def test_gpu_summary_without_results(tmp_path):
+    md = _load_gpu_summary().main(tmp_path)
+    assert all(f"{step}: no results" in md for step in ("bench", "post-processing", "attention"))
+
+
+# ---------------------------------------------------------------- 7. errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_clear_error(nets, packages, volume, tmp_path):
+    seg = Segmenter(packages["shared"], engine=TorchModuleEngine(nets["shared"], device="cpu"), device="cuda",
+                    progress=False)
+    with pytest.raises(XctrtError) as err:
+        seg.segment(volume, out_dir=tmp_path / "out")
+    msg = str(err.value)
+    assert "CUDA" in msg and "\n" not in msg and ". " not in msg.rstrip(".")
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_bogus_device_is_one_clear_error(nets, packages):
+    for engine in (None, TorchModuleEngine(nets["shared"], device="cpu")):
+        with pytest.raises(XctrtError, match="device must be one of cpu, cuda, host-arrays") as err:
+            Segmenter(packages["shared"], engine=engine, device="bogus", progress=False)
+        assert "\n" not in str(err.value) and "'bogus'" in str(err.value)

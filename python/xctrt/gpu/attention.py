@@ -263,13 +263,15 @@ def _next_pow2(x: int) -> int:
 
 
 def default_config(n: int, d: int) -> dict:
-    """Launch defaults for Hopper. Short sequences (SAM's 14x14 windows, N=196) use 64-row query blocks
-    so the padded tail wastes less; long ones (64x64 global, N=4096) use 128 x 64 tiles with 8 warps.
-    (sm_90 compile with Triton 3.8: 168 and 153 registers, no spills; D=80, ViT-H, needs the 8 warps
-    for 64-row blocks too.) 128 x 128 tiles spill; 128 x 64 with 4 warps sits at ~252 registers."""
+    """Launch defaults for Hopper, the fastest of the sweep in benchmarks/gpu_attention_check.py on an H200
+    with Triton 3.6 (2026-11-26, benchmarks/results/gpu_throughput_h200_2026-11-26): global 64x64 tokens
+    (N=4096, D=64, 96 batch-heads): 64 x 64 tiles, 4 warps, 3 stages, 353 TFLOP/s (128 x 64 / 8 warps, the
+    first guess: 261); windowed 14x14 (N=196, 2400 batch-heads): 128 x 64 tiles, 8 warps, 2 stages,
+    43 TFLOP/s (64 x 64 / 4 warps: 38). D=80 (ViT-H) keeps 64-row blocks and 8 warps: larger tiles spill
+    on sm_90 (tests/test_gpu_attention.py compiles each default and checks)."""
     if n <= 256:
-        return {"block_m": 64, "block_n": 64, "num_warps": 8 if d > 64 else 4, "num_stages": 2}
-    return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+        return {"block_m": 64 if d > 64 else 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+    return {"block_m": 64, "block_n": 64, "num_warps": 8 if d > 64 else 4, "num_stages": 3}
 
 
 def attention_triton(q, k, v, rel_h, rel_w, hw, scale: float | None = None, *,

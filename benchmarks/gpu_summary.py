@@ -46,17 +46,19 @@ def bench_rows(res: dict, label: str) -> list[str]:
 def main(out: Path) -> str:
     lines = [f"# GPU throughput, {out}", ""]
     bench, comp = _load(out, "bench.json"), _load(out, "bench_compiled.json")
-    ref = bench or comp
+    ours_comp = _load(out, "bench_ours_compiled.json")
+    ref = bench or comp or ours_comp
     if ref:
         lines += [f"device {ref['device']}, torch {ref['torch']}, {ref['date']}, volume {ref['shape']} uint16, "
                   f"{ref['backbone']} random weights, batch {ref['batch']}, attention {ref.get('attention_impl')}, "
                   f"measured bf16 matmul {_f(ref.get('matmul_bf16_tflops'), '.0f')} TFLOP/s", "",
                   "| call | mode | run | slices | slices/s | × naive | × compiled | enc TFLOP/s | % peak | "
                   "torch GiB | busy s per stage |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for res, label in ((bench, "bench"), (comp, "compiled")):
+        calls = ((bench, "bench"), (comp, "compiled"), (ours_comp, "ours-compiled"))
+        for res, label in calls:
             if res:
                 lines += bench_rows(res, label)
-        for res, label in ((bench, "bench"), (comp, "compiled")):
+        for res, label in calls:
             for mode, r in (res or {}).get("modes", {}).items():
                 o = r.get("ours", {})
                 lines.append(f"- {label}/{mode}: ours vs naive on the same slices: labels agree "
@@ -67,6 +69,10 @@ def main(out: Path) -> str:
                              + (f"; compile {_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else ""))
         if ref.get("attention_check"):
             lines.append(f"- attention check in the bench: {ref['attention_check']}")
+        for mode, r in (bench or {}).get("modes", {}).items():
+            if r.get("ours_profile"):
+                lines.append(f"- {mode}, where our encoder time goes (one batch, eager): " + "; ".join(
+                    f"{p['name'][:60]} {p['ms']:.2f} ms x{p['calls']}" for p in r["ours_profile"][:8]))
     else:
         lines.append("bench: no results (step failed or timed out)")
     lines.append("")

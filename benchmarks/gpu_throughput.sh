@@ -8,7 +8,7 @@
 #          carry:     [".whl-sam"]
 #          timeout_s: 580
 #      results under $OUT: gpu_throughput.log, gpu_post.json, bench.json, bench_compiled.json,
-#      gpu_attention.json, summary.md (the table, also printed last)
+#      gpu_attention.json, [bench_ours_compiled.json,] summary.md (the table, also printed last)
 #   Dry run here, on CPU (the same code with NumPy and torch CPU, tiny network and volume):
 #          DRY_RUN=1 bash benchmarks/gpu_throughput.sh
 #
@@ -22,11 +22,17 @@
 #   attention  benchmarks/gpu_attention_check.py: fused kernel vs SDPA vs float32 reference, launch sweep
 #   compiled   xctrt bench --gpu --modes paper with the torch.compile anchor (max-autotune, bf16, bs 8):
 #              naive, compiled and ours again, in one process, on the same volume
-# Knobs (environment): SHAPE ("1000 1200 1200"), BATCH (8), COMPILE_MODE (max-autotune), WORK
-# (/tmp/xctrt_gpu), PYTHON (python3), OUT (set by the device tool; default $WORK/out).
+#   ours-compiled (only when STEPS names it) xctrt bench --gpu --compile-ours $OURS_COMPILE: ours with
+#              its encoders through torch.compile as well (pointwise fusion around the fused attention)
+# Knobs (environment): STEPS ("bench post attention compiled"; add ours-compiled), SHAPE ("1000 1200 1200"),
+# BATCH (8), COMPILE_MODE (max-autotune; its compile outran 300 s on an H200 on 2026-11-26: "default"
+# compiles in about a minute), OURS_COMPILE (default), WORK (/tmp/xctrt_gpu), PYTHON (python3), OUT (set
+# by the device tool; default $WORK/out), LIMIT (560: seconds the steps may use in all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=${DRY_RUN:-0}
+STEPS=${STEPS:-bench post attention compiled}
+OURS_COMPILE=${OURS_COMPILE:-default}
 PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/xctrt_gpu}
 OUT=${OUT:-$WORK/out}
@@ -52,18 +58,33 @@ else
   COMPILE_MODE=${COMPILE_MODE:-max-autotune}
 fi
 
-stage "bench: naive vs ours, paper and shared"
-timeout 200 $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --compile-mode none \
-  --work "$WORK/bench" --json "$OUT/bench.json" || { rc=$?; echo "bench step failed (rc $rc): stopping here to leave device time for a rerun"; exit $rc; }
+want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 
-stage "post: GPU post-processing vs C++"
-timeout 110 $PY benchmarks/gpu_post_check.py --out "$OUT" $POST || echo "post step failed or timed out (rc $?)"
+if want bench; then
+  stage "bench: naive vs ours, paper and shared"
+  timeout 200 $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --compile-mode none --profile \
+    --work "$WORK/bench" --json "$OUT/bench.json" || { rc=$?; echo "bench step failed (rc $rc): stopping here to leave device time for a rerun"; exit $rc; }
+fi
 
-stage "attention: fused kernel vs SDPA vs reference"
-timeout 70 $PY benchmarks/gpu_attention_check.py --out "$OUT" $ATTN || echo "attention step failed or timed out (rc $?)"
+if want post; then
+  stage "post: GPU post-processing vs C++"
+  timeout 110 $PY benchmarks/gpu_post_check.py --out "$OUT" $POST || echo "post step failed or timed out (rc $?)"
+fi
 
-stage "compiled: naive vs torch.compile($COMPILE_MODE) vs ours, paper mode ($(left) s left)"
-if [ "$(left)" -gt 60 ]; then
+if want attention; then
+  stage "attention: fused kernel vs SDPA vs reference"
+  timeout 70 $PY benchmarks/gpu_attention_check.py --out "$OUT" $ATTN || echo "attention step failed or timed out (rc $?)"
+fi
+
+if want ours-compiled; then
+  stage "ours-compiled: our encoders through torch.compile($OURS_COMPILE) too ($(left) s left)"
+  timeout $(( $(left) > 200 ? 200 : $(left) - 15 )) $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH \
+    --compile-mode none --compile-ours "$OURS_COMPILE" --work "$WORK/bench" --json "$OUT/bench_ours_compiled.json" \
+    || echo "ours-compiled step failed or timed out (rc $?)"
+fi
+
+if want compiled && [ "$(left)" -gt 60 ]; then
+  stage "compiled: naive vs torch.compile($COMPILE_MODE) vs ours, paper mode ($(left) s left)"
   timeout $(( $(left) - 15 )) $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --modes paper \
     --compile-mode "$COMPILE_MODE" --work "$WORK/bench" --json "$OUT/bench_compiled.json" \
     || echo "compiled step failed or timed out (rc $?)"

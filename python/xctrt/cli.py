@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile-mode", default="max-autotune",
                    help="torch.compile mode of the compiled anchor, or 'none' to skip it (default: %(default)s)")
     g.add_argument("--attention", default="auto", choices=["auto", "triton", "sdpa", "reference"])
+    g.add_argument("--compile-ours", default="none",
+                   help="also torch.compile our encoders with this mode (default: %(default)s)")
+    g.add_argument("--profile", action="store_true", help="record where our encoders' time goes (top kernels)")
     g.add_argument("--work", help="folder for the generated volume and outputs (default: a temporary one)")
     g.add_argument("--host-arrays", action="store_true",
                    help="run the GPU path's code on the host (NumPy, torch CPU): a dry run without a GPU")

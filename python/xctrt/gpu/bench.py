@@ -128,6 +128,29 @@ def check_attention(torch, device) -> dict:
     return out
 
 
+def profile_encoder(torch, net, x, top: int = 30) -> list[dict]:
+    """Where the encoders' time goes: kernels (CUDA) or operators (CPU) of one forward, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = x.is_cuda
+    with torch.inference_mode():
+        for _ in range(2):
+            net.encode(x)
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            net.encode(x)
+            if cuda:
+                torch.cuda.synchronize()
+    attr = ("device_time_total", "cuda_time_total") if cuda else ("cpu_time_total",)
+    rows = []
+    for e in prof.key_averages():
+        t = next((getattr(e, a) for a in attr if hasattr(e, a)), 0.0)
+        if t > 0:
+            rows.append({"name": e.key, "ms": t / 1000.0, "calls": int(e.count)})
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
 def _stage_row(summary: dict) -> dict:
     t = summary["timing"]
     return {"slices": summary["input"]["shape"][0], "total_s": t["total_s"], "slices_per_s": t["slices_per_s"],
@@ -137,7 +160,8 @@ def _stage_row(summary: dict) -> dict:
 def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shared"), batch: int = 8,
         slab: int = 32, naive_slices: int = 16, compiled_slices: int = 96, compile_mode: str | None = "max-autotune",
         attention_impl: str = "auto", volume: str | None = None, work: str | None = None,
-        device: str = "cuda", seed: int = 0, log=print) -> dict:
+        device: str = "cuda", seed: int = 0, compile_ours: str | None = None, profile: bool = False,
+        log=print) -> dict:
     import torch
 
     from ..backends import TorchModuleEngine
@@ -208,6 +232,14 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
 
         # ours
         fast = accelerate(copy.deepcopy(net), chosen).cast_weights(torch.bfloat16 if cuda else torch.float32)
+        if compile_ours:   # fuses the encoders' pointwise work around the fused attention; compiled by the
+            for m in fast.models:   # agreement run below, before the timed one
+                m.image_encoder = torch.compile(m.image_encoder, mode=compile_ours, dynamic=False)
+        if profile:
+            r["ours_profile"] = profile_encoder(torch, fast, torch.from_numpy(np.repeat(x[:1], batch, 0)).to(device))
+            log(f"[{mode}] ours encoder, top kernels (one batch of {batch}, eager):")
+            for row in r["ours_profile"][:12]:
+                log(f"    {row['ms']:8.3f} ms  {row['calls']:5d}x  {row['name'][:90]}")
         eng = TorchModuleEngine(fast, device=device, name=f"xctrt-gpu-{chosen}")
         # same slices as the naive run: labels agreement (bf16 vs float32)
         seg = Segmenter(pkg, engine=eng, device=gpu_device, **common)
@@ -303,7 +335,8 @@ def main(args) -> int:
               slab=args.slab, naive_slices=args.naive_slices, compiled_slices=args.compiled_slices,
               compile_mode=None if args.compile_mode == "none" else args.compile_mode,
               attention_impl=args.attention, volume=args.volume, work=args.work,
-              device="cuda" if not args.host_arrays else "cpu")
+              device="cuda" if not args.host_arrays else "cpu",
+              compile_ours=None if args.compile_ours == "none" else args.compile_ours, profile=args.profile)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     print(table(res))

@@ -172,11 +172,10 @@ class Segmenter:
         if self.device != "cpu":
             from .gpu.pipeline import GpuStage
             pkg = self.package
-            if pkg.input_mode != "resize":
-                raise XctrtError(f"{pkg.path}: the GPU path runs resize-mode models; this one tiles")
             return GpuStage(self.engine.torch_model, pkg.input_size, self._thresholds, self._ids, self._priority,
                             pkg.aggregation, shape, voxel_size, self.connectivity, batch_size=self.batch_size,
-                            device="cuda" if self.device == "cuda" else "cpu")
+                            device="cuda" if self.device == "cuda" else "cpu", input_mode=pkg.input_mode,
+                            overlap=pkg.overlap, blend=pkg.blend, pad=pkg.pad)
         return _CpuStage(self, DefectCounter(shape, voxel_size, self.connectivity), timer)
 
     # -------------------------------------------------------------- driver

@@ -89,7 +89,8 @@ class GpuStage:
 
     def __init__(self, model, input_size: int, thresholds, label_ids, priority, aggregation: str,
                  shape, voxel_size, connectivity: int = 26, classes=(2, 3), batch_size: int = 8,
-                 device: str = "cuda", graphs: bool = True):
+                 device: str = "cuda", graphs: bool = True, input_mode: str = "resize", overlap: int = 0,
+                 blend: str = "constant", pad: str = "edge"):
         import torch
 
         self.torch = torch
@@ -103,6 +104,9 @@ class GpuStage:
         else:
             self.xp = np
         self.model, self.size, self.batch = model, int(input_size), int(batch_size)
+        if input_mode not in ("resize", "tile"):
+            raise ValueError(f"input_mode must be 'resize' or 'tile', not {input_mode!r}")
+        self.tiled, self.overlap, self.blend, self.pad = input_mode == "tile", int(overlap), blend, pad
         self.split = hasattr(model, "encode") and hasattr(model, "decode")
         self.thresholds = np.asarray(thresholds, np.float32)
         self.ids = np.asarray(label_ids, np.uint8)
@@ -179,12 +183,17 @@ class GpuStage:
                 if img.dtype != slab.dtype:
                     img = img.view(slab.dtype)
                 t0 = clock.mark()
-                x = post.resize_bilinear(post.window(img, lo, hi), self.size, self.size)
+                if self.tiled:   # every slice's tiles in row-major order, slice after slice
+                    x = xp.concatenate([post.extract_tiles(img[i], self.size, self.overlap, lo, hi, self.pad)
+                                        for i in range(n)])
+                else:
+                    x = post.resize_bilinear(post.window(img, lo, hi), self.size, self.size)
+                per_slice = x.shape[0] // n
                 x = _to_torch(torch, x).unsqueeze(1)
                 t1 = clock.mark()
                 clock.span("preprocess", t0, t1)
                 probs = []
-                for b in range(0, n, self.batch):
+                for b in range(0, x.shape[0], self.batch):
                     xb = x[b:b + self.batch]
                     if self.split:
                         t0 = clock.mark()
@@ -201,9 +210,14 @@ class GpuStage:
                     probs.append(_to_xp(xp, p.float()).copy())   # graph outputs are reused by the next batch
                 t0 = clock.mark()
                 probs = probs[0] if len(probs) == 1 else xp.concatenate(probs)
-                if probs.shape != (n, len(self.ids), self.size, self.size):
-                    raise XctrtError(f"the model returned {probs.shape}, expected {(n, len(self.ids), self.size, self.size)}")
-                full = post.resize_bilinear(probs, h, w)
+                expect = (x.shape[0], len(self.ids), self.size, self.size)
+                if probs.shape != expect:
+                    raise XctrtError(f"the model returned {probs.shape}, expected {expect}")
+                if self.tiled:
+                    full = xp.stack([post.stitch_tiles(probs[i * per_slice:(i + 1) * per_slice], h, w,
+                                                       self.overlap, self.blend) for i in range(n)])
+                else:
+                    full = post.resize_bilinear(probs, h, w)
                 labels = post.aggregate(full, self.thresholds, self.ids, self.priority, self.aggregation)
                 for v in {0, *self.ids.tolist()}:   # counts stay on the device: no host sync here
                     self.class_voxels[v] += xp.count_nonzero(labels == v)

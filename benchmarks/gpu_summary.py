@@ -39,7 +39,8 @@ def bench_rows(res: dict, label: str) -> list[str]:
             rows.append(f"| {label} | {mode} | {run} | {x['slices']} | {_f(x['slices_per_s'])} | "
                         f"{_f(x['slices_per_s'] / naive)} | {_f(x['slices_per_s'] / comp, '.2f') if comp else '–'} | "
                         f"{_f(x.get('encoder_tflops'), '.0f')} | {_f(x.get('encoder_percent_of_peak'), '.0f')} | "
-                        f"{_f(x.get('torch_peak_gib'), '.1f')} | {stages} |")
+                        f"{_f(x.get('torch_peak_gib'), '.1f')} / {_f(x.get('gpu_memory_used_max_gib'), '.1f')} | "
+                        f"{stages} |")
     return rows
 
 
@@ -53,7 +54,7 @@ def main(out: Path) -> str:
                   f"{ref['backbone']} random weights, batch {ref['batch']}, attention {ref.get('attention_impl')}, "
                   f"measured bf16 matmul {_f(ref.get('matmul_bf16_tflops'), '.0f')} TFLOP/s", "",
                   "| call | mode | run | slices | slices/s | × naive | × compiled | enc TFLOP/s | % peak | "
-                  "torch GiB | busy s per stage |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "GiB torch peak / device in use | busy s per stage |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         calls = ((bench, "bench"), (comp, "compiled"), (ours_comp, "ours-compiled"))
         for res, label in calls:
             if res:

@@ -343,13 +343,25 @@ def test_gpu_summary_without_results(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_device_without_cuda_is_one_clear_error(nets, packages, volume, tmp_path):
-    seg = Segmenter(packages["shared"], engine=TorchModuleEngine(nets["shared"], device="cpu"), device="cuda",
-                    progress=False)
+def test_cuda_device_without_cuda_is_one_clear_error(nets, packages, tmp_path):
+    """Refused before any work: no CUDA device (or no CuPy) is one sentence at construction."""
     with pytest.raises(XctrtError) as err:
-        seg.segment(volume, out_dir=tmp_path / "out")
+        Segmenter(packages["shared"], engine=TorchModuleEngine(nets["shared"], device="cpu"), device="cuda",
+                  progress=False)
     msg = str(err.value)
-    assert "CUDA" in msg and "\n" not in msg and ". " not in msg.rstrip(".")
+    assert ("CUDA" in msg or "CuPy" in msg) and "\n" not in msg and ". " not in msg.rstrip(".")
+
+
+def test_cli_segment_device_cuda_without_cuda(tmp_path):
+    """`xctrt segment --device cuda` here: one `xctrt: error:` line, exit 2, no output folder content."""
+    from xctrt.phantom import write_phantom
+
+    write_phantom(tmp_path / "v.tif", (4, 64, 64), seed=0)
+    p = subprocess.run([sys.executable, "-m", "xctrt", "segment", str(tmp_path / "v.tif"), "-o", str(tmp_path / "out"),
+                        "--device", "cuda", "--no-progress"], capture_output=True, text=True, env=xctrt_env(), cwd=REPO)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("xctrt: error:") and ("CUDA" in lines[0] or "CuPy" in lines[0])
     assert not (tmp_path / "out" / "summary.json").exists()
 
 

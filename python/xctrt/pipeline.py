@@ -93,6 +93,9 @@ class Segmenter:
         if device != "cpu" and engine is None and backend not in ("torch", "auto"):
             raise XctrtError(f"--device cuda runs the model with torch; backend {backend!r} cannot")
         self.device, self.compression = device, compression
+        if device == "cuda":
+            from .gpu.pipeline import check_cuda
+            check_cuda()
         if batch_size < 1 or slab < 1:
             raise XctrtError("batch size and slab depth must be at least 1")
         if connectivity not in (6, 18, 26):
@@ -334,6 +337,7 @@ class Segmenter:
             table = counter.finish(self.min_voxels)
         for k, v in stage.stage_seconds().items():
             timer.seconds[k] += v
+        gpu_memory = getattr(stage, "memory_used_max", None)
         elapsed = time.perf_counter() - t_start
         summary = {
             "input": {"path": str(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),
@@ -347,6 +351,7 @@ class Segmenter:
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "host": platform.node(), "versions": _versions()},
             "timing": {"total_s": elapsed, "slices_per_s": Z / elapsed if elapsed > 0 else None,
+                       "gpu_memory_used_max_gib": gpu_memory / 2 ** 30 if gpu_memory else None,
                        "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
             "result": summarise(table, counter.class_voxels, vs, unit, {**self.class_names}),
         }

@@ -253,6 +253,7 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
         r["ours"] = _stage_row(s.summary)
         r["ours"]["wall_s_incl_capture"] = time.perf_counter() - t0
         r["ours"]["defects"] = {k: v["count"] for k, v in s.summary["result"]["defects"].items()}
+        r["ours"]["gpu_memory_used_max_gib"] = s.summary["timing"]["gpu_memory_used_max_gib"]
         if cuda:
             r["ours"]["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             try:
@@ -306,8 +307,10 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
                 f"compile {r['compiled_compile_s']:.0f} s")
             compiled = comp_net = eng = seg = None
         net = naive = None
-        if cuda:
+        if cuda:   # give both pools back, so the next mode's memory figures are its own
             torch.cuda.empty_cache()
+            import cupy
+            cupy.get_default_memory_pool().free_all_blocks()
     return res
 
 

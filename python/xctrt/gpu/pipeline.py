@@ -61,6 +61,25 @@ class _Clock:
         return dict(self.seconds)
 
 
+def check_cuda() -> None:
+    """One clear sentence when the GPU path cannot run here (checked before any work starts)."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise XctrtError("the GPU path needs torch (pip install '.[gpu]')") from exc
+    if not torch.cuda.is_available():
+        raise XctrtError("the GPU path needs a CUDA device; torch sees none")
+    cuda_array_module()
+
+
+def cuda_array_module():
+    try:
+        import cupy
+    except ImportError as exc:
+        raise XctrtError("the GPU path needs CuPy for its stages (pip install '.[gpu]')") from exc
+    return cupy
+
+
 class GpuCounter:
     """The writer thread's view of the components: already counted on the device, so add_slab does
     nothing and finish() asks the stage."""
@@ -98,11 +117,8 @@ class GpuStage:
         if self.cuda and not torch.cuda.is_available():
             raise XctrtError("the GPU path needs a CUDA device; torch sees none")
         self.device = torch.device(device)
-        if self.cuda:
-            import cupy
-            self.xp = cupy
-        else:
-            self.xp = np
+        self.xp = cuda_array_module() if self.cuda else np
+        self.memory_used_max = 0   # device memory in use (all allocators and the CUDA context), sampled per slab
         self.model, self.size, self.batch = model, int(input_size), int(batch_size)
         if input_mode not in ("resize", "tile"):
             raise ValueError(f"input_mode must be 'resize' or 'tile', not {input_mode!r}")
@@ -242,8 +258,10 @@ class GpuStage:
                 self.pending.append((z0, slab, out, copied, labels, img))
             else:
                 self.pending.append((z0, slab, labels, None, labels, img))
-        done = self._components_of_previous(keep=1)
-        return done
+        if self.cuda:
+            free, total = torch.cuda.mem_get_info()
+            self.memory_used_max = max(self.memory_used_max, total - free)
+        return self._components_of_previous(keep=1)
 
     def _components_of_previous(self, keep: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Label components of all but the newest `keep` submitted slabs and hand them back."""

@@ -89,6 +89,14 @@ def main(out: Path) -> str:
                      f"{_f((full.get('gpu_peak_pool_bytes') or 0) / 2 ** 30, '.2f')} GiB")
     else:
         lines.append("post-processing: no results (step failed or timed out)")
+    pkg = _load(out, "gpu_package.json")
+    if pkg:
+        h, g = pkg["runs"]["host"], pkg["runs"]["gpu"]
+        lines.append(f"package {pkg['model']} on {pkg['shape']} ({h['engine']}): host pipeline {_f(h['slices_per_s'], '.2f')}"
+                     f" slices/s, {g['pipeline']} {_f(g['slices_per_s'], '.2f')} slices/s; labels identical "
+                     f"{pkg['labels_identical']}, table identical {pkg['table_identical']}")
+    else:
+        lines.append("package: no results (step failed or timed out)")
     att = _load(out, "gpu_attention.json")
     if att:
         for shape, s in att.get("shapes", {}).items():

@@ -8,7 +8,7 @@
 #          carry:     [".whl-sam"]
 #          timeout_s: 500
 #      results under $OUT: gpu_throughput.log, gpu_post.json, bench.json, bench_compiled.json,
-#      gpu_attention.json, [bench_ours_compiled.json,] summary.md (the table, also printed last)
+#      gpu_attention.json, gpu_package.json, bench_ours_compiled.json, summary.md (the table, printed last)
 #   Dry run here, on CPU (the same code with NumPy and torch CPU, tiny network and volume):
 #          DRY_RUN=1 bash benchmarks/gpu_throughput.sh
 #
@@ -20,11 +20,13 @@
 #   post       benchmarks/gpu_post_check.py: CuPy window/resize/aggregate/components vs the C++ kernels
 #              (exact), then aggregate + components + table of a 1000x1200x1200 volume, timed
 #   attention  benchmarks/gpu_attention_check.py: fused kernel vs SDPA vs float32 reference, launch sweep
+#   package    benchmarks/gpu_package_check.py: the shipped model (torch backend) with --device cuda vs the
+#              host C++ pipeline around the same GPU engine, 16x768x768 phantom: identical labels/table, speed
 #   compiled   xctrt bench --gpu --modes paper with the torch.compile anchor (max-autotune, bf16, bs 8):
 #              naive, compiled and ours again, in one process, on the same volume
 #   ours-compiled  xctrt bench --gpu --compile-ours $OURS_COMPILE: ours with
 #              its encoders through torch.compile as well (pointwise fusion around the fused attention)
-# Knobs (environment): STEPS ("bench post attention ours-compiled"; or compiled), SHAPE ("1000 1200 1200"),
+# Knobs (environment): STEPS ("bench post attention package ours-compiled"; or compiled), SHAPE ("1000 1200 1200"),
 # BATCH (8), COMPILE_MODE (max-autotune), OURS_COMPILE (default), WORK (/tmp/xctrt_gpu), PYTHON (python3),
 # OUT (set by the device tool; default $WORK/out), LIMIT (450: seconds the steps may use in all).
 # The max-autotune anchor did not finish compiling in 305 s on an H200 (2026-11-26): give it a call of its
@@ -32,7 +34,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=${DRY_RUN:-0}
-STEPS=${STEPS:-bench post attention ours-compiled}
+STEPS=${STEPS:-bench post attention package ours-compiled}
 OURS_COMPILE=${OURS_COMPILE:-default}
 PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/xctrt_gpu}
@@ -51,11 +53,12 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --f
 if [ "$DRY_RUN" = 1 ]; then
   SHAPE=${SHAPE:-"12 96 96"}; BATCH=${BATCH:-2}
   POST="--xp numpy --z 16 --y 128 --x 128"; ATTN="--device cpu"
+  PKG="--host-arrays -m untrained-tiny --shape 4 300 280 --batch-size 4 --slab 3"
   BENCH="--host-arrays --backbone tiny --naive-slices 4 --compiled-slices 4 --slab 4"
   COMPILE_MODE=${COMPILE_MODE:-default}
 else
   SHAPE=${SHAPE:-"1000 1200 1200"}; BATCH=${BATCH:-8}
-  POST=""; ATTN=""; BENCH="--slab 32"
+  POST=""; ATTN=""; PKG=""; BENCH="--slab 32"
   COMPILE_MODE=${COMPILE_MODE:-max-autotune}
 fi
 
@@ -75,6 +78,11 @@ fi
 if want attention; then
   stage "attention: fused kernel vs SDPA vs reference"
   timeout 70 $PY benchmarks/gpu_attention_check.py --out "$OUT" $ATTN || echo "attention step failed or timed out (rc $?)"
+fi
+
+if want package; then
+  stage "package: the shipped model, --device cuda vs the host pipeline"
+  timeout 120 $PY benchmarks/gpu_package_check.py --out "$OUT" $PKG || echo "package step failed or timed out (rc $?)"
 fi
 
 if want ours-compiled; then

@@ -1,0 +1,87 @@
+"""Memory traffic of our ViT-B encoder forward, operator by operator, counted on the meta device.
+
+    python benchmarks/encoder_traffic.py [--batch 8] [--backbone vit_b]
+
+Nothing is computed: every operator of one batch through `xctrt.gpu.sam` (bf16 weights, the fused
+attention) runs on meta tensors, and each one that allocates its output is charged the bytes of its
+tensor inputs plus its output (views are free). Matrix products and the fused attention are listed
+apart: their time is set by arithmetic. The rest, over the device's copy bandwidth, is the least
+time the pointwise and layout work can take unless it is fused away.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+import xctrt.gpu.attention as attention_module  # noqa: E402
+from xctrt.gpu.sam import accelerate, build_random_class_net  # noqa: E402
+
+ARITHMETIC = {"aten.linear.default", "aten.mm.default", "aten.addmm.default", "aten.bmm.default",
+              "aten.convolution.default", "aten.conv2d.default", "fused attention"}
+
+
+def _bytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+class TrafficCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.rows = defaultdict(lambda: [0, 0])   # operator -> [calls, bytes]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        shared = {a.untyped_storage()._cdata for a in ins}
+        # an output on an input's storage is a view (meta tensors keep storage identity): it moves nothing
+        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)
+                and o.untyped_storage()._cdata not in shared]
+        if outs and func is not torch.ops.aten.empty.memory_format:   # allocating moves nothing
+            row = self.rows[str(func)]
+            row[0] += 1
+            row[1] += sum(map(_bytes, ins)) + sum(map(_bytes, outs))
+        return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--backbone", default="vit_b")
+    ap.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s (H200 copy, measured here)")
+    args = ap.parse_args()
+    counter = TrafficCounter()
+
+    def fused(q, k, v, rel_h, rel_w, hw, scale=None, impl="auto", **kw):
+        """The fused kernel's traffic: q, k, v, rel_h, rel_w read once, the output written once."""
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        row = counter.rows["fused attention"]
+        row[0] += 1
+        row[1] += sum(map(_bytes, (q, k, v, rel_h, rel_w, out)))
+        return out
+
+    attention_module.attention = fused   # FastAttention looks it up at call time
+    net = build_random_class_net(args.backbone, 1, "paper", device="meta")
+    net = accelerate(net).cast_weights(torch.bfloat16)
+    x = torch.empty(args.batch, 1, net.image_size, net.image_size, device="meta")
+    with torch.inference_mode(), counter:
+        net.encode(x)
+    rows = sorted(counter.rows.items(), key=lambda kv: -kv[1][1])
+    rest = sum(b for name, (_, b) in rows if name not in ARITHMETIC)
+    print(f"{args.backbone}, batch {args.batch}, bf16: pointwise and layout traffic {rest / 1e9:.1f} GB "
+          f"= {rest / args.bandwidth * 1e3:.1f} ms at {args.bandwidth / 1e12:.1f} TB/s")
+    for name, (calls, b) in rows:
+        if b >= 1e7:
+            print(f"{b / 1e9:8.2f} GB {calls:5d}x  {name}{'   (arithmetic-bound)' if name in ARITHMETIC else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

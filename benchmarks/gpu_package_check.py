@@ -55,6 +55,7 @@ def main() -> int:
                                  "wall_s": wall, "slices_per_s": args.shape[0] / wall,
                                  "stage_busy_s": r.summary["timing"]["stage_busy_s"],
                                  "gpu_memory_used_max_gib": r.summary["timing"].get("gpu_memory_used_max_gib"),
+                                 "cuda_graphs_not_used_because": r.summary["timing"].get("cuda_graphs_not_used_because"),
                                  "defects": {k: v["count"] for k, v in r.summary["result"]["defects"].items()}}
     (lh, th), (lg, tg) = labels["host"], labels["gpu"]
     res["labels_identical"] = bool(np.array_equal(lh, lg))

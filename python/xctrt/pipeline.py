@@ -338,6 +338,7 @@ class Segmenter:
         for k, v in stage.stage_seconds().items():
             timer.seconds[k] += v
         gpu_memory = getattr(stage, "memory_used_max", None)
+        graph_error = getattr(stage, "graph_error", None)
         elapsed = time.perf_counter() - t_start
         summary = {
             "input": {"path": str(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),
@@ -352,6 +353,7 @@ class Segmenter:
                     "host": platform.node(), "versions": _versions()},
             "timing": {"total_s": elapsed, "slices_per_s": Z / elapsed if elapsed > 0 else None,
                        "gpu_memory_used_max_gib": gpu_memory / 2 ** 30 if gpu_memory else None,
+                       "cuda_graphs_not_used_because": graph_error,
                        "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
             "result": summarise(table, counter.class_voxels, vs, unit, {**self.class_names}),
         }

@@ -135,39 +135,55 @@ class GpuStage:
         self.counter = GpuCounter(self)
         self.pending: list = []          # submitted slabs whose labels are not yet on the host
         self._steps = None
+        self.graph_error = None   # why the model runs eagerly although graphs were asked for
         if self.cuda:
             self.compute = torch.cuda.Stream()
             self.copy = torch.cuda.Stream()
             self.postproc = torch.cuda.Stream()
-            if graphs and self.split:
-                self._steps = self._capture()
+            if graphs:
+                try:
+                    self._steps = self._capture()
+                except Exception as exc:   # e.g. a converted graph that syncs with the host: run it eagerly
+                    self.graph_error = f"{type(exc).__name__}: {exc}"[:300]
+                    torch.cuda.synchronize()
 
     # ---------------------------------------------------------------- model steps
 
     def _capture(self):
-        """One CUDA graph for the encoders and one for the decoders at the batch size."""
+        """CUDA graphs at the batch size: one for the encoders and one for the decoders of a split model,
+        one for the whole model otherwise."""
         from .sam import GraphedStep
 
         torch = self.torch
         with torch.inference_mode(), torch.cuda.stream(self.compute):
             x = torch.rand(self.batch, 1, self.size, self.size, device=self.device)
-            enc = GraphedStep(lambda t: tuple(self.model.encode(t)), x)
-            dec = GraphedStep(lambda *e: self.model.decode(list(e), self.size), list(enc.static_out))
+            if not self.split:
+                steps = (GraphedStep(self.model, x),)
+            else:
+                enc = GraphedStep(lambda t: tuple(self.model.encode(t)), x)
+                steps = (enc, GraphedStep(lambda *e: self.model.decode(list(e), self.size), list(enc.static_out)))
         torch.cuda.synchronize()
-        return enc, dec
+        return steps
+
+    def _padded(self, x):
+        """The graphs' batch is fixed: the last, smaller batch is padded with zeros."""
+        n = x.shape[0]
+        return x if n == self.batch else self.torch.cat([x, x.new_zeros((self.batch - n,) + tuple(x.shape[1:]))])
 
     def _encode(self, x):
         if self._steps is None:
             return self.model.encode(x)
-        n = x.shape[0]
-        if n < self.batch:   # the graph's batch is fixed: pad the last one
-            x = self.torch.cat([x, x.new_zeros((self.batch - n,) + tuple(x.shape[1:]))])
-        return list(self._steps[0](x))
+        return list(self._steps[0](self._padded(x)))
 
     def _decode(self, emb, n):
         if self._steps is None:
             return self.model.decode(emb, self.size)
         return self._steps[1](*emb)[:n]
+
+    def _whole(self, x):
+        if self._steps is None:
+            return self.model(x)
+        return self._steps[0](self._padded(x))[:x.shape[0]]
 
     # ---------------------------------------------------------------- per slab
 
@@ -221,7 +237,7 @@ class GpuStage:
                         clock.span("decoder", t1, t2)
                     else:
                         t0 = clock.mark()
-                        p = self.model(xb)
+                        p = self._whole(xb)
                         clock.span("model", t0, clock.mark())
                     probs.append(_to_xp(xp, p.float()).copy())   # graph outputs are reused by the next batch
                 t0 = clock.mark()

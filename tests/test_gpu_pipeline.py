@@ -253,22 +253,48 @@ def test_encoder_flops_tiny_by_hand(nets):
 @pytest.mark.parametrize("mode", MODES)
 def test_accelerate_sdpa_same_outputs(nets, mode):
     from segment_anything.modeling.image_encoder import Attention
-    from xctrt.gpu.sam import fast_attention_class
+    from segment_anything.modeling.transformer import Attention as DecoderAttention
+    from xctrt.gpu.sam import fast_attention_classes
 
+    fast_enc, fast_dec = fast_attention_classes()
     net = nets[mode]
     x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         ref = net(x)
         fast = accelerate(copy.deepcopy(net), "sdpa")
         attn = [m for m in fast.modules() if isinstance(m, Attention)]
+        dec = [m for m in fast.modules() if isinstance(m, DecoderAttention)]
         assert len(attn) == 2 * len(fast.models)
-        assert all(type(m) is fast_attention_class() and m.attention_impl == "sdpa" for m in attn)
-        assert not any(type(m) is fast_attention_class() for m in net.modules()), "the original is untouched"
+        assert all(type(m) is fast_enc and m.attention_impl == "sdpa" for m in attn)
+        assert dec and all(type(m) is fast_dec for m in dec)   # every two-way-transformer attention
+        assert not any(type(m) in (fast_enc, fast_dec) for m in net.modules()), "the original is untouched"
         out = fast(x)
         assert (out - ref).abs().max().item() < 1e-5
         assert accelerate(fast, "sdpa") is fast   # again: harmless
-        assert all(type(m) is fast_attention_class() for m in fast.modules() if isinstance(m, Attention))
+        assert all(type(m) is fast_enc for m in fast.modules() if isinstance(m, Attention))
         assert (fast(x) - ref).abs().max().item() < 1e-5
+
+
+def test_fast_decoder_attention_matches_segment_anything():
+    """The decoder's attention through SDPA equals segment-anything's own on random inputs, with the
+    token counts of the two-way transformer (5 tokens against a 64-token image and back)."""
+    from segment_anything.modeling.transformer import Attention as DecoderAttention
+    from xctrt.gpu.sam import fast_attention_classes
+
+    g = torch.Generator().manual_seed(7)
+    for rate in (1, 2):
+        ref = DecoderAttention(32, 2, downsample_rate=rate)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        fast = copy.deepcopy(ref)
+        fast.__class__ = fast_attention_classes()[1]
+        for nq, nk in ((5, 64), (64, 5)):
+            q, k, v = torch.randn(3, nq, 32, generator=g), torch.randn(3, nk, 32, generator=g), torch.randn(3, nk, 32, generator=g)
+            with torch.inference_mode():
+                a, b = ref(q, k, v), fast(q, k, v)
+            assert a.shape == b.shape == (3, nq, 32)
+            assert (a - b).abs().max().item() < 1e-5 * max(1.0, a.abs().max().item())
 
 
 # ---------------------------------------------------------------- 5. bf16 weights

@@ -224,26 +224,47 @@ def encoder_flops(model: XctSam) -> float:
 
 def accelerate(net: nn.Module, attention_impl: str = "auto") -> nn.Module:
     """Swap every segment-anything image-encoder Attention in `net` for the same maths through
-    xctrt.gpu.attention (fused relative-position flash attention on CUDA). In place; the weights,
-    and any wrapped qkv (Conv-LoRA), stay as they are."""
+    xctrt.gpu.attention (fused relative-position flash attention on CUDA), and every mask-decoder
+    Attention for scaled_dot_product_attention (no bias there, so PyTorch's fused kernels apply).
+    In place; the weights, and any wrapped qkv (Conv-LoRA), stay as they are."""
     from segment_anything.modeling.image_encoder import Attention
+    from segment_anything.modeling.transformer import Attention as DecoderAttention
 
-    fast = fast_attention_class()
+    fast, fast_decoder = fast_attention_classes()
     for m in net.modules():
         if isinstance(m, Attention):
             m.__class__ = fast
             m.attention_impl = attention_impl
+        elif isinstance(m, DecoderAttention):
+            m.__class__ = fast_decoder
     return net
 
 
 _FAST: list[type] = []
 
 
-def fast_attention_class() -> type:
-    """The FastAttention class, made once (it subclasses segment-anything's, imported only here)."""
+def fast_attention_classes() -> tuple[type, type]:
+    """(FastAttention, FastDecoderAttention), made once (they subclass segment-anything's, imported only here)."""
     if not _FAST:
-        _FAST.append(_make_fast_attention())
-    return _FAST[0]
+        _FAST.extend((_make_fast_attention(), _make_fast_decoder_attention()))
+    return _FAST[0], _FAST[1]
+
+
+def _make_fast_decoder_attention() -> type:
+    from segment_anything.modeling.transformer import Attention
+
+    class FastDecoderAttention(Attention):
+        """segment-anything's two-way-transformer Attention through one fused SDPA call."""
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q = self._separate_heads(self.q_proj(q), self.num_heads)
+            k = self._separate_heads(self.k_proj(k), self.num_heads)
+            v = self._separate_heads(self.v_proj(v), self.num_heads)
+            out = F.scaled_dot_product_attention(q, k, v)   # scale 1/sqrt(head dim), as the original
+            return self.out_proj(self._recombine_heads(out))
+
+    FastDecoderAttention.__module__ = __name__
+    return FastDecoderAttention
 
 
 def _make_fast_attention() -> type:

@@ -318,8 +318,9 @@ def test_cast_weights_bf16(nets, mode):
 # ---------------------------------------------------------------- 6. xctrt bench --gpu --host-arrays, summary
 
 
-def _load_gpu_summary():
-    spec = importlib.util.spec_from_file_location("gpu_summary", REPO / "benchmarks" / "gpu_summary.py")
+def _load_benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -351,17 +352,23 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
     out = tmp_path / "summary"
     out.mkdir()
     shutil.copy(tmp_path / "b.json", out / "bench.json")
-    md = _load_gpu_summary().main(out)
+    md = _load_benchmark("gpu_summary").main(out)
     for mode in MODES:
         for run in ("naive", "ours"):
             assert f"| bench | {mode} | {run} |" in md
         assert f"- bench/{mode}: ours vs naive on the same slices: labels agree 100.000 %" in md
     assert "post-processing: no results" in md and "attention: no results" in md
     assert "bench: no results" not in md
+    # the stage picture from the same JSON
+    _load_benchmark("gpu_figure").draw(json.loads((tmp_path / "b.json").read_text()), tmp_path / "stages.png")
+    from PIL import Image
+    with Image.open(tmp_path / "stages.png") as im:
+        assert im.size[0] == 900 and im.size[1] > 300
+        assert len(set(im.getdata())) > 3   # bars and text, not a blank canvas
 
 
 def test_gpu_summary_without_results(tmp_path):
-    md = _load_gpu_summary().main(tmp_path)
+    md = _load_benchmark("gpu_summary").main(tmp_path)
     assert all(f"{step}: no results" in md for step in ("bench", "post-processing", "attention"))
 
 

@@ -263,9 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--voxel-size", type=float, default=0.02, metavar="MM", help="isotropic (default: %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="processes over slices (0 = all cores)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cpu: C++ stages on the host around the engine; cuda: model (torch) and every stage on "
-                        "the GPU (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
 

@@ -82,7 +82,7 @@ class Segmenter:
     def __init__(self, model: str | Path | ModelPackage | None = None, backend: str = "auto", batch_size: int = 8,
                  threads: int = 0, connectivity: int = 26, min_voxels: int = 1, slab: int = 8,
                  window: tuple[float, float] | None = None, progress: bool = True, device: str = "cpu",
-                 engine=None, compression: str | None = "zlib"):
+                 engine=None):
         """device "cpu": window/tile/stitch/aggregate/components in C++ on the host around the engine.
         device "cuda": all of it on the GPU (xctrt.gpu: torch model, CuPy stages), needs the torch
         backend; "host-arrays": that GPU path's code with NumPy and torch on the host (tests, dry runs).
@@ -92,7 +92,7 @@ class Segmenter:
             raise XctrtError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
         if device != "cpu" and engine is None and backend not in ("torch", "auto"):
             raise XctrtError(f"--device cuda runs the model with torch; backend {backend!r} cannot")
-        self.device, self.compression = device, compression
+        self.device = device
         if device == "cuda":
             from .gpu.pipeline import check_cuda
             check_cuda()
@@ -281,8 +281,7 @@ class Segmenter:
                 pages = finished_slabs()
                 if staged is not None:
                     try:
-                        write_volume_tiff(staged.path("labels.tif"), pages, (Z, Y, X), np.uint8,
-                                          vs if unit == "mm" else None, compression=self.compression)
+                        write_volume_tiff(staged.path("labels.tif"), pages, (Z, Y, X), np.uint8, vs if unit == "mm" else None)
                     except OSError as exc:
                         raise XctrtError(f"{out}: cannot write labels.tif ({exc.strerror or exc})") from exc
                 else:
@@ -337,8 +336,6 @@ class Segmenter:
             table = counter.finish(self.min_voxels)
         for k, v in stage.stage_seconds().items():
             timer.seconds[k] += v
-        gpu_memory = getattr(stage, "memory_used_max", None)
-        graph_error = getattr(stage, "graph_error", None)
         elapsed = time.perf_counter() - t_start
         summary = {
             "input": {"path": str(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),
@@ -352,8 +349,8 @@ class Segmenter:
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "host": platform.node(), "versions": _versions()},
             "timing": {"total_s": elapsed, "slices_per_s": Z / elapsed if elapsed > 0 else None,
-                       "gpu_memory_used_max_gib": gpu_memory / 2 ** 30 if gpu_memory else None,
-                       "cuda_graphs_not_used_because": graph_error,
+                       "gpu_memory_used_max_gib": stage.memory_used_max / 2 ** 30 if stage.memory_used_max else None,
+                       "cuda_graphs_not_used_because": stage.graph_error,
                        "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
             "result": summarise(table, counter.class_voxels, vs, unit, {**self.class_names}),
         }
@@ -377,6 +374,9 @@ class Segmenter:
 
 class _CpuStage:
     """Labels slab by slab on the host (C++ kernels); components run later, in the writer thread."""
+
+    memory_used_max = None   # what the GPU stage also reports: nothing to say on the host
+    graph_error = None
 
     def __init__(self, seg: Segmenter, counter: DefectCounter, timer: _Timer):
         self.seg, self.counter, self.timer = seg, counter, timer

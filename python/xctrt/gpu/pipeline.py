@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -209,7 +210,7 @@ class GpuStage:
                 ctx = torch.cuda.stream(self.compute)
             else:
                 dev = np.ascontiguousarray(slab)
-                ctx = _null()
+                ctx = nullcontext()
             with ctx, _xp_stream(xp, self.compute if self.cuda else None):
                 img = _to_xp(xp, dev)
                 if img.dtype != slab.dtype:
@@ -285,7 +286,7 @@ class GpuStage:
         done = []
         while len(self.pending) > keep:
             z0, slab, out, copied, labels, img = self.pending.pop(0)
-            with (torch.cuda.stream(self.postproc) if self.cuda else _null()), \
+            with (torch.cuda.stream(self.postproc) if self.cuda else nullcontext()), \
                     _xp_stream(xp, self.postproc if self.cuda else None):
                 t0 = clock.mark(self.postproc if self.cuda else None)
                 self.labeller.add_slab(labels, img)
@@ -322,18 +323,10 @@ class GpuStage:
         return self.clock.finish()
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _xp_stream(xp, torch_stream):
     """Make CuPy queue its kernels on the given torch stream (no-op for NumPy)."""
     if torch_stream is None or xp is np:
-        return _null()
+        return nullcontext()
     return xp.cuda.ExternalStream(torch_stream.cuda_stream)
 
 

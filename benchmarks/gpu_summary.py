@@ -9,6 +9,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from xctrt.gpu.bench import comparisons  # noqa: E402  (the runs and ratios, as `xctrt bench --gpu` prints them)
+
 STAGES = ("read", "h2d", "preprocess", "tile", "encoder", "decoder", "infer", "aggregate", "stitch",
           "components", "d2h", "write")
 
@@ -21,26 +25,24 @@ def _load(out: Path, name: str):
         return None
 
 
+def _missing(step: str) -> str:
+    return f"{step}: no results (step failed or timed out)"
+
+
 def _f(v, fmt=".1f"):
     return format(v, fmt) if isinstance(v, (int, float)) else "–"
 
 
 def bench_rows(res: dict, label: str) -> list[str]:
     rows = []
-    for mode, r in res["modes"].items():
-        naive = r["naive"]["slices_per_s"]
-        comp = r.get("compiled", {}).get("slices_per_s")
-        for run in ("naive", "compiled", "ours"):
-            if run not in r:
-                continue
-            x = r[run]
-            busy = x.get("stage_busy_s", {})
-            stages = ", ".join(f"{s} {busy[s]:.2f}" for s in STAGES if busy.get(s, 0) >= 0.005)
-            rows.append(f"| {label} | {mode} | {run} | {x['slices']} | {_f(x['slices_per_s'])} | "
-                        f"{_f(x['slices_per_s'] / naive)} | {_f(x['slices_per_s'] / comp, '.2f') if comp else '–'} | "
-                        f"{_f(x.get('encoder_tflops'), '.0f')} | {_f(x.get('encoder_percent_of_peak'), '.0f')} | "
-                        f"{_f(x.get('torch_peak_gib'), '.1f')} / {_f(x.get('gpu_memory_used_max_gib'), '.1f')} | "
-                        f"{stages} |")
+    for mode, run, x, x_naive, x_comp in comparisons(res):
+        busy = x.get("stage_busy_s", {})
+        stages = ", ".join(f"{s} {busy[s]:.2f}" for s in STAGES if busy.get(s, 0) >= 0.005)
+        rows.append(f"| {label} | {mode} | {run} | {x['slices']} | {_f(x['slices_per_s'])} | "
+                    f"{_f(x_naive)} | {_f(x_comp, '.2f')} | "
+                    f"{_f(x.get('encoder_tflops'), '.0f')} | {_f(x.get('encoder_percent_of_peak'), '.0f')} | "
+                    f"{_f(x.get('torch_peak_gib'), '.1f')} / {_f(x.get('gpu_memory_used_max_gib'), '.1f')} | "
+                    f"{stages} |")
     return rows
 
 
@@ -75,7 +77,7 @@ def main(out: Path) -> str:
                 lines.append(f"- {mode}, where our encoder time goes (one batch, eager): " + "; ".join(
                     f"{p['name'][:60]} {p['ms']:.2f} ms x{p['calls']}" for p in r["ours_profile"][:8]))
     else:
-        lines.append("bench: no results (step failed or timed out)")
+        lines.append(_missing("bench"))
     lines.append("")
     post = _load(out, "gpu_post.json")
     if post:
@@ -88,7 +90,7 @@ def main(out: Path) -> str:
                      f" defect fraction {_f(full.get('defect_fraction'), '.4f')}, pool peak "
                      f"{_f((full.get('gpu_peak_pool_bytes') or 0) / 2 ** 30, '.2f')} GiB")
     else:
-        lines.append("post-processing: no results (step failed or timed out)")
+        lines.append(_missing("post-processing"))
     pkg = _load(out, "gpu_package.json")
     if pkg:
         h, g = pkg["runs"]["host"], pkg["runs"]["gpu"]
@@ -96,7 +98,7 @@ def main(out: Path) -> str:
                      f" slices/s, {g['pipeline']} {_f(g['slices_per_s'], '.2f')} slices/s; labels identical "
                      f"{pkg['labels_identical']}, table identical {pkg['table_identical']}")
     else:
-        lines.append("package: no results (step failed or timed out)")
+        lines.append(_missing("package"))
     att = _load(out, "gpu_attention.json")
     if att:
         for shape, s in att.get("shapes", {}).items():
@@ -109,7 +111,7 @@ def main(out: Path) -> str:
                 f"{k} {v.get('config', '')} {_f(v['tflops'], '.0f')} TFLOP/s ({v.get('check', '-')})"
                 for k, v in best.items()))
     else:
-        lines.append("attention: no results (step failed or timed out)")
+        lines.append(_missing("attention"))
     return "\n".join(lines)
 
 

@@ -164,9 +164,10 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
         log=print) -> dict:
     import torch
 
+    from .. import _core
     from ..backends import TorchModuleEngine
     from ..pipeline import Segmenter
-    from .sam import accelerate, build_random_class_net, encoder_flops
+    from .sam import GraphedStep, accelerate, build_random_class_net, encoder_flops
 
     cuda = device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -210,8 +211,8 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
         # thresholds from the naive model's probabilities on the first slices (see the module notes)
         naive = TorchModuleEngine(net, device=device, batch=1, name="naive-fp32-eager")
         lo, hi = 0.0, 65535.0
-        from .. import _core
         x = np.stack([_core.resize_bilinear(_core.window(s, lo, hi), size, size) for s in head[:4]])[:, None]
+        xb = torch.from_numpy(np.repeat(x[:1], batch, 0)).to(device)   # one batch for the timings below
         p = naive.run(x)
         thr = [float(np.quantile(p[:, i], 1 - COVER[n])) for i, (n, _) in enumerate(CLASSES)]
         r["thresholds"] = thr
@@ -225,7 +226,6 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
         naive_labels = s.labels
         log(f"[{mode}] naive: {r['naive']['slices_per_s']:.2f} slices/s")
         if cuda:
-            xb = torch.from_numpy(np.repeat(x[:1], batch, 0)).to(device)
             with torch.inference_mode():
                 r["naive"]["model_s_per_image"] = time_cuda(torch, lambda: net(xb[:1]), reps=5, warmup=2)
                 r["naive"]["encoder_s_per_image"] = time_cuda(torch, lambda: net.encode(xb[:1]), reps=5, warmup=2)
@@ -236,7 +236,7 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
             for m in fast.models:   # agreement run below, before the timed one
                 m.image_encoder = torch.compile(m.image_encoder, mode=compile_ours, dynamic=False)
         if profile:
-            r["ours_profile"] = profile_encoder(torch, fast, torch.from_numpy(np.repeat(x[:1], batch, 0)).to(device))
+            r["ours_profile"] = profile_encoder(torch, fast, xb)
             log(f"[{mode}] ours encoder, top kernels (one batch of {batch}, eager):")
             for row in r["ours_profile"][:12]:
                 log(f"    {row['ms']:8.3f} ms  {row['calls']:5d}x  {row['name'][:90]}")
@@ -271,11 +271,9 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
         r["ours"]["prob_max_abs_diff_vs_naive"] = float(np.abs(pf - p).max())
         r["ours"]["prob_mean_abs_diff_vs_naive"] = float(np.abs(pf - p).mean())
         if cuda:
-            xb8 = torch.from_numpy(np.repeat(x[:1], batch, 0)).to(device)
-            from .sam import GraphedStep
             with torch.inference_mode():
-                enc = GraphedStep(lambda t: tuple(fast.encode(t)), xb8)
-                dt = time_cuda(torch, lambda: enc(xb8), reps=10)
+                enc = GraphedStep(lambda t: tuple(fast.encode(t)), xb)
+                dt = time_cuda(torch, lambda: enc(xb), reps=10)
             passes = len(fast.models)
             r["ours"]["encoder_s_per_image"] = dt / batch
             tflops = r["encoder_tflop_per_image"] * passes * batch / dt
@@ -293,11 +291,10 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
             # their own autotuning); the batch is fixed: no symbolic shapes
             for m in comp_net.models:
                 m.image_encoder = torch.compile(m.image_encoder, mode=compile_mode, dynamic=False)
-            compiled = comp_net
-            eng = TorchModuleEngine(compiled, device=device, batch=batch, name=f"compiled-{compile_mode}")
+            eng = TorchModuleEngine(comp_net, device=device, batch=batch, name=f"compiled-{compile_mode}")
             t0 = time.perf_counter()
             with torch.inference_mode():
-                compiled(torch.from_numpy(np.repeat(x[:1], batch, 0)).to(device))
+                comp_net(xb)
                 if cuda:
                     torch.cuda.synchronize()
             r["compiled_compile_s"] = time.perf_counter() - t0
@@ -306,12 +303,11 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
             r["compiled"] = _stage_row(s.summary)
             if cuda:
                 with torch.inference_mode():
-                    xb8 = torch.from_numpy(np.repeat(x[:1], batch, 0)).to(device)
-                    r["compiled"]["model_s_per_image"] = time_cuda(torch, lambda: compiled(xb8), reps=5) / batch
+                    r["compiled"]["model_s_per_image"] = time_cuda(torch, lambda: comp_net(xb), reps=5) / batch
             log(f"[{mode}] compiled ({compile_mode}): {r['compiled']['slices_per_s']:.1f} slices/s, "
                 f"compile {r['compiled_compile_s']:.0f} s")
-            compiled = comp_net = eng = seg = None
-        net = naive = None
+            comp_net = eng = seg = None
+        net = naive = xb = None
         if cuda:   # give both pools back, so the next mode's memory figures are its own
             torch.cuda.empty_cache()
             import cupy
@@ -319,22 +315,27 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
     return res
 
 
+def comparisons(res: dict):
+    """(mode, run, record, × naive, × compiled or None) for every run in a result, in table order."""
+    for mode, r in res["modes"].items():
+        naive = r["naive"]["slices_per_s"]
+        comp = r.get("compiled", {}).get("slices_per_s")
+        for run in ("naive", "compiled", "ours"):
+            if run in r:
+                v = r[run]["slices_per_s"]
+                yield mode, run, r[run], v / naive, (v / comp if comp else None)
+
+
 def table(res: dict) -> str:
     """The short summary printed last."""
     rows = [f"{res['device']}  {res['date']}  volume {res['shape']}  {res['backbone']}  batch {res['batch']}  "
             f"attention {res['attention_impl']}"]
     rows.append(f"{'mode':<8}{'run':<10}{'slices/s':>10}{'x naive':>9}{'x compiled':>11}{'enc TFLOP/s':>12}{'% peak':>8}")
-    for mode, r in res["modes"].items():
-        base = r["naive"]["slices_per_s"]
-        comp = r.get("compiled", {}).get("slices_per_s")
-        for run_ in ("naive", "compiled", "ours"):
-            if run_ not in r:
-                continue
-            v = r[run_]["slices_per_s"]
-            rows.append(f"{mode:<8}{run_:<10}{v:>10.1f}{v / base:>9.1f}"
-                        f"{(v / comp if comp else float('nan')):>11.2f}"
-                        f"{r[run_].get('encoder_tflops', float('nan')):>12.0f}"
-                        f"{r[run_].get('encoder_percent_of_peak', float('nan')):>8.0f}")
+    for mode, run, x, x_naive, x_comp in comparisons(res):
+        rows.append(f"{mode:<8}{run:<10}{x['slices_per_s']:>10.1f}{x_naive:>9.1f}"
+                    f"{(x_comp if x_comp is not None else float('nan')):>11.2f}"
+                    f"{x.get('encoder_tflops', float('nan')):>12.0f}"
+                    f"{x.get('encoder_percent_of_peak', float('nan')):>8.0f}")
     return "\n".join(rows)
 
 

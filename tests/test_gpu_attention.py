@@ -24,6 +24,7 @@ from xctrt.gpu.attention import (
     attention_reference,
     attention_sdpa,
     attention_triton,
+    rel_pos_attention,
     relative_bias_terms,
     relative_tables,
     triton_available,
@@ -250,6 +251,43 @@ def test_sam_attention_module_sdpa():
 @interpreted
 def test_sam_attention_module_triton():
     _sam_attention_case("triton")
+
+
+# ------------------------------------------------------------------ the operator torch.compile sees
+
+@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+def test_rel_pos_attention_op(impl):
+    """The registered operator: schema, fake (meta) shapes and dispatch pass torch's own checks, and it
+    returns what `attention` does, contiguous, also from strided inputs."""
+    q, k, v, rel_h, rel_w = make_case(3, 6, (3, 4), 8)
+    qs = q.transpose(0, 1).contiguous().transpose(0, 1)   # same values, other strides
+    for args in ((q, k, v, rel_h, rel_w), (qs, k, v, rel_h, rel_w)):
+        report = torch.library.opcheck(rel_pos_attention, (*args, 3, 4, 0.3, impl))
+        assert set(report.values()) == {"SUCCESS"}, report
+        out = rel_pos_attention(*args, 3, 4, 0.3, impl)
+        assert out.is_contiguous() and out.shape == q.shape
+        assert_close(out, attention_reference(q, k, v, rel_h, rel_w, (3, 4), 0.3))
+
+
+@interpreted
+def test_triton_inside_a_compiled_graph():
+    """torch.compile keeps the Triton kernel's launch as one operator call: a traced function around it
+    (the same bias terms and softmax maths) runs the kernel and matches the reference."""
+    import torch._dynamo
+
+    q, k, v, _, _ = make_case(4, 3, (5, 6), 16)
+    rel_pos_h, rel_pos_w = torch.randn(9, 16), torch.randn(11, 16)
+
+    def block(q, k, v):
+        rel_h, rel_w = relative_bias_terms(q * 1.0, rel_pos_h, rel_pos_w, (5, 6))
+        return rel_pos_attention(q, k, v, rel_h, rel_w, 5, 6, 0.25, "triton") * 2.0
+
+    explained = torch._dynamo.explain(block)(q, k, v)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+    out = torch.compile(block, backend="aot_eager", fullgraph=True)(q, k, v)
+    rel_h, rel_w = relative_bias_terms(q, rel_pos_h, rel_pos_w, (5, 6))
+    assert_close(out, 2.0 * attention_reference(q, k, v, rel_h, rel_w, (5, 6), 0.25))
 
 
 @pytest.mark.skipif(not HAVE_TRITON or INTERPRETER_HERE, reason="the kernel tests ran in this process")

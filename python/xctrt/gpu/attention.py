@@ -14,6 +14,8 @@ Four implementations of the same maths share this module:
   attention_triton     fused flash-attention kernel: the bias is never materialised, it is rebuilt per
                        score tile from the small per-query rows rel_h (N x H) and rel_w (N x W)
   attention            dispatch (triton on CUDA when available, sdpa otherwise)
+  rel_pos_attention    the dispatch registered as one torch operator (xctrt::rel_pos_attention), what
+                       the SAM encoders call, so torch.compile treats it as a single opaque node
 
 Only imported on the torch path; Triton is imported lazily so the module loads without it.
 """
@@ -40,6 +42,7 @@ __all__ = [
     "attention_sdpa",
     "attention_triton",
     "default_config",
+    "rel_pos_attention",
     "relative_bias_terms",
     "relative_tables",
     "triton_available",
@@ -340,3 +343,19 @@ def attention(q, k, v, rel_h, rel_w, hw, scale: float | None = None, impl: str =
     if impl == "reference":
         return attention_reference(q, k, v, rel_h, rel_w, hw, scale)
     raise ValueError(f"unknown attention impl {impl!r}")
+
+
+# ------------------------------------------------------------------------------ one op for torch.compile
+
+@torch.library.custom_op("xctrt::rel_pos_attention", mutates_args=())
+def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
+                      rel_w: torch.Tensor, h: int, w: int, scale: float, impl: str) -> torch.Tensor:
+    """`attention` as one opaque torch operator: torch.compile keeps it whole (no graph break at the
+    Triton launch, no tracing into it) and fuses the pointwise work around it. Returns (B', N, D),
+    contiguous, in q's dtype."""
+    return attention(q, k, v, rel_h, rel_w, (h, w), scale, impl=impl).contiguous()
+
+
+@rel_pos_attention.register_fake
+def _rel_pos_attention_fake(q, k, v, rel_h, rel_w, h, w, scale, impl):
+    return q.new_empty(q.shape)

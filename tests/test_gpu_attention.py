@@ -130,14 +130,17 @@ def test_dispatch_and_errors():
 
 # --------------------------------------------------------------------------------- Triton (interpreter)
 
-# (hw, D, BLOCK_M, BLOCK_N): which kernel path each case takes
+# (hw, D, BLOCK_M, BLOCK_N): which kernel path each case takes. Key tiles hold ROWS = BLOCK_N // KWP grid
+# rows of KWP slots (KWP = W rounded up to a power of two).
 TRITON_CASES = [
-    ((4, 4), 16, 16, 16),   # BLOCK_N % W == 0: rel_w tile hoisted, rel_h gathered
-    ((2, 16), 32, 16, 16),  # BLOCK_N == W: rel_h one column per key tile
-    ((5, 3), 32, 16, 16),   # general gathers, N=15 not a multiple of BLOCK_N
-    ((3, 4), 16, 16, 16),   # hoisted rel_w with a masked key tail (N=12)
-    ((8, 8), 16, 32, 16),   # several query and key blocks
-    ((7, 5), 24, 16, 32),   # D=24 padded to 32, N=35: partial query and key blocks
+    ((4, 4), 16, 16, 16),   # KWP = W, 4 rows per tile, H a multiple of the rows: no masking at all
+    ((2, 16), 32, 16, 16),  # one row per tile (rel_h one column), the global blocks' loop
+    ((5, 3), 32, 16, 16),   # W=3 padded to 4 slots, 4 rows per tile, 5 rows: last tile runs past the grid
+    ((3, 4), 16, 16, 16),   # 4 rows per tile over 3 rows: one tile, its last row masked
+    ((8, 8), 16, 32, 16),   # several query blocks; 2 rows per tile
+    ((7, 5), 24, 16, 32),   # D=24 padded to 32, W=5 padded to 8, 4 rows per tile over 7 rows
+    ((14, 14), 16, 32, 64), # SAM's windows: W=14 padded to 16, 4 rows per tile, 14 rows
+    ((6, 7), 16, 64, 16),   # one block of all 42 queries, W=7 padded to 8, 2 rows per tile
 ]
 
 
@@ -152,12 +155,12 @@ def test_triton_matches_reference(seed, hw, d, bm, bn):
 
 
 @interpreted
-@pytest.mark.parametrize("hw", [(4, 4), (2, 16), (3, 4)])
-def test_triton_rel_w_reloaded_per_tile(hw):
-    # hoist_w=False: the periodic rel_w tile is reloaded for every key tile instead of kept in registers
-    q, k, v, rel_h, rel_w = make_case(9, 2, hw, 16)
-    out = attention_triton(q, k, v, rel_h, rel_w, hw, block_m=16, block_n=16, hoist_w=False)
-    assert_close(out, attention_reference(q, k, v, rel_h, rel_w, hw))
+def test_triton_key_tile_narrower_than_a_row_is_refused():
+    q, k, v, rel_h, rel_w = make_case(0, 1, (2, 20), 16)   # W=20 pads to 32 slots
+    with pytest.raises(ValueError, match="narrower than one padded key row"):
+        attention_triton(q, k, v, rel_h, rel_w, (2, 20), block_n=16)
+    out = attention_triton(q, k, v, rel_h, rel_w, (2, 20), block_m=16)   # the default widens to 32
+    assert_close(out, attention_reference(q, k, v, rel_h, rel_w, (2, 20)))
 
 
 @interpreted
@@ -320,11 +323,10 @@ cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 report = {}
 for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((14, 14), 80)]:
     n = h * w
-    cfg = A.default_config(n, d)
+    cfg = A.default_config((h, w), d)
     bm, bn = cfg["block_m"], cfg["block_n"]
-    const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SRHK=1, SRWK=1, KW=w, HEAD_D=d,
-                 BLOCK_D=max(16, A._next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn, MASK_N=n % bn != 0,
-                 W_PERIODIC=bn % w == 0, HOIST_W=True, ROW_BLOCK=bn == w)
+    const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SRHK=1, SRWK=1, KH=h, KW=w, KWP=A._next_pow2(w), HEAD_D=d,
+                 BLOCK_D=max(16, A._next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn)
     sig = {nm: ("*bf16" if nm in "Q K V RH RW O".split() else "fp32" if nm.endswith("scale")
                 else "constexpr" if nm in const else "i32") for nm in names}
     # what the launcher specialises at run time for contiguous (B', N, D) inputs: 16-aligned pointers

@@ -127,11 +127,13 @@ def attention_reference(q, k, v, rel_h, rel_w, hw, scale: float | None = None) -
 
 
 def attention_sdpa(q, k, v, rel_h, rel_w, hw, scale: float | None = None) -> torch.Tensor:
-    """torch SDPA with the bias materialised as a (B', N, N) mask in q's dtype."""
+    """torch SDPA with the bias materialised as a (B', N, N) mask in q's dtype. Called with 4-D tensors
+    (B' as heads of one batch): torch's fused CUDA backends take only 4-D inputs, 3-D ones fall back to
+    the unfused maths (12 TFLOP/s for the global blocks on an H200, gpu_attention.json of 2026-11-26)."""
     _check_shapes(q, k, v, rel_h, rel_w, hw)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bias = _full_bias(rel_h, rel_w, hw, q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias[None], scale=scale)[0]
 
 
 # ------------------------------------------------------------------------------------- Triton kernel
@@ -141,19 +143,21 @@ def _attn_fwd(Q, K, V, RH, RW, O,
               N, qk_scale, bias_scale,
               SQD: tl.constexpr, SKD: tl.constexpr, SVD: tl.constexpr, SOD: tl.constexpr,
               SRHK: tl.constexpr, SRWK: tl.constexpr,
-              KW: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK_N: tl.constexpr, W_PERIODIC: tl.constexpr, HOIST_W: tl.constexpr, ROW_BLOCK: tl.constexpr):
-    """One program = one batch*head and BLOCK_M queries; loops over all keys in BLOCK_N tiles.
+              KH: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program = one batch*head and BLOCK_M queries (consecutive tokens); loops over the keys.
 
+    Keys are visited a few whole rows of the key grid at a time: a key tile holds ROWS = BLOCK_N // KWP
+    grid rows, each padded from KW to KWP slots (KWP = the power of two >= KW, so 14 -> 16 and 64 -> 64).
+    Slot t of a tile is then key (row0 + t // KWP, t % KWP), so a tile's bias is rel_h (ROWS values per
+    query) plus rel_w (KWP values per query, the same for every tile: loaded once, with the padding slots
+    set to -inf, which masks them), broadcast to (BLOCK_M, ROWS, KWP). No per-element divisions or gathers
+    in the loop (the contiguous tiling this replaces needed both for 14x14 windows).
     Scores are kept in the log2 domain (qk_scale = scale*log2e, bias_scale = log2e) so exp2 is used.
     The innermost strides (S*D, S*K) are constexpr: usually 1, and a compile-time 1 is what lets the
     loads vectorise whatever the Triton version specialises on its own.
-    MASK_N:     N % BLOCK_N != 0, the last key tile has keys >= N that get -inf.
-    W_PERIODIC: BLOCK_N % KW == 0, every key tile starts at kw = 0, so every tile needs the same rel_w
-                tile; HOIST_W keeps it in registers across the loop instead of reloading it (L1 hits).
-    ROW_BLOCK:  BLOCK_N == KW, each key tile is one key row kh, so rel_h is one column per tile.
     """
+    ROWS: tl.constexpr = BLOCK_N // KWP
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)  # int64: B'*N*D offsets of big batches overflow int32
 
@@ -174,21 +178,21 @@ def _attn_fwd(Q, K, V, RH, RW, O,
     else:
         q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
 
-    if W_PERIODIC:
-        rw_tile = rw_row[:, None] + (tl.arange(0, BLOCK_N) % KW)[None, :] * SRWK
-        if HOIST_W:
-            bias_w = tl.load(rw_tile).to(tl.float32) * bias_scale
+    # rel_w of one padded row (BLOCK_M, KWP), the same for every tile: loaded once; padding slots -inf
+    kw_row = tl.arange(0, KWP)
+    bias_w = tl.load(rw_row[:, None] + tl.minimum(kw_row, KW - 1)[None, :] * SRWK).to(tl.float32) * bias_scale
+    if KWP != KW:
+        bias_w = tl.where((kw_row < KW)[None, :], bias_w, float("-inf"))
+    slot = tl.arange(0, BLOCK_N)
+    kw_c = tl.minimum(slot % KWP, KW - 1)   # padding slots re-read a real key; their score is -inf
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASK_N:
-            cols = tl.minimum(offs_n, N - 1)  # keeps tail addresses (and kh) in range
-        else:
-            cols = offs_n
+    for row0 in range(0, KH, ROWS):
+        kh = row0 + slot // KWP
+        cols = tl.minimum(kh, KH - 1) * KW + kw_c
 
         if BLOCK_D == HEAD_D:
             kt = tl.load(k_base + cols[None, :] * skn)
@@ -196,25 +200,15 @@ def _attn_fwd(Q, K, V, RH, RW, O,
             kt = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None], other=0.0)
         s = tl.dot(q, kt) * qk_scale
 
-        if W_PERIODIC:
-            if HOIST_W:
-                bw = bias_w
-            else:
-                bw = tl.load(rw_tile).to(tl.float32) * bias_scale
-            if ROW_BLOCK:
-                bh = tl.load(rh_row + (start_n // KW) * SRHK).to(tl.float32) * bias_scale
-                s += bw + bh[:, None]
-            else:
-                kh = cols // KW
-                s += bw + tl.load(rh_row[:, None] + kh[None, :] * SRHK).to(tl.float32) * bias_scale
-        else:
-            kh = cols // KW
-            kw = cols % KW
-            bias = (tl.load(rh_row[:, None] + kh[None, :] * SRHK).to(tl.float32)
-                    + tl.load(rw_row[:, None] + kw[None, :] * SRWK).to(tl.float32))
-            s += bias * bias_scale
-        if MASK_N:
-            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+        if ROWS == 1:
+            bh = tl.load(rh_row + row0 * SRHK).to(tl.float32) * bias_scale
+            s += bias_w + bh[:, None]
+        else:   # bias[i, r, c] = rel_h[i, row0 + r] + rel_w[i, c], laid out as the tile's (BLOCK_M, BLOCK_N)
+            r = tl.minimum(row0 + tl.arange(0, ROWS), KH - 1)
+            bh = tl.load(rh_row[:, None] + r[None, :] * SRHK).to(tl.float32) * bias_scale   # (BLOCK_M, ROWS)
+            s += tl.reshape(bh[:, :, None] + bias_w[:, None, :], (BLOCK_M, BLOCK_N))
+        if KH % ROWS != 0:   # the last tile runs past the grid's last row
+            s = tl.where((kh < KH)[None, :], s, float("-inf"))
 
         # online softmax: rescale what was accumulated under the old row maximum
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -265,36 +259,42 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def default_config(n: int, d: int) -> dict:
-    """Launch defaults for Hopper, the fastest of the sweep in benchmarks/gpu_attention_check.py on an H200
-    with Triton 3.6 (2026-11-26, benchmarks/results/gpu_throughput_h200_2026-11-26): global 64x64 tokens
+def default_config(hw: tuple[int, int], d: int) -> dict:
+    """Launch defaults for Hopper, from the sweep in benchmarks/gpu_attention_check.py on an H200 with
+    Triton 3.6 (2026-11-26, benchmarks/results/gpu_throughput_h200_2026-11-26). Global 64x64 tokens
     (N=4096, D=64, 96 batch-heads): 64 x 64 tiles, 4 warps, 3 stages, 353 TFLOP/s (128 x 64 / 8 warps, the
-    first guess: 261); windowed 14x14 (N=196, 2400 batch-heads): 128 x 64 tiles, 8 warps, 2 stages,
-    43 TFLOP/s (64 x 64 / 4 warps: 38). D=80 (ViT-H) keeps 64-row blocks and 8 warps: larger tiles spill
-    on sm_90 (tests/test_gpu_attention.py compiles each default and checks)."""
-    if n <= 256:
-        return {"block_m": 64 if d > 64 else 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
-    return {"block_m": 64, "block_n": 64, "num_warps": 8 if d > 64 else 4, "num_stages": 3}
+    first guess: 261); a 64-key tile is one grid row there, the same loop as today's. Windowed 14x14
+    (N=196, 2400 batch-heads): 128 x 64 / 8 warps / 2 stages was best, 43 TFLOP/s, with the contiguous key
+    tiling before the padded-row one (not yet timed on a GPU: the sweep tries wider key tiles too).
+    D=80 (ViT-H) keeps 64-row blocks and 8 warps: larger tiles spill on sm_90
+    (tests/test_gpu_attention.py compiles each default and checks). block_n is at least one padded row."""
+    h, w = hw
+    if h * w <= 256:
+        cfg = {"block_m": 64 if d > 64 else 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+    else:
+        cfg = {"block_m": 64, "block_n": 64, "num_warps": 8 if d > 64 else 4, "num_stages": 3}
+    cfg["block_n"] = max(cfg["block_n"], _next_pow2(w))
+    return cfg
 
 
 def attention_triton(q, k, v, rel_h, rel_w, hw, scale: float | None = None, *,
                      block_m: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     hoist_w: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused attention; q, k, v (B', N, D) with any strides (e.g. views of a permuted qkv), rel_h
     (B', N, H), rel_w (B', N, W). bf16/fp16 (fp32 accumulation) or float32. Returns (B', N, D) in q's
     dtype, written into `out` when given. CPU tensors run under the Triton interpreter.
-    Launch overrides for tuning: block_m, block_n (powers of two >= 16), num_warps, num_stages, and
-    hoist_w (keep the rel_w tile in registers when block_n is a multiple of W; False reloads it)."""
+    Launch overrides for tuning: block_m, block_n (powers of two >= 16; block_n also >= W rounded up
+    to a power of two, one padded key row), num_warps, num_stages."""
     _check_shapes(q, k, v, rel_h, rel_w, hw)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError("q, k, v must share one dtype")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {q.dtype}")
-    _, w = hw
+    h, w = hw
     b, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
-    cfg = default_config(n, d)
+    cfg = default_config(hw, d)
     for key, val in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
                      ("num_stages", num_stages)):
         if val is not None:
@@ -302,6 +302,8 @@ def attention_triton(q, k, v, rel_h, rel_w, hw, scale: float | None = None, *,
     bm, bn = cfg["block_m"], cfg["block_n"]
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError("block_m and block_n must be powers of two >= 16 (tl.dot tiles)")
+    if bn < _next_pow2(w):
+        raise ValueError(f"block_n={bn} is narrower than one padded key row ({_next_pow2(w)} slots for W={w})")
     if out is None:
         out = torch.empty((b, n, d), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype:
@@ -322,8 +324,7 @@ def attention_triton(q, k, v, rel_h, rel_w, hw, scale: float | None = None, *,
             n, float(scale) * LOG2E, LOG2E,
             SQD=q.stride(2), SKD=k.stride(2), SVD=v.stride(2), SOD=out.stride(2),
             SRHK=rel_h.stride(2), SRWK=rel_w.stride(2),
-            KW=w, HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn,
-            MASK_N=(n % bn != 0), W_PERIODIC=(bn % w == 0), HOIST_W=bool(hoist_w), ROW_BLOCK=(bn == w),
+            KH=h, KW=w, KWP=_next_pow2(w), HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out
@@ -333,7 +334,7 @@ def attention_triton(q, k, v, rel_h, rel_w, hw, scale: float | None = None, *,
 
 def attention(q, k, v, rel_h, rel_w, hw, scale: float | None = None, impl: str = "auto", **triton_kw):
     """impl: "auto" (triton for CUDA tensors when Triton imports, else sdpa), "triton", "sdpa",
-    "reference". triton_kw (block_m, block_n, num_warps, num_stages, hoist_w) go to the Triton kernel."""
+    "reference". triton_kw (block_m, block_n, num_warps, num_stages) go to the Triton kernel."""
     if impl == "auto":
         impl = "triton" if q.is_cuda and triton_available() else "sdpa"
     if impl == "triton":

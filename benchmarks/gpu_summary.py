@@ -72,10 +72,12 @@ def main(out: Path) -> str:
                              + (f"; compile {_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else ""))
         if ref.get("attention_check"):
             lines.append(f"- attention check in the bench: {ref['attention_check']}")
-        for mode, r in (bench or {}).get("modes", {}).items():
-            if r.get("ours_profile"):
-                lines.append(f"- {mode}, where our encoder time goes (one batch, eager): " + "; ".join(
-                    f"{p['name'][:60]} {p['ms']:.2f} ms x{p['calls']}" for p in r["ours_profile"][:8]))
+        for res, label in calls:
+            how = f"torch.compile {res['compile_ours']}" if (res or {}).get("compile_ours") else "eager"
+            for mode, r in (res or {}).get("modes", {}).items():
+                if r.get("ours_profile"):
+                    lines.append(f"- {label}/{mode}, where our encoder time goes (one batch, {how}): " + "; ".join(
+                        f"{p['name'][:60]} {p['ms']:.2f} ms x{p['calls']}" for p in r["ours_profile"][:8]))
     else:
         lines.append(_missing("bench"))
     lines.append("")

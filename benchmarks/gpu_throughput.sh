@@ -16,17 +16,19 @@
 # step, the main result, ends the call at once instead, to leave device time for a rerun):
 #   bench      xctrt bench --gpu (no compile): a generated 1000x1200x1200 uint16 TIFF, random ViT-B,
 #              paper and shared mode, naive anchor (segment-anything eager fp32, bs 1, host post-processing)
-#              and ours (bf16, fused attention, CUDA graphs, GPU post-processing), stage by stage
-#   post       benchmarks/gpu_post_check.py: CuPy window/resize/aggregate/components vs the C++ kernels
-#              (exact), then aggregate + components + table of a 1000x1200x1200 volume, timed
+#              and ours (bf16, fused attention, CUDA graphs, GPU post-processing), stage by stage, and the
+#              encoder's top kernels (--profile)
+#   ours-compiled  the same with --compile-ours $OURS_COMPILE: our encoders through torch.compile as well
+#              (pointwise fusion around the fused attention, which stays one operator), profiled too
 #   attention  benchmarks/gpu_attention_check.py: fused kernel vs SDPA vs float32 reference, launch sweep
 #   package    benchmarks/gpu_package_check.py: the shipped model (torch backend) with --device cuda vs the
 #              host C++ pipeline around the same GPU engine, 16x768x768 phantom: identical labels/table, speed
+#   post       benchmarks/gpu_post_check.py: CuPy window/resize/aggregate/components vs the C++ kernels
+#              (exact), then aggregate + components + table of a 1000x1200x1200 volume, timed (met on
+#              2026-11-26, so last: a regression check)
 #   compiled   xctrt bench --gpu --modes paper with the torch.compile anchor (max-autotune, bf16, bs 8):
-#              naive, compiled and ours again, in one process, on the same volume
-#   ours-compiled  xctrt bench --gpu --compile-ours $OURS_COMPILE: ours with
-#              its encoders through torch.compile as well (pointwise fusion around the fused attention)
-# Knobs (environment): STEPS ("bench post attention package ours-compiled"; or compiled), SHAPE ("1000 1200 1200"),
+#              naive, compiled and ours again, in one process, on the same volume (not in the default STEPS)
+# Knobs (environment): STEPS ("bench ours-compiled attention package post"; or compiled), SHAPE ("1000 1200 1200"),
 # BATCH (8), COMPILE_MODE (max-autotune), OURS_COMPILE (default), WORK (/tmp/xctrt_gpu), PYTHON (python3),
 # OUT (set by the device tool; default $WORK/out), LIMIT (450: seconds the steps may use in all).
 # The max-autotune anchor did not finish compiling in 305 s on an H200 (2026-11-26): give it a call of its
@@ -34,7 +36,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=${DRY_RUN:-0}
-STEPS=${STEPS:-bench post attention package ours-compiled}
+STEPS=${STEPS:-bench ours-compiled attention package post}
 OURS_COMPILE=${OURS_COMPILE:-default}
 PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/xctrt_gpu}
@@ -70,9 +72,11 @@ if want bench; then
     --work "$WORK/bench" --json "$OUT/bench.json" || { rc=$?; echo "bench step failed (rc $rc): stopping here to leave device time for a rerun"; exit $rc; }
 fi
 
-if want post; then
-  stage "post: GPU post-processing vs C++"
-  timeout 110 $PY benchmarks/gpu_post_check.py --out "$OUT" $POST || echo "post step failed or timed out (rc $?)"
+if want ours-compiled; then
+  stage "ours-compiled: our encoders through torch.compile($OURS_COMPILE) too ($(left) s left)"
+  timeout $(( $(left) > 200 ? 200 : $(left) - 15 )) $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH \
+    --compile-mode none --compile-ours "$OURS_COMPILE" --profile --work "$WORK/bench" --json "$OUT/bench_ours_compiled.json" \
+    || echo "ours-compiled step failed or timed out (rc $?)"
 fi
 
 if want attention; then
@@ -85,11 +89,9 @@ if want package; then
   timeout 120 $PY benchmarks/gpu_package_check.py --out "$OUT" $PKG || echo "package step failed or timed out (rc $?)"
 fi
 
-if want ours-compiled; then
-  stage "ours-compiled: our encoders through torch.compile($OURS_COMPILE) too ($(left) s left)"
-  timeout $(( $(left) > 200 ? 200 : $(left) - 15 )) $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH \
-    --compile-mode none --compile-ours "$OURS_COMPILE" --work "$WORK/bench" --json "$OUT/bench_ours_compiled.json" \
-    || echo "ours-compiled step failed or timed out (rc $?)"
+if want post; then
+  stage "post: GPU post-processing vs C++"
+  timeout $(( $(left) > 110 ? 110 : $(left) - 15 )) $PY benchmarks/gpu_post_check.py --out "$OUT" $POST || echo "post step failed or timed out (rc $?)"
 fi
 
 if want compiled && [ "$(left)" -gt 60 ]; then

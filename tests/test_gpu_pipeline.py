@@ -373,17 +373,22 @@ def _load_benchmark(name: str):
 
 
 def test_bench_gpu_host_arrays_cli(tmp_path):
+    """The whole `xctrt bench --gpu` on host arrays, ours through torch.compile (Inductor on the CPU) and
+    profiled, as the device script's ours-compiled step runs it; then the summary and the picture."""
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "xctrt", "bench", "--gpu", "--host-arrays", "--backbone", "tiny",
            "--shape", "6", "64", "64", "--naive-slices", "3", "--compile-mode", "none", "--batch-size", "2",
-           "--slab", "3", "--work", str(work), "--json", str(tmp_path / "b.json")]
+           "--slab", "3", "--compile-ours", "default", "--profile",
+           "--work", str(work), "--json", str(tmp_path / "b.json")]
     p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=xctrt_env(), cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["device"] == "cpu" and res["backbone"] == "tiny" and res["shape"] == [6, 64, 64]
-    assert sorted(res["modes"]) == ["paper", "shared"]
+    assert sorted(res["modes"]) == ["paper", "shared"] and res["compile_ours"] == "default"
     for mode, r in res["modes"].items():
         assert "compiled" not in r
+        names = [row["name"] for row in r["ours_profile"]]
+        assert any("rel_pos_attention" in n for n in names) and all(row["ms"] > 0 for row in r["ours_profile"])
         assert r["naive"]["slices"] == 3 and r["ours"]["slices"] == 6
         assert r["naive"]["slices_per_s"] > 0 and r["ours"]["slices_per_s"] > 0
         assert r["ours"]["label_agreement_vs_naive"] == 1.0
@@ -403,6 +408,7 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
         for run in ("naive", "ours"):
             assert f"| bench | {mode} | {run} |" in md
         assert f"- bench/{mode}: ours vs naive on the same slices: labels agree 100.000 %" in md
+        assert f"- bench/{mode}, where our encoder time goes (one batch, torch.compile default): " in md
     assert "post-processing: no results" in md and "attention: no results" in md
     assert "bench: no results" not in md
     # the stage picture from the same JSON

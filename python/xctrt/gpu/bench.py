@@ -177,7 +177,8 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
     tmp.mkdir(parents=True, exist_ok=True)
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
                  "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                 "shape": list(shape), "backbone": backbone, "batch": batch, "slab": slab, "modes": {}}
+                 "shape": list(shape), "backbone": backbone, "batch": batch, "slab": slab, "compile_ours": compile_ours,
+                 "modes": {}}
     if cuda:
         res["matmul_bf16_tflops"] = matmul_peak(torch)
         log(f"bf16 matmul peak (measured): {res['matmul_bf16_tflops']:.0f} TFLOP/s")
@@ -237,7 +238,8 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
                 m.image_encoder = torch.compile(m.image_encoder, mode=compile_ours, dynamic=False)
         if profile:
             r["ours_profile"] = profile_encoder(torch, fast, xb)
-            log(f"[{mode}] ours encoder, top kernels (one batch of {batch}, eager):")
+            log(f"[{mode}] ours encoder, top kernels (one batch of {batch}, "
+                f"{'torch.compile ' + compile_ours if compile_ours else 'eager'}):")
             for row in r["ours_profile"][:12]:
                 log(f"    {row['ms']:8.3f} ms  {row['calls']:5d}x  {row['name'][:90]}")
         eng = TorchModuleEngine(fast, device=device, name=f"xctrt-gpu-{chosen}")

@@ -54,8 +54,8 @@ def _load_attention():
 _att = _load_attention()
 attention_reference, attention_sdpa, attention_triton = (
     _att.attention_reference, _att.attention_sdpa, _att.attention_triton)
-default_config, relative_bias_terms, triton_available = (
-    _att.default_config, _att.relative_bias_terms, _att.triton_available)
+default_config, relative_offset_terms, triton_available = (
+    _att.default_config, _att.relative_offset_terms, _att.triton_available)
 
 # name -> (B', (H, W), D, how many batch*heads the float32 reference checks)
 FULL_SHAPES = {
@@ -94,8 +94,8 @@ def make_inputs(bp, hw, d, dtype, device, seed):
     q, k, v = (torch.randn(bp, n, d, generator=g).to(device=device, dtype=dtype) for _ in range(3))
     rel_pos_h = (0.2 * torch.randn(2 * h - 1, d, generator=g)).to(device)
     rel_pos_w = (0.2 * torch.randn(2 * w - 1, d, generator=g)).to(device)
-    rel_h, rel_w = relative_bias_terms(q, rel_pos_h, rel_pos_w, hw)
-    return q, k, v, rel_h, rel_w
+    off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)   # float32, as the encoder makes them
+    return q, k, v, off_h, off_w
 
 
 def sync(device):

@@ -26,7 +26,7 @@ from xctrt.gpu.attention import (
     attention_triton,
     rel_pos_attention,
     relative_bias_terms,
-    relative_tables,
+    relative_offset_terms,
     triton_available,
 )
 
@@ -51,7 +51,7 @@ def _child_env(interpret: bool) -> dict:
 
 
 def make_case(seed, b, hw, d, dtype=torch.float32, pos_scale=1.0, qk_scale=1.0):
-    """Fresh random q, k, v (B', N, D) and rel_h, rel_w from random rel_pos tables."""
+    """Fresh random q, k, v (B', N, D) and the offset terms off_h, off_w from random rel_pos tables."""
     g = torch.Generator().manual_seed(seed)
     h, w = hw
     n = h * w
@@ -59,8 +59,8 @@ def make_case(seed, b, hw, d, dtype=torch.float32, pos_scale=1.0, qk_scale=1.0):
     q, k = q * qk_scale, k * qk_scale
     rel_pos_h = torch.randn(2 * h - 1, d, generator=g) * pos_scale
     rel_pos_w = torch.randn(2 * w - 1, d, generator=g) * pos_scale
-    rel_h, rel_w = relative_bias_terms(q, rel_pos_h, rel_pos_w, hw)
-    return tuple(t.to(dtype) for t in (q, k, v, rel_h, rel_w))
+    off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)
+    return tuple(t.to(dtype) for t in (q, k, v, off_h, off_w))
 
 
 def assert_close(out, ref, atol=1e-4, rtol_norm=1e-5):
@@ -77,6 +77,7 @@ def assert_close(out, ref, atol=1e-4, rtol_norm=1e-5):
 
 @pytest.mark.parametrize("hw,length", [((4, 4), None), ((5, 3), None), ((6, 4), 5)])
 def test_relative_bias_terms_match_segment_anything(hw, length):
+    """Offset terms (one product per table) read out by offset give segment-anything's bias exactly."""
     ie = pytest.importorskip("segment_anything.modeling.image_encoder")
     h, w = hw
     d, b = 8, 3
@@ -85,14 +86,20 @@ def test_relative_bias_terms_match_segment_anything(hw, length):
     # length differing from 2*size-1 exercises the linear resampling of the tables
     rel_pos_h = torch.randn(length or 2 * h - 1, d, generator=g)
     rel_pos_w = torch.randn(length or 2 * w - 1, d, generator=g)
-    rel_h, rel_w = relative_bias_terms(q, rel_pos_h, rel_pos_w, hw)
+    off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)
+    assert off_h.shape == (b, h * w, 2 * h - 1) and off_w.shape == (b, h * w, 2 * w - 1)
+    rel_h, rel_w = relative_bias_terms(off_h, off_w, hw)
     assert rel_h.shape == (b, h * w, h) and rel_w.shape == (b, h * w, w)
     # SAM adds the bias to an attention map; on a zero map its result is the bias itself
     theirs = ie.add_decomposed_rel_pos(torch.zeros(b, h * w, h * w), q, rel_pos_h, rel_pos_w, hw, hw)
     ours = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, h * w, h * w)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    rh, _ = relative_tables(rel_pos_h, rel_pos_w, hw)
-    torch.testing.assert_close(rh, ie.get_rel_pos(h, h, rel_pos_h))
+    # and term by term, against SAM's own per-query tables
+    rh = ie.get_rel_pos(h, h, rel_pos_h)                                  # (H, H, D)
+    grid = q.reshape(b, h, w, d)
+    torch.testing.assert_close(rel_h, torch.einsum("byxc,ykc->byxk", grid, rh).reshape(b, h * w, h))
+    with pytest.raises(ValueError, match="tokens"):
+        relative_offset_terms(q[:, :-1], rel_pos_h, rel_pos_w, hw)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -116,12 +123,17 @@ def test_reference_float64_and_softmax_rows():
 
 def test_dispatch_and_errors():
     hw, d = (4, 4), 16
-    q, k, v, rel_h, rel_w = make_case(5, 2, hw, d)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 16, d, generator=g) for _ in range(3))
+    rel_pos_h, rel_pos_w = torch.randn(7, d, generator=g), torch.randn(7, d, generator=g)
+    rel_h, rel_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)
     ref = attention_reference(q, k, v, rel_h, rel_w, hw, 0.25)
-    assert_close(attention(q, k, v, rel_h, rel_w, hw, 0.25), ref)  # auto on CPU -> sdpa
-    assert_close(attention(q, k, v, rel_h, rel_w, hw, 0.25, impl="reference"), ref)
+    assert_close(attention(q, k, v, rel_pos_h, rel_pos_w, hw, 0.25), ref)  # auto on CPU -> sdpa
+    assert_close(attention(q, k, v, rel_pos_h, rel_pos_w, hw, 0.25, impl="reference"), ref)
     with pytest.raises(ValueError):
-        attention(q, k, v, rel_h, rel_w, hw, 0.25, impl="nope")
+        attention(q, k, v, rel_pos_h, rel_pos_w, hw, 0.25, impl="nope")
+    with pytest.raises(ValueError, match="off_h"):
+        attention_reference(q, k, v, rel_h[..., :-1], rel_w, hw, 0.25)
     with pytest.raises(ValueError):
         attention_sdpa(q, k, v, rel_h, rel_w, (2, 4), 0.25)
     with pytest.raises(ValueError):
@@ -218,8 +230,8 @@ def test_triton_strided_inputs():
     assert not q.is_contiguous()
     # and a feature-strided v (D stride != 1)
     v = torch.randn(bsz * nh, d, n, generator=g).transpose(1, 2)
-    rel_h, rel_w = relative_bias_terms(q, torch.randn(2 * hw[0] - 1, d, generator=g),
-                                       torch.randn(2 * hw[1] - 1, d, generator=g), hw)
+    rel_h, rel_w = relative_offset_terms(q, torch.randn(2 * hw[0] - 1, d, generator=g),
+                                         torch.randn(2 * hw[1] - 1, d, generator=g), hw)
     ref = attention_reference(q, k, v, rel_h, rel_w, hw)
     assert_close(attention_triton(q, k, v, rel_h, rel_w, hw, block_m=16, block_n=16), ref)
     assert_close(attention_triton(q, k, v, rel_h.transpose(0, 1).contiguous().transpose(0, 1), rel_w, hw,
@@ -240,9 +252,8 @@ def _sam_attention_case(impl):
         d = dim // nh
         qkv = mod.qkv(x).reshape(bsz, h * w, 3, nh, d).permute(2, 0, 3, 1, 4).reshape(3, bsz * nh, h * w, d)
         q, k, v = qkv.unbind(0)
-        rel_h, rel_w = relative_bias_terms(q, mod.rel_pos_h, mod.rel_pos_w, (h, w))
         kw = {"block_m": 16, "block_n": 16} if impl == "triton" else {}
-        o = attention(q, k, v, rel_h, rel_w, (h, w), mod.scale, impl=impl, **kw)
+        o = attention(q, k, v, mod.rel_pos_h, mod.rel_pos_w, (h, w), mod.scale, impl=impl, **kw)
         got = mod.proj(o.view(bsz, nh, h, w, d).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, dim))
     assert_close(got, expected, atol=1e-4, rtol_norm=1e-5)
 
@@ -262,35 +273,38 @@ def test_sam_attention_module_triton():
 def test_rel_pos_attention_op(impl):
     """The registered operator: schema, fake (meta) shapes and dispatch pass torch's own checks, and it
     returns what `attention` does, contiguous, also from strided inputs."""
-    q, k, v, rel_h, rel_w = make_case(3, 6, (3, 4), 8)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(6, 12, 8, generator=g) for _ in range(3))
+    rel_pos_h, rel_pos_w = torch.randn(5, 8, generator=g), torch.randn(7, 8, generator=g)
+    ref = attention_reference(q, k, v, *relative_offset_terms(q, rel_pos_h, rel_pos_w, (3, 4)), (3, 4), 0.3)
     qs = q.transpose(0, 1).contiguous().transpose(0, 1)   # same values, other strides
-    for args in ((q, k, v, rel_h, rel_w), (qs, k, v, rel_h, rel_w)):
-        report = torch.library.opcheck(rel_pos_attention, (*args, 3, 4, 0.3, impl))
+    for qq in (q, qs):
+        args = (qq, k, v, rel_pos_h, rel_pos_w, 3, 4, 0.3, impl)
+        report = torch.library.opcheck(rel_pos_attention, args)
         assert set(report.values()) == {"SUCCESS"}, report
-        out = rel_pos_attention(*args, 3, 4, 0.3, impl)
+        out = rel_pos_attention(*args)
         assert out.is_contiguous() and out.shape == q.shape
-        assert_close(out, attention_reference(q, k, v, rel_h, rel_w, (3, 4), 0.3))
+        assert_close(out, ref)
 
 
 @interpreted
 def test_triton_inside_a_compiled_graph():
     """torch.compile keeps the Triton kernel's launch as one operator call: a traced function around it
-    (the same bias terms and softmax maths) runs the kernel and matches the reference."""
+    runs the kernel and matches the reference."""
     import torch._dynamo
 
     q, k, v, _, _ = make_case(4, 3, (5, 6), 16)
     rel_pos_h, rel_pos_w = torch.randn(9, 16), torch.randn(11, 16)
 
     def block(q, k, v):
-        rel_h, rel_w = relative_bias_terms(q * 1.0, rel_pos_h, rel_pos_w, (5, 6))
-        return rel_pos_attention(q, k, v, rel_h, rel_w, 5, 6, 0.25, "triton") * 2.0
+        return rel_pos_attention(q * 1.0, k, v, rel_pos_h, rel_pos_w, 5, 6, 0.25, "triton") * 2.0
 
     explained = torch._dynamo.explain(block)(q, k, v)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     torch._dynamo.reset()
     out = torch.compile(block, backend="aot_eager", fullgraph=True)(q, k, v)
-    rel_h, rel_w = relative_bias_terms(q, rel_pos_h, rel_pos_w, (5, 6))
-    assert_close(out, 2.0 * attention_reference(q, k, v, rel_h, rel_w, (5, 6), 0.25))
+    off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, (5, 6))
+    assert_close(out, 2.0 * attention_reference(q, k, v, off_h, off_w, (5, 6), 0.25))
 
 
 @pytest.mark.skipif(not HAVE_TRITON or INTERPRETER_HERE, reason="the kernel tests ran in this process")
@@ -325,18 +339,21 @@ for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((14, 14), 80)]:
     n = h * w
     cfg = A.default_config((h, w), d)
     bm, bn = cfg["block_m"], cfg["block_n"]
-    const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SRHK=1, SRWK=1, KH=h, KW=w, KWP=A._next_pow2(w), HEAD_D=d,
+    const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SGHK=1, SGWK=1, KH=h, KW=w, KWP=A._next_pow2(w), HEAD_D=d,
                  BLOCK_D=max(16, A._next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn)
-    sig = {nm: ("*bf16" if nm in "Q K V RH RW O".split() else "fp32" if nm.endswith("scale")
-                else "constexpr" if nm in const else "i32") for nm in names}
+    # bf16 q, k, v, out; float32 offset terms, as the encoder passes them
+    sig = {nm: ("*bf16" if nm in "Q K V O".split() else "*fp32" if nm in ("GH", "GW") else "fp32"
+                if nm.endswith("scale") else "constexpr" if nm in const else "i32") for nm in names}
     # what the launcher specialises at run time for contiguous (B', N, D) inputs: 16-aligned pointers
     # and 16-divisible integer arguments
-    ints = dict(sqb=n * d, sqn=d, skb=n * d, skn=d, svb=n * d, svn=d, srhb=n * h, srhn=h, srwb=n * w,
-                srwn=w, sob=n * d, son=d, N=n)
-    div16 = [nm for nm in names if nm in "Q K V RH RW O".split() or ints.get(nm, 1) % 16 == 0]
+    ints = dict(sqb=n * d, sqn=d, skb=n * d, skn=d, svb=n * d, svn=d, sghb=n * (2 * h - 1), sghn=2 * h - 1,
+                sgwb=n * (2 * w - 1), sgwn=2 * w - 1, sob=n * d, son=d, N=n)
+    assert set(const) | set(ints) | {"Q", "K", "V", "GH", "GW", "O", "qk_scale", "bias_scale"} == set(names), names
+    div16 = [nm for nm in names if nm in "Q K V GH GW O".split() or ints.get(nm, 1) % 16 == 0]
+    constexprs = {(names.index(k),): v for k, v in const.items()}
+    attrs = {(names.index(nm),): [["tt.divisibility", 16]] for nm in div16}
     try:
-        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
-                        attrs={(names.index(nm),): [["tt.divisibility", 16]] for nm in div16})
+        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
         kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     except triton.CompilationError as exc:

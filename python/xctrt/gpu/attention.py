@@ -5,15 +5,20 @@ For a (B, H, W, C) block input with nh heads (head dim D, N = H*W tokens) SAM co
     S[i, j] = (q_i * scale) . k_j + rel_h[i, kh(j)] + rel_w[i, kw(j)]      j = kh*W + kw
     out     = softmax_j(S) @ v
 
-with rel_h[i, :] = q_i @ Rh[qh(i)]^T and rel_w[i, :] = q_i @ Rw[qw(i)]^T (unscaled q; Rh, Rw are the
-(H, H, D) and (W, W, D) tables gathered from the learned rel_pos_h / rel_pos_w by relative offset).
+with rel_h[i, kh] = q_i . Ph[qh(i) - kh + H - 1] and rel_w[i, kw] = q_i . Pw[qw(i) - kw + W - 1] (unscaled
+q; Ph, Pw are the learned rel_pos_h / rel_pos_w tables of 2H-1 and 2W-1 relative offsets).
 
-Four implementations of the same maths share this module:
+Every implementation here takes the offset terms off_h[i, t] = q_i . Ph[t] (B', N, 2H-1) and off_w
+(B', N, 2W-1): one plain matrix product each (relative_offset_terms), where the per-query tables of SAM's
+own formulation need a batched product per grid row with the operands transposed. The bias terms are
+read out of them by offset (relative_bias_terms); the fused kernel does that itself, per tile.
+
   attention_reference  plain float32 (or float64) maths, the test oracle
   attention_sdpa       materialises the (B', N, N) bias and calls torch's SDPA (works everywhere)
-  attention_triton     fused flash-attention kernel: the bias is never materialised, it is rebuilt per
-                       score tile from the small per-query rows rel_h (N x H) and rel_w (N x W)
-  attention            dispatch (triton on CUDA when available, sdpa otherwise)
+  attention_triton     fused flash-attention kernel: the bias is never materialised, it is read per
+                       score tile from the offset terms
+  attention            dispatch (triton on CUDA when available, sdpa otherwise) from q, k, v and the
+                       rel_pos tables
   rel_pos_attention    the dispatch registered as one torch operator (xctrt::rel_pos_attention), what
                        the SAM encoders call, so torch.compile treats it as a single opaque node
 
@@ -44,7 +49,7 @@ __all__ = [
     "default_config",
     "rel_pos_attention",
     "relative_bias_terms",
-    "relative_tables",
+    "relative_offset_terms",
     "triton_available",
 ]
 
@@ -53,56 +58,67 @@ LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------------------- bias terms
 
-def _relative_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
-    """(size, size, D) table T[a, b] = rel_pos[a - b + size - 1] (query and key share one size here).
-
-    A rel_pos of another length (model trained at another resolution) is first resampled linearly to
-    2*size - 1 entries, as SAM does."""
+def _offset_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
+    """rel_pos (L, D) as the 2*size-1 offsets of a grid of `size`: itself, or, for a model trained at
+    another resolution, resampled linearly along the offset axis as SAM does (in float32)."""
     length = 2 * size - 1
-    if rel_pos.shape[0] != length:
-        # interpolate along the offset axis: (L, D) -> (1, D, L) -> (1, D, length) -> (length, D)
-        rel_pos = F.interpolate(rel_pos.float().t()[None], size=length, mode="linear")[0].t()
-    pos = torch.arange(size, device=rel_pos.device)
-    return rel_pos[pos[:, None] - pos[None, :] + (size - 1)]
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    # (L, D) -> (1, D, L) -> (1, D, length) -> (length, D)
+    return F.interpolate(rel_pos.float().t()[None], size=length, mode="linear")[0].t()
 
 
-def relative_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int],
-                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Rh (H, H, D), Rw (W, W, D)) in `dtype` (default: the parameters' dtype). They depend only on the
-    weights and the grid, so a caller running the same block many times may compute them once."""
-    h, w = hw
-    rh, rw = _relative_table(h, rel_pos_h), _relative_table(w, rel_pos_w)
-    if dtype is not None:
-        rh, rw = rh.to(dtype), rw.to(dtype)
-    return rh, rw
+# aten::mm.dtype: bf16/fp16 operands on tensor cores, float32 sums written out as float32 (torch >= 2.8)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def relative_bias_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                        hw: tuple[int, int], tables: tuple[torch.Tensor, torch.Tensor] | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rel_h (B', N, H), rel_w (B', N, W)) from q (B', N, D), computed in q's dtype.
+def _products(a: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """a (M, D) @ table (L, D)^T in float32 (float64 for float64 a). bf16/fp16 CUDA operands stay on the
+    tensor cores, the table rounded to a's dtype (exact for a bf16 model's own tables): the products of
+    bf16 values are exact in float32, so only the order of the float32 sums differs from upcasting first."""
+    global _MM_OUT_DTYPE
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, table.to(a.dtype).t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):   # a build without it for this dtype/device: upcast from now on
+            _MM_OUT_DTYPE = False
+    ct = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return a.to(ct) @ table.to(ct).t()
 
-    rel_h[b, i, kh] = q[b, i] . Rh[qh(i), kh] and rel_w[b, i, kw] = q[b, i] . Rw[qw(i), kw].
-    `tables` may pass precomputed relative_tables(...) to skip the gather."""
+
+def relative_offset_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                          hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(off_h (B', N, 2H-1), off_w (B', N, 2W-1)) in float32 (float64 for float64 q) from q (B', N, D):
+    off_h[b, i, t] = q[b, i] . Ph[t], off_w likewise."""
     h, w = hw
     b, n, d = q.shape
     if n != h * w:
         raise ValueError(f"q has {n} tokens, hw={hw} needs {h * w}")
-    rh, rw = tables if tables is not None else relative_tables(rel_pos_h, rel_pos_w, hw)
-    grid = q.reshape(b, h, w, d)
-    rel_h = torch.einsum("byxc,ykc->byxk", grid, rh.to(q.dtype)).reshape(b, n, h)
-    rel_w = torch.einsum("byxc,xkc->byxk", grid, rw.to(q.dtype)).reshape(b, n, w)
-    return rel_h, rel_w
+    flat = q.reshape(b * n, d)
+    return (_products(flat, _offset_table(rel_pos_h, h)).view(b, n, 2 * h - 1),
+            _products(flat, _offset_table(rel_pos_w, w)).view(b, n, 2 * w - 1))
 
 
-def _full_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def relative_bias_terms(off_h: torch.Tensor, off_w: torch.Tensor, hw: tuple[int, int]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rel_h (B', N, H), rel_w (B', N, W)): rel_h[b, i, kh] = off_h[b, i, qh(i) - kh + H - 1], likewise w."""
+    h, w = hw
+    i = torch.arange(h * w, device=off_h.device)
+    qh, qw = (i // w)[:, None], (i % w)[:, None]
+    rows = i[:, None]
+    return (off_h[:, rows, qh - torch.arange(h, device=i.device)[None, :] + h - 1],
+            off_w[:, rows, qw - torch.arange(w, device=i.device)[None, :] + w - 1])
+
+
+def _full_bias(off_h: torch.Tensor, off_w: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """The (B', N, N) additive bias: bias[b, i, kh*W + kw] = rel_h[b, i, kh] + rel_w[b, i, kw]."""
     h, w = hw
+    rel_h, rel_w = relative_bias_terms(off_h, off_w, hw)
     b, n, _ = rel_h.shape
     return (rel_h.to(dtype)[..., :, None] + rel_w.to(dtype)[..., None, :]).reshape(b, n, h * w)
 
 
-def _check_shapes(q, k, v, rel_h, rel_w, hw):
+def _check_shapes(q, k, v, off_h, off_w, hw):
     h, w = hw
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share one (B', N, D) shape, got {tuple(q.shape)}, "
@@ -110,39 +126,39 @@ def _check_shapes(q, k, v, rel_h, rel_w, hw):
     b, n, _ = q.shape
     if n != h * w:
         raise ValueError(f"N={n} tokens do not match hw={tuple(hw)}")
-    if tuple(rel_h.shape) != (b, n, h) or tuple(rel_w.shape) != (b, n, w):
-        raise ValueError(f"rel_h {tuple(rel_h.shape)} / rel_w {tuple(rel_w.shape)} must be "
-                         f"({b}, {n}, {h}) / ({b}, {n}, {w})")
+    if tuple(off_h.shape) != (b, n, 2 * h - 1) or tuple(off_w.shape) != (b, n, 2 * w - 1):
+        raise ValueError(f"off_h {tuple(off_h.shape)} / off_w {tuple(off_w.shape)} must be "
+                         f"({b}, {n}, {2 * h - 1}) / ({b}, {n}, {2 * w - 1})")
 
 
 # ------------------------------------------------------------------------------------ torch versions
 
-def attention_reference(q, k, v, rel_h, rel_w, hw, scale: float | None = None) -> torch.Tensor:
+def attention_reference(q, k, v, off_h, off_w, hw, scale: float | None = None) -> torch.Tensor:
     """Plain maths in float32 (float64 when q is float64); returns q's dtype."""
-    _check_shapes(q, k, v, rel_h, rel_w, hw)
+    _check_shapes(q, k, v, off_h, off_w, hw)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = (q.to(ct) * scale) @ k.to(ct).transpose(-2, -1) + _full_bias(rel_h, rel_w, hw, ct)
+    s = (q.to(ct) * scale) @ k.to(ct).transpose(-2, -1) + _full_bias(off_h, off_w, hw, ct)
     return (torch.softmax(s, dim=-1) @ v.to(ct)).to(q.dtype)
 
 
-def attention_sdpa(q, k, v, rel_h, rel_w, hw, scale: float | None = None) -> torch.Tensor:
+def attention_sdpa(q, k, v, off_h, off_w, hw, scale: float | None = None) -> torch.Tensor:
     """torch SDPA with the bias materialised as a (B', N, N) mask in q's dtype. Called with 4-D tensors
     (B' as heads of one batch): torch's fused CUDA backends take only 4-D inputs, 3-D ones fall back to
     the unfused maths (12 TFLOP/s for the global blocks on an H200, gpu_attention.json of 2026-11-26)."""
-    _check_shapes(q, k, v, rel_h, rel_w, hw)
+    _check_shapes(q, k, v, off_h, off_w, hw)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    bias = _full_bias(rel_h, rel_w, hw, q.dtype)
+    bias = _full_bias(off_h, off_w, hw, q.dtype)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias[None], scale=scale)[0]
 
 
 # ------------------------------------------------------------------------------------- Triton kernel
 
-def _attn_fwd(Q, K, V, RH, RW, O,
-              sqb, sqn, skb, skn, svb, svn, srhb, srhn, srwb, srwn, sob, son,
+def _attn_fwd(Q, K, V, GH, GW, O,
+              sqb, sqn, skb, skn, svb, svn, sghb, sghn, sgwb, sgwn, sob, son,
               N, qk_scale, bias_scale,
               SQD: tl.constexpr, SKD: tl.constexpr, SVD: tl.constexpr, SOD: tl.constexpr,
-              SRHK: tl.constexpr, SRWK: tl.constexpr,
+              SGHK: tl.constexpr, SGWK: tl.constexpr,
               KH: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program = one batch*head and BLOCK_M queries (consecutive tokens); loops over the keys.
@@ -150,7 +166,8 @@ def _attn_fwd(Q, K, V, RH, RW, O,
     Keys are visited a few whole rows of the key grid at a time: a key tile holds ROWS = BLOCK_N // KWP
     grid rows, each padded from KW to KWP slots (KWP = the power of two >= KW, so 14 -> 16 and 64 -> 64).
     Slot t of a tile is then key (row0 + t // KWP, t % KWP), so a tile's bias is rel_h (ROWS values per
-    query) plus rel_w (KWP values per query, the same for every tile: loaded once, with the padding slots
+    query, read from the offset terms GH at qh - kh + KH - 1) plus rel_w (KWP values per query, read from
+    GW at qw - kw + KW - 1 and the same for every tile: loaded once, with the padding slots
     set to -inf, which masks them), broadcast to (BLOCK_M, ROWS, KWP). No per-element divisions or gathers
     in the loop (the contiguous tiling this replaces needed both for 14x14 windows).
     Scores are kept in the log2 domain (qk_scale = scale*log2e, bias_scale = log2e) so exp2 is used.
@@ -170,8 +187,10 @@ def _attn_fwd(Q, K, V, RH, RW, O,
     q_ptrs = Q + pid_b * sqb + rows[:, None] * sqn + offs_d[None, :] * SQD
     k_base = K + pid_b * skb + offs_d[:, None] * SKD   # K loaded transposed: (BLOCK_D, BLOCK_N)
     v_base = V + pid_b * svb + offs_d[None, :] * SVD
-    rh_row = RH + pid_b * srhb + rows * srhn          # per-query row starts of the bias terms
-    rw_row = RW + pid_b * srwb + rows * srwn
+    gh_row = GH + pid_b * sghb + rows * sghn          # per-query row starts of the offset terms
+    gw_row = GW + pid_b * sgwb + rows * sgwn
+    qh = rows // KW                                   # the query's grid row and column
+    qw = rows % KW
 
     if BLOCK_D == HEAD_D:
         q = tl.load(q_ptrs)
@@ -180,7 +199,8 @@ def _attn_fwd(Q, K, V, RH, RW, O,
 
     # rel_w of one padded row (BLOCK_M, KWP), the same for every tile: loaded once; padding slots -inf
     kw_row = tl.arange(0, KWP)
-    bias_w = tl.load(rw_row[:, None] + tl.minimum(kw_row, KW - 1)[None, :] * SRWK).to(tl.float32) * bias_scale
+    off_w = qw[:, None] - tl.minimum(kw_row, KW - 1)[None, :] + (KW - 1)
+    bias_w = tl.load(gw_row[:, None] + off_w * SGWK).to(tl.float32) * bias_scale
     if KWP != KW:
         bias_w = tl.where((kw_row < KW)[None, :], bias_w, float("-inf"))
     slot = tl.arange(0, BLOCK_N)
@@ -201,11 +221,12 @@ def _attn_fwd(Q, K, V, RH, RW, O,
         s = tl.dot(q, kt) * qk_scale
 
         if ROWS == 1:
-            bh = tl.load(rh_row + row0 * SRHK).to(tl.float32) * bias_scale
+            bh = tl.load(gh_row + (qh - row0 + (KH - 1)) * SGHK).to(tl.float32) * bias_scale
             s += bias_w + bh[:, None]
         else:   # bias[i, r, c] = rel_h[i, row0 + r] + rel_w[i, c], laid out as the tile's (BLOCK_M, BLOCK_N)
             r = tl.minimum(row0 + tl.arange(0, ROWS), KH - 1)
-            bh = tl.load(rh_row[:, None] + r[None, :] * SRHK).to(tl.float32) * bias_scale   # (BLOCK_M, ROWS)
+            off_h = qh[:, None] - r[None, :] + (KH - 1)
+            bh = tl.load(gh_row[:, None] + off_h * SGHK).to(tl.float32) * bias_scale   # (BLOCK_M, ROWS)
             s += tl.reshape(bh[:, :, None] + bias_w[:, None, :], (BLOCK_M, BLOCK_N))
         if KH % ROWS != 0:   # the last tile runs past the grid's last row
             s = tl.where((kh < KH)[None, :], s, float("-inf"))
@@ -277,16 +298,16 @@ def default_config(hw: tuple[int, int], d: int) -> dict:
     return cfg
 
 
-def attention_triton(q, k, v, rel_h, rel_w, hw, scale: float | None = None, *,
+def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
                      block_m: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused attention; q, k, v (B', N, D) with any strides (e.g. views of a permuted qkv), rel_h
-    (B', N, H), rel_w (B', N, W). bf16/fp16 (fp32 accumulation) or float32. Returns (B', N, D) in q's
+    """Fused attention; q, k, v (B', N, D) with any strides (e.g. views of a permuted qkv), the offset
+    terms off_h (B', N, 2H-1), off_w (B', N, 2W-1). bf16/fp16 (fp32 accumulation) or float32. Returns (B', N, D) in q's
     dtype, written into `out` when given. CPU tensors run under the Triton interpreter.
     Launch overrides for tuning: block_m, block_n (powers of two >= 16; block_n also >= W rounded up
     to a power of two, one padded key row), num_warps, num_stages."""
-    _check_shapes(q, k, v, rel_h, rel_w, hw)
+    _check_shapes(q, k, v, off_h, off_w, hw)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError("q, k, v must share one dtype")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -315,15 +336,15 @@ def attention_triton(q, k, v, rel_h, rel_w, hw, scale: float | None = None, *,
     # grid axis 1 holds at most 65535 programs: very large batches go in slices (views, same strides)
     for b0 in range(0, b, _MAX_GRID_Y):
         sl = slice(b0, min(b, b0 + _MAX_GRID_Y))
-        qs, ks, vs, rhs, rws, os_ = q[sl], k[sl], v[sl], rel_h[sl], rel_w[sl], out[sl]
+        qs, ks, vs, ghs, gws, os_ = q[sl], k[sl], v[sl], off_h[sl], off_w[sl], out[sl]
         grid = (math.ceil(n / bm), qs.shape[0])  # a head's query blocks run side by side (K/V stay in L2)
         kernel[grid](
-            qs, ks, vs, rhs, rws, os_,
+            qs, ks, vs, ghs, gws, os_,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            rel_h.stride(0), rel_h.stride(1), rel_w.stride(0), rel_w.stride(1), out.stride(0), out.stride(1),
+            off_h.stride(0), off_h.stride(1), off_w.stride(0), off_w.stride(1), out.stride(0), out.stride(1),
             n, float(scale) * LOG2E, LOG2E,
             SQD=q.stride(2), SKD=k.stride(2), SVD=v.stride(2), SOD=out.stride(2),
-            SRHK=rel_h.stride(2), SRWK=rel_w.stride(2),
+            SGHK=off_h.stride(2), SGWK=off_w.stride(2),
             KH=h, KW=w, KWP=_next_pow2(w), HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -332,31 +353,35 @@ def attention_triton(q, k, v, rel_h, rel_w, hw, scale: float | None = None, *,
 
 # -------------------------------------------------------------------------------------------- dispatch
 
-def attention(q, k, v, rel_h, rel_w, hw, scale: float | None = None, impl: str = "auto", **triton_kw):
-    """impl: "auto" (triton for CUDA tensors when Triton imports, else sdpa), "triton", "sdpa",
-    "reference". triton_kw (block_m, block_n, num_warps, num_stages) go to the Triton kernel."""
+def attention(q, k, v, rel_pos_h, rel_pos_w, hw, scale: float | None = None, impl: str = "auto",
+              **triton_kw):
+    """SAM's attention from q, k, v (B', N, D) and the block's rel_pos_h (2H-1, D) / rel_pos_w tables
+    (other lengths are resampled). impl: "auto" (triton for CUDA tensors when Triton imports, else
+    sdpa), "triton", "sdpa", "reference". triton_kw (block_m, block_n, num_warps, num_stages) go to
+    the Triton kernel."""
     if impl == "auto":
         impl = "triton" if q.is_cuda and triton_available() else "sdpa"
+    if impl not in ("triton", "sdpa", "reference"):
+        raise ValueError(f"unknown attention impl {impl!r}")
+    off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)
     if impl == "triton":
-        return attention_triton(q, k, v, rel_h, rel_w, hw, scale, **triton_kw)
+        return attention_triton(q, k, v, off_h, off_w, hw, scale, **triton_kw)
     if impl == "sdpa":
-        return attention_sdpa(q, k, v, rel_h, rel_w, hw, scale)
-    if impl == "reference":
-        return attention_reference(q, k, v, rel_h, rel_w, hw, scale)
-    raise ValueError(f"unknown attention impl {impl!r}")
+        return attention_sdpa(q, k, v, off_h, off_w, hw, scale)
+    return attention_reference(q, k, v, off_h, off_w, hw, scale)
 
 
 # ------------------------------------------------------------------------------ one op for torch.compile
 
 @torch.library.custom_op("xctrt::rel_pos_attention", mutates_args=())
-def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-                      rel_w: torch.Tensor, h: int, w: int, scale: float, impl: str) -> torch.Tensor:
+def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
+                      rel_pos_w: torch.Tensor, h: int, w: int, scale: float, impl: str) -> torch.Tensor:
     """`attention` as one opaque torch operator: torch.compile keeps it whole (no graph break at the
     Triton launch, no tracing into it) and fuses the pointwise work around it. Returns (B', N, D),
     contiguous, in q's dtype."""
-    return attention(q, k, v, rel_h, rel_w, (h, w), scale, impl=impl).contiguous()
+    return attention(q, k, v, rel_pos_h, rel_pos_w, (h, w), scale, impl=impl).contiguous()
 
 
 @rel_pos_attention.register_fake
-def _rel_pos_attention_fake(q, k, v, rel_h, rel_w, h, w, scale, impl):
+def _rel_pos_attention_fake(q, k, v, rel_pos_h, rel_pos_w, h, w, scale, impl):
     return q.new_empty(q.shape)

@@ -114,11 +114,11 @@ def check_attention(torch, device) -> dict:
     for hw, bh in (((64, 64), 24), ((14, 14), 96)):
         n, d = hw[0] * hw[1], 64
         q, k, v = (torch.randn(bh, n, d, device=device, dtype=torch.bfloat16) for _ in range(3))
-        rh, rw = (torch.randn(bh, n, s, device=device) for s in hw)
-        ref = A.attention_reference(q.float(), k.float(), v.float(), rh, rw, hw, d ** -0.5)
+        ph, pw = (0.3 * torch.randn(2 * s - 1, d, device=device, dtype=torch.bfloat16) for s in hw)
+        ref = A.attention(q.float(), k.float(), v.float(), ph.float(), pw.float(), hw, d ** -0.5, impl="reference")
         for impl in ("triton", "sdpa"):
             try:
-                o = A.attention(q, k, v, rh, rw, hw, d ** -0.5, impl=impl).float()
+                o = A.attention(q, k, v, ph, pw, hw, d ** -0.5, impl=impl).float()
                 err = float((o - ref).norm() / ref.norm())
                 out[f"{impl} {hw[0]}x{hw[1]}"] = err
             except Exception as exc:     # report, then fall back

@@ -297,7 +297,7 @@ def _make_fast_decoder_attention() -> type:
 def _make_fast_attention() -> type:
     from segment_anything.modeling.image_encoder import Attention
 
-    from .attention import rel_pos_attention, relative_bias_terms
+    from .attention import rel_pos_attention
 
     class FastAttention(Attention):
         """segment-anything's Attention, computed by one fused kernel (no N×N matrix in memory)."""
@@ -307,10 +307,9 @@ def _make_fast_attention() -> type:
             b, h, w, _ = x.shape
             qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
-            if self.use_rel_pos:
-                # the bias terms in float32: bf16 would round a bias of ~10 to ±0.03 before the softmax
-                rel_h, rel_w = relative_bias_terms(q.float(), self.rel_pos_h.float(), self.rel_pos_w.float(), (h, w))
-                o = rel_pos_attention(q, k, v, rel_h, rel_w, h, w, self.scale, self.attention_impl)
+            if self.use_rel_pos:   # the bias terms are made in float32 inside: bf16 would round a bias
+                # of ~10 to ±0.03 before the softmax
+                o = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, h, w, self.scale, self.attention_impl)
             else:
                 o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             o = o.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)

@@ -1,8 +1,17 @@
 # Sourced by the device-call scripts (benchmarks/gpu_throughput.sh, benchmarks/experiments_gpu.sh,
-# training/gpu_recipe.sh) after `cd` to the repository root, with PY and WORK set.
-# Makes xctrt importable on the lent machine's own Python: carried wheels ($WHEELS, default .whl, see
-# training/gpu_stage.sh) into /tmp/xctrt_site when $1 (a Python import line) fails, then the C++ kernels
-# built for that Python.
+# training/gpu_recipe.sh) after `cd` to the repository root, with WORK (scratch folder) and LOG (the log's
+# file name) set. Sets PY (default python3) and OUT (set by the device tool; default $WORK/out), sends
+# everything printed from here on to the terminal and to $OUT/$LOG, defines stage() for the log's section
+# heads, and makes xctrt importable on the lent machine's own Python: carried wheels ($WHEELS, default
+# .whl, see training/gpu_stage.sh) into /tmp/xctrt_site when $1 (a Python import line) fails, then the
+# C++ kernels built for that Python.
+PY=${PYTHON:-python3}
+OUT=${OUT:-$WORK/out}
+mkdir -p "$WORK" "$OUT"
+exec > >(tee -a "$OUT/$LOG") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::FutureWarning,ignore::UserWarning,ignore::DeprecationWarning
+stage() { echo; echo "=== [+${SECONDS}s] $*"; }
+stage "environment"
 _xctrt_needs=${1:-}
 _xctrt_wheels=${WHEELS:-.whl}
 if [ -n "$_xctrt_needs" ] && [ -d "$_xctrt_wheels" ] && ! $PY -c "$_xctrt_needs" 2>/dev/null; then

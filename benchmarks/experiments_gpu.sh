@@ -34,15 +34,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 DATA=${1:-../shared/data/smg}
 DRY_RUN=${DRY_RUN:-0}
-PY=${PYTHON:-python3}
-WORK=${WORK:-/tmp/xctrt_exp}
-OUT=${OUT:-$WORK/out}
-mkdir -p "$WORK" "$OUT"
-exec > >(tee -a "$OUT/experiments.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::FutureWarning
-stage() { echo; echo "=== [+${SECONDS}s] $*"; }
-
-stage "environment"
+WORK=${WORK:-/tmp/xctrt_exp} LOG=experiments.log
 . benchmarks/device_env.sh ""
 $PY -c "import torch, xctrt._core; print(f'torch {torch.__version__}, cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
 

@@ -38,16 +38,8 @@ cd "$(dirname "$0")/.."
 DRY_RUN=${DRY_RUN:-0}
 STEPS=${STEPS:-bench ours-compiled attention package post}
 OURS_COMPILE=${OURS_COMPILE:-default}
-PY=${PYTHON:-python3}
-WORK=${WORK:-/tmp/xctrt_gpu}
-OUT=${OUT:-$WORK/out}
-mkdir -p "$WORK" "$OUT"
-exec > >(tee -a "$OUT/gpu_throughput.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::FutureWarning,ignore::UserWarning
-stage() { echo; echo "=== [+${SECONDS}s] $*"; }
+WORK=${WORK:-/tmp/xctrt_gpu} LOG=gpu_throughput.log
 left() { echo $(( ${LIMIT:-450} - SECONDS )); }   # seconds left of the call's budget (8 min with the start)
-
-stage "environment"
 WHEELS=.whl-sam . benchmarks/device_env.sh "import segment_anything"
 $PY -c "import torch, xctrt._core, segment_anything; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true

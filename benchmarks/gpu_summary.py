@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from xctrt.gpu.bench import comparisons  # noqa: E402  (the runs and ratios, as `xctrt bench --gpu` prints them)
 
-STAGES = ("read", "h2d", "preprocess", "tile", "encoder", "decoder", "infer", "aggregate", "stitch",
+STAGES = ("capture", "read", "h2d", "preprocess", "tile", "encoder", "decoder", "infer", "aggregate", "stitch",
           "components", "d2h", "write")
 
 

@@ -136,17 +136,22 @@ class GpuStage:
         self.counter = GpuCounter(self)
         self.pending: list = []          # submitted slabs whose labels are not yet on the host
         self._steps = None
+        self.capture_s = 0.0
         self.graph_error = None   # why the model runs eagerly although graphs were asked for
         if self.cuda:
             self.compute = torch.cuda.Stream()
             self.copy = torch.cuda.Stream()
             self.postproc = torch.cuda.Stream()
             if graphs:
+                t0 = time.perf_counter()
                 try:
                     self._steps = self._capture()
                 except Exception as exc:   # e.g. a converted graph that syncs with the host: run it eagerly
                     self.graph_error = f"{type(exc).__name__}: {exc}"[:300]
                     torch.cuda.synchronize()
+                # warm-up runs (first kernel compiles, a compiled model's compile) and the capture: start-up
+                # time inside the run's total, reported apart from the per-slab stages
+                self.capture_s = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- model steps
 
@@ -320,7 +325,7 @@ class GpuStage:
         return np.asarray(self.class_voxels.get() if self.cuda else self.class_voxels)
 
     def stage_seconds(self) -> dict[str, float]:
-        return self.clock.finish()
+        return {**self.clock.finish(), **({"capture": self.capture_s} if self.capture_s else {})}
 
 
 def _xp_stream(xp, torch_stream):

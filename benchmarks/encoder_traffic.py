@@ -48,10 +48,10 @@ class TrafficCounter(TorchDispatchMode):
             row[0] += 1
             row[1] += sum(map(_bytes, ins)) + sum(map(_bytes, outs))
             if func is torch.ops.xctrt.rel_pos_attention.default:
-                # inside the operator (its fake runs here): the float32 offset terms, (B', N, 2H-1) and
-                # (B', N, 2W-1), written by their two products and read back by the kernel
+                # inside the operator (its fake runs here): the float32 offset terms, (B, NH, N, 2H-1) and
+                # (B, NH, N, 2W-1), written by their two products and read back by the kernel
                 q, h, w = args[0], args[5], args[6]
-                row[1] += 2 * 4 * q.shape[0] * q.shape[1] * (2 * h - 1 + 2 * w - 1)
+                row[1] += 2 * 4 * q.shape[0] * q.shape[1] * q.shape[2] * (2 * h - 1 + 2 * w - 1)
         return out
 
 

@@ -5,8 +5,10 @@ kernel and of torch SDPA against the float32 reference, at ViT-B 1024x1024 shape
     python benchmarks/gpu_attention_check.py --out DIR --device cpu  # dry run: tiny shapes, float32,
                                                                      # Triton interpreter
 
-Shapes (batch 8, 12 heads, D = 64): global blocks B' = 96, 64x64 tokens (N = 4096); windowed blocks
-B' = 8*25*12 = 2400, 14x14 tokens (N = 196). FLOPs = 4 * B' * N^2 * D (two matmuls).
+Shapes (batch 8, 12 heads, D = 64): global blocks B = 8, 64x64 tokens (N = 4096); windowed blocks
+B = 8*25 windows, 14x14 tokens (N = 196). FLOPs = 4 * B * heads * N^2 * D (two matmuls). q, k, v are
+views of one (B, N, 3, heads, D) projection and the output is laid out (B, N, heads, D), as in the
+encoder.
 Every variant is run inside its own try/except: a failure is reported, not fatal. Writes
 DIR/gpu_attention.json and prints a table last.
 """
@@ -54,17 +56,18 @@ def _load_attention():
 _att = _load_attention()
 attention_reference, attention_sdpa, attention_triton = (
     _att.attention_reference, _att.attention_sdpa, _att.attention_triton)
+empty_output = _att.empty_output
 default_config, relative_offset_terms, triton_available = (
     _att.default_config, _att.relative_offset_terms, _att.triton_available)
 
-# name -> (B', (H, W), D, how many batch*heads the float32 reference checks)
+# name -> (B, heads, (H, W), D, how many of the B the float32 reference checks)
 FULL_SHAPES = {
-    "global": (8 * 12, (64, 64), 64, 12),
-    "windowed": (8 * 25 * 12, (14, 14), 64, 8 * 25 * 12),
+    "global": (8, 12, (64, 64), 64, 1),
+    "windowed": (8 * 25, 12, (14, 14), 64, 8 * 25),
 }
 TINY_SHAPES = {
-    "global": (4, (8, 8), 16, 4),
-    "windowed": (6, (5, 3), 16, 6),
+    "global": (2, 2, (8, 8), 16, 2),
+    "windowed": (3, 2, (5, 3), 16, 3),
 }
 
 
@@ -86,12 +89,13 @@ TINY_SWEEP = {
 }
 
 
-def make_inputs(bp, hw, d, dtype, device, seed):
-    """Fresh random q, k, v and the bias terms from random rel_pos tables (never zeros)."""
+def make_inputs(b, nh, hw, d, dtype, device, seed):
+    """Fresh random q, k, v (views of one projection) and the offset terms from random rel_pos tables."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, w = hw
     n = h * w
-    q, k, v = (torch.randn(bp, n, d, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    qkv = torch.randn(b, n, 3, nh, d, generator=g).to(device=device, dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     rel_pos_h = (0.2 * torch.randn(2 * h - 1, d, generator=g)).to(device)
     rel_pos_w = (0.2 * torch.randn(2 * w - 1, d, generator=g)).to(device)
     off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)   # float32, as the encoder makes them
@@ -141,15 +145,15 @@ def cfg_label(cfg):
 
 
 def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
-    bp, hw, d, n_check = shape
+    b, nh, hw, d, n_check = shape
     n = hw[0] * hw[1]
     device = args.device
-    flops = 4.0 * bp * n * n * d
+    flops = 4.0 * b * nh * n * n * d
     warmup, reps = (10, 30) if device == "cuda" else (1, 2)
-    res = {"B": bp, "hw": list(hw), "N": n, "D": d, "flops": flops, "checked_batch_heads": n_check,
+    res = {"B": b, "heads": nh, "hw": list(hw), "N": n, "D": d, "flops": flops, "checked_batches": n_check,
            "variants": []}
     try:
-        q, k, v, rel_h, rel_w = make_inputs(bp, hw, d, dtype, device, seed)
+        q, k, v, rel_h, rel_w = make_inputs(b, nh, hw, d, dtype, device, seed)
         scale = d ** -0.5
         sl = slice(0, n_check)
         ref = attention_reference(q[sl], k[sl], v[sl], rel_h[sl], rel_w[sl], hw, scale)  # float32 maths
@@ -177,7 +181,7 @@ def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
     if triton_available():
         base = default_config(hw, d)
         # poisoned output buffer: an element the kernel fails to write shows up as NaN in the check
-        out_buf = torch.full_like(q, float("nan"))
+        out_buf = empty_output(q).fill_(float("nan"))
         variant("triton", lambda: attention_triton(q, k, v, rel_h, rel_w, hw, scale, out=out_buf, **base), base)
         for cfg in sweep:
             if cfg == base:
@@ -194,8 +198,8 @@ def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
 
     variant("sdpa", lambda: attention_sdpa(q, k, v, rel_h, rel_w, hw, scale))
     # speed-of-light reference only: SDPA without any mask (other maths, so no check)
-    variant("sdpa-nobias", lambda: torch.nn.functional.scaled_dot_product_attention(
-        q[None], k[None], v[None], scale=scale)[0], check=False)   # 4-D: what the fused backends take
+    variant("sdpa-nobias", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale),
+            check=False)
 
     ok = [r for r in res["variants"] if r["variant"].startswith("triton") and r.get("check") == "PASS"]
     if ok:

@@ -109,7 +109,7 @@ def main(out: Path) -> str:
                 k = v["variant"].split("-")[0] if v["variant"].startswith("triton") else v["variant"]
                 if isinstance(v.get("tflops"), (int, float)) and v["tflops"] > best.get(k, {}).get("tflops", -1):
                     best[k] = v
-            lines.append(f"attention {shape} {s.get('hw')} x{s.get('B')}: " + "; ".join(
+            lines.append(f"attention {shape} {s.get('hw')} x{s.get('B')}x{s.get('heads', 1)}: " + "; ".join(
                 f"{k} {v.get('config', '')} {_f(v['tflops'], '.0f')} TFLOP/s ({v.get('check', '-')})"
                 for k, v in best.items()))
     else:

@@ -50,12 +50,12 @@ def _child_env(interpret: bool) -> dict:
     return env
 
 
-def make_case(seed, b, hw, d, dtype=torch.float32, pos_scale=1.0, qk_scale=1.0):
-    """Fresh random q, k, v (B', N, D) and the offset terms off_h, off_w from random rel_pos tables."""
+def make_case(seed, b, hw, d, dtype=torch.float32, pos_scale=1.0, qk_scale=1.0, heads=2):
+    """Fresh random q, k, v (B, NH, N, D) and the offset terms off_h, off_w from random rel_pos tables."""
     g = torch.Generator().manual_seed(seed)
     h, w = hw
     n = h * w
-    q, k, v = (torch.randn(b, n, d, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(b, heads, n, d, generator=g) for _ in range(3))
     q, k = q * qk_scale, k * qk_scale
     rel_pos_h = torch.randn(2 * h - 1, d, generator=g) * pos_scale
     rel_pos_w = torch.randn(2 * w - 1, d, generator=g) * pos_scale
@@ -86,9 +86,9 @@ def test_relative_bias_terms_match_segment_anything(hw, length):
     # length differing from 2*size-1 exercises the linear resampling of the tables
     rel_pos_h = torch.randn(length or 2 * h - 1, d, generator=g)
     rel_pos_w = torch.randn(length or 2 * w - 1, d, generator=g)
-    off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)
-    assert off_h.shape == (b, h * w, 2 * h - 1) and off_w.shape == (b, h * w, 2 * w - 1)
-    rel_h, rel_w = relative_bias_terms(off_h, off_w, hw)
+    off_h, off_w = relative_offset_terms(q[:, None], rel_pos_h, rel_pos_w, hw)   # one head
+    assert off_h.shape == (b, 1, h * w, 2 * h - 1) and off_w.shape == (b, 1, h * w, 2 * w - 1)
+    rel_h, rel_w = relative_bias_terms(off_h[:, 0], off_w[:, 0], hw)
     assert rel_h.shape == (b, h * w, h) and rel_w.shape == (b, h * w, w)
     # SAM adds the bias to an attention map; on a zero map its result is the bias itself
     theirs = ie.add_decomposed_rel_pos(torch.zeros(b, h * w, h * w), q, rel_pos_h, rel_pos_w, hw, hw)
@@ -98,8 +98,8 @@ def test_relative_bias_terms_match_segment_anything(hw, length):
     rh = ie.get_rel_pos(h, h, rel_pos_h)                                  # (H, H, D)
     grid = q.reshape(b, h, w, d)
     torch.testing.assert_close(rel_h, torch.einsum("byxc,ykc->byxk", grid, rh).reshape(b, h * w, h))
-    with pytest.raises(ValueError, match="tokens"):
-        relative_offset_terms(q[:, :-1], rel_pos_h, rel_pos_w, hw)
+    with pytest.raises(ValueError, match="must be"):
+        relative_offset_terms(q[:, None, :-1], rel_pos_h, rel_pos_w, hw)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -115,16 +115,16 @@ def test_reference_float64_and_softmax_rows():
     q, k, v, rel_h, rel_w = make_case(3, 2, hw, n, dtype=torch.float64)  # D = N so v can be the identity
     assert attention_reference(q, k, v, rel_h, rel_w, hw).dtype == torch.float64  # scale defaults to D^-0.5
     # with v = identity the output is the attention matrix itself: rows sum to one
-    eye = torch.eye(n, dtype=torch.float64).expand(2, n, n)
+    eye = torch.eye(n, dtype=torch.float64).expand(2, 2, n, n)
     p = attention_reference(q, k, eye, rel_h, rel_w, hw)
-    torch.testing.assert_close(p.sum(-1), torch.ones(2, n, dtype=torch.float64))
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 2, n, dtype=torch.float64))
     assert (p >= 0).all()
 
 
 def test_dispatch_and_errors():
     hw, d = (4, 4), 16
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, 16, d, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 16, d, generator=g) for _ in range(3))
     rel_pos_h, rel_pos_w = torch.randn(7, d, generator=g), torch.randn(7, d, generator=g)
     rel_h, rel_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)
     ref = attention_reference(q, k, v, rel_h, rel_w, hw, 0.25)
@@ -178,7 +178,7 @@ def test_triton_key_tile_narrower_than_a_row_is_refused():
 @interpreted
 def test_triton_batch_split_over_grid_limit(monkeypatch):
     import xctrt.gpu.attention as att
-    monkeypatch.setattr(att, "_MAX_GRID_Y", 2)  # 5 batch*heads -> launches of 2, 2 and 1
+    monkeypatch.setattr(att, "_MAX_GRID_Y", 4)  # 5 batches x 2 heads -> launches of 2, 2 and 1 batches
     hw = (4, 4)
     q, k, v, rel_h, rel_w = make_case(19, 5, hw, 16)
     out = attention_triton(q, k, v, rel_h, rel_w, hw, block_m=16, block_n=16)
@@ -210,32 +210,34 @@ def test_triton_large_bias_is_stable(hw, bn):
 def test_triton_writes_every_row_and_nothing_else():
     hw, d = (5, 3), 16  # N=15: last query block is partial
     q, k, v, rel_h, rel_w = make_case(13, 2, hw, d)
-    n = q.shape[1]
-    big = torch.full((2, n + 9, d), float("nan"))  # rows >= N of the buffer must stay untouched
-    out = big[:, :n]
+    n = q.shape[2]
+    big = torch.full((2, 2, n + 9, d), float("nan"))  # rows >= N of the buffer must stay untouched
+    out = big[:, :, :n]
     attention_triton(q, k, v, rel_h, rel_w, hw, block_m=16, block_n=16, out=out)
     assert torch.isfinite(out).all()
-    assert torch.isnan(big[:, n:]).all()
+    assert torch.isnan(big[:, :, n:]).all()
     assert_close(out, attention_reference(q, k, v, rel_h, rel_w, hw))
 
 
 @interpreted
 def test_triton_strided_inputs():
-    # q, k, v as SAM makes them: views of one permuted qkv projection (token stride 3*nh*D)
-    bsz, nh, hw, d = 1, 2, (4, 4), 16
+    """q, k, v as SAM's encoder passes them: views of one (B, N, 3, NH, D) projection (token stride
+    3*NH*D, head stride D), the output laid out for the output projection; also a feature-strided v
+    and head-major offset terms."""
+    bsz, nh, hw, d = 2, 3, (4, 4), 16
     n = hw[0] * hw[1]
     g = torch.Generator().manual_seed(17)
-    qkv = torch.randn(bsz, n, 3, nh, d, generator=g).permute(2, 0, 3, 1, 4).reshape(3, bsz * nh, n, d)
-    q, k, v = qkv.unbind(0)
-    assert not q.is_contiguous()
-    # and a feature-strided v (D stride != 1)
-    v = torch.randn(bsz * nh, d, n, generator=g).transpose(1, 2)
-    rel_h, rel_w = relative_offset_terms(q, torch.randn(2 * hw[0] - 1, d, generator=g),
+    q, k, v = torch.randn(bsz, n, 3, nh, d, generator=g).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous() and q.stride() == (n * 3 * nh * d, d, 3 * nh * d, 1)
+    off_h, off_w = relative_offset_terms(q, torch.randn(2 * hw[0] - 1, d, generator=g),
                                          torch.randn(2 * hw[1] - 1, d, generator=g), hw)
-    ref = attention_reference(q, k, v, rel_h, rel_w, hw)
-    assert_close(attention_triton(q, k, v, rel_h, rel_w, hw, block_m=16, block_n=16), ref)
-    assert_close(attention_triton(q, k, v, rel_h.transpose(0, 1).contiguous().transpose(0, 1), rel_w, hw,
-                                  block_m=16, block_n=16), ref)
+    ref = attention_reference(q, k, v, off_h, off_w, hw)
+    out = attention_triton(q, k, v, off_h, off_w, hw, block_m=16, block_n=16)
+    assert out.transpose(1, 2).is_contiguous()   # (B, N, NH, D) underneath: the projection's input as is
+    assert_close(out, ref)
+    vt = torch.randn(bsz, nh, d, n, generator=g).transpose(2, 3)   # D stride != 1
+    assert_close(attention_triton(q, k, vt, off_h.contiguous(), off_w, hw, block_m=16, block_n=16),
+                 attention_reference(q, k, vt, off_h, off_w, hw))
 
 
 def _sam_attention_case(impl):
@@ -250,11 +252,10 @@ def _sam_attention_case(impl):
     with torch.no_grad():
         expected = mod(x)
         d = dim // nh
-        qkv = mod.qkv(x).reshape(bsz, h * w, 3, nh, d).permute(2, 0, 3, 1, 4).reshape(3, bsz * nh, h * w, d)
-        q, k, v = qkv.unbind(0)
+        q, k, v = mod.qkv(x).view(bsz, h * w, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)
         kw = {"block_m": 16, "block_n": 16} if impl == "triton" else {}
         o = attention(q, k, v, mod.rel_pos_h, mod.rel_pos_w, (h, w), mod.scale, impl=impl, **kw)
-        got = mod.proj(o.view(bsz, nh, h, w, d).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, dim))
+        got = mod.proj(o.transpose(1, 2).reshape(bsz, h, w, dim))
     assert_close(got, expected, atol=1e-4, rtol_norm=1e-5)
 
 
@@ -272,18 +273,19 @@ def test_sam_attention_module_triton():
 @pytest.mark.parametrize("impl", ["sdpa", "reference"])
 def test_rel_pos_attention_op(impl):
     """The registered operator: schema, fake (meta) shapes and dispatch pass torch's own checks, and it
-    returns what `attention` does, contiguous, also from strided inputs."""
+    returns what `attention` does, in the fused kernel's layout whatever the implementation, also from
+    strided inputs."""
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(6, 12, 8, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(3, 2, 12, 8, generator=g) for _ in range(3))
     rel_pos_h, rel_pos_w = torch.randn(5, 8, generator=g), torch.randn(7, 8, generator=g)
     ref = attention_reference(q, k, v, *relative_offset_terms(q, rel_pos_h, rel_pos_w, (3, 4)), (3, 4), 0.3)
-    qs = q.transpose(0, 1).contiguous().transpose(0, 1)   # same values, other strides
+    qs = q.transpose(1, 2).contiguous().transpose(1, 2)   # same values, other strides
     for qq in (q, qs):
         args = (qq, k, v, rel_pos_h, rel_pos_w, 3, 4, 0.3, impl)
         report = torch.library.opcheck(rel_pos_attention, args)
         assert set(report.values()) == {"SUCCESS"}, report
         out = rel_pos_attention(*args)
-        assert out.is_contiguous() and out.shape == q.shape
+        assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()   # as the fused kernel lays it out
         assert_close(out, ref)
 
 
@@ -346,8 +348,13 @@ for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((14, 14), 80)]:
                 if nm.endswith("scale") else "constexpr" if nm in const else "i32") for nm in names}
     # what the launcher specialises at run time for contiguous (B', N, D) inputs: 16-aligned pointers
     # and 16-divisible integer arguments
-    ints = dict(sqb=n * d, sqn=d, skb=n * d, skn=d, svb=n * d, svn=d, sghb=n * (2 * h - 1), sghn=2 * h - 1,
-                sgwb=n * (2 * w - 1), sgwn=2 * w - 1, sob=n * d, son=d, N=n)
+    # for the layouts the encoder passes: q, k, v views of a (B, N, 3, NH, D) projection, the offset terms
+    # (NH, B*N, L) underneath, the output (B, N, NH, D) underneath; ViT-B's 12 heads, batch 8
+    nh, bsz = 12, 8
+    c, lh, lw = nh * d, 2 * h - 1, 2 * w - 1
+    ints = dict(sqb=n * 3 * c, sqh=d, sqn=3 * c, skb=n * 3 * c, skh=d, skn=3 * c, svb=n * 3 * c, svh=d, svn=3 * c,
+                sghb=n * lh, sghh=bsz * n * lh, sghn=lh, sgwb=n * lw, sgwh=bsz * n * lw, sgwn=lw,
+                sob=n * c, soh=d, son=c, N=n, NH=nh)
     assert set(const) | set(ints) | {"Q", "K", "V", "GH", "GW", "O", "qk_scale", "bias_scale"} == set(names), names
     div16 = [nm for nm in names if nm in "Q K V GH GW O".split() or ints.get(nm, 1) % 16 == 0]
     constexprs = {(names.index(k),): v for k, v in const.items()}

@@ -8,13 +8,17 @@ For a (B, H, W, C) block input with nh heads (head dim D, N = H*W tokens) SAM co
 with rel_h[i, kh] = q_i . Ph[qh(i) - kh + H - 1] and rel_w[i, kw] = q_i . Pw[qw(i) - kw + W - 1] (unscaled
 q; Ph, Pw are the learned rel_pos_h / rel_pos_w tables of 2H-1 and 2W-1 relative offsets).
 
-Every implementation here takes the offset terms off_h[i, t] = q_i . Ph[t] (B', N, 2H-1) and off_w
-(B', N, 2W-1): one plain matrix product each (relative_offset_terms), where the per-query tables of SAM's
-own formulation need a batched product per grid row with the operands transposed. The bias terms are
-read out of them by offset (relative_bias_terms); the fused kernel does that itself, per tile.
+Tensors are (B, NH, N, D) with any strides: q, k, v as views of the qkv projection (B, N, 3, NH, D),
+without the copy a (B*NH, N, D) layout needs; the fused kernel writes its output so that it is already
+the (B, N, NH*D) input of the output projection.
+
+Every implementation here takes the offset terms off_h[i, t] = q_i . Ph[t] (B, NH, N, 2H-1) and off_w
+(B, NH, N, 2W-1): one plain matrix product each (relative_offset_terms), where the per-query tables of
+SAM's own formulation need a batched product per grid row with the operands transposed. The bias terms
+are read out of them by offset (relative_bias_terms); the fused kernel does that itself, per tile.
 
   attention_reference  plain float32 (or float64) maths, the test oracle
-  attention_sdpa       materialises the (B', N, N) bias and calls torch's SDPA (works everywhere)
+  attention_sdpa       materialises the (B, NH, N, N) bias and calls torch's SDPA (works everywhere)
   attention_triton     fused flash-attention kernel: the bias is never materialised, it is read per
                        score tile from the offset terms
   attention            dispatch (triton on CUDA when available, sdpa otherwise) from q, k, v and the
@@ -47,6 +51,7 @@ __all__ = [
     "attention_sdpa",
     "attention_triton",
     "default_config",
+    "empty_output",
     "rel_pos_attention",
     "relative_bias_terms",
     "relative_offset_terms",
@@ -68,67 +73,79 @@ def _offset_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(rel_pos.float().t()[None], size=length, mode="linear")[0].t()
 
 
-# aten::mm.dtype: bf16/fp16 operands on tensor cores, float32 sums written out as float32 (torch >= 2.8)
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+# aten::bmm.dtype: bf16/fp16 operands on tensor cores, float32 sums written out as float32 (torch >= 2.8)
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
 
 
-def _products(a: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """a (M, D) @ table (L, D)^T in float32 (float64 for float64 a). bf16/fp16 CUDA operands stay on the
-    tensor cores, the table rounded to a's dtype (exact for a bf16 model's own tables): the products of
-    bf16 values are exact in float32, so only the order of the float32 sums differs from upcasting first."""
-    global _MM_OUT_DTYPE
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
+def _products(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """q (B, NH, N, D) against every row of table (L, D): (B, NH, N, L) in float32 (float64 for float64 q).
+
+    One batched product over the heads, with batch and tokens merged: for q a view of SAM's qkv
+    projection that is a view too (no copy). bf16/fp16 CUDA operands stay on the tensor cores, the table
+    rounded to q's dtype (exact for a bf16 model's own tables): products of bf16 values are exact in
+    float32, so only the order of the float32 sums differs from upcasting first."""
+    global _BMM_OUT_DTYPE
+    b, nh, n, d = q.shape
+    length = table.shape[0]
+    flat = q.transpose(0, 1).reshape(nh, b * n, d)
+    out = None
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _BMM_OUT_DTYPE:
         try:
-            return torch.mm(a, table.to(a.dtype).t(), out_dtype=torch.float32)
+            out = torch.bmm(flat, table.to(q.dtype).t().expand(nh, d, length), out_dtype=torch.float32)
         except (RuntimeError, TypeError):   # a build without it for this dtype/device: upcast from now on
-            _MM_OUT_DTYPE = False
-    ct = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return a.to(ct) @ table.to(ct).t()
+            _BMM_OUT_DTYPE = False
+    if out is None:
+        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = flat.to(ct) @ table.to(ct).t()
+    return out.view(nh, b, n, length).transpose(0, 1)
 
 
 def relative_offset_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
                           hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(off_h (B', N, 2H-1), off_w (B', N, 2W-1)) in float32 (float64 for float64 q) from q (B', N, D):
-    off_h[b, i, t] = q[b, i] . Ph[t], off_w likewise."""
+    """(off_h (B, NH, N, 2H-1), off_w (B, NH, N, 2W-1)) in float32 (float64 for float64 q) from q
+    (B, NH, N, D): off_h[..., i, t] = q[..., i, :] . Ph[t], off_w likewise."""
     h, w = hw
-    b, n, d = q.shape
-    if n != h * w:
-        raise ValueError(f"q has {n} tokens, hw={hw} needs {h * w}")
-    flat = q.reshape(b * n, d)
-    return (_products(flat, _offset_table(rel_pos_h, h)).view(b, n, 2 * h - 1),
-            _products(flat, _offset_table(rel_pos_w, w)).view(b, n, 2 * w - 1))
+    if q.dim() != 4 or q.shape[2] != h * w:
+        raise ValueError(f"q must be (B, NH, N={h * w}, D) for hw={tuple(hw)}, got {tuple(q.shape)}")
+    return _products(q, _offset_table(rel_pos_h, h)), _products(q, _offset_table(rel_pos_w, w))
 
 
 def relative_bias_terms(off_h: torch.Tensor, off_w: torch.Tensor, hw: tuple[int, int]
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rel_h (B', N, H), rel_w (B', N, W)): rel_h[b, i, kh] = off_h[b, i, qh(i) - kh + H - 1], likewise w."""
+    """(rel_h (..., N, H), rel_w (..., N, W)): rel_h[..., i, kh] = off_h[..., i, qh(i) - kh + H - 1], likewise w."""
     h, w = hw
     i = torch.arange(h * w, device=off_h.device)
     qh, qw = (i // w)[:, None], (i % w)[:, None]
     rows = i[:, None]
-    return (off_h[:, rows, qh - torch.arange(h, device=i.device)[None, :] + h - 1],
-            off_w[:, rows, qw - torch.arange(w, device=i.device)[None, :] + w - 1])
+    return (off_h[..., rows, qh - torch.arange(h, device=i.device)[None, :] + h - 1],
+            off_w[..., rows, qw - torch.arange(w, device=i.device)[None, :] + w - 1])
 
 
 def _full_bias(off_h: torch.Tensor, off_w: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """The (B', N, N) additive bias: bias[b, i, kh*W + kw] = rel_h[b, i, kh] + rel_w[b, i, kw]."""
+    """The (..., N, N) additive bias: bias[..., i, kh*W + kw] = rel_h[..., i, kh] + rel_w[..., i, kw]."""
     h, w = hw
     rel_h, rel_w = relative_bias_terms(off_h, off_w, hw)
-    b, n, _ = rel_h.shape
-    return (rel_h.to(dtype)[..., :, None] + rel_w.to(dtype)[..., None, :]).reshape(b, n, h * w)
+    return (rel_h.to(dtype)[..., :, None] + rel_w.to(dtype)[..., None, :]).flatten(-2)
 
 
 def _check_shapes(q, k, v, off_h, off_w, hw):
     h, w = hw
-    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one (B', N, D) shape, got {tuple(q.shape)}, "
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one (B, NH, N, D) shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    b, n, _ = q.shape
+    b, nh, n, _ = q.shape
     if n != h * w:
         raise ValueError(f"N={n} tokens do not match hw={tuple(hw)}")
-    if tuple(off_h.shape) != (b, n, 2 * h - 1) or tuple(off_w.shape) != (b, n, 2 * w - 1):
+    if tuple(off_h.shape) != (b, nh, n, 2 * h - 1) or tuple(off_w.shape) != (b, nh, n, 2 * w - 1):
         raise ValueError(f"off_h {tuple(off_h.shape)} / off_w {tuple(off_w.shape)} must be "
-                         f"({b}, {n}, {2 * h - 1}) / ({b}, {n}, {2 * w - 1})")
+                         f"({b}, {nh}, {n}, {2 * h - 1}) / ({b}, {nh}, {n}, {2 * w - 1})")
+
+
+def empty_output(q: torch.Tensor) -> torch.Tensor:
+    """(B, NH, N, D) output laid out as (B, N, NH, D): its transpose(1, 2) is the output projection's
+    (B, N, NH*D) input without a copy."""
+    b, nh, n, d = q.shape
+    return q.new_empty((b, n, nh, d)).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------ torch versions
@@ -143,25 +160,26 @@ def attention_reference(q, k, v, off_h, off_w, hw, scale: float | None = None) -
 
 
 def attention_sdpa(q, k, v, off_h, off_w, hw, scale: float | None = None) -> torch.Tensor:
-    """torch SDPA with the bias materialised as a (B', N, N) mask in q's dtype. Called with 4-D tensors
-    (B' as heads of one batch): torch's fused CUDA backends take only 4-D inputs, 3-D ones fall back to
-    the unfused maths (12 TFLOP/s for the global blocks on an H200, gpu_attention.json of 2026-11-26)."""
+    """torch SDPA with the bias materialised as a (B, NH, N, N) mask in q's dtype. (With 3-D inputs
+    torch's fused CUDA backends are skipped: 12 TFLOP/s for the global blocks on an H200,
+    gpu_attention.json of 2026-11-26.)"""
     _check_shapes(q, k, v, off_h, off_w, hw)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bias = _full_bias(off_h, off_w, hw, q.dtype)
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias[None], scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 # ------------------------------------------------------------------------------------- Triton kernel
 
 def _attn_fwd(Q, K, V, GH, GW, O,
-              sqb, sqn, skb, skn, svb, svn, sghb, sghn, sgwb, sgwn, sob, son,
-              N, qk_scale, bias_scale,
+              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sghb, sghh, sghn, sgwb, sgwh, sgwn, sob, soh, son,
+              N, NH, qk_scale, bias_scale,
               SQD: tl.constexpr, SKD: tl.constexpr, SVD: tl.constexpr, SOD: tl.constexpr,
               SGHK: tl.constexpr, SGWK: tl.constexpr,
               KH: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program = one batch*head and BLOCK_M queries (consecutive tokens); loops over the keys.
+    """One program = one (batch, head) and BLOCK_M queries (consecutive tokens); loops over the keys.
+    Every tensor is addressed through its batch, head and token strides (s*b, s*h, s*n).
 
     Keys are visited a few whole rows of the key grid at a time: a key tile holds ROWS = BLOCK_N // KWP
     grid rows, each padded from KW to KWP slots (KWP = the power of two >= KW, so 14 -> 16 and 64 -> 64).
@@ -176,7 +194,9 @@ def _attn_fwd(Q, K, V, GH, GW, O,
     """
     ROWS: tl.constexpr = BLOCK_N // KWP
     pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)  # int64: B'*N*D offsets of big batches overflow int32
+    pid = tl.program_id(1).to(tl.int64)  # int64: B*N*C offsets of big batches overflow int32
+    bi = pid // NH
+    hi = pid % NH
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # Clamp instead of masking loads: padded query rows re-read row N-1 and are never stored.
@@ -184,13 +204,15 @@ def _attn_fwd(Q, K, V, GH, GW, O,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
 
-    q_ptrs = Q + pid_b * sqb + rows[:, None] * sqn + offs_d[None, :] * SQD
-    k_base = K + pid_b * skb + offs_d[:, None] * SKD   # K loaded transposed: (BLOCK_D, BLOCK_N)
-    v_base = V + pid_b * svb + offs_d[None, :] * SVD
-    gh_row = GH + pid_b * sghb + rows * sghn          # per-query row starts of the offset terms
-    gw_row = GW + pid_b * sgwb + rows * sgwn
+    q_ptrs = Q + bi * sqb + hi * sqh + rows[:, None] * sqn + offs_d[None, :] * SQD
+    k_base = K + bi * skb + hi * skh + offs_d[:, None] * SKD   # K loaded transposed: (BLOCK_D, BLOCK_N)
+    v_base = V + bi * svb + hi * svh + offs_d[None, :] * SVD
     qh = rows // KW                                   # the query's grid row and column
     qw = rows % KW
+    # per query: where its offset terms for key row 0 / key column 0 sit (offset qh + KH - 1, qw + KW - 1);
+    # key row kh is then kh places before
+    gh_0 = GH + bi * sghb + hi * sghh + rows * sghn + (qh + (KH - 1)) * SGHK
+    gw_0 = GW + bi * sgwb + hi * sgwh + rows * sgwn + (qw + (KW - 1)) * SGWK
 
     if BLOCK_D == HEAD_D:
         q = tl.load(q_ptrs)
@@ -199,8 +221,7 @@ def _attn_fwd(Q, K, V, GH, GW, O,
 
     # rel_w of one padded row (BLOCK_M, KWP), the same for every tile: loaded once; padding slots -inf
     kw_row = tl.arange(0, KWP)
-    off_w = qw[:, None] - tl.minimum(kw_row, KW - 1)[None, :] + (KW - 1)
-    bias_w = tl.load(gw_row[:, None] + off_w * SGWK).to(tl.float32) * bias_scale
+    bias_w = tl.load(gw_0[:, None] - (tl.minimum(kw_row, KW - 1) * SGWK)[None, :]).to(tl.float32) * bias_scale
     if KWP != KW:
         bias_w = tl.where((kw_row < KW)[None, :], bias_w, float("-inf"))
     slot = tl.arange(0, BLOCK_N)
@@ -221,12 +242,11 @@ def _attn_fwd(Q, K, V, GH, GW, O,
         s = tl.dot(q, kt) * qk_scale
 
         if ROWS == 1:
-            bh = tl.load(gh_row + (qh - row0 + (KH - 1)) * SGHK).to(tl.float32) * bias_scale
+            bh = tl.load(gh_0 - row0 * SGHK).to(tl.float32) * bias_scale
             s += bias_w + bh[:, None]
         else:   # bias[i, r, c] = rel_h[i, row0 + r] + rel_w[i, c], laid out as the tile's (BLOCK_M, BLOCK_N)
             r = tl.minimum(row0 + tl.arange(0, ROWS), KH - 1)
-            off_h = qh[:, None] - r[None, :] + (KH - 1)
-            bh = tl.load(gh_row[:, None] + off_h * SGHK).to(tl.float32) * bias_scale   # (BLOCK_M, ROWS)
+            bh = tl.load(gh_0[:, None] - (r * SGHK)[None, :]).to(tl.float32) * bias_scale   # (BLOCK_M, ROWS)
             s += tl.reshape(bh[:, :, None] + bias_w[:, None, :], (BLOCK_M, BLOCK_N))
         if KH % ROWS != 0:   # the last tile runs past the grid's last row
             s = tl.where((kh < KH)[None, :], s, float("-inf"))
@@ -245,7 +265,7 @@ def _attn_fwd(Q, K, V, GH, GW, O,
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_ptrs = O + pid_b * sob + offs_m[:, None] * son + offs_d[None, :] * SOD
+    o_ptrs = O + bi * sob + hi * soh + offs_m[:, None] * son + offs_d[None, :] * SOD
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m < N)[:, None] & d_ok[None, :])
 
 
@@ -302,9 +322,10 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
                      block_m: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused attention; q, k, v (B', N, D) with any strides (e.g. views of a permuted qkv), the offset
-    terms off_h (B', N, 2H-1), off_w (B', N, 2W-1). bf16/fp16 (fp32 accumulation) or float32. Returns (B', N, D) in q's
-    dtype, written into `out` when given. CPU tensors run under the Triton interpreter.
+    """Fused attention; q, k, v (B, NH, N, D) with any strides (e.g. views of the qkv projection), the
+    offset terms off_h (B, NH, N, 2H-1), off_w (B, NH, N, 2W-1). bf16/fp16 (fp32 accumulation) or float32.
+    Returns (B, NH, N, D) in q's dtype, laid out as empty_output makes it or written into `out` (any
+    strides) when given. CPU tensors run under the Triton interpreter.
     Launch overrides for tuning: block_m, block_n (powers of two >= 16; block_n also >= W rounded up
     to a power of two, one padded key row), num_warps, num_stages."""
     _check_shapes(q, k, v, off_h, off_w, hw)
@@ -313,7 +334,7 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {q.dtype}")
     h, w = hw
-    b, n, d = q.shape
+    b, nh, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     cfg = default_config(hw, d)
     for key, val in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
@@ -326,25 +347,24 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
     if bn < _next_pow2(w):
         raise ValueError(f"block_n={bn} is narrower than one padded key row ({_next_pow2(w)} slots for W={w})")
     if out is None:
-        out = torch.empty((b, n, d), dtype=q.dtype, device=q.device)
+        out = empty_output(q)
     elif out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError("out must match q's shape and dtype")
-    if b == 0 or n == 0:
+    if b == 0 or nh == 0 or n == 0:
         return out
 
     kernel = _kernel(q.device.type != "cuda" or _interpret_env())
+    tensors = (q, k, v, off_h, off_w, out)
+    strides = [st for t in tensors for st in t.stride()[:3]]   # batch, head, token of each
     # grid axis 1 holds at most 65535 programs: very large batches go in slices (views, same strides)
-    for b0 in range(0, b, _MAX_GRID_Y):
-        sl = slice(b0, min(b, b0 + _MAX_GRID_Y))
-        qs, ks, vs, ghs, gws, os_ = q[sl], k[sl], v[sl], off_h[sl], off_w[sl], out[sl]
-        grid = (math.ceil(n / bm), qs.shape[0])  # a head's query blocks run side by side (K/V stay in L2)
+    step = max(1, _MAX_GRID_Y // nh)
+    for b0 in range(0, b, step):
+        part = [t[b0:b0 + step] for t in tensors]
+        grid = (math.ceil(n / bm), part[0].shape[0] * nh)  # a head's query blocks run side by side (K/V in L2)
         kernel[grid](
-            qs, ks, vs, ghs, gws, os_,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            off_h.stride(0), off_h.stride(1), off_w.stride(0), off_w.stride(1), out.stride(0), out.stride(1),
-            n, float(scale) * LOG2E, LOG2E,
-            SQD=q.stride(2), SKD=k.stride(2), SVD=v.stride(2), SOD=out.stride(2),
-            SGHK=off_h.stride(2), SGWK=off_w.stride(2),
+            *part, *strides, n, nh, float(scale) * LOG2E, LOG2E,
+            SQD=q.stride(3), SKD=k.stride(3), SVD=v.stride(3), SOD=out.stride(3),
+            SGHK=off_h.stride(3), SGWK=off_w.stride(3),
             KH=h, KW=w, KWP=_next_pow2(w), HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -355,7 +375,7 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
 
 def attention(q, k, v, rel_pos_h, rel_pos_w, hw, scale: float | None = None, impl: str = "auto",
               **triton_kw):
-    """SAM's attention from q, k, v (B', N, D) and the block's rel_pos_h (2H-1, D) / rel_pos_w tables
+    """SAM's attention from q, k, v (B, NH, N, D) and the block's rel_pos_h (2H-1, D) / rel_pos_w tables
     (other lengths are resampled). impl: "auto" (triton for CUDA tensors when Triton imports, else
     sdpa), "triton", "sdpa", "reference". triton_kw (block_m, block_n, num_warps, num_stages) go to
     the Triton kernel."""
@@ -377,11 +397,13 @@ def attention(q, k, v, rel_pos_h, rel_pos_w, hw, scale: float | None = None, imp
 def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
                       rel_pos_w: torch.Tensor, h: int, w: int, scale: float, impl: str) -> torch.Tensor:
     """`attention` as one opaque torch operator: torch.compile keeps it whole (no graph break at the
-    Triton launch, no tracing into it) and fuses the pointwise work around it. Returns (B', N, D),
-    contiguous, in q's dtype."""
-    return attention(q, k, v, rel_pos_h, rel_pos_w, (h, w), scale, impl=impl).contiguous()
+    Triton launch, no tracing into it) and fuses the pointwise work around it. Returns (B, NH, N, D) in
+    q's dtype, laid out as empty_output makes it (whatever the implementation)."""
+    if impl == "triton" or (impl == "auto" and q.is_cuda and triton_available()):
+        return attention(q, k, v, rel_pos_h, rel_pos_w, (h, w), scale, impl="triton")
+    return empty_output(q).copy_(attention(q, k, v, rel_pos_h, rel_pos_w, (h, w), scale, impl=impl))
 
 
 @rel_pos_attention.register_fake
 def _rel_pos_attention_fake(q, k, v, rel_pos_h, rel_pos_w, h, w, scale, impl):
-    return q.new_empty(q.shape)
+    return empty_output(q)

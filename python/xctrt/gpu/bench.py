@@ -111,9 +111,10 @@ def check_attention(torch, device) -> dict:
     from . import attention as A
 
     out = {}
-    for hw, bh in (((64, 64), 24), ((14, 14), 96)):
-        n, d = hw[0] * hw[1], 64
-        q, k, v = (torch.randn(bh, n, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+    for hw, b in (((64, 64), 2), ((14, 14), 8)):
+        n, d, nh = hw[0] * hw[1], 64, 12
+        # views of one projection, as the encoder passes them
+        q, k, v = torch.randn(b, n, 3, nh, d, device=device, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)
         ph, pw = (0.3 * torch.randn(2 * s - 1, d, device=device, dtype=torch.bfloat16) for s in hw)
         ref = A.attention(q.float(), k.float(), v.float(), ph.float(), pw.float(), hw, d ** -0.5, impl="reference")
         for impl in ("triton", "sdpa"):

@@ -321,13 +321,14 @@ def default_config(hw: tuple[int, int], d: int) -> dict:
 def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
                      block_m: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     maxnreg: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused attention; q, k, v (B, NH, N, D) with any strides (e.g. views of the qkv projection), the
     offset terms off_h (B, NH, N, 2H-1), off_w (B, NH, N, 2W-1). bf16/fp16 (fp32 accumulation) or float32.
     Returns (B, NH, N, D) in q's dtype, laid out as empty_output makes it or written into `out` (any
     strides) when given. CPU tensors run under the Triton interpreter.
     Launch overrides for tuning: block_m, block_n (powers of two >= 16; block_n also >= W rounded up
-    to a power of two, one padded key row), num_warps, num_stages."""
+    to a power of two, one padded key row), num_warps, num_stages, maxnreg (a register cap per thread,
+    e.g. 168 keeps three 4-warp programs per Hopper SM)."""
     _check_shapes(q, k, v, off_h, off_w, hw)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError("q, k, v must share one dtype")
@@ -338,7 +339,7 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
     scale = d ** -0.5 if scale is None else scale
     cfg = default_config(hw, d)
     for key, val in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
-                     ("num_stages", num_stages)):
+                     ("num_stages", num_stages), ("maxnreg", maxnreg)):
         if val is not None:
             cfg[key] = val
     bm, bn = cfg["block_m"], cfg["block_n"]
@@ -367,6 +368,7 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
             SGHK=off_h.stride(3), SGWK=off_w.stride(3),
             KH=h, KW=w, KWP=_next_pow2(w), HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         )
     return out
 
@@ -377,7 +379,7 @@ def attention(q, k, v, rel_pos_h, rel_pos_w, hw, scale: float | None = None, imp
               **triton_kw):
     """SAM's attention from q, k, v (B, NH, N, D) and the block's rel_pos_h (2H-1, D) / rel_pos_w tables
     (other lengths are resampled). impl: "auto" (triton for CUDA tensors when Triton imports, else
-    sdpa), "triton", "sdpa", "reference". triton_kw (block_m, block_n, num_warps, num_stages) go to
+    sdpa), "triton", "sdpa", "reference". triton_kw (block_m, block_n, num_warps, num_stages, maxnreg) go to
     the Triton kernel."""
     if impl == "auto":
         impl = "triton" if q.is_cuda and triton_available() else "sdpa"

@@ -123,7 +123,6 @@ def relative_bias_terms(off_h: torch.Tensor, off_w: torch.Tensor, hw: tuple[int,
 
 def _full_bias(off_h: torch.Tensor, off_w: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """The (..., N, N) additive bias: bias[..., i, kh*W + kw] = rel_h[..., i, kh] + rel_w[..., i, kw]."""
-    h, w = hw
     rel_h, rel_w = relative_bias_terms(off_h, off_w, hw)
     return (rel_h.to(dtype)[..., :, None] + rel_w.to(dtype)[..., None, :]).flatten(-2)
 

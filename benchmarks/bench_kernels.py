@@ -147,6 +147,17 @@ def main():
     rows.append(("components 26-conn + table", t_ours, f"cc3d cc+statistics {t_cc3d:.3f}s ({t_cc3d / t_ours:.1f}x)",
                  f"scipy label+find_objects {t_scipy:.3f}s ({t_scipy / t_ours:.1f}x)"))
 
+    def against_numpy(key, label, ours, reference, reps, nbytes_in, same=np.array_equal):
+        """Time a kernel and its NumPy reference, check they agree, and rate the kernel against the
+        copy floor (its input and output bytes at the measured bandwidth)."""
+        t, a = best_time(ours, reps)
+        t_np, b = best_time(reference, reps)
+        assert same(a, b), key
+        floor = (nbytes_in + a.nbytes) / bw
+        res[key] = {"s": t, "numpy_s": t_np, "floor_s": floor, "x_floor": t / floor, "speedup_vs_numpy": t_np / t}
+        rows.append((label, t, f"floor {floor:.4f}s ({t / floor:.2f}x floor)", f"numpy {t_np:.4f}s ({t_np / t:.1f}x)"))
+        return a
+
     # ------------------------------------------------------------ aggregator: a 16-slice slab, K=3
     rng = np.random.default_rng(2)
     p = rng.random((3, 16, args.size, args.size), dtype=np.float32)
@@ -154,35 +165,19 @@ def main():
     ids = np.array([1, 2, 3], np.uint8)
     order = np.array([2, 1, 0])
     out = np.empty(p.shape[1:], np.uint8)
-    t_agg, a = best_time(lambda: _core.aggregate(p, thr, ids, order, "priority", out), args.repeat * 3)
-    t_np, b = best_time(lambda: numpy_aggregate(p, thr, ids, order), args.repeat * 3)
-    assert np.array_equal(a, b)
-    floor = (p.nbytes + a.nbytes) / bw
-    res["aggregate"] = {"s": t_agg, "numpy_s": t_np, "floor_s": floor, "x_floor": t_agg / floor,
-                        "speedup_vs_numpy": t_np / t_agg}
-    rows.append(("aggregate 3x16x1024^2", t_agg, f"floor {floor:.4f}s ({t_agg / floor:.2f}x floor)",
-                 f"numpy {t_np:.4f}s ({t_np / t_agg:.1f}x)"))
+    against_numpy("aggregate", "aggregate 3x16x1024^2", lambda: _core.aggregate(p, thr, ids, order, "priority", out),
+                  lambda: numpy_aggregate(p, thr, ids, order), args.repeat * 3, p.nbytes)
 
     # ------------------------------------------------------------ tiling + stitching: one slice, tile 256, overlap 32
     sl = rng.integers(0, 65535, (args.size, args.size), dtype=np.uint16)
     buf = _core.extract_tiles(sl, 256, 32, 1000.0, 60000.0)
-    t_ext, a = best_time(lambda: _core.extract_tiles(sl, 256, 32, 1000.0, 60000.0, "edge", buf), args.repeat * 5)
-    t_np, b = best_time(lambda: numpy_extract(sl, 256, 32, 1000.0, 60000.0), args.repeat * 5)
-    assert np.array_equal(a, b)
-    floor = (sl.nbytes + a.nbytes) / bw
-    res["extract_tiles"] = {"s": t_ext, "numpy_s": t_np, "floor_s": floor, "x_floor": t_ext / floor,
-                            "speedup_vs_numpy": t_np / t_ext}
-    rows.append(("extract_tiles 1024^2 u16", t_ext, f"floor {floor:.4f}s ({t_ext / floor:.2f}x floor)",
-                 f"numpy {t_np:.4f}s ({t_np / t_ext:.1f}x)"))
+    a = against_numpy("extract_tiles", "extract_tiles 1024^2 u16",
+                      lambda: _core.extract_tiles(sl, 256, 32, 1000.0, 60000.0, "edge", buf),
+                      lambda: numpy_extract(sl, 256, 32, 1000.0, 60000.0), args.repeat * 5, sl.nbytes)
     tiles = rng.random((len(a), 3, 256, 256), dtype=np.float32)
-    t_st, a = best_time(lambda: _core.stitch_tiles(tiles, args.size, args.size, 32, "ramp"), args.repeat * 5)
-    t_np, b = best_time(lambda: numpy_stitch(tiles, args.size, args.size, 32, 256), args.repeat * 5)
-    assert np.allclose(a, b, atol=1e-6)
-    floor = (tiles.nbytes + a.nbytes) / bw
-    res["stitch_tiles"] = {"s": t_st, "numpy_s": t_np, "floor_s": floor, "x_floor": t_st / floor,
-                           "speedup_vs_numpy": t_np / t_st}
-    rows.append(("stitch_tiles ramp K=3", t_st, f"floor {floor:.4f}s ({t_st / floor:.2f}x floor)",
-                 f"numpy {t_np:.4f}s ({t_np / t_st:.1f}x)"))
+    against_numpy("stitch_tiles", "stitch_tiles ramp K=3", lambda: _core.stitch_tiles(tiles, args.size, args.size, 32, "ramp"),
+                  lambda: numpy_stitch(tiles, args.size, args.size, 32, 256), args.repeat * 5, tiles.nbytes,
+                  same=lambda x, y: np.allclose(x, y, atol=1e-6))
 
     print(f"{res['machine']}, {res['date']}, copy bandwidth {bw / 1e9:.1f} GB/s, volume {shape}, "
           f"defects {frac * 100:.2f}%, counts equal cc3d: {same}")

@@ -40,6 +40,16 @@ def assert_no_outputs(out: Path):
         assert sorted(p.name for p in out.iterdir()) == []
 
 
+def segment_fails(run_cli, bad: Path, tmp_path: Path, *needles) -> str:
+    """`xctrt segment BAD -o TMP/out` ends with one error line naming BAD (and each needle) and leaves
+    no output behind; returns the line."""
+    out = tmp_path / "out"
+    code, _, err = run_cli("segment", bad, "-o", out)
+    line = assert_one_error_line(code, err, bad, *needles)
+    assert_no_outputs(out)
+    return line
+
+
 def snapshot(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
@@ -141,10 +151,7 @@ def test_truncated_uncompressed_tiff(run_cli, tmp_path):
     tifffile.imwrite(src, np.random.default_rng(0).integers(0, 60000, LONG, dtype=np.uint16),
                      photometric="minisblack")
     bad = cut(src, 0.6)
-    out = tmp_path / "out"
-    code, _, err = run_cli("segment", bad, "-o", out)
-    assert_one_error_line(code, err, bad)
-    assert_no_outputs(out)
+    segment_fails(run_cli, bad, tmp_path)
 
 
 # ------------------------------------------------------------------ (b) - (d) other bad volumes
@@ -153,10 +160,7 @@ def test_truncated_uncompressed_tiff(run_cli, tmp_path):
 def test_2d_image_tiff(run_cli, tmp_path):
     bad = tmp_path / "photo.tif"
     tifffile.imwrite(bad, np.zeros((64, 48), np.uint16))
-    out = tmp_path / "out"
-    code, _, err = run_cli("segment", bad, "-o", out)
-    assert_one_error_line(code, err, bad, "2D")
-    assert_no_outputs(out)
+    segment_fails(run_cli, bad, tmp_path, "2D")
 
 
 @pytest.mark.parametrize("slice_", [37, 0])
@@ -178,19 +182,13 @@ def test_float_npy_with_inf(run_cli, tmp_path):
     vol[-1, 0, 0] = -np.inf
     bad = tmp_path / "inf.npy"
     np.save(bad, vol)
-    out = tmp_path / "out"
-    code, _, err = run_cli("segment", bad, "-o", out)
-    assert_one_error_line(code, err, bad, f"slice {LONG[0] - 1}")
-    assert_no_outputs(out)
+    segment_fails(run_cli, bad, tmp_path, f"slice {LONG[0] - 1}")
 
 
 def test_empty_file(run_cli, tmp_path):
     bad = tmp_path / "empty.tif"
     bad.touch()
-    out = tmp_path / "out"
-    code, _, err = run_cli("segment", bad, "-o", out)
-    assert_one_error_line(code, err, bad, "empty")
-    assert_no_outputs(out)
+    segment_fails(run_cli, bad, tmp_path, "empty")
 
 
 def test_nonexistent_input(run_cli, tmp_path):
@@ -205,38 +203,26 @@ def test_nonexistent_input(run_cli, tmp_path):
 def test_not_a_tiff(run_cli, tmp_path, content):
     bad = tmp_path / "fake.tif"
     bad.write_bytes(content)
-    out = tmp_path / "out"
-    code, _, err = run_cli("segment", bad, "-o", out)
-    assert_one_error_line(code, err, bad)
-    assert_no_outputs(out)
+    segment_fails(run_cli, bad, tmp_path)
 
 
 def test_wrong_rank_npy(run_cli, tmp_path):
     bad = tmp_path / "4d.npy"
     np.save(bad, np.zeros((2, 3, 16, 16), np.uint8))
-    out = tmp_path / "out"
-    code, _, err = run_cli("segment", bad, "-o", out)
-    assert_one_error_line(code, err, bad, "(2, 3, 16, 16)")
-    assert_no_outputs(out)
+    segment_fails(run_cli, bad, tmp_path, "(2, 3, 16, 16)")
 
 
 def test_unknown_volume_suffix(run_cli, tmp_path):
     bad = tmp_path / "scan.raw"
     bad.write_bytes(b"\0" * 100)
-    out = tmp_path / "out"
-    code, _, err = run_cli("segment", bad, "-o", out)
-    assert_one_error_line(code, err, bad, "unknown volume format")
-    assert_no_outputs(out)
+    segment_fails(run_cli, bad, tmp_path, "unknown volume format")
 
 
 def test_folder_with_no_slices(run_cli, tmp_path):
     bad = tmp_path / "slices"
     bad.mkdir()
     (bad / "scan.log").write_text("x")
-    out = tmp_path / "out"
-    code, _, err = run_cli("segment", bad, "-o", out)
-    assert_one_error_line(code, err, bad, "no .tif/.tiff/.png slices")
-    assert_no_outputs(out)
+    segment_fails(run_cli, bad, tmp_path, "no .tif/.tiff/.png slices")
 
 
 def test_folder_with_a_damaged_slice(run_cli, tmp_path):
@@ -435,7 +421,4 @@ def test_previous_outputs_survive_failed_runs(run_cli, long_phantom, tmp_path, m
 def test_multichannel_single_page_is_named_as_such(run_cli, tmp_path):
     bad = tmp_path / "rgb.tif"
     tifffile.imwrite(bad, np.zeros((32, 32, 3), np.uint8), photometric="rgb")  # one page, 3 samples per pixel
-    out = tmp_path / "out"
-    code, _, err = run_cli("segment", bad, "-o", out)
-    assert_one_error_line(code, err, bad, "channel")
-    assert_no_outputs(out)
+    segment_fails(run_cli, bad, tmp_path, "channel")

@@ -94,3 +94,39 @@ def run_xctrt_process(*args, timeout: float = 120, cwd=None):
 @pytest.fixture
 def run_process():
     return run_xctrt_process
+
+
+def randomise_conv_lora(model, g):
+    """Conv-LoRA adapters away from their start, drawn from generator g: nonzero B (zero at the start,
+    where the adapted model equals the frozen one), a random gate and noise, random experts."""
+    import torch
+    from training.conv_lora import conv_lora_modules
+
+    with torch.no_grad():
+        for m in conv_lora_modules(model):
+            m.lora_b.weight.copy_(torch.randn(m.lora_b.weight.shape, generator=g) * 0.05)
+            m.w_gate.copy_(torch.randn(m.w_gate.shape, generator=g) * 2)
+            m.w_noise.copy_(torch.randn(m.w_noise.shape, generator=g))
+            for e in m.experts:
+                e.conv.weight.copy_(torch.randn(e.conv.weight.shape, generator=g) * 0.3)
+                e.conv.bias.copy_(torch.randn(e.conv.bias.shape, generator=g) * 0.1)
+    return model
+
+
+def onnx_vs_torch(model, graph: bytes, x):
+    """An exported graph (outputs probabilities and logits) against its PyTorch model on the batch x:
+    (probabilities, logits, max |Δ| of each). The batch must route through more than one Conv-LoRA
+    expert, so that the check covers the graph's one-hot expert selection."""
+    import onnxruntime as ort
+    import torch
+    from training.conv_lora import conv_lora_modules
+
+    sess = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        logits = model.logits(x)
+        probs = torch.sigmoid(logits)
+    chosen = {int(k) for m in conv_lora_modules(model) for k in m.last_choice}
+    assert len(chosen) > 1, "the check should cover more than one expert"
+    p_onnx, l_onnx = sess.run(None, {"image": x.numpy()})
+    return (probs, logits, float(np.abs(p_onnx - probs.numpy()).max()),
+            float(np.abs(l_onnx - logits.numpy()).max()))

@@ -18,6 +18,7 @@ from training.conv_lora import (ConvLoRAQKV, apply_conv_lora, balance_loss, conv
                                 cv_squared, reduce_mask_decoder, trainable_parameter_count)
 from training.losses import structure_loss  # noqa: E402
 from training.sam_model import BACKBONES, XctSam, build_xct_sam  # noqa: E402
+from conftest import onnx_vs_torch, randomise_conv_lora  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -29,15 +30,8 @@ def tiny_sam(seed=0):
 
 def randomise_adapters(model, seed=1):
     """Nonzero B, random gate and experts, and a decoder whose logits span a few units."""
-    g = torch.Generator().manual_seed(seed)
+    randomise_conv_lora(model, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        for m in conv_lora_modules(model):
-            m.lora_b.weight.copy_(torch.randn(m.lora_b.weight.shape, generator=g) * 0.05)
-            m.w_gate.copy_(torch.randn(m.w_gate.shape, generator=g) * 2)
-            m.w_noise.copy_(torch.randn(m.w_noise.shape, generator=g))
-            for e in m.experts:
-                e.conv.weight.copy_(torch.randn(e.conv.weight.shape, generator=g) * 0.3)
-                e.conv.bias.copy_(torch.randn(e.conv.bias.shape, generator=g) * 0.1)
         for dec in model.mask_decoders:
             dec.output_hypernetworks_mlps[0].layers[-1].weight.mul_(300)
     return model
@@ -191,7 +185,6 @@ def test_structure_loss_hand_computed():
 # ---------------------------------------------------------------------- export
 
 def test_onnx_export_parity_and_package(tmp_path):
-    import onnxruntime as ort
 
     from training.export import check_package, export_onnx, write_model_package
     from xctrt.backends import make_engine
@@ -201,16 +194,8 @@ def test_onnx_export_parity_and_package(tmp_path):
     graph = export_onnx(model, with_logits=True)
     ops = {n.op_type for n in onnx.load_from_string(graph).graph.node}
     assert "NonZero" not in ops and "Resize" in ops and "Loop" not in ops and "If" not in ops
-    sess = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     x = torch.rand(5, 1, 64, 64, generator=torch.Generator().manual_seed(3))   # batch != export batch
-    with torch.no_grad():
-        logits = model.logits(x)
-        probs = torch.sigmoid(logits)
-    chosen = {int(k) for m in conv_lora_modules(model) for k in m.last_choice}
-    assert len(chosen) > 1, "the check should cover more than one expert"
-    p_onnx, l_onnx = sess.run(None, {"image": x.numpy()})
-    err_p = float(np.abs(p_onnx - probs.numpy()).max())
-    err_l = float(np.abs(l_onnx - logits.numpy()).max())
+    probs, logits, err_p, err_l = onnx_vs_torch(model, graph, x)
     spread = float(logits.std())
     assert spread > 0.5, f"logits too flat for a meaningful check (std {spread:.3f})"
     assert err_p < 1e-3 and err_l < 1e-3, f"ONNX vs PyTorch max abs error: probs {err_p:.3g}, logits {err_l:.3g}"

@@ -26,6 +26,7 @@ from training.conv_lora import (
 )
 from training.losses import structure_loss
 from training.sam_model import BACKBONES, XctSam, build_xct_sam, litemedsam_weights
+from conftest import onnx_vs_torch, randomise_conv_lora
 
 torch.set_num_threads(2)
 
@@ -57,14 +58,8 @@ def randomise(model, seed=1):
     probabilities are unsaturated (the stock model's prompt-free logits sit near -14: saturated
     probabilities would make a probability check meaningless)."""
     g = torch.Generator().manual_seed(seed)
+    randomise_conv_lora(model, g)
     with torch.no_grad():
-        for m in conv_lora_modules(model):
-            m.lora_b.weight.copy_(torch.randn(m.lora_b.weight.shape, generator=g) * 0.05)
-            m.w_gate.copy_(torch.randn(m.w_gate.shape, generator=g) * 2)
-            m.w_noise.copy_(torch.randn(m.w_noise.shape, generator=g))
-            for e in m.experts:
-                e.conv.weight.copy_(torch.randn(e.conv.weight.shape, generator=g) * 0.3)
-                e.conv.bias.copy_(torch.randn(e.conv.bias.shape, generator=g) * 0.1)
         for dec in model.mask_decoders:
             last = dec.output_hypernetworks_mlps[0].layers[-1]
             last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.05)
@@ -178,7 +173,6 @@ def test_training_step_changes_only_the_trainable_set(base):
 
 
 def test_onnx_export_parity(base):
-    import onnxruntime as ort
 
     from training.export import export_onnx
 
@@ -186,16 +180,8 @@ def test_onnx_export_parity(base):
     graph = export_onnx(model, with_logits=True)
     ops = {n.op_type for n in onnx.load_from_string(graph).graph.node}
     assert "NonZero" not in ops and "Loop" not in ops and "If" not in ops
-    sess = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     x = torch.rand(1, 1, 256, 256, generator=torch.Generator().manual_seed(3))   # batch != export batch (2)
-    with torch.no_grad():
-        logits = model.logits(x)
-        probs = torch.sigmoid(logits)
-    chosen = {int(k) for m in conv_lora_modules(model) for k in m.last_choice}
-    assert len(chosen) > 1, "the check should cover more than one expert"
-    p_onnx, l_onnx = sess.run(None, {"image": x.numpy()})
-    err_p = float(np.abs(p_onnx - probs.numpy()).max())
-    err_l = float(np.abs(l_onnx - logits.numpy()).max())
+    probs, logits, err_p, err_l = onnx_vs_torch(model, graph, x)
     mid = float(((probs > 0.05) & (probs < 0.95)).float().mean())
     spread = float(logits.std())
     assert mid > 0.05 and spread > 0.2, f"logits too saturated or too flat for a meaningful check " \

@@ -7,6 +7,7 @@ Both runs use the torch backend (the package's ONNX graphs through onnx2torch, f
 device, so the model computes the same numbers; only the stages around it move: the host pipeline
 tiles, stitches, aggregates and labels components in C++, `--device cuda` does all of that in CuPy
 on the GPU. Labels and defect tables must be identical; the speeds say what moving them is worth.
+A third run, `--device cuda --precision bf16`, reports its speed and how many labels it changes.
 JSON goes to DIR/gpu_package.json; a short table is printed last.
 """
 from __future__ import annotations
@@ -43,15 +44,16 @@ def main() -> int:
         write_phantom(vol, tuple(args.shape), seed=0, voxel_size=(0.01,) * 3)
         write_phantom(warm, (2,) + tuple(args.shape[1:]), seed=1, voxel_size=(0.01,) * 3)
         labels = {}
-        for name, device in (("host", "cpu"), ("gpu", gpu)):
+        for name, device, precision in (("host", "cpu", "fp32"), ("gpu", gpu, "fp32"), ("gpu-bf16", gpu, "bf16")):
             seg = Segmenter(args.model, backend="torch", batch_size=args.batch_size, slab=args.slab,
-                            progress=False, device=device)
+                            progress=False, device=device, precision=precision)
             seg.segment(warm, keep_labels=False)         # warm-up: module load, kernel choice, allocations
             t0 = time.perf_counter()
             r = seg.segment(vol, out_dir=Path(tmp) / name, keep_labels=True)
             wall = time.perf_counter() - t0
             labels[name] = (r.labels, r.defects)
-            res["runs"][name] = {"pipeline": device, "engine": f"{seg.engine.name} on {seg.engine.device}",
+            res["runs"][name] = {"pipeline": device, "precision": precision,
+                                 "engine": f"{seg.engine.name} on {seg.engine.device}",
                                  "wall_s": wall, "slices_per_s": args.shape[0] / wall,
                                  "stage_busy_s": r.summary["timing"]["stage_busy_s"],
                                  "gpu_memory_used_max_gib": r.summary["timing"].get("gpu_memory_used_max_gib"),
@@ -62,15 +64,17 @@ def main() -> int:
     res["label_agreement"] = float((lh == lg).mean())
     res["table_identical"] = set(th) == set(tg) and all(
         th[k].dtype == tg[k].dtype and np.array_equal(th[k], tg[k]) for k in th)
+    res["bf16_label_agreement"] = float((labels["gpu-bf16"][0] == lg).mean())
     (args.out / "gpu_package.json").write_text(json.dumps(res, indent=2))
-    h, g = res["runs"]["host"], res["runs"]["gpu"]
+    h, g, b = res["runs"]["host"], res["runs"]["gpu"], res["runs"]["gpu-bf16"]
     print(f"model {args.model}, volume {args.shape}, batch {args.batch_size}, engine {h['engine']}")
-    print(f"{'pipeline':<12}{'slices/s':>10}   busy s per stage")
-    for name, r in (("host (C++)", h), (f"{gpu}", g)):
-        print(f"{name:<12}{r['slices_per_s']:>10.2f}   "
+    print(f"{'pipeline':<16}{'slices/s':>10}   busy s per stage")
+    for name, r in (("host (C++)", h), (f"{gpu}", g), (f"{gpu} bf16", b)):
+        print(f"{name:<16}{r['slices_per_s']:>10.2f}   "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_busy_s"].items() if v >= 0.005))
     print(f"labels identical: {res['labels_identical']} ({100 * res['label_agreement']:.4f} %), "
-          f"defect table identical: {res['table_identical']}")
+          f"defect table identical: {res['table_identical']}; bf16 vs float32 labels agree "
+          f"{100 * res['bf16_label_agreement']:.4f} %")
     return 0 if res["labels_identical"] and res["table_identical"] else 1
 
 

@@ -95,10 +95,12 @@ def main(out: Path) -> str:
         lines.append(_missing("post-processing"))
     pkg = _load(out, "gpu_package.json")
     if pkg:
-        h, g = pkg["runs"]["host"], pkg["runs"]["gpu"]
+        h, g, b = pkg["runs"]["host"], pkg["runs"]["gpu"], pkg["runs"].get("gpu-bf16", {})
         lines.append(f"package {pkg['model']} on {pkg['shape']} ({h['engine']}): host pipeline {_f(h['slices_per_s'], '.2f')}"
                      f" slices/s, {g['pipeline']} {_f(g['slices_per_s'], '.2f')} slices/s; labels identical "
-                     f"{pkg['labels_identical']}, table identical {pkg['table_identical']}")
+                     f"{pkg['labels_identical']}, table identical {pkg['table_identical']}; bf16 "
+                     f"{_f(b.get('slices_per_s'), '.2f')} slices/s, labels agree "
+                     f"{_f(100 * pkg.get('bf16_label_agreement', float('nan')), '.3f')} % with float32")
     else:
         lines.append(_missing("package"))
     att = _load(out, "gpu_attention.json")

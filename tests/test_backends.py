@@ -38,3 +38,22 @@ def test_torch_backend_matches_onnxruntime():
 def test_tensorrt_missing_is_a_clear_error():
     with pytest.raises(XctrtError, match="tensorrt"):
         make_engine(load_package(), "tensorrt")
+
+
+@pytest.mark.skipif(not (importlib.util.find_spec("torch") and importlib.util.find_spec("onnx2torch")),
+                    reason="torch backend needs torch + onnx2torch (the train extra)")
+def test_torch_backend_bf16():
+    """precision bf16: the convolutions really run in bfloat16 (results move, by bf16's rounding), the
+    probabilities still come back float32 in [0, 1]; other backends refuse it in one sentence."""
+    pkg = load_package("untrained-tiny")
+    x = np.random.default_rng(1).random((2, 1, pkg.input_size, pkg.input_size), dtype=np.float32)
+    ref = make_engine(pkg, "torch").run(x)
+    eng = make_engine(pkg, "torch", precision="bf16")
+    got = eng.run(x)
+    assert eng.name == "torch-bf16" and got.dtype == np.float32 and got.shape == ref.shape
+    assert np.all((got >= 0) & (got <= 1))
+    assert 0 < np.max(np.abs(got - ref)) < 0.05
+    with pytest.raises(XctrtError, match="needs the torch backend"):
+        make_engine(pkg, "onnxruntime", precision="bf16")
+    with pytest.raises(XctrtError, match="unknown precision"):
+        make_engine(pkg, "torch", precision="fp8")

@@ -17,6 +17,7 @@ from .errors import XctrtError
 from .model import ModelPackage
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+PRECISIONS = ("fp32", "bf16")
 
 
 def weights_as_float32(model):
@@ -97,11 +98,14 @@ class OnnxRuntimeEngine(Engine):
 
 
 class TorchEngine(Engine):
-    """Runs the package's ONNX graphs as torch modules (onnx2torch), on CUDA when available."""
+    """Runs the package's ONNX graphs as torch modules (onnx2torch), on CUDA when available.
+
+    precision "bf16": matrix products and convolutions in bfloat16 through torch.autocast (which keeps
+    reductions, normalisation and the softmax in float32); probabilities come back as float32."""
 
     name = "torch"
 
-    def __init__(self, package: ModelPackage, threads: int = 0):
+    def __init__(self, package: ModelPackage, threads: int = 0, precision: str = "fp32"):
         try:
             import onnx
             import torch
@@ -119,16 +123,21 @@ class TorchEngine(Engine):
         self.modules = [convert(onnx.shape_inference.infer_shapes(weights_as_float32(onnx.load_from_string(g.data)),
                                                                   data_prop=True))
                         .eval().to(self.device) for g in package.graphs]
-        mods = self.modules
-        self.torch_model = lambda t: mods[0](t) if len(mods) == 1 else torch.cat([m(t) for m in mods], dim=1)
+        self.precision = precision
+        if precision != "fp32":
+            self.name = f"torch-{precision}"
+
+    def torch_model(self, t):
+        """Device tensor (N, 1, S, S) float32 -> probabilities (N, K, S, S) float32."""
+        torch = self.torch
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            outs = [m(t) for m in self.modules]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).float()
 
     def run(self, x):
         torch = self.torch
         with torch.inference_mode():
-            t = torch.from_numpy(x).to(self.device, non_blocking=True)
-            outs = [m(t) for m in self.modules]
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-            return out.float().cpu().numpy()
+            return self.torch_model(torch.from_numpy(x).to(self.device, non_blocking=True)).cpu().numpy()
 
 
 class TorchModuleEngine(Engine):
@@ -259,9 +268,15 @@ def available_backends() -> list[str]:
     return names
 
 
-def make_engine(package: ModelPackage, backend: str = "auto", threads: int = 0) -> Engine:
+def make_engine(package: ModelPackage, backend: str = "auto", threads: int = 0, precision: str = "fp32") -> Engine:
     if backend not in BACKENDS:
         raise XctrtError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise XctrtError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "fp32":
+        if backend != "torch":
+            raise XctrtError(f"precision {precision} needs the torch backend (--backend torch), not {backend}")
+        return TorchEngine(package, threads, precision)
     if backend == "auto":
         # TensorRT only where it is installed and a GPU is visible; otherwise ONNX Runtime.
         if "tensorrt" in available_backends():

@@ -82,11 +82,12 @@ class Segmenter:
     def __init__(self, model: str | Path | ModelPackage | None = None, backend: str = "auto", batch_size: int = 8,
                  threads: int = 0, connectivity: int = 26, min_voxels: int = 1, slab: int = 8,
                  window: tuple[float, float] | None = None, progress: bool = True, device: str = "cpu",
-                 engine=None):
+                 engine=None, precision: str = "fp32"):
         """device "cpu": window/tile/stitch/aggregate/components in C++ on the host around the engine.
         device "cuda": all of it on the GPU (xctrt.gpu: torch model, CuPy stages), needs the torch
         backend; "host-arrays": that GPU path's code with NumPy and torch on the host (tests, dry runs).
-        engine: a ready Engine instead of one built from the package (benchmarks)."""
+        engine: a ready Engine instead of one built from the package (benchmarks).
+        precision: "fp32", or "bf16" for the torch backend (its matrix products in bfloat16)."""
         self.package = model if isinstance(model, ModelPackage) else load_package(model)
         if device not in DEVICES:
             raise XctrtError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
@@ -105,7 +106,7 @@ class Segmenter:
         if threads:
             _core.set_num_threads(threads)
         self.engine = engine if engine is not None else make_engine(
-            self.package, "torch" if device != "cpu" else backend, threads)
+            self.package, "torch" if device != "cpu" else backend, threads, precision)
         if device != "cpu" and getattr(self.engine, "torch_model", None) is None:
             raise XctrtError(f"engine {self.engine.name} cannot run on the GPU path (no torch model)")
         self.batch_size, self.threads, self.slab = batch_size, threads, slab

@@ -130,7 +130,8 @@ class TorchEngine(Engine):
     def torch_model(self, t):
         """Device tensor (N, 1, S, S) float32 -> probabilities (N, K, S, S) float32."""
         torch = self.torch
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        # no cast cache: the GPU path captures this call in a CUDA graph (torch's advice for autocast there)
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False):
             outs = [m(t) for m in self.modules]
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).float()
 

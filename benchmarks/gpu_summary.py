@@ -72,6 +72,8 @@ def main(out: Path) -> str:
                              + (f"; compile {_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else ""))
         if ref.get("attention_check"):
             lines.append(f"- attention check in the bench: {ref['attention_check']}")
+        if ref.get("attention_launches"):
+            lines.append(f"- attention launches chosen: {ref['attention_launches']}")
         for res, label in calls:
             how = f"torch.compile {res['compile_ours']}" if (res or {}).get("compile_ours") else "eager"
             for mode, r in (res or {}).get("modes", {}).items():

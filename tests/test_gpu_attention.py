@@ -320,10 +320,33 @@ def test_triton_tests_in_fresh_process():
     assert "SKIPPED" not in p.stdout, p.stdout[-2000:]
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton missing")
+def test_tuned_launches_fit_their_shape():
+    """The CUDA path's tuning only tries launches that fit: key tiles at least one padded row, no
+    256-key tiles on the 64-wide grid, the default alone for D > 64; the pruning hook agrees."""
+    import triton
+
+    from xctrt.gpu import attention as A
+
+    glob, win, vith = A.tuned_launches_for((64, 64), 64), A.tuned_launches_for((14, 14), 64), \
+        A.tuned_launches_for((14, 14), 80)
+    assert glob and all(64 <= bn <= 128 for _, bn, _, _ in glob)
+    assert (64, 256, 8, 2) in win and len(win) == len(A.TUNED_LAUNCHES)
+    d80 = A.default_config((14, 14), 80)
+    assert vith == [(d80["block_m"], d80["block_n"], d80["num_warps"], d80["num_stages"])]
+    assert all(bn >= 32 for _, bn, _, _ in A.tuned_launches_for((3, 20), 64))   # W=20 pads to 32 slots
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+               for bm, bn, nw, ns in A.TUNED_LAUNCHES]
+    kept = A._prune_launches(configs, {}, KH=64, KW=64, HEAD_D=64)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == glob
+    assert A.tuned_choices() == {}   # nothing tuned on this machine: the CPU path takes fixed launches
+
+
 # Compiles the kernel for sm_90 (H100/H200) with the local Triton and its bundled ptxas, no GPU
 # needed: catches what the lenient interpreter accepts but the compiler does not, and register
-# spills of the default launch configs. Uses Triton's ahead-of-time API (ASTSource), which moves
-# between versions: an API mismatch skips, a compile error or a spill fails.
+# spills of the default launch and of every launch the CUDA path's tuning may pick. Uses Triton's
+# ahead-of-time API (ASTSource), which moves between versions: an API mismatch skips, a compile error
+# or a spill fails.
 _SM90_SCRIPT = r'''
 import json, os, re, subprocess, sys, tempfile
 import triton
@@ -337,10 +360,14 @@ fn = triton.jit(A._attn_fwd)
 names = fn.arg_names
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 report = {}
+cases = []
 for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((14, 14), 80)]:
+    c = A.default_config((h, w), d)
+    launches = {(c["block_m"], c["block_n"], c["num_warps"], c["num_stages"])} | set(A.tuned_launches_for((h, w), d))
+    cases += [((h, w), d, launch) for launch in sorted(launches)]
+for (h, w), d, (bm, bn, warps, stages) in cases:
     n = h * w
-    cfg = A.default_config((h, w), d)
-    bm, bn = cfg["block_m"], cfg["block_n"]
+    name = f"{h}x{w}/{d} {bm}x{bn} w{warps} s{stages}"
     const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SGHK=1, SGWK=1, KH=h, KW=w, KWP=A._next_pow2(w), HEAD_D=d,
                  BLOCK_D=max(16, A._next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn)
     # bf16 q, k, v, out; float32 offset terms, as the encoder passes them
@@ -362,9 +389,9 @@ for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((14, 14), 80)]:
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
         kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                              options=dict(num_warps=warps, num_stages=stages))
     except triton.CompilationError as exc:
-        report[f"{h}x{w}/{d}"] = {"error": str(exc)[-2000:]}; continue
+        report[name] = {"error": str(exc)[-2000:]}; continue
     except Exception as exc:
         print(json.dumps({"api": repr(exc)[:500]})); sys.exit(0)
     row = {"wgmma": "wgmma" in kern.asm.get("ptx", "")}
@@ -376,7 +403,7 @@ for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((14, 14), 80)]:
         m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
         if m:
             row.update(regs=int(m.group(1)), stack=int(m.group(2)))
-    report[f"{h}x{w}/{d}"] = row
+    report[name] = row
 print(json.dumps(report))
 '''
 
@@ -385,11 +412,12 @@ print(json.dumps(report))
 def test_triton_compiles_for_sm90_without_spills():
     import json
     p = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, check=False,
-                       env=_child_env(interpret=False), timeout=240, cwd=ROOT)
+                       env=_child_env(interpret=False), timeout=400, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(p.stdout.strip().splitlines()[-1])
     if "api" in report:
         pytest.skip(f"Triton's ahead-of-time compile API differs here: {report['api']}")
+    assert len(report) >= 10   # the defaults and the tuning's launches of all three shapes
     for shape, row in report.items():
         assert "error" not in row, f"{shape}: {row.get('error')}"
         assert row["wgmma"], f"{shape}: expected Hopper wgmma instructions"

@@ -56,6 +56,7 @@ __all__ = [
     "relative_bias_terms",
     "relative_offset_terms",
     "triton_available",
+    "tuned_choices",
 ]
 
 LOG2E = 1.4426950408889634
@@ -299,6 +300,53 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+# Launches the CUDA path tries on its first call per (N, W, D, dtypes), keeping the fastest (triton's
+# autotuner): (BLOCK_M, BLOCK_N, warps, stages). The sweep of benchmarks/gpu_attention_check.py times each
+# of them; all compile for sm_90 without spills where _prune_launches lets them run
+# (tests/test_gpu_attention.py compiles every one).
+TUNED_LAUNCHES = ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2),
+                  (128, 128, 8, 2), (64, 256, 8, 2))
+
+
+def tuned_launches_for(hw: tuple[int, int], d: int) -> list[tuple[int, int, int, int]]:
+    """The TUNED_LAUNCHES a shape may use: key tiles at least one padded row wide; for the 64-wide global
+    grid no 256-key tiles (they spill); for D > 64 (ViT-H's 80) only the default launch."""
+    kwp = _next_pow2(hw[1])
+    if d > 64:
+        cfg = default_config(hw, d)
+        return [(cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"])]
+    return [t for t in TUNED_LAUNCHES if t[1] >= kwp and not (kwp >= 64 and t[1] > 128)]
+
+
+def _prune_launches(configs, named_args, **kwargs):
+    allowed = set(tuned_launches_for((kwargs["KH"], kwargs["KW"]), kwargs["HEAD_D"]))
+    kept = [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+    return kept or configs[:1]
+
+
+_TUNE = {"enabled": True, "error": None}   # switched off (with the reason) if a tuned launch ever fails
+
+
+def _tuned_kernel():
+    if "tuned" not in _KERNELS:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+                   for bm, bn, nw, ns in TUNED_LAUNCHES]
+        _KERNELS["tuned"] = triton.autotune(configs=configs, key=["N", "KW", "HEAD_D"],
+                                            prune_configs_by={"early_config_prune": _prune_launches})(
+            triton.jit(_attn_fwd))
+    return _KERNELS["tuned"]
+
+
+def tuned_choices() -> dict:
+    """What the CUDA path's first calls chose, per (N, W, D, dtypes...), and why tuning is off if it is."""
+    tuner = _KERNELS.get("tuned")
+    out = {str(key): str(cfg) for key, cfg in (tuner.cache.items() if tuner is not None else ())}
+    if _TUNE["error"]:
+        out["tuning off"] = _TUNE["error"]
+    return out
+
+
 def default_config(hw: tuple[int, int], d: int) -> dict:
     """Launch defaults for Hopper, from the sweep in benchmarks/gpu_attention_check.py on an H200 with
     Triton 3.6 (2026-11-26, benchmarks/results/gpu_throughput_h200_2026-11-26). Global 64x64 tokens
@@ -325,9 +373,11 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
     offset terms off_h (B, NH, N, 2H-1), off_w (B, NH, N, 2W-1). bf16/fp16 (fp32 accumulation) or float32.
     Returns (B, NH, N, D) in q's dtype, laid out as empty_output makes it or written into `out` (any
     strides) when given. CPU tensors run under the Triton interpreter.
-    Launch overrides for tuning: block_m, block_n (powers of two >= 16; block_n also >= W rounded up
-    to a power of two, one padded key row), num_warps, num_stages, maxnreg (a register cap per thread,
-    e.g. 168 keeps three 4-warp programs per Hopper SM)."""
+    On CUDA without overrides the launch is tuned: the first call per shape times the TUNED_LAUNCHES
+    that fit it and keeps the fastest. Overrides (fixed launch, also on CPU; default_config fills the
+    rest): block_m, block_n (powers of two >= 16; block_n also >= W rounded up to a power of two, one
+    padded key row), num_warps, num_stages, maxnreg (a register cap per thread, e.g. 168 keeps three
+    4-warp programs per Hopper SM)."""
     _check_shapes(q, k, v, off_h, off_w, hw)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError("q, k, v must share one dtype")
@@ -353,22 +403,33 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
     if b == 0 or nh == 0 or n == 0:
         return out
 
-    kernel = _kernel(q.device.type != "cuda" or _interpret_env())
+    interpret = q.device.type != "cuda" or _interpret_env()
+    fixed = interpret or not _TUNE["enabled"] or any(
+        val is not None for val in (block_m, block_n, num_warps, num_stages, maxnreg))
     tensors = (q, k, v, off_h, off_w, out)
     strides = [st for t in tensors for st in t.stride()[:3]]   # batch, head, token of each
-    # grid axis 1 holds at most 65535 programs: very large batches go in slices (views, same strides)
+    shape_args = dict(SQD=q.stride(3), SKD=k.stride(3), SVD=v.stride(3), SOD=out.stride(3),
+                      SGHK=off_h.stride(3), SGWK=off_w.stride(3),
+                      KH=h, KW=w, KWP=_next_pow2(w), HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)))
+    # grid axis 1 holds at most 65535 programs: very large batches go in slices (views, same strides);
+    # a head's query blocks run side by side, so its K and V stay in L2
     step = max(1, _MAX_GRID_Y // nh)
-    for b0 in range(0, b, step):
-        part = [t[b0:b0 + step] for t in tensors]
-        grid = (math.ceil(n / bm), part[0].shape[0] * nh)  # a head's query blocks run side by side (K/V in L2)
-        kernel[grid](
-            *part, *strides, n, nh, float(scale) * LOG2E, LOG2E,
-            SQD=q.stride(3), SKD=k.stride(3), SVD=v.stride(3), SOD=out.stride(3),
-            SGHK=off_h.stride(3), SGWK=off_w.stride(3),
-            KH=h, KW=w, KWP=_next_pow2(w), HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn,
+    parts = [[t[b0:b0 + step] for t in tensors] for b0 in range(0, b, step)]
+    if not fixed:
+        try:
+            kernel = _tuned_kernel()
+            for part in parts:
+                kernel[lambda meta, nb=part[0].shape[0] * nh: (math.ceil(n / meta["BLOCK_M"]), nb)](
+                    *part, *strides, n, nh, float(scale) * LOG2E, LOG2E, **shape_args)
+            return out
+        except Exception as exc:   # noqa: BLE001 - tuning is an optimisation: fall back to the default launch
+            _TUNE.update(enabled=False, error=f"{type(exc).__name__}: {exc}"[:300])
+    kernel = _kernel(interpret)
+    for part in parts:
+        kernel[(math.ceil(n / bm), part[0].shape[0] * nh)](
+            *part, *strides, n, nh, float(scale) * LOG2E, LOG2E, **shape_args, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
-        )
+            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out
 
 

@@ -334,6 +334,9 @@ def test_tuned_launches_fit_their_shape():
     assert (64, 256, 8, 2) in win and len(win) == len(A.TUNED_LAUNCHES)
     d80 = A.default_config((14, 14), 80)
     assert vith == [(d80["block_m"], d80["block_n"], d80["num_warps"], d80["num_stages"])]
+    for hw, d in (((64, 64), 64), ((14, 14), 64), ((64, 64), 80), ((14, 14), 80)):   # defaults are candidates
+        c = A.default_config(hw, d)
+        assert (c["block_m"], c["block_n"], c["num_warps"], c["num_stages"]) in A.tuned_launches_for(hw, d)
     assert all(bn >= 32 for _, bn, _, _ in A.tuned_launches_for((3, 20), 64))   # W=20 pads to 32 slots
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
                for bm, bn, nw, ns in A.TUNED_LAUNCHES]
@@ -361,7 +364,7 @@ names = fn.arg_names
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 report = {}
 cases = []
-for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((14, 14), 80)]:
+for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((64, 64), 80), ((14, 14), 80)]:
     c = A.default_config((h, w), d)
     launches = {(c["block_m"], c["block_n"], c["num_warps"], c["num_stages"])} | set(A.tuned_launches_for((h, w), d))
     cases += [((h, w), d, launch) for launch in sorted(launches)]

@@ -306,7 +306,7 @@ def _make_fast_attention() -> type:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, h, w, _ = x.shape
             # q, k, v as (B, NH, N, D) views of the projection: no copy into a heads-major layout
-            q, k, v = self.qkv(x).view(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
             if self.use_rel_pos:   # the bias terms are made in float32 inside: bf16 would round a bias
                 # of ~10 to ±0.03 before the softmax
                 o = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, h, w, self.scale, self.attention_impl)

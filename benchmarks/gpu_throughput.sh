@@ -33,6 +33,11 @@
 # OUT (set by the device tool; default $WORK/out), LIMIT (450: seconds the steps may use in all).
 # The max-autotune anchor did not finish compiling in 305 s on an H200 (2026-11-26): give it a call of its
 # own, STEPS=compiled LIMIT=560 with timeout_s 590 (it reruns naive and ours beside it, same process).
+# torch.compile's cache (TORCHINDUCTOR_CACHE_DIR: compiled graphs, autotuning results, Triton kernels)
+# is kept: such a call leaves it in $OUT/inductor_cache.tgz (when under 15 MiB). Copied here as
+# .inductor-cache.tgz (ignored by git: add it to .git/info/exclude) and carried with a later call on the
+# same kind of machine, it is unpacked first, so compiles that hit it skip their autotuning and code
+# generation; what is timed is the compiled program either way.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=${DRY_RUN:-0}
@@ -41,6 +46,11 @@ OURS_COMPILE=${OURS_COMPILE:-default}
 WORK=${WORK:-/tmp/xctrt_gpu} LOG=gpu_throughput.log
 left() { echo $(( ${LIMIT:-450} - SECONDS )); }   # seconds left of the call's budget (8 min with the start)
 WHEELS=.whl-sam . benchmarks/device_env.sh "import segment_anything"
+export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor-cache
+mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+if [ -f .inductor-cache.tgz ]; then
+  tar -xzf .inductor-cache.tgz -C "$TORCHINDUCTOR_CACHE_DIR" && echo "torch.compile cache carried in: $(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1)"
+fi
 $PY -c "import torch, xctrt._core, segment_anything; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
 
@@ -91,6 +101,13 @@ if want compiled && [ "$(left)" -gt 60 ]; then
   timeout $(( $(left) - 15 )) $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --modes paper \
     --compile-mode "$COMPILE_MODE" --work "$WORK/bench" --json "$OUT/bench_compiled.json" \
     || echo "compiled step failed or timed out (rc $?)"
+fi
+
+if want compiled; then   # keep the compile cache for a later call (files back from $OUT: 16 MiB at most)
+  tar -czf "$WORK/inductor_cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" . \
+    && if [ "$(stat -c %s "$WORK/inductor_cache.tgz")" -le $((15 * 1024 * 1024)) ]; then
+         mv "$WORK/inductor_cache.tgz" "$OUT/"; echo "torch.compile cache kept: $OUT/inductor_cache.tgz"
+       else echo "torch.compile cache $(du -h "$WORK/inductor_cache.tgz" | cut -f1): too big to bring back"; fi
 fi
 
 stage "summary"

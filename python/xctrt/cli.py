@@ -268,10 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--voxel-size", type=float, default=0.02, metavar="MM", help="isotropic (default: %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="processes over slices (0 = all cores)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: the torch backend's matrix products and convolutions in bfloat16 (about half the "
-                        "time on a GPU; probabilities differ by about 1e-2, so a few labels may too) "
-                        "(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
 

@@ -274,10 +274,8 @@ def make_engine(package: ModelPackage, backend: str = "auto", threads: int = 0, 
         raise XctrtError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise XctrtError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision != "fp32":
-        if backend != "torch":
-            raise XctrtError(f"precision {precision} needs the torch backend (--backend torch), not {backend}")
-        return TorchEngine(package, threads, precision)
+    if precision != "fp32" and backend != "torch":
+        raise XctrtError(f"precision {precision} needs the torch backend (--backend torch), not {backend}")
     if backend == "auto":
         # TensorRT only where it is installed and a GPU is visible; otherwise ONNX Runtime.
         if "tensorrt" in available_backends():
@@ -286,5 +284,7 @@ def make_engine(package: ModelPackage, backend: str = "auto", threads: int = 0, 
             except XctrtError:
                 pass
         backend = "onnxruntime"
-    cls = {"onnxruntime": OnnxRuntimeEngine, "torch": TorchEngine, "tensorrt": TensorRTEngine}[backend]
+    if backend == "torch":
+        return TorchEngine(package, threads, precision)
+    cls = {"onnxruntime": OnnxRuntimeEngine, "tensorrt": TensorRTEngine}[backend]
     return cls(package, threads)

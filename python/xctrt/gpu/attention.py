@@ -325,7 +325,7 @@ def _prune_launches(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_TUNE = {"enabled": True, "error": None}   # switched off (with the reason) if a tuned launch ever fails
+_TUNE = {"error": None}   # why tuning is off for good, once a tuned launch has failed
 
 
 def _tuned_kernel():
@@ -404,7 +404,7 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
         return out
 
     interpret = q.device.type != "cuda" or _interpret_env()
-    fixed = interpret or not _TUNE["enabled"] or any(
+    fixed = interpret or _TUNE["error"] is not None or any(
         val is not None for val in (block_m, block_n, num_warps, num_stages, maxnreg))
     tensors = (q, k, v, off_h, off_w, out)
     strides = [st for t in tensors for st in t.stride()[:3]]   # batch, head, token of each
@@ -423,7 +423,7 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
                     *part, *strides, n, nh, float(scale) * LOG2E, LOG2E, **shape_args)
             return out
         except Exception as exc:   # noqa: BLE001 - tuning is an optimisation: fall back to the default launch
-            _TUNE.update(enabled=False, error=f"{type(exc).__name__}: {exc}"[:300])
+            _TUNE["error"] = f"{type(exc).__name__}: {exc}"[:300]
     kernel = _kernel(interpret)
     for part in parts:
         kernel[(math.ceil(n / bm), part[0].shape[0] * nh)](
@@ -435,16 +435,22 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
 
 # -------------------------------------------------------------------------------------------- dispatch
 
+def _resolve_impl(impl: str, q: torch.Tensor) -> str:
+    """"auto" -> triton for CUDA tensors when Triton imports, else sdpa; names checked."""
+    if impl == "auto":
+        impl = "triton" if q.is_cuda and triton_available() else "sdpa"
+    if impl not in ("triton", "sdpa", "reference"):
+        raise ValueError(f"unknown attention impl {impl!r}")
+    return impl
+
+
 def attention(q, k, v, rel_pos_h, rel_pos_w, hw, scale: float | None = None, impl: str = "auto",
               **triton_kw):
     """SAM's attention from q, k, v (B, NH, N, D) and the block's rel_pos_h (2H-1, D) / rel_pos_w tables
     (other lengths are resampled). impl: "auto" (triton for CUDA tensors when Triton imports, else
     sdpa), "triton", "sdpa", "reference". triton_kw (block_m, block_n, num_warps, num_stages, maxnreg) go to
     the Triton kernel."""
-    if impl == "auto":
-        impl = "triton" if q.is_cuda and triton_available() else "sdpa"
-    if impl not in ("triton", "sdpa", "reference"):
-        raise ValueError(f"unknown attention impl {impl!r}")
+    impl = _resolve_impl(impl, q)
     off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)
     if impl == "triton":
         return attention_triton(q, k, v, off_h, off_w, hw, scale, **triton_kw)
@@ -461,9 +467,9 @@ def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos
     """`attention` as one opaque torch operator: torch.compile keeps it whole (no graph break at the
     Triton launch, no tracing into it) and fuses the pointwise work around it. Returns (B, NH, N, D) in
     q's dtype, laid out as empty_output makes it (whatever the implementation)."""
-    if impl == "triton" or (impl == "auto" and q.is_cuda and triton_available()):
-        return attention(q, k, v, rel_pos_h, rel_pos_w, (h, w), scale, impl="triton")
-    return empty_output(q).copy_(attention(q, k, v, rel_pos_h, rel_pos_w, (h, w), scale, impl=impl))
+    impl = _resolve_impl(impl, q)
+    out = attention(q, k, v, rel_pos_h, rel_pos_w, (h, w), scale, impl=impl)
+    return out if impl == "triton" else empty_output(q).copy_(out)   # triton writes that layout itself
 
 
 @rel_pos_attention.register_fake

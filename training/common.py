@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -181,3 +182,21 @@ def segment_bounds(segments, depth: int) -> tuple[np.ndarray, np.ndarray]:
     for a, b in segments:
         lo[a:b], hi[a:b] = a, b - 1
     return lo, hi
+
+
+def split_verb(argv, prog: str, verbs: tuple[str, ...]) -> tuple[str, list[str]]:
+    """`python -m PROG VERB ...`: the verb and its arguments (argv None: the command line), or the usage
+    line and a non-zero exit when the verb is missing or unknown."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in verbs:
+        sys.exit(f"usage: python -m {prog} {{{','.join(verbs)}}} ... (--help after the verb)")
+    return argv[0], argv[1:]
+
+
+def run_main(main) -> None:
+    """A training command's entry point: bad input (a wrong value, a missing file) ends in one
+    `error: ...` line and a non-zero exit instead of a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")

@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -54,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (StepBudget, autocast, image_path, load_checkpoint, pick_amp, pick_device, rng_state, save_atomic,
-                     set_rng_state, setup_torch, source_window)
+from .common import (StepBudget, autocast, image_path, load_checkpoint, pick_amp, pick_device, rng_state, run_main,
+                     save_atomic, set_rng_state, setup_torch, source_window, split_verb)
 from .data import percentile_window
 
 FORMAT = "xctrt-cyclegan-ckpt/1"
@@ -562,10 +561,7 @@ def _f(v):
 # ---------------------------------------------------------------------- command line
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "translate"):
-        sys.exit("usage: python -m training.cyclegan {train,translate} ... (--help after the verb)")
-    verb, rest = argv[0], argv[1:]
+    verb, rest = split_verb(argv, "training.cyclegan", ("train", "translate"))
     log = lambda s: print(s, flush=True)  # noqa: E731
     if verb == "train":
         args = parse_train_args(rest)
@@ -589,7 +585,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    run_main(main)

@@ -24,14 +24,13 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .common import load_train_val
+from .common import load_train_val, run_main
 from .conv_lora import balance_loss, trainable_parameter_count
 from .data import CLASS_IDS, CropSampler, load_volume, split_volume
 from .losses import structure_loss
@@ -436,7 +435,4 @@ def main(argv=None) -> Trainer:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    run_main(main)

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -53,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (StepBudget, autocast, image_path, load_checkpoint, pick_amp, pick_device, read_slices_json,
-                     load_train_val, rng_state, save_atomic, segment_bounds, set_rng_state, setup_torch,
-                     source_window)
+from .common import (StepBudget, autocast, image_path, load_checkpoint, load_train_val, pick_amp, pick_device,
+                     read_slices_json, rng_state, run_main, save_atomic, segment_bounds, set_rng_state, setup_torch,
+                     source_window, split_verb)
 from .data import CropSampler, Volume, _window, load_volume, split_volume
 
 FORMAT = "xctrt-unet25d-ckpt/1"
@@ -565,10 +564,7 @@ def predict(ckpt_path, volume, out_path, every: int = 1, truth=None, truth_out=N
 # ---------------------------------------------------------------------- command line
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "predict"):
-        sys.exit("usage: python -m training.unet25d {train,predict} ... (--help after the verb)")
-    verb, rest = argv[0], argv[1:]
+    verb, rest = split_verb(argv, "training.unet25d", ("train", "predict"))
     log = lambda s: print(s, flush=True)  # noqa: E731
     if verb == "train":
         args = parse_train_args(rest)
@@ -597,7 +593,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    run_main(main)

@@ -5,7 +5,8 @@
 
 1. Small checks: fresh random inputs at a few sizes, every function on the device vs _core on
    the host, exact (grey_mean of float32 images up to rounding). Each check prints PASS/FAIL;
-   exceptions are caught and reported per check.
+   exceptions are caught and reported per check. On the GPU also the GPU stage's fused Triton
+   kernels (xctrt.gpu.resample), exact, and their time per slice against the step-by-step ones.
 2. Full size: a 3-class probability volume (material cylinder; pores and inclusions as random
    ellipsoids of radius 1-8; smooth fields plus hash noise) and a uint16 grey volume, generated
    slab by slab on the device from a fixed seed (never held whole). aggregate + components +
@@ -170,6 +171,77 @@ def small_checks(xp, checks: Checks, seed: int):
                        lambda: same(post.label_volume(dev(lab), [2, 3], conn), _core.label_volume(lab, [2, 3], conn)))
 
 
+# ---------------------------------------------------------------- 1b. the GPU stage's fused kernels
+
+def fused_checks(checks: Checks, seed: int) -> dict:
+    """xctrt.gpu.resample's Triton kernels (torch CUDA tensors) vs _core, exact, at the bench's sizes;
+    then their time per 1200x1200 slice against the step-by-step CuPy functions above (32 slices)."""
+    import cupy
+    import torch
+
+    from xctrt.gpu import resample
+
+    rng = np.random.default_rng(seed + 1)
+    cuda = torch.device("cuda")
+    for dt, lo, hi in ((np.uint16, 1000.5, 50000.0), (np.uint8, 10.0, 200.0), (np.float32, -2.0, 2.5)):
+        s = (rng.integers(0, np.iinfo(dt).max, (2, 1200, 1100), endpoint=True).astype(dt) if dt != np.float32
+             else (rng.standard_normal((2, 1200, 1100)) * 3).astype(np.float32))
+        t = torch.from_numpy(s.view(np.int16) if dt == np.uint16 else s).to(cuda)
+        ref = np.stack([_core.resize_bilinear(_core.window(x, lo, hi), 1024, 1024) for x in s])[:, None]
+        checks.run(f"fused window_resize {np.dtype(dt).name} (2,1200,1100)->1024",
+                   lambda: same(resample.window_resize(t, lo, hi, 1024).cpu().numpy(), ref))
+    for mode in ("priority", "argmax"):
+        p = rng.random((3, 3, 1024, 1024)).astype(np.float32)
+        p[:, :, ::3] = np.floor(p[:, :, ::3] * 4) / 4  # ties and values on the threshold
+        ref = np.stack([_core.aggregate(_core.resize_bilinear(b, 1200, 1100), THRESHOLDS, LABEL_IDS, PRIORITY, mode)
+                        for b in p])
+
+        def agg(probs):
+            out = torch.empty((3, 1200, 1100), dtype=torch.uint8, device=cuda)
+            counts = torch.zeros(256, dtype=torch.int64, device=cuda)
+            resample.resize_aggregate(probs, out, THRESHOLDS, LABEL_IDS, PRIORITY, mode, counts=counts)
+            ok, detail = same(out.cpu().numpy(), ref)
+            good_counts = np.array_equal(counts.cpu().numpy(), np.bincount(ref.reshape(-1), minlength=256))
+            return ok and good_counts, f"{detail}; counts {'agree' if good_counts else 'DIFFER'}"
+
+        checks.run(f"fused resize_aggregate {mode} (3,3,1024,1024)->(1200,1100)", lambda: agg(torch.from_numpy(p).to(cuda)))
+    pb = torch.from_numpy(rng.random((2, 3, 1024, 1024)).astype(np.float32)).to(cuda).to(torch.bfloat16)
+    ref = np.stack([_core.aggregate(_core.resize_bilinear(b, 1200, 1200), THRESHOLDS, LABEL_IDS, PRIORITY)
+                    for b in pb.float().cpu().numpy()])
+    out_bf = torch.empty((2, 1200, 1200), dtype=torch.uint8, device=cuda)
+    checks.run("fused resize_aggregate bf16 probabilities",
+               lambda: same(resample.resize_aggregate(pb, out_bf, THRESHOLDS, LABEL_IDS, PRIORITY).cpu().numpy(), ref))
+
+    # time per slice, 32 slices: fused vs step by step (CuPy, one kernel per float32 operation)
+    n = 32
+    raw = torch.randint(0, 65536, (n, 1200, 1200), dtype=torch.int32, device=cuda).to(torch.int16)
+    probs = torch.rand((n, 3, 1024, 1024), device=cuda)
+    labels = torch.empty((n, 1200, 1200), dtype=torch.uint8, device=cuda)
+    raw_cp, probs_cp = cupy.from_dlpack(raw).view(np.uint16), cupy.from_dlpack(probs)
+    runs = {
+        "preprocess fused": lambda: resample.window_resize(raw, 1000.0, 50000.0, 1024),
+        "preprocess step-by-step": lambda: post.resize_bilinear(post.window(raw_cp, 1000.0, 50000.0), 1024, 1024),
+        "aggregate fused": lambda: resample.resize_aggregate(probs, labels, THRESHOLDS, LABEL_IDS, PRIORITY),
+        "aggregate step-by-step": lambda: post.aggregate(post.resize_bilinear(probs_cp, 1200, 1200), THRESHOLDS,
+                                                         LABEL_IDS, PRIORITY),
+    }
+    timing = {}
+    for name, fn in runs.items():
+        fn()
+        torch.cuda.synchronize()
+        ms = []
+        for _ in range(5):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ms.append(a.elapsed_time(b))
+        timing[name] = float(np.median(ms)) / n
+        print(f"  {name}: {timing[name]:.4f} ms per 1200x1200 slice", flush=True)
+    return {"ms_per_slice": timing}
+
+
 # ---------------------------------------------------------------- 2. full-size volume
 
 class Phantom:
@@ -332,6 +404,14 @@ def main(argv=None):
         t0 = time.perf_counter()
         small_checks(xp, checks, args.seed)
         info["small_checks_s"] = time.perf_counter() - t0
+    fused = {}
+    if xp is not np and not args.skip_small:
+        try:
+            fused = fused_checks(checks, args.seed)
+        except Exception as exc:
+            traceback.print_exc()
+            checks.results["fused kernels"] = {"pass": False, "detail": f"{type(exc).__name__}: {exc}"}
+            print(f"FAIL  fused kernels  {type(exc).__name__}: {exc}")
     shape = (args.z, args.y, args.x)
     args.slab = args.slab or (64 if args.z >= 192 else max(1, args.z // 3))  # small runs still cross slabs
     print(f"full size {shape}, slabs of {args.slab}", flush=True)
@@ -343,7 +423,7 @@ def main(argv=None):
         checks.results["full size run"] = {"pass": False, "detail": f"{type(exc).__name__}: {exc}"}
         print(f"FAIL  full size run  {type(exc).__name__}: {exc}")
     n_pass = sum(r["pass"] for r in checks.results.values())
-    result = {"info": info, "shape": shape, "slab": args.slab, "full": full, "checks": checks.results,
+    result = {"info": info, "shape": shape, "slab": args.slab, "full": full, "fused": fused, "checks": checks.results,
               "passed": n_pass, "failed": len(checks.results) - n_pass,
               "wall_s": time.perf_counter() - t_start}
     (args.out / "gpu_post.json").write_text(json.dumps(result, indent=1))
@@ -354,6 +434,7 @@ def main(argv=None):
             ("defect voxels", f"{full.get('defect_fraction', float('nan')) * 100:.2f} %"),
             ("components (post / _core)", f"{full.get('components')} / {full.get('components_cpp')}")]
     rows += [(f"{k} (median of {len(full.get('times_s', []))})", f"{v:.3f} s") for k, v in med.items()]
+    rows += [(f"{k} (32 slices)", f"{v:.4f} ms per slice") for k, v in fused.get("ms_per_slice", {}).items()]
     rows += [("peak device pool", f"{full.get('gpu_peak_pool_bytes', 0) / 2 ** 30:.2f} GiB"),
              ("checks", f"{n_pass} passed, {len(checks.results) - n_pass} failed"),
              ("wall", f"{result['wall_s']:.1f} s")]

@@ -93,6 +93,10 @@ def main(out: Path) -> str:
                      f"{_f(med.get('total'), '.3f')} s; components {full.get('components')} (C++ {full.get('components_cpp')}),"
                      f" defect fraction {_f(full.get('defect_fraction'), '.4f')}, pool peak "
                      f"{_f((full.get('gpu_peak_pool_bytes') or 0) / 2 ** 30, '.2f')} GiB")
+        fused = post.get("fused", {}).get("ms_per_slice", {})
+        if fused:
+            lines.append("GPU stage kernels, ms per 1200x1200 slice (32 slices): "
+                         + ", ".join(f"{k} {v:.4f}" for k, v in fused.items()))
     else:
         lines.append(_missing("post-processing"))
     pkg = _load(out, "gpu_package.json")

@@ -2,6 +2,7 @@
 and helpers that run the command line in-process (fast) or as a real `python -m xctrt` process."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,52 @@ def xctrt_env() -> dict:
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.pop("PYTHONWARNINGS", None)
     return env
+
+
+def use_triton_interpreter() -> bool:
+    """Ask for the Triton interpreter (kernels on CPU tensors) and say whether this process has it.
+
+    Triton decorates its library functions (tl.sum, ...) when first imported, so the interpreter works
+    only if TRITON_INTERPRET=1 was set before that: set it if triton is not imported yet; if it is,
+    the answer is whether it was set then (by an earlier test module). Call before importing a kernel."""
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_child_env(interpret: bool) -> dict:
+    """xctrt_env() with TRITON_INTERPRET=1 set (interpret) or removed: Triton reads it when first imported."""
+    env = {k: v for k, v in xctrt_env().items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env["PYTHONPATH"]])   # benchmarks/ too
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def rerun_under_triton_interpreter(test_file, keyword: str) -> None:
+    """Run test_file's tests selected by `keyword` in a fresh pytest with the Triton interpreter on,
+    for a process that imported triton before the module could set TRITON_INTERPRET=1 (Triton
+    decorates its library functions at import). Fails on a failure, and if any of them was skipped."""
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(test_file),
+                        "-k", keyword], capture_output=True, text=True, env=triton_child_env(True), check=False,
+                       timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]  # 0 also means some test was collected
+    assert "SKIPPED" not in p.stdout, p.stdout[-2000:]
+
+
+def sm90_compile_report(script: str, timeout: float = 400) -> dict:
+    """Run a script that compiles Triton kernels for sm_90 without a GPU and prints one JSON report
+    ({name: row}) last; skip when it says Triton's ahead-of-time API differs here ({"api": why});
+    fail on a crash or on a row with a compile "error"."""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False,
+                       env=triton_child_env(interpret=False), timeout=timeout, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    if "api" in report:
+        pytest.skip(f"Triton's ahead-of-time compile API differs here: {report['api']}")
+    for name, row in report.items():
+        assert "error" not in row, f"{name}: {row.get('error')}"
+    return report
 
 
 def run_xctrt_process(*args, timeout: float = 120, cwd=None):

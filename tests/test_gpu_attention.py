@@ -6,18 +6,18 @@ TRITON_INTERPRET=1 before triton was first imported. torch._dynamo (pulled in by
 others) imports triton, so when another test module got there first, the kernel tests run in a fresh
 child pytest instead (test_triton_tests_in_fresh_process); exactly one of the two routes runs.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-# Decide before touching the environment: was triton imported already without the interpreter?
-_TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from conftest import (
+    rerun_under_triton_interpreter,
+    sm90_compile_report,
+    use_triton_interpreter,
+)
+
+INTERPRETER = use_triton_interpreter()   # before the kernels' module imports triton
 
 from xctrt.gpu.attention import (
     attention,
@@ -31,23 +31,10 @@ from xctrt.gpu.attention import (
 )
 
 HAVE_TRITON = triton_available()
-INTERPRETER_HERE = HAVE_TRITON and not _TRITON_PREIMPORTED
+INTERPRETER_HERE = HAVE_TRITON and INTERPRETER
 interpreted = pytest.mark.skipif(
     not INTERPRETER_HERE,
     reason="triton missing, or imported before TRITON_INTERPRET=1 (then run by test_triton_tests_in_fresh_process)")
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _child_env(interpret: bool) -> dict:
-    """Environment for a child Python that imports this checkout's xctrt, with or without the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(ROOT)] + (
-        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return env
 
 
 def make_case(seed, b, hw, d, dtype=torch.float32, pos_scale=1.0, qk_scale=1.0, heads=2):
@@ -312,12 +299,7 @@ def test_triton_inside_a_compiled_graph():
 @pytest.mark.skipif(not HAVE_TRITON or INTERPRETER_HERE, reason="the kernel tests ran in this process")
 def test_triton_tests_in_fresh_process():
     """triton was imported here before TRITON_INTERPRET=1: rerun the kernel tests where it is set first."""
-    env = _child_env(interpret=True)
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(Path(__file__)),
-                        "-k", "triton and not fresh_process"], capture_output=True, text=True, env=env, check=False,
-                       timeout=300, cwd=ROOT)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]  # 0 also means some test was collected
-    assert "SKIPPED" not in p.stdout, p.stdout[-2000:]
+    rerun_under_triton_interpreter(__file__, "triton and not fresh_process")
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton missing")
@@ -413,15 +395,8 @@ print(json.dumps(report))
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton missing")
 def test_triton_compiles_for_sm90_without_spills():
-    import json
-    p = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, check=False,
-                       env=_child_env(interpret=False), timeout=400, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-3000:]
-    report = json.loads(p.stdout.strip().splitlines()[-1])
-    if "api" in report:
-        pytest.skip(f"Triton's ahead-of-time compile API differs here: {report['api']}")
+    report = sm90_compile_report(_SM90_SCRIPT)
     assert len(report) >= 10   # the defaults and the tuning's launches of all three shapes
     for shape, row in report.items():
-        assert "error" not in row, f"{shape}: {row.get('error')}"
         assert row["wgmma"], f"{shape}: expected Hopper wgmma instructions"
         assert row.get("stack", 0) == 0, f"{shape}: register spills {row}"

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from ..errors import XctrtError
-from . import post
+from . import post, resample
 
 
 class _Clock:
@@ -107,6 +107,8 @@ class GpuStage:
     callable x -> probabilities (then encoder and decoder are timed as one stage, "model").
     """
 
+    FUSED_ON_CPU = False   # the fused kernels on CPU tensors: only under the Triton interpreter (tests)
+
     def __init__(self, model, input_size: int, thresholds, label_ids, priority, aggregation: str,
                  shape, voxel_size, connectivity: int = 26, classes=(2, 3), batch_size: int = 8,
                  device: str = "cuda", graphs: bool = True, input_mode: str = "resize", overlap: int = 0,
@@ -131,7 +133,10 @@ class GpuStage:
         self.aggregation = aggregation
         self.labeller = post.ComponentLabeller(tuple(shape), classes=tuple(classes), connectivity=connectivity,
                                                voxel_size=tuple(voxel_size))
-        self.class_voxels = self.xp.zeros(256, self.xp.int64)
+        # resize mode on CUDA: the fused Triton window+resize and resize+aggregate kernels (resample.py)
+        self.fused = (self.cuda or self.FUSED_ON_CPU) and not self.tiled and resample.triton is not None
+        self.class_voxels = torch.zeros(256, dtype=torch.int64, device=self.device) if self.fused else \
+            self.xp.zeros(256, self.xp.int64)
         self.clock = _Clock(torch, self.cuda)
         self.counter = GpuCounter(self)
         self.pending: list = []          # submitted slabs whose labels are not yet on the host
@@ -200,10 +205,7 @@ class GpuStage:
         n, h, w = slab.shape
         with torch.inference_mode():
             if self.cuda:
-                # uint16 crosses as int16 (same bytes): torch and DLPack handle int16 everywhere
-                raw = np.ascontiguousarray(slab)
-                raw = raw.view(np.int16) if raw.dtype == np.uint16 else raw
-                host = torch.from_numpy(raw).pin_memory()
+                host = torch.from_numpy(_as_int16(np.ascontiguousarray(slab))).pin_memory()
                 with torch.cuda.stream(self.copy):
                     t0 = clock.mark(self.copy)
                     dev = host.to(self.device, non_blocking=True)
@@ -224,17 +226,21 @@ class GpuStage:
                 if self.tiled:   # every slice's tiles in row-major order, slice after slice
                     x = xp.concatenate([post.extract_tiles(img[i], self.size, self.overlap, lo, hi, self.pad)
                                         for i in range(n)])
+                elif self.fused:
+                    x = resample.window_resize(dev if self.cuda else _to_torch(torch, _as_int16(dev)), lo, hi,
+                                               self.size)
                 else:
                     x = post.resize_bilinear(post.window(img, lo, hi), self.size, self.size)
                 per_slice = x.shape[0] // n
-                x = _to_torch(torch, x).unsqueeze(1)
+                x = _to_torch(torch, x).reshape(x.shape[0], 1, self.size, self.size)
                 t1 = clock.mark()
                 clock.span("preprocess", t0, t1)
                 probs = []
+                labels = torch.empty((n, h, w), dtype=torch.uint8, device=self.device) if self.fused else None
                 for b in range(0, x.shape[0], self.batch):
                     xb = x[b:b + self.batch]
+                    t0 = clock.mark()
                     if self.split:
-                        t0 = clock.mark()
                         emb = self._encode(xb)
                         t1 = clock.mark()
                         p = self._decode(emb, xb.shape[0])
@@ -242,26 +248,32 @@ class GpuStage:
                         clock.span("encoder", t0, t1)
                         clock.span("decoder", t1, t2)
                     else:
-                        t0 = clock.mark()
                         p = self._whole(xb)
-                        clock.span("model", t0, clock.mark())
-                    probs.append(_to_xp(xp, p.float()).copy())   # graph outputs are reused by the next batch
-                t0 = clock.mark()
-                probs = probs[0] if len(probs) == 1 else xp.concatenate(probs)
-                expect = (x.shape[0], len(self.ids), self.size, self.size)
-                if probs.shape != expect:
-                    raise XctrtError(f"the model returned {probs.shape}, expected {expect}")
-                if self.tiled:
-                    full = xp.stack([post.stitch_tiles(probs[i * per_slice:(i + 1) * per_slice], h, w,
-                                                       self.overlap, self.blend) for i in range(n)])
-                else:
-                    full = post.resize_bilinear(probs, h, w)
-                labels = post.aggregate(full, self.thresholds, self.ids, self.priority, self.aggregation)
-                for v in {0, *self.ids.tolist()}:   # counts stay on the device: no host sync here
-                    self.class_voxels[v] += xp.count_nonzero(labels == v)
-                t1 = clock.mark()
-                clock.span("aggregate", t0, t1)
-                del full, probs
+                        t2 = clock.mark()
+                        clock.span("model", t0, t2)
+                    expect = (xb.shape[0], len(self.ids), self.size, self.size)
+                    if tuple(p.shape) != expect:
+                        raise XctrtError(f"the model returned {tuple(p.shape)}, expected {expect}")
+                    if self.fused:   # straight from the graph's output, before the next batch reuses it
+                        resample.resize_aggregate(p, labels[b:b + xb.shape[0]], self.thresholds, self.ids,
+                                                  self.priority, self.aggregation, counts=self.class_voxels)
+                        clock.span("aggregate", t2, clock.mark())
+                    else:
+                        probs.append(_to_xp(xp, p.float()).copy())   # graph outputs are reused by the next batch
+                if not self.fused:
+                    t0 = clock.mark()
+                    probs = probs[0] if len(probs) == 1 else xp.concatenate(probs)
+                    if self.tiled:
+                        full = xp.stack([post.stitch_tiles(probs[i * per_slice:(i + 1) * per_slice], h, w,
+                                                           self.overlap, self.blend) for i in range(n)])
+                    else:
+                        full = post.resize_bilinear(probs, h, w)
+                    labels = post.aggregate(full, self.thresholds, self.ids, self.priority, self.aggregation)
+                    for v in {0, *self.ids.tolist()}:   # counts stay on the device: no host sync here
+                        self.class_voxels[v] += xp.count_nonzero(labels == v)
+                    clock.span("aggregate", t0, clock.mark())
+                    del full, probs
+                labels = _to_xp(xp, labels)
             if self.cuda:
                 ready = torch.cuda.Event()
                 ready.record(self.compute)
@@ -322,6 +334,8 @@ class GpuStage:
         return table
 
     def host_class_voxels(self) -> np.ndarray:
+        if self.fused:
+            return self.class_voxels.cpu().numpy()
         return np.asarray(self.class_voxels.get() if self.cuda else self.class_voxels)
 
     def stage_seconds(self) -> dict[str, float]:
@@ -333,6 +347,11 @@ def _xp_stream(xp, torch_stream):
     if torch_stream is None or xp is np:
         return nullcontext()
     return xp.cuda.ExternalStream(torch_stream.cuda_stream)
+
+
+def _as_int16(a: np.ndarray) -> np.ndarray:
+    """uint16 crosses to torch as int16 (same bytes): torch and DLPack handle int16 everywhere."""
+    return a.view(np.int16) if a.dtype == np.uint16 else a
 
 
 def _to_xp(xp, t):

@@ -1,0 +1,216 @@
+"""The GPU stage's fused window+resize and resize+aggregate Triton kernels, bit for bit against _core.
+
+The kernels run under the Triton interpreter on CPU tensors (see test_gpu_attention.py for why that
+needs TRITON_INTERPRET=1 before triton's first import, and the fresh-process route otherwise). The
+interpreter rounds every float32 operation on its own, as the GPU does only with fp fusion off, so a
+second test compiles the kernels for sm_90 and reads the machine code for fused multiply-adds.
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import (
+    rerun_under_triton_interpreter,
+    sm90_compile_report,
+    use_triton_interpreter,
+)
+
+INTERPRETER = use_triton_interpreter()   # before the kernels' module imports triton
+
+from xctrt import _core
+from xctrt.gpu import resample
+
+HAVE_TRITON = resample.triton is not None
+INTERPRETER_HERE = HAVE_TRITON and INTERPRETER
+interpreted = pytest.mark.skipif(
+    not INTERPRETER_HERE,
+    reason="triton missing, or imported before TRITON_INTERPRET=1 (then run by test_triton_tests_in_fresh_process)")
+
+
+def _slices(rng, dtype, n, h, w):
+    if dtype == np.float32:
+        a = rng.normal(900.0, 400.0, (n, h, w)).astype(np.float32)
+        a[0, 1, 2], a[-1, -1, -1] = np.nan, np.inf
+        return a
+    top = np.iinfo(dtype).max
+    return rng.integers(0, top, (n, h, w), endpoint=True).astype(dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.float32])
+@pytest.mark.parametrize("hw,size", [((37, 53), 32), ((13, 20), 32), ((64, 64), 64)])
+def test_triton_window_resize_equals_core(dtype, hw, size):
+    rng = np.random.default_rng(hash((np.dtype(dtype).str, hw, size)) % 2 ** 32)
+    raw = _slices(rng, dtype, 3, *hw)
+    lo, hi = (200.0, 61000.0) if dtype == np.uint16 else (10.0, 240.0) if dtype == np.uint8 else (300.0, 1500.0)
+    t = torch.from_numpy(raw.view(np.int16) if dtype == np.uint16 else raw)
+    got = resample.window_resize(t, lo, hi, size).numpy()
+    want = np.stack([_core.resize_bilinear(_core.window(s, lo, hi), size, size) for s in raw])[:, None]
+    np.testing.assert_array_equal(got, want)   # bit for bit, NaN where _core has NaN
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["priority", "argmax"])
+@pytest.mark.parametrize("k,ids,priority", [(3, [1, 2, 3], [2, 0, 1]), (1, [2], [0]), (2, [3, 3], [1, 0])])
+def test_triton_resize_aggregate_equals_core(mode, k, ids, priority):
+    rng = np.random.default_rng(k * 10 + len(mode))
+    n, s, h, w = 3, 24, 29, 41
+    probs = rng.random((n, k, s, s), dtype=np.float32)
+    probs[0, 0, :4, :4] = 0.5   # ties between channels and exactly at a threshold
+    probs[1, :, 3, 3] = np.nan
+    thr = np.float32([0.5, 0.62, 0.7][:k])
+    ids8, prio = np.uint8(ids), np.int64(priority)
+    want = np.stack([_core.aggregate(_core.resize_bilinear(p, h, w), thr, ids8, prio, mode) for p in probs])
+    counts = torch.zeros(256, dtype=torch.int64)
+    counts[7] = 5   # counts are added to what is there
+    out = torch.full((n, h, w), 255, dtype=torch.uint8)
+    resample.resize_aggregate(torch.from_numpy(probs), out, thr, ids8, prio, mode, counts=counts)
+    np.testing.assert_array_equal(out.numpy(), want)
+    expect = np.bincount(want.reshape(-1), minlength=256)
+    expect[7] += 5
+    np.testing.assert_array_equal(counts.numpy(), expect)
+    assert 0 < (want != 0).mean() < 1   # both background and classes were exercised
+
+
+@interpreted
+def test_triton_resize_aggregate_reads_bf16_as_float32():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(2, 2, 16, 16, generator=g).to(torch.bfloat16)
+    a, b = torch.empty(2, 20, 18, dtype=torch.uint8), torch.empty(2, 20, 18, dtype=torch.uint8)
+    args = ([0.5, 0.5], [1, 2], [1, 0])
+    resample.resize_aggregate(probs, a, *args)
+    resample.resize_aggregate(probs.float(), b, *args)
+    assert torch.equal(a, b)
+
+
+@interpreted
+def test_triton_kernels_refuse_bad_arguments():
+    raw = torch.zeros(2, 8, 8, dtype=torch.int16)
+    with pytest.raises(ValueError, match="raw must be"):
+        resample.window_resize(raw[0], 0, 1, 8)
+    with pytest.raises(ValueError, match="raw must be"):
+        resample.window_resize(raw.to(torch.int32), 0, 1, 8)
+    with pytest.raises(ValueError, match="hi > lo"):
+        resample.window_resize(raw, 5, 5, 8)
+    with pytest.raises(ValueError, match="out must be"):
+        resample.window_resize(raw, 0, 1, 8, out=torch.empty(2, 1, 8, 4))
+    probs, out = torch.rand(2, 3, 8, 8), torch.empty(2, 9, 9, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="one entry per class"):
+        resample.resize_aggregate(probs, out, [0.5, 0.5], [1, 2, 3], [0, 1, 2])
+    with pytest.raises(ValueError, match="every channel once"):
+        resample.resize_aggregate(probs, out, [0.5] * 3, [1, 2, 3], [0, 0, 2])
+    with pytest.raises(ValueError, match="mode"):
+        resample.resize_aggregate(probs, out, [0.5] * 3, [1, 2, 3], [0, 1, 2], mode="vote")
+    with pytest.raises(ValueError, match="out must be"):
+        resample.resize_aggregate(probs, out[:1], [0.5] * 3, [1, 2, 3], [0, 1, 2])
+    with pytest.raises(ValueError, match="counts"):
+        resample.resize_aggregate(probs, out, [0.5] * 3, [1, 2, 3], [0, 1, 2], counts=torch.zeros(256))
+
+
+def _run_stage(volume, fused: bool, monkeypatch, mode: str, batch: int, slab: int):
+    """Labels, voxels per label value and defect table of the GPU stage (on the CPU) over `volume`."""
+    from xctrt.gpu.pipeline import GpuStage
+
+    monkeypatch.setattr(GpuStage, "FUSED_ON_CPU", fused)
+
+    def model(x):   # any callable x -> probabilities: three smooth channels of the windowed input
+        return torch.cat([x, 1 - x, (x * 7).frac()], 1)
+
+    stage = GpuStage(model, 32, [0.55, 0.7, 0.8], [1, 2, 3], [1, 2, 0], mode, volume.shape, (1.0, 1.0, 1.0),
+                     batch_size=batch, device="cpu")
+    assert stage.fused == fused
+    done = []
+    for z in range(0, volume.shape[0], slab):
+        done += stage.submit(z, volume[z:z + slab], (300, 52000))
+    done += stage.flush()
+    labels = np.concatenate([lab for _, _, lab in sorted(done, key=lambda d: d[0])])
+    return labels, stage.host_class_voxels(), stage.finish(), stage.stage_seconds()
+
+
+@interpreted
+@pytest.mark.parametrize("mode,batch,slab", [("priority", 2, 3), ("argmax", 4, 4)])
+def test_triton_gpu_stage_fused_equals_step_by_step(monkeypatch, mode, batch, slab):
+    rng = np.random.default_rng(7)
+    volume = rng.integers(0, 65535, (7, 45, 38), endpoint=True).astype(np.uint16)
+    a = _run_stage(volume, False, monkeypatch, mode, batch, slab)
+    b = _run_stage(volume, True, monkeypatch, mode, batch, slab)
+    np.testing.assert_array_equal(b[0], a[0])
+    assert set(np.unique(a[0])) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(b[1], a[1])
+    np.testing.assert_array_equal(b[1], np.bincount(a[0].reshape(-1), minlength=256))
+    assert sorted(b[2]) == sorted(a[2]) and len(a[2]["class"]) > 0
+    for col in a[2]:
+        np.testing.assert_array_equal(b[2][col], a[2][col], err_msg=col)
+    assert {"preprocess", "model", "aggregate"} <= set(b[3])
+
+
+@pytest.mark.skipif(not HAVE_TRITON or INTERPRETER_HERE, reason="the kernel tests ran in this process")
+def test_triton_tests_in_fresh_process():
+    rerun_under_triton_interpreter(__file__, "triton and not fresh_process and not sm90")
+
+
+# Both kernels compiled for sm_90 (H100/H200) with the local Triton and ptxas, no GPU needed: as the
+# runtime launches them (fp fusion off) the PTX must hold no fused multiply-add and only round-to-nearest
+# qualified float32 products and sums (which ptxas never contracts), the aggregate's machine code no FFMA
+# (the window's IEEE division, div.rn, is itself built from FFMAs), and compiled with fusion on, FMAs
+# appear (so the check can fail).
+_SM90_SCRIPT = r'''
+import json, os, re, subprocess, sys, tempfile
+import triton
+from xctrt.gpu import resample as R
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except Exception as exc:
+    print(json.dumps({"api": repr(exc)})); sys.exit(0)
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+F32, I32 = ("HY", "LY", "HX", "LX", "THR", "lo", "scale"), ("Y0", "Y1", "X0", "X1", "IDS", "ORDER", "VALUES")
+def types(names, special):
+    return {nm: special.get(nm) or ("*fp32" if nm in F32[:5] else "fp32" if nm in F32 else "*i32" if nm in I32
+            else "i32") for nm in names}
+kernels = {
+    "window_resize": (R._window_resize_kernel, {"SRC_P": "*i16", "OUT_P": "*fp32"}, dict(SRC=2)),
+    "resize_aggregate": (R._resize_aggregate_kernel, {"P": "*fp32", "OUT_P": "*u8", "COUNTS": "*i64"},
+                         dict(K=3, NV=4, ARGMAX=False)),
+}
+report = {}
+for name, (fn, special, const) in kernels.items():
+    const = dict(const, BY=R.BLOCK_Y, BX=R.BLOCK_X)
+    names = fn.arg_names
+    sig = {nm: "constexpr" if nm in const else t for nm, t in types(names, special).items()}
+    for fusion in (False, True):
+        try:
+            src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+            kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=R.NUM_WARPS, enable_fp_fusion=fusion))
+        except triton.CompilationError as exc:
+            report[f"{name} fusion={fusion}"] = {"error": str(exc)[-2000:]}; continue
+        except Exception as exc:
+            print(json.dumps({"api": repr(exc)[:500]})); sys.exit(0)
+        ptx = kern.asm.get("ptx", "")
+        # .rn-qualified mul/add/sub are never contracted by ptxas; plain ones may be
+        row = {"ptx_fma": ptx.count("fma.rn.f32"), "div_rn": ptx.count("div.rn.f32"),
+               "plain": len(re.findall(r"\b(?:mul|add|sub)\.f32\s", ptx)),
+               "div_approx": ptx.count("div.full.f32") + ptx.count("div.approx.f32")}
+        if os.path.exists(cuobjdump):
+            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+                f.write(kern.asm["cubin"])
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+            os.unlink(f.name)
+            row["sass_ffma"] = sass.count("FFMA")
+        report[f"{name} fusion={fusion}"] = row
+print(json.dumps(report))
+'''
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton missing")
+def test_sm90_machine_code_has_no_fma():
+    report = sm90_compile_report(_SM90_SCRIPT)
+    for kernel in ("window_resize", "resize_aggregate"):
+        off, on = report[f"{kernel} fusion=False"], report[f"{kernel} fusion=True"]
+        assert off["ptx_fma"] == 0 and off["plain"] == 0, (kernel, off)
+        assert on["ptx_fma"] > 0 and on["plain"] > 0, (kernel, on)   # the checks see FMAs and plain ops
+    assert report["resize_aggregate fusion=False"].get("sass_ffma", 0) == 0
+    wr = report["window_resize fusion=False"]
+    assert wr["div_rn"] > 0 and wr["div_approx"] == 0, wr

@@ -58,6 +58,8 @@ def main() -> int:
                                  "stage_busy_s": r.summary["timing"]["stage_busy_s"],
                                  "gpu_memory_used_max_gib": r.summary["timing"].get("gpu_memory_used_max_gib"),
                                  "cuda_graphs_not_used_because": r.summary["timing"].get("cuda_graphs_not_used_because"),
+                                 "fused_kernels_not_used_because":
+                                     r.summary["timing"].get("fused_kernels_not_used_because"),
                                  "defects": {k: v["count"] for k, v in r.summary["result"]["defects"].items()}}
     (lh, th), (lg, tg) = labels["host"], labels["gpu"]
     res["labels_identical"] = bool(np.array_equal(lh, lg))

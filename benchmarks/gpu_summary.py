@@ -69,7 +69,9 @@ def main(out: Path) -> str:
                              f"max |Δ| {_f(o.get('prob_max_abs_diff_vs_naive'), '.3g')}, mean |Δ| "
                              f"{_f(o.get('prob_mean_abs_diff_vs_naive'), '.3g')}; defects {o.get('defects')}; "
                              f"capture+run wall {_f(o.get('wall_s_incl_capture'))} s"
-                             + (f"; compile {_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else ""))
+                             + (f"; compile {_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else "")
+                             + "".join(f"; {why.replace('_', ' ')}: {o[why]}" for why in
+                                       ("cuda_graphs_not_used_because", "fused_kernels_not_used_because") if o.get(why)))
         if ref.get("attention_check"):
             lines.append(f"- attention check in the bench: {ref['attention_check']}")
         if ref.get("attention_launches"):

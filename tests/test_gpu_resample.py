@@ -108,8 +108,7 @@ def test_triton_kernels_refuse_bad_arguments():
         resample.resize_aggregate(probs, out, [0.5] * 3, [1, 2, 3], [0, 1, 2], counts=torch.zeros(256))
 
 
-def _run_stage(volume, fused: bool, monkeypatch, mode: str, batch: int, slab: int):
-    """Labels, voxels per label value and defect table of the GPU stage (on the CPU) over `volume`."""
+def _stage(shape, fused: bool, monkeypatch, mode: str = "priority", batch: int = 2):
     from xctrt.gpu.pipeline import GpuStage
 
     monkeypatch.setattr(GpuStage, "FUSED_ON_CPU", fused)
@@ -117,9 +116,14 @@ def _run_stage(volume, fused: bool, monkeypatch, mode: str, batch: int, slab: in
     def model(x):   # any callable x -> probabilities: three smooth channels of the windowed input
         return torch.cat([x, 1 - x, (x * 7).frac()], 1)
 
-    stage = GpuStage(model, 32, [0.55, 0.7, 0.8], [1, 2, 3], [1, 2, 0], mode, volume.shape, (1.0, 1.0, 1.0),
-                     batch_size=batch, device="cpu")
-    assert stage.fused == fused
+    return GpuStage(model, 32, [0.55, 0.7, 0.8], [1, 2, 3], [1, 2, 0], mode, shape, (1.0, 1.0, 1.0),
+                    batch_size=batch, device="cpu")
+
+
+def _run_stage(volume, fused: bool, monkeypatch, mode: str, batch: int, slab: int):
+    """Labels, voxels per label value and defect table of the GPU stage (on the CPU) over `volume`."""
+    stage = _stage(volume.shape, fused, monkeypatch, mode, batch)
+    assert stage.fused == fused and stage.fused_error is None
     done = []
     for z in range(0, volume.shape[0], slab):
         done += stage.submit(z, volume[z:z + slab], (300, 52000))
@@ -143,6 +147,31 @@ def test_triton_gpu_stage_fused_equals_step_by_step(monkeypatch, mode, batch, sl
     for col in a[2]:
         np.testing.assert_array_equal(b[2][col], a[2][col], err_msg=col)
     assert {"preprocess", "model", "aggregate"} <= set(b[3])
+
+
+@interpreted
+def test_triton_gpu_stage_self_check_turns_off_wrong_or_failing_kernels(monkeypatch):
+    """The stage checks the fused kernels against the step-by-step functions first: a kernel that
+    differs or fails is not used, and the stage says why."""
+    real = resample.resize_aggregate
+
+    def off_by_one(probs, out, *args, **kw):
+        real(probs, out, *args, **kw)
+        out[0, 0, 0] += 1
+
+    monkeypatch.setattr(resample, "resize_aggregate", off_by_one)
+    stage = _stage((4, 37, 53), True, monkeypatch)
+    assert not stage.fused and "resize+aggregate differs" in stage.fused_error
+
+    def broken(*args, **kw):
+        raise RuntimeError("no such PTX instruction")
+
+    monkeypatch.setattr(resample, "window_resize", broken)
+    stage = _stage((4, 37, 53), True, monkeypatch)
+    assert not stage.fused and stage.fused_error == "RuntimeError: no such PTX instruction"
+    assert isinstance(stage.class_voxels, np.ndarray)   # the step-by-step path's counts
+    monkeypatch.undo()
+    assert _stage((4, 37, 53), True, monkeypatch).fused
 
 
 @pytest.mark.skipif(not HAVE_TRITON or INTERPRETER_HERE, reason="the kernel tests ran in this process")

@@ -352,6 +352,7 @@ class Segmenter:
             "timing": {"total_s": elapsed, "slices_per_s": Z / elapsed if elapsed > 0 else None,
                        "gpu_memory_used_max_gib": stage.memory_used_max / 2 ** 30 if stage.memory_used_max else None,
                        "cuda_graphs_not_used_because": stage.graph_error,
+                       "fused_kernels_not_used_because": stage.fused_error,
                        "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
             "result": summarise(table, counter.class_voxels, vs, unit, {**self.class_names}),
         }
@@ -377,7 +378,7 @@ class _CpuStage:
     """Labels slab by slab on the host (C++ kernels); components run later, in the writer thread."""
 
     memory_used_max = None   # what the GPU stage also reports: nothing to say on the host
-    graph_error = None
+    graph_error = fused_error = None
 
     def __init__(self, seg: Segmenter, counter: DefectCounter, timer: _Timer):
         self.seg, self.counter, self.timer = seg, counter, timer

@@ -133,8 +133,11 @@ class GpuStage:
         self.aggregation = aggregation
         self.labeller = post.ComponentLabeller(tuple(shape), classes=tuple(classes), connectivity=connectivity,
                                                voxel_size=tuple(voxel_size))
-        # resize mode on CUDA: the fused Triton window+resize and resize+aggregate kernels (resample.py)
+        # resize mode on CUDA: the fused Triton window+resize and resize+aggregate kernels (resample.py),
+        # after a self-check against the step-by-step functions; fused_error says why they are not used
         self.fused = (self.cuda or self.FUSED_ON_CPU) and not self.tiled and resample.triton is not None
+        self.fused_error = self._check_fused() if self.fused else None
+        self.fused = self.fused and self.fused_error is None
         self.class_voxels = torch.zeros(256, dtype=torch.int64, device=self.device) if self.fused else \
             self.xp.zeros(256, self.xp.int64)
         self.clock = _Clock(torch, self.cuda)
@@ -157,6 +160,32 @@ class GpuStage:
                 # warm-up runs (first kernel compiles, a compiled model's compile) and the capture: start-up
                 # time inside the run's total, reported apart from the per-slab stages
                 self.capture_s = time.perf_counter() - t0
+
+    def _check_fused(self) -> str | None:
+        """Both fused kernels once on a small random slab vs post.window/resize_bilinear/aggregate, bit
+        for bit: None if they agree, else what went wrong (a Triton that cannot compile them, a
+        difference)."""
+        torch, xp = self.torch, self.xp
+        rng = np.random.default_rng(0)
+        raw = rng.integers(0, 65535, (2, 37, 53), endpoint=True).astype(np.uint16)
+        k = len(self.ids)
+        try:
+            src = torch.from_numpy(_as_int16(raw)).to(self.device)
+            x = resample.window_resize(src, 300.0, 52000.0, self.size)
+            probs = torch.cat([x * (c + 1) % 1 for c in range(k)], 1)   # K channels, values in [0, 1)
+            labels = torch.empty((2, 37, 53), dtype=torch.uint8, device=self.device)
+            resample.resize_aggregate(probs, labels, self.thresholds, self.ids, self.priority, self.aggregation)
+            want_x = post.resize_bilinear(post.window(xp.asarray(raw), 300.0, 52000.0), self.size, self.size)
+            want = post.aggregate(post.resize_bilinear(_to_xp(xp, probs).copy(), 37, 53), self.thresholds,
+                                  self.ids, self.priority, self.aggregation)
+            x_host = post.to_host(_to_xp(xp, x))[:, 0]
+            if not np.array_equal(x_host, post.to_host(want_x), equal_nan=True):
+                return "the fused window+resize differs from post.window + post.resize_bilinear"
+            if not np.array_equal(post.to_host(_to_xp(xp, labels)), post.to_host(want)):
+                return "the fused resize+aggregate differs from post.resize_bilinear + post.aggregate"
+        except Exception as exc:   # noqa: BLE001 - any failure: run the step-by-step functions instead
+            return f"{type(exc).__name__}: {exc}"[:300]
+        return None
 
     # ---------------------------------------------------------------- model steps
 

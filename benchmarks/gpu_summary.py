@@ -68,10 +68,15 @@ def main(out: Path) -> str:
                              f"{_f(100 * o.get('label_agreement_vs_naive', float('nan')), '.3f')} %, probability "
                              f"max |Δ| {_f(o.get('prob_max_abs_diff_vs_naive'), '.3g')}, mean |Δ| "
                              f"{_f(o.get('prob_mean_abs_diff_vs_naive'), '.3g')}; defects {o.get('defects')}; "
-                             f"capture+run wall {_f(o.get('wall_s_incl_capture'))} s"
+                             f"setup+run wall {_f(o.get('wall_s_with_setup'))} s; the engine's first run in the process "
+                             f"captured its graphs in {_f(o.get('first_run_capture_s'))} s"
                              + (f"; compile {_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else "")
                              + "".join(f"; {why.replace('_', ' ')}: {o[why]}" for why in
                                        ("cuda_graphs_not_used_because", "fused_kernels_not_used_because") if o.get(why)))
+                if o.get("main_thread_s"):
+                    lines.append(f"- {label}/{mode}, where the wall goes: compute stream idle between slabs "
+                                 f"{_f(o.get('gpu_compute_idle_s'), '.2f')} s of {_f(o.get('total_s'), '.2f')} s; main "
+                                 "thread " + ", ".join(f"{k} {v:.2f} s" for k, v in o["main_thread_s"].items()))
         if ref.get("attention_check"):
             lines.append(f"- attention check in the bench: {ref['attention_check']}")
         if ref.get("attention_launches"):

@@ -110,6 +110,54 @@ def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, ba
     assert b.summary["run"]["pipeline"] == "host-arrays" and a.summary["run"]["pipeline"] == "cpu"
     assert {"preprocess", "encoder", "decoder", "aggregate"} <= set(b.summary["timing"]["stage_busy_s"])
     assert "encoder" not in a.summary["timing"]["stage_busy_s"]
+    for r, parts in ((a, {"wait_read", "stage", "wait_write"}), (b, {"wait_read", "stage", "wait_write",
+                                                                     "stage_components"})):
+        t = r.summary["timing"]
+        assert set(t["main_thread_s"]) == parts and min(t["main_thread_s"].values()) >= 0
+        # the main thread's parts add up to no more than the run (components are inside "stage")
+        assert sum(v for k, v in t["main_thread_s"].items() if k != "stage_components") <= t["total_s"]
+        assert t["main_thread_s"].get("stage_components", 0) <= t["main_thread_s"]["stage"]
+        assert t["gpu_compute_idle_s"] is None   # no CUDA stream here
+
+
+def test_kept_graphs_one_stage_at_a_time():
+    """Graphs captured for a model are kept for the next stage of the process, never shared by two live
+    stages, given back by their holder (or by its death), and not kept for a model without weak refs."""
+    import gc
+
+    from xctrt.gpu.pipeline import kept_graphs
+
+    class Stage:
+        pass
+
+    captures = []
+
+    def capture():
+        captures.append(object())
+        return captures[-1]
+
+    model, key = torch.nn.Linear(2, 2), (8, 1024, "cuda")
+    first, second = Stage(), Stage()
+    entry, steps = kept_graphs(model, key, first, capture)
+    assert entry["user"]() is first and steps is captures[0]
+    own, steps2 = kept_graphs(model, key, second, capture)   # held by a live stage: a capture of its own
+    assert own is None and steps2 is captures[1]
+    entry["user"] = None                                       # first gives them back (GpuStage.finish)
+    again, steps3 = kept_graphs(model, key, second, capture)
+    assert again is entry and steps3 is captures[0] and entry["user"]() is second
+    del second
+    gc.collect()
+    third = Stage()
+    assert kept_graphs(model, key, third, capture)[1] is captures[0]   # its holder died: free again
+    assert kept_graphs(model, (4, 1024, "cuda"), third, capture)[1] is captures[2]   # another key: captured
+    assert len(captures) == 3
+
+    class NoWeakRef:
+        __slots__ = ()
+
+    entry, steps = kept_graphs(NoWeakRef(), key, third, capture)
+    assert steps is captures[3] and entry["user"]() is third
+    assert kept_graphs(NoWeakRef(), key, third, capture)[1] is captures[4]   # nothing kept for it
 
 
 @pytest.mark.parametrize("mode", MODES)

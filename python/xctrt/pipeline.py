@@ -302,24 +302,32 @@ class Segmenter:
         for t in threads:
             t.start()
         ok = False
+        main = _Timer()   # where this thread's time goes: waiting for the reader, in the stage, for the writer
         try:
             while True:
                 item = None
-                while item is None:
-                    if failed.is_set():
-                        raise _StageFailed
-                    try:
-                        item = q_in.get(timeout=0.1)
-                    except queue.Empty:
-                        pass
+                with main("wait_read"):
+                    while item is None:
+                        if failed.is_set():
+                            raise _StageFailed
+                        try:
+                            item = q_in.get(timeout=0.1)
+                        except queue.Empty:
+                            pass
                 if item is _END:
-                    for done in stage.flush():
-                        _put(q_out, done, failed)
-                    _put(q_out, _END, failed)
+                    with main("stage"):
+                        finished = stage.flush()
+                    with main("wait_write"):
+                        for done in finished:
+                            _put(q_out, done, failed)
+                        _put(q_out, _END, failed)
                     break
                 z0, slab = item
-                for done in stage.submit(z0, slab, window):
-                    _put(q_out, done, failed)
+                with main("stage"):
+                    finished = stage.submit(z0, slab, window)
+                with main("wait_write"):
+                    for done in finished:
+                        _put(q_out, done, failed)
             threads[1].join()
             ok = True
         except _StageFailed:
@@ -353,6 +361,10 @@ class Segmenter:
                        "gpu_memory_used_max_gib": stage.memory_used_max / 2 ** 30 if stage.memory_used_max else None,
                        "cuda_graphs_not_used_because": stage.graph_error,
                        "fused_kernels_not_used_because": stage.fused_error,
+                       "main_thread_s": {**{k: round(v, 4) for k, v in main.seconds.items()},
+                                         **({"stage_components": round(stage.main_components_s, 4)}
+                                            if stage.main_components_s is not None else {})},
+                       "gpu_compute_idle_s": stage.compute_idle_s(),
                        "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
             "result": summarise(table, counter.class_voxels, vs, unit, {**self.class_names}),
         }
@@ -378,7 +390,11 @@ class _CpuStage:
     """Labels slab by slab on the host (C++ kernels); components run later, in the writer thread."""
 
     memory_used_max = None   # what the GPU stage also reports: nothing to say on the host
-    graph_error = fused_error = None
+    graph_error = fused_error = main_components_s = None
+
+    @staticmethod
+    def compute_idle_s():
+        return None
 
     def __init__(self, seg: Segmenter, counter: DefectCounter, timer: _Timer):
         self.seg, self.counter, self.timer = seg, counter, timer

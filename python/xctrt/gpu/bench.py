@@ -158,7 +158,8 @@ def profile_encoder(torch, net, x, top: int = 30) -> list[dict]:
 def _stage_row(summary: dict) -> dict:
     t = summary["timing"]
     return {"slices": summary["input"]["shape"][0], "total_s": t["total_s"], "slices_per_s": t["slices_per_s"],
-            "stage_busy_s": t["stage_busy_s"]}
+            "stage_busy_s": t["stage_busy_s"], "main_thread_s": t["main_thread_s"],
+            "gpu_compute_idle_s": t["gpu_compute_idle_s"]}
 
 
 def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shared"), batch: int = 8,
@@ -251,13 +252,18 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
         seg = Segmenter(pkg, engine=eng, device=gpu_device, **common)
         s = seg.segment(head[:naive_slices], keep_labels=True)
         agreement = float((s.labels == naive_labels).mean())
+        # one-time start-up of this engine in a process (warm-up, first kernel compiles, tuning, graph
+        # capture), paid by this first run; the timed run below reuses the captured graphs, as a plant
+        # pipeline segmenting volume after volume does (the compiled anchor's compile is left out too)
+        first_capture_s = s.summary["timing"]["stage_busy_s"].get("capture")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         seg = Segmenter(pkg, engine=eng, device=gpu_device, **common)
         s = seg.segment(vol, out_dir=tmp / f"ours-{mode}", keep_labels=False)
         r["ours"] = _stage_row(s.summary)
-        r["ours"]["wall_s_incl_capture"] = time.perf_counter() - t0
+        r["ours"]["wall_s_with_setup"] = time.perf_counter() - t0
+        r["ours"]["first_run_capture_s"] = first_capture_s
         r["ours"]["defects"] = {k: v["count"] for k, v in s.summary["result"]["defects"].items()}
         r["ours"]["gpu_memory_used_max_gib"] = s.summary["timing"]["gpu_memory_used_max_gib"]
         r["ours"]["cuda_graphs_not_used_because"] = s.summary["timing"]["cuda_graphs_not_used_because"]

@@ -14,6 +14,7 @@ are identical, only nothing overlaps.
 from __future__ import annotations
 
 import time
+import weakref
 from collections import defaultdict
 from contextlib import nullcontext
 
@@ -21,6 +22,31 @@ import numpy as np
 
 from ..errors import XctrtError
 from . import post, resample
+
+
+# model -> {(batch, input size, device): {"steps": captured GraphedSteps, "user": weakref to the stage
+# replaying them, or None}}: captured once per process, reused by later stages of the same model
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def kept_graphs(model, key, stage, capture):
+    """(entry, steps): the graphs kept for (model, key) if no live stage holds them, else capture()'s,
+    kept if none were. A plant pipeline segments volume after volume with one Segmenter: its later
+    runs skip the warm-up and capture. The holder gives them back with entry["user"] = None once its
+    replays have finished (GpuStage.finish); a stage that died without doing so frees them too."""
+    try:
+        cached = _GRAPHS.setdefault(model, {})
+    except TypeError:   # a model that takes no weak reference: its graphs are not kept
+        cached = {}
+    entry = cached.get(key)
+    if entry is not None and (entry["user"] is None or entry["user"]() is None):
+        entry["user"] = weakref.ref(stage)
+        return entry, entry["steps"]
+    steps = capture()
+    if entry is not None:   # held by another live stage: these graphs are this stage's own
+        return None, steps
+    entry = cached[key] = {"steps": steps, "user": weakref.ref(stage)}
+    return entry, steps
 
 
 class _Clock:
@@ -141,9 +167,13 @@ class GpuStage:
         self.class_voxels = torch.zeros(256, dtype=torch.int64, device=self.device) if self.fused else \
             self.xp.zeros(256, self.xp.int64)
         self.clock = _Clock(torch, self.cuda)
+        self.gaps = _Clock(torch, self.cuda)   # compute stream idle between slabs (waiting for the host)
+        self._last_end = None                  # event at the end of the previous slab's compute work
+        self.main_components_s = 0.0           # host time in _components_of_previous (queueing + waits)
         self.counter = GpuCounter(self)
         self.pending: list = []          # submitted slabs whose labels are not yet on the host
         self._steps = None
+        self._graph_entry = None   # the kept graphs this stage holds (_GRAPHS), given back by finish()
         self.capture_s = 0.0
         self.graph_error = None   # why the model runs eagerly although graphs were asked for
         if self.cuda:
@@ -191,18 +221,24 @@ class GpuStage:
 
     def _capture(self):
         """CUDA graphs at the batch size: one for the encoders and one for the decoders of a split model,
-        one for the whole model otherwise."""
+        one for the whole model otherwise; kept with the model for later stages (kept_graphs)."""
         from .sam import GraphedStep
 
         torch = self.torch
-        with torch.inference_mode(), torch.cuda.stream(self.compute):
-            x = torch.rand(self.batch, 1, self.size, self.size, device=self.device)
-            if not self.split:
-                steps = (GraphedStep(self.model, x),)
-            else:
-                enc = GraphedStep(lambda t: tuple(self.model.encode(t)), x)
-                steps = (enc, GraphedStep(lambda *e: self.model.decode(list(e), self.size), list(enc.static_out)))
-        torch.cuda.synchronize()
+
+        def capture():
+            with torch.inference_mode(), torch.cuda.stream(self.compute):
+                x = torch.rand(self.batch, 1, self.size, self.size, device=self.device)
+                if not self.split:
+                    steps = (GraphedStep(self.model, x),)
+                else:
+                    enc = GraphedStep(lambda t: tuple(self.model.encode(t)), x)
+                    steps = (enc, GraphedStep(lambda *e: self.model.decode(list(e), self.size),
+                                              list(enc.static_out)))
+            torch.cuda.synchronize()
+            return steps
+
+        self._graph_entry, steps = kept_graphs(self.model, (self.batch, self.size, str(self.device)), self, capture)
         return steps
 
     def _padded(self, x):
@@ -241,6 +277,9 @@ class GpuStage:
                     t1 = clock.mark(self.copy)
                 clock.span("h2d", t0, t1)
                 self.compute.wait_stream(self.copy)
+                start = clock.mark(self.compute)
+                if self._last_end is not None:
+                    self.gaps.span("compute_idle", self._last_end, start)
                 dev.record_stream(self.compute)     # read there and by the components: not reused before
                 dev.record_stream(self.postproc)
                 ctx = torch.cuda.stream(self.compute)
@@ -304,8 +343,7 @@ class GpuStage:
                     del full, probs
                 labels = _to_xp(xp, labels)
             if self.cuda:
-                ready = torch.cuda.Event()
-                ready.record(self.compute)
+                ready = self._last_end = clock.mark(self.compute)
                 # components on their own stream: their host syncs then wait for this slab's labels only,
                 # not for the next slab's model work queued behind it on the compute stream
                 self.postproc.wait_event(ready)
@@ -330,6 +368,7 @@ class GpuStage:
         """Label components of all but the newest `keep` submitted slabs and hand them back."""
         torch, xp, clock = self.torch, self.xp, self.clock
         done = []
+        t_host = time.perf_counter()
         while len(self.pending) > keep:
             z0, slab, out, copied, labels, img = self.pending.pop(0)
             with (torch.cuda.stream(self.postproc) if self.cuda else nullcontext()), \
@@ -347,6 +386,7 @@ class GpuStage:
                 out = np.asarray(out)
             clock.collect()
             done.append((z0, slab, out))
+        self.main_components_s += time.perf_counter() - t_host
         return done
 
     def flush(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -356,6 +396,9 @@ class GpuStage:
         """The defect table (same columns and values as the C++ labeller's)."""
         if self.cuda:
             self.torch.cuda.synchronize()
+        if self._graph_entry is not None:   # every replay has finished: the next stage may use the graphs
+            self._graph_entry["user"] = None
+            self._graph_entry = None
         with _xp_stream(self.xp, self.postproc if self.cuda else None):
             t0 = time.perf_counter()
             table = self.labeller.finish(min_voxels=min_voxels)
@@ -369,6 +412,10 @@ class GpuStage:
 
     def stage_seconds(self) -> dict[str, float]:
         return {**self.clock.finish(), **({"capture": self.capture_s} if self.capture_s else {})}
+
+    def compute_idle_s(self) -> float | None:
+        """Seconds the compute stream sat idle between slabs, waiting for the host (None on the CPU)."""
+        return self.gaps.finish().get("compute_idle", 0.0) if self.cuda else None
 
 
 def _xp_stream(xp, torch_stream):

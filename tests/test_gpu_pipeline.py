@@ -120,6 +120,20 @@ def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, ba
         assert t["gpu_compute_idle_s"] is None   # no CUDA stream here
 
 
+def test_compiled_anchor_compiles_a_copy_of_the_encoders(nets):
+    """The bench's torch.compile anchor (and benchmarks/compile_warm.py, which fills its cache): the
+    encoders of a copy in the given dtype go through torch.compile; the given network is left alone."""
+    from xctrt.gpu.bench import compiled_anchor
+
+    net = nets["paper"]
+    comp = compiled_anchor(net, "max-autotune", torch.bfloat16)
+    assert all(isinstance(m.image_encoder, torch._dynamo.eval_frame.OptimizedModule) for m in comp.models)
+    assert not any(isinstance(m.image_encoder, torch._dynamo.eval_frame.OptimizedModule) for m in net.models)
+    assert next(comp.models[0].image_encoder.parameters()).dtype == torch.bfloat16
+    assert next(net.models[0].image_encoder.parameters()).dtype == torch.float32
+    assert len(comp.models) == len(net.models) == 3
+
+
 def test_kept_graphs_one_stage_at_a_time():
     """Graphs captured for a model are kept for the next stage of the process, never shared by two live
     stages, given back by their holder (or by its death), and not kept for a model without weak refs."""

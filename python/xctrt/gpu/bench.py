@@ -155,6 +155,19 @@ def profile_encoder(torch, net, x, top: int = 30) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
+def compiled_anchor(net, compile_mode: str, dtype):
+    """The torch.compile anchor: a copy of segment-anything's ClassNet in `dtype` with its encoders
+    through torch.compile(mode=compile_mode), as the published anchor does (the decoders are ~1 % of
+    the work and would add their own autotuning); the batch is fixed: no symbolic shapes.
+    benchmarks/compile_warm.py builds the same, to fill the compile cache ahead of a timed run."""
+    import torch
+
+    comp_net = copy.deepcopy(net).cast_weights(dtype)
+    for m in comp_net.models:
+        m.image_encoder = torch.compile(m.image_encoder, mode=compile_mode, dynamic=False)
+    return comp_net
+
+
 def _stage_row(summary: dict) -> dict:
     t = summary["timing"]
     return {"slices": summary["input"]["shape"][0], "total_s": t["total_s"], "slices_per_s": t["slices_per_s"],
@@ -299,11 +312,7 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
 
         # compiled anchor (last: its compile time is the least predictable)
         if compile_mode and mode == modes[0]:
-            comp_net = copy.deepcopy(net).cast_weights(torch.bfloat16 if cuda else torch.float32)
-            # the encoders, as the published anchor does (the decoders are ~1 % of the work and would add
-            # their own autotuning); the batch is fixed: no symbolic shapes
-            for m in comp_net.models:
-                m.image_encoder = torch.compile(m.image_encoder, mode=compile_mode, dynamic=False)
+            comp_net = compiled_anchor(net, compile_mode, torch.bfloat16 if cuda else torch.float32)
             eng = TorchModuleEngine(comp_net, device=device, batch=batch, name=f"compiled-{compile_mode}")
             t0 = time.perf_counter()
             with torch.inference_mode():

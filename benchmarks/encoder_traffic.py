@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from xctrt.gpu.sam import accelerate, build_random_class_net  # noqa: E402
 
 ARITHMETIC = {"aten.linear.default", "aten.mm.default", "aten.mm.dtype", "aten.addmm.default", "aten.bmm.default",
+              "aten._addmm_activation.default",
               "aten.convolution.default", "aten.conv2d.default", "xctrt.rel_pos_attention.default"}
 
 

@@ -314,11 +314,12 @@ def test_encoder_flops_tiny_by_hand(nets):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_accelerate_sdpa_same_outputs(nets, mode):
+    from segment_anything.modeling.common import MLPBlock
     from segment_anything.modeling.image_encoder import Attention, PatchEmbed
     from segment_anything.modeling.transformer import Attention as DecoderAttention
     from xctrt.gpu.sam import fast_classes
 
-    fast_enc, fast_dec, fast_patch = fast_classes()
+    fast_enc, fast_dec, fast_patch, fast_mlp = fast_classes()
     net = nets[mode]
     x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -331,7 +332,10 @@ def test_accelerate_sdpa_same_outputs(nets, mode):
         assert dec and all(type(m) is fast_dec for m in dec)   # every two-way-transformer attention
         patches = [m for m in fast.modules() if isinstance(m, PatchEmbed)]
         assert len(patches) == len(fast.models) and all(type(m) is fast_patch for m in patches)
-        assert not any(type(m) in (fast_enc, fast_dec, fast_patch) for m in net.modules()), "the original is untouched"
+        mlps = [m for m in fast.modules() if isinstance(m, MLPBlock)]   # encoder blocks' and decoders' MLPs
+        assert len(mlps) >= 2 * len(fast.models) and all(type(m) is fast_mlp for m in mlps)
+        assert not any(type(m) in (fast_enc, fast_dec, fast_patch, fast_mlp) for m in net.modules()), \
+            "the original is untouched"
         out = fast(x)
         assert (out - ref).abs().max().item() < 1e-5
         assert accelerate(fast, "sdpa") is fast   # again: harmless
@@ -359,6 +363,39 @@ def test_fast_decoder_attention_matches_segment_anything():
                 a, b = ref(q, k, v), fast(q, k, v)
             assert a.shape == b.shape == (3, nq, 32)
             assert (a - b).abs().max().item() < 1e-5 * max(1.0, a.abs().max().item())
+
+
+@pytest.mark.parametrize("act,shape", [(torch.nn.GELU, (2, 5, 6, 24)), (torch.nn.ReLU, (3, 7, 24)),
+                                       (lambda: torch.nn.GELU(approximate="tanh"), (4, 24)), (torch.nn.SiLU, (4, 24))])
+def test_fast_mlp_matches_segment_anything(act, shape, monkeypatch):
+    """The MLP with lin1 + activation as one GEMM with the activation in its epilogue equals segment-anything's
+    MLPBlock for GELU and ReLU, over any leading dimensions (the CPU computes the exact GELU; cuBLASLt's
+    epilogue on CUDA is the tanh form, checked on the GPU by the bench's label agreement); any other
+    activation runs as the original. Also with a non-Linear lin1 (Conv-LoRA style wrappers)."""
+    from segment_anything.modeling.common import MLPBlock
+    from xctrt.gpu.sam import fast_classes
+
+    g = torch.Generator().manual_seed(13)
+    ref = MLPBlock(24, 96, act)
+    with torch.no_grad():
+        for prm in ref.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.3)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = fast_classes()[3]
+    x = torch.randn(*shape, generator=g)
+    fused = []
+    real = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: fused.append(k["use_gelu"]) or real(*a, **k))
+    with torch.inference_mode():
+        a, b = ref(x), fast(x)
+        assert a.shape == b.shape == shape
+        assert (a - b).abs().max().item() < 1e-5 * a.abs().max().item()
+        epilogue = type(ref.act) in (torch.nn.GELU, torch.nn.ReLU) and getattr(ref.act, "approximate", "none") == "none"
+        assert fused == ([type(ref.act) is torch.nn.GELU] if epilogue else [])
+        wrapped = copy.deepcopy(fast)
+        wrapped.lin1 = torch.nn.Sequential(wrapped.lin1)   # not a plain Linear: the original path
+        assert (wrapped(x) - a).abs().max().item() < 1e-5 * a.abs().max().item()
+        assert len(fused) == (1 if epilogue else 0)
 
 
 @pytest.mark.parametrize("kernel,stride,padding,size", [(16, 16, 0, 64), (4, 4, 0, 12), (4, 4, 1, 12), (4, 2, 0, 12)])

@@ -72,7 +72,9 @@ def main(out: Path) -> str:
                              f"captured its graphs in {_f(o.get('first_run_capture_s'))} s"
                              + (f"; compile {_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else "")
                              + "".join(f"; {why.replace('_', ' ')}: {o[why]}" for why in
-                                       ("cuda_graphs_not_used_because", "fused_kernels_not_used_because") if o.get(why)))
+                                       ("cuda_graphs_not_used_because", "fused_kernels_not_used_because") if o.get(why))
+                             + (f"; left out of the fast forward: {r['fast_parts_dropped']}"
+                                if r.get("fast_parts_dropped") else ""))
                 if o.get("main_thread_s"):
                     lines.append(f"- {label}/{mode}, where the wall goes: compute stream idle between slabs "
                                  f"{_f(o.get('gpu_compute_idle_s'), '.2f')} s of {_f(o.get('total_s'), '.2f')} s; main "

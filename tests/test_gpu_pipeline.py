@@ -134,6 +134,30 @@ def test_compiled_anchor_compiles_a_copy_of_the_encoders(nets):
     assert len(comp.models) == len(net.models) == 3
 
 
+def test_fast_net_leaves_out_a_failing_part(nets, monkeypatch):
+    """The bench's fast forward: every part when all run; a part that fails on the machine is left out,
+    named with its error, and the rest still runs (and still gives the original's numbers)."""
+    from segment_anything.modeling.common import MLPBlock
+    from xctrt.gpu.bench import fast_net
+    from xctrt.gpu.sam import fast_classes
+
+    net = nets["shared"]
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    fast, dropped = fast_net(net, "sdpa", x, torch.float32)
+    assert dropped == {} and all(type(m) is fast_classes()[3] for m in fast.modules() if isinstance(m, MLPBlock))
+
+    def broken(self, x):
+        raise RuntimeError("cuBLASLt: not supported")
+
+    monkeypatch.setattr(fast_classes()[3], "forward", broken)
+    fast, dropped = fast_net(net, "sdpa", x, torch.float32)
+    assert dropped == {"mlp": "RuntimeError: cuBLASLt: not supported"}
+    assert not any(type(m) is fast_classes()[3] for m in fast.modules())
+    assert any(type(m) is fast_classes()[2] for m in fast.modules())   # the other parts stay
+    with torch.inference_mode():
+        assert (fast(x) - net(x)).abs().max().item() < 1e-5
+
+
 def test_kept_graphs_one_stage_at_a_time():
     """Graphs captured for a model are kept for the next stage of the process, never shared by two live
     stages, given back by their holder (or by its death), and not kept for a model without weak refs."""

@@ -155,6 +155,35 @@ def profile_encoder(torch, net, x, top: int = 30) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
+def fast_net(net, attention_impl: str, xb, dtype):
+    """(our fast copy of `net` in `dtype`, {part: error} left out). Each part of accelerate() must run one
+    batch here: a part that fails on this machine (a kernel its toolchain will not build, say) is left
+    out and named, so that one GPU session still measures the rest."""
+    import torch
+
+    from .sam import FAST_PARTS, accelerate
+
+    def forward(parts):
+        fast = accelerate(copy.deepcopy(net), attention_impl, parts).cast_weights(dtype)
+        with torch.inference_mode():
+            fast(xb)
+        return fast
+
+    try:
+        return forward(FAST_PARTS), {}
+    except Exception:   # noqa: BLE001 - find which part fails, each on its own
+        pass
+    dropped = {}
+    for part in FAST_PARTS:
+        try:
+            forward((part,))
+        except Exception as exc:   # noqa: BLE001
+            dropped[part] = f"{type(exc).__name__}: {exc}"[:300]
+    if not dropped:   # every part alone runs, all together do not: report it rather than guess
+        forward(FAST_PARTS)
+    return forward(tuple(p for p in FAST_PARTS if p not in dropped)), dropped
+
+
 def compiled_anchor(net, compile_mode: str, dtype):
     """The torch.compile anchor: a copy of segment-anything's ClassNet in `dtype` with its encoders
     through torch.compile(mode=compile_mode), as the published anchor does (the decoders are ~1 % of
@@ -185,7 +214,7 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
     from .. import _core
     from ..backends import TorchModuleEngine
     from ..pipeline import Segmenter
-    from .sam import GraphedStep, accelerate, build_random_class_net, encoder_flops
+    from .sam import GraphedStep, build_random_class_net, encoder_flops
 
     cuda = device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -250,7 +279,10 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
                 r["naive"]["encoder_s_per_image"] = time_cuda(torch, lambda: net.encode(xb[:1]), reps=5, warmup=2)
 
         # ours
-        fast = accelerate(copy.deepcopy(net), chosen).cast_weights(torch.bfloat16 if cuda else torch.float32)
+        fast, dropped = fast_net(net, chosen, xb, torch.bfloat16 if cuda else torch.float32)
+        if dropped:
+            r["fast_parts_dropped"] = dropped
+            log(f"[{mode}] left out of the fast forward, failing here: {dropped}")
         if compile_ours:   # fuses the encoders' pointwise work around the fused attention; compiled by the
             for m in fast.models:   # agreement run below, before the timed one
                 m.image_encoder = torch.compile(m.image_encoder, mode=compile_ours, dynamic=False)

@@ -222,28 +222,33 @@ def encoder_flops(model: XctSam) -> float:
 
 # ---------------------------------------------------------------------- the fast forward
 
-def accelerate(net: nn.Module, attention_impl: str = "auto") -> nn.Module:
+FAST_PARTS = ("attention", "decoder_attention", "patch_embed", "mlp")
+
+
+def accelerate(net: nn.Module, attention_impl: str = "auto", parts=FAST_PARTS) -> nn.Module:
     """Swap, in `net`, every segment-anything image-encoder Attention for the same maths through
     xctrt.gpu.attention (fused relative-position flash attention on CUDA, one opaque operator for
     torch.compile), every mask-decoder Attention for scaled_dot_product_attention (no bias there, so
     PyTorch's fused kernels apply), every PatchEmbed for one matrix product over the unfolded
     patches, and every MLPBlock's first linear and activation for one GEMM with the activation in its
-    epilogue. In place; the weights, and any wrapped qkv (Conv-LoRA), stay as they are."""
+    epilogue. `parts` names which of these swaps to make (FAST_PARTS: all). In place; the weights, and
+    any wrapped qkv (Conv-LoRA), stay as they are."""
     from segment_anything.modeling.common import MLPBlock
     from segment_anything.modeling.image_encoder import Attention, PatchEmbed
     from segment_anything.modeling.transformer import Attention as DecoderAttention
 
-    fast, fast_decoder, fast_patch, fast_mlp = fast_classes()
+    unknown = set(parts) - set(FAST_PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {FAST_PARTS}")
+    swaps = dict(zip(FAST_PARTS, zip((Attention, DecoderAttention, PatchEmbed, MLPBlock), fast_classes())))
     for m in net.modules():
-        if isinstance(m, Attention):
-            m.__class__ = fast
-            m.attention_impl = attention_impl
-        elif isinstance(m, DecoderAttention):
-            m.__class__ = fast_decoder
-        elif isinstance(m, PatchEmbed):
-            m.__class__ = fast_patch
-        elif isinstance(m, MLPBlock):
-            m.__class__ = fast_mlp
+        for part in parts:
+            base, fast = swaps[part]
+            if isinstance(m, base):
+                m.__class__ = fast
+                if part == "attention":
+                    m.attention_impl = attention_impl
+                break
     return net
 
 

@@ -108,6 +108,18 @@ def main(out: Path) -> str:
                          + ", ".join(f"{k} {v:.4f}" for k, v in fused.items()))
     else:
         lines.append(_missing("post-processing"))
+    parts = _load(out, "gpu_parts.json")
+    if parts:
+        cells = []
+        for name, r in parts["variants"].items():
+            if "error" in r:
+                cells.append(f"{name} failed ({r['error'][:80]})")
+            else:
+                cells.append(f"{name} {r['encoder_ms']:.2f} / {r['decoder_ms']:.2f}")
+        lines.append(f"fast-forward parts ({parts['device']}, {parts['backbone']}, batch {parts['batch']}, ms per batch "
+                     f"encoder / 3 decoder heads, CUDA graphs): " + "; ".join(cells))
+    else:
+        lines.append(_missing("parts"))
     pkg = _load(out, "gpu_package.json")
     if pkg:
         h, g, b = pkg["runs"]["host"], pkg["runs"]["gpu"], pkg["runs"].get("gpu-bf16", {})

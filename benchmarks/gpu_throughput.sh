@@ -9,7 +9,8 @@
 #          carry:     [".whl-sam"]
 #          timeout_s: 590
 #      results under $OUT: gpu_throughput.log, gpu_post.json, bench.json, bench_compiled.json,
-#      gpu_attention.json, gpu_package.json, bench_ours_compiled.json, summary.md (the table, printed last);
+#      gpu_attention.json, gpu_parts.json, gpu_package.json, bench_ours_compiled.json, summary.md (the
+#      table, printed last);
 #      with the compile cache (below) all but summary.md and the log packed in results.tar.gz
 #   Dry run here, on CPU (the same code with NumPy and torch CPU, tiny network and volume):
 #          DRY_RUN=1 bash benchmarks/gpu_throughput.sh
@@ -23,6 +24,8 @@
 #   ours-compiled  the same with --compile-ours $OURS_COMPILE: our encoders through torch.compile as well
 #              (pointwise fusion around the fused attention, which stays one operator), profiled too
 #   attention  benchmarks/gpu_attention_check.py: fused kernel vs SDPA vs float32 reference, launch sweep
+#   parts      benchmarks/gpu_parts_check.py: encoder and decoder time per batch with each part of the fast
+#              forward (attention, decoder attention, patch embedding, MLP epilogue, upscaling) left out in turn
 #   package    benchmarks/gpu_package_check.py: the shipped model (torch backend) with --device cuda vs the
 #              host C++ pipeline around the same GPU engine, 16x768x768 phantom: identical labels/table, speed
 #   post       benchmarks/gpu_post_check.py: CuPy window/resize/aggregate/components vs the C++ kernels
@@ -32,7 +35,7 @@
 #              naive, compiled and ours again, in one process, on the same volume (not in the default STEPS)
 #   warm       benchmarks/compile_warm.py: compiles the anchor of `compiled` with whatever time the call has
 #              left, for a later call (not timed; in the default STEPS, last)
-# Knobs (environment): STEPS ("bench ours-compiled attention package post warm"; or "compiled"), SHAPE
+# Knobs (environment): STEPS ("bench ours-compiled attention parts package post warm"; or "compiled"), SHAPE
 # ("1000 1200 1200"), BATCH (8), COMPILE_MODE (max-autotune), OURS_COMPILE (default), WORK (/tmp/xctrt_gpu),
 # PYTHON (python3), OUT (set by the device tool; default $WORK/out), LIMIT (560: seconds the steps may use
 # in all; the steps before warm stop by 450).
@@ -48,7 +51,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=${DRY_RUN:-0}
-STEPS=${STEPS:-bench ours-compiled attention package post warm}
+STEPS=${STEPS:-bench ours-compiled attention parts package post warm}
 OURS_COMPILE=${OURS_COMPILE:-default}
 WORK=${WORK:-/tmp/xctrt_gpu} LOG=gpu_throughput.log
 left() { echo $(( ${LIMIT:-560} - SECONDS )); }   # seconds left of the call's budget
@@ -64,13 +67,13 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --f
 
 if [ "$DRY_RUN" = 1 ]; then
   SHAPE=${SHAPE:-"12 96 96"}; BATCH=${BATCH:-2}
-  POST="--xp numpy --z 16 --y 128 --x 128"; ATTN="--device cpu"
+  POST="--xp numpy --z 16 --y 128 --x 128"; ATTN="--device cpu"; PARTS="--device cpu"
   PKG="--host-arrays -m untrained-tiny --shape 4 300 280 --batch-size 4 --slab 3"
   BENCH="--host-arrays --backbone tiny --naive-slices 4 --compiled-slices 4 --slab 4"
   COMPILE_MODE=${COMPILE_MODE:-default}
 else
   SHAPE=${SHAPE:-"1000 1200 1200"}; BATCH=${BATCH:-8}
-  POST=""; ATTN=""; PKG=""; BENCH="--slab 32"
+  POST=""; ATTN=""; PARTS=""; PKG=""; BENCH="--slab 32"
   COMPILE_MODE=${COMPILE_MODE:-max-autotune}
 fi
 
@@ -92,6 +95,11 @@ fi
 if want attention; then
   stage "attention: fused kernel vs SDPA vs reference"
   timeout 70 $PY benchmarks/gpu_attention_check.py --out "$OUT" $ATTN || echo "attention step failed or timed out (rc $?)"
+fi
+
+if want parts; then
+  stage "parts: each part of the fast forward on and off"
+  timeout 90 $PY benchmarks/gpu_parts_check.py --out "$OUT" $PARTS || echo "parts step failed or timed out (rc $?)"
 fi
 
 if want package; then

@@ -343,7 +343,7 @@ def test_accelerate_sdpa_same_outputs(nets, mode):
     from segment_anything.modeling.transformer import Attention as DecoderAttention
     from xctrt.gpu.sam import fast_classes
 
-    fast_enc, fast_dec, fast_patch, fast_mlp = fast_classes()
+    fast_enc, fast_dec, fast_patch, fast_mlp, fast_up = fast_classes()
     net = nets[mode]
     x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -358,7 +358,9 @@ def test_accelerate_sdpa_same_outputs(nets, mode):
         assert len(patches) == len(fast.models) and all(type(m) is fast_patch for m in patches)
         mlps = [m for m in fast.modules() if isinstance(m, MLPBlock)]   # encoder blocks' and decoders' MLPs
         assert len(mlps) >= 2 * len(fast.models) and all(type(m) is fast_mlp for m in mlps)
-        assert not any(type(m) in (fast_enc, fast_dec, fast_patch, fast_mlp) for m in net.modules()), \
+        ups = [m for m in fast.modules() if isinstance(m, torch.nn.ConvTranspose2d)]   # 2 per mask decoder
+        assert len(ups) >= 2 * len(fast.models) and all(type(m) is fast_up for m in ups)
+        assert not any(type(m) in (fast_enc, fast_dec, fast_patch, fast_mlp, fast_up) for m in net.modules()), \
             "the original is untouched"
         out = fast(x)
         assert (out - ref).abs().max().item() < 1e-5
@@ -420,6 +422,27 @@ def test_fast_mlp_matches_segment_anything(act, shape, monkeypatch):
         wrapped.lin1 = torch.nn.Sequential(wrapped.lin1)   # not a plain Linear: the original path
         assert (wrapped(x) - a).abs().max().item() < 1e-5 * a.abs().max().item()
         assert len(fused) == (1 if epilogue else 0)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,bias", [(2, 2, 0, True), (3, 3, 0, False), (2, 2, 1, True),
+                                                     (3, 2, 0, True)])
+def test_fast_conv_transpose_matches_the_conv(kernel, stride, padding, bias):
+    """One GEMM where the transposed conv's stride equals its kernel (no padding); any other runs as the
+    conv itself. Same numbers either way, with and without bias."""
+    from xctrt.gpu.sam import FastConvTranspose2d
+
+    g = torch.Generator().manual_seed(17)
+    ref = torch.nn.ConvTranspose2d(12, 5, kernel, stride, padding, bias=bias)
+    with torch.no_grad():
+        for prm in ref.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g))
+    fast = copy.deepcopy(ref)
+    fast.__class__ = FastConvTranspose2d
+    x = torch.randn(3, 12, 7, 6, generator=g)
+    with torch.inference_mode():
+        a, b = ref(x), fast(x)
+    assert a.shape == b.shape and a.shape[:2] == (3, 5)
+    assert (a - b).abs().max().item() < 1e-5 * a.abs().max().item()
 
 
 @pytest.mark.parametrize("kernel,stride,padding,size", [(16, 16, 0, 64), (4, 4, 0, 12), (4, 4, 1, 12), (4, 2, 0, 12)])
@@ -545,7 +568,23 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
 
 def test_gpu_summary_without_results(tmp_path):
     md = _load_benchmark("gpu_summary").main(tmp_path)
-    assert all(f"{step}: no results" in md for step in ("bench", "post-processing", "attention"))
+    assert all(f"{step}: no results" in md for step in ("bench", "post-processing", "attention", "parts"))
+
+
+def test_gpu_parts_check_dry_run(tmp_path):
+    """benchmarks/gpu_parts_check.py on the CPU (tiny network): every variant runs, gives segment-anything's
+    probabilities, and the device summary lists them."""
+    from xctrt.gpu.sam import FAST_PARTS
+
+    assert _load_benchmark("gpu_parts_check").main(["--out", str(tmp_path), "--device", "cpu", "--batch", "2"]) == 0
+    res = json.loads((tmp_path / "gpu_parts.json").read_text())
+    assert list(res["variants"]) == ["none", "all"] + [f"all but {p}" for p in FAST_PARTS]
+    for name, r in res["variants"].items():
+        assert r["encoder_ms"] > 0 and r["decoder_ms"] > 0, name
+        assert r["max_abs_diff_vs_none"] < 1e-5, name   # float32 on the CPU: the same maths
+    assert res["decoder_profile_all_parts"] and res["backbone"] == "tiny"
+    md = _load_benchmark("gpu_summary").main(tmp_path)
+    assert "fast-forward parts (cpu, tiny, batch 2," in md and "all but upscale" in md
 
 
 # ---------------------------------------------------------------- 7. errors

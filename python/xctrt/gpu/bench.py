@@ -134,16 +134,20 @@ def check_attention(torch, device) -> dict:
 
 def profile_encoder(torch, net, x, top: int = 30) -> list[dict]:
     """Where the encoders' time goes: kernels (CUDA) or operators (CPU) of one forward, by total time."""
+    return profile_call(torch, lambda: net.encode(x), x.is_cuda, top)
+
+
+def profile_call(torch, fn, cuda: bool, top: int = 30) -> list[dict]:
+    """Kernels (CUDA) or operators (CPU) of one fn() call by total time, after two warm-up calls."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = x.is_cuda
     with torch.inference_mode():
         for _ in range(2):
-            net.encode(x)
+            fn()
         if cuda:
             torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            net.encode(x)
+            fn()
             if cuda:
                 torch.cuda.synchronize()
     attr = ("device_time_total", "cuda_time_total") if cuda else ("cpu_time_total",)

@@ -222,7 +222,7 @@ def encoder_flops(model: XctSam) -> float:
 
 # ---------------------------------------------------------------------- the fast forward
 
-FAST_PARTS = ("attention", "decoder_attention", "patch_embed", "mlp")
+FAST_PARTS = ("attention", "decoder_attention", "patch_embed", "mlp", "upscale")
 
 
 def accelerate(net: nn.Module, attention_impl: str = "auto", parts=FAST_PARTS) -> nn.Module:
@@ -230,8 +230,8 @@ def accelerate(net: nn.Module, attention_impl: str = "auto", parts=FAST_PARTS) -
     xctrt.gpu.attention (fused relative-position flash attention on CUDA, one opaque operator for
     torch.compile), every mask-decoder Attention for scaled_dot_product_attention (no bias there, so
     PyTorch's fused kernels apply), every PatchEmbed for one matrix product over the unfolded
-    patches, and every MLPBlock's first linear and activation for one GEMM with the activation in its
-    epilogue. `parts` names which of these swaps to make (FAST_PARTS: all). In place; the weights, and
+    patches, every MLPBlock's first linear and activation for one GEMM with the activation in its
+    epilogue, and the mask decoders' stride-2 transposed convs for one GEMM each. `parts` names which of these swaps to make (FAST_PARTS: all). In place; the weights, and
     any wrapped qkv (Conv-LoRA), stay as they are."""
     from segment_anything.modeling.common import MLPBlock
     from segment_anything.modeling.image_encoder import Attention, PatchEmbed
@@ -240,7 +240,8 @@ def accelerate(net: nn.Module, attention_impl: str = "auto", parts=FAST_PARTS) -
     unknown = set(parts) - set(FAST_PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {FAST_PARTS}")
-    swaps = dict(zip(FAST_PARTS, zip((Attention, DecoderAttention, PatchEmbed, MLPBlock), fast_classes())))
+    swaps = dict(zip(FAST_PARTS, zip((Attention, DecoderAttention, PatchEmbed, MLPBlock, nn.ConvTranspose2d),
+                                     fast_classes())))
     for m in net.modules():
         for part in parts:
             base, fast = swaps[part]
@@ -255,13 +256,33 @@ def accelerate(net: nn.Module, attention_impl: str = "auto", parts=FAST_PARTS) -
 _FAST: list[type] = []
 
 
-def fast_classes() -> tuple[type, type, type, type]:
-    """(FastAttention, FastDecoderAttention, FastPatchEmbed, FastMLPBlock), made once (they subclass
-    segment-anything's, imported only here)."""
+def fast_classes() -> tuple[type, ...]:
+    """(FastAttention, FastDecoderAttention, FastPatchEmbed, FastMLPBlock, FastConvTranspose2d), in
+    FAST_PARTS order, made once (the first four subclass segment-anything's, imported only here)."""
     if not _FAST:
         _FAST.extend((_make_fast_attention(), _make_fast_decoder_attention(), _make_fast_patch_embed(),
-                      _make_fast_mlp()))
-    return _FAST[0], _FAST[1], _FAST[2], _FAST[3]
+                      _make_fast_mlp(), FastConvTranspose2d))
+    return tuple(_FAST)
+
+
+class FastConvTranspose2d(nn.ConvTranspose2d):
+    """A transposed conv whose stride equals its kernel (SAM's mask-decoder upscaling, 2x2 stride 2) as
+    one GEMM: every input pixel's channels times the (C_in, C_out*kh*kw) weight, then each pixel's
+    kh x kw block put in place. cuDNN ran the encoder's patchify conv, the same kind of layer the other
+    way round, 20x slower than the GEMM of its FLOPs on an H200. Any other conv runs as before."""
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        if (output_size is not None or tuple(self.stride) != (kh, kw) or tuple(self.padding) != (0, 0)
+                or tuple(self.output_padding) != (0, 0) or tuple(self.dilation) != (1, 1) or self.groups != 1
+                or x.dim() != 4 or self.padding_mode != "zeros"):
+            return super().forward(x, output_size)
+        n, c, h, w = x.shape
+        pixels, weight = x.permute(0, 2, 3, 1).reshape(n * h * w, c), self.weight.reshape(c, -1)
+        # (nhw, C_out*kh*kw), columns in (C_out, kh, kw) order: the bias repeats per kernel position
+        y = pixels @ weight if self.bias is None else torch.addmm(self.bias.repeat_interleave(kh * kw), pixels, weight)
+        return y.reshape(n, h, w, self.out_channels, kh, kw).permute(0, 3, 1, 4, 2, 5).reshape(
+            n, self.out_channels, h * kh, w * kw)
 
 
 def _make_fast_mlp() -> type:

@@ -1,0 +1,115 @@
+"""Each part of the fast SAM forward on and off: encoder and decoder time per batch, in one GPU call.
+
+    python benchmarks/gpu_parts_check.py --out DIR                # CUDA: ViT-B, bf16, batch 8 (~30 s)
+    python benchmarks/gpu_parts_check.py --out DIR --device cpu   # dry run: tiny network, float32
+
+One random-weight network in shared mode (one encoder, three decoder heads, as `xctrt bench`).
+Variants: segment-anything as it is ("none", same weights dtype), every part of xctrt.gpu.sam.accelerate
+("all"), and every part but one, for each of FAST_PARTS. On CUDA each variant's encoder and decoders are
+replayed as CUDA graphs, as the runtime does, and timed by CUDA events (median of --reps); max |Δ| of
+its probabilities against "none". Then the top kernels of the decoders with every part (the bench's
+--profile lists the encoder's). A variant that fails is reported and the others go on.
+Writes DIR/gpu_parts.json and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from xctrt.gpu.bench import CLASSES, profile_call, time_cuda
+    from xctrt.gpu.sam import FAST_PARTS, GraphedStep, accelerate, build_random_class_net
+
+    cuda = args.device == "cuda"
+    backbone, dtype = ("vit_b", torch.bfloat16) if cuda else ("tiny", torch.float32)
+    net = build_random_class_net(backbone, len(CLASSES), "shared", seed=0, device=args.device)
+    size = net.image_size
+    x = torch.rand(args.batch, 1, size, size, generator=torch.Generator().manual_seed(0)).to(args.device)
+    variants = {"none": None, "all": FAST_PARTS}
+    variants.update({f"all but {p}": tuple(q for q in FAST_PARTS if q != p) for p in FAST_PARTS})
+
+    def timed(fn) -> float:
+        if cuda:
+            return time_cuda(torch, fn, reps=args.reps)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    rows, ref, fast_all = {}, None, None
+    for name, parts in variants.items():
+        try:
+            m = copy.deepcopy(net).cast_weights(dtype)
+            if parts is not None:
+                m = accelerate(m, "auto", parts)
+            with torch.inference_mode():
+                if cuda:
+                    enc = GraphedStep(lambda t, m=m: tuple(m.encode(t)), x)
+                    dec = GraphedStep(lambda *e, m=m: m.decode(list(e), size), list(enc.static_out))
+                    encode, decode = (lambda: enc(x)), (lambda: dec(*enc.static_out))
+                else:
+                    emb = m.encode(x)
+                    encode, decode = (lambda: m.encode(x)), (lambda: m.decode(emb, size))
+                row = {"encoder_ms": 1000 * timed(encode), "decoder_ms": 1000 * timed(decode)}
+                probs = m(x).float()
+            if ref is None:
+                ref = probs
+            row["max_abs_diff_vs_none"] = float((probs - ref).abs().max())
+            if parts == FAST_PARTS:
+                fast_all = m
+        except Exception as exc:   # report and go on: one broken variant must not hide the others
+            traceback.print_exc(limit=4)
+            row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        rows[name] = row
+        print(f"{name}: {row}", flush=True)
+
+    decoder_profile = []
+    if fast_all is not None:
+        with torch.inference_mode():
+            emb = fast_all.encode(x)
+        decoder_profile = profile_call(torch, lambda: fast_all.decode(emb, size), cuda, top=15)
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "backbone": backbone, "batch": args.batch, "dtype": str(dtype).replace("torch.", ""),
+              "variants": rows, "decoder_profile_all_parts": decoder_profile}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_parts.json").write_text(json.dumps(result, indent=1))
+
+    base = rows.get("all", {})
+    print(f"\n{backbone}, batch {args.batch}, {result['dtype']}, {result['device']}: ms per batch "
+          "(encoder / decoders of 3 heads); 'all but X' slower than 'all' = what part X gains")
+    print("| variant | encoder ms | decoder ms | vs all (enc / dec) | max |Δ| vs none |\n|---|---|---|---|---|")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | | | |")
+            continue
+        rel = (f"{r['encoder_ms'] / base['encoder_ms']:.2f} / {r['decoder_ms'] / base['decoder_ms']:.2f}"
+               if "encoder_ms" in base else "–")
+        print(f"| {name} | {r['encoder_ms']:.2f} | {r['decoder_ms']:.2f} | {rel} | {r['max_abs_diff_vs_none']:.3g} |")
+    for p in decoder_profile[:8]:
+        print(f"    decoder {p['ms']:8.3f} ms {p['calls']:4d}x  {p['name'][:90]}")
+    return 0 if all("error" not in r for r in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -174,8 +174,9 @@ def small_checks(xp, checks: Checks, seed: int):
 # ---------------------------------------------------------------- 1b. the GPU stage's fused kernels
 
 def fused_checks(checks: Checks, seed: int) -> dict:
-    """xctrt.gpu.resample's Triton kernels (torch CUDA tensors) vs _core, exact, at the bench's sizes;
-    then their time per 1200x1200 slice against the step-by-step CuPy functions above (32 slices)."""
+    """xctrt.gpu.resample's Triton kernels (torch CUDA tensors) vs _core, exact, at the bench's sizes and
+    the shipped packages' tiling; then their time per 1200x1200 slice against the step-by-step CuPy
+    functions above (32 slices)."""
     import cupy
     import torch
 
@@ -212,18 +213,45 @@ def fused_checks(checks: Checks, seed: int) -> dict:
     checks.run("fused resize_aggregate bf16 probabilities",
                lambda: same(resample.resize_aggregate(pb, out_bf, THRESHOLDS, LABEL_IDS, PRIORITY).cpu().numpy(), ref))
 
+    for pad in ("edge", "constant"):   # tile mode, as the shipped packages: 256 tiles, overlap 32, ramp
+        s = rng.integers(0, 65536, (2, 1200, 1100), dtype=np.uint16)
+        t = torch.from_numpy(s.view(np.int16)).to(cuda)
+        ref = np.concatenate([_core.extract_tiles(x, 256, 32, 1000.5, 50000.0, pad) for x in s])[:, None]
+        checks.run(f"fused extract_tiles {pad} (2,1200,1100) tile 256/32",
+                   lambda: same(resample.extract_tiles(t, 256, 32, 1000.5, 50000.0, pad).cpu().numpy(), ref))
+    nt = len(_core.tile_starts(1200, 256, 32)) * len(_core.tile_starts(1100, 256, 32))
+    pt = rng.random((2 * nt, 3, 256, 256)).astype(np.float32)
+    for blend in ("ramp", "constant"):
+        ref = np.stack([_core.aggregate(_core.stitch_tiles(pt[i * nt:(i + 1) * nt], 1200, 1100, 32, blend), THRESHOLDS,
+                                        LABEL_IDS, PRIORITY) for i in range(2)])
+        out_t = torch.empty((2, 1200, 1100), dtype=torch.uint8, device=cuda)
+        checks.run(f"fused stitch_aggregate {blend} 2x(1200,1100) tile 256/32",
+                   lambda: same(resample.stitch_aggregate(torch.from_numpy(pt).to(cuda), out_t, 32, blend, THRESHOLDS,
+                                                          LABEL_IDS, PRIORITY).cpu().numpy(), ref))
+
     # time per slice, 32 slices: fused vs step by step (CuPy, one kernel per float32 operation)
     n = 32
     raw = torch.randint(0, 65536, (n, 1200, 1200), dtype=torch.int32, device=cuda).to(torch.int16)
     probs = torch.rand((n, 3, 1024, 1024), device=cuda)
     labels = torch.empty((n, 1200, 1200), dtype=torch.uint8, device=cuda)
     raw_cp, probs_cp = cupy.from_dlpack(raw).view(np.uint16), cupy.from_dlpack(probs)
+    nt_full = len(_core.tile_starts(1200, 256, 32)) ** 2
+    tile_probs = torch.rand((n * nt_full, 3, 256, 256), device=cuda)
+    tile_probs_cp = cupy.from_dlpack(tile_probs)
     runs = {
         "preprocess fused": lambda: resample.window_resize(raw, 1000.0, 50000.0, 1024),
         "preprocess step-by-step": lambda: post.resize_bilinear(post.window(raw_cp, 1000.0, 50000.0), 1024, 1024),
         "aggregate fused": lambda: resample.resize_aggregate(probs, labels, THRESHOLDS, LABEL_IDS, PRIORITY),
         "aggregate step-by-step": lambda: post.aggregate(post.resize_bilinear(probs_cp, 1200, 1200), THRESHOLDS,
                                                          LABEL_IDS, PRIORITY),
+        "tiles fused": lambda: resample.extract_tiles(raw, 256, 32, 1000.0, 50000.0),
+        "tiles step-by-step": lambda: cupy.concatenate([post.extract_tiles(r, 256, 32, 1000.0, 50000.0)
+                                                        for r in raw_cp]),
+        "stitch fused": lambda: resample.stitch_aggregate(tile_probs, labels, 32, "ramp", THRESHOLDS, LABEL_IDS,
+                                                          PRIORITY),
+        "stitch step-by-step": lambda: post.aggregate(cupy.stack([post.stitch_tiles(
+            tile_probs_cp[i * nt_full:(i + 1) * nt_full], 1200, 1200, 32, "ramp") for i in range(n)]), THRESHOLDS,
+            LABEL_IDS, PRIORITY),
     }
     timing = {}
     for name, fn in runs.items():

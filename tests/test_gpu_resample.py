@@ -74,6 +74,40 @@ def test_triton_resize_aggregate_equals_core(mode, k, ids, priority):
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+@pytest.mark.parametrize("pad", ["edge", "constant"])
+@pytest.mark.parametrize("hw,tile,overlap", [((37, 53), 16, 4), ((10, 21), 16, 3), ((12, 9), 16, 0), ((40, 33), 16, 11)])
+def test_triton_extract_tiles_equals_core(dtype, pad, hw, tile, overlap):
+    rng = np.random.default_rng(len(pad) * 100 + tile + overlap)
+    raw = _slices(rng, dtype, 2, *hw)
+    lo, hi = (200.0, 61000.0) if dtype == np.uint16 else (300.0, 1500.0)
+    t = torch.from_numpy(raw.view(np.int16) if dtype == np.uint16 else raw)
+    got = resample.extract_tiles(t, tile, overlap, lo, hi, pad).numpy()
+    want = np.concatenate([_core.extract_tiles(s, tile, overlap, lo, hi, pad) for s in raw])[:, None]
+    np.testing.assert_array_equal(got, want)
+
+
+@interpreted
+@pytest.mark.parametrize("blend", ["constant", "ramp"])
+@pytest.mark.parametrize("mode", ["priority", "argmax"])
+@pytest.mark.parametrize("hw,tile,overlap", [((37, 53), 16, 4), ((12, 9), 16, 0), ((40, 33), 16, 11)])
+def test_triton_stitch_aggregate_equals_core(blend, mode, hw, tile, overlap):
+    """Overlap 11 of 16: up to three tiles cover a pixel along an axis; 12x9: one tile larger than the slice."""
+    rng = np.random.default_rng(len(blend) * 10 + len(mode) + overlap)
+    n, (h, w) = 2, hw
+    nt = len(_core.tile_starts(h, tile, overlap)) * len(_core.tile_starts(w, tile, overlap))
+    probs = rng.random((n * nt, 3, tile, tile), dtype=np.float32)
+    thr, ids, prio = np.float32([0.5, 0.55, 0.6]), np.uint8([1, 2, 3]), np.int64([2, 1, 0])
+    want = np.stack([_core.aggregate(_core.stitch_tiles(probs[i * nt:(i + 1) * nt], h, w, overlap, blend),
+                                     thr, ids, prio, mode) for i in range(n)])
+    out, counts = torch.empty((n, h, w), dtype=torch.uint8), torch.zeros(256, dtype=torch.int64)
+    resample.stitch_aggregate(torch.from_numpy(probs), out, overlap, blend, thr, ids, prio, mode, counts=counts)
+    np.testing.assert_array_equal(out.numpy(), want)
+    np.testing.assert_array_equal(counts.numpy(), np.bincount(want.reshape(-1), minlength=256))
+    assert len(np.unique(want)) > 2
+
+
+@interpreted
 def test_triton_resize_aggregate_reads_bf16_as_float32():
     g = torch.Generator().manual_seed(3)
     probs = torch.rand(2, 2, 16, 16, generator=g).to(torch.bfloat16)
@@ -106,9 +140,15 @@ def test_triton_kernels_refuse_bad_arguments():
         resample.resize_aggregate(probs, out[:1], [0.5] * 3, [1, 2, 3], [0, 1, 2])
     with pytest.raises(ValueError, match="counts"):
         resample.resize_aggregate(probs, out, [0.5] * 3, [1, 2, 3], [0, 1, 2], counts=torch.zeros(256))
+    with pytest.raises(ValueError, match="pad must be"):
+        resample.extract_tiles(raw, 4, 1, 0, 1, pad="reflect")
+    with pytest.raises(ValueError, match="got 2 tiles"):   # a 9x9 slice with tiles of 8, overlap 2 has 4
+        resample.stitch_aggregate(probs, out, 2, "ramp", [0.5] * 3, [1, 2, 3], [0, 1, 2])
+    with pytest.raises(ValueError, match="blend"):
+        resample.stitch_aggregate(probs, out, 2, "cosine", [0.5] * 3, [1, 2, 3], [0, 1, 2])
 
 
-def _stage(shape, fused: bool, monkeypatch, mode: str = "priority", batch: int = 2):
+def _stage(shape, fused: bool, monkeypatch, mode: str = "priority", batch: int = 2, **tiling):
     from xctrt.gpu.pipeline import GpuStage
 
     monkeypatch.setattr(GpuStage, "FUSED_ON_CPU", fused)
@@ -117,12 +157,12 @@ def _stage(shape, fused: bool, monkeypatch, mode: str = "priority", batch: int =
         return torch.cat([x, 1 - x, (x * 7).frac()], 1)
 
     return GpuStage(model, 32, [0.55, 0.7, 0.8], [1, 2, 3], [1, 2, 0], mode, shape, (1.0, 1.0, 1.0),
-                    batch_size=batch, device="cpu")
+                    batch_size=batch, device="cpu", **tiling)
 
 
-def _run_stage(volume, fused: bool, monkeypatch, mode: str, batch: int, slab: int):
+def _run_stage(volume, fused: bool, monkeypatch, mode: str, batch: int, slab: int, **tiling):
     """Labels, voxels per label value and defect table of the GPU stage (on the CPU) over `volume`."""
-    stage = _stage(volume.shape, fused, monkeypatch, mode, batch)
+    stage = _stage(volume.shape, fused, monkeypatch, mode, batch, **tiling)
     assert stage.fused == fused and stage.fused_error is None
     done = []
     for z in range(0, volume.shape[0], slab):
@@ -132,13 +172,20 @@ def _run_stage(volume, fused: bool, monkeypatch, mode: str, batch: int, slab: in
     return labels, stage.host_class_voxels(), stage.finish(), stage.stage_seconds()
 
 
+TILE_MODE = dict(input_mode="tile", overlap=6, blend="ramp", pad="edge")
+
+
 @interpreted
-@pytest.mark.parametrize("mode,batch,slab", [("priority", 2, 3), ("argmax", 4, 4)])
-def test_triton_gpu_stage_fused_equals_step_by_step(monkeypatch, mode, batch, slab):
+@pytest.mark.parametrize("mode,batch,slab,tiling", [("priority", 2, 3, {}), ("argmax", 4, 4, {}),
+                                                    ("priority", 3, 3, TILE_MODE),
+                                                    ("argmax", 2, 4, dict(TILE_MODE, blend="constant", pad="constant"))])
+def test_triton_gpu_stage_fused_equals_step_by_step(monkeypatch, mode, batch, slab, tiling):
+    """The GPU stage with the fused kernels gives the step-by-step stage's labels, counts and defect
+    table: resize mode, and tile mode (45x38 slices in 2x2 tiles of 32, batches that split a slice's tiles)."""
     rng = np.random.default_rng(7)
     volume = rng.integers(0, 65535, (7, 45, 38), endpoint=True).astype(np.uint16)
-    a = _run_stage(volume, False, monkeypatch, mode, batch, slab)
-    b = _run_stage(volume, True, monkeypatch, mode, batch, slab)
+    a = _run_stage(volume, False, monkeypatch, mode, batch, slab, **tiling)
+    b = _run_stage(volume, True, monkeypatch, mode, batch, slab, **tiling)
     np.testing.assert_array_equal(b[0], a[0])
     assert set(np.unique(a[0])) == {0, 1, 2, 3}
     np.testing.assert_array_equal(b[1], a[1])
@@ -161,7 +208,12 @@ def test_triton_gpu_stage_self_check_turns_off_wrong_or_failing_kernels(monkeypa
 
     monkeypatch.setattr(resample, "resize_aggregate", off_by_one)
     stage = _stage((4, 37, 53), True, monkeypatch)
-    assert not stage.fused and "resize+aggregate differs" in stage.fused_error
+    assert not stage.fused and "fused aggregation differs" in stage.fused_error
+    assert _stage((4, 37, 53), True, monkeypatch, **TILE_MODE).fused   # tile mode does not use it
+    real_tiles = resample.extract_tiles
+    monkeypatch.setattr(resample, "extract_tiles", lambda *a, **k: real_tiles(*a, **k) * 0.5)
+    stage = _stage((4, 37, 53), True, monkeypatch, **TILE_MODE)
+    assert not stage.fused and "fused preprocessing differs" in stage.fused_error
 
     def broken(*args, **kw):
         raise RuntimeError("no such PTX instruction")
@@ -202,6 +254,11 @@ kernels = {
     "window_resize": (R._window_resize_kernel, {"SRC_P": "*i16", "OUT_P": "*fp32"}, dict(SRC=2)),
     "resize_aggregate": (R._resize_aggregate_kernel, {"P": "*fp32", "OUT_P": "*u8", "COUNTS": "*i64"},
                          dict(K=3, NV=4, ARGMAX=False)),
+    "extract_tiles": (R._extract_tiles_kernel, {"SRC_P": "*i16", "OUT_P": "*fp32", "YS": "*i32", "XS": "*i32"},
+                      dict(SRC=2, EDGE=True, S=256)),
+    "stitch_aggregate": (R._stitch_aggregate_kernel, {"P": "*fp32", "OUT_P": "*u8", "COUNTS": "*i64", "W1": "*fp32",
+                         **{k: "*i32" for k in ("YS", "XS", "YF", "YC", "XF", "XC")}},
+                         dict(K=3, NV=4, ARGMAX=False, RAMP=True, MAXC=2)),
 }
 report = {}
 for name, (fn, special, const) in kernels.items():
@@ -236,10 +293,12 @@ print(json.dumps(report))
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton missing")
 def test_sm90_machine_code_has_no_fma():
     report = sm90_compile_report(_SM90_SCRIPT)
-    for kernel in ("window_resize", "resize_aggregate"):
+    for kernel in ("window_resize", "resize_aggregate", "extract_tiles", "stitch_aggregate"):
         off, on = report[f"{kernel} fusion=False"], report[f"{kernel} fusion=True"]
         assert off["ptx_fma"] == 0 and off["plain"] == 0, (kernel, off)
-        assert on["ptx_fma"] > 0 and on["plain"] > 0, (kernel, on)   # the checks see FMAs and plain ops
+        assert on["plain"] > 0, (kernel, on)   # the checks see plain ops, and FMAs where there are products
+        assert on["ptx_fma"] > 0 or kernel == "extract_tiles", (kernel, on)
     assert report["resize_aggregate fusion=False"].get("sass_ffma", 0) == 0
-    wr = report["window_resize fusion=False"]
-    assert wr["div_rn"] > 0 and wr["div_approx"] == 0, wr
+    for kernel in ("window_resize", "extract_tiles", "stitch_aggregate"):   # IEEE divisions only
+        row = report[f"{kernel} fusion=False"]
+        assert row["div_rn"] > 0 and row["div_approx"] == 0, (kernel, row)

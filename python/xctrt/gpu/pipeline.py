@@ -159,9 +159,10 @@ class GpuStage:
         self.aggregation = aggregation
         self.labeller = post.ComponentLabeller(tuple(shape), classes=tuple(classes), connectivity=connectivity,
                                                voxel_size=tuple(voxel_size))
-        # resize mode on CUDA: the fused Triton window+resize and resize+aggregate kernels (resample.py),
-        # after a self-check against the step-by-step functions; fused_error says why they are not used
-        self.fused = (self.cuda or self.FUSED_ON_CPU) and not self.tiled and resample.triton is not None
+        # on CUDA the fused Triton pre- and post-processing kernels of resample.py (window+resize or tile
+        # extraction; resize or stitching + aggregation), after a self-check against the step-by-step
+        # functions; fused_error says why they are not used
+        self.fused = (self.cuda or self.FUSED_ON_CPU) and resample.triton is not None
         self.fused_error = self._check_fused() if self.fused else None
         self.fused = self.fused and self.fused_error is None
         self.class_voxels = torch.zeros(256, dtype=torch.int64, device=self.device) if self.fused else \
@@ -192,27 +193,41 @@ class GpuStage:
                 self.capture_s = time.perf_counter() - t0
 
     def _check_fused(self) -> str | None:
-        """Both fused kernels once on a small random slab vs post.window/resize_bilinear/aggregate, bit
-        for bit: None if they agree, else what went wrong (a Triton that cannot compile them, a
-        difference)."""
+        """The mode's two fused kernels once on a small random slab against the step-by-step functions
+        (post.py), bit for bit: None if they agree, else what went wrong (a Triton that cannot compile
+        them, a difference)."""
         torch, xp = self.torch, self.xp
         rng = np.random.default_rng(0)
-        raw = rng.integers(0, 65535, (2, 37, 53), endpoint=True).astype(np.uint16)
-        k = len(self.ids)
+        shape = (2, self.size + self.size // 2 + 3, self.size + 5) if self.tiled else (2, 37, 53)   # 2x2 tiles
+        raw = rng.integers(0, 65535, shape, endpoint=True).astype(np.uint16)
+        n, h, w = shape
+        k, lo, hi = len(self.ids), 300.0, 52000.0
+        agg = (self.thresholds, self.ids, self.priority, self.aggregation)
         try:
             src = torch.from_numpy(_as_int16(raw)).to(self.device)
-            x = resample.window_resize(src, 300.0, 52000.0, self.size)
+            labels = torch.empty(shape, dtype=torch.uint8, device=self.device)
+            if self.tiled:
+                x = resample.extract_tiles(src, self.size, self.overlap, lo, hi, self.pad)
+                want_x = xp.concatenate([post.extract_tiles(xp.asarray(r), self.size, self.overlap, lo, hi, self.pad)
+                                         for r in raw])
+            else:
+                x = resample.window_resize(src, lo, hi, self.size)
+                want_x = post.resize_bilinear(post.window(xp.asarray(raw), lo, hi), self.size, self.size)
             probs = torch.cat([x * (c + 1) % 1 for c in range(k)], 1)   # K channels, values in [0, 1)
-            labels = torch.empty((2, 37, 53), dtype=torch.uint8, device=self.device)
-            resample.resize_aggregate(probs, labels, self.thresholds, self.ids, self.priority, self.aggregation)
-            want_x = post.resize_bilinear(post.window(xp.asarray(raw), 300.0, 52000.0), self.size, self.size)
-            want = post.aggregate(post.resize_bilinear(_to_xp(xp, probs).copy(), 37, 53), self.thresholds,
-                                  self.ids, self.priority, self.aggregation)
-            x_host = post.to_host(_to_xp(xp, x))[:, 0]
-            if not np.array_equal(x_host, post.to_host(want_x), equal_nan=True):
-                return "the fused window+resize differs from post.window + post.resize_bilinear"
+            p = _to_xp(xp, probs).copy()
+            if self.tiled:
+                resample.stitch_aggregate(probs, labels, self.overlap, self.blend, *agg)
+                per = p.shape[0] // n
+                full = xp.stack([post.stitch_tiles(p[i * per:(i + 1) * per], h, w, self.overlap, self.blend)
+                                 for i in range(n)])
+            else:
+                resample.resize_aggregate(probs, labels, *agg)
+                full = post.resize_bilinear(p, h, w)
+            want = post.aggregate(full, *agg)
+            if not np.array_equal(post.to_host(_to_xp(xp, x))[:, 0], post.to_host(want_x), equal_nan=True):
+                return "the fused preprocessing differs from the step-by-step functions (post.py)"
             if not np.array_equal(post.to_host(_to_xp(xp, labels)), post.to_host(want)):
-                return "the fused resize+aggregate differs from post.resize_bilinear + post.aggregate"
+                return "the fused aggregation differs from the step-by-step functions (post.py)"
         except Exception as exc:   # noqa: BLE001 - any failure: run the step-by-step functions instead
             return f"{type(exc).__name__}: {exc}"[:300]
         return None
@@ -291,12 +306,14 @@ class GpuStage:
                 if img.dtype != slab.dtype:
                     img = img.view(slab.dtype)
                 t0 = clock.mark()
-                if self.tiled:   # every slice's tiles in row-major order, slice after slice
+                src = dev if self.cuda else _to_torch(torch, _as_int16(dev))
+                if self.fused and self.tiled:   # every slice's tiles in row-major order, slice after slice
+                    x = resample.extract_tiles(src, self.size, self.overlap, lo, hi, self.pad)
+                elif self.fused:
+                    x = resample.window_resize(src, lo, hi, self.size)
+                elif self.tiled:
                     x = xp.concatenate([post.extract_tiles(img[i], self.size, self.overlap, lo, hi, self.pad)
                                         for i in range(n)])
-                elif self.fused:
-                    x = resample.window_resize(dev if self.cuda else _to_torch(torch, _as_int16(dev)), lo, hi,
-                                               self.size)
                 else:
                     x = post.resize_bilinear(post.window(img, lo, hi), self.size, self.size)
                 per_slice = x.shape[0] // n
@@ -305,6 +322,8 @@ class GpuStage:
                 clock.span("preprocess", t0, t1)
                 probs = []
                 labels = torch.empty((n, h, w), dtype=torch.uint8, device=self.device) if self.fused else None
+                if self.fused and self.tiled:   # a slice's tiles may span batches: all of the slab's, float32
+                    probs = torch.empty((x.shape[0], len(self.ids), self.size, self.size), device=self.device)
                 for b in range(0, x.shape[0], self.batch):
                     xb = x[b:b + self.batch]
                     t0 = clock.mark()
@@ -322,12 +341,20 @@ class GpuStage:
                     expect = (xb.shape[0], len(self.ids), self.size, self.size)
                     if tuple(p.shape) != expect:
                         raise XctrtError(f"the model returned {tuple(p.shape)}, expected {expect}")
-                    if self.fused:   # straight from the graph's output, before the next batch reuses it
+                    if self.fused and self.tiled:   # graph outputs are reused by the next batch
+                        probs[b:b + xb.shape[0]] = p
+                    elif self.fused:   # straight from the graph's output, before the next batch reuses it
                         resample.resize_aggregate(p, labels[b:b + xb.shape[0]], self.thresholds, self.ids,
                                                   self.priority, self.aggregation, counts=self.class_voxels)
                         clock.span("aggregate", t2, clock.mark())
                     else:
-                        probs.append(_to_xp(xp, p.float()).copy())   # graph outputs are reused by the next batch
+                        probs.append(_to_xp(xp, p.float()).copy())
+                if self.fused and self.tiled:
+                    t0 = clock.mark()
+                    resample.stitch_aggregate(probs, labels, self.overlap, self.blend, self.thresholds, self.ids,
+                                              self.priority, self.aggregation, counts=self.class_voxels)
+                    clock.span("aggregate", t0, clock.mark())
+                    del probs
                 if not self.fused:
                     t0 = clock.mark()
                     probs = probs[0] if len(probs) == 1 else xp.concatenate(probs)

@@ -204,6 +204,15 @@ def extract_tiles(slice, tile: int, overlap: int, lo, hi, pad: str = "edge"):
     return xp.ascontiguousarray(t.reshape(-1, tile, tile))
 
 
+def blend_weights(tile: int, overlap: int, blend: str) -> np.ndarray:
+    """stitch_tiles' per-axis tile weights (float32, as tiling.cpp): 1, or for 'ramp' rising linearly over
+    the overlap from each tile edge."""
+    i = np.arange(tile)
+    if blend == "ramp":
+        return np.minimum(1.0, (np.minimum(i, tile - 1 - i) + 1) / float(overlap + 1)).astype(np.float32)
+    return np.ones(tile, np.float32)
+
+
 def stitch_tiles(tiles, height: int, width: int, overlap: int, blend: str = "constant"):
     """(T, K, tile, tile) float32 -> (K, height, width) weighted mean, like _core.stitch_tiles.
 
@@ -220,9 +229,7 @@ def stitch_tiles(tiles, height: int, width: int, overlap: int, blend: str = "con
     ys, xs = _core.tile_starts(height, tile, overlap), _core.tile_starts(width, tile, overlap)
     if nt != len(ys) * len(xs):
         raise ValueError(f"got {nt} tiles, a {height}x{width} slice has {len(ys) * len(xs)}")
-    i = np.arange(tile)
-    w1 = (np.minimum(1.0, (np.minimum(i, tile - 1 - i) + 1) / float(overlap + 1)).astype(np.float32)
-          if blend == "ramp" else np.ones(tile, np.float32))
+    w1 = blend_weights(tile, overlap, blend)
     w2 = xp.asarray(w1[:, None] * w1[None, :])  # wy * w1d[c], float32 as in C++
     acc = xp.zeros((k, height, width), np.float32)
     wsum = xp.zeros((height, width), np.float32)

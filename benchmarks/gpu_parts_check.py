@@ -73,9 +73,9 @@ def main(argv=None) -> int:
                     encode, decode = (lambda: m.encode(x)), (lambda: m.decode(emb, size))
                 row = {"encoder_ms": 1000 * timed(encode), "decoder_ms": 1000 * timed(decode)}
                 probs = m(x).float()
-            if ref is None:
+            if parts is None:
                 ref = probs
-            row["max_abs_diff_vs_none"] = float((probs - ref).abs().max())
+            row["max_abs_diff_vs_none"] = float((probs - ref).abs().max()) if ref is not None else None
             if parts == FAST_PARTS:
                 fast_all = m
         except Exception as exc:   # report and go on: one broken variant must not hide the others
@@ -105,7 +105,8 @@ def main(argv=None) -> int:
             continue
         rel = (f"{r['encoder_ms'] / base['encoder_ms']:.2f} / {r['decoder_ms'] / base['decoder_ms']:.2f}"
                if "encoder_ms" in base else "–")
-        print(f"| {name} | {r['encoder_ms']:.2f} | {r['decoder_ms']:.2f} | {rel} | {r['max_abs_diff_vs_none']:.3g} |")
+        diff = "–" if r["max_abs_diff_vs_none"] is None else f"{r['max_abs_diff_vs_none']:.3g}"
+        print(f"| {name} | {r['encoder_ms']:.2f} | {r['decoder_ms']:.2f} | {rel} | {diff} |")
     for p in decoder_profile[:8]:
         print(f"    decoder {p['ms']:8.3f} ms {p['calls']:4d}x  {p['name'][:90]}")
     return 0 if all("error" not in r for r in rows.values()) else 1

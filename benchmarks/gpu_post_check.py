@@ -5,14 +5,15 @@
 
 1. Small checks: fresh random inputs at a few sizes, every function on the device vs _core on
    the host, exact (grey_mean of float32 images up to rounding). Each check prints PASS/FAIL;
-   exceptions are caught and reported per check. On the GPU also the GPU stage's fused Triton
-   kernels (xctrt.gpu.resample), exact, and their time per slice against the step-by-step ones.
+   exceptions are caught and reported per check.
 2. Full size: a 3-class probability volume (material cylinder; pores and inclusions as random
    ellipsoids of radius 1-8; smooth fields plus hash noise) and a uint16 grey volume, generated
    slab by slab on the device from a fixed seed (never held whole). aggregate + components +
    table are timed over all slices (warm-up first, median of --repeats); generation is not.
    Then one more pass compares against _core (aggregate per slab and ComponentLabeller
-   streamed, on host copies). JSON goes to DIR/gpu_post.json.
+   streamed, on host copies).
+3. On the GPU, last: the GPU stage's fused Triton kernels (xctrt.gpu.resample), exact against _core,
+   and their time per slice against the step-by-step ones. JSON goes to DIR/gpu_post.json.
 """
 from __future__ import annotations
 
@@ -432,14 +433,6 @@ def main(argv=None):
         t0 = time.perf_counter()
         small_checks(xp, checks, args.seed)
         info["small_checks_s"] = time.perf_counter() - t0
-    fused = {}
-    if xp is not np and not args.skip_small:
-        try:
-            fused = fused_checks(checks, args.seed)
-        except Exception as exc:
-            traceback.print_exc()
-            checks.results["fused kernels"] = {"pass": False, "detail": f"{type(exc).__name__}: {exc}"}
-            print(f"FAIL  fused kernels  {type(exc).__name__}: {exc}")
     shape = (args.z, args.y, args.x)
     args.slab = args.slab or (64 if args.z >= 192 else max(1, args.z // 3))  # small runs still cross slabs
     print(f"full size {shape}, slabs of {args.slab}", flush=True)
@@ -450,6 +443,14 @@ def main(argv=None):
         traceback.print_exc()
         checks.results["full size run"] = {"pass": False, "detail": f"{type(exc).__name__}: {exc}"}
         print(f"FAIL  full size run  {type(exc).__name__}: {exc}")
+    fused = {}   # last: a fault in a new kernel would leave this process's CUDA context unusable
+    if xp is not np and not args.skip_small:
+        try:
+            fused = fused_checks(checks, args.seed)
+        except Exception as exc:
+            traceback.print_exc()
+            checks.results["fused kernels"] = {"pass": False, "detail": f"{type(exc).__name__}: {exc}"}
+            print(f"FAIL  fused kernels  {type(exc).__name__}: {exc}")
     n_pass = sum(r["pass"] for r in checks.results.values())
     result = {"info": info, "shape": shape, "slab": args.slab, "full": full, "fused": fused, "checks": checks.results,
               "passed": n_pass, "failed": len(checks.results) - n_pass,

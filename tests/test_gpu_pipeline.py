@@ -190,12 +190,22 @@ def test_kept_graphs_one_stage_at_a_time():
     assert kept_graphs(model, (4, 1024, "cuda"), third, capture)[1] is captures[2]   # another key: captured
     assert len(captures) == 3
 
+    class Engine:   # TorchEngine.torch_model: a bound method, a new object at each access
+        def torch_model(self, x):
+            return x
+
+    eng = Engine()
+    bound = kept_graphs(eng.torch_model, key, third, capture)
+    bound[0]["user"] = None
+    assert kept_graphs(eng.torch_model, key, third, capture)[1] is bound[1]   # kept with the engine
+    assert len(captures) == 4
+
     class NoWeakRef:
         __slots__ = ()
 
     entry, steps = kept_graphs(NoWeakRef(), key, third, capture)
-    assert steps is captures[3] and entry["user"]() is third
-    assert kept_graphs(NoWeakRef(), key, third, capture)[1] is captures[4]   # nothing kept for it
+    assert steps is captures[4] and entry["user"]() is third
+    assert kept_graphs(NoWeakRef(), key, third, capture)[1] is captures[5]   # nothing kept for it
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -176,7 +176,8 @@ def fast_net(net, attention_impl: str, xb, dtype):
     try:
         return forward(FAST_PARTS), {}
     except Exception:   # noqa: BLE001 - find which part fails, each on its own
-        pass
+        if xb.is_cuda:   # unless the fault broke the CUDA context: then this raises the real error
+            torch.cuda.synchronize()
     dropped = {}
     for part in FAST_PARTS:
         try:

@@ -34,8 +34,10 @@ def kept_graphs(model, key, stage, capture):
     kept if none were. A plant pipeline segments volume after volume with one Segmenter: its later
     runs skip the warm-up and capture. The holder gives them back with entry["user"] = None once its
     replays have finished (GpuStage.finish); a stage that died without doing so frees them too."""
+    # a bound method (TorchEngine.torch_model) is a new object at each access: key on its object
+    owner, key = getattr(model, "__self__", model), (getattr(model, "__func__", None), *key)
     try:
-        cached = _GRAPHS.setdefault(model, {})
+        cached = _GRAPHS.setdefault(owner, {})
     except TypeError:   # a model that takes no weak reference: its graphs are not kept
         cached = {}
     entry = cached.get(key)
@@ -167,8 +169,10 @@ class GpuStage:
         self.fused = self.fused and self.fused_error is None
         self.class_voxels = torch.zeros(256, dtype=torch.int64, device=self.device) if self.fused else \
             self.xp.zeros(256, self.xp.int64)
+        if self.cuda:   # zeroed on the default stream, added to on the compute stream
+            torch.cuda.synchronize()
         self.clock = _Clock(torch, self.cuda)
-        self.gaps = _Clock(torch, self.cuda)   # compute stream idle between slabs (waiting for the host)
+        self.gaps = _Clock(torch, self.cuda)   # compute stream idle between slabs (waiting for the host or the copy in)
         self._last_end = None                  # event at the end of the previous slab's compute work
         self.main_components_s = 0.0           # host time in _components_of_previous (queueing + waits)
         self.counter = GpuCounter(self)
@@ -441,7 +445,8 @@ class GpuStage:
         return {**self.clock.finish(), **({"capture": self.capture_s} if self.capture_s else {})}
 
     def compute_idle_s(self) -> float | None:
-        """Seconds the compute stream sat idle between slabs, waiting for the host (None on the CPU)."""
+        """Seconds the compute stream sat idle between slabs, waiting for the host to queue the next slab
+        or for its copy to the device (None on the CPU)."""
         return self.gaps.finish().get("compute_idle", 0.0) if self.cuda else None
 
 

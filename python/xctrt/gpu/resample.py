@@ -84,7 +84,7 @@ def _store_labels(OUT_P, COUNTS, VALUES, label, m, oy, ox, o_n, W_OUT, NV: tl.co
     tl.store(dst, label.to(tl.uint8), mask=m)
     for j in tl.static_range(NV):   # voxels per label value, added up without a host sync
         v = tl.load(VALUES + j)
-        tl.atomic_add(COUNTS + v, tl.sum(tl.sum(((label == v) & m).to(tl.int64), axis=1), axis=0))
+        tl.atomic_add(COUNTS + v, tl.sum(tl.sum(((label == v) & m).to(tl.int64), axis=1), axis=0), sem="relaxed")
 
 
 def _window_resize_kernel(SRC_P, OUT_P, Y0, Y1, HY, LY, X0, X1, HX, LX, H_OUT, W_OUT, s_n, s_y, o_n, lo, scale,
@@ -141,11 +141,11 @@ def _resize_aggregate_kernel(P, OUT_P, COUNTS, THR, IDS, ORDER, VALUES, Y0, Y1, 
 def _extract_tiles_kernel(SRC_P, OUT_P, YS, XS, H, W, NX, T, s_n, s_y, lo, scale,
                           SRC: tl.constexpr, EDGE: tl.constexpr, S: tl.constexpr, BY: tl.constexpr,
                           BX: tl.constexpr):
-    tile = tl.program_id(2)                      # n*T tiles, slice after slice, row-major within one
+    tile = tl.program_id(0)                      # n*T tiles (axis 0: no 65535 limit), slice after slice
     i, t = tile // T, tile % T
     y0, x0 = tl.load(YS + t // NX), tl.load(XS + t % NX)
     r = tl.program_id(1) * BY + tl.arange(0, BY)
-    c = tl.program_id(0) * BX + tl.arange(0, BX)
+    c = tl.program_id(2) * BX + tl.arange(0, BX)
     m = (r < S)[:, None] & (c < S)[None, :]
     rows, cols = y0 + r, x0 + c                  # beyond the slice only where it is smaller than a tile
     inside = (rows < H)[:, None] & (cols < W)[None, :]
@@ -208,17 +208,27 @@ if triton is not None:
         triton.jit(f) for f in (_window_resize_kernel, _resize_aggregate_kernel, _extract_tiles_kernel,
                                 _stitch_aggregate_kernel))
 
-_AXES: dict = {}
+_TABLES: dict = {}
 
 
-def _axes(n_in: int, n_out: int, device) -> tuple:
-    """_core's resize axis (source rows i0, i1 as int32, weights hw, lw as float32) on the device, cached."""
-    key = (n_in, n_out, str(device))
-    if key not in _AXES:
-        i0, i1, lw, hw = _axis(n_in, n_out)
-        _AXES[key] = tuple(torch.from_numpy(np.ascontiguousarray(a, dt)).to(device)
-                           for a, dt in ((i0, np.int32), (i1, np.int32), (hw, np.float32), (lw, np.float32)))
-    return _AXES[key]
+def _on_device(device, *arrays: np.ndarray) -> list[torch.Tensor]:
+    """Small host tables (thresholds, resize axes, tile starts...) on the device, made once per content.
+    A copy from pageable host memory makes the host wait for the stream's queued work: per batch,
+    that would keep the host from queueing the next slab while the GPU is busy."""
+    out = []
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        key = (a.dtype.str, a.shape, a.tobytes(), str(device))
+        if key not in _TABLES:
+            _TABLES[key] = torch.from_numpy(a.copy()).to(device)
+        out.append(_TABLES[key])
+    return out
+
+
+def _axes(n_in: int, n_out: int, device) -> list[torch.Tensor]:
+    """_core's resize axis on the device: source rows i0, i1 (int32), weights hw, lw (float32)."""
+    i0, i1, lw, hw = _axis(n_in, n_out)
+    return _on_device(device, i0.astype(np.int32), i1.astype(np.int32), hw.astype(np.float32), lw.astype(np.float32))
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -279,7 +289,7 @@ def _aggregation_args(probs: torch.Tensor, out: torch.Tensor, n_out: int, thresh
         raise ValueError("counts must be an int64 (256,) tensor")
     dev = probs.device
     values = np.unique(np.concatenate([[0], ids])).astype(np.int32)
-    small = [torch.from_numpy(a).to(dev) for a in (thr, ids.astype(np.int32), order.astype(np.int32), values)]
+    small = _on_device(dev, thr, ids.astype(np.int32), order.astype(np.int32), values)
     if counts is None:
         counts = torch.zeros(256, dtype=torch.int64, device=dev)
     return small, counts, dict(K=k, NV=int(values.size), ARGMAX=mode == "argmax")
@@ -314,8 +324,7 @@ def resize_aggregate(probs: torch.Tensor, out: torch.Tensor, thresholds, label_i
 def _tiling(h: int, w: int, tile: int, overlap: int, device) -> tuple:
     """Tile starts along y and x (int32, as _core.tile_starts) on the device, and their numbers."""
     ys, xs = _core.tile_starts(h, tile, overlap), _core.tile_starts(w, tile, overlap)
-    return (torch.from_numpy(ys.astype(np.int32)).to(device), torch.from_numpy(xs.astype(np.int32)).to(device),
-            len(ys), len(xs))
+    return (*_on_device(device, ys.astype(np.int32), xs.astype(np.int32)), len(ys), len(xs))
 
 
 def _cover(starts: np.ndarray, length: int, tile: int) -> tuple[np.ndarray, np.ndarray]:
@@ -345,7 +354,7 @@ def extract_tiles(raw: torch.Tensor, tile: int, overlap: int, lo: float, hi: flo
         return out
     if raw.stride(2) != 1:
         raw = raw.contiguous()
-    grid = (triton.cdiv(tile, BLOCK_X), triton.cdiv(tile, BLOCK_Y), n * ny * nx)
+    grid = (n * ny * nx, triton.cdiv(tile, BLOCK_Y), triton.cdiv(tile, BLOCK_X))
     _launch(_extract_tiles_kernel, grid, raw, out, ys, xs, h, w, nx, ny * nx, raw.stride(0), raw.stride(1),
             float(lo32), float(np.float32(hi32 - lo32)), SRC=_SRC_KIND[raw.dtype], EDGE=pad == "edge", S=tile)
     return out
@@ -377,8 +386,7 @@ def stitch_aggregate(probs: torch.Tensor, out: torch.Tensor, overlap: int, blend
     dev = probs.device
     ys, xs, ny, nx = _tiling(h, w, tile, overlap, dev)
     (yf, yc), (xf, xc) = _cover(ys_h, h, tile), _cover(xs_h, w, tile)
-    cover = [torch.from_numpy(a).to(dev) for a in (yf, yc, xf, xc)]
-    w1 = torch.from_numpy(blend_weights(tile, overlap, blend)).to(dev)
+    *cover, w1 = _on_device(dev, yf, yc, xf, xc, blend_weights(tile, overlap, blend))
     grid = (triton.cdiv(w, BLOCK_X), triton.cdiv(h, BLOCK_Y), n)
     _launch(_stitch_aggregate_kernel, grid, probs, out, counts, *small, ys, xs, *cover, w1, h, w, nx, ny * nx,
             probs.stride(0), probs.stride(1), probs.stride(2), h * w, RAMP=blend == "ramp",

@@ -116,11 +116,45 @@ def rerun_under_triton_interpreter(test_file, keyword: str) -> None:
     assert "SKIPPED" not in p.stdout, p.stdout[-2000:]
 
 
+# The start of every sm_90 compile script: Triton's ahead-of-time API (it moves between versions: a
+# mismatch prints {"api": why} and ends the script, which sm90_compile_report turns into a skip) and
+# compile(fn, sig, const, **options) -> the compiled kernel, or {"error": ...} for a compile error.
+SM90_PRELUDE = r'''
+import json, os, re, subprocess, sys, tempfile
+import triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except Exception as exc:
+    print(json.dumps({"api": repr(exc)})); sys.exit(0)
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def compile(fn, sig, const, attrs=None, **options):
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
+                        **({"attrs": attrs} if attrs else {}))
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    except triton.CompilationError as exc:
+        return {"error": str(exc)[-2000:]}
+    except Exception as exc:
+        print(json.dumps({"api": repr(exc)[:500]})); sys.exit(0)
+def cuobjdump_of(kern, flag):
+    """cuobjdump's output (flag: -sass, -res-usage) for a compiled kernel; None without Triton's cuobjdump."""
+    if not os.path.exists(cuobjdump):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kern.asm["cubin"])
+    try:
+        return subprocess.run([cuobjdump, flag, f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+'''
+
+
 def sm90_compile_report(script: str, timeout: float = 400) -> dict:
-    """Run a script that compiles Triton kernels for sm_90 without a GPU and prints one JSON report
-    ({name: row}) last; skip when it says Triton's ahead-of-time API differs here ({"api": why});
-    fail on a crash or on a row with a compile "error"."""
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False,
+    """Run SM90_PRELUDE + a script that compiles Triton kernels for sm_90 without a GPU and prints one
+    JSON report ({name: row}) last; skip when it says Triton's ahead-of-time API differs here
+    ({"api": why}); fail on a crash or on a row with a compile "error"."""
+    p = subprocess.run([sys.executable, "-c", SM90_PRELUDE + script], capture_output=True, text=True, check=False,
                        env=triton_child_env(interpret=False), timeout=timeout, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(p.stdout.strip().splitlines()[-1])

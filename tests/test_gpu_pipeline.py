@@ -349,11 +349,11 @@ def test_encoder_flops_tiny_by_hand(nets):
 @pytest.mark.parametrize("mode", MODES)
 def test_accelerate_sdpa_same_outputs(nets, mode):
     from segment_anything.modeling.common import MLPBlock
-    from segment_anything.modeling.image_encoder import Attention, PatchEmbed
+    from segment_anything.modeling.image_encoder import Attention, Block, PatchEmbed
     from segment_anything.modeling.transformer import Attention as DecoderAttention
     from xctrt.gpu.sam import fast_classes
 
-    fast_enc, fast_dec, fast_patch, fast_mlp, fast_up = fast_classes()
+    fast_enc, fast_dec, fast_patch, fast_mlp, fast_up, fast_block = fast_classes()
     net = nets[mode]
     x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -370,7 +370,10 @@ def test_accelerate_sdpa_same_outputs(nets, mode):
         assert len(mlps) >= 2 * len(fast.models) and all(type(m) is fast_mlp for m in mlps)
         ups = [m for m in fast.modules() if isinstance(m, torch.nn.ConvTranspose2d)]   # 2 per mask decoder
         assert len(ups) >= 2 * len(fast.models) and all(type(m) is fast_up for m in ups)
-        assert not any(type(m) in (fast_enc, fast_dec, fast_patch, fast_mlp, fast_up) for m in net.modules()), \
+        blocks = [m for m in fast.modules() if isinstance(m, Block)]   # their fused path: test_gpu_layout.py
+        assert len(blocks) == 2 * len(fast.models) and all(type(m) is fast_block for m in blocks)
+        assert not any(type(m) in (fast_enc, fast_dec, fast_patch, fast_mlp, fast_up, fast_block)
+                       for m in net.modules()), \
             "the original is untouched"
         out = fast(x)
         assert (out - ref).abs().max().item() < 1e-5

@@ -237,15 +237,7 @@ def test_triton_tests_in_fresh_process():
 # (the window's IEEE division, div.rn, is itself built from FFMAs), and compiled with fusion on, FMAs
 # appear (so the check can fail).
 _SM90_SCRIPT = r'''
-import json, os, re, subprocess, sys, tempfile
-import triton
 from xctrt.gpu import resample as R
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except Exception as exc:
-    print(json.dumps({"api": repr(exc)})); sys.exit(0)
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 F32, I32 = ("HY", "LY", "HX", "LX", "THR", "lo", "scale"), ("Y0", "Y1", "X0", "X1", "IDS", "ORDER", "VALUES")
 def types(names, special):
     return {nm: special.get(nm) or ("*fp32" if nm in F32[:5] else "fp32" if nm in F32 else "*i32" if nm in I32
@@ -266,24 +258,16 @@ for name, (fn, special, const) in kernels.items():
     names = fn.arg_names
     sig = {nm: "constexpr" if nm in const else t for nm, t in types(names, special).items()}
     for fusion in (False, True):
-        try:
-            src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-            kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=R.NUM_WARPS, enable_fp_fusion=fusion))
-        except triton.CompilationError as exc:
-            report[f"{name} fusion={fusion}"] = {"error": str(exc)[-2000:]}; continue
-        except Exception as exc:
-            print(json.dumps({"api": repr(exc)[:500]})); sys.exit(0)
+        kern = compile(fn, sig, const, num_warps=R.NUM_WARPS, enable_fp_fusion=fusion)
+        if isinstance(kern, dict):
+            report[f"{name} fusion={fusion}"] = kern; continue
         ptx = kern.asm.get("ptx", "")
         # .rn-qualified mul/add/sub are never contracted by ptxas; plain ones may be
         row = {"ptx_fma": ptx.count("fma.rn.f32"), "div_rn": ptx.count("div.rn.f32"),
                "plain": len(re.findall(r"\b(?:mul|add|sub)\.f32\s", ptx)),
                "div_approx": ptx.count("div.full.f32") + ptx.count("div.approx.f32")}
-        if os.path.exists(cuobjdump):
-            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                f.write(kern.asm["cubin"])
-            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
-            os.unlink(f.name)
+        sass = cuobjdump_of(kern, "-sass")
+        if sass is not None:
             row["sass_ffma"] = sass.count("FFMA")
         report[f"{name} fusion={fusion}"] = row
 print(json.dumps(report))

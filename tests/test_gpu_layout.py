@@ -75,17 +75,21 @@ def test_triton_fast_block_equals_segment_anything(window):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     fast = copy.deepcopy(ref)
     fast.__class__ = fast_classes()[5]
-    x = torch.randn(2, 7, 8, 24, generator=g)
+    # as segment-anything's patch embedding hands it over: a permuted view (made contiguous once, inside)
+    x = torch.randn(2, 24, 7, 8, generator=g).permute(0, 2, 3, 1)
     calls = []
     real = layout.add_layer_norm
     layout.add_layer_norm = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         with torch.inference_mode():
             a, b = ref(x), fast(x)
+        assert calls == [1]
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        trained = fast(x.detach().requires_grad_())   # recording gradients: the original path, with them
+        assert calls == [1] and trained.grad_fn is not None
+        torch.testing.assert_close(trained.detach(), a, rtol=1e-4, atol=1e-4)
     finally:
         layout.add_layer_norm = real
-    assert calls == [1]
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 @interpreted

@@ -36,7 +36,7 @@ def _norm_row(v, mask, W_P, B_P, cols, C, eps):
     """LayerNorm of one row v (float32) over its C valid entries, with the affine weight and bias."""
     mean = tl.sum(v, axis=0) / C
     d = tl.where(mask, v - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+    rstd = tl.rsqrt(tl.sum(d * d, axis=0) / C + eps)
     w = tl.load(W_P + cols, mask=mask, other=0).to(tl.float32)
     b = tl.load(B_P + cols, mask=mask, other=0).to(tl.float32)
     return d * rstd * w + b

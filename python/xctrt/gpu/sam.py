@@ -276,14 +276,19 @@ def _make_fast_block() -> type:
         """segment-anything's encoder Block with norm1 + window partition and the first residual add +
         unpartition + norm2 as two fused kernels (xctrt.gpu.layout): ~0.5 GB less traffic per windowed
         ViT-B block for a batch of 8. Under torch.compile (which fuses the same chain itself), on the
-        CPU, or with norms that are not plain affine LayerNorms, it runs as the original."""
+        CPU, while recording gradients (the kernels have none), under autocast, or with norms that are
+        not plain affine LayerNorms in x's dtype, it runs as the original."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             plain = all(type(n) is nn.LayerNorm and n.weight is not None and n.bias is not None
-                        for n in (self.norm1, self.norm2))
-            if torch.compiler.is_compiling() or not plain or not layout.available(x) or not x.is_contiguous():
+                        and n.weight.dtype == x.dtype for n in (self.norm1, self.norm2))
+            grads = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            if (torch.compiler.is_compiling() or not plain or grads or torch.is_autocast_enabled()
+                    or not layout.available(x)):
                 return super().forward(x)
-            shortcut, ws = x, self.window_size
+            # segment-anything's patch embedding hands over a permuted view: one copy, in the first block
+            shortcut, ws = x.contiguous(), self.window_size
+            x = shortcut
             if ws > 0:
                 x, pad_hw = layout.ln_window_partition(x, self.norm1, ws)
             else:

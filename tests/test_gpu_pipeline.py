@@ -613,6 +613,20 @@ def test_cuda_device_without_cuda_is_one_clear_error(nets, packages, tmp_path):
     assert ("CUDA" in msg or "CuPy" in msg) and "\n" not in msg and ". " not in msg.rstrip(".")
 
 
+def test_cli_notes_gpu_fallbacks():
+    """`xctrt segment` says, in a note line each, when the GPU path fell back to a slower way."""
+    from xctrt.cli import gpu_fallback_notes
+
+    assert gpu_fallback_notes({"timing": {"cuda_graphs_not_used_because": None,
+                                          "fused_kernels_not_used_because": None}}) == []
+    assert gpu_fallback_notes({"timing": {}}) == []
+    notes = gpu_fallback_notes({"timing": {"cuda_graphs_not_used_because": "RuntimeError: capture",
+                                           "fused_kernels_not_used_because": "the fused aggregation differs"}})
+    assert len(notes) == 2
+    assert notes[0].startswith("the model ran without CUDA graphs") and notes[0].endswith("RuntimeError: capture")
+    assert "fused kernels" in notes[1] and notes[1].endswith("the fused aggregation differs")
+
+
 def test_cli_segment_device_cuda_without_cuda(tmp_path):
     """`xctrt segment --device cuda` here: one `xctrt: error:` line, exit 2, no output folder content."""
     from xctrt.phantom import write_phantom

@@ -68,9 +68,20 @@ def cmd_segment(args) -> int:
           + f" defects (sizes in {unit})")
     if not seg.package.trained:
         print("  note: the model is UNTRAINED (random weights); these labels mean nothing")
+    for line in gpu_fallback_notes(res.summary):
+        print(f"  note: {line}")
     for name, path in res.outputs.items():
         print(f"  wrote {path}")
     return 0
+
+
+def gpu_fallback_notes(summary: dict) -> list[str]:
+    """What the GPU path ran more slowly than it could, and why (from summary.json's timing)."""
+    t = summary.get("timing", {})
+    notes = {"cuda_graphs_not_used_because": "the model ran without CUDA graphs (slower): {}",
+             "fused_kernels_not_used_because": "the step-by-step GPU pre/post-processing ran instead of the fused "
+                                               "kernels (slower, same labels): {}"}
+    return [text.format(t[key]) for key, text in notes.items() if t.get(key)]
 
 
 def cmd_info(args) -> int:

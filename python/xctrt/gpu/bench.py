@@ -18,6 +18,7 @@ material ~60 %, as on a real part; the components stage then sees blobs, not noi
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import platform
 import tempfile
@@ -371,6 +372,7 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
             from .attention import tuned_choices
             res["attention_launches"] = tuned_choices()
         if cuda:   # give both pools back, so the next mode's memory figures are its own
+            gc.collect()   # a finished GPU stage and its counter hold each other (and the model and its graphs)
             torch.cuda.empty_cache()
             import cupy
             cupy.get_default_memory_pool().free_all_blocks()

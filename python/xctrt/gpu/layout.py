@@ -17,10 +17,11 @@ for bit. torch.compile fuses the same chain itself, so the fast Block uses these
 
 torch tensors in, torch tensors out (CUDA; CPU tensors only under TRITON_INTERPRET=1, for tests).
 """
-import os
 import types
 
 import torch
+
+from .attention import _interpret_env
 
 try:
     import triton
@@ -85,8 +86,7 @@ if triton is not None:
 
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on x: Triton and a CUDA tensor (or the interpreter, for tests)."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-    return triton is not None and (x.is_cuda or interpret)
+    return triton is not None and (x.is_cuda or _interpret_env())
 
 
 def _padded(n: int, ws: int) -> int:

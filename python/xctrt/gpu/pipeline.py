@@ -205,29 +205,14 @@ class GpuStage:
         shape = (2, self.size + self.size // 2 + 3, self.size + 5) if self.tiled else (2, 37, 53)   # 2x2 tiles
         raw = rng.integers(0, 65535, shape, endpoint=True).astype(np.uint16)
         n, h, w = shape
-        k, lo, hi = len(self.ids), 300.0, 52000.0
-        agg = (self.thresholds, self.ids, self.priority, self.aggregation)
         try:
-            src = torch.from_numpy(_as_int16(raw)).to(self.device)
+            src, img = torch.from_numpy(_as_int16(raw)).to(self.device), xp.asarray(raw)
+            x = self._preprocess(src, img, 300.0, 52000.0, fused=True)
+            want_x = self._preprocess(src, img, 300.0, 52000.0, fused=False)
+            probs = torch.cat([x * (c + 1) % 1 for c in range(len(self.ids))], 1)   # K channels in [0, 1)
             labels = torch.empty(shape, dtype=torch.uint8, device=self.device)
-            if self.tiled:
-                x = resample.extract_tiles(src, self.size, self.overlap, lo, hi, self.pad)
-                want_x = xp.concatenate([post.extract_tiles(xp.asarray(r), self.size, self.overlap, lo, hi, self.pad)
-                                         for r in raw])
-            else:
-                x = resample.window_resize(src, lo, hi, self.size)
-                want_x = post.resize_bilinear(post.window(xp.asarray(raw), lo, hi), self.size, self.size)
-            probs = torch.cat([x * (c + 1) % 1 for c in range(k)], 1)   # K channels, values in [0, 1)
-            p = _to_xp(xp, probs).copy()
-            if self.tiled:
-                resample.stitch_aggregate(probs, labels, self.overlap, self.blend, *agg)
-                per = p.shape[0] // n
-                full = xp.stack([post.stitch_tiles(p[i * per:(i + 1) * per], h, w, self.overlap, self.blend)
-                                 for i in range(n)])
-            else:
-                resample.resize_aggregate(probs, labels, *agg)
-                full = post.resize_bilinear(p, h, w)
-            want = post.aggregate(full, *agg)
+            self._aggregate_fused(probs, labels)
+            want = self._aggregate_steps(_to_xp(xp, probs).copy(), n, h, w)
             if not np.array_equal(post.to_host(_to_xp(xp, x))[:, 0], post.to_host(want_x), equal_nan=True):
                 return "the fused preprocessing differs from the step-by-step functions (post.py)"
             if not np.array_equal(post.to_host(_to_xp(xp, labels)), post.to_host(want)):
@@ -235,6 +220,38 @@ class GpuStage:
         except Exception as exc:   # noqa: BLE001 - any failure: run the step-by-step functions instead
             return f"{type(exc).__name__}: {exc}"[:300]
         return None
+
+    # ---------------------------------------------------------------- before and after the model
+
+    def _preprocess(self, src, img, lo: float, hi: float, fused: bool):
+        """A slab (n, H, W) -> the model's inputs: n resized slices, or every slice's tiles in row-major
+        order, slice after slice. src: the slab as a torch tensor (uint16 as int16), img: as an xp array.
+        Fused: (N, 1, S, S) torch float32; step by step: (N, S, S) xp float32."""
+        if fused:
+            return (resample.extract_tiles(src, self.size, self.overlap, lo, hi, self.pad) if self.tiled
+                    else resample.window_resize(src, lo, hi, self.size))
+        if self.tiled:
+            return self.xp.concatenate([post.extract_tiles(s, self.size, self.overlap, lo, hi, self.pad) for s in img])
+        return post.resize_bilinear(post.window(img, lo, hi), self.size, self.size)
+
+    def _aggregate_fused(self, probs, labels, counts=None) -> None:
+        """Probabilities (torch: one batch in resize mode, the slab's tiles in tile mode) -> labels (torch
+        uint8) in place, voxels per label value added to counts."""
+        agg = (self.thresholds, self.ids, self.priority, self.aggregation)
+        if self.tiled:
+            resample.stitch_aggregate(probs, labels, self.overlap, self.blend, *agg, counts=counts)
+        else:
+            resample.resize_aggregate(probs, labels, *agg, counts=counts)
+
+    def _aggregate_steps(self, probs, n: int, h: int, w: int):
+        """The slab's probabilities (xp float32) -> labels (n, h, w), step by step."""
+        if self.tiled:
+            per = probs.shape[0] // n
+            full = self.xp.stack([post.stitch_tiles(probs[i * per:(i + 1) * per], h, w, self.overlap, self.blend)
+                                  for i in range(n)])
+        else:
+            full = post.resize_bilinear(probs, h, w)
+        return post.aggregate(full, self.thresholds, self.ids, self.priority, self.aggregation)
 
     # ---------------------------------------------------------------- model steps
 
@@ -311,16 +328,7 @@ class GpuStage:
                     img = img.view(slab.dtype)
                 t0 = clock.mark()
                 src = dev if self.cuda else _to_torch(torch, _as_int16(dev))
-                if self.fused and self.tiled:   # every slice's tiles in row-major order, slice after slice
-                    x = resample.extract_tiles(src, self.size, self.overlap, lo, hi, self.pad)
-                elif self.fused:
-                    x = resample.window_resize(src, lo, hi, self.size)
-                elif self.tiled:
-                    x = xp.concatenate([post.extract_tiles(img[i], self.size, self.overlap, lo, hi, self.pad)
-                                        for i in range(n)])
-                else:
-                    x = post.resize_bilinear(post.window(img, lo, hi), self.size, self.size)
-                per_slice = x.shape[0] // n
+                x = self._preprocess(src, img, lo, hi, self.fused)
                 x = _to_torch(torch, x).reshape(x.shape[0], 1, self.size, self.size)
                 t1 = clock.mark()
                 clock.span("preprocess", t0, t1)
@@ -348,30 +356,23 @@ class GpuStage:
                     if self.fused and self.tiled:   # graph outputs are reused by the next batch
                         probs[b:b + xb.shape[0]] = p
                     elif self.fused:   # straight from the graph's output, before the next batch reuses it
-                        resample.resize_aggregate(p, labels[b:b + xb.shape[0]], self.thresholds, self.ids,
-                                                  self.priority, self.aggregation, counts=self.class_voxels)
+                        self._aggregate_fused(p, labels[b:b + xb.shape[0]], self.class_voxels)
                         clock.span("aggregate", t2, clock.mark())
                     else:
                         probs.append(_to_xp(xp, p.float()).copy())
                 if self.fused and self.tiled:
                     t0 = clock.mark()
-                    resample.stitch_aggregate(probs, labels, self.overlap, self.blend, self.thresholds, self.ids,
-                                              self.priority, self.aggregation, counts=self.class_voxels)
+                    self._aggregate_fused(probs, labels, self.class_voxels)
                     clock.span("aggregate", t0, clock.mark())
                     del probs
                 if not self.fused:
                     t0 = clock.mark()
                     probs = probs[0] if len(probs) == 1 else xp.concatenate(probs)
-                    if self.tiled:
-                        full = xp.stack([post.stitch_tiles(probs[i * per_slice:(i + 1) * per_slice], h, w,
-                                                           self.overlap, self.blend) for i in range(n)])
-                    else:
-                        full = post.resize_bilinear(probs, h, w)
-                    labels = post.aggregate(full, self.thresholds, self.ids, self.priority, self.aggregation)
+                    labels = self._aggregate_steps(probs, n, h, w)
                     for v in {0, *self.ids.tolist()}:   # counts stay on the device: no host sync here
                         self.class_voxels[v] += xp.count_nonzero(labels == v)
                     clock.span("aggregate", t0, clock.mark())
-                    del full, probs
+                    del probs
                 labels = _to_xp(xp, labels)
             if self.cuda:
                 ready = self._last_end = clock.mark(self.compute)

@@ -26,6 +26,7 @@ Triton-interpreter tests check the values against _core.
 
 torch tensors in, torch tensors out (CUDA; CPU tensors only under TRITON_INTERPRET=1, for tests).
 """
+import functools
 import types
 
 import numpy as np
@@ -69,6 +70,12 @@ def _bilinear(a00, a01, a10, a11, hx, lx, hy, ly):
     return hy * t0 + ly * t1
 
 
+def _axis_at(I0, I1, HW, LW, o, mask):
+    """The resize axis at output positions o: source positions i0, i1 and their weights h, l."""
+    return (tl.load(I0 + o, mask=mask, other=0), tl.load(I1 + o, mask=mask, other=0),
+            tl.load(HW + o, mask=mask, other=0), tl.load(LW + o, mask=mask, other=0))
+
+
 def _aggregate_step(p, c, label, best, THR, IDS, ARGMAX: tl.constexpr):
     """One channel c of _core.aggregate: priority (channels visited lowest priority first, a later one
     overwrites) or argmax (channels in order, strict '>' keeps the lower channel on ties)."""
@@ -92,10 +99,8 @@ def _window_resize_kernel(SRC_P, OUT_P, Y0, Y1, HY, LY, X0, X1, HX, LX, H_OUT, W
     oy = tl.program_id(1) * BY + tl.arange(0, BY)
     ox = tl.program_id(0) * BX + tl.arange(0, BX)
     my, mx = oy < H_OUT, ox < W_OUT
-    y0, y1 = tl.load(Y0 + oy, mask=my, other=0), tl.load(Y1 + oy, mask=my, other=0)
-    hy, ly = tl.load(HY + oy, mask=my, other=0), tl.load(LY + oy, mask=my, other=0)
-    x0, x1 = tl.load(X0 + ox, mask=mx, other=0), tl.load(X1 + ox, mask=mx, other=0)
-    hx, lx = tl.load(HX + ox, mask=mx, other=0), tl.load(LX + ox, mask=mx, other=0)
+    y0, y1, hy, ly = _axis_at(Y0, Y1, HY, LY, oy, my)
+    x0, x1, hx, lx = _axis_at(X0, X1, HX, LX, ox, mx)
     m = my[:, None] & mx[None, :]
     src = SRC_P + tl.program_id(2).to(tl.int64) * s_n
     r0, r1 = (y0 * s_y)[:, None], (y1 * s_y)[:, None]
@@ -116,10 +121,9 @@ def _resize_aggregate_kernel(P, OUT_P, COUNTS, THR, IDS, ORDER, VALUES, Y0, Y1, 
     oy = tl.program_id(1) * BY + tl.arange(0, BY)
     ox = tl.program_id(0) * BX + tl.arange(0, BX)
     my, mx = oy < H_OUT, ox < W_OUT
-    y0, y1 = tl.load(Y0 + oy, mask=my, other=0), tl.load(Y1 + oy, mask=my, other=0)
-    hy, ly = tl.load(HY + oy, mask=my, other=0)[:, None], tl.load(LY + oy, mask=my, other=0)[:, None]
-    x0, x1 = tl.load(X0 + ox, mask=mx, other=0), tl.load(X1 + ox, mask=mx, other=0)
-    hx, lx = tl.load(HX + ox, mask=mx, other=0)[None, :], tl.load(LX + ox, mask=mx, other=0)[None, :]
+    y0, y1, hy, ly = _axis_at(Y0, Y1, HY, LY, oy, my)
+    x0, x1, hx, lx = _axis_at(X0, X1, HX, LX, ox, mx)
+    hy, ly, hx, lx = hy[:, None], ly[:, None], hx[None, :], lx[None, :]
     m = my[:, None] & mx[None, :]
     base = P + tl.program_id(2).to(tl.int64) * p_n
     r0, r1 = (y0 * p_y)[:, None], (y1 * p_y)[:, None]
@@ -202,8 +206,8 @@ def _stitch_aggregate_kernel(P, OUT_P, COUNTS, THR, IDS, ORDER, VALUES, YS, XS, 
 
 
 if triton is not None:
-    _src_value, _windowed, _bilinear, _aggregate_step, _store_labels = (
-        triton.jit(f) for f in (_src_value, _windowed, _bilinear, _aggregate_step, _store_labels))
+    _src_value, _windowed, _bilinear, _axis_at, _aggregate_step, _store_labels = (
+        triton.jit(f) for f in (_src_value, _windowed, _bilinear, _axis_at, _aggregate_step, _store_labels))
     _window_resize_kernel, _resize_aggregate_kernel, _extract_tiles_kernel, _stitch_aggregate_kernel = (
         triton.jit(f) for f in (_window_resize_kernel, _resize_aggregate_kernel, _extract_tiles_kernel,
                                 _stitch_aggregate_kernel))
@@ -225,14 +229,28 @@ def _on_device(device, *arrays: np.ndarray) -> list[torch.Tensor]:
     return out
 
 
-def _axes(n_in: int, n_out: int, device) -> list[torch.Tensor]:
+@functools.lru_cache(maxsize=None)   # called per batch: not even the host tables are remade
+def _axes(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """_core's resize axis on the device: source rows i0, i1 (int32), weights hw, lw (float32)."""
     i0, i1, lw, hw = _axis(n_in, n_out)
-    return _on_device(device, i0.astype(np.int32), i1.astype(np.int32), hw.astype(np.float32), lw.astype(np.float32))
+    return tuple(_on_device(device, i0.astype(np.int32), i1.astype(np.int32), hw.astype(np.float32),
+                            lw.astype(np.float32)))
 
 
 def _launch(kernel, grid, *args, **meta):
     kernel[grid](*args, **meta, BY=BLOCK_Y, BX=BLOCK_X, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+def _source(raw: torch.Tensor, lo: float, hi: float) -> tuple:
+    """Checked slices and window: (raw with unit column stride, lo and hi - lo as float32 values, as the
+    C++ computes them, as Python floats for the launch)."""
+    if raw.ndim != 3 or raw.dtype not in _SRC_KIND:
+        raise ValueError(f"raw must be (n, H, W) float32, uint8 or int16 (uint16 bytes), got {tuple(raw.shape)} "
+                         f"{raw.dtype}")
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    if not hi32 > lo32:
+        raise ValueError("window needs hi > lo")
+    return (raw if raw.stride(2) == 1 else raw.contiguous()), float(lo32), float(np.float32(hi32 - lo32))
 
 
 def window_resize(raw: torch.Tensor, lo: float, hi: float, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -240,15 +258,8 @@ def window_resize(raw: torch.Tensor, lo: float, hi: float, size: int, out: torch
     equal to _core.resize_bilinear(_core.window(slice, lo, hi), size, size) per slice."""
     if triton is None:
         raise RuntimeError("window_resize needs Triton")
-    if raw.ndim != 3 or raw.dtype not in _SRC_KIND:
-        raise ValueError(f"raw must be (n, H, W) float32, uint8 or int16 (uint16 bytes), got {tuple(raw.shape)} "
-                         f"{raw.dtype}")
+    raw, lo, scale = _source(raw, lo, hi)
     n, h, w = raw.shape
-    lo32, hi32 = np.float32(lo), np.float32(hi)
-    if not hi32 > lo32:
-        raise ValueError("window needs hi > lo")
-    if raw.stride(2) != 1:
-        raw = raw.contiguous()
     if out is None:
         out = torch.empty((n, 1, size, size), dtype=torch.float32, device=raw.device)
     if out.shape != (n, 1, size, size) or out.dtype != torch.float32 or not out.is_contiguous():
@@ -259,8 +270,7 @@ def window_resize(raw: torch.Tensor, lo: float, hi: float, size: int, out: torch
     x0, x1, hx, lx = _axes(w, size, raw.device)
     grid = (triton.cdiv(size, BLOCK_X), triton.cdiv(size, BLOCK_Y), n)
     _launch(_window_resize_kernel, grid, raw, out, y0, y1, hy, ly, x0, x1, hx, lx, size, size,
-            raw.stride(0), raw.stride(1), size * size, float(lo32), float(np.float32(hi32 - lo32)),
-            SRC=_SRC_KIND[raw.dtype])
+            raw.stride(0), raw.stride(1), size * size, lo, scale, SRC=_SRC_KIND[raw.dtype])
     return out
 
 
@@ -321,10 +331,9 @@ def resize_aggregate(probs: torch.Tensor, out: torch.Tensor, thresholds, label_i
     return out
 
 
-def _tiling(h: int, w: int, tile: int, overlap: int, device) -> tuple:
-    """Tile starts along y and x (int32, as _core.tile_starts) on the device, and their numbers."""
-    ys, xs = _core.tile_starts(h, tile, overlap), _core.tile_starts(w, tile, overlap)
-    return (*_on_device(device, ys.astype(np.int32), xs.astype(np.int32)), len(ys), len(xs))
+def _tiling(h: int, w: int, tile: int, overlap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tile starts along y and x (int32), as _core.tile_starts."""
+    return (_core.tile_starts(h, tile, overlap).astype(np.int32), _core.tile_starts(w, tile, overlap).astype(np.int32))
 
 
 def _cover(starts: np.ndarray, length: int, tile: int) -> tuple[np.ndarray, np.ndarray]:
@@ -339,24 +348,18 @@ def extract_tiles(raw: torch.Tensor, tile: int, overlap: int, lo: float, hi: flo
     float32, slice after slice, each slice's equal to _core.extract_tiles(slice, tile, overlap, lo, hi, pad)."""
     if triton is None:
         raise RuntimeError("extract_tiles needs Triton")
-    if raw.ndim != 3 or raw.dtype not in _SRC_KIND:
-        raise ValueError(f"raw must be (n, H, W) float32, uint8 or int16 (uint16 bytes), got {tuple(raw.shape)} "
-                         f"{raw.dtype}")
     if pad not in ("edge", "constant"):
         raise ValueError("pad must be 'edge' or 'constant'")
-    lo32, hi32 = np.float32(lo), np.float32(hi)
-    if not hi32 > lo32:
-        raise ValueError("window needs hi > lo")
+    raw, lo, scale = _source(raw, lo, hi)
     n, h, w = raw.shape
-    ys, xs, ny, nx = _tiling(h, w, tile, overlap, raw.device)
+    ys, xs = _tiling(h, w, tile, overlap)
+    ny, nx = len(ys), len(xs)
     out = torch.empty((n * ny * nx, 1, tile, tile), dtype=torch.float32, device=raw.device)
     if n == 0:
         return out
-    if raw.stride(2) != 1:
-        raw = raw.contiguous()
     grid = (n * ny * nx, triton.cdiv(tile, BLOCK_Y), triton.cdiv(tile, BLOCK_X))
-    _launch(_extract_tiles_kernel, grid, raw, out, ys, xs, h, w, nx, ny * nx, raw.stride(0), raw.stride(1),
-            float(lo32), float(np.float32(hi32 - lo32)), SRC=_SRC_KIND[raw.dtype], EDGE=pad == "edge", S=tile)
+    _launch(_extract_tiles_kernel, grid, raw, out, *_on_device(raw.device, ys, xs), h, w, nx, ny * nx,
+            raw.stride(0), raw.stride(1), lo, scale, SRC=_SRC_KIND[raw.dtype], EDGE=pad == "edge", S=tile)
     return out
 
 
@@ -375,18 +378,16 @@ def stitch_aggregate(probs: torch.Tensor, out: torch.Tensor, overlap: int, blend
     small, counts, meta = _aggregation_args(probs, out, n, thresholds, label_ids, priority, mode, counts)
     nt, _, tile, tile_w = probs.shape
     h, w = out.shape[1:]
-    ys_h, xs_h = _core.tile_starts(h, tile, overlap), _core.tile_starts(w, tile, overlap)
-    if tile != tile_w or nt != n * len(ys_h) * len(xs_h):
-        raise ValueError(f"got {nt} tiles of {tile}x{tile_w}; {n} slices of {h}x{w} have "
-                         f"{n * len(ys_h) * len(xs_h)} square ones")
+    ys, xs = _tiling(h, w, tile, overlap)
+    ny, nx = len(ys), len(xs)
+    if tile != tile_w or nt != n * ny * nx:
+        raise ValueError(f"got {nt} tiles of {tile}x{tile_w}; {n} slices of {h}x{w} have {n * ny * nx} square ones")
     if n == 0:
         return out
     if probs.stride(3) != 1:
         probs = probs.contiguous()
-    dev = probs.device
-    ys, xs, ny, nx = _tiling(h, w, tile, overlap, dev)
-    (yf, yc), (xf, xc) = _cover(ys_h, h, tile), _cover(xs_h, w, tile)
-    *cover, w1 = _on_device(dev, yf, yc, xf, xc, blend_weights(tile, overlap, blend))
+    (yf, yc), (xf, xc) = _cover(ys, h, tile), _cover(xs, w, tile)
+    ys, xs, *cover, w1 = _on_device(probs.device, ys, xs, yf, yc, xf, xc, blend_weights(tile, overlap, blend))
     grid = (triton.cdiv(w, BLOCK_X), triton.cdiv(h, BLOCK_Y), n)
     _launch(_stitch_aggregate_kernel, grid, probs, out, counts, *small, ys, xs, *cover, w1, h, w, nx, ny * nx,
             probs.stride(0), probs.stride(1), probs.stride(2), h * w, RAMP=blend == "ramp",

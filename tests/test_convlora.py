@@ -5,6 +5,7 @@ Needs the `train` extra (torch, segment-anything); skipped without it. Tiny rand
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 
 import numpy as np
@@ -230,6 +231,39 @@ def test_onnx_export_parity_and_package(tmp_path):
     assert len(pkg.graphs) == 1 and pkg.graphs[0].outputs == ("material", "pore", "inclusion")
     assert pkg.input_mode == "resize"
     assert check_package(out, {"shared": shared}, ["material", "pore", "inclusion"]) < 1e-3
+
+
+def test_onnxruntime_routes_the_exported_experts_with_identical_outputs(tmp_path):
+    """The engine's in-memory rewrite (graph_rewrites.route_experts) on a real export: every adapter
+    routed, the probabilities bit for bit those of the graph as exported, for a batch spread over
+    several experts and for one window alone (experts no window chose then run on empty batches)."""
+    from training.export import write_model_package
+    from xctrt.backends import OnnxRuntimeEngine
+    from xctrt.model import load_package
+
+    shared = randomise_adapters(build_xct_sam("sam_tiny_test", num_heads=3)).eval()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():   # distinct heads (tied weights become Identity nodes, which onnx2torch cannot read)
+        for p in (p for dec in shared.mask_decoders for p in dec.parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+    pkg = load_package(write_model_package(tmp_path / "shared", {"shared": shared}, "shared",
+                                           ["material", "pore", "inclusion"], backbone="sam_tiny_test"))
+    static, routed = OnnxRuntimeEngine(pkg, route=False), OnnxRuntimeEngine(pkg)
+    assert static.routed_adapters == 0 and routed.routed_adapters == len(conv_lora_modules(shared)) > 0
+    x = torch.rand(6, 1, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        shared.logits(x)
+    assert len({int(k) for m in conv_lora_modules(shared) for k in m.last_choice}) > 1
+    np.testing.assert_array_equal(routed.run(x.numpy()), static.run(x.numpy()))
+    np.testing.assert_array_equal(routed.run(x[:1].numpy()), static.run(x[:1].numpy()))
+    # the torch backend on a CPU routes too (onnx2torch runs the rewritten graph); torch's kernels, so
+    # the same numbers up to rounding
+    if importlib.util.find_spec("onnx2torch"):
+        from xctrt.backends import TorchEngine
+        eng = TorchEngine(pkg)
+        if eng.device == "cpu":
+            assert eng.routed_adapters == routed.routed_adapters
+        np.testing.assert_allclose(eng.run(x.numpy()), static.run(x.numpy()), atol=1e-5)
 
 
 def test_store_weights_fp16_halves_a_weight_heavy_graph(tmp_path):

@@ -14,53 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import XctrtError
+from .graph_rewrites import route_experts, weights_as_float32
 from .model import ModelPackage
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 PRECISIONS = ("fp32", "bf16")
-
-
-def weights_as_float32(model):
-    """Undo float16 weight storage (training.export --weights-fp16) in an onnx ModelProto, in place:
-    each Cast-to-float32 of a float16 initializer or Constant that nothing else reads becomes a
-    float32 initializer under the Cast's output name. For converters that need weights as initializers
-    (onnx2torch takes Conv/MatMul weights from them; TensorRT builds its own fp16 engine). Same values,
-    so the outputs are unchanged. Returns the model."""
-    from onnx import TensorProto, numpy_helper
-
-    g = model.graph
-    readers: dict[str, int] = {}
-    for node in g.node:
-        for i in node.input:
-            readers[i] = readers.get(i, 0) + 1
-    for o in g.output:
-        readers[o.name] = readers.get(o.name, 0) + 1
-    half = {t.name: t for t in g.initializer if t.data_type == TensorProto.FLOAT16}
-    consts = {n.output[0]: k for k, n in enumerate(g.node) if n.op_type == "Constant" and len(n.attribute) == 1
-              and n.attribute[0].name == "value" and n.attribute[0].t.data_type == TensorProto.FLOAT16}
-    drop_nodes, drop_inits, new = set(), set(), []   # node indices (protobuf wrappers have no stable id)
-    for k, node in enumerate(g.node):
-        if node.op_type != "Cast" or readers.get(node.input[0]) != 1:
-            continue
-        to = next((a.i for a in node.attribute if a.name == "to"), None)
-        src = node.input[0]
-        if to != TensorProto.FLOAT or (src not in half and src not in consts):
-            continue
-        t = half[src] if src in half else g.node[consts[src]].attribute[0].t
-        new.append(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), node.output[0]))
-        drop_nodes.add(k)
-        if src in half:
-            drop_inits.add(src)
-        else:
-            drop_nodes.add(consts[src])
-    if new:
-        keep = [n for k, n in enumerate(g.node) if k not in drop_nodes]
-        inits = [t for t in g.initializer if t.name not in drop_inits] + new
-        del g.node[:]
-        g.node.extend(keep)
-        del g.initializer[:]
-        g.initializer.extend(inits)
-    return model
 
 
 class Engine:
@@ -73,9 +31,14 @@ class Engine:
 
 
 class OnnxRuntimeEngine(Engine):
+    """ONNX Runtime (CUDA provider when installed, else CPU).
+
+    route: run each Conv-LoRA expert only on the windows its gate chose (graph_rewrites.route_experts;
+    the same outputs, ~4x faster for the shipped model on a CPU); False runs the graph as exported."""
+
     name = "onnxruntime"
 
-    def __init__(self, package: ModelPackage, threads: int = 0):
+    def __init__(self, package: ModelPackage, threads: int = 0, route: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -84,13 +47,22 @@ class OnnxRuntimeEngine(Engine):
         opts.log_severity_level = 3
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                      if p in ort.get_available_providers()]
+        self.routed_adapters = 0   # Conv-LoRA adapters whose experts run routed, over all graphs
         try:
-            self.sessions = [ort.InferenceSession(g.data, sess_options=opts, providers=providers)
-                             for g in package.graphs]
+            graphs = [self._routed(g.data) if route else g.data for g in package.graphs]
+            self.sessions = [ort.InferenceSession(data, sess_options=opts, providers=providers) for data in graphs]
         except Exception as exc:
             raise XctrtError(f"{package.path}: ONNX Runtime cannot load the model graph ({exc})") from exc
         self.device = "cuda" if self.sessions[0].get_providers()[0].startswith("CUDA") else "cpu"
         self.input_names = [s.get_inputs()[0].name for s in self.sessions]
+
+    def _routed(self, data: bytes) -> bytes:
+        import onnx
+
+        model = onnx.load_from_string(data)
+        n = route_experts(model)
+        self.routed_adapters += n
+        return model.SerializeToString() if n else data
 
     def run(self, x):
         outs = [s.run(None, {n: x})[0] for s, n in zip(self.sessions, self.input_names)]
@@ -120,9 +92,16 @@ class TorchEngine(Engine):
         # value_info, and a TinyViT (LiteMedSAM) graph reshapes with computed shapes that plain inference
         # leaves unknown (it would build LayerNorm(normalized_shape=[0])).
         # Float16-stored weights go back to float32 initializers first (onnx2torch reads Conv weights from those).
-        self.modules = [convert(onnx.shape_inference.infer_shapes(weights_as_float32(onnx.load_from_string(g.data)),
-                                                                  data_prop=True))
-                        .eval().to(self.device) for g in package.graphs]
+        # On the CPU the Conv-LoRA experts run routed (as in OnnxRuntimeEngine); on CUDA the graph stays static,
+        # since the GPU path captures it in CUDA graphs, which need fixed shapes.
+        self.routed_adapters = 0
+        self.modules = []
+        for g in package.graphs:
+            model = weights_as_float32(onnx.load_from_string(g.data))
+            if self.device == "cpu":
+                self.routed_adapters += route_experts(model)
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            self.modules.append(convert(model).eval().to(self.device))
         self.precision = precision
         if precision != "fp32":
             self.name = f"torch-{precision}"

@@ -352,6 +352,7 @@ class Segmenter:
             "model": {"name": self.package.name, "path": str(self.package.path), "trained": self.package.trained,
                       "files_sha256": self.package.manifest.get("files", {})},
             "run": {"backend": self.engine.name, "device": self.engine.device, "pipeline": self.device,
+                    "routed_adapters": getattr(self.engine, "routed_adapters", None),
                     "batch_size": self.batch_size,
                     "threads": self.threads, "slab": self.slab, "connectivity": self.connectivity,
                     "min_voxels": self.min_voxels, "intensity_window": list(window),

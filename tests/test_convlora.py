@@ -253,7 +253,7 @@ def test_onnxruntime_routes_the_exported_experts_with_identical_outputs(tmp_path
     x = torch.rand(6, 1, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         shared.logits(x)
-    assert len({int(k) for m in conv_lora_modules(shared) for k in m.last_choice}) > 1
+    assert any(len(set(m.last_choice.tolist())) > 1 for m in conv_lora_modules(shared))   # a split batch
     np.testing.assert_array_equal(routed.run(x.numpy()), static.run(x.numpy()))
     np.testing.assert_array_equal(routed.run(x[:1].numpy()), static.run(x[:1].numpy()))
     # the torch backend on a CPU routes too (onnx2torch runs the rewritten graph); torch's kernels, so

@@ -56,31 +56,45 @@ def weights_as_float32(model):
     return model
 
 
+# Ops an expert may apply to its samples' rows: each output row depends on the same input row only.
+# Binary ones take another row tensor of the same expert or a value that does not depend on the rows
+# (a constant without a batch axis of its own).
+_ROWWISE_UNARY = {"Abs", "Cast", "Erf", "Exp", "Gelu", "Identity", "Log", "Neg", "Relu", "Sigmoid", "Softplus",
+                  "Sqrt", "Tanh"}
+_ROWWISE_BINARY = {"Add", "Div", "Max", "Min", "Mul", "Pow", "Sub"}
+# Ops allowed on values that do not depend on the rows (weights, shape vectors, constants).
+_STATIC_OPS = {"Cast", "Concat", "Constant", "Gather", "Identity", "Reshape", "Shape", "Slice", "Squeeze",
+               "Unsqueeze"}
+
+
 def route_experts(model) -> int:
     """Run each Conv-LoRA expert only on the samples its gate chose, in an onnx ModelProto, in place;
-    returns how many adapters were rewritten (0: the graph is left as it was).
+    returns how many adapters were rewritten (0: the graph is left exactly as it was).
 
     The exporter keeps the expert choice graph-static: every expert runs on every sample (window) and a
     one-hot of the gate's argmax keeps one, out = Σ_e onehot_e · E_e(z). The experts upsample by up to 8×,
     so on a CPU they take most of the shipped model's time, 7/8 of it thrown away (routed, it segments
-    3.6-3.9x faster: benchmarks/RESULTS.md). Rewritten, each expert
-    gets Gather(z, NonZero(choice == e)) and one Gather puts the results back in sample order. The
-    output is the same numbers: the static sum adds exact zeros (0 · finite) to the chosen expert's
-    value, and each sample's expert maths does not depend on which other samples share the batch.
+    3.6-3.9x faster: benchmarks/RESULTS.md). Rewritten, each expert gets Gather(z, NonZero(choice == e))
+    and one Gather puts the results back in sample order. The output is the same numbers: the static sum
+    adds exact zeros (0 · finite) to the chosen expert's value, and each sample's expert maths does not
+    depend on which other samples share the batch.
 
-    Recognised structurally, as training/export.py writes it: z -> ReduceMean -> MatMul -> ArgMax
-    (the gate), choice -> Unsqueeze -> Equal -> Cast (the one-hot), per expert Gather(onehot, e) ->
-    Unsqueeze... -> Mul(·, E_e(z)), the products summed by a chain of Adds, and the expert branches
-    reading z through nodes of their own. An adapter that differs in any of this is left static.
+    Recognised structurally, as training/export.py writes it, and left static where anything differs:
+    z -> ReduceMean over (H, W) -> MatMul -> ArgMax over the experts (the gate, one index per sample);
+    choice -> Unsqueeze(1) -> Equal(arange(E)) -> Cast (the one-hot); per expert Gather(onehot, e, axis 1)
+    -> Unsqueeze(axes >= 1)... -> Mul(·, E_e(z)), each product summed once by a chain of E-1 Adds. Each
+    expert reads z through nodes of its own, applies only row-wise ops (elementwise, Conv, Resize that
+    keeps the batch), with weights and shape vectors that do not depend on other rows, and its rows are
+    read nowhere else. A shape read of z that experts share may only take dimensions other than N.
 
-    For engines that take data-dependent shapes well (ONNX Runtime). The torch path on a GPU keeps the
-    static graph: CUDA graphs need fixed shapes, and there the experts are small kernels side by side."""
+    For engines that run data-dependent shapes well (ONNX Runtime on a CPU). The torch path on a GPU keeps
+    the static graph: CUDA graphs need fixed shapes."""
     from onnx import helper, numpy_helper
 
     g = model.graph
-    if any(a.type in (a.GRAPH, a.GRAPHS) for n in g.node for a in n.attribute):
-        return 0   # subgraphs read outer names this walk does not see
-    consts = {t.name: t for t in g.initializer}
+    if len(g.sparse_initializer) or any(a.type in (a.GRAPH, a.GRAPHS) for n in g.node for a in n.attribute):
+        return 0   # subgraphs read outer names, and sparse weights, that this walk does not see
+    consts = {t.name: t for t in g.initializer if t.name not in {i.name for i in g.input}}
     for n in g.node:
         if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
             consts[n.output[0]] = n.attribute[0].t
@@ -90,22 +104,28 @@ def route_experts(model) -> int:
         for i in n.input:
             readers.setdefault(i, []).append(n)
     for o in g.output:
-        readers.setdefault(o.name, []).append(None)   # a graph output is never an intermediate to drop
+        readers.setdefault(o.name, []).append(None)   # a graph output: read outside the graph
+
+    def const(t):
+        return numpy_helper.to_array(consts[t]) if t in consts else None
+
+    def attr(n, name, default=None):
+        return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
+
+    def axes(n):
+        """A node's axes, from its attribute or its constant second input (opset >= 13/18)."""
+        a = attr(n, "axes")
+        if a is None and len(n.input) > 1:
+            a = const(n.input[1])
+        return None if a is None else [int(v) for v in np.asarray(a).reshape(-1)]
 
     def only_reader(t, op):
         r = readers.get(t, [])
         return r[0] if len(r) == 1 and r[0] is not None and r[0].op_type == op else None
 
-    def index_of(t):
-        a = numpy_helper.to_array(consts[t]) if t in consts else None
-        return int(a.reshape(-1)[0]) if a is not None and a.size == 1 and a.dtype.kind in "iu" else None
-
-    def reads_no_batch_size(reader) -> bool:
-        """A reader of a (N, ...) shape vector that takes one dimension other than N."""
-        if reader is None or reader.op_type != "Gather" or any(a.name == "axis" and a.i != 0 for a in reader.attribute):
-            return False
-        k = index_of(reader.input[1])
-        return k is not None and k > 0 and numpy_helper.to_array(consts[reader.input[1]]).ndim == 0
+    def scalar_index(t):
+        a = const(t)
+        return int(a) if a is not None and a.ndim == 0 and a.dtype.kind in "iu" else None
 
     def branch_nodes(y, z):
         """Nodes computing y, walking back no further than z."""
@@ -117,111 +137,193 @@ def route_experts(model) -> int:
                 continue
             seen[id(n)] = n
             todo.extend(n.input)
-        return seen.values()
+        return seen
 
-    def rows_stay_inside(e, value, product, first) -> bool:
-        """Whether what expert e computes from its samples' rows (from the nodes `first` on) is read
-        only inside its branch and ends in its value, which only its one-hot product reads."""
-        branch = {id(n) for n in branch_nodes(value, z)}
-        inside, todo = {}, list(first)
-        while todo:
-            n = todo.pop()
-            if id(n) in inside:
-                continue
-            inside[id(n)] = n
-            todo += [r for o in n.output for r in readers.get(o, []) if r is not None and id(r) in branch]
-        for n in inside.values():
-            for o in n.output:
-                for r in readers.get(o, []):
-                    if r is None or (id(r) not in inside and not (o == value and product in r.output)):
-                        return False
-        return producer.get(value) is not None and id(producer[value]) in inside
+    def takes_no_batch_size(shape_node) -> bool:
+        """A Shape of z whose every reader takes one dimension other than N (a constant index > 0)."""
+        return all(r is not None and r.op_type == "Gather" and attr(r, "axis", 0) == 0
+                   and (scalar_index(r.input[1]) or 0) > 0 for r in readers.get(shape_node.output[0], []))
 
-    def node(op, inputs, outputs, **attrs):   # named after its output: converters key nodes by name
-        return helper.make_node(op, inputs, outputs, name=outputs[0], **attrs)
-
-    def const(name, value):
-        return node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value, np.int64)))
-
-    drop, new_nodes, rewire, count = set(), [], {}, 0
-    for argmax in [n for n in g.node if n.op_type == "ArgMax"]:
+    def plan_adapter(argmax):
+        """What to rewrite for one adapter, or None when anything is off the exporter's pattern."""
         choice = argmax.output[0]
         unsq = only_reader(choice, "Unsqueeze")
         equal = unsq and only_reader(unsq.output[0], "Equal")
         cast = equal and only_reader(equal.output[0], "Cast")
         gate = producer.get(argmax.input[0])
         pool = producer.get(gate.input[0]) if gate is not None and gate.op_type == "MatMul" else None
-        attrs = {a.name: a.i for a in argmax.attribute}
-        if (cast is None or pool is None or pool.op_type != "ReduceMean"
-                or attrs.get("keepdims", 1) != 0 or attrs.get("axis", 0) not in (1, -1)):
-            continue   # not the exporter's gate: one expert index per sample, shape (N,)
-        labels = [a for a in equal.input if a != unsq.output[0]]
-        labels = numpy_helper.to_array(consts[labels[0]]).reshape(-1) if labels and labels[0] in consts else None
+        if (cast is None or pool is None or pool.op_type != "ReduceMean" or const(gate.input[1]) is None
+                or attr(argmax, "keepdims", 1) != 0 or attr(argmax, "axis", 0) not in (1, -1)
+                or attr(pool, "keepdims", 1) != 0 or sorted(axes(pool) or []) not in ([2, 3], [-2, -1])
+                or axes(unsq) not in ([1], [-1])):
+            return None
         z = pool.input[0]
-        # per expert: its value E_e(z) and its product with the one-hot
+        labels = const(next((i for i in equal.input if i != unsq.output[0]), ""))
         experts, chain = {}, [unsq, equal, cast]
         for gather in readers.get(cast.output[0], []):
-            e = index_of(gather.input[1]) if gather is not None and gather.op_type == "Gather" else None
-            if e is None:
-                experts = None
-                break
+            e = scalar_index(gather.input[1]) if gather is not None and gather.op_type == "Gather" else None
+            if e is None or attr(gather, "axis", 0) != 1 or e in experts:
+                return None
             chain.append(gather)
             t = gather.output[0]
             while (u := only_reader(t, "Unsqueeze")) is not None:
+                if min(axes(u) or [0]) < 1:   # the gate value must stay on the batch axis
+                    return None
                 chain.append(u)
                 t = u.output[0]
             mul = only_reader(t, "Mul")
-            if mul is None:
-                experts = None
-                break
+            if mul is None or len(readers.get(mul.output[0], [])) != 1:
+                return None
             chain.append(mul)
             experts[e] = (mul.input[1] if mul.input[0] == t else mul.input[0], mul.output[0])
-        if not experts or labels is None or sorted(experts) != list(range(len(experts))) \
-                or not np.array_equal(labels, np.arange(len(experts))):
-            continue   # one-hot column e must mean "choice == e", for every e
+        count = len(experts)
+        if (count < 2 or sorted(experts) != list(range(count)) or labels is None
+                or not np.array_equal(labels.reshape(-1), np.arange(count)) or labels.ndim != 1):
+            return None
+        # the products, each summed exactly once, by E-1 Adds
         products = {p for _, p in experts.values()}
-        t, summed = experts[0][1], {experts[0][1]}
+        t, summed = experts[0][1], [experts[0][1]]
         while (add := only_reader(t, "Add")) is not None:
             other = add.input[1] if add.input[0] == t else add.input[0]
-            if other not in products:
+            if other not in products or other in summed:
                 break
-            summed.add(other)
+            summed.append(other)
             chain.append(add)
             t = add.output[0]
-        if summed != products:
-            continue
-        total = t
-        # the nodes through which each expert reads z: its own ones are rewired to its samples; a shape
-        # read of z that several experts share may stay only where nothing reads z's batch size from it
-        # (as the exporter's resize-back reads z's height and width)
-        owner: dict[int, int] = {}
-        nodes_by_id = {}
-        for e, (value, _) in experts.items():
-            for n in branch_nodes(value, z):
-                if z in n.input:
-                    owner[id(n)] = e if owner.get(id(n), e) == e else -1
-                    nodes_by_id[id(n)] = n
-        shared = [nodes_by_id[k] for k, e in owner.items() if e == -1]
-        if any(n.op_type != "Shape" or not all(reads_no_batch_size(r) for r in readers.get(n.output[0], []))
-               for n in shared) or set(owner.values()) - {-1} != set(experts):
-            continue
-        owner = {k: e for k, e in owner.items() if e != -1}
-        if not all(rows_stay_inside(e, value, experts[e][1], [nodes_by_id[k] for k, o in owner.items() if o == e])
-                   for e, (value, _) in experts.items()):
-            continue
+        if sorted(summed) != sorted(products):
+            return None
+        rewire, shapes_of_z, rows, branches = {}, {}, set(), {}
+        for e, (value, product) in experts.items():
+            branches[e] = branch_nodes(value, z)
+            inside = expert_rows(e, z, value, product, branches[e], rewire, shapes_of_z)
+            if inside is None:
+                return None
+            rows |= {o for n in inside.values() for o in n.output}
+        # a shape read of z shared by experts may only take dimensions other than N; one expert's own is
+        # rewired to its subset, so nothing outside that expert may read it
+        for k, (shape, owners) in shapes_of_z.items():
+            if len(owners) > 1:
+                if not takes_no_batch_size(shape):
+                    return None
+                rewire.pop(k, None)
+            elif not all(r is not None and id(r) in branches[next(iter(owners))]
+                         for r in readers.get(shape.output[0], [])):
+                return None
+        return {"argmax": argmax, "choice": choice, "z": z, "experts": experts, "chain": chain, "total": t,
+                "rewire": rewire, "rows": rows}
 
-        pre = f"{argmax.name or choice}/routed"
-        new_nodes.append(const(f"{pre}/flat", [-1]))
-        for e in sorted(experts):
+    def expert_rows(e, z, value, product, branch, rewire, shapes_of_z):
+        """The nodes through which expert e computes on z's rows, checked row-wise and private; fills
+        rewire (node id -> expert) for its nodes that read z. None when it is not that."""
+        inside = {}
+        todo = []
+        for k, n in branch.items():
+            if z in n.input:
+                if n.op_type == "Shape":
+                    shapes_of_z.setdefault(k, (n, set()))[1].add(e)
+                    rewire[k] = e
+                else:
+                    todo.append(n)
+                    rewire[k] = e
+        while todo:
+            n = todo.pop()
+            if id(n) in inside:
+                continue
+            inside[id(n)] = n
+            todo += [r for o in n.output for r in readers.get(o, []) if r is not None and id(r) in branch
+                     and r.op_type != "Shape"]
+        rows = {o for n in inside.values() for o in n.output} | {z}
+        static_memo: dict[str, bool] = {}
+
+        def static(t) -> bool:
+            """t depends on no rows: constants, and shape vectors of this expert's rows or of z."""
+            if t == "" or t in consts:
+                return True
+            if t in static_memo:
+                return static_memo[t]
+            static_memo[t] = False   # cycles are not static
+            n = producer.get(t)
+            ok = n is not None and n.op_type in _STATIC_OPS and (
+                n.input[0] in rows or static(n.input[0]) if n.op_type == "Shape" else all(static(i) for i in n.input))
+            static_memo[t] = ok
+            return ok
+
+        def keeps_batch(n) -> bool:
+            """A Resize whose scales keep N and C, or whose sizes start with N and C read from this
+            expert's own rows (Shape -> Slice [0:2] -> Concat with static sizes)."""
+            scales = const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            if scales is not None and scales.size:
+                return scales.size >= 2 and scales[0] == 1 and scales[1] == 1
+            sizes = producer.get(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+            if sizes is None or sizes.op_type != "Concat" or not all(static(i) for i in sizes.input[1:]):
+                return False
+            head = producer.get(sizes.input[0])
+            if head is None or head.op_type != "Slice" or len(head.input) < 3:
+                return False
+            src = producer.get(head.input[0])
+            bounds = [const(i) if i else None for i in head.input[1:5]] + [None] * 4
+            return (src is not None and src.op_type == "Shape" and src.input[0] in rows
+                    and not src.attribute   # no start/end: the whole shape
+                    and bounds[0] is not None and bounds[0].reshape(-1).tolist() == [0]
+                    and bounds[1] is not None and bounds[1].reshape(-1).tolist() == [2]
+                    and (len(head.input) < 4 or not head.input[3] or
+                         (bounds[2] is not None and bounds[2].reshape(-1).tolist() == [0]))
+                    and (len(head.input) < 5 or not head.input[4] or
+                         (bounds[3] is not None and bounds[3].reshape(-1).tolist() == [1])))
+
+        def broadcasts_per_row(t) -> bool:
+            """A static operand: a constant must not carry a batch axis of its own (4-D rows)."""
+            c = const(t)
+            return static(t) and (c is None or c.ndim < 4 or c.shape[0] == 1)
+
+        for n in inside.values():
+            data = [i for i in n.input if i in rows]   # z counts: these are the nodes rewired to its subset
+            if n.op_type in _ROWWISE_UNARY:
+                ok = n.input[0] in rows and all(static(i) for i in n.input[1:])
+            elif n.op_type in _ROWWISE_BINARY:
+                ok = bool(data) and all(broadcasts_per_row(i) for i in n.input if i not in rows)
+            elif n.op_type == "Conv":
+                ok = n.input[0] in rows and all(static(i) for i in n.input[1:])
+            elif n.op_type == "Resize":
+                ok = n.input[0] in rows and all(static(i) for i in n.input[1:]) and keeps_batch(n)
+            else:
+                ok = False
+            if not ok:
+                return None
+            for o in n.output:   # rows read only inside this expert, its value only by its product
+                for r in readers.get(o, []):
+                    if r is None or (id(r) not in inside and not (r.op_type == "Shape" and id(r) in branch)
+                                     and not (o == value and product in r.output)):
+                        return None
+        if producer.get(value) is None or id(producer[value]) not in inside:
+            return None
+        return inside
+
+    plans = [p for p in (plan_adapter(n) for n in g.node if n.op_type == "ArgMax") if p is not None]
+    if not plans:
+        return 0
+
+    def node(op, inputs, outputs, **attrs):   # named after its output: converters key nodes by name
+        return helper.make_node(op, inputs, outputs, name=outputs[0], **attrs)
+
+    def int_const(name, value):
+        return node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value, np.int64)))
+
+    drop, new_nodes, rewired = set(), [], {}
+    for plan in plans:
+        choice, z, experts = plan["choice"], plan["z"], plan["experts"]
+        pre = f"{plan['argmax'].name or choice}/routed"
+        order = sorted(experts)
+        new_nodes.append(int_const(f"{pre}/flat", [-1]))
+        for e in order:
             p = f"{pre}/{e}"
-            new_nodes += [const(f"{p}/e", e),
+            new_nodes += [int_const(f"{p}/e", e),
                           node("Equal", [choice, f"{p}/e"], [f"{p}/mask"]),
                           node("NonZero", [f"{p}/mask"], [f"{p}/nonzero"]),
                           node("Reshape", [f"{p}/nonzero", f"{pre}/flat"], [f"{p}/rows"]),
                           node("Gather", [z, f"{p}/rows"], [f"{p}/z"], axis=0)]
-        for k, e in owner.items():
-            rewire[k] = (z, f"{pre}/{e}/z")
-        order = sorted(experts)
+        for k, e in plan["rewire"].items():
+            rewired[k] = (z, f"{pre}/{e}/z")
         # rows (a permutation of 0..N-1) says whose value each row of `values` is; argsort(rows) is where
         # each sample's value sits, so one Gather puts them back in sample order
         new_nodes += [node("Concat", [f"{pre}/{e}/rows" for e in order], [f"{pre}/rows"], axis=0),
@@ -229,23 +331,27 @@ def route_experts(model) -> int:
                       node("TopK", [f"{pre}/rows", f"{pre}/n"], [f"{pre}/sorted", f"{pre}/where"],
                            axis=0, largest=0, sorted=1),
                       node("Concat", [experts[e][0] for e in order], [f"{pre}/values"], axis=0),
-                      node("Gather", [f"{pre}/values", f"{pre}/where"], [total], axis=0)]
-        drop.update(id(n) for n in chain)
-        count += 1
-    if not count:
-        return 0
+                      node("Gather", [f"{pre}/values", f"{pre}/where"], [plan["total"]], axis=0)]
+        drop.update(id(n) for n in plan["chain"])
 
-    nodes = [n for n in g.node if id(n) not in drop]
-    for n in nodes:
-        if id(n) in rewire:
-            old, new = rewire[id(n)]
-            for i, name in enumerate(n.input):
+    # the new node list, built beside the graph's (copies where inputs change): the graph is replaced
+    # only once it is complete
+    nodes = []
+    for n in g.node:
+        if id(n) in drop:
+            continue
+        if id(n) in rewired:
+            old, new = rewired[id(n)]
+            n2 = type(n)()
+            n2.CopyFrom(n)
+            for i, name in enumerate(n2.input):
                 if name == old:
-                    n.input[i] = new
-    # topological order again (the new nodes sit between old ones), then what no output needs goes
+                    n2.input[i] = new
+            n = n2
+        nodes.append(n)
     ready = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
     ordered, pending = [], nodes + new_nodes
-    while pending:
+    while pending:   # topological order (the new nodes sit between old ones)
         waiting = []
         for n in pending:
             if all(i in ready for i in n.input):
@@ -254,16 +360,22 @@ def route_experts(model) -> int:
             else:
                 waiting.append(n)
         if len(waiting) == len(pending):
-            raise ValueError("route_experts: the rewritten graph has a cycle or a missing input")
+            return 0   # not expected; the graph is untouched
         pending = waiting
     needed, live = {o.name for o in g.output}, []
-    for n in reversed(ordered):
+    for n in reversed(ordered):   # what no output needs goes
         if any(o in needed for o in n.output):
             live.append(n)
             needed.update(n.input)
     del g.node[:]
     g.node.extend(reversed(live))
-    kept = [t for t in g.initializer if t.name in needed]
+    inputs = {i.name for i in g.input}
+    kept = [t for t in g.initializer if t.name in needed or t.name in inputs]
     del g.initializer[:]
     g.initializer.extend(kept)
-    return count
+    # shapes recorded for tensors that now hold a subset of the rows would be wrong: forget them
+    stale = {o for plan in plans for o in plan["rows"]}
+    info = [v for v in g.value_info if v.name not in stale and v.name in needed]
+    del g.value_info[:]
+    g.value_info.extend(info)
+    return len(plans)

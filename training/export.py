@@ -7,7 +7,9 @@ Before export each adapter is prepared on a copy of the model:
 - the linear LoRA part is merged: W0 <- W0 + s·B·A, so the graph has no A·x → B·(·) detour for it;
 - the Conv-MoE branch s·B·E_k(A·x) cannot be merged (resampling, conv, GELU and a data-dependent
   choice of k), so it stays in the graph, evaluated statically: all 8 experts run and a one-hot of
-  the gate's argmax selects one (no `nonzero`, no data-dependent Python control flow).
+  the gate's argmax selects one (no `nonzero`, no data-dependent Python control flow). Fixed shapes
+  suit TensorRT and CUDA graphs; on a CPU the runtime routes each window to its expert only
+  (xctrt.graph_rewrites.route_experts, which recognises exactly this form: keep them in step).
 
 Graphs follow the runtime contract: input `image` float32 (N, 1, S, S) in [0, 1], output `probs`
 float32 (N, C, S, S), dynamic batch axis, opset 17. Paper mode writes one graph per class,

@@ -34,7 +34,7 @@ class OnnxRuntimeEngine(Engine):
     """ONNX Runtime (CUDA provider when installed, else CPU).
 
     route: on the CPU provider, run each Conv-LoRA expert only on the windows its gate chose
-    (graph_rewrites.route_experts: the same outputs, 3.6-3.9x faster for the shipped model); False runs
+    (graph_rewrites.route_experts: the same outputs, 3.4-3.9x faster for the shipped model); False runs
     the graph as exported. The CUDA provider keeps the exported graph: there cuDNN may choose another
     algorithm for each subset size, so the same numbers are not assured, and it is not measured."""
 

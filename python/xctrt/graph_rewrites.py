@@ -74,7 +74,7 @@ def route_experts(model) -> int:
     The exporter keeps the expert choice graph-static: every expert runs on every sample (window) and a
     one-hot of the gate's argmax keeps one, out = Σ_e onehot_e · E_e(z). The experts upsample by up to 8×,
     so on a CPU they take most of the shipped model's time, 7/8 of it thrown away (routed, it segments
-    3.6-3.9x faster: benchmarks/RESULTS.md). Rewritten, each expert gets Gather(z, NonZero(choice == e))
+    3.4-3.9x faster: benchmarks/RESULTS.md). Rewritten, each expert gets Gather(z, NonZero(choice == e))
     and one Gather puts the results back in sample order. The output is the same numbers: the static sum
     adds exact zeros (0 · finite) to the chosen expert's value, and each sample's expert maths does not
     depend on which other samples share the batch.

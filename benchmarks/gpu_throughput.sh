@@ -2,8 +2,9 @@
 # GPU throughput (issue 5) in ONE call on a lent H100/H200 machine (<= 10 min wall; the steps that measure
 # end by 7.5 min, the rest of the call warms torch.compile's cache for a later one).
 #
-#   1. here, once: the one wheel the machine lacks
-#          mkdir -p .whl-sam && pip download --no-deps segment-anything==1.0 -d .whl-sam
+#   1. here, once: the wheels the machine's image lacks (segment-anything for the bench; onnx2torch for the
+#      package step's torch backend: the image has onnx, torch and torchvision, not onnx2torch)
+#          mkdir -p .whl-sam && pip download --no-deps segment-anything==1.0 onnx2torch==1.5.15 -d .whl-sam
 #   2. the device call (tool `run`), exactly:
 #          command:   bash benchmarks/gpu_throughput.sh
 #          carry:     [".whl-sam"]
@@ -57,13 +58,13 @@ OURS_COMPILE=${OURS_COMPILE:-default}
 WORK=${WORK:-/tmp/xctrt_gpu} LOG=gpu_throughput.log
 left() { echo $(( ${LIMIT:-560} - SECONDS )); }   # seconds left of the call's budget
 main_left() { echo $(( $(left) - 110 )); }          # ... for the steps before warm (by 450 s)
-WHEELS=.whl-sam . benchmarks/device_env.sh "import segment_anything"
+WHEELS=.whl-sam . benchmarks/device_env.sh "import segment_anything, onnx2torch"
 export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor-cache
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
 if [ -f .inductor-cache.tar.xz ]; then
   tar -xJf .inductor-cache.tar.xz -C "$TORCHINDUCTOR_CACHE_DIR" && echo "torch.compile cache carried in: $(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1)"
 fi
-$PY -c "import torch, xctrt._core, segment_anything; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" || exit 1
+$PY -c "import torch, xctrt._core, segment_anything, onnx2torch; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
 
 if [ "$DRY_RUN" = 1 ]; then

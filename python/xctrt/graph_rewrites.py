@@ -109,15 +109,18 @@ def route_experts(model) -> int:
     def const(t):
         return numpy_helper.to_array(consts[t]) if t in consts else None
 
+    def ints(t):
+        """A constant integer tensor as a flat list, or None."""
+        a = const(t) if t else None
+        return None if a is None else [int(v) for v in a.reshape(-1)]
+
     def attr(n, name, default=None):
         return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
 
     def axes(n):
         """A node's axes, from its attribute or its constant second input (opset >= 13/18)."""
         a = attr(n, "axes")
-        if a is None and len(n.input) > 1:
-            a = const(n.input[1])
-        return None if a is None else [int(v) for v in np.asarray(a).reshape(-1)]
+        return list(a) if a is not None else (ints(n.input[1]) if len(n.input) > 1 else None)
 
     def only_reader(t, op):
         r = readers.get(t, [])
@@ -219,12 +222,11 @@ def route_experts(model) -> int:
         todo = []
         for k, n in branch.items():
             if z in n.input:
+                rewire[k] = e
                 if n.op_type == "Shape":
                     shapes_of_z.setdefault(k, (n, set()))[1].add(e)
-                    rewire[k] = e
                 else:
                     todo.append(n)
-                    rewire[k] = e
         while todo:
             n = todo.pop()
             if id(n) in inside:
@@ -261,27 +263,22 @@ def route_experts(model) -> int:
             if head is None or head.op_type != "Slice" or len(head.input) < 3:
                 return False
             src = producer.get(head.input[0])
-            bounds = [const(i) if i else None for i in head.input[1:5]] + [None] * 4
+            axes_, steps = (head.input[3:4] or [""])[0], (head.input[4:5] or [""])[0]
             return (src is not None and src.op_type == "Shape" and src.input[0] in rows
                     and not src.attribute   # no start/end: the whole shape
-                    and bounds[0] is not None and bounds[0].reshape(-1).tolist() == [0]
-                    and bounds[1] is not None and bounds[1].reshape(-1).tolist() == [2]
-                    and (len(head.input) < 4 or not head.input[3] or
-                         (bounds[2] is not None and bounds[2].reshape(-1).tolist() == [0]))
-                    and (len(head.input) < 5 or not head.input[4] or
-                         (bounds[3] is not None and bounds[3].reshape(-1).tolist() == [1])))
+                    and ints(head.input[1]) == [0] and ints(head.input[2]) == [2]
+                    and (not axes_ or ints(axes_) == [0]) and (not steps or ints(steps) == [1]))
 
         def broadcasts_per_row(t) -> bool:
             """A static operand: a constant must not carry a batch axis of its own (4-D rows)."""
             c = const(t)
             return static(t) and (c is None or c.ndim < 4 or c.shape[0] == 1)
 
-        for n in inside.values():
-            data = [i for i in n.input if i in rows]   # z counts: these are the nodes rewired to its subset
+        for n in inside.values():   # (rows holds z too: these nodes are rewired to the expert's subset)
             if n.op_type in _ROWWISE_UNARY:
                 ok = n.input[0] in rows and all(static(i) for i in n.input[1:])
             elif n.op_type in _ROWWISE_BINARY:
-                ok = bool(data) and all(broadcasts_per_row(i) for i in n.input if i not in rows)
+                ok = any(i in rows for i in n.input) and all(broadcasts_per_row(i) for i in n.input if i not in rows)
             elif n.op_type == "Conv":
                 ok = n.input[0] in rows and all(static(i) for i in n.input[1:])
             elif n.op_type == "Resize":

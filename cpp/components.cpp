@@ -14,6 +14,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "bindings.hpp"
+#include "surface_distance.hpp"
 
 namespace py = pybind11;
 
@@ -83,8 +86,10 @@ struct NoImage {};
 
 class Labeller {
  public:
+  // surface: also collect what distance_to_surface() needs (air sites and defect runs).
   Labeller(std::array<int64_t, 3> shape, const std::vector<int64_t>& classes, int connectivity,
-           std::array<double, 3> voxel_size) {
+           std::array<double, 3> voxel_size, bool surface = true)
+      : surface_(surface) {
     for (int64_t s : shape)
       if (s <= 0 || s > std::numeric_limits<int32_t>::max())
         throw std::invalid_argument("shape entries must be positive and below 2**31");
@@ -108,6 +113,10 @@ class Labeller {
     dz_ = voxel_size[0], dy_ = voxel_size[1], dx_ = voxel_size[2];
     mask_.resize(X_);
     prev_lab_.resize(Z_ > 1 ? plane_ : 0);
+    if (surface_) {
+      site_prev_.assign(plane_, 0), site_cur_.assign(plane_, 0), zero_row_.assign(X_, 0);
+      air_prev_.assign(Y_, 0), air_cur_.assign(Y_, 0), listed_prev_.assign(Y_, 0), listed_cur_.assign(Y_, 0);
+    }
     prev_.row_start.assign(Y_ + 1, 0);
     cur_.row_start.assign(Y_ + 1, 0);
   }
@@ -158,6 +167,16 @@ class Labeller {
     }
     final_id.resize(n);
     for (size_t i = 0; i < n; ++i) final_id[i] = keep_id[slot[i]];
+  }
+
+  // Distance of each kept component (final id - 1) to the part surface; see surface_distance.hpp.
+  std::vector<double> distance_to_surface(const std::vector<uint32_t>& final_id, size_t n_kept) const {
+    std::vector<DefectRun> q;
+    q.reserve(runs_.size());
+    for (const DefectRun& r : runs_)
+      if (final_id[r.comp]) q.push_back(DefectRun{r.z, r.y, r.x0, r.x1, final_id[r.comp] - 1, r.exposed});
+    std::vector<Site> sites(sites_);  // the tree reorders its copy, so finish() can run again
+    return surface_distance(std::move(sites), q, n_kept, {dz_, dy_, dx_});
   }
 
   double dz() const { return dz_; }
@@ -239,6 +258,7 @@ class Labeller {
   template <class T>
   void process_plane(const uint8_t* lab, const T* img, const uint8_t* prev, int32_t* ids) {
     extract_runs(lab, cur_);
+    const size_t cur_runs_base = runs_.size();  // this plane's runs are runs_[base + i]
     const int64_t X = X_, Y = Y_;
     const int32_t z = static_cast<int32_t>(z_);
     const bool last = z_ == Z_ - 1;
@@ -302,10 +322,20 @@ class Labeller {
           if (zedge || yedge || a == 0 || b == X - 1) s.edge = true;
           // A run is maximal for its label, so both x ends are exposed.
           s.fx += 2;
-          s.fy += (above ? count_ne(above + a, len, L) : len) + (below ? count_ne(below + a, len, L) : len);
+          const int64_t fup = above ? count_ne(above + a, len, L) : len;
+          const int64_t fdown = below ? count_ne(below + a, len, L) : len;
+          const int64_t fprev = prow ? count_ne(prow + a, len, L) : len;
+          s.fy += fup + fdown;
           // -z faces against the previous plane; +z faces are counted when the next plane
           // arrives (below), or here for the last plane.
-          s.fz += (prow ? count_ne(prow + a, len, L) : len) + (last ? len : 0);
+          s.fz += fprev + (last ? len : 0);
+          if (surface_) {
+            // Exposed sides; +z is known when the next plane arrives (below), or here at the last.
+            const uint8_t e = (fprev ? kExpMz : 0) | (last ? kExpPz : 0) | (fup ? kExpMy : 0) |
+                              (fdown ? kExpPy : 0);
+            runs_.push_back(DefectRun{z, static_cast<int32_t>(y), a, b, id, e});
+          }
+
           if constexpr (!std::is_same_v<T, NoImage>) {
             const T* g = img + y * X + a;
             double sum = 0.0, mn = s.gmin, mx = s.gmax;
@@ -328,11 +358,72 @@ class Labeller {
       if (prev) {
         for (uint32_t i = ps[y]; i < ps[y + 1]; ++i) {
           const Run& r = pr[i];
-          stats_[r.id].fz += count_ne(row + r.x0, r.x1 - r.x0 + 1, r.label);
+          const int64_t f = count_ne(row + r.x0, r.x1 - r.x0 + 1, r.label);
+          stats_[r.id].fz += f;
+          if (surface_ && f) runs_[prev_runs_base_ + i].exposed |= kExpPz;
         }
       }
     }
+    if (surface_) {
+      collect_sites(lab, prev);
+      prev_runs_base_ = cur_runs_base;
+    }
     std::swap(prev_, cur_);
+  }
+
+  // Air voxels of this plane with a non-air 6-neighbour here or in the previous plane, and the
+  // previous plane's air voxels over a non-air voxel here that it had not listed yet. The flag
+  // loops are branch-free so they vectorise; listing then skips zero flags eight at a time.
+  void collect_sites(const uint8_t* lab, const uint8_t* prev) {
+    const int64_t X = X_, Y = Y_;
+    const int32_t z = static_cast<int32_t>(z_);
+    const uint8_t* zero = zero_row_.data();
+    uint8_t* extra = mask_.data();  // free here: extract_runs is done with it for this plane
+    for (int64_t y = 0; y < Y; ++y) {
+      const uint8_t* row = lab + y * X;
+      const uint8_t* up = y > 0 ? row - X : zero;
+      const uint8_t* dn = y + 1 < Y ? row + X : zero;
+      const uint8_t* pr = prev ? prev + y * X : zero;
+      uint8_t* f = site_cur_.data() + y * X;
+      // Most rows of a part have no air at all: then there is nothing to list. Whether a row
+      // has air (memchr is fast) and has listed sites is kept for the next plane.
+      const bool row_air = std::memchr(row, 0, X) != nullptr;
+      air_cur_[y] = row_air;
+      if (prev && air_prev_[y]) {
+        const uint8_t* pf = listed_prev_[y] ? site_prev_.data() + y * X : zero;
+        for (int64_t x = 0; x < X; ++x) extra[x] = (pr[x] == 0) & (row[x] != 0) & (pf[x] == 0);
+        list_flags(extra, z - 1, static_cast<int32_t>(y));
+      }
+      listed_cur_[y] = row_air;
+      if (!row_air) continue;  // f is not read: listed_cur_[y] says the row has no sites
+      // The x neighbours outside the row count as air; the interior loop has no branches.
+      auto at = [&](int64_t x, uint8_t l, uint8_t r) {
+        return static_cast<uint8_t>((row[x] == 0) & ((l | r | up[x] | dn[x] | pr[x]) != 0));
+      };
+      f[0] = at(0, 0, X > 1 ? row[1] : 0);
+      for (int64_t x = 1; x + 1 < X; ++x)
+        f[x] = (row[x] == 0) & ((row[x - 1] | row[x + 1] | up[x] | dn[x] | pr[x]) != 0);
+      if (X > 1) f[X - 1] = at(X - 1, row[X - 2], 0);
+      list_flags(f, z, static_cast<int32_t>(y));
+    }
+    std::swap(site_prev_, site_cur_);
+    std::swap(air_prev_, air_cur_);
+    std::swap(listed_prev_, listed_cur_);
+  }
+
+  void list_flags(const uint8_t* f, int32_t z, int32_t y) {
+    for (int64_t x = 0; x < X_;) {
+      if (x + 8 <= X_) {
+        uint64_t w;
+        std::memcpy(&w, f + x, 8);
+        if (!w) {
+          x += 8;
+          continue;
+        }
+      }
+      if (f[x]) sites_.push_back(Site{z, y, static_cast<int32_t>(x)});
+      ++x;
+    }
   }
 
   int64_t Z_ = 0, Y_ = 0, X_ = 0, plane_ = 0, z_ = 0;
@@ -345,6 +436,14 @@ class Labeller {
   PlaneRuns prev_, cur_;
   std::vector<uint32_t> parent_;
   std::vector<Stat> stats_;
+  bool surface_ = true;
+  std::vector<Site> sites_;        // air voxels next to the part, each once
+  std::vector<DefectRun> runs_;    // every defect run, comp = provisional id
+  size_t prev_runs_base_ = 0;      // the previous plane's runs start here in runs_
+  std::vector<uint8_t> site_prev_, site_cur_;  // which voxels of a plane are listed sites
+  std::vector<uint8_t> zero_row_;             // stands in for rows outside the volume
+  std::vector<uint8_t> air_prev_, air_cur_;        // per row: has air
+  std::vector<uint8_t> listed_prev_, listed_cur_;  // per row: site flags were written
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -404,37 +503,41 @@ class PyLabeller {
     if (min_voxels < 0) throw std::invalid_argument("min_voxels must be >= 0");
     std::vector<uint32_t> final_id;
     std::vector<Stat> st;
+    std::vector<double> dist;
     // resolve() compresses union-find paths, so it must not overlap another call either.
     if (busy_) throw std::runtime_error("ComponentLabeller is busy in another thread");
     busy_ = true;
     try {
       py::gil_scoped_release release;
       lab_.resolve(min_voxels, final_id, st);
+      dist = lab_.distance_to_surface(final_id, st.size());
     } catch (...) {
       busy_ = false;
       throw;
     }
     busy_ = false;
-    return make_table(st, lab_.dz(), lab_.dy(), lab_.dx());
+    return make_table(st, dist, lab_.dz(), lab_.dy(), lab_.dx());
   }
 
   int64_t n_provisional() const { return lab_.n_provisional(); }
   int64_t slices_received() const { return lab_.slices_received(); }
   py::tuple shape() const { return py::make_tuple(lab_.Z(), lab_.Y(), lab_.X()); }
 
-  static py::dict make_table(const std::vector<Stat>& st, double dz, double dy, double dx) {
+  static py::dict make_table(const std::vector<Stat>& st, const std::vector<double>& dist, double dz,
+                             double dy, double dx) {
     const py::ssize_t n = static_cast<py::ssize_t>(st.size());
     py::array_t<int64_t> id(n), voxels(n), z0(n), y0(n), x0(n), z1(n), y1(n), x1(n);
     py::array_t<uint8_t> cls(n);
     py::array_t<double> volume(n), eqd(n), cz(n), cy(n), cx(n), area(n), spher(n), gmean(n),
-        gmin(n), gmax(n);
+        gmin(n), gmax(n), surf(n);
     py::array_t<bool> edge(n);
     auto I = [](py::array_t<int64_t>& a) { return a.mutable_data(); };
     auto D = [](py::array_t<double>& a) { return a.mutable_data(); };
     int64_t *pid = I(id), *pv = I(voxels), *pz0 = I(z0), *py0 = I(y0), *px0 = I(x0), *pz1 = I(z1),
             *py1 = I(y1), *px1 = I(x1);
     double *pvol = D(volume), *peq = D(eqd), *pcz = D(cz), *pcy = D(cy), *pcx = D(cx),
-           *parea = D(area), *psph = D(spher), *pgm = D(gmean), *pgmin = D(gmin), *pgmax = D(gmax);
+           *parea = D(area), *psph = D(spher), *pgm = D(gmean), *pgmin = D(gmin), *pgmax = D(gmax),
+           *psurf = D(surf);
     uint8_t* pcls = cls.mutable_data();
     bool* pedge = edge.mutable_data();
     const double ayx = dy * dx, azx = dz * dx, azy = dz * dy;
@@ -459,6 +562,7 @@ class PyLabeller {
       pgm[i] = s.gsum / v;
       pgmin[i] = s.gmin, pgmax[i] = s.gmax;
       pedge[i] = s.edge;
+      psurf[i] = dist[i];
     }
     py::dict t;
     t["id"] = id, t["class"] = cls, t["voxels"] = voxels, t["volume"] = volume;
@@ -469,6 +573,7 @@ class PyLabeller {
     t["surface_area"] = area, t["sphericity"] = spher;
     t["grey_mean"] = gmean, t["grey_min"] = gmin, t["grey_max"] = gmax;
     t["touches_edge"] = edge;
+    t["surface_distance"] = surf;
     return t;
   }
 
@@ -519,7 +624,7 @@ py::array_t<int32_t> label_volume(const py::array& labels, std::vector<int64_t> 
   if (labels.ndim() != 3) throw std::invalid_argument("labels must be a 3-D (Z, Y, X) array");
   LabelArray l = as_labels(labels);
   const int64_t Z = l.shape(0), Y = l.shape(1), X = l.shape(2);
-  Labeller lab({Z, Y, X}, classes, connectivity, {1.0, 1.0, 1.0});
+  Labeller lab({Z, Y, X}, classes, connectivity, {1.0, 1.0, 1.0}, false);
   py::array_t<int32_t> out({Z, Y, X});
   int32_t* o = out.mutable_data();
   const uint8_t* lp = l.data();
@@ -562,13 +667,14 @@ py::dict component_table(
     py::array_t<int32_t, py::array::c_style | py::array::forcecast> x1,
     py::array_t<uint8_t, py::array::c_style | py::array::forcecast> cls,
     py::array_t<bool, py::array::c_style | py::array::forcecast> edge,
+    py::array_t<double, py::array::c_style | py::array::forcecast> surface_distance,
     std::array<double, 3> voxel_size) {
   for (double v : voxel_size)
     if (!(v > 0.0) || !std::isfinite(v))
       throw std::invalid_argument("voxel_size entries must be positive and finite");
   const py::ssize_t n = voxels.size();
   const py::array* cols[] = {&voxels, &sz, &sy, &sx, &fz, &fy, &fx, &gsum, &gmin,
-                             &gmax, &z0, &y0, &x0, &z1, &y1, &x1, &cls, &edge};
+                             &gmax, &z0, &y0, &x0, &z1, &y1, &x1, &cls, &edge, &surface_distance};
   for (const py::array* c : cols)
     if (c->ndim() != 1 || c->size() != n)
       throw std::invalid_argument("component_table needs 1-D columns of one length");
@@ -582,7 +688,52 @@ py::dict component_table(
     s.z1 = z1.at(i), s.y1 = y1.at(i), s.x1 = x1.at(i);
     s.cls = cls.at(i), s.edge = edge.at(i);
   }
-  return PyLabeller::make_table(st, voxel_size[0], voxel_size[1], voxel_size[2]);
+  const double* d = surface_distance.data();
+  return PyLabeller::make_table(st, std::vector<double>(d, d + n), voxel_size[0], voxel_size[1],
+                                voxel_size[2]);
+}
+
+// Distance of each component to the part surface from already collected sites and defect runs
+// (the array labeller's entry to the same search as ComponentLabeller.finish).
+py::array_t<double> distance_to_surface(
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> sites,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> runs,
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> comp, int64_t n_comp,
+    std::optional<py::array_t<uint8_t, py::array::c_style | py::array::forcecast>> exposed,
+    std::array<double, 3> voxel_size) {
+  for (double v : voxel_size)
+    if (!(v > 0.0) || !std::isfinite(v))
+      throw std::invalid_argument("voxel_size entries must be positive and finite");
+  if (sites.ndim() != 2 || sites.shape(1) != 3)
+    throw std::invalid_argument("sites must be an (m, 3) array of (z, y, x)");
+  if (runs.ndim() != 2 || runs.shape(1) != 4)
+    throw std::invalid_argument("runs must be an (n, 4) array of (z, y, x0, x1)");
+  if (comp.ndim() != 1 || comp.shape(0) != runs.shape(0))
+    throw std::invalid_argument("comp must give one component per run");
+  if (exposed && (exposed->ndim() != 1 || exposed->shape(0) != runs.shape(0)))
+    throw std::invalid_argument("exposed must give one flag set per run");
+  const uint8_t* ex = exposed ? exposed->data() : nullptr;
+  if (n_comp < 0 || n_comp >= static_cast<int64_t>(kNone))
+    throw std::invalid_argument("n_comp out of range");
+  std::vector<Site> s(static_cast<size_t>(sites.shape(0)));
+  std::memcpy(s.data(), sites.data(), s.size() * sizeof(Site));
+  const int32_t* r = runs.data();
+  const int64_t* c = comp.data();
+  std::vector<DefectRun> q(static_cast<size_t>(runs.shape(0)));
+  for (size_t i = 0; i < q.size(); ++i) {
+    if (c[i] < 0 || c[i] >= n_comp) throw std::invalid_argument("comp entries must be in 0..n_comp-1");
+    if (r[4 * i + 2] > r[4 * i + 3]) throw std::invalid_argument("runs need x0 <= x1");
+    q[i] = DefectRun{r[4 * i], r[4 * i + 1], r[4 * i + 2], r[4 * i + 3], static_cast<uint32_t>(c[i]),
+                     static_cast<uint8_t>(ex ? ex[i] & kExpAll : kExpAll)};
+  }
+  std::vector<double> d;
+  {
+    py::gil_scoped_release release;
+    d = surface_distance(std::move(s), q, static_cast<size_t>(n_comp), voxel_size);
+  }
+  py::array_t<double> out(static_cast<py::ssize_t>(d.size()));
+  std::copy(d.begin(), d.end(), out.mutable_data());
+  return out;
 }
 
 }  // namespace
@@ -618,9 +769,19 @@ void bind_components(py::module_& m) {
         py::arg("sx"), py::arg("fz"), py::arg("fy"), py::arg("fx"), py::arg("gsum"),
         py::arg("gmin"), py::arg("gmax"), py::arg("z0"), py::arg("y0"), py::arg("x0"),
         py::arg("z1"), py::arg("y1"), py::arg("x1"), py::arg("cls"), py::arg("edge"),
-        py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
+        py::arg("surface_distance"), py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
         "ComponentLabeller's table from merged per-component sums (voxels, coordinate sums,\n"
-        "exposed faces per axis, grey sum/min/max, bbox, class, edge flag), one row per id.");
+        "exposed faces per axis, grey sum/min/max, bbox, class, edge flag) and distances to\n"
+        "the part surface, one row per id.");
+  m.def("distance_to_surface", &distance_to_surface, py::arg("sites"), py::arg("runs"),
+        py::arg("comp"), py::arg("n_comp"), py::arg("exposed") = py::none(),
+        py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
+        "Per component (0..n_comp-1): the smallest centre-to-centre distance between one of its\n"
+        "runs' voxels (runs: (n, 4) int32 z, y, x0, x1; comp: (n,) component) and a site ((m, 3)\n"
+        "int32 air voxels next to the part); NaN without sites or runs. Exact (kd-tree).\n"
+        "exposed (optional, (n,) uint8): bits 1 -z, 2 +z, 4 -y, 8 +y set where the run has a\n"
+        "voxel whose neighbour on that side is not in the defect; unset bits let the search\n"
+        "skip sites on that side (never the nearest); none given = all set.");
 }
 
 }  // namespace xctrt

@@ -14,7 +14,7 @@ from xctrt import _core
 RANK = {6: 1, 18: 2, 26: 3}
 INT_COLS = ["id", "voxels", "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1"]
 FLOAT_COLS = ["volume", "equivalent_diameter", "centroid_z", "centroid_y", "centroid_x",
-              "surface_area", "sphericity", "grey_mean", "grey_min", "grey_max"]
+              "surface_area", "sphericity", "grey_mean", "grey_min", "grey_max", "surface_distance"]
 ALL_COLS = INT_COLS + ["class", "touches_edge"] + FLOAT_COLS
 
 
@@ -33,6 +33,10 @@ def reference(lab, img, classes=(2, 3), connectivity=26, voxel_size=(1.0, 1.0, 1
     boundary[:, 0] = boundary[:, -1] = True
     boundary[:, :, 0] = boundary[:, :, -1] = True
     grey = img.astype(np.float64)
+    # Distance to the part surface: every voxel's distance to the nearest air (label 0) voxel,
+    # centre to centre; none without both air and part in the volume.
+    air = lab == 0
+    edt = ndi.distance_transform_edt(~air, sampling=(dz, dy, dx)) if air.any() and (~air).any() else None
     comps = []  # (first flat index, class, flat voxel indices, face counts z/y/x)
     for c in sorted(set(int(c) for c in classes)):
         mask = lab == c
@@ -85,6 +89,7 @@ def reference(lab, img, classes=(2, 3), connectivity=26, voxel_size=(1.0, 1.0, 1
         rows["grey_min"].append(g.min())
         rows["grey_max"].append(g.max())
         rows["touches_edge"].append(bool(boundary.ravel()[idx].any()))
+        rows["surface_distance"].append(float(edt.ravel()[idx].min()) if edt is not None else math.nan)
     dtypes = {"class": np.uint8, "touches_edge": bool}
     dtypes.update({k: np.int64 for k in INT_COLS})
     dtypes.update({k: np.float64 for k in FLOAT_COLS})
@@ -100,12 +105,12 @@ def assert_table_equal(got, ref):
         assert a.ndim == 1 and a.shape[0] == n, k
         assert a.dtype == ref[k].dtype, (k, a.dtype, ref[k].dtype)
         if k in FLOAT_COLS:
-            np.testing.assert_allclose(a, ref[k], rtol=1e-12, atol=0, err_msg=k)
+            np.testing.assert_allclose(a, ref[k], rtol=1e-12, atol=0, equal_nan=True, err_msg=k)
         else:
             np.testing.assert_array_equal(a, ref[k], err_msg=k)
     # Computed the same way in both, so these agree bit for bit.
     for k in ["volume", "centroid_z", "centroid_y", "centroid_x", "surface_area", "grey_min",
-              "grey_max"]:
+              "grey_max", "surface_distance"]:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
@@ -273,6 +278,54 @@ def test_single_voxel_values():
     assert (t["centroid_z"][0], t["centroid_y"][0], t["centroid_x"][0]) == (1.0, 2.0, 3.0)
     assert t["grey_mean"][0] == t["grey_min"][0] == t["grey_max"][0] == 1000.0
     assert not t["touches_edge"][0]
+    assert t["surface_distance"][0] == 2.0  # air all round: the nearest is one z step away
+
+
+def test_surface_distance_by_hand():
+    # A part filling the volume but for an air gap at x = 0..1; voxels 0.5 x 0.3 x 0.2 mm.
+    lab = np.ones((5, 9, 12), np.uint8)
+    lab[:, :, :2] = 0
+    lab[2, 4, 7] = 2          # 6 steps in x from the air at x = 1
+    lab[0:2, 1, 10] = 3       # 9 steps in x; the volume edges are not air
+    lab[4, 8, 2] = 2          # next to the air: one voxel
+    lab[3, 6, 5:7] = 3        # a run: its x = 5 end is 4 steps away
+    vs = (0.5, 0.3, 0.2)
+    t = _core.label_components(lab, np.zeros(lab.shape, np.uint8), voxel_size=vs)
+    by_first = {(int(z), int(y), int(x)): d for z, y, x, d in
+                zip(t["bbox_z0"], t["bbox_y0"], t["bbox_x0"], t["surface_distance"])}
+    assert by_first == {(2, 4, 7): 6 * 0.2, (0, 1, 10): 9 * 0.2, (4, 8, 2): 0.2, (3, 6, 5): 4 * 0.2}
+    # Air inside the part (a closed cavity labelled air) is a surface too.
+    lab[2, 4, 9] = 0
+    t = _core.label_components(lab, np.zeros(lab.shape, np.uint8), voxel_size=vs)
+    assert t["surface_distance"][t["bbox_x0"] == 7][0] == 2 * 0.2
+    # Without any air there is no surface to measure from.
+    t = _core.label_components(np.where(lab == 0, 1, lab).astype(np.uint8), np.zeros(lab.shape, np.uint8))
+    assert len(t["id"]) == 4 and np.isnan(t["surface_distance"]).all()
+
+
+def test_distance_to_surface_binding():
+    sites = np.array([[0, 0, 0], [5, 5, 5]], np.int32)
+    runs = np.array([[0, 0, 3, 9], [5, 5, 1, 2], [5, 9, 5, 5]], np.int32)
+    d = _core.distance_to_surface(sites, runs, np.array([0, 1, 1]), 3, (1.0, 2.0, 1.0))
+    np.testing.assert_array_equal(d[:2], [3.0, 3.0])  # run 2 is 3 x steps from (5, 5, 5); run 3 is 8 mm
+    assert np.isnan(d[2])  # a component without runs
+    assert np.isnan(_core.distance_to_surface(np.zeros((0, 3), np.int32), runs, np.zeros(3, np.int64), 1)).all()
+    # Exposed sides let the search skip sites a run cannot face: the third run says it has no
+    # voxel exposed towards -y, so the sites at y = 0 and 5 (below its y = 9) are not looked at...
+    comp = np.array([0, 1, 2])
+    full = _core.distance_to_surface(sites, runs, comp, 3, voxel_size=(1.0, 2.0, 1.0))
+    assert full.tolist() == [3.0, 3.0, 8.0]
+    flags = np.array([15, 15, 15 & ~4], np.uint8)
+    d = _core.distance_to_surface(sites, runs, comp, 3, exposed=flags, voxel_size=(1.0, 2.0, 1.0))
+    assert d[:2].tolist() == [3.0, 3.0] and d[2] > 8.0  # ...which is only right for a true flag
+    for args, msg in [((sites[:, :2], runs, np.zeros(3, np.int64), 1), "sites"),
+                      ((sites, runs[:, :3], np.zeros(3, np.int64), 1), "runs"),
+                      ((sites, runs, np.zeros(2, np.int64), 1), "one component per run"),
+                      ((sites, runs, np.array([0, 1, 2]), 2), "0..n_comp-1"),
+                      ((sites, runs[:, [0, 1, 3, 2]], np.zeros(3, np.int64), 1), "x0 <= x1"),
+                      ((sites, runs, np.zeros(3, np.int64), 1, np.zeros(2, np.uint8)), "one flag set per run")]:
+        with pytest.raises(ValueError, match=msg):
+            _core.distance_to_surface(*args)
 
 
 def test_cube_sphericity_and_edge():

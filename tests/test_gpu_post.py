@@ -302,6 +302,6 @@ def test_errors():
 
 def test_component_table_binding_checks():
     cols = [np.zeros(2, np.int64)] * 7 + [np.zeros(2)] * 3 + [np.zeros(2, np.int32)] * 6 + \
-        [np.zeros(2, np.uint8), np.zeros(3, bool)]
+        [np.zeros(2, np.uint8), np.zeros(3, bool), np.zeros(2)]
     with pytest.raises(ValueError, match="one length"):
         _core.component_table(*cols)

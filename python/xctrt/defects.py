@@ -41,7 +41,7 @@ def csv_columns(unit: str) -> list[tuple[str, str]]:
         ("bbox_z0", "bbox_z0"), ("bbox_y0", "bbox_y0"), ("bbox_x0", "bbox_x0"),
         ("bbox_z1", "bbox_z1"), ("bbox_y1", "bbox_y1"), ("bbox_x1", "bbox_x1"),
         ("grey_mean", "grey_mean"), ("grey_min", "grey_min"), ("grey_max", "grey_max"),
-        ("touches_edge", "touches_edge"),
+        ("touches_edge", "touches_edge"), ("surface_distance", f"surface_distance_{unit}"),
     ]
 
 
@@ -57,6 +57,8 @@ def table_to_csv(table: dict[str, np.ndarray], unit: str) -> str:
                                                   "grey_mean", "grey_min", "grey_max")}
     fmt.update({k: (lambda v: f"{v:.3f}") for k in ("centroid_z", "centroid_y", "centroid_x")})
     fmt["touches_edge"] = lambda v: "1" if v else "0"
+    # Empty where the volume shows no air, so there is no part surface to measure from.
+    fmt["surface_distance"] = lambda v: f"{v:.6g}" if np.isfinite(v) else ""
     for i in range(n):
         w.writerow([fmt.get(k, str)(data[k][i]) for k, _ in cols])
     return buf.getvalue()
@@ -82,6 +84,8 @@ def summarise(table: dict[str, np.ndarray], class_voxels: np.ndarray, voxel_size
         sel = table["class"] == cid
         d = table["equivalent_diameter"][sel]
         v = table["volume"][sel]
+        s = table["surface_distance"][sel]
+        s = s[np.isfinite(s)]
         entry = {"count": int(sel.sum()), "touching_edge": int(table["touches_edge"][sel].sum())}
         if d.size:
             entry.update({
@@ -90,6 +94,8 @@ def summarise(table: dict[str, np.ndarray], class_voxels: np.ndarray, voxel_size
                 f"equivalent_diameter_{unit}": {"min": float(d.min()), "median": float(np.median(d)),
                                                 "mean": float(d.mean()), "max": float(d.max())},
             })
+        if s.size:  # how close the defects come to the part surface (machining, fatigue)
+            entry[f"surface_distance_{unit}"] = {"min": float(s.min()), "median": float(np.median(s))}
         counts, _ = np.histogram(d, bins=[0.0] + edges)
         entry[f"histogram_equivalent_diameter_{unit}"] = {
             "edges": [0.0] + [e for e in edges[:-1]] + ["inf"], "counts": counts.tolist()}

@@ -9,7 +9,9 @@ Here every float32 step is a separate ufunc call writing a float32 array (on CuP
 each, never a fused ElementwiseKernel, which NVRTC would contract into FMA), in the C++ order.
 Component statistics are integers accumulated exactly (float64 segment sums only where
 every partial sum is an integer below 2**53, checked in ComponentLabeller.__init__), and the
-derived table columns come from the same C++ builder (`_core.component_table`). The one
+derived table columns come from the same C++ builder (`_core.component_table`); the distance
+to the part surface comes from the same C++ search (`_core.distance_to_surface`) over the same
+air sites and defect runs, collected here on the device. The one
 exception: for float32 images grey_mean is the C++ value up to rounding (the C++ sum order
 follows its runs and provisional ids); uint8/uint16 images give it bit for bit.
 
@@ -21,14 +23,20 @@ slab on CT parts), bytes moved on the device:
   - everything else works on the n compact defect voxels: coordinates, 13/9/3 backward
     neighbour gathers (edges), 6 face gathers, union-find by hook (scatter-min) and pointer
     jumping, segment sums, scatter min/max                        ~ 1-2 kB per defect voxel
-So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~30-60 GB
+  - surface sites: six shifted ORs of the part mask and a scan     ~ 10 B/voxel of the slab
+So a 1000x1200x1200 volume with 2 % defects moves ~25 GB over the label volume and ~30-60 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
 synchronisations (one flatnonzero per slab, a few per union-find round) dominate, hence slabs
-of 32-128 planes. aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
-Only the previous slab's last plane (labels, provisional ids) and per-provisional-component
-statistics are carried between slabs; finish() merges provisional components.
+of 32-128 planes. finish() copies the sites and runs to the host for the surface-distance search
+(C++ kd-tree on all cores; ~1 us of one core per defect run, measured on the 2-core VM). aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
+Only the previous slab's last plane (labels, provisional ids, which air voxels are listed sites)
+and per-provisional-component statistics are carried between slabs; finish() merges provisional
+components. The surface sites (air voxels next to the part, ~ the part's surface area in voxels)
+and the defect x-runs are kept as compact lists until finish().
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -331,6 +339,11 @@ class ComponentLabeller:
         self._cross = []  # (previous-slab id, this-slab id) pairs of provisional components
         self._prev = None  # last plane: labels, defect indices in the plane, their ids
         self._keep = None  # label_volume: (flat voxel index, provisional id) per slab
+        self._surface = True  # collect air sites and defect runs for the surface distance
+        self._sites = []  # flat indices of air voxels with a non-air 6-neighbour, each once
+        self._runs = []  # (z, y, x0, x1, provisional id, exposed sides) of every defect x-run, per slab
+        self._prev_site = None  # which voxels of the previous slab's last plane are listed
+        self.surface_distance_s = 0.0  # host time of the last finish()'s surface-distance search
 
     @property
     def slices_received(self) -> int:
@@ -432,10 +445,11 @@ class ComponentLabeller:
             return ext[xp.where(ok, e + d, e)] != L
 
         fx = (~ok_x[-1] | differs(ok_x[-1], -1)).astype(np.int8) + (~ok_x[1] | differs(ok_x[1], 1))
-        fy = (~ok_y[-1] | differs(ok_y[-1], -X)).astype(np.int8) + (~ok_y[1] | differs(ok_y[1], X))
+        my, py = ~ok_y[-1] | differs(ok_y[-1], -X), ~ok_y[1] | differs(ok_y[1], X)
+        fy = my.astype(np.int8) + py
         up = e + plane < ext.shape[0]
-        fz = (~has_below | differs(has_below, -plane)).astype(np.int8) + \
-            xp.where(up, differs(up, plane), last)
+        mz, pz = ~has_below | differs(has_below, -plane), xp.where(up, differs(up, plane), last)
+        fz = mz.astype(np.int8) + pz
 
         zg = zl + np.int32(z0)
         st = {"first": first, "n": nloc}
@@ -461,6 +475,12 @@ class ComponentLabeller:
             st["gmax"] = xp.full(nloc, -np.inf)
             scatter_max(st["gmax"], pid, xp.where(nan, -np.inf, g))
         self._slabs.append(st)
+        if self._surface:
+            # Exposed sides per voxel (bits as _core.distance_to_surface); +z of the slab's last
+            # plane is not known yet and is set, which is always allowed.
+            sides = (mz.astype(np.uint8) | (xp.where(up, pz, True).astype(np.uint8) << 1)
+                     | (my.astype(np.uint8) << 2) | (py.astype(np.uint8) << 3))
+            self._collect_surface(lab, ext, e, L, x, y, zg, pid + np.int32(first), sides, z0, nz)
         if self._keep is not None:
             self._keep.append((idx + z0 * plane, pid + np.int32(first)))
 
@@ -472,6 +492,56 @@ class ComponentLabeller:
                           pid[tail:] + np.int32(first), st["fz"])
         else:
             self._prev = None
+
+    def _collect_surface(self, lab, ext, e, L, x, y, zg, pid, sides, z0: int, nz: int) -> None:
+        """The slab's air sites and defect runs, the same sets as the C++ labeller lists."""
+        xp = self._xp
+        Z, Y, X = self.shape
+        plane = Y * X
+        solid = lab.reshape(nz, Y, X) != 0
+        near = xp.zeros_like(solid)  # a non-air 6-neighbour inside the volume
+        near[:, :, 1:] |= solid[:, :, :-1]
+        near[:, :, :-1] |= solid[:, :, 1:]
+        near[:, 1:] |= solid[:, :-1]
+        near[:, :-1] |= solid[:, 1:]
+        near[1:] |= solid[:-1]
+        near[:-1] |= solid[1:]
+        if self._prev_site is not None:
+            p_solid = self._prev[0].reshape(Y, X) != 0
+            near[0] |= p_solid
+            # The previous slab's last plane over this slab's first: its +z neighbours.
+            extra = ~p_solid & solid[0] & ~self._prev_site
+            self._sites.append(xp.flatnonzero(extra) + (z0 - 1) * plane)
+        site = ~solid & near
+        self._sites.append(xp.flatnonzero(site) + z0 * plane)
+        self._prev_site = site[-1] if z0 + nz < Z else None
+        # x-runs: maximal stretches of one label value along a row.
+        start = (x == 0) | (ext[xp.where(x > 0, e - 1, e)] != L)
+        end = (x == X - 1) | (ext[xp.where(x < X - 1, e + 1, e)] != L)
+        s, t = xp.flatnonzero(start), xp.flatnonzero(end)
+        # A run's exposed sides: any of its voxels' (bit by bit, segment sums over the run).
+        run = xp.cumsum(start, dtype=np.int32) - 1
+        exposed = xp.zeros(s.size, np.int32)
+        for bit in range(4):
+            b = ((sides >> bit) & 1).astype(np.float64)
+            exposed |= (_count(run, s.size, b) > 0).astype(np.int32) << bit
+        self._runs.append(xp.stack([zg[s], y[s], x[s], x[t], pid[s], exposed]))
+
+    def _surface_distance(self, final, n_kept: int) -> np.ndarray:
+        """Distance of each kept component to the part surface (C++ search, see _core)."""
+        xp = self._xp
+        runs = xp.concatenate(self._runs, axis=1) if self._runs else xp.zeros((6, 0), np.int32)
+        comp = final[runs[4]].astype(np.int64) - 1
+        kept = xp.flatnonzero(comp >= 0)  # runs of components that min_voxels did not drop
+        runs, comp = runs[:, kept], comp[kept]
+        exposed = runs[5].astype(np.uint8)
+        Z, Y, X = self.shape
+        flat = xp.concatenate(self._sites) if self._sites else xp.zeros(0, np.int64)
+        zs = flat // (Y * X)
+        r = flat - zs * (Y * X)
+        sites = xp.stack([zs, r // X, r % X], axis=1).astype(np.int32)
+        return _core.distance_to_surface(to_host(sites), to_host(runs[:4].T), to_host(comp), n_kept,
+                                         exposed=to_host(exposed), voxel_size=self.voxel_size)
 
     def _resolve(self, min_voxels: int):
         """Merged statistics of the kept components (dict of device columns) and the final id
@@ -510,14 +580,17 @@ class ComponentLabeller:
             raise ValueError(f"finish() before all slices arrived: {self._z} of {self.shape[0]}")
         if min_voxels < 0:
             raise ValueError("min_voxels must be >= 0")
-        m, _ = self._resolve(int(min_voxels))
+        m, final = self._resolve(int(min_voxels))
         h = {k: to_host(v) for k, v in m.items()}
         if "gsum" not in h:
             raise ValueError("finish() needs the grey images: use add_slab(labels, image)")
+        t0 = time.perf_counter()
+        dist = self._surface_distance(final, len(h["voxels"]))
+        self.surface_distance_s = time.perf_counter() - t0
         return _core.component_table(
             h["voxels"], h["sz"], h["sy"], h["sx"], h["fz"], h["fy"], h["fx"], h["gsum"], h["gmin"],
             h["gmax"], h["z0"], h["y0"], h["x0"], h["z1"], h["y1"], h["x1"], h["cls"], h["edge"],
-            self.voxel_size)
+            dist, self.voxel_size)
 
 
 def label_volume(labels, classes=(2, 3), connectivity=26):
@@ -527,6 +600,7 @@ def label_volume(labels, classes=(2, 3), connectivity=26):
     xp = array_module(labels)
     lb = ComponentLabeller(labels.shape, classes, connectivity)
     lb._keep = []
+    lb._surface = False
     lb._add(labels, None)
     _, final = lb._resolve(0)
     out = xp.zeros(labels.size, np.int32)

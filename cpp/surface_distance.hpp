@@ -1,0 +1,202 @@
+// Exact distance from each defect to the part surface, in physical units.
+//
+// The part surface is seen from the air side: a "site" is an air voxel (label 0) with a
+// non-air 6-neighbour. The nearest air voxel to any part voxel is always such a site (from an
+// air voxel whose 6-neighbours are all air, one step towards the part voxel is air and
+// closer), so the sites stand in for all the air. A defect is given as x-runs of its voxels;
+// its distance is the smallest centre-to-centre distance between one of its voxels and a site,
+// so a defect that touches the air has distance one voxel.
+//
+// A run also says on which sides (-z, +z, -y, +y) it has a voxel whose neighbour is outside the
+// defect (or the volume). The nearest pair (voxel v, site a) of a defect has v exposed towards
+// a on every axis where they differ (one step from v towards a along that axis is closer to a,
+// so it is not in the defect). A run without a voxel exposed towards +y, say, therefore never
+// pairs with a site of larger y: those sites and tree nodes are skipped for it. The skip never
+// drops the nearest pair, so the result does not depend on which flags a caller sets (all set
+// is valid and only slower), and exposed runs facing the surface are the ones searched.
+//
+// The sites go into a kd-tree (median splits on the widest axis, bounding box per node). A
+// run is an axis-aligned box, so a site's distance to it and a node's lower bound are both
+// per-axis gaps. Both are summed z + y + x in double from integer gaps: rounding is monotone,
+// so a node's bound never exceeds a site's distance inside it, the pruning is exact, and any
+// caller that passes the same sites and runs (in any order, split or merged) gets the same bits.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace xctrt {
+
+struct Site {
+  int32_t z, y, x;
+};
+static_assert(sizeof(Site) == 3 * sizeof(int32_t), "Site is copied from (m, 3) int32 arrays");
+
+enum : uint8_t { kExpMz = 1, kExpPz = 2, kExpMy = 4, kExpPy = 8, kExpAll = 15 };
+
+struct DefectRun {
+  int32_t z, y, x0, x1;  // x0..x1 inclusive
+  uint32_t comp;         // 0-based component (table row)
+  uint8_t exposed;       // kExp* bits: sides with a voxel whose neighbour is not in the defect
+};
+
+class SiteTree {
+ public:
+  SiteTree(std::vector<Site>&& sites, std::array<double, 3> voxel_size)
+      : s_(std::move(sites)), w_(voxel_size) {
+    const int64_t n = static_cast<int64_t>(s_.size());
+    if (n == 0) return;
+    // Halving splits: every range at one depth has the same size up to one, so the tree is
+    // complete down to the depth where ranges fit a leaf, and heap numbering (children of i at
+    // 2i+1, 2i+2) gives every node its slot before the subtrees are built in parallel.
+    int64_t slots = 1;
+    while ((n + slots - 1) / slots > kLeaf) slots *= 2;
+    nodes_.resize(static_cast<size_t>(2 * slots));
+#ifdef XCTRT_OPENMP
+#pragma omp parallel
+#pragma omp single
+#endif
+    build(0, 0, n);
+  }
+
+  bool empty() const { return s_.empty(); }
+
+  // Squared distance from the run to its nearest site, if below `best` (else `best`).
+  double nearest2(const DefectRun& r, double best) const {
+    if (!nodes_.empty()) visit(0, r, best);
+    return best;
+  }
+
+ private:
+  static constexpr int64_t kLeaf = 16;
+
+
+  struct Node {
+    int64_t lo, hi;            // sites [lo, hi)
+    int32_t left = -1, right = -1;
+    std::array<int32_t, 3> mn, mx;  // bounding box (z, y, x)
+  };
+
+  static inline int32_t gap(int32_t a0, int32_t a1, int32_t b0, int32_t b1) {
+    // Integer gap between the intervals [a0, a1] and [b0, b1] (0 if they overlap).
+    return a1 < b0 ? b0 - a1 : (b1 < a0 ? a0 - b1 : 0);
+  }
+
+  inline double dist2(int32_t gz, int32_t gy, int32_t gx) const {
+    const double z = gz * w_[0], y = gy * w_[1], x = gx * w_[2];
+    return z * z + y * y + x * x;
+  }
+
+  void build(int32_t id, int64_t lo, int64_t hi) {
+    std::array<int32_t, 3> mn{std::numeric_limits<int32_t>::max(), std::numeric_limits<int32_t>::max(),
+                              std::numeric_limits<int32_t>::max()};
+    std::array<int32_t, 3> mx{std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::min(),
+                              std::numeric_limits<int32_t>::min()};
+    for (int64_t i = lo; i < hi; ++i) {
+      const Site& s = s_[i];
+      mn[0] = std::min(mn[0], s.z), mx[0] = std::max(mx[0], s.z);
+      mn[1] = std::min(mn[1], s.y), mx[1] = std::max(mx[1], s.y);
+      mn[2] = std::min(mn[2], s.x), mx[2] = std::max(mx[2], s.x);
+    }
+    nodes_[id] = Node{lo, hi, -1, -1, mn, mx};
+    if (hi - lo <= kLeaf) return;
+    int axis = 0;
+    double widest = -1.0;
+    for (int a = 0; a < 3; ++a) {
+      const double e = (static_cast<double>(mx[a]) - mn[a]) * w_[a];
+      if (e > widest) widest = e, axis = a;
+    }
+    const int64_t mid = lo + (hi - lo) / 2;
+    auto key = [axis](const Site& s) { return axis == 0 ? s.z : (axis == 1 ? s.y : s.x); };
+    std::nth_element(s_.begin() + lo, s_.begin() + mid, s_.begin() + hi,
+                     [&](const Site& a, const Site& b) { return key(a) < key(b); });
+    const int32_t l = 2 * id + 1, r = 2 * id + 2;
+    nodes_[id].left = l, nodes_[id].right = r;
+#ifdef XCTRT_OPENMP
+#pragma omp task if (hi - lo > 65536)
+#endif
+    build(l, lo, mid);
+    build(r, mid, hi);
+#ifdef XCTRT_OPENMP
+#pragma omp taskwait
+#endif
+  }
+
+  inline double bound2(const Node& n, const DefectRun& r) const {
+    return dist2(gap(n.mn[0], n.mx[0], r.z, r.z), gap(n.mn[1], n.mx[1], r.y, r.y),
+                 gap(n.mn[2], n.mx[2], r.x0, r.x1));
+  }
+
+  inline double site2(const Site& s, const DefectRun& r) const {
+    return dist2(s.z > r.z ? s.z - r.z : r.z - s.z, s.y > r.y ? s.y - r.y : r.y - s.y,
+                 gap(s.x, s.x, r.x0, r.x1));
+  }
+
+  // Can a site in [mn, mx] pair with run r (see the exposure note at the top)?
+  static inline bool faces(const std::array<int32_t, 3>& mn, const std::array<int32_t, 3>& mx,
+                           const DefectRun& r) {
+    return !((mn[0] > r.z && !(r.exposed & kExpPz)) || (mx[0] < r.z && !(r.exposed & kExpMz)) ||
+             (mn[1] > r.y && !(r.exposed & kExpPy)) || (mx[1] < r.y && !(r.exposed & kExpMy)));
+  }
+
+  void visit(int32_t id, const DefectRun& r, double& best) const {
+    const Node& n = nodes_[id];
+    if (n.left < 0) {
+      for (int64_t i = n.lo; i < n.hi; ++i) {
+        const Site& s = s_[i];
+        if (!faces({s.z, s.y, s.x}, {s.z, s.y, s.x}, r)) continue;
+        const double d = site2(s, r);
+        if (d < best) best = d;
+      }
+      return;
+    }
+    const Node &nl = nodes_[n.left], &nr = nodes_[n.right];
+    const double inf = std::numeric_limits<double>::infinity();
+    const double bl = faces(nl.mn, nl.mx, r) ? bound2(nl, r) : inf;
+    const double br = faces(nr.mn, nr.mx, r) ? bound2(nr, r) : inf;
+    const int32_t first = bl <= br ? n.left : n.right, second = bl <= br ? n.right : n.left;
+    const double b1 = bl <= br ? bl : br, b2 = bl <= br ? br : bl;
+    if (b1 < best) visit(first, r, best);
+    if (b2 < best) visit(second, r, best);
+  }
+
+  std::vector<Site> s_;
+  std::array<double, 3> w_;
+  std::vector<Node> nodes_;
+};
+
+// Distance of every component (0..n_comp-1) to its nearest site; NaN where there are no
+// sites (no air in the volume) or the component has no runs.
+
+inline std::vector<double> surface_distance(std::vector<Site>&& sites, const std::vector<DefectRun>& runs,
+                                            size_t n_comp, std::array<double, 3> voxel_size) {
+  std::vector<double> out(n_comp, std::numeric_limits<double>::quiet_NaN());
+  if (sites.empty() || runs.empty() || n_comp == 0) return out;
+  const SiteTree tree(std::move(sites), voxel_size);
+  // Group the runs by component (counting sort; each keeps its raster order).
+  std::vector<int64_t> start(n_comp + 1, 0);
+  for (const DefectRun& r : runs) ++start[r.comp + 1];
+  for (size_t c = 0; c < n_comp; ++c) start[c + 1] += start[c];
+  std::vector<DefectRun> by_comp(runs.size());
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (const DefectRun& r : runs) by_comp[next[r.comp]++] = r;
+  }
+  const int64_t nc = static_cast<int64_t>(n_comp);
+  // Components are independent; the tree is read-only. Dynamic: their sizes vary a lot.
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for schedule(dynamic, 16)
+#endif
+  for (int64_t c = 0; c < nc; ++c) {
+    double best = std::numeric_limits<double>::infinity();
+    for (int64_t i = start[c]; i < start[c + 1]; ++i) best = tree.nearest2(by_comp[i], best);
+    if (start[c + 1] > start[c]) out[c] = std::sqrt(best);
+  }
+  return out;
+}
+
+}  // namespace xctrt

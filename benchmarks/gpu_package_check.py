@@ -65,7 +65,7 @@ def main() -> int:
     res["labels_identical"] = bool(np.array_equal(lh, lg))
     res["label_agreement"] = float((lh == lg).mean())
     res["table_identical"] = set(th) == set(tg) and all(
-        th[k].dtype == tg[k].dtype and np.array_equal(th[k], tg[k]) for k in th)
+        th[k].dtype == tg[k].dtype and np.array_equal(th[k], tg[k], equal_nan=th[k].dtype.kind == "f") for k in th)
     res["bf16_label_agreement"] = float((labels["gpu-bf16"][0] == lg).mean())
     (args.out / "gpu_package.json").write_text(json.dumps(res, indent=2))
     h, g, b = res["runs"]["host"], res["runs"]["gpu"], res["runs"]["gpu-bf16"]

@@ -100,7 +100,7 @@ def main() -> int:
             a, b = out["as exported"], out["routed"]
             row["labels_identical"] = bool(np.array_equal(a.labels, b.labels))
             row["table_identical"] = set(a.defects) == set(b.defects) and all(
-                np.array_equal(a.defects[k], b.defects[k]) for k in a.defects)
+                np.array_equal(a.defects[k], b.defects[k], equal_nan=a.defects[k].dtype.kind == "f") for k in a.defects)
             row["speedup"] = round(row["runs"]["as exported"]["wall_s"] / row["runs"]["routed"]["wall_s"], 2)
             lo, hi = a.summary["run"]["intensity_window"]
             row["gate_choices"] = gate_choices(package, middle_tiles(sub[sub.shape[0] // 2], lo, hi,

@@ -66,6 +66,10 @@ def cmd_segment(args) -> int:
     print(f"  porosity {r['porosity_percent']:.3f}% of the part; "
           + ", ".join(f"{n} {d['count']}" for n, d in r["defects"].items())
           + f" defects (sizes in {unit})")
+    near = [f"{n} {d[f'surface_distance_{unit}']['min']:.4g} {unit}" for n, d in r["defects"].items()
+            if f"surface_distance_{unit}" in d]
+    if near:
+        print("  closest to the part surface: " + ", ".join(near))
     if not seg.package.trained:
         print("  note: the model is UNTRAINED (random weights); these labels mean nothing")
     for line in gpu_fallback_notes(res.summary):

@@ -7,8 +7,8 @@ Components: xctrt (streamed labelling + full per-defect table) vs cc3d.connected
 cc3d.statistics, and vs scipy.ndimage.label + find_objects, on a labels volume with 1-3 %
 pore/inclusion voxels in blobs. Then the same blobs in a cylindrical part with air around it, so
 the table's distance to the part surface has a surface to measure from: xctrt vs cc3d +
-scipy.ndimage.distance_transform_edt + ndimage.minimum per defect (bit-identical distances; the
-EDT baseline runs once, it takes tens of seconds). Aggregator and tiling/stitching: vs the memory-bandwidth floor
+scipy.ndimage.distance_transform_edt + ndimage.minimum per defect (distances equal to the last bit; the
+EDT baseline runs once, it takes minutes). Aggregator and tiling/stitching: vs the memory-bandwidth floor
 (bytes read + written / np.copyto bandwidth measured here) and vs the fastest vectorised NumPy
 version we could write (below). Best of --repeat runs for every timing.
 """
@@ -172,10 +172,15 @@ def main():
     # The check (not timed) takes the EDT's minimum over our own component ids.
     ids = _core.label_volume(labels, [2, 3], 26)
     d_ours_ids = ndimage.minimum(d, ids, index=np.arange(1, len(tp["id"]) + 1))
-    same_d = n_edt == len(tp["id"]) and np.array_equal(np.asarray(d_ours_ids), tp["surface_distance"])
+    # Equal up to the last bit: SciPy can round a tie between two equally distant air voxels
+    # the other way.
+    rel = float(np.max(np.abs(np.asarray(d_ours_ids) - tp["surface_distance"]) / np.asarray(d_ours_ids),
+                       initial=0.0))
+    same_d = n_edt == len(tp["id"]) and rel <= 2.0 ** -52
     del d, ids
     res["components_part"] = {"n": int(len(tp["id"])), "xctrt_s": t_part, "cc3d_scipy_edt_s": t_edt,
-                              "distances_equal": bool(same_d), "speedup": t_edt / t_part,
+                              "distances_equal": bool(same_d), "distances_max_rel_diff": rel,
+                              "speedup": t_edt / t_part,
                               "air_fraction": float((labels == 0).mean())}
     rows.append(("same in a part, + surface dist", t_part,
                  f"cc3d cc + scipy EDT + minimum {t_edt:.3f}s ({t_edt / t_part:.1f}x)", f"distances equal: {same_d}"))

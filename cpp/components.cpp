@@ -699,8 +699,7 @@ py::array_t<double> distance_to_surface(
     py::array_t<int32_t, py::array::c_style | py::array::forcecast> sites,
     py::array_t<int32_t, py::array::c_style | py::array::forcecast> runs,
     py::array_t<int64_t, py::array::c_style | py::array::forcecast> comp, int64_t n_comp,
-    std::optional<py::array_t<uint8_t, py::array::c_style | py::array::forcecast>> exposed,
-    std::array<double, 3> voxel_size) {
+    std::optional<py::array> exposed, std::array<double, 3> voxel_size) {
   for (double v : voxel_size)
     if (!(v > 0.0) || !std::isfinite(v))
       throw std::invalid_argument("voxel_size entries must be positive and finite");
@@ -710,19 +709,31 @@ py::array_t<double> distance_to_surface(
     throw std::invalid_argument("runs must be an (n, 4) array of (z, y, x0, x1)");
   if (comp.ndim() != 1 || comp.shape(0) != runs.shape(0))
     throw std::invalid_argument("comp must give one component per run");
-  if (exposed && (exposed->ndim() != 1 || exposed->shape(0) != runs.shape(0)))
-    throw std::invalid_argument("exposed must give one flag set per run");
-  const uint8_t* ex = exposed ? exposed->data() : nullptr;
+  // Wrong flags give wrong distances, so no silent casts: uint8 bit sets only.
+  py::array_t<uint8_t, py::array::c_style> flags;
+  if (exposed) {
+    if (!py::isinstance<py::array_t<uint8_t>>(*exposed))
+      throw std::invalid_argument("exposed must be a uint8 array of kExp bit sets");
+    flags = py::array_t<uint8_t, py::array::c_style>::ensure(*exposed);
+    if (flags.ndim() != 1 || flags.shape(0) != runs.shape(0))
+      throw std::invalid_argument("exposed must give one flag set per run");
+  }
+  const uint8_t* ex = exposed ? flags.data() : nullptr;
   if (n_comp < 0 || n_comp >= static_cast<int64_t>(kNone))
     throw std::invalid_argument("n_comp out of range");
   std::vector<Site> s(static_cast<size_t>(sites.shape(0)));
   std::memcpy(s.data(), sites.data(), s.size() * sizeof(Site));
+  // Voxel coordinates: non-negative, so every int32 gap in the search fits.
+  for (const Site& v : s)
+    if (v.z < 0 || v.y < 0 || v.x < 0) throw std::invalid_argument("sites must be voxel coordinates >= 0");
   const int32_t* r = runs.data();
   const int64_t* c = comp.data();
   std::vector<DefectRun> q(static_cast<size_t>(runs.shape(0)));
   for (size_t i = 0; i < q.size(); ++i) {
     if (c[i] < 0 || c[i] >= n_comp) throw std::invalid_argument("comp entries must be in 0..n_comp-1");
     if (r[4 * i + 2] > r[4 * i + 3]) throw std::invalid_argument("runs need x0 <= x1");
+    if (r[4 * i] < 0 || r[4 * i + 1] < 0 || r[4 * i + 2] < 0)
+      throw std::invalid_argument("runs must be voxel coordinates >= 0");
     q[i] = DefectRun{r[4 * i], r[4 * i + 1], r[4 * i + 2], r[4 * i + 3], static_cast<uint32_t>(c[i]),
                      static_cast<uint8_t>(ex ? ex[i] & kExpAll : kExpAll)};
   }
@@ -774,14 +785,15 @@ void bind_components(py::module_& m) {
         "exposed faces per axis, grey sum/min/max, bbox, class, edge flag) and distances to\n"
         "the part surface, one row per id.");
   m.def("distance_to_surface", &distance_to_surface, py::arg("sites"), py::arg("runs"),
-        py::arg("comp"), py::arg("n_comp"), py::arg("exposed") = py::none(),
+        py::arg("comp"), py::arg("n_comp"), py::kw_only(), py::arg("exposed") = py::none(),
         py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
         "Per component (0..n_comp-1): the smallest centre-to-centre distance between one of its\n"
         "runs' voxels (runs: (n, 4) int32 z, y, x0, x1; comp: (n,) component) and a site ((m, 3)\n"
         "int32 air voxels next to the part); NaN without sites or runs. Exact (kd-tree).\n"
-        "exposed (optional, (n,) uint8): bits 1 -z, 2 +z, 4 -y, 8 +y set where the run has a\n"
-        "voxel whose neighbour on that side is not in the defect; unset bits let the search\n"
-        "skip sites on that side (never the nearest); none given = all set.");
+        "exposed (keyword, optional, (n,) uint8): bits 1 -z, 2 +z, 4 -y, 8 +y, set at least\n"
+        "where the run has a voxel whose neighbour on that side is not in the defect; unset\n"
+        "bits let the search skip sites on that side (a bit unset on a truly exposed side\n"
+        "gives wrong distances, inf where nothing is left); none given = all set.");
 }
 
 }  // namespace xctrt

@@ -5,15 +5,18 @@
 // air voxel whose 6-neighbours are all air, one step towards the part voxel is air and
 // closer), so the sites stand in for all the air. A defect is given as x-runs of its voxels;
 // its distance is the smallest centre-to-centre distance between one of its voxels and a site,
-// so a defect that touches the air has distance one voxel.
+// so a defect that touches the air has distance one voxel step (the voxel size on that axis).
+// Only air in the volume counts: where the field of view cuts the part, the true surface
+// beyond it is not seen.
 //
 // A run also says on which sides (-z, +z, -y, +y) it has a voxel whose neighbour is outside the
-// defect (or the volume). The nearest pair (voxel v, site a) of a defect has v exposed towards
-// a on every axis where they differ (one step from v towards a along that axis is closer to a,
-// so it is not in the defect). A run without a voxel exposed towards +y, say, therefore never
-// pairs with a site of larger y: those sites and tree nodes are skipped for it. The skip never
-// drops the nearest pair, so the result does not depend on which flags a caller sets (all set
-// is valid and only slower), and exposed runs facing the surface are the ones searched.
+// defect (or the volume). Among a defect's nearest pairs (voxel v, site a), take one with the
+// smallest integer gaps: v is exposed towards a on every axis where they differ (one step from
+// v towards a along that axis is no farther in double and has a smaller gap, so it is not in
+// the defect). A run without a voxel exposed towards +y, say, therefore never needs a site of
+// larger y: those sites and tree nodes are skipped for it. Any flags that include every truly
+// exposed side give the same result (all set is valid and only slower); a flag missing on an
+// exposed side can give a wrong distance.
 //
 // The sites go into a kd-tree (median splits on the widest axis, bounding box per node). A
 // run is an axis-aligned box, so a site's distance to it and a node's lower bound are both
@@ -186,15 +189,29 @@ inline std::vector<double> surface_distance(std::vector<Site>&& sites, const std
     std::vector<int64_t> next(start.begin(), start.end() - 1);
     for (const DefectRun& r : runs) by_comp[next[r.comp]++] = r;
   }
-  const int64_t nc = static_cast<int64_t>(n_comp);
-  // Components are independent; the tree is read-only. Dynamic: their sizes vary a lot.
+  // Work items: a component's runs, in chunks so one large defect does not hold the others up.
+  // Within a chunk each search starts from the chunk's best so far; a minimum does not depend
+  // on how the runs are split, so the result does not either. The tree is read-only.
+  constexpr int64_t kChunk = 512;
+  std::vector<int64_t> item_comp, item_begin;
+  for (size_t c = 0; c < n_comp; ++c)
+    for (int64_t b = start[c]; b < start[c + 1]; b += kChunk)
+      item_comp.push_back(static_cast<int64_t>(c)), item_begin.push_back(b);
+  const int64_t n_items = static_cast<int64_t>(item_comp.size());
+  std::vector<double> item_best(item_comp.size());
 #ifdef XCTRT_OPENMP
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 4)
 #endif
-  for (int64_t c = 0; c < nc; ++c) {
+  for (int64_t k = 0; k < n_items; ++k) {
+    const int64_t end = std::min(item_begin[k] + kChunk, start[item_comp[k] + 1]);
     double best = std::numeric_limits<double>::infinity();
-    for (int64_t i = start[c]; i < start[c + 1]; ++i) best = tree.nearest2(by_comp[i], best);
-    if (start[c + 1] > start[c]) out[c] = std::sqrt(best);
+    for (int64_t i = item_begin[k]; i < end; ++i) best = tree.nearest2(by_comp[i], best);
+    item_best[k] = best;
+  }
+  for (int64_t k = 0; k < n_items; ++k) {
+    double& o = out[item_comp[k]];
+    const double d = std::sqrt(item_best[k]);
+    if (!(o <= d)) o = d;  // o starts as NaN
   }
   return out;
 }

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 
 from xctrt import _core
 from xctrt.gpu import post
@@ -174,6 +175,35 @@ def assert_table_same(got, ref, float_image=False):
             np.testing.assert_allclose(got[k], ref[k], rtol=1e-12, err_msg=k)
         else:
             np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+@pytest.mark.parametrize("seed,thick", [(seed, thick) for seed in range(12) for thick in (1, 2, "random")])
+def test_surface_distance_with_sparse_air(seed, thick):
+    # Few air voxels, so the nearest one is often planes away, across slab borders: the sites
+    # of a slab's last plane and its +z neighbours must all be listed.
+    rng = np.random.default_rng(1000 + seed)
+    shape = tuple(int(v) for v in rng.integers(4, 14, 3))
+    lab = blobs(rng, shape)
+    air = rng.random(shape) < rng.choice([0.002, 0.01, 0.05])
+    air[tuple(rng.integers(0, s) for s in shape)] = True  # at least one
+    # An air block: its bottom plane's voxels are sites only through their +z neighbour, which
+    # a slab border can put in the next slab.
+    lo = [int(rng.integers(0, s)) for s in shape]
+    if seed % 2:  # only air over the whole top: its bottom plane holds the sites
+        air[:] = False
+        air[:max(1, lo[0] // 2)] = True
+    else:
+        air[lo[0]:lo[0] + int(rng.integers(1, 4)), lo[1]:lo[1] + int(rng.integers(1, 6)), lo[2]:] = True
+    lab[air] = 0
+    img = image(rng, shape, np.uint16)
+    slabs = slabs_of(shape[0], thick) or [int(v) for v in np.diff(np.r_[0, np.sort(rng.integers(0, shape[0] + 1, 4)), shape[0]])]
+    vs = tuple(rng.uniform(0.2, 2.0, 3))
+    got, ref = run_both(lab, img, slabs, 0, classes=[2, 3], voxel_size=vs)
+    assert_table_same(got, ref)
+    edt = ndi.distance_transform_edt(lab != 0, sampling=vs)
+    ids = _core.label_volume(lab, [2, 3], 26)
+    want = ndi.minimum(edt, ids, index=np.arange(1, len(ref["id"]) + 1))
+    np.testing.assert_allclose(got["surface_distance"], want, rtol=1e-12, atol=0)
 
 
 CASES = [(seed, conn, thick) for seed in range(12) for conn in (6, 18, 26)

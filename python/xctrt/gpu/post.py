@@ -23,12 +23,15 @@ slab on CT parts), bytes moved on the device:
   - everything else works on the n compact defect voxels: coordinates, 13/9/3 backward
     neighbour gathers (edges), 6 face gathers, union-find by hook (scatter-min) and pointer
     jumping, segment sums, scatter min/max                        ~ 1-2 kB per defect voxel
-  - surface sites: six shifted ORs of the part mask and a scan     ~ 10 B/voxel of the slab
-So a 1000x1200x1200 volume with 2 % defects moves ~25 GB over the label volume and ~30-60 GB
+  - surface sites: six shifted ORs of the part mask and a scan     ~ 25-30 B/voxel of the slab
+So a 1000x1200x1200 volume with 2 % defects moves ~45 GB over the label volume and ~30-60 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
 synchronisations (one flatnonzero per slab, a few per union-find round) dominate, hence slabs
-of 32-128 planes. finish() copies the sites and runs to the host for the surface-distance search
-(C++ kd-tree on all cores; ~1 us of one core per defect run, measured on the 2-core VM). aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
+of 32-128 planes. aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
+finish() copies the sites and runs to the host for the surface-distance search (C++ kd-tree on
+all cores; ~1 us of one core per defect run on the 2-core VM for pores well inside a part, up to
+hundreds of us for pores near the centre of a round part, where most of the surface is almost
+equally far and the search has to look at it).
 Only the previous slab's last plane (labels, provisional ids, which air voxels are listed sites)
 and per-provisional-component statistics are carried between slabs; finish() merges provisional
 components. The surface sites (air voxels next to the part, ~ the part's surface area in voxels)
@@ -514,7 +517,7 @@ class ComponentLabeller:
             self._sites.append(xp.flatnonzero(extra) + (z0 - 1) * plane)
         site = ~solid & near
         self._sites.append(xp.flatnonzero(site) + z0 * plane)
-        self._prev_site = site[-1] if z0 + nz < Z else None
+        self._prev_site = site[-1].copy() if z0 + nz < Z else None  # not a view: frees the slab
         # x-runs: maximal stretches of one label value along a row.
         start = (x == 0) | (ext[xp.where(x > 0, e - 1, e)] != L)
         end = (x == X - 1) | (ext[xp.where(x < X - 1, e + 1, e)] != L)

@@ -29,9 +29,8 @@ over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and 
 synchronisations (one flatnonzero per slab, a few per union-find round) dominate, hence slabs
 of 32-128 planes. aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
 finish() copies the sites and runs to the host for the surface-distance search (C++ kd-tree on
-all cores; ~1 us of one core per defect run on the 2-core VM for pores well inside a part, up to
-hundreds of us for pores near the centre of a round part, where most of the surface is almost
-equally far and the search has to look at it).
+all cores, one search per defect run; slow for pores near the centre of a round part, where most
+of the surface is almost equally far and the search has to look at it).
 Only the previous slab's last plane (labels, provisional ids, which air voxels are listed sites)
 and per-provisional-component statistics are carried between slabs; finish() merges provisional
 components. The surface sites (air voxels next to the part, ~ the part's surface area in voxels)

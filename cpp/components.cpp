@@ -86,7 +86,8 @@ struct NoImage {};
 
 class Labeller {
  public:
-  // surface: also collect what distance_to_surface() needs (air sites and defect runs).
+  // surface: also collect what distance_to_surface() needs: every run of these classes (with
+  // its exposed sides) and the air runs outside the part (outside_air()).
   Labeller(std::array<int64_t, 3> shape, const std::vector<int64_t>& classes, int connectivity,
            std::array<double, 3> voxel_size, bool surface = true)
       : surface_(surface) {
@@ -113,10 +114,7 @@ class Labeller {
     dz_ = voxel_size[0], dy_ = voxel_size[1], dx_ = voxel_size[2];
     mask_.resize(X_);
     prev_lab_.resize(Z_ > 1 ? plane_ : 0);
-    if (surface_) {
-      site_prev_.assign(plane_, 0), site_cur_.assign(plane_, 0), zero_row_.assign(X_, 0);
-      air_prev_.assign(Y_, 0), air_cur_.assign(Y_, 0), listed_prev_.assign(Y_, 0), listed_cur_.assign(Y_, 0);
-    }
+    if (surface_) air_above_.reserve(16), air_row_.reserve(16);
     prev_.row_start.assign(Y_ + 1, 0);
     cur_.row_start.assign(Y_ + 1, 0);
   }
@@ -175,8 +173,8 @@ class Labeller {
     q.reserve(runs_.size());
     for (const DefectRun& r : runs_)
       if (final_id[r.comp]) q.push_back(DefectRun{r.z, r.y, r.x0, r.x1, final_id[r.comp] - 1, r.exposed});
-    std::vector<Site> sites(sites_);  // the tree reorders its copy, so finish() can run again
-    return surface_distance(std::move(sites), q, n_kept, {dz_, dy_, dx_});
+    std::vector<AirRun> air(outside_);  // the tree reorders its copy, so finish() can run again
+    return surface_distance(std::move(air), q, n_kept, {dz_, dy_, dx_});
   }
 
   double dz() const { return dz_; }
@@ -364,66 +362,54 @@ class Labeller {
         }
       }
     }
-    if (surface_) {
-      collect_sites(lab, prev);
-      prev_runs_base_ = cur_runs_base;
-    }
+    prev_runs_base_ = cur_runs_base;
+    if (surface_) outside_air(lab);
     std::swap(prev_, cur_);
   }
 
-  // Air voxels of this plane with a non-air 6-neighbour here or in the previous plane, and the
-  // previous plane's air voxels over a non-air voxel here that it had not listed yet. The flag
-  // loops are branch-free so they vectorise; listing then skips zero flags eight at a time.
-  void collect_sites(const uint8_t* lab, const uint8_t* prev) {
+  // The part's outside, plane by plane: air (label 0) connected, within its plane (4-neighbours),
+  // to the plane's border. What the part encloses in a plane is not outside: a closed cavity, or
+  // the dark rim a model may draw round a pore. The plane's air runs are linked to the runs of
+  // the row above that they overlap; the outside ones are kept as the surface's air side.
+  void outside_air(const uint8_t* lab) {
     const int64_t X = X_, Y = Y_;
     const int32_t z = static_cast<int32_t>(z_);
-    const uint8_t* zero = zero_row_.data();
-    uint8_t* extra = mask_.data();  // free here: extract_runs is done with it for this plane
+    air_plane_.clear(), air_parent_.clear(), air_border_.clear(), air_above_.clear();
+    auto find = [this](uint32_t a) {
+      while (air_parent_[a] != a) a = air_parent_[a] = air_parent_[air_parent_[a]];
+      return a;
+    };
     for (int64_t y = 0; y < Y; ++y) {
       const uint8_t* row = lab + y * X;
-      const uint8_t* up = y > 0 ? row - X : zero;
-      const uint8_t* dn = y + 1 < Y ? row + X : zero;
-      const uint8_t* pr = prev ? prev + y * X : zero;
-      uint8_t* f = site_cur_.data() + y * X;
-      // Most rows of a part have no air at all: then there is nothing to list. Whether a row
-      // has air (memchr is fast) and has listed sites is kept for the next plane.
-      const bool row_air = std::memchr(row, 0, X) != nullptr;
-      air_cur_[y] = row_air;
-      if (prev && air_prev_[y]) {
-        const uint8_t* pf = listed_prev_[y] ? site_prev_.data() + y * X : zero;
-        for (int64_t x = 0; x < X; ++x) extra[x] = (pr[x] == 0) & (row[x] != 0) & (pf[x] == 0);
-        list_flags(extra, z - 1, static_cast<int32_t>(y));
-      }
-      listed_cur_[y] = row_air;
-      if (!row_air) continue;  // f is not read: listed_cur_[y] says the row has no sites
-      // The x neighbours outside the row count as air; the interior loop has no branches.
-      auto at = [&](int64_t x, uint8_t l, uint8_t r) {
-        return static_cast<uint8_t>((row[x] == 0) & ((l | r | up[x] | dn[x] | pr[x]) != 0));
-      };
-      f[0] = at(0, 0, X > 1 ? row[1] : 0);
-      for (int64_t x = 1; x + 1 < X; ++x)
-        f[x] = (row[x] == 0) & ((row[x - 1] | row[x + 1] | up[x] | dn[x] | pr[x]) != 0);
-      if (X > 1) f[X - 1] = at(X - 1, row[X - 2], 0);
-      list_flags(f, z, static_cast<int32_t>(y));
-    }
-    std::swap(site_prev_, site_cur_);
-    std::swap(air_prev_, air_cur_);
-    std::swap(listed_prev_, listed_cur_);
-  }
-
-  void list_flags(const uint8_t* f, int32_t z, int32_t y) {
-    for (int64_t x = 0; x < X_;) {
-      if (x + 8 <= X_) {
-        uint64_t w;
-        std::memcpy(&w, f + x, 8);
-        if (!w) {
-          x += 8;
-          continue;
+      air_row_.clear();
+      size_t k = 0;  // cursor into the row above's runs
+      for (int64_t x = 0; x < X;) {
+        const void* p = std::memchr(row + x, 0, static_cast<size_t>(X - x));
+        if (!p) break;
+        const int64_t s = static_cast<const uint8_t*>(p) - row;
+        int64_t e = s;
+        while (e + 1 < X && row[e + 1] == 0) ++e;
+        const uint32_t id = static_cast<uint32_t>(air_plane_.size());
+        air_plane_.push_back(AirRun{z, static_cast<int32_t>(y), static_cast<int32_t>(s), static_cast<int32_t>(e)});
+        air_parent_.push_back(id);
+        air_border_.push_back(y == 0 || y == Y - 1 || s == 0 || e == X - 1);
+        air_row_.push_back(id);
+        // Runs above that overlap [s, e] (4-neighbours); k only passes runs ending before s.
+        while (k < air_above_.size() && air_plane_[air_above_[k]].x1 < s) ++k;
+        for (size_t j = k; j < air_above_.size() && air_plane_[air_above_[j]].x0 <= e; ++j) {
+          const uint32_t a = find(air_above_[j]), b = find(id);
+          if (a != b) {
+            const uint32_t lo = std::min(a, b), hi = std::max(a, b);
+            air_parent_[hi] = lo;
+            air_border_[lo] |= air_border_[hi];
+          }
         }
+        x = e + 1;
       }
-      if (f[x]) sites_.push_back(Site{z, y, static_cast<int32_t>(x)});
-      ++x;
+      std::swap(air_above_, air_row_);
     }
+    for (size_t i = 0; i < air_plane_.size(); ++i)
+      if (air_border_[find(static_cast<uint32_t>(i))]) outside_.push_back(air_plane_[i]);
   }
 
   int64_t Z_ = 0, Y_ = 0, X_ = 0, plane_ = 0, z_ = 0;
@@ -437,13 +423,14 @@ class Labeller {
   std::vector<uint32_t> parent_;
   std::vector<Stat> stats_;
   bool surface_ = true;
-  std::vector<Site> sites_;        // air voxels next to the part, each once
   std::vector<DefectRun> runs_;    // every defect run, comp = provisional id
   size_t prev_runs_base_ = 0;      // the previous plane's runs start here in runs_
-  std::vector<uint8_t> site_prev_, site_cur_;  // which voxels of a plane are listed sites
-  std::vector<uint8_t> zero_row_;             // stands in for rows outside the volume
-  std::vector<uint8_t> air_prev_, air_cur_;        // per row: has air
-  std::vector<uint8_t> listed_prev_, listed_cur_;  // per row: site flags were written
+  std::vector<AirRun> outside_;    // air runs outside the part (outside_air())
+  // outside_air()'s scratch: one plane's air runs, their union-find and border flags.
+  std::vector<AirRun> air_plane_;
+  std::vector<uint32_t> air_parent_;
+  std::vector<uint8_t> air_border_;
+  std::vector<uint32_t> air_above_, air_row_;  // run indices of the previous and this row
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -693,18 +680,18 @@ py::dict component_table(
                                 voxel_size[2]);
 }
 
-// Distance of each component to the part surface from already collected sites and defect runs
+// Distance of each component to the part surface from already collected air and defect runs
 // (the array labeller's entry to the same search as ComponentLabeller.finish).
 py::array_t<double> distance_to_surface(
-    py::array_t<int32_t, py::array::c_style | py::array::forcecast> sites,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> air,
     py::array_t<int32_t, py::array::c_style | py::array::forcecast> runs,
     py::array_t<int64_t, py::array::c_style | py::array::forcecast> comp, int64_t n_comp,
     std::optional<py::array> exposed, std::array<double, 3> voxel_size) {
   for (double v : voxel_size)
     if (!(v > 0.0) || !std::isfinite(v))
       throw std::invalid_argument("voxel_size entries must be positive and finite");
-  if (sites.ndim() != 2 || sites.shape(1) != 3)
-    throw std::invalid_argument("sites must be an (m, 3) array of (z, y, x)");
+  if (air.ndim() != 2 || air.shape(1) != 4)
+    throw std::invalid_argument("air must be an (m, 4) array of (z, y, x0, x1)");
   if (runs.ndim() != 2 || runs.shape(1) != 4)
     throw std::invalid_argument("runs must be an (n, 4) array of (z, y, x0, x1)");
   if (comp.ndim() != 1 || comp.shape(0) != runs.shape(0))
@@ -721,11 +708,13 @@ py::array_t<double> distance_to_surface(
   const uint8_t* ex = exposed ? flags.data() : nullptr;
   if (n_comp < 0 || n_comp >= static_cast<int64_t>(kNone))
     throw std::invalid_argument("n_comp out of range");
-  std::vector<Site> s(static_cast<size_t>(sites.shape(0)));
-  std::memcpy(s.data(), sites.data(), s.size() * sizeof(Site));
+  std::vector<AirRun> s(static_cast<size_t>(air.shape(0)));
+  std::memcpy(s.data(), air.data(), s.size() * sizeof(AirRun));
   // Voxel coordinates: non-negative, so every int32 gap in the search fits.
-  for (const Site& v : s)
-    if (v.z < 0 || v.y < 0 || v.x < 0) throw std::invalid_argument("sites must be voxel coordinates >= 0");
+  for (const AirRun& v : s) {
+    if (v.z < 0 || v.y < 0 || v.x0 < 0) throw std::invalid_argument("air must be voxel coordinates >= 0");
+    if (v.x0 > v.x1) throw std::invalid_argument("air runs need x0 <= x1");
+  }
   const int32_t* r = runs.data();
   const int64_t* c = comp.data();
   std::vector<DefectRun> q(static_cast<size_t>(runs.shape(0)));
@@ -784,15 +773,16 @@ void bind_components(py::module_& m) {
         "ComponentLabeller's table from merged per-component sums (voxels, coordinate sums,\n"
         "exposed faces per axis, grey sum/min/max, bbox, class, edge flag) and distances to\n"
         "the part surface, one row per id.");
-  m.def("distance_to_surface", &distance_to_surface, py::arg("sites"), py::arg("runs"),
+  m.def("distance_to_surface", &distance_to_surface, py::arg("air"), py::arg("runs"),
         py::arg("comp"), py::arg("n_comp"), py::kw_only(), py::arg("exposed") = py::none(),
         py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
         "Per component (0..n_comp-1): the smallest centre-to-centre distance between one of its\n"
-        "runs' voxels (runs: (n, 4) int32 z, y, x0, x1; comp: (n,) component) and a site ((m, 3)\n"
-        "int32 air voxels next to the part); NaN without sites or runs. Exact (kd-tree).\n"
+        "runs' voxels (runs: (n, 4) int32 z, y, x0, x1; comp: (n,) component) and a voxel of the\n"
+        "air runs ((m, 4) int32 z, y, x0, x1: the air that reaches the volume's edge); NaN\n"
+        "without air or runs. Exact (kd-tree).\n"
         "exposed (keyword, optional, (n,) uint8): bits 1 -z, 2 +z, 4 -y, 8 +y, set at least\n"
         "where the run has a voxel whose neighbour on that side is not in the defect; unset\n"
-        "bits let the search skip sites on that side (a bit unset on a truly exposed side\n"
+        "bits let the search skip air on that side (a bit unset on a truly exposed side\n"
         "gives wrong distances, inf where nothing is left); none given = all set.");
 }
 

@@ -1,28 +1,27 @@
 // Exact distance from each defect to the part surface, in physical units.
 //
-// The part surface is seen from the air side: a "site" is an air voxel (label 0) with a
-// non-air 6-neighbour. The nearest air voxel to any part voxel is always such a site (from an
-// air voxel whose 6-neighbours are all air, one step towards the part voxel is air and
-// closer), so the sites stand in for all the air. A defect is given as x-runs of its voxels;
-// its distance is the smallest centre-to-centre distance between one of its voxels and a site,
-// so a defect that touches the air has distance one voxel step (the voxel size on that axis).
+// The part surface is seen from the air side: the air (label 0) that reaches the edge of the
+// volume, given as x-runs. A defect is given as x-runs of its voxels too; its distance is the
+// smallest centre-to-centre distance between one of its voxels and one of those air voxels, so
+// a defect that touches that air has distance one voxel step (the voxel size on that axis).
 // Only air in the volume counts: where the field of view cuts the part, the true surface
 // beyond it is not seen.
 //
 // A run also says on which sides (-z, +z, -y, +y) it has a voxel whose neighbour is outside the
-// defect (or the volume). Among a defect's nearest pairs (voxel v, site a), take one with the
+// defect (or the volume). Among a defect's nearest pairs (voxel v, air voxel a), take one with the
 // smallest integer gaps: v is exposed towards a on every axis where they differ (one step from
 // v towards a along that axis is no farther in double and has a smaller gap, so it is not in
-// the defect). A run without a voxel exposed towards +y, say, therefore never needs a site of
-// larger y: those sites and tree nodes are skipped for it. Any flags that include every truly
+// the defect). A run without a voxel exposed towards +y, say, therefore never needs an air voxel of
+// larger y: that air and those tree nodes are skipped for it. Any flags that include every truly
 // exposed side give the same result (all set is valid and only slower); a flag missing on an
 // exposed side can give a wrong distance.
 //
-// The sites go into a kd-tree (median splits on the widest axis, bounding box per node). A
-// run is an axis-aligned box, so a site's distance to it and a node's lower bound are both
+// The air runs go into a kd-tree (median splits on the widest axis, bounding box per node). Runs
+// are axis-aligned boxes, so the distance between two runs and a node's lower bound are both
 // per-axis gaps. Both are summed z + y + x in double from integer gaps: rounding is monotone,
-// so a node's bound never exceeds a site's distance inside it, the pruning is exact, and any
-// caller that passes the same sites and runs (in any order, split or merged) gets the same bits.
+// so a node's bound never exceeds the distance of an air run inside it, the pruning is exact,
+// and any caller that passes the same air and defect voxels (in any order, in runs split or
+// merged) gets the same bits.
 #pragma once
 
 #include <algorithm>
@@ -34,10 +33,10 @@
 
 namespace xctrt {
 
-struct Site {
-  int32_t z, y, x;
+struct AirRun {
+  int32_t z, y, x0, x1;  // x0..x1 inclusive
 };
-static_assert(sizeof(Site) == 3 * sizeof(int32_t), "Site is copied from (m, 3) int32 arrays");
+static_assert(sizeof(AirRun) == 4 * sizeof(int32_t), "AirRun is copied from (m, 4) int32 arrays");
 
 enum : uint8_t { kExpMz = 1, kExpPz = 2, kExpMy = 4, kExpPy = 8, kExpAll = 15 };
 
@@ -47,10 +46,10 @@ struct DefectRun {
   uint8_t exposed;       // kExp* bits: sides with a voxel whose neighbour is not in the defect
 };
 
-class SiteTree {
+class AirTree {
  public:
-  SiteTree(std::vector<Site>&& sites, std::array<double, 3> voxel_size)
-      : s_(std::move(sites)), w_(voxel_size) {
+  AirTree(std::vector<AirRun>&& air, std::array<double, 3> voxel_size)
+      : s_(std::move(air)), w_(voxel_size) {
     const int64_t n = static_cast<int64_t>(s_.size());
     if (n == 0) return;
     // Halving splits: every range at one depth has the same size up to one, so the tree is
@@ -68,7 +67,7 @@ class SiteTree {
 
   bool empty() const { return s_.empty(); }
 
-  // Squared distance from the run to its nearest site, if below `best` (else `best`).
+  // Squared distance from the run to its nearest air voxel, if below `best` (else `best`).
   double nearest2(const DefectRun& r, double best) const {
     if (!nodes_.empty()) visit(0, r, best);
     return best;
@@ -79,7 +78,7 @@ class SiteTree {
 
 
   struct Node {
-    int64_t lo, hi;            // sites [lo, hi)
+    int64_t lo, hi;            // air runs [lo, hi)
     int32_t left = -1, right = -1;
     std::array<int32_t, 3> mn, mx;  // bounding box (z, y, x)
   };
@@ -100,10 +99,10 @@ class SiteTree {
     std::array<int32_t, 3> mx{std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::min(),
                               std::numeric_limits<int32_t>::min()};
     for (int64_t i = lo; i < hi; ++i) {
-      const Site& s = s_[i];
+      const AirRun& s = s_[i];
       mn[0] = std::min(mn[0], s.z), mx[0] = std::max(mx[0], s.z);
       mn[1] = std::min(mn[1], s.y), mx[1] = std::max(mx[1], s.y);
-      mn[2] = std::min(mn[2], s.x), mx[2] = std::max(mx[2], s.x);
+      mn[2] = std::min(mn[2], s.x0), mx[2] = std::max(mx[2], s.x1);
     }
     nodes_[id] = Node{lo, hi, -1, -1, mn, mx};
     if (hi - lo <= kLeaf) return;
@@ -114,9 +113,12 @@ class SiteTree {
       if (e > widest) widest = e, axis = a;
     }
     const int64_t mid = lo + (hi - lo) / 2;
-    auto key = [axis](const Site& s) { return axis == 0 ? s.z : (axis == 1 ? s.y : s.x); };
+    // Runs along x split by their centre (doubled, to stay in integers).
+    auto key = [axis](const AirRun& s) {
+      return axis == 0 ? 2 * int64_t{s.z} : (axis == 1 ? 2 * int64_t{s.y} : int64_t{s.x0} + s.x1);
+    };
     std::nth_element(s_.begin() + lo, s_.begin() + mid, s_.begin() + hi,
-                     [&](const Site& a, const Site& b) { return key(a) < key(b); });
+                     [&](const AirRun& a, const AirRun& b) { return key(a) < key(b); });
     const int32_t l = 2 * id + 1, r = 2 * id + 2;
     nodes_[id].left = l, nodes_[id].right = r;
 #ifdef XCTRT_OPENMP
@@ -134,12 +136,12 @@ class SiteTree {
                  gap(n.mn[2], n.mx[2], r.x0, r.x1));
   }
 
-  inline double site2(const Site& s, const DefectRun& r) const {
+  inline double pair2(const AirRun& s, const DefectRun& r) const {
     return dist2(s.z > r.z ? s.z - r.z : r.z - s.z, s.y > r.y ? s.y - r.y : r.y - s.y,
-                 gap(s.x, s.x, r.x0, r.x1));
+                 gap(s.x0, s.x1, r.x0, r.x1));
   }
 
-  // Can a site in [mn, mx] pair with run r (see the exposure note at the top)?
+  // Can air in [mn, mx] pair with run r (see the exposure note at the top)?
   static inline bool faces(const std::array<int32_t, 3>& mn, const std::array<int32_t, 3>& mx,
                            const DefectRun& r) {
     return !((mn[0] > r.z && !(r.exposed & kExpPz)) || (mx[0] < r.z && !(r.exposed & kExpMz)) ||
@@ -150,9 +152,9 @@ class SiteTree {
     const Node& n = nodes_[id];
     if (n.left < 0) {
       for (int64_t i = n.lo; i < n.hi; ++i) {
-        const Site& s = s_[i];
-        if (!faces({s.z, s.y, s.x}, {s.z, s.y, s.x}, r)) continue;
-        const double d = site2(s, r);
+        const AirRun& s = s_[i];
+        if (!faces({s.z, s.y, s.x0}, {s.z, s.y, s.x1}, r)) continue;
+        const double d = pair2(s, r);
         if (d < best) best = d;
       }
       return;
@@ -167,19 +169,19 @@ class SiteTree {
     if (b2 < best) visit(second, r, best);
   }
 
-  std::vector<Site> s_;
+  std::vector<AirRun> s_;
   std::array<double, 3> w_;
   std::vector<Node> nodes_;
 };
 
-// Distance of every component (0..n_comp-1) to its nearest site; NaN where there are no
-// sites (no air in the volume) or the component has no runs.
+// Distance of every component (0..n_comp-1) to its nearest air voxel; NaN where there is no
+// air reaching the edge of the volume or the component has no runs.
 
-inline std::vector<double> surface_distance(std::vector<Site>&& sites, const std::vector<DefectRun>& runs,
+inline std::vector<double> surface_distance(std::vector<AirRun>&& air, const std::vector<DefectRun>& runs,
                                             size_t n_comp, std::array<double, 3> voxel_size) {
   std::vector<double> out(n_comp, std::numeric_limits<double>::quiet_NaN());
-  if (sites.empty() || runs.empty() || n_comp == 0) return out;
-  const SiteTree tree(std::move(sites), voxel_size);
+  if (air.empty() || runs.empty() || n_comp == 0) return out;
+  const AirTree tree(std::move(air), voxel_size);
   // Group the runs by component (counting sort; each keeps its raster order).
   std::vector<int64_t> start(n_comp + 1, 0);
   for (const DefectRun& r : runs) ++start[r.comp + 1];

@@ -25,6 +25,23 @@ OUTPUT_NAMES = {"labels.tif", "defects.csv", "preview.png", "summary.json"}
 REPO = Path(__file__).resolve().parents[1]
 
 
+def surface_distance_reference(labels: np.ndarray, ids: np.ndarray, voxel_size) -> np.ndarray:
+    """Per component id 1..max: the smallest distance from its voxels to the part's outside (air
+    connected within its plane, 4-neighbours, to the plane's border), by SciPy's exact Euclidean
+    distance transform; NaN where no air is outside."""
+    from scipy import ndimage
+    outside = np.zeros(labels.shape, bool)
+    for z in range(labels.shape[0]):
+        comp, n = ndimage.label(labels[z] == 0)
+        border = np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]]))
+        outside[z] = np.isin(comp, border[border > 0])
+    n = int(ids.max())
+    if not outside.any():
+        return np.full(n, np.nan)
+    edt = ndimage.distance_transform_edt(~outside, sampling=voxel_size)
+    return np.asarray(ndimage.minimum(edt, ids, index=np.arange(1, n + 1)), np.float64).reshape(n)
+
+
 def phantom_array(shape=PHANTOM_SHAPE, seed: int = 0, dtype=np.uint16) -> np.ndarray:
     ph = make_phantom(shape, seed=seed, dtype=dtype)
     return ph.render(0, shape[0])[0]

@@ -9,6 +9,7 @@ import scipy.ndimage as ndi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import surface_distance_reference
 from xctrt import _core
 
 RANK = {6: 1, 18: 2, 26: 3}
@@ -33,10 +34,6 @@ def reference(lab, img, classes=(2, 3), connectivity=26, voxel_size=(1.0, 1.0, 1
     boundary[:, 0] = boundary[:, -1] = True
     boundary[:, :, 0] = boundary[:, :, -1] = True
     grey = img.astype(np.float64)
-    # Distance to the part surface: every voxel's distance to the nearest air (label 0) voxel,
-    # centre to centre; none without both air and part in the volume.
-    air = lab == 0
-    edt = ndi.distance_transform_edt(~air, sampling=(dz, dy, dx)) if air.any() and (~air).any() else None
     comps = []  # (first flat index, class, flat voxel indices, face counts z/y/x)
     for c in sorted(set(int(c) for c in classes)):
         mask = lab == c
@@ -89,7 +86,7 @@ def reference(lab, img, classes=(2, 3), connectivity=26, voxel_size=(1.0, 1.0, 1
         rows["grey_min"].append(g.min())
         rows["grey_max"].append(g.max())
         rows["touches_edge"].append(bool(boundary.ravel()[idx].any()))
-        rows["surface_distance"].append(float(edt.ravel()[idx].min()) if edt is not None else math.nan)
+    rows["surface_distance"] = surface_distance_reference(lab, ids, (dz, dy, dx))
     dtypes = {"class": np.uint8, "touches_edge": bool}
     dtypes.update({k: np.int64 for k in INT_COLS})
     dtypes.update({k: np.float64 for k in FLOAT_COLS})
@@ -296,44 +293,80 @@ def test_surface_distance_by_hand():
     by_first = {(int(z), int(y), int(x)): d for z, y, x, d in
                 zip(t["bbox_z0"], t["bbox_y0"], t["bbox_x0"], t["surface_distance"])}
     assert by_first == {(2, 4, 7): 6 * 0.2, (0, 1, 10): 9 * 0.2, (4, 8, 2): 0.2, (3, 6, 5): 4 * 0.2}
-    # Air inside the part (a closed cavity labelled air) is a surface too.
+    # Air the part encloses in its plane (a cavity, or the dark rim a model draws round a pore)
+    # is not the part's outside; air open to the plane's border is.
     lab[2, 4, 9] = 0
+    lab[2, 3:6, 6:9][lab[2, 3:6, 6:9] == 1] = 0  # a rim of air round the pore at (2, 4, 7)
     t = _core.label_components(lab, np.zeros(lab.shape, np.uint8), voxel_size=vs)
-    assert t["surface_distance"][t["bbox_x0"] == 7][0] == 2 * 0.2
+    assert t["surface_distance"][t["bbox_x0"] == 7][0] == 6 * 0.2
+    lab[2, 4, 2:6] = 0  # a channel from the outside to the rim: now it is outside too
+    t = _core.label_components(lab, np.zeros(lab.shape, np.uint8), voxel_size=vs)
+    assert t["surface_distance"][t["bbox_x0"] == 7][0] == 0.2
     # Without any air there is no surface to measure from.
     t = _core.label_components(np.where(lab == 0, 1, lab).astype(np.uint8), np.zeros(lab.shape, np.uint8))
     assert len(t["id"]) == 4 and np.isnan(t["surface_distance"]).all()
 
 
+def test_surface_distance_in_csv_and_summary():
+    from xctrt.defects import DefectCounter, summarise, table_to_csv
+    lab = np.ones((4, 10, 12), np.uint8)
+    lab[:, :, 0] = 0                      # outside air along x = 0
+    lab[1, 5, 4] = 2                      # 4 x steps in
+    lab[2, 2:4, 8:10] = 3                 # 8 x steps in
+    img = np.zeros(lab.shape, np.uint16)
+    counter = DefectCounter(lab.shape, (0.5, 0.25, 0.125))
+    counter.add_slab(lab, img)
+    table = counter.finish()
+    rows = table_to_csv(table, "mm").splitlines()
+    assert rows[0].endswith(",surface_distance_mm")
+    assert [r.rsplit(",", 1)[1] for r in rows[1:]] == ["0.5", "1"]
+    s = summarise(table, counter.class_voxels, (0.5, 0.25, 0.125), "mm", {1: "material", 2: "pore", 3: "inclusion"})
+    assert s["defects"]["pore"]["surface_distance_mm"] == {"min": 0.5, "median": 0.5}
+    assert s["defects"]["inclusion"]["surface_distance_mm"] == {"min": 1.0, "median": 1.0}
+    # No outside air: the cells are empty and the summary has no entry.
+    lab[:, :, 0] = 1
+    counter = DefectCounter(lab.shape, (0.5, 0.25, 0.125))
+    counter.add_slab(lab, img)
+    table = counter.finish()
+    assert [r.rsplit(",", 1)[1] for r in table_to_csv(table, "mm").splitlines()[1:]] == ["", ""]
+    s = summarise(table, counter.class_voxels, (0.5, 0.25, 0.125), "mm", {1: "material", 2: "pore", 3: "inclusion"})
+    assert "surface_distance_mm" not in s["defects"]["pore"]
+
+
 def test_distance_to_surface_binding():
-    sites = np.array([[0, 0, 0], [5, 5, 5]], np.int32)
+    air = np.array([[0, 0, 0, 0], [5, 5, 5, 5], [7, 2, 20, 30]], np.int32)  # runs z, y, x0, x1
     runs = np.array([[0, 0, 3, 9], [5, 5, 1, 2], [5, 9, 5, 5]], np.int32)
-    d = _core.distance_to_surface(sites, runs, np.array([0, 1, 1]), 3, voxel_size=(1.0, 2.0, 1.0))
+    vs = (1.0, 2.0, 1.0)
+    d = _core.distance_to_surface(air, runs, np.array([0, 1, 1]), 3, voxel_size=vs)
     np.testing.assert_array_equal(d[:2], [3.0, 3.0])  # run 2 is 3 x steps from (5, 5, 5); run 3 is 8 mm
     assert np.isnan(d[2])  # a component without runs
-    assert np.isnan(_core.distance_to_surface(np.zeros((0, 3), np.int32), runs, np.zeros(3, np.int64), 1)).all()
-    # Exposed sides let the search skip sites a run cannot face: the third run says it has no
-    # voxel exposed towards -y, so the sites at y = 0 and 5 (below its y = 9) are not looked at...
+    assert np.isnan(_core.distance_to_surface(np.zeros((0, 4), np.int32), runs, np.zeros(3, np.int64), 1)).all()
+    # Air runs are intervals: the gap to [20, 30] from x = 9 is 11, from x = 2 it is 18.
+    d = _core.distance_to_surface(air[2:], runs[:2], np.array([0, 1]), 2, voxel_size=vs)
+    np.testing.assert_array_equal(d, [np.sqrt(7 ** 2 + 4 ** 2 + 11 ** 2), np.sqrt(2 ** 2 + 6 ** 2 + 18 ** 2)])
+    # Exposed sides let the search skip air a run cannot face: the third run says it has no
+    # voxel exposed towards -y, so the air at y = 0, 2 and 5 (below its y = 9) is not looked at...
     comp = np.array([0, 1, 2])
-    full = _core.distance_to_surface(sites, runs, comp, 3, voxel_size=(1.0, 2.0, 1.0))
+    full = _core.distance_to_surface(air, runs, comp, 3, voxel_size=vs)
     assert full.tolist() == [3.0, 3.0, 8.0]
     flags = np.array([15, 15, 15 & ~4], np.uint8)
-    d = _core.distance_to_surface(sites, runs, comp, 3, exposed=flags, voxel_size=(1.0, 2.0, 1.0))
+    d = _core.distance_to_surface(air, runs, comp, 3, exposed=flags, voxel_size=vs)
     assert d[:2].tolist() == [3.0, 3.0] and d[2] > 8.0  # ...which is only right for a true flag
-    for args, msg in [((sites[:, :2], runs, np.zeros(3, np.int64), 1), "sites"),
-                      ((sites, runs[:, :3], np.zeros(3, np.int64), 1), "runs"),
-                      ((sites, runs, np.zeros(2, np.int64), 1), "one component per run"),
-                      ((sites, runs, np.array([0, 1, 2]), 2), "0..n_comp-1"),
-                      ((sites, runs[:, [0, 1, 3, 2]], np.zeros(3, np.int64), 1), "x0 <= x1"),
-                      ((-sites, runs, np.zeros(3, np.int64), 1), ">= 0"),
-                      ((sites, -runs, np.zeros(3, np.int64), 1), "x0 <= x1|>= 0")]:
+    for args, msg in [((air[:, :3], runs, np.zeros(3, np.int64), 1), "air"),
+                      ((air, runs[:, :3], np.zeros(3, np.int64), 1), "runs"),
+                      ((air, runs, np.zeros(2, np.int64), 1), "one component per run"),
+                      ((air, runs, np.array([0, 1, 2]), 2), "0..n_comp-1"),
+                      ((air, runs[:, [0, 1, 3, 2]], np.zeros(3, np.int64), 1), "x0 <= x1"),
+                      ((air[:, [0, 1, 3, 2]], runs, np.zeros(3, np.int64), 1), "x0 <= x1"),
+                      ((-air, runs, np.zeros(3, np.int64), 1), ">= 0|x0 <= x1"),
+                      ((air, -runs, np.zeros(3, np.int64), 1), "x0 <= x1|>= 0")]:
         with pytest.raises(ValueError, match=msg):
             _core.distance_to_surface(*args)
     for flags, msg in [(np.zeros(2, np.uint8), "one flag set per run"), (np.full(3, 15), "uint8")]:
         with pytest.raises(ValueError, match=msg):
-            _core.distance_to_surface(sites, runs, comp, 3, exposed=flags)
+            _core.distance_to_surface(air, runs, comp, 3, exposed=flags)
     with pytest.raises(TypeError):  # keyword-only: a voxel size must not land in `exposed`
-        _core.distance_to_surface(sites, runs, comp, 3, (1.0, 2.0, 1.0))
+        _core.distance_to_surface(air, runs, comp, 3, vs)
 
 
 def test_cube_sphericity_and_edge():

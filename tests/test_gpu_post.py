@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 
+from conftest import surface_distance_reference
 from xctrt import _core
 from xctrt.gpu import post
 
@@ -200,9 +200,7 @@ def test_surface_distance_with_sparse_air(seed, thick):
     vs = tuple(rng.uniform(0.2, 2.0, 3))
     got, ref = run_both(lab, img, slabs, 0, classes=[2, 3], voxel_size=vs)
     assert_table_same(got, ref)
-    edt = ndi.distance_transform_edt(lab != 0, sampling=vs)
-    ids = _core.label_volume(lab, [2, 3], 26)
-    want = ndi.minimum(edt, ids, index=np.arange(1, len(ref["id"]) + 1))
+    want = surface_distance_reference(lab, _core.label_volume(lab, [2, 3], 26), vs)
     np.testing.assert_allclose(got["surface_distance"], want, rtol=1e-12, atol=0)
 
 

@@ -11,7 +11,7 @@ Component statistics are integers accumulated exactly (float64 segment sums only
 every partial sum is an integer below 2**53, checked in ComponentLabeller.__init__), and the
 derived table columns come from the same C++ builder (`_core.component_table`); the distance
 to the part surface comes from the same C++ search (`_core.distance_to_surface`) over the same
-air sites and defect runs, collected here on the device. The one
+air and defect runs, found here on the device. The one
 exception: for float32 images grey_mean is the C++ value up to rounding (the C++ sum order
 follows its runs and provisional ids); uint8/uint16 images give it bit for bit.
 
@@ -23,18 +23,18 @@ slab on CT parts), bytes moved on the device:
   - everything else works on the n compact defect voxels: coordinates, 13/9/3 backward
     neighbour gathers (edges), 6 face gathers, union-find by hook (scatter-min) and pointer
     jumping, segment sums, scatter min/max                        ~ 1-2 kB per defect voxel
-  - surface sites: six shifted ORs of the part mask and a scan     ~ 25-30 B/voxel of the slab
-So a 1000x1200x1200 volume with 2 % defects moves ~45 GB over the label volume and ~30-60 GB
+  - the part's outside, for the surface distance: air components within each plane (a CuPy/SciPy
+    labelling of the slab) and their x-runs                         ~ 20-30 B/voxel of the slab
+So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~30-60 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
 synchronisations (one flatnonzero per slab, a few per union-find round) dominate, hence slabs
 of 32-128 planes. aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
-finish() copies the sites and runs to the host for the surface-distance search (C++ kd-tree on
-all cores, one search per defect run; slow for pores near the centre of a round part, where most
-of the surface is almost equally far and the search has to look at it).
-Only the previous slab's last plane (labels, provisional ids, which air voxels are listed sites)
-and per-provisional-component statistics are carried between slabs; finish() merges provisional
-components. The surface sites (air voxels next to the part, ~ the part's surface area in voxels)
-and the defect x-runs are kept as compact lists until finish().
+finish() copies the outside air's runs and the defect runs to the host for the surface-distance
+search (C++ kd-tree on all cores, one search per defect run; slow for pores near the centre of a
+round part, where most of the surface is almost equally far and the search has to look at it).
+Only the previous slab's last plane (labels, provisional ids) and per-provisional-component
+statistics are carried between slabs; finish() merges provisional components. The defect and air
+x-runs are kept as compact lists until finish().
 """
 from __future__ import annotations
 
@@ -86,6 +86,19 @@ def segment_sum(ids, n: int, weights=None):
     out = _cupy.zeros(n, np.float64)
     _cupyx.scatter_add(out, ids, 1.0 if weights is None else weights)
     return out
+
+
+_PLANE_CROSS = np.zeros((3, 3, 3), bool)
+_PLANE_CROSS[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]  # 4-neighbours in the plane, none across planes
+
+
+def label_in_planes(mask):
+    """Components of a (z, Y, X) bool mask, 4-connected within each plane: (labels, count)."""
+    if isinstance(mask, np.ndarray):
+        from scipy import ndimage
+        return ndimage.label(mask, _PLANE_CROSS)
+    import cupyx.scipy.ndimage
+    return cupyx.scipy.ndimage.label(mask, _cupy.asarray(_PLANE_CROSS))
 
 
 def to_host(a) -> np.ndarray:
@@ -341,10 +354,9 @@ class ComponentLabeller:
         self._cross = []  # (previous-slab id, this-slab id) pairs of provisional components
         self._prev = None  # last plane: labels, defect indices in the plane, their ids
         self._keep = None  # label_volume: (flat voxel index, provisional id) per slab
-        self._surface = True  # collect air sites and defect runs for the surface distance
-        self._sites = []  # flat indices of air voxels with a non-air 6-neighbour, each once
+        self._surface = True  # find the distance to the part surface (defect runs, outside air)
         self._runs = []  # (z, y, x0, x1, provisional id, exposed sides) of every defect x-run, per slab
-        self._prev_site = None  # which voxels of the previous slab's last plane are listed
+        self._outside = []  # (z, y, x0, x1) of the air runs outside the part, per slab
         self.surface_distance_s = 0.0  # host time of the last finish()'s surface-distance search
 
     @property
@@ -482,7 +494,8 @@ class ComponentLabeller:
             # plane is not known yet and is set, which is always allowed.
             sides = (mz.astype(np.uint8) | (xp.where(up, pz, True).astype(np.uint8) << 1)
                      | (my.astype(np.uint8) << 2) | (py.astype(np.uint8) << 3))
-            self._collect_surface(lab, ext, e, L, x, y, zg, pid + np.int32(first), sides, z0, nz)
+            self._collect_runs(ext, e, L, x, y, zg, pid + np.int32(first), sides)
+            self._outside.append(self._outside_air(lab.reshape(nz, Y, X), z0))
         if self._keep is not None:
             self._keep.append((idx + z0 * plane, pid + np.int32(first)))
 
@@ -495,28 +508,10 @@ class ComponentLabeller:
         else:
             self._prev = None
 
-    def _collect_surface(self, lab, ext, e, L, x, y, zg, pid, sides, z0: int, nz: int) -> None:
-        """The slab's air sites and defect runs, the same sets as the C++ labeller lists."""
+    def _collect_runs(self, ext, e, L, x, y, zg, pid, sides) -> None:
+        """The slab's x-runs with their exposed sides, the same list as the C++ labeller keeps."""
         xp = self._xp
-        Z, Y, X = self.shape
-        plane = Y * X
-        solid = lab.reshape(nz, Y, X) != 0
-        near = xp.zeros_like(solid)  # a non-air 6-neighbour inside the volume
-        near[:, :, 1:] |= solid[:, :, :-1]
-        near[:, :, :-1] |= solid[:, :, 1:]
-        near[:, 1:] |= solid[:, :-1]
-        near[:, :-1] |= solid[:, 1:]
-        near[1:] |= solid[:-1]
-        near[:-1] |= solid[1:]
-        if self._prev_site is not None:
-            p_solid = self._prev[0].reshape(Y, X) != 0
-            near[0] |= p_solid
-            # The previous slab's last plane over this slab's first: its +z neighbours.
-            extra = ~p_solid & solid[0] & ~self._prev_site
-            self._sites.append(xp.flatnonzero(extra) + (z0 - 1) * plane)
-        site = ~solid & near
-        self._sites.append(xp.flatnonzero(site) + z0 * plane)
-        self._prev_site = site[-1].copy() if z0 + nz < Z else None  # not a view: frees the slab
+        X = self.shape[2]
         # x-runs: maximal stretches of one label value along a row.
         start = (x == 0) | (ext[xp.where(x > 0, e - 1, e)] != L)
         end = (x == X - 1) | (ext[xp.where(x < X - 1, e + 1, e)] != L)
@@ -529,20 +524,37 @@ class ComponentLabeller:
             exposed |= (_count(run, s.size, b) > 0).astype(np.int32) << bit
         self._runs.append(xp.stack([zg[s], y[s], x[s], x[t], pid[s], exposed]))
 
+    def _outside_air(self, lab, z0: int):
+        """(4, m) z, y, x0, x1 of the air runs outside the part, as the C++ labeller's
+        outside_air(): air connected, within its plane (4-neighbours), to the plane's border."""
+        xp = self._xp
+        nz, Y, X = lab.shape
+        comp, n = label_in_planes(lab == 0)
+        border = xp.zeros(int(n) + 1, bool)
+        for edge in (comp[:, 0], comp[:, -1], comp[:, :, 0], comp[:, :, -1]):
+            border[edge] = True
+        border[0] = False
+        out = border[comp]
+        left = xp.zeros_like(out)
+        left[:, :, 1:] = out[:, :, :-1]
+        right = xp.zeros_like(out)
+        right[:, :, :-1] = out[:, :, 1:]
+        s = xp.flatnonzero(out & ~left)
+        t = xp.flatnonzero(out & ~right)
+        z, r = s // (Y * X), s % (Y * X)
+        return xp.stack([z + z0, r // X, r % X, t % X]).astype(np.int32)
+
     def _surface_distance(self, final, n_kept: int) -> np.ndarray:
-        """Distance of each kept component to the part surface (C++ search, see _core)."""
+        """Distance of each kept component to the part surface: to the nearest voxel of the air
+        outside the part (C++ search, see _core.distance_to_surface)."""
         xp = self._xp
         runs = xp.concatenate(self._runs, axis=1) if self._runs else xp.zeros((6, 0), np.int32)
         comp = final[runs[4]].astype(np.int64) - 1
         kept = xp.flatnonzero(comp >= 0)  # runs of components that min_voxels did not drop
         runs, comp = runs[:, kept], comp[kept]
         exposed = runs[5].astype(np.uint8)
-        Z, Y, X = self.shape
-        flat = xp.concatenate(self._sites) if self._sites else xp.zeros(0, np.int64)
-        zs = flat // (Y * X)
-        r = flat - zs * (Y * X)
-        sites = xp.stack([zs, r // X, r % X], axis=1).astype(np.int32)
-        return _core.distance_to_surface(to_host(sites), to_host(runs[:4].T), to_host(comp), n_kept,
+        air = xp.concatenate(self._outside, axis=1) if self._outside else xp.zeros((4, 0), np.int32)
+        return _core.distance_to_surface(to_host(air.T), to_host(runs[:4].T), to_host(comp), n_kept,
                                          exposed=to_host(exposed), voxel_size=self.voxel_size)
 
     def _resolve(self, min_voxels: int):

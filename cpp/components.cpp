@@ -778,7 +778,7 @@ void bind_components(py::module_& m) {
         py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
         "Per component (0..n_comp-1): the smallest centre-to-centre distance between one of its\n"
         "runs' voxels (runs: (n, 4) int32 z, y, x0, x1; comp: (n,) component) and a voxel of the\n"
-        "air runs ((m, 4) int32 z, y, x0, x1: the air that reaches the volume's edge); NaN\n"
+        "air runs ((m, 4) int32 z, y, x0, x1: the air outside the part); NaN\n"
         "without air or runs. Exact (kd-tree).\n"
         "exposed (keyword, optional, (n,) uint8): bits 1 -z, 2 +z, 4 -y, 8 +y, set at least\n"
         "where the run has a voxel whose neighbour on that side is not in the defect; unset\n"

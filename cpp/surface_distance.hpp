@@ -1,7 +1,8 @@
 // Exact distance from each defect to the part surface, in physical units.
 //
-// The part surface is seen from the air side: the air (label 0) that reaches the edge of the
-// volume, given as x-runs. A defect is given as x-runs of its voxels too; its distance is the
+// The part surface is seen from the air side: the air outside the part, given as x-runs (the
+// labeller takes air connected, within its plane, to the plane's border: Labeller::outside_air
+// in components.cpp). A defect is given as x-runs of its voxels too; its distance is the
 // smallest centre-to-centre distance between one of its voxels and one of those air voxels, so
 // a defect that touches that air has distance one voxel step (the voxel size on that axis).
 // Only air in the volume counts: where the field of view cuts the part, the true surface

@@ -14,14 +14,13 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
-#include <optional>
-
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -114,7 +113,6 @@ class Labeller {
     dz_ = voxel_size[0], dy_ = voxel_size[1], dx_ = voxel_size[2];
     mask_.resize(X_);
     prev_lab_.resize(Z_ > 1 ? plane_ : 0);
-    if (surface_) air_above_.reserve(16), air_row_.reserve(16);
     prev_.row_start.assign(Y_ + 1, 0);
     cur_.row_start.assign(Y_ + 1, 0);
   }

@@ -66,8 +66,6 @@ class AirTree {
     build(0, 0, n);
   }
 
-  bool empty() const { return s_.empty(); }
-
   // Squared distance from the run to its nearest air voxel, if below `best` (else `best`).
   double nearest2(const DefectRun& r, double best) const {
     if (!nodes_.empty()) visit(0, r, best);
@@ -77,10 +75,9 @@ class AirTree {
  private:
   static constexpr int64_t kLeaf = 16;
 
-
+  // Node i's children are 2i+1 and 2i+2; a node of at most kLeaf runs is a leaf.
   struct Node {
-    int64_t lo, hi;            // air runs [lo, hi)
-    int32_t left = -1, right = -1;
+    int64_t lo, hi;                 // air runs [lo, hi)
     std::array<int32_t, 3> mn, mx;  // bounding box (z, y, x)
   };
 
@@ -105,7 +102,7 @@ class AirTree {
       mn[1] = std::min(mn[1], s.y), mx[1] = std::max(mx[1], s.y);
       mn[2] = std::min(mn[2], s.x0), mx[2] = std::max(mx[2], s.x1);
     }
-    nodes_[id] = Node{lo, hi, -1, -1, mn, mx};
+    nodes_[id] = Node{lo, hi, mn, mx};
     if (hi - lo <= kLeaf) return;
     int axis = 0;
     double widest = -1.0;
@@ -120,13 +117,11 @@ class AirTree {
     };
     std::nth_element(s_.begin() + lo, s_.begin() + mid, s_.begin() + hi,
                      [&](const AirRun& a, const AirRun& b) { return key(a) < key(b); });
-    const int32_t l = 2 * id + 1, r = 2 * id + 2;
-    nodes_[id].left = l, nodes_[id].right = r;
 #ifdef XCTRT_OPENMP
 #pragma omp task if (hi - lo > 65536)
 #endif
-    build(l, lo, mid);
-    build(r, mid, hi);
+    build(2 * id + 1, lo, mid);
+    build(2 * id + 2, mid, hi);
 #ifdef XCTRT_OPENMP
 #pragma omp taskwait
 #endif
@@ -151,7 +146,7 @@ class AirTree {
 
   void visit(int32_t id, const DefectRun& r, double& best) const {
     const Node& n = nodes_[id];
-    if (n.left < 0) {
+    if (n.hi - n.lo <= kLeaf) {
       for (int64_t i = n.lo; i < n.hi; ++i) {
         const AirRun& s = s_[i];
         if (!faces({s.z, s.y, s.x0}, {s.z, s.y, s.x1}, r)) continue;
@@ -160,11 +155,12 @@ class AirTree {
       }
       return;
     }
-    const Node &nl = nodes_[n.left], &nr = nodes_[n.right];
+    const int32_t left = 2 * id + 1, right = 2 * id + 2;
+    const Node &nl = nodes_[left], &nr = nodes_[right];
     const double inf = std::numeric_limits<double>::infinity();
     const double bl = faces(nl.mn, nl.mx, r) ? bound2(nl, r) : inf;
     const double br = faces(nr.mn, nr.mx, r) ? bound2(nr, r) : inf;
-    const int32_t first = bl <= br ? n.left : n.right, second = bl <= br ? n.right : n.left;
+    const int32_t first = bl <= br ? left : right, second = bl <= br ? right : left;
     const double b1 = bl <= br ? bl : br, b2 = bl <= br ? br : bl;
     if (b1 < best) visit(first, r, best);
     if (b2 < best) visit(second, r, best);
@@ -176,8 +172,7 @@ class AirTree {
 };
 
 // Distance of every component (0..n_comp-1) to its nearest air voxel; NaN where there is no
-// air reaching the edge of the volume or the component has no runs.
-
+// air outside the part or the component has no runs.
 inline std::vector<double> surface_distance(std::vector<AirRun>&& air, const std::vector<DefectRun>& runs,
                                             size_t n_comp, std::array<double, 3> voxel_size) {
   std::vector<double> out(n_comp, std::numeric_limits<double>::quiet_NaN());

@@ -57,7 +57,7 @@ def table_to_csv(table: dict[str, np.ndarray], unit: str) -> str:
                                                   "grey_mean", "grey_min", "grey_max")}
     fmt.update({k: (lambda v: f"{v:.3f}") for k in ("centroid_z", "centroid_y", "centroid_x")})
     fmt["touches_edge"] = lambda v: "1" if v else "0"
-    # Empty where the volume shows no air, so there is no part surface to measure from.
+    # Empty where no air outside the part is in view, so there is no surface to measure from.
     fmt["surface_distance"] = lambda v: f"{v:.6g}" if np.isfinite(v) else ""
     for i in range(n):
         w.writerow([fmt.get(k, str)(data[k][i]) for k, _ in cols])

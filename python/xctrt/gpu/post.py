@@ -2,7 +2,7 @@
 
 Every function takes its array module from its input (`array_module`): NumPy arrays run on the
 CPU, CuPy arrays on the GPU, with the same code. The only CuPy-specific lines are the shims
-`array_module`, `scatter_min`, `scatter_max`, `segment_sum` and `to_host` below.
+`array_module`, `scatter_min`, `scatter_max`, `segment_sum`, `label_in_planes` and `to_host` below.
 
 Exactness. _core is built with -ffp-contract=off, so each float32 operation rounds on its own.
 Here every float32 step is a separate ufunc call writing a float32 array (on CuPy: one kernel

@@ -92,27 +92,30 @@ class AirTree {
   }
 
   void build(int32_t id, int64_t lo, int64_t hi) {
-    std::array<int32_t, 3> mn{std::numeric_limits<int32_t>::max(), std::numeric_limits<int32_t>::max(),
-                              std::numeric_limits<int32_t>::max()};
-    std::array<int32_t, 3> mx{std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::min(),
-                              std::numeric_limits<int32_t>::min()};
+    constexpr int32_t kMax = std::numeric_limits<int32_t>::max(), kMin = std::numeric_limits<int32_t>::min();
+    std::array<int32_t, 3> mn{kMax, kMax, kMax}, mx{kMin, kMin, kMin};
+    int64_t cmin = std::numeric_limits<int64_t>::max(), cmax = std::numeric_limits<int64_t>::min();
     for (int64_t i = lo; i < hi; ++i) {
       const AirRun& s = s_[i];
       mn[0] = std::min(mn[0], s.z), mx[0] = std::max(mx[0], s.z);
       mn[1] = std::min(mn[1], s.y), mx[1] = std::max(mx[1], s.y);
       mn[2] = std::min(mn[2], s.x0), mx[2] = std::max(mx[2], s.x1);
+      cmin = std::min(cmin, int64_t{s.x0} + s.x1), cmax = std::max(cmax, int64_t{s.x0} + s.x1);
     }
     nodes_[id] = Node{lo, hi, mn, mx};
     if (hi - lo <= kLeaf) return;
+    // Split the widest axis of the box, x included: the runs along x split by their centres,
+    // which groups runs that end alike (the part's outline). Unless every centre is the same,
+    // as in rows of full-width air above or below a part: those split along x into two children
+    // with the parent's box, which prune nothing, so they split along z or y.
+    const double extent[3] = {(static_cast<double>(mx[0]) - mn[0]) * w_[0],
+                              (static_cast<double>(mx[1]) - mn[1]) * w_[1],
+                              cmax > cmin ? (static_cast<double>(mx[2]) - mn[2]) * w_[2] : -1.0};
     int axis = 0;
-    double widest = -1.0;
-    for (int a = 0; a < 3; ++a) {
-      const double e = (static_cast<double>(mx[a]) - mn[a]) * w_[a];
-      if (e > widest) widest = e, axis = a;
-    }
+    for (int a = 1; a < 3; ++a)
+      if (extent[a] > extent[axis]) axis = a;
     const int64_t mid = lo + (hi - lo) / 2;
-    // Runs along x split by their centre (doubled, to stay in integers).
-    auto key = [axis](const AirRun& s) {
+    auto key = [axis](const AirRun& s) {  // x: the centre, doubled to stay in integers
       return axis == 0 ? 2 * int64_t{s.z} : (axis == 1 ? 2 * int64_t{s.y} : int64_t{s.x0} + s.x1);
     };
     std::nth_element(s_.begin() + lo, s_.begin() + mid, s_.begin() + hi,

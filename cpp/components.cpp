@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "bindings.hpp"
+#include "crofton.hpp"
 #include "surface_distance.hpp"
 
 namespace py = pybind11;
@@ -52,7 +53,7 @@ struct PlaneRuns {
 struct Stat {
   int64_t voxels = 0;
   int64_t sz = 0, sy = 0, sx = 0;  // coordinate sums, exact in int64
-  int64_t fz = 0, fy = 0, fx = 0;  // exposed faces normal to z, y, x
+  std::array<int64_t, kDirs> cross{};  // line crossings per Crofton direction (crofton.hpp)
   double gsum = 0.0;
   double gmin = std::numeric_limits<double>::infinity();
   double gmax = -std::numeric_limits<double>::infinity();
@@ -65,7 +66,7 @@ struct Stat {
   void merge(const Stat& o) {
     voxels += o.voxels;
     sz += o.sz, sy += o.sy, sx += o.sx;
-    fz += o.fz, fy += o.fy, fx += o.fx;
+    for (int k = 0; k < kDirs; ++k) cross[k] += o.cross[k];
     gsum += o.gsum;
     gmin = std::min(gmin, o.gmin), gmax = std::max(gmax, o.gmax);
     z0 = std::min(z0, o.z0), y0 = std::min(y0, o.y0), x0 = std::min(x0, o.x0);
@@ -78,6 +79,17 @@ inline int64_t count_ne(const uint8_t* p, int64_t n, uint8_t v) {
   int64_t c = 0;
   for (int64_t i = 0; i < n; ++i) c += p[i] != v;
   return c;
+}
+
+// For the voxels a..b of one row, how many have a neighbour in `row` (another row, or null
+// where that row is outside the volume) that is not L, at x - 1, x and x + 1 (out[0..2]).
+// Outside the volume counts as not L.
+inline std::array<int64_t, 3> count_ne3(const uint8_t* row, int64_t a, int64_t b, int64_t X, uint8_t L) {
+  const int64_t len = b - a + 1;
+  if (!row) return {len, len, len};
+  auto ne = [&](int64_t x) -> int64_t { return x < 0 || x >= X || row[x] != L; };
+  const int64_t c = count_ne(row + a, len, L);
+  return {c + ne(a - 1) - ne(b), c, c - ne(a) + ne(b + 1)};
 }
 
 // Image element types the grey statistics are templated on; NoImage skips them (label_volume).
@@ -316,15 +328,24 @@ class Labeller {
           s.y0 = std::min(s.y0, static_cast<int32_t>(y)), s.y1 = std::max(s.y1, static_cast<int32_t>(y));
           s.x0 = std::min(s.x0, a), s.x1 = std::max(s.x1, b);
           if (zedge || yedge || a == 0 || b == X - 1) s.edge = true;
-          // A run is maximal for its label, so both x ends are exposed.
-          s.fx += 2;
-          const int64_t fup = above ? count_ne(above + a, len, L) : len;
-          const int64_t fdown = below ? count_ne(below + a, len, L) : len;
-          const int64_t fprev = prow ? count_ne(prow + a, len, L) : len;
-          s.fy += fup + fdown;
-          // -z faces against the previous plane; +z faces are counted when the next plane
-          // arrives (below), or here for the last plane.
-          s.fz += fprev + (last ? len : 0);
+          // Crossings (crofton.hpp): a voxel whose neighbour one step along -v_k is not in
+          // the defect counts for direction k, and one whose neighbour along +v_k is not.
+          // A run is maximal for its label, so both x ends cross along x.
+          s.cross[0] += 2;
+          // In-plane diagonals and y: +v = (0, 1, dx) reaches the row below at x + dx, -v the
+          // row above at x - dx.
+          const auto up = count_ne3(above, a, b, X, L), down = count_ne3(below, a, b, X, L);
+          for (int dx = -1; dx <= 1; ++dx) s.cross[2 + dx] += down[1 + dx] + up[1 - dx];
+          // -v = (-1, -dy, -dx) reaches row y - dy of the previous plane at x - dx; +v is
+          // counted when the next plane arrives (below), or here for the last plane.
+          const uint8_t* pm = prev && y > 0 ? prev + (y - 1) * X : nullptr;
+          const uint8_t* pp = prev && y + 1 < Y ? prev + (y + 1) * X : nullptr;
+          const std::array<int64_t, 3> pr3[3] = {count_ne3(pp, a, b, X, L), count_ne3(prow, a, b, X, L),
+                                                 count_ne3(pm, a, b, X, L)};  // dy = -1, 0, 1
+          for (int dy = -1; dy <= 1; ++dy)
+            for (int dx = -1; dx <= 1; ++dx)
+              s.cross[4 + 3 * (dy + 1) + (dx + 1)] += pr3[dy + 1][1 - dx] + (last ? len : 0);
+          const int64_t fup = up[1], fdown = down[1], fprev = pr3[1][1];
           if (surface_) {
             // Exposed sides; +z is known when the next plane arrives (below), or here at the last.
             const uint8_t e = (fprev ? kExpMz : 0) | (last ? kExpPz : 0) | (fup ? kExpMy : 0) |
@@ -350,13 +371,20 @@ class Labeller {
           }
         }
       }
-      // +z faces of the previous plane's runs in this row.
+      // Crossings along +v = (1, dy, dx) of the previous plane's runs in this row: row y + dy
+      // of this plane at x + dx.
       if (prev) {
+        const uint8_t* cm = y > 0 ? row - X : nullptr;
+        const uint8_t* cp = y + 1 < Y ? row + X : nullptr;
         for (uint32_t i = ps[y]; i < ps[y + 1]; ++i) {
           const Run& r = pr[i];
-          const int64_t f = count_ne(row + r.x0, r.x1 - r.x0 + 1, r.label);
-          stats_[r.id].fz += f;
-          if (surface_ && f) runs_[prev_runs_base_ + i].exposed |= kExpPz;
+          const std::array<int64_t, 3> c3[3] = {count_ne3(cm, r.x0, r.x1, X, r.label),
+                                                count_ne3(row, r.x0, r.x1, X, r.label),
+                                                count_ne3(cp, r.x0, r.x1, X, r.label)};
+          Stat& s = stats_[r.id];
+          for (int dy = -1; dy <= 1; ++dy)
+            for (int dx = -1; dx <= 1; ++dx) s.cross[4 + 3 * (dy + 1) + (dx + 1)] += c3[dy + 1][1 + dx];
+          if (surface_ && c3[1][1]) runs_[prev_runs_base_ + i].exposed |= kExpPz;
         }
       }
     }
@@ -525,7 +553,7 @@ class PyLabeller {
            *psurf = D(surf);
     uint8_t* pcls = cls.mutable_data();
     bool* pedge = edge.mutable_data();
-    const double ayx = dy * dx, azx = dz * dx, azy = dz * dy;
+    const std::array<double, kDirs> per_crossing = crofton_factors({dz, dy, dx});
     const double cbrt_pi = std::cbrt(kPi);
     for (py::ssize_t i = 0; i < n; ++i) {
       const Stat& s = st[i];
@@ -540,8 +568,8 @@ class PyLabeller {
       pcz[i] = static_cast<double>(s.sz) / v;
       pcy[i] = static_cast<double>(s.sy) / v;
       pcx[i] = static_cast<double>(s.sx) / v;
-      const double a = static_cast<double>(s.fz) * ayx + static_cast<double>(s.fy) * azx +
-                       static_cast<double>(s.fx) * azy;
+      double a = 0.0;  // Crofton estimate (crofton.hpp)
+      for (int k = 0; k < kDirs; ++k) a += static_cast<double>(s.cross[k]) * per_crossing[k];
       parea[i] = a;
       psph[i] = cbrt_pi * std::pow(6.0 * vol, 2.0 / 3.0) / a;
       pgm[i] = s.gsum / v;
@@ -638,9 +666,7 @@ py::dict component_table(
     py::array_t<int64_t, py::array::c_style | py::array::forcecast> sz,
     py::array_t<int64_t, py::array::c_style | py::array::forcecast> sy,
     py::array_t<int64_t, py::array::c_style | py::array::forcecast> sx,
-    py::array_t<int64_t, py::array::c_style | py::array::forcecast> fz,
-    py::array_t<int64_t, py::array::c_style | py::array::forcecast> fy,
-    py::array_t<int64_t, py::array::c_style | py::array::forcecast> fx,
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> crossings,
     py::array_t<double, py::array::c_style | py::array::forcecast> gsum,
     py::array_t<double, py::array::c_style | py::array::forcecast> gmin,
     py::array_t<double, py::array::c_style | py::array::forcecast> gmax,
@@ -658,16 +684,19 @@ py::dict component_table(
     if (!(v > 0.0) || !std::isfinite(v))
       throw std::invalid_argument("voxel_size entries must be positive and finite");
   const py::ssize_t n = voxels.size();
-  const py::array* cols[] = {&voxels, &sz, &sy, &sx, &fz, &fy, &fx, &gsum, &gmin,
-                             &gmax, &z0, &y0, &x0, &z1, &y1, &x1, &cls, &edge, &surface_distance};
+  const py::array* cols[] = {&voxels, &sz, &sy, &sx, &gsum, &gmin, &gmax, &z0, &y0,
+                             &x0, &z1, &y1, &x1, &cls, &edge, &surface_distance};
   for (const py::array* c : cols)
     if (c->ndim() != 1 || c->size() != n)
       throw std::invalid_argument("component_table needs 1-D columns of one length");
+  if (crossings.ndim() != 2 || crossings.shape(0) != n || crossings.shape(1) != kDirs)
+    throw std::invalid_argument("crossings must be an (n, 13) array, one row per component");
+  const int64_t* cr = crossings.data();
   std::vector<Stat> st(static_cast<size_t>(n));
   for (py::ssize_t i = 0; i < n; ++i) {
     Stat& s = st[i];
     s.voxels = voxels.at(i), s.sz = sz.at(i), s.sy = sy.at(i), s.sx = sx.at(i);
-    s.fz = fz.at(i), s.fy = fy.at(i), s.fx = fx.at(i);
+    std::copy(cr + i * kDirs, cr + (i + 1) * kDirs, s.cross.begin());
     s.gsum = gsum.at(i), s.gmin = gmin.at(i), s.gmax = gmax.at(i);
     s.z0 = z0.at(i), s.y0 = y0.at(i), s.x0 = x0.at(i);
     s.z1 = z1.at(i), s.y1 = y1.at(i), s.x1 = x1.at(i);
@@ -764,13 +793,33 @@ void bind_components(py::module_& m) {
         "int32 component ids per voxel (0 = background), numbered like the table's id with\n"
         "min_voxels=0. Holds the whole volume (for tests and comparisons).");
   m.def("component_table", &component_table, py::arg("voxels"), py::arg("sz"), py::arg("sy"),
-        py::arg("sx"), py::arg("fz"), py::arg("fy"), py::arg("fx"), py::arg("gsum"),
+        py::arg("sx"), py::arg("crossings"), py::arg("gsum"),
         py::arg("gmin"), py::arg("gmax"), py::arg("z0"), py::arg("y0"), py::arg("x0"),
         py::arg("z1"), py::arg("y1"), py::arg("x1"), py::arg("cls"), py::arg("edge"),
         py::arg("surface_distance"), py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
         "ComponentLabeller's table from merged per-component sums (voxels, coordinate sums,\n"
-        "exposed faces per axis, grey sum/min/max, bbox, class, edge flag) and distances to\n"
-        "the part surface, one row per id.");
+        "crossings (n, 13): line crossings per Crofton direction, see crofton_directions;\n"
+        "grey sum/min/max, bbox, class, edge flag) and distances to the part surface, one row\n"
+        "per id.");
+  m.def("crofton_directions", [] {
+        py::array_t<int32_t> d({kDirs, 3});
+        for (int k = 0; k < kDirs; ++k)
+          for (int a = 0; a < 3; ++a) d.mutable_at(k, a) = kCroftonDirs[k][a];
+        return d;
+      },
+      "The 13 lattice directions (dz, dy, dx) the surface area counts line crossings along.");
+  m.def("crofton_factors", [](std::array<double, 3> voxel_size) {
+        for (double v : voxel_size)
+          if (!(v > 0.0) || !std::isfinite(v))
+            throw std::invalid_argument("voxel_size entries must be positive and finite");
+        const auto f = crofton_factors(voxel_size);
+        py::array_t<double> out(kDirs);
+        std::copy(f.begin(), f.end(), out.mutable_data());
+        return out;
+      },
+      py::arg("voxel_size"),
+      "Surface area per line crossing along each Crofton direction for this voxel size:\n"
+      "2 w V / |v| (w: the direction's share of the sphere, its spherical Voronoi cells).");
   m.def("distance_to_surface", &distance_to_surface, py::arg("air"), py::arg("runs"),
         py::arg("comp"), py::arg("n_comp"), py::kw_only(), py::arg("exposed") = py::none(),
         py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},

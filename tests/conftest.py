@@ -25,6 +25,22 @@ OUTPUT_NAMES = {"labels.tif", "defects.csv", "preview.png", "summary.json"}
 REPO = Path(__file__).resolve().parents[1]
 
 
+def crofton_reference(voxel_size):
+    """The 13 Crofton directions (dz, dy, dx) and the surface area per line crossing along each,
+    2 w V / |v| with w the direction's share of the sphere (both signs' spherical Voronoi cells,
+    from SciPy): the reference for _core.crofton_factors (cpp/crofton.hpp)."""
+    from scipy.spatial import SphericalVoronoi
+
+    dirs = np.array([(0, 0, 1), (0, 1, -1), (0, 1, 0), (0, 1, 1)]
+                    + [(1, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    v = dirs * np.asarray(voxel_size, float)
+    length = np.linalg.norm(v, axis=1)
+    u = v / length[:, None]
+    areas = SphericalVoronoi(np.concatenate([u, -u]), 1.0, np.zeros(3)).calculate_areas()
+    w = (areas[:13] + areas[13:]) / (4 * np.pi)
+    return dirs, 2 * w * np.prod(voxel_size) / length
+
+
 def surface_distance_reference(labels: np.ndarray, ids: np.ndarray, voxel_size) -> np.ndarray:
     """Per component id 1..max: the smallest distance from its voxels to the part's outside (air
     connected within its plane, 4-neighbours, to the plane's border), by SciPy's exact Euclidean

@@ -9,7 +9,7 @@ import scipy.ndimage as ndi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import surface_distance_reference
+from conftest import crofton_reference, surface_distance_reference
 from xctrt import _core
 
 RANK = {6: 1, 18: 2, 26: 3}
@@ -34,42 +34,43 @@ def reference(lab, img, classes=(2, 3), connectivity=26, voxel_size=(1.0, 1.0, 1
     boundary[:, 0] = boundary[:, -1] = True
     boundary[:, :, 0] = boundary[:, :, -1] = True
     grey = img.astype(np.float64)
-    comps = []  # (first flat index, class, flat voxel indices, face counts z/y/x)
+    # Line crossings per Crofton direction and voxel: the neighbour one step along +v or -v is
+    # outside the volume or has another label value (cpp/crofton.hpp).
+    dirs, per_crossing = crofton_reference((dz, dy, dx))
+    padded = np.pad(lab.astype(np.int16), 1, constant_values=-1)
+    crossings = []
+    for d in dirs:
+        c = np.zeros(lab.shape, np.int64)
+        for sgn in (1, -1):
+            oz, oy, ox = (1 + sgn * int(v) for v in d)
+            c += padded[oz:oz + Z, oy:oy + Y, ox:ox + X] != lab
+        crossings.append(c)
+    comps = []  # (first flat index, class, flat voxel indices, crossings per direction)
     for c in sorted(set(int(c) for c in classes)):
         mask = lab == c
         s, n = ndi.label(mask, struct)
         if n == 0:
             continue
-        # Exposed faces per voxel along each axis: neighbour outside the volume or of another value.
-        p = np.pad(mask, 1, constant_values=False)
-        core = (slice(1, -1),) * 3
-        faces = []
-        for ax in range(3):
-            lo = list(core)
-            hi = list(core)
-            lo[ax] = slice(0, -2)
-            hi[ax] = slice(2, None)
-            faces.append((~p[tuple(lo)]).astype(np.int64) + (~p[tuple(hi)]).astype(np.int64))
         flat = s.ravel()
         order = np.argsort(flat, kind="stable")
         starts = np.searchsorted(flat[order], np.arange(1, n + 1))
         ends = np.append(starts[1:], flat.size)
         for k in range(n):
             idx = order[starts[k]:ends[k]]  # ascending flat indices (stable sort)
-            f = tuple(int(fc.ravel()[idx].sum()) for fc in faces)
+            f = np.array([int(cr.ravel()[idx].sum()) for cr in crossings])
             comps.append((int(idx[0]), c, idx, f))
     comps.sort(key=lambda t: t[0])
 
     ids = np.zeros(lab.shape, np.int32)
     rows = {k: [] for k in ALL_COLS}
-    for first, c, idx, (fz, fy, fx) in comps:
+    for first, c, idx, f in comps:
         n = idx.size
         if n < min_voxels:
             continue
         ids.ravel()[idx] = len(rows["id"]) + 1
         z, y, x = zz.ravel()[idx], yy.ravel()[idx], xx.ravel()[idx]
         vol = n * dz * dy * dx
-        area = fz * (dy * dx) + fy * (dz * dx) + fx * (dz * dy)
+        area = float(f @ per_crossing)
         g = grey.ravel()[idx]
         rows["id"].append(len(rows["id"]) + 1)
         rows["class"].append(c)
@@ -104,12 +105,13 @@ def assert_table_equal(got, ref):
         if k in FLOAT_COLS:
             # surface_distance: SciPy's distance transform can round a tie between two equally
             # distant air voxels the other way (one ulp); ours is the minimum of one formula.
+            # surface_area, sphericity: the Crofton weights here come from SciPy's spherical
+            # Voronoi, in C++ from our own (equal to ~1e-14), and the sums run in another order.
             np.testing.assert_allclose(a, ref[k], rtol=1e-12, atol=0, equal_nan=True, err_msg=k)
         else:
             np.testing.assert_array_equal(a, ref[k], err_msg=k)
     # Computed the same way in both, so these agree bit for bit.
-    for k in ["volume", "centroid_z", "centroid_y", "centroid_x", "surface_area", "grey_min",
-              "grey_max"]:
+    for k in ["volume", "centroid_z", "centroid_y", "centroid_x", "grey_min", "grey_max"]:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
@@ -271,7 +273,8 @@ def test_single_voxel_values():
     t = _core.label_components(lab, img, voxel_size=(2.0, 3.0, 5.0))
     assert list(t["id"]) == [1] and t["class"][0] == 2 and t["voxels"][0] == 1
     assert t["volume"][0] == 30.0
-    assert t["surface_area"][0] == 2 * 15 + 2 * 10 + 2 * 6
+    # Two crossings along each of the 13 directions.
+    np.testing.assert_allclose(t["surface_area"][0], 2 * crofton_reference((2.0, 3.0, 5.0))[1].sum(), rtol=1e-12)
     assert (t["bbox_z0"][0], t["bbox_y0"][0], t["bbox_x0"][0]) == (1, 2, 3)
     assert (t["bbox_z1"][0], t["bbox_y1"][0], t["bbox_x1"][0]) == (1, 2, 3)
     assert (t["centroid_z"][0], t["centroid_y"][0], t["centroid_x"][0]) == (1.0, 2.0, 3.0)
@@ -369,15 +372,55 @@ def test_distance_to_surface_binding():
         _core.distance_to_surface(air, runs, comp, 3, vs)
 
 
-def test_cube_sphericity_and_edge():
+def box_crossings(shape):
+    """Crossings of a box of voxels along each Crofton direction, by hand: a voxel whose
+    neighbour along +v is outside the box, or along -v; per sign that is every voxel but the
+    prod(n_i - |v_i|) whose neighbour is inside."""
+    n = np.array(shape)
+    return np.array([2 * (n.prod() - np.prod(n - np.abs(d))) for d in _core.crofton_directions()])
+
+
+def test_cube_crossings_by_hand_and_edge():
     lab = np.zeros((6, 6, 6), np.uint8)
     lab[1:4, 1:4, 1:4] = 3
     t = _core.label_components(lab, np.zeros(lab.shape, np.float32))
-    assert t["voxels"][0] == 27 and t["surface_area"][0] == 54.0
-    np.testing.assert_allclose(t["sphericity"][0], (math.pi / 6) ** (1 / 3), rtol=1e-12)
-    lab[0, 2, 2] = 3  # now touches z = 0
+    # 3-cube: 18 crossings along an axis, 30 along a face diagonal, 38 along a space diagonal.
+    assert sorted(set(box_crossings((3, 3, 3)).tolist())) == [18, 30, 38]
+    area = box_crossings((3, 3, 3)) @ crofton_reference((1.0, 1.0, 1.0))[1]
+    assert t["voxels"][0] == 27
+    np.testing.assert_allclose(t["surface_area"][0], area, rtol=1e-12)
+    lab[0, 2, 2] = 3  # now touches z = 0, on the volume's face
     t = _core.label_components(lab, np.zeros(lab.shape, np.float32))
-    assert t["touches_edge"][0] and t["surface_area"][0] == 54.0 + 4.0
+    assert t["touches_edge"][0] and t["surface_area"][0] > area
+
+
+@pytest.mark.parametrize("radius", [5, 10, 20])
+def test_ball_sphericity_near_one(radius):
+    # Voxel-face area reads a ball ~1.5x too large (sphericity ~0.66); Crofton's is within a few %.
+    n = 2 * radius + 5
+    c = (n - 1) / 2
+    z, y, x = np.ogrid[:n, :n, :n]
+    lab = (((z - c) ** 2 + (y - c) ** 2 + (x - c) ** 2) <= radius ** 2).astype(np.uint8) * 2
+    t = _core.label_components(lab, lab)
+    assert 0.97 <= t["sphericity"][0] <= 1.01
+    np.testing.assert_allclose(t["surface_area"][0], 4 * math.pi * radius ** 2, rtol=0.02)
+
+
+def test_ball_sphericity_anisotropic_voxels():
+    # A ball of radius 12 mm in voxels 2 x 1 x 1 mm: the same shape, half the planes.
+    z, y, x = np.ogrid[:14, :30, :30]
+    lab = ((((z - 6.5) * 2) ** 2 + (y - 14.5) ** 2 + (x - 14.5) ** 2) <= 144).astype(np.uint8) * 2
+    t = _core.label_components(lab, lab, voxel_size=(2.0, 1.0, 1.0))
+    assert 0.97 <= t["sphericity"][0] <= 1.02
+
+
+def test_crofton_factors_against_scipy_voronoi():
+    for vs in [(1.0, 1.0, 1.0), (2.0, 1.0, 1.0), (0.5, 1.3, 0.7), (10.0, 1.0, 1.0)]:
+        dirs, ref = crofton_reference(vs)
+        assert _core.crofton_directions().tolist() == dirs.tolist()
+        np.testing.assert_allclose(_core.crofton_factors(vs), ref, rtol=1e-12)
+    with pytest.raises(ValueError, match="positive"):
+        _core.crofton_factors((1.0, 0.0, 1.0))
 
 
 def test_pore_and_inclusion_touching_are_separate():
@@ -439,7 +482,8 @@ def test_all_defect_and_empty():
     img = np.zeros((4, 5, 6), np.uint8)
     t = _core.label_components(np.full((4, 5, 6), 2, np.uint8), img)
     assert list(t["voxels"]) == [120] and t["touches_edge"][0]
-    assert t["surface_area"][0] == 2 * (20 + 24 + 30)
+    np.testing.assert_allclose(t["surface_area"][0], box_crossings((4, 5, 6)) @ crofton_reference((1, 1, 1))[1],
+                               rtol=1e-12)
     t = _core.label_components(np.ones((4, 5, 6), np.uint8), img)
     assert all(len(v) == 0 for v in t.values()) and set(t) == set(ALL_COLS)
     assert t["id"].dtype == np.int64 and t["touches_edge"].dtype == bool

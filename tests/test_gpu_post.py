@@ -284,7 +284,10 @@ def test_empty_and_single_voxel():
     lab[2, 3, 4] = 3
     got, ref = run_both(lab, img, [2, 2, 1])
     assert_table_same(got, ref)
-    assert got["voxels"].tolist() == [1] and got["surface_area"].tolist() == [6.0]
+    # One voxel crosses every Crofton line through it twice: 2 sum(factors) = 4 sum_k w_k / |v_k|.
+    assert got["voxels"].tolist() == [1]
+    assert got["surface_area"][0] == pytest.approx(2 * _core.crofton_factors((1, 1, 1)).sum(), rel=1e-12)
+    assert got["surface_area"][0] == pytest.approx(3.00408, abs=1e-5)
     got, ref = run_both(lab, img, [5], min_voxels=2)
     assert len(got["id"]) == 0
     assert_table_same(got, ref)
@@ -329,7 +332,13 @@ def test_errors():
 
 
 def test_component_table_binding_checks():
-    cols = [np.zeros(2, np.int64)] * 7 + [np.zeros(2)] * 3 + [np.zeros(2, np.int32)] * 6 + \
-        [np.zeros(2, np.uint8), np.zeros(3, bool), np.zeros(2)]
+    cols = [np.zeros(2, np.int64)] * 4 + [np.zeros((2, 13), np.int64)] + [np.zeros(2)] * 3 + \
+        [np.zeros(2, np.int32)] * 6 + [np.zeros(2, np.uint8), np.zeros(3, bool), np.zeros(2)]
     with pytest.raises(ValueError, match="one length"):
         _core.component_table(*cols)
+    cols[-2] = np.zeros(2, bool)
+    assert len(_core.component_table(*cols)["id"]) == 2
+    for crossings in (np.zeros((2, 3), np.int64), np.zeros(26, np.int64)):
+        cols[4] = crossings
+        with pytest.raises(ValueError, match=r"\(n, 13\)"):
+            _core.component_table(*cols)

@@ -21,11 +21,12 @@ slab on CT parts), bytes moved on the device:
   - slab plus the carried previous plane (ext): one copy            ~ 2 B/voxel; the dense
     local index map is written only at defect voxels and read only at matching neighbours
   - everything else works on the n compact defect voxels: coordinates, 13/9/3 backward
-    neighbour gathers (edges), 6 face gathers, union-find by hook (scatter-min) and pointer
-    jumping, segment sums, scatter min/max                        ~ 1-2 kB per defect voxel
+    neighbour gathers (edges), 26 gathers for the surface area's line crossings (13 Crofton
+    directions, both signs), union-find by hook (scatter-min) and pointer jumping, segment
+    sums, scatter min/max                                          ~ 2-3 kB per defect voxel
   - the part's outside, for the surface distance: air components within each plane (a CuPy/SciPy
     labelling of the slab) and their x-runs                         ~ 20-30 B/voxel of the slab
-So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~30-60 GB
+So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~60-90 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
 synchronisations (one flatnonzero per slab, a few per union-find round) dominate, hence slabs
 of 32-128 planes. aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
@@ -308,13 +309,27 @@ def _rank_roots(xp, parent):
     return rank[parent], roots, int(roots.size)
 
 
+def _in_bounds(y, x, dy: int, dx: int, Y: int, X: int):
+    """Whether (y + dy, x + dx) lies in the plane, per voxel."""
+    ok = array_module(y).ones(y.shape, bool)
+    if dy:
+        ok &= (y > 0) if dy < 0 else (y < Y - 1)
+    if dx:
+        ok &= (x > 0) if dx < 0 else (x < X - 1)
+    return ok
+
+
 def _count(ids, n: int, weights=None):
     """Exact integer sums per id (float64 sums of integers < 2**53, see __init__)."""
     return segment_sum(ids, n, weights).astype(np.int64)
 
 
 _I32_MAX = np.iinfo(np.int32).max
-_SUM_COLS = ("voxels", "sz", "sy", "sx", "fz", "fy", "fx")
+# Line crossings per Crofton direction (the surface area, see cpp/crofton.hpp): 13 directions
+# (dz, dy, dx) in _core.crofton_directions() order.
+_DIRS = ((0, 0, 1), (0, 1, -1), (0, 1, 0), (0, 1, 1)) + tuple((1, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+_CROSS = tuple(f"cross{k}" for k in range(len(_DIRS)))
+_SUM_COLS = ("voxels", "sz", "sy", "sx") + _CROSS
 _MIN_COLS = ("z0", "y0", "x0")
 _MAX_COLS = ("z1", "y1", "x1")
 
@@ -442,33 +457,48 @@ class ComponentLabeller:
             raise ValueError("too many provisional components for 32-bit ids")
 
         if prev is not None:
-            p_lab, p_idx, p_ids, p_fz = prev
+            p_lab, p_idx, p_ids, p_st = prev
             p_map = xp.empty(plane, np.int32)
             p_map[p_idx] = p_ids
             if bool(ghost.any()):
                 pairs = xp.stack([p_map[nb[ghost]], pid[me[ghost]] + np.int32(first)])
                 self._cross.append(xp.unique(pairs.astype(np.int64)[0] * 2 ** 31 + pairs[1]))
-            # +z faces of the previous plane, deferred until its next plane (this one) arrived.
+            # Crossings of the previous plane along +(1, dy, dx), deferred until its next plane
+            # (this one) arrived.
             if p_idx.size:
-                exposed = lab[p_idx] != p_lab[p_idx]
-                p_first = self._slabs[-1]["first"]
-                p_fz += _count(p_ids[exposed] - np.int32(p_first), p_fz.shape[0])
+                p_y, p_x = p_idx // X, p_idx % X
+                p_L = p_lab[p_idx]
+                p_local = p_ids - np.int32(p_st["first"])
+                for k, (dz, dy, dx) in enumerate(_DIRS):
+                    if dz:
+                        ok = _in_bounds(p_y, p_x, dy, dx, Y, X)
+                        c = ~ok | (lab[xp.where(ok, p_idx + (dy * X + dx), p_idx)] != p_L)
+                        p_st[_CROSS[k]] += _count(p_local[c], p_st["n"])
 
-        # Exposed faces: the neighbour is outside the volume or has another label value.
-        def differs(ok, d):
-            return ext[xp.where(ok, e + d, e)] != L
+        # Crossings (cpp/crofton.hpp): the neighbour one step along -v or +v is outside the
+        # volume or has another label value. +v with dz = 1 from the slab's last plane reaches
+        # the next slab: counted when it arrives (above), or here as outside at the volume's end.
+        def crosses(dz, dy, dx):
+            ok = _in_bounds(y, x, dy, dx, Y, X)
+            if dz < 0:
+                ok = ok & has_below
+            if dz > 0:
+                inside = ok & up
+                c = ~ok | (ext[xp.where(inside, e + (dz * plane + dy * X + dx), e)] != L)
+                return xp.where(up, c, last)
+            return ~ok | (ext[xp.where(ok, e + (dz * plane + dy * X + dx), e)] != L)
 
-        fx = (~ok_x[-1] | differs(ok_x[-1], -1)).astype(np.int8) + (~ok_x[1] | differs(ok_x[1], 1))
-        my, py = ~ok_y[-1] | differs(ok_y[-1], -X), ~ok_y[1] | differs(ok_y[1], X)
-        fy = my.astype(np.int8) + py
         up = e + plane < ext.shape[0]
-        mz, pz = ~has_below | differs(has_below, -plane), xp.where(up, differs(up, plane), last)
-        fz = mz.astype(np.int8) + pz
+        c = {}
+        for d in _DIRS:
+            c[d], c[tuple(-v for v in d)] = crosses(*d), crosses(*(-v for v in d))
+        cross = [c[d].astype(np.int8) + c[tuple(-v for v in d)] for d in _DIRS]
+        my, py, mz, pz = c[(0, -1, 0)], c[(0, 1, 0)], c[(-1, 0, 0)], c[(1, 0, 0)]
 
         zg = zl + np.int32(z0)
         st = {"first": first, "n": nloc}
         st["voxels"] = _count(pid, nloc)
-        for name, v in (("sz", zg), ("sy", y), ("sx", x), ("fz", fz), ("fy", fy), ("fx", fx)):
+        for name, v in (("sz", zg), ("sy", y), ("sx", x)) + tuple(zip(_CROSS, cross)):
             st[name] = _count(pid, nloc, v.astype(np.float64))
         for name, v in (("z0", zg), ("y0", y), ("x0", x)):
             st[name] = xp.full(nloc, _I32_MAX, np.int32)
@@ -504,7 +534,7 @@ class ComponentLabeller:
         if not last:
             tail = n - int(xp.count_nonzero(idx >= (nz - 1) * plane))  # last plane's defects
             self._prev = (lab[(nz - 1) * plane:].copy(), idx[tail:] - (nz - 1) * plane,
-                          pid[tail:] + np.int32(first), st["fz"])
+                          pid[tail:] + np.int32(first), st)
         else:
             self._prev = None
 
@@ -602,7 +632,7 @@ class ComponentLabeller:
         dist = self._surface_distance(final, len(h["voxels"]))
         self.surface_distance_s = time.perf_counter() - t0
         return _core.component_table(
-            h["voxels"], h["sz"], h["sy"], h["sx"], h["fz"], h["fy"], h["fx"], h["gsum"], h["gmin"],
+            h["voxels"], h["sz"], h["sy"], h["sx"], np.stack([h[k] for k in _CROSS], 1), h["gsum"], h["gmin"],
             h["gmax"], h["z0"], h["y0"], h["x0"], h["z1"], h["y1"], h["x1"], h["cls"], h["edge"],
             dist, self.voxel_size)
 

@@ -179,12 +179,11 @@ class Labeller {
 
   // Distance of each kept component (final id - 1) to the part surface; see surface_distance.hpp.
   std::vector<double> distance_to_surface(const std::vector<uint32_t>& final_id, size_t n_kept) const {
-    std::vector<DefectRun> q;
-    q.reserve(runs_.size());
-    for (const DefectRun& r : runs_)
-      if (final_id[r.comp]) q.push_back(DefectRun{r.z, r.y, r.x0, r.x1, final_id[r.comp] - 1, r.exposed});
+    // Runs of dropped components (final id 0) are left out.
+    auto comp_of = [&](const DefectRun& r) { return int64_t{final_id[r.comp]} - 1; };
+    const RunsByComponent g = group_by_component(runs_, comp_of, n_kept);
     std::vector<AirRun> air(outside_);  // the tree reorders its copy, so finish() can run again
-    return surface_distance(std::move(air), q, n_kept, {dz_, dy_, dx_});
+    return surface_distance(std::move(air), g, {dz_, dy_, dx_});
   }
 
   double dz() const { return dz_; }
@@ -756,7 +755,7 @@ py::array_t<double> distance_to_surface(
   std::vector<double> d;
   {
     py::gil_scoped_release release;
-    d = surface_distance(std::move(s), q, static_cast<size_t>(n_comp), voxel_size);
+    d = surface_distance(std::move(s), group_by_component(std::move(q), static_cast<size_t>(n_comp)), voxel_size);
   }
   py::array_t<double> out(static_cast<py::ssize_t>(d.size()));
   std::copy(d.begin(), d.end(), out.mutable_data());

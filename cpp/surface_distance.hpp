@@ -174,22 +174,59 @@ class AirTree {
   std::vector<Node> nodes_;
 };
 
+// Runs grouped by component: component c's runs are runs[start[c] .. start[c + 1]).
+struct RunsByComponent {
+  std::vector<DefectRun> runs;
+  std::vector<int64_t> start;
+};
+
+// Groups runs by comp_of(run) (0..n_comp-1, or -1 to leave the run out), each keeping its
+// order (a counting sort); the result's runs carry their component in comp.
+template <class CompOf>
+inline RunsByComponent group_by_component(const std::vector<DefectRun>& runs, CompOf comp_of, size_t n_comp) {
+  RunsByComponent g;
+  g.start.assign(n_comp + 1, 0);
+  for (const DefectRun& r : runs) {
+    const int64_t c = comp_of(r);
+    if (c >= 0) ++g.start[c + 1];
+  }
+  for (size_t c = 0; c < n_comp; ++c) g.start[c + 1] += g.start[c];
+  g.runs.resize(static_cast<size_t>(g.start[n_comp]));
+  std::vector<int64_t> next(g.start.begin(), g.start.end() - 1);
+  for (const DefectRun& r : runs) {
+    const int64_t c = comp_of(r);
+    if (c < 0) continue;
+    DefectRun& o = g.runs[next[c]++];
+    o = r;
+    o.comp = static_cast<uint32_t>(c);
+  }
+  return g;
+}
+
+// The same for runs whose comp is their component; runs that come grouped (comp ascending, as
+// the array labeller sends them) are taken as they are.
+inline RunsByComponent group_by_component(std::vector<DefectRun>&& runs, size_t n_comp) {
+  const bool grouped = std::is_sorted(runs.begin(), runs.end(),
+                                      [](const DefectRun& a, const DefectRun& b) { return a.comp < b.comp; });
+  if (!grouped) return group_by_component(runs, [](const DefectRun& r) { return int64_t{r.comp}; }, n_comp);
+  RunsByComponent g;
+  g.start.assign(n_comp + 1, 0);
+  for (const DefectRun& r : runs) ++g.start[r.comp + 1];
+  for (size_t c = 0; c < n_comp; ++c) g.start[c + 1] += g.start[c];
+  g.runs = std::move(runs);
+  return g;
+}
+
 // Distance of every component (0..n_comp-1) to its nearest air voxel; NaN where there is no
 // air outside the part or the component has no runs.
-inline std::vector<double> surface_distance(std::vector<AirRun>&& air, const std::vector<DefectRun>& runs,
-                                            size_t n_comp, std::array<double, 3> voxel_size) {
+inline std::vector<double> surface_distance(std::vector<AirRun>&& air, const RunsByComponent& g,
+                                            std::array<double, 3> voxel_size) {
+  const size_t n_comp = g.start.size() - 1;
   std::vector<double> out(n_comp, std::numeric_limits<double>::quiet_NaN());
-  if (air.empty() || runs.empty() || n_comp == 0) return out;
+  if (air.empty() || g.runs.empty() || n_comp == 0) return out;
   const AirTree tree(std::move(air), voxel_size);
-  // Group the runs by component (counting sort; each keeps its raster order).
-  std::vector<int64_t> start(n_comp + 1, 0);
-  for (const DefectRun& r : runs) ++start[r.comp + 1];
-  for (size_t c = 0; c < n_comp; ++c) start[c + 1] += start[c];
-  std::vector<DefectRun> by_comp(runs.size());
-  {
-    std::vector<int64_t> next(start.begin(), start.end() - 1);
-    for (const DefectRun& r : runs) by_comp[next[r.comp]++] = r;
-  }
+  const std::vector<int64_t>& start = g.start;
+  const std::vector<DefectRun>& by_comp = g.runs;
   // Work items: a component's runs, in chunks so one large defect does not hold the others up.
   // Within a chunk each search starts from the chunk's best so far; a minimum does not depend
   // on how the runs are split, so the result does not either. The tree is read-only.

@@ -581,6 +581,8 @@ class ComponentLabeller:
         runs = xp.concatenate(self._runs, axis=1) if self._runs else xp.zeros((6, 0), np.int32)
         comp = final[runs[4]].astype(np.int64) - 1
         kept = xp.flatnonzero(comp >= 0)  # runs of components that min_voxels did not drop
+        # Grouped by component here on the device, so the host search takes them as they come.
+        kept = kept[xp.argsort(comp[kept], kind="stable")]
         runs, comp = runs[:, kept], comp[kept]
         exposed = runs[5].astype(np.uint8)
         air = xp.concatenate(self._outside, axis=1) if self._outside else xp.zeros((4, 0), np.int32)

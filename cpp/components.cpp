@@ -108,9 +108,7 @@ class Labeller {
     if (connectivity != 6 && connectivity != 18 && connectivity != 26)
       throw std::invalid_argument("connectivity must be 6, 18 or 26, got " +
                                   std::to_string(connectivity));
-    for (double v : voxel_size)
-      if (!(v > 0.0) || !std::isfinite(v))
-        throw std::invalid_argument("voxel_size entries must be positive and finite");
+    check_voxel_size(voxel_size);
     lut_.fill(0);
     for (int64_t c : classes) {
       if (c < 0 || c > 255)
@@ -145,7 +143,7 @@ class Labeller {
       process_plane<T>(cur, img ? img + k * plane_ : nullptr, prev, ids ? ids + k * plane_ : nullptr);
       ++z_;
     }
-    // The next slab's first plane needs this slab's last plane's labels for faces and joins.
+    // The next slab's first plane needs this slab's last plane's labels for crossings and joins.
     if (nz > 0 && z_ < Z_) std::memcpy(prev_lab_.data(), lab + (nz - 1) * plane_, plane_);
   }
 
@@ -679,9 +677,7 @@ py::dict component_table(
     py::array_t<bool, py::array::c_style | py::array::forcecast> edge,
     py::array_t<double, py::array::c_style | py::array::forcecast> surface_distance,
     std::array<double, 3> voxel_size) {
-  for (double v : voxel_size)
-    if (!(v > 0.0) || !std::isfinite(v))
-      throw std::invalid_argument("voxel_size entries must be positive and finite");
+  check_voxel_size(voxel_size);
   const py::ssize_t n = voxels.size();
   const py::array* cols[] = {&voxels, &sz, &sy, &sx, &gsum, &gmin, &gmax, &z0, &y0,
                              &x0, &z1, &y1, &x1, &cls, &edge, &surface_distance};
@@ -713,9 +709,7 @@ py::array_t<double> distance_to_surface(
     py::array_t<int32_t, py::array::c_style | py::array::forcecast> runs,
     py::array_t<int64_t, py::array::c_style | py::array::forcecast> comp, int64_t n_comp,
     std::optional<py::array> exposed, std::array<double, 3> voxel_size) {
-  for (double v : voxel_size)
-    if (!(v > 0.0) || !std::isfinite(v))
-      throw std::invalid_argument("voxel_size entries must be positive and finite");
+  check_voxel_size(voxel_size);
   if (air.ndim() != 2 || air.shape(1) != 4)
     throw std::invalid_argument("air must be an (m, 4) array of (z, y, x0, x1)");
   if (runs.ndim() != 2 || runs.shape(1) != 4)
@@ -808,9 +802,7 @@ void bind_components(py::module_& m) {
       },
       "The 13 lattice directions (dz, dy, dx) the surface area counts line crossings along.");
   m.def("crofton_factors", [](std::array<double, 3> voxel_size) {
-        for (double v : voxel_size)
-          if (!(v > 0.0) || !std::isfinite(v))
-            throw std::invalid_argument("voxel_size entries must be positive and finite");
+        check_voxel_size(voxel_size);
         const auto f = crofton_factors(voxel_size);
         py::array_t<double> out(kDirs);
         std::copy(f.begin(), f.end(), out.mutable_data());

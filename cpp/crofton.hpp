@@ -13,8 +13,11 @@
 // (voxel, neighbour) pairs along +-v_k where the voxel is in the object and the neighbour is
 // not (outside the volume counts as not):
 //   S = sum_k 2 w_k V / |v_k| N_k.
-// A voxelised ball of radius 5 to 40 voxels reads 0.98-1.00 sphericity (faces: 0.64-0.67); an
-// axis-aligned cube 0.89-0.92 (true 0.806). Objects of a few voxels have no meaningful area.
+// A voxelised ball of radius 5 to 40 voxels reads 0.98-1.02 sphericity (faces: 0.64-0.67), so
+// sphericity can exceed 1; an axis-aligned cube of side 10-20 voxels 0.89-0.92 (true 0.806;
+// side 5: 0.98, side 50: 0.88). Objects of a few voxels have no meaningful area.
+// "Not in the object" is tested as "another label value": under 6- or 18-connectivity a
+// diagonal neighbour with the same value may be another component, and then hides a crossing.
 #pragma once
 
 #include <algorithm>
@@ -23,6 +26,8 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace xctrt {
@@ -60,7 +65,6 @@ inline V3 unit(const V3& a) {
 // the points equidistant from p[i] and two others and no nearer to any other; the cell is the
 // fan of triangles (p[i], vertex, next vertex) round p[i] (Van Oosterom-Strackee for each).
 inline double voronoi_cell(const std::vector<V3>& p, size_t i) {
-  const double eps = 1e-12;
   std::vector<V3> verts;
   for (size_t j = 0; j < p.size(); ++j)
     for (size_t k = j + 1; k < p.size(); ++k) {
@@ -68,15 +72,17 @@ inline double voronoi_cell(const std::vector<V3>& p, size_t i) {
       const V3 a{p[i][0] - p[j][0], p[i][1] - p[j][1], p[i][2] - p[j][2]};
       const V3 b{p[i][0] - p[k][0], p[i][1] - p[k][1], p[i][2] - p[k][2]};
       V3 c = cross(a, b);
-      if (dot(c, c) < eps) continue;  // p[i], p[j], p[k] on one great circle
+      // Tolerances relative to the sizes involved: strongly anisotropic voxels bunch the
+      // directions along their long axis within ~1/ratio of each other.
+      if (dot(c, c) <= 1e-30 * dot(a, a) * dot(b, b)) continue;  // p[j] or p[k] almost at p[i]
       c = unit(c);
       if (dot(c, p[i]) < 0) c = {-c[0], -c[1], -c[2]};
       const double di = dot(c, p[i]);
       bool ok = true;
-      for (size_t m = 0; m < p.size() && ok; ++m) ok = dot(c, p[m]) <= di + 1e-9;
+      for (size_t m = 0; m < p.size() && ok; ++m) ok = dot(c, p[m]) <= di + 1e-9 * (1.0 - di);
       if (!ok) continue;
       bool dup = false;
-      for (const V3& v : verts) dup = dup || dot(v, c) > 1.0 - 1e-12;
+      for (const V3& v : verts) dup = dup || dot(v, c) > 1.0 - 1e-12 * (1.0 - di);
       if (!dup) verts.push_back(c);
     }
   // Order the vertices by angle round p[i].
@@ -95,31 +101,55 @@ inline double voronoi_cell(const std::vector<V3>& p, size_t i) {
 
 }  // namespace crofton_detail
 
+// Voxel sizes the table supports: positive, finite, and within kMaxAnisotropy of each other
+// (CT voxels are near cubes; beyond that the Crofton directions crowd too close to weigh).
+constexpr double kMaxAnisotropy = 1000.0;
+inline void check_voxel_size(const std::array<double, 3>& voxel_size) {
+  for (double v : voxel_size)
+    if (!(v > 0.0) || !std::isfinite(v))
+      throw std::invalid_argument("voxel_size entries must be positive and finite");
+  const double lo = std::min({voxel_size[0], voxel_size[1], voxel_size[2]});
+  const double hi = std::max({voxel_size[0], voxel_size[1], voxel_size[2]});
+  if (hi > kMaxAnisotropy * lo)
+    throw std::invalid_argument("voxel_size entries must be within a factor 1000 of each other");
+}
+
 // Area per crossing along each direction, 2 w_k V / |v_k| (physical units), for a voxel size
 // (dz, dy, dx). Computed once per voxel size.
 inline std::array<double, kDirs> crofton_factors(std::array<double, 3> voxel_size) {
+  check_voxel_size(voxel_size);
   static std::mutex mu;
   static std::map<std::array<double, 3>, std::array<double, kDirs>> cache;
   std::lock_guard<std::mutex> lock(mu);
   const auto hit = cache.find(voxel_size);
   if (hit != cache.end()) return hit->second;
   using namespace crofton_detail;
+  // In units of the longest side (no overflow or underflow); the factors scale as its square.
+  const double scale = std::max({voxel_size[0], voxel_size[1], voxel_size[2]});
+  const V3 w{voxel_size[0] / scale, voxel_size[1] / scale, voxel_size[2] / scale};
   std::vector<V3> p;  // +v_k, then -v_k, as unit vectors
   std::array<double, kDirs> len{};
   for (int s : {1, -1})
     for (int k = 0; k < kDirs; ++k) {
-      const V3 v{s * kCroftonDirs[k][0] * voxel_size[0], s * kCroftonDirs[k][1] * voxel_size[1],
-                 s * kCroftonDirs[k][2] * voxel_size[2]};
+      const V3 v{s * kCroftonDirs[k][0] * w[0], s * kCroftonDirs[k][1] * w[1], s * kCroftonDirs[k][2] * w[2]};
       len[k] = std::sqrt(dot(v, v));
       p.push_back(unit(v));
     }
-  const double vol = voxel_size[0] * voxel_size[1] * voxel_size[2];
+  const double vol = w[0] * w[1] * w[2];
   const double four_pi = 16.0 * std::atan(1.0);
   std::array<double, kDirs> f{};
+  double total = 0.0;
   for (int k = 0; k < kDirs; ++k) {
-    const double w = (voronoi_cell(p, k) + voronoi_cell(p, k + kDirs)) / four_pi;
-    f[k] = 2.0 * w * vol / len[k];
+    const double share = (voronoi_cell(p, k) + voronoi_cell(p, k + kDirs)) / four_pi;
+    total += share;
+    f[k] = 2.0 * share * vol / len[k] * scale * scale;
   }
+  // The cells tile the sphere; if they do not, the geometry above failed: refuse rather than
+  // report a wrong area.
+  if (!(std::fabs(total - 1.0) < 1e-6))
+    throw std::runtime_error("surface area: the Crofton weights for voxel size (" + std::to_string(voxel_size[0]) +
+                             ", " + std::to_string(voxel_size[1]) + ", " + std::to_string(voxel_size[2]) +
+                             ") do not tile the sphere");
   if (cache.size() > 64) cache.clear();
   cache.emplace(voxel_size, f);
   return f;

@@ -326,7 +326,7 @@ def test_errors():
     with pytest.raises(ValueError, match="before all slices"):
         lb.finish()
     for kw, msg in [({"connectivity": 8}, "connectivity"), ({"classes": [300]}, "0..255"),
-                    ({"voxel_size": (1, 0, 1)}, "voxel_size")]:
+                    ({"voxel_size": (1, 0, 1)}, "voxel_size"), ({"voxel_size": (2000, 1, 1)}, "factor 1000")]:
         with pytest.raises(ValueError, match=msg):
             post.ComponentLabeller((3, 4, 5), **kw)
 

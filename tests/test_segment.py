@@ -206,6 +206,8 @@ def test_voxel_size_given_scales_the_table(rich, phantom_volume, reference):
     np.testing.assert_allclose(res.defects["volume"], reference.defects["voxels"] * np.prod(vs))
     with pytest.raises(XctrtError, match="voxel size must be positive"):
         rich.segment(phantom_volume, voxel_size=(0.1, 0, 0.1))
+    with pytest.raises(XctrtError, match="factor 1000.*--voxel-size"):
+        rich.segment(phantom_volume, voxel_size=(10.0, 0.001, 0.001))
 
 
 # ------------------------------------------------------------------ files

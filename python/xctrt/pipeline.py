@@ -222,6 +222,9 @@ class Segmenter:
             vs, vs_from = (1.0, 1.0, 1.0), "unknown (sizes in voxels)"
         if any(not (v > 0 and np.isfinite(v)) for v in vs):
             raise XctrtError(f"voxel size must be positive, got {vs}")
+        if max(vs) > 1000 * min(vs):  # the defect table's limit (cpp/crofton.hpp)
+            raise XctrtError(f"voxel size {vs} ({vs_from}): its sides differ by more than a factor 1000; "
+                             "give the right one with --voxel-size")
         unit = "vox" if vs_from.startswith("unknown") else "mm"
         with timer("read"):
             window = self.intensity_window(source)

@@ -351,6 +351,8 @@ class ComponentLabeller:
         vs = tuple(float(v) for v in voxel_size)
         if len(vs) != 3 or not all(v > 0 and np.isfinite(v) for v in vs):
             raise ValueError("voxel_size entries must be positive and finite")
+        if max(vs) > 1000 * min(vs):  # as _core (cpp/crofton.hpp, kMaxAnisotropy)
+            raise ValueError("voxel_size entries must be within a factor 1000 of each other")
         self._lut = np.zeros(256, bool)
         for c in classes:
             if not 0 <= int(c) <= 255:

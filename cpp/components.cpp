@@ -3,7 +3,7 @@
 // The volume arrives slab by slab in z order and is never held whole: each z-plane is turned
 // into runs (maximal x-intervals of one defect label value), and each run is linked by
 // union-find to the runs it touches in the row above and in up to three rows of the previous
-// plane. Only the previous plane's runs and label values are kept, so memory is O(one slice)
+// plane. Only the previous plane's runs are kept, so memory is O(one slice)
 // plus O(provisional components) for the statistics. Statistics are accumulated per provisional
 // id and merged through the union-find in finish(), so there is no second pass over voxels.
 // Union is by smaller id, so every root is the component's first provisional id, which is
@@ -75,22 +75,32 @@ struct Stat {
   }
 };
 
-inline int64_t count_ne(const uint8_t* p, int64_t n, uint8_t v) {
-  int64_t c = 0;
-  for (int64_t i = 0; i < n; ++i) c += p[i] != v;
-  return c;
-}
+// One neighbour row's defect runs, for counting crossings (Labeller::process_plane): for the
+// voxels a..b of a row, how many have their neighbour in this row at x - 1, x and x + 1 not of
+// label L (out[0..2]). Positions of label L are exactly its runs; beyond the row's ends there are
+// none, and a row outside the volume (!exists) has none at all. Calls must come in increasing a:
+// the cursor p only moves forward.
+struct RowRuns {
+  const Run* list = nullptr;
+  uint32_t p = 0, end = 0;
+  bool exists = false;
 
-// For the voxels a..b of one row, how many have a neighbour in `row` (another row, or null
-// where that row is outside the volume) that is not L, at x - 1, x and x + 1 (out[0..2]).
-// Outside the volume counts as not L.
-inline std::array<int64_t, 3> count_ne3(const uint8_t* row, int64_t a, int64_t b, int64_t X, uint8_t L) {
-  const int64_t len = b - a + 1;
-  if (!row) return {len, len, len};
-  auto ne = [&](int64_t x) -> int64_t { return x < 0 || x >= X || row[x] != L; };
-  const int64_t c = count_ne(row + a, len, L);
-  return {c + ne(a - 1) - ne(b), c, c - ne(a) + ne(b + 1)};
-}
+  std::array<int64_t, 3> not_L(int32_t a, int32_t b, uint8_t L) {
+    const int64_t len = int64_t{b} - a + 1;
+    int64_t m[3] = {0, 0, 0};
+    if (exists) {
+      while (p < end && list[p].x1 < a - 1) ++p;
+      for (uint32_t q = p; q < end && list[q].x0 <= b + 1; ++q) {
+        if (list[q].label != L) continue;
+        for (int s = -1; s <= 1; ++s) {
+          const int32_t lo = std::max(a + s, list[q].x0), hi = std::min(b + s, list[q].x1);
+          if (hi >= lo) m[s + 1] += hi - lo + 1;
+        }
+      }
+    }
+    return {len - m[0], len - m[1], len - m[2]};
+  }
+};
 
 // Image element types the grey statistics are templated on; NoImage skips them (label_volume).
 struct NoImage {};
@@ -122,7 +132,6 @@ class Labeller {
     conn_ = connectivity;
     dz_ = voxel_size[0], dy_ = voxel_size[1], dx_ = voxel_size[2];
     mask_.resize(X_);
-    prev_lab_.resize(Z_ > 1 ? plane_ : 0);
     prev_.row_start.assign(Y_ + 1, 0);
     cur_.row_start.assign(Y_ + 1, 0);
   }
@@ -137,14 +146,11 @@ class Labeller {
   // receives provisional id + 1 for every defect voxel.
   template <class T>
   void add(const uint8_t* lab, const T* img, int64_t nz, int32_t* ids) {
+    // Only runs are carried from plane to plane (prev_): joins and crossings need no labels.
     for (int64_t k = 0; k < nz; ++k) {
-      const uint8_t* cur = lab + k * plane_;
-      const uint8_t* prev = z_ == 0 ? nullptr : (k == 0 ? prev_lab_.data() : cur - plane_);
-      process_plane<T>(cur, img ? img + k * plane_ : nullptr, prev, ids ? ids + k * plane_ : nullptr);
+      process_plane<T>(lab + k * plane_, img ? img + k * plane_ : nullptr, z_ > 0, ids ? ids + k * plane_ : nullptr);
       ++z_;
     }
-    // The next slab's first plane needs this slab's last plane's labels for crossings and joins.
-    if (nz > 0 && z_ < Z_) std::memcpy(prev_lab_.data(), lab + (nz - 1) * plane_, plane_);
   }
 
   // Provisional id -> final id (1..N in raster order of first voxel, 0 if dropped), plus the
@@ -261,7 +267,7 @@ class Labeller {
   }
 
   template <class T>
-  void process_plane(const uint8_t* lab, const T* img, const uint8_t* prev, int32_t* ids) {
+  void process_plane(const uint8_t* lab, const T* img, bool prev, int32_t* ids) {
     extract_runs(lab, cur_);
     const size_t cur_runs_base = runs_.size();  // this plane's runs are runs_[base + i]
     const int64_t X = X_, Y = Y_;
@@ -280,11 +286,17 @@ class Labeller {
 
     for (int64_t y = 0; y < Y; ++y) {
       const uint32_t rb = cs[y], re = cs[y + 1];
-      const uint8_t* row = lab + y * X;
       if (rb != re) {
-        const uint8_t* above = y > 0 ? row - X : nullptr;
-        const uint8_t* below = y + 1 < Y ? row + X : nullptr;
-        const uint8_t* prow = prev ? prev + y * X : nullptr;
+        // Neighbour rows' runs for the crossings: this plane's rows y -+ 1, the previous
+        // plane's rows y - 1, y, y + 1.
+        auto rows_of = [&](const PlaneRuns& pl, int64_t yy, bool plane_exists) {
+          RowRuns rr;
+          rr.exists = plane_exists && yy >= 0 && yy < Y;
+          if (rr.exists) rr.list = pl.runs.data(), rr.p = pl.row_start[yy], rr.end = pl.row_start[yy + 1];
+          return rr;
+        };
+        RowRuns above = rows_of(cur_, y - 1, true), below = rows_of(cur_, y + 1, true);
+        RowRuns prev_rows[3] = {rows_of(prev_, y - 1, prev), rows_of(prev_, y, prev), rows_of(prev_, y + 1, prev)};
         // Cursors into the neighbour rows' run lists.
         uint32_t pu = y > 0 ? cs[y - 1] : 0, pu_end = y > 0 ? cs[y] : 0;
         uint32_t q0 = 0, q0_end = 0, qm = 0, qm_end = 0, qp = 0, qp_end = 0;
@@ -331,14 +343,12 @@ class Labeller {
           s.cross[0] += 2;
           // In-plane diagonals and y: +v = (0, 1, dx) reaches the row below at x + dx, -v the
           // row above at x - dx.
-          const auto up = count_ne3(above, a, b, X, L), down = count_ne3(below, a, b, X, L);
+          const auto up = above.not_L(a, b, L), down = below.not_L(a, b, L);
           for (int dx = -1; dx <= 1; ++dx) s.cross[2 + dx] += down[1 + dx] + up[1 - dx];
           // -v = (-1, -dy, -dx) reaches row y - dy of the previous plane at x - dx; +v is
           // counted when the next plane arrives (below), or here for the last plane.
-          const uint8_t* pm = prev && y > 0 ? prev + (y - 1) * X : nullptr;
-          const uint8_t* pp = prev && y + 1 < Y ? prev + (y + 1) * X : nullptr;
-          const std::array<int64_t, 3> pr3[3] = {count_ne3(pp, a, b, X, L), count_ne3(prow, a, b, X, L),
-                                                 count_ne3(pm, a, b, X, L)};  // dy = -1, 0, 1
+          const std::array<int64_t, 3> pr3[3] = {prev_rows[2].not_L(a, b, L), prev_rows[1].not_L(a, b, L),
+                                                 prev_rows[0].not_L(a, b, L)};  // dy = -1, 0, 1
           for (int dy = -1; dy <= 1; ++dy)
             for (int dx = -1; dx <= 1; ++dx)
               s.cross[4 + 3 * (dy + 1) + (dx + 1)] += pr3[dy + 1][1 - dx] + (last ? len : 0);
@@ -371,13 +381,17 @@ class Labeller {
       // Crossings along +v = (1, dy, dx) of the previous plane's runs in this row: row y + dy
       // of this plane at x + dx.
       if (prev) {
-        const uint8_t* cm = y > 0 ? row - X : nullptr;
-        const uint8_t* cp = y + 1 < Y ? row + X : nullptr;
+        RowRuns rows[3];  // this plane's rows y - 1, y, y + 1
+        for (int dy = -1; dy <= 1; ++dy) {
+          rows[dy + 1].exists = y + dy >= 0 && y + dy < Y;
+          if (rows[dy + 1].exists)
+            rows[dy + 1].list = cr, rows[dy + 1].p = cs[y + dy], rows[dy + 1].end = cs[y + dy + 1];
+        }
         for (uint32_t i = ps[y]; i < ps[y + 1]; ++i) {
           const Run& r = pr[i];
-          const std::array<int64_t, 3> c3[3] = {count_ne3(cm, r.x0, r.x1, X, r.label),
-                                                count_ne3(row, r.x0, r.x1, X, r.label),
-                                                count_ne3(cp, r.x0, r.x1, X, r.label)};
+          const std::array<int64_t, 3> c3[3] = {rows[0].not_L(r.x0, r.x1, r.label),
+                                                rows[1].not_L(r.x0, r.x1, r.label),
+                                                rows[2].not_L(r.x0, r.x1, r.label)};
           Stat& s = stats_[r.id];
           for (int dy = -1; dy <= 1; ++dy)
             for (int dx = -1; dx <= 1; ++dx) s.cross[4 + 3 * (dy + 1) + (dx + 1)] += c3[dy + 1][1 + dx];
@@ -441,7 +455,6 @@ class Labeller {
   std::array<uint8_t, 256> lut_{};
   std::vector<uint8_t> cls_;
   std::vector<uint8_t> mask_;
-  std::vector<uint8_t> prev_lab_;
   PlaneRuns prev_, cur_;
   std::vector<uint32_t> parent_;
   std::vector<Stat> stats_;

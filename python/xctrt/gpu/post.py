@@ -31,8 +31,8 @@ over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and 
 synchronisations (one flatnonzero per slab, a few per union-find round) dominate, hence slabs
 of 32-128 planes. aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
 finish() copies the outside air's runs and the defect runs to the host for the surface-distance
-search (C++ kd-tree on all cores, one search per defect run; slow for pores near the centre of a
-round part, where most of the surface is almost equally far and the search has to look at it).
+search (C++ kd-tree on all cores, one search per defect run; slower per run for a pore near the
+centre of a round part, where most of the surface is almost equally far).
 Only the previous slab's last plane (labels, provisional ids) and per-provisional-component
 statistics are carried between slabs; finish() merges provisional components. The defect and air
 x-runs are kept as compact lists until finish().

@@ -743,22 +743,37 @@ py::array_t<double> distance_to_surface(
     throw std::invalid_argument("n_comp out of range");
   std::vector<AirRun> s(static_cast<size_t>(air.shape(0)));
   std::memcpy(s.data(), air.data(), s.size() * sizeof(AirRun));
-  // Voxel coordinates: non-negative, so every int32 gap in the search fits.
-  for (const AirRun& v : s) {
-    if (v.z < 0 || v.y < 0 || v.x0 < 0) throw std::invalid_argument("air must be voxel coordinates >= 0");
-    if (v.x0 > v.x1) throw std::invalid_argument("air runs need x0 <= x1");
+  // Voxel coordinates: non-negative, so every int32 gap in the search fits. Checked on all
+  // cores (millions of runs from the GPU path); the error kind with the highest number wins.
+  static const char* const kBad[] = {"", "air must be voxel coordinates >= 0", "air runs need x0 <= x1",
+                                     "comp entries must be in 0..n_comp-1", "runs need x0 <= x1",
+                                     "runs must be voxel coordinates >= 0"};
+  int bad = 0;
+  const int64_t m = static_cast<int64_t>(s.size());
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for reduction(max : bad) if (m > 65536)
+#endif
+  for (int64_t i = 0; i < m; ++i) {
+    const AirRun& v = s[i];
+    bad = std::max(bad, (v.z < 0 || v.y < 0 || v.x0 < 0) ? 1 : (v.x0 > v.x1 ? 2 : 0));
   }
+  if (bad) throw std::invalid_argument(kBad[bad]);
   const int32_t* r = runs.data();
   const int64_t* c = comp.data();
-  std::vector<DefectRun> q(static_cast<size_t>(runs.shape(0)));
-  for (size_t i = 0; i < q.size(); ++i) {
-    if (c[i] < 0 || c[i] >= n_comp) throw std::invalid_argument("comp entries must be in 0..n_comp-1");
-    if (r[4 * i + 2] > r[4 * i + 3]) throw std::invalid_argument("runs need x0 <= x1");
-    if (r[4 * i] < 0 || r[4 * i + 1] < 0 || r[4 * i + 2] < 0)
-      throw std::invalid_argument("runs must be voxel coordinates >= 0");
-    q[i] = DefectRun{r[4 * i], r[4 * i + 1], r[4 * i + 2], r[4 * i + 3], static_cast<uint32_t>(c[i]),
-                     static_cast<uint8_t>(ex ? ex[i] & kExpAll : kExpAll)};
+  const int64_t n = runs.shape(0);
+  std::vector<DefectRun> q(static_cast<size_t>(n));
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for reduction(max : bad) if (n > 65536)
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t* ri = r + 4 * i;
+    const int e = (c[i] < 0 || c[i] >= n_comp) ? 3 : (ri[2] > ri[3] ? 4 : ((ri[0] < 0 || ri[1] < 0 || ri[2] < 0) ? 5 : 0));
+    bad = std::max(bad, e);
+    if (!e)
+      q[i] = DefectRun{ri[0], ri[1], ri[2], ri[3], static_cast<uint32_t>(c[i]),
+                       static_cast<uint8_t>(ex ? ex[i] & kExpAll : kExpAll)};
   }
+  if (bad) throw std::invalid_argument(kBad[bad]);
   std::vector<double> d;
   {
     py::gil_scoped_release release;

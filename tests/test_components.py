@@ -372,6 +372,31 @@ def test_distance_to_surface_binding():
         _core.distance_to_surface(air, runs, comp, 3, vs)
 
 
+def test_distance_binding_many_runs():
+    # Above 65,536 runs the binding checks and copies them on all cores: same answers, and one
+    # bad run anywhere still fails the whole call.
+    n = 70_000
+    runs = np.zeros((n, 4), np.int32)
+    runs[:, 0], runs[:, 1], runs[:, 2], runs[:, 3] = np.arange(n) % 50, 5, 3, 4
+    comp = (runs[:, 0] // 8).astype(np.int64)  # component k: planes 8k .. 8k + 7
+    air = np.array([[0, 0, 0, 9]], np.int32)  # one air row at z = 0, y = 0
+    d = _core.distance_to_surface(air, runs, comp, 7)
+    # Component k's nearest run is in plane 8k: 8k planes and 5 rows from the air.
+    np.testing.assert_array_equal(d, np.sqrt((8.0 * np.arange(7)) ** 2 + 25.0))
+    bad = runs.copy()
+    bad[n // 2, 1] = -1
+    with pytest.raises(ValueError, match=">= 0"):
+        _core.distance_to_surface(air, bad, comp, 7)
+    bad_comp = comp.copy()
+    bad_comp[-1] = 7
+    with pytest.raises(ValueError, match="0..n_comp-1"):
+        _core.distance_to_surface(air, runs, bad_comp, 7)
+    many_air = np.tile(air, (n, 1))
+    many_air[n - 1, 2:] = [5, 4]
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        _core.distance_to_surface(many_air, runs, comp, 7)
+
+
 def box_crossings(shape):
     """Crossings of a box of voxels along each Crofton direction, by hand: a voxel whose
     neighbour along +v is outside the box, or along -v; per sign that is every voxel but the

@@ -174,7 +174,7 @@ def main():
     n_edt, _, d = edt_run()
     t_edt = time.perf_counter() - t0
     # The check (not timed) takes the EDT's minimum over our own component ids. All the air here
-    # is outside the part (it reaches each slice's border), so the EDT of `labels != 0` is the
+    # is outside the part (it reaches the volume's sides), so the EDT of `labels != 0` is the
     # distance to the part's outside that xctrt reports.
     ids = _core.label_volume(labels, [2, 3], 26)
     d_ours_ids = ndimage.minimum(d, ids, index=np.arange(1, len(tp["id"]) + 1))

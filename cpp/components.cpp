@@ -108,7 +108,7 @@ struct NoImage {};
 class Labeller {
  public:
   // surface: also collect what distance_to_surface() needs: every run of these classes (with
-  // its exposed sides) and the air runs outside the part (outside_air()).
+  // its exposed sides) and every air run, to find the air outside the part (add_air()).
   Labeller(std::array<int64_t, 3> shape, const std::vector<int64_t>& classes, int connectivity,
            std::array<double, 3> voxel_size, bool surface = true)
       : surface_(surface) {
@@ -134,6 +134,8 @@ class Labeller {
     mask_.resize(X_);
     prev_.row_start.assign(Y_ + 1, 0);
     cur_.row_start.assign(Y_ + 1, 0);
+    air_row_prev_.assign(Y_ + 1, 0);
+    air_row_cur_.assign(Y_ + 1, 0);
   }
 
   int64_t Z() const { return Z_; }
@@ -186,8 +188,7 @@ class Labeller {
     // Runs of dropped components (final id 0) are left out.
     auto comp_of = [&](const DefectRun& r) { return int64_t{final_id[r.comp]} - 1; };
     const RunsByComponent g = group_by_component(runs_, comp_of, n_kept);
-    std::vector<AirRun> air(outside_);  // the tree reorders its copy, so finish() can run again
-    return surface_distance(std::move(air), g, {dz_, dy_, dx_});
+    return surface_distance(outside_air_runs(), g, {dz_, dy_, dx_});
   }
 
   double dz() const { return dz_; }
@@ -400,53 +401,76 @@ class Labeller {
       }
     }
     prev_runs_base_ = cur_runs_base;
-    if (surface_) outside_air(lab);
+    if (surface_) add_air(lab);
     std::swap(prev_, cur_);
   }
 
-  // The part's outside, plane by plane: air (label 0) connected, within its plane (4-neighbours),
-  // to the plane's border. What the part encloses in a plane is not outside: a closed cavity, or
-  // the dark rim a model may draw round a pore. The plane's air runs are linked to the runs of
-  // the row above that they overlap; the outside ones are kept as the surface's air side.
-  void outside_air(const uint8_t* lab) {
+  // The part's outside: air (label 0) connected (6-neighbours) to the volume's sides (y or x at
+  // its edge). What the part encloses is not outside: a closed cavity, or the dark rim a model
+  // may draw round a pore; a channel that leaves the part into the air round it is. The first
+  // and last planes are not edges here: a part usually runs through them, and what it encloses
+  // there (a rim, a cavity cut by the field of view) would otherwise all read as outside. Air
+  // runs are linked as they
+  // stream to the air runs they overlap in the row above and in the same row of the previous
+  // plane: union by smaller index, so a parent always comes before its child, with the edge
+  // flags merged at the roots. outside_air_runs() keeps the runs whose root has the flag.
+  void add_air(const uint8_t* lab) {
     const int64_t X = X_, Y = Y_;
     const int32_t z = static_cast<int32_t>(z_);
-    air_plane_.clear(), air_parent_.clear(), air_border_.clear(), air_above_.clear();
+    const uint32_t base = static_cast<uint32_t>(air_.size());  // this plane's first air run
     auto find = [this](uint32_t a) {
       while (air_parent_[a] != a) a = air_parent_[a] = air_parent_[air_parent_[a]];
       return a;
     };
+    auto unite = [&](uint32_t a, uint32_t b) {
+      a = find(a), b = find(b);
+      if (a == b) return;
+      const uint32_t lo = std::min(a, b), hi = std::max(a, b);
+      air_parent_[hi] = lo;
+      air_edge_[lo] |= air_edge_[hi];
+    };
+    // Cursor k into [k, end) of earlier air runs: link id to those overlapping [s, e]; k only
+    // passes runs ending before s, which later runs of the row start after too.
+    auto link = [&](uint32_t& k, uint32_t end, int64_t s, int64_t e, uint32_t id) {
+      while (k < end && air_[k].x1 < s) ++k;
+      for (uint32_t j = k; j < end && air_[j].x0 <= e; ++j) unite(j, id);
+    };
     for (int64_t y = 0; y < Y; ++y) {
       const uint8_t* row = lab + y * X;
-      air_row_.clear();
-      size_t k = 0;  // cursor into the row above's runs
+      air_row_cur_[y] = static_cast<uint32_t>(air_.size()) - base;
+      uint32_t ka = y > 0 ? base + air_row_cur_[y - 1] : 0, ka_end = y > 0 ? base + air_row_cur_[y] : 0;
+      uint32_t kp = 0, kp_end = 0;
+      if (z_ > 0) kp = air_prev_base_ + air_row_prev_[y], kp_end = air_prev_base_ + air_row_prev_[y + 1];
       for (int64_t x = 0; x < X;) {
         const void* p = std::memchr(row + x, 0, static_cast<size_t>(X - x));
         if (!p) break;
         const int64_t s = static_cast<const uint8_t*>(p) - row;
         int64_t e = s;
         while (e + 1 < X && row[e + 1] == 0) ++e;
-        const uint32_t id = static_cast<uint32_t>(air_plane_.size());
-        air_plane_.push_back(AirRun{z, static_cast<int32_t>(y), static_cast<int32_t>(s), static_cast<int32_t>(e)});
+        if (air_.size() >= kNone - 1) throw std::invalid_argument("too many air runs for 32-bit ids");
+        const uint32_t id = static_cast<uint32_t>(air_.size());
+        air_.push_back(AirRun{z, static_cast<int32_t>(y), static_cast<int32_t>(s), static_cast<int32_t>(e)});
         air_parent_.push_back(id);
-        air_border_.push_back(y == 0 || y == Y - 1 || s == 0 || e == X - 1);
-        air_row_.push_back(id);
-        // Runs above that overlap [s, e] (4-neighbours); k only passes runs ending before s.
-        while (k < air_above_.size() && air_plane_[air_above_[k]].x1 < s) ++k;
-        for (size_t j = k; j < air_above_.size() && air_plane_[air_above_[j]].x0 <= e; ++j) {
-          const uint32_t a = find(air_above_[j]), b = find(id);
-          if (a != b) {
-            const uint32_t lo = std::min(a, b), hi = std::max(a, b);
-            air_parent_[hi] = lo;
-            air_border_[lo] |= air_border_[hi];
-          }
-        }
+        air_edge_.push_back(y == 0 || y == Y - 1 || s == 0 || e == X - 1);
+        link(ka, ka_end, s, e, id);
+        link(kp, kp_end, s, e, id);
         x = e + 1;
       }
-      std::swap(air_above_, air_row_);
     }
-    for (size_t i = 0; i < air_plane_.size(); ++i)
-      if (air_border_[find(static_cast<uint32_t>(i))]) outside_.push_back(air_plane_[i]);
+    air_row_cur_[Y] = static_cast<uint32_t>(air_.size()) - base;
+    std::swap(air_row_prev_, air_row_cur_);
+    air_prev_base_ = base;
+  }
+
+  // The air runs outside the part (add_air()): those whose root has the edge flag.
+  std::vector<AirRun> outside_air_runs() const {
+    std::vector<uint32_t> root(air_.size());
+    std::vector<AirRun> out;
+    for (size_t i = 0; i < air_.size(); ++i) {
+      root[i] = air_parent_[i] == i ? static_cast<uint32_t>(i) : root[air_parent_[i]];  // parent < i
+      if (air_edge_[root[i]]) out.push_back(air_[i]);
+    }
+    return out;
   }
 
   int64_t Z_ = 0, Y_ = 0, X_ = 0, plane_ = 0, z_ = 0;
@@ -461,12 +485,13 @@ class Labeller {
   bool surface_ = true;
   std::vector<DefectRun> runs_;    // every defect run, comp = provisional id
   size_t prev_runs_base_ = 0;      // the previous plane's runs start here in runs_
-  std::vector<AirRun> outside_;    // air runs outside the part (outside_air())
-  // outside_air()'s scratch: one plane's air runs, their union-find and border flags.
-  std::vector<AirRun> air_plane_;
+  // add_air(): every air run, its union-find parent and edge flag (merged at roots), and where
+  // each row's runs start in the previous and this plane (relative to the plane's first run).
+  std::vector<AirRun> air_;
   std::vector<uint32_t> air_parent_;
-  std::vector<uint8_t> air_border_;
-  std::vector<uint32_t> air_above_, air_row_;  // run indices of the previous and this row
+  std::vector<uint8_t> air_edge_;
+  std::vector<uint32_t> air_row_prev_, air_row_cur_;
+  uint32_t air_prev_base_ = 0;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // Exact distance from each defect to the part surface, in physical units.
 //
 // The part surface is seen from the air side: the air outside the part, given as x-runs (the
-// labeller takes air connected, within its plane, to the plane's border: Labeller::outside_air
+// labeller takes air connected, 6-neighbours, to the volume's sides: Labeller::add_air
 // in components.cpp). A defect is given as x-runs of its voxels too; its distance is the
 // smallest centre-to-centre distance between one of its voxels and one of those air voxels, so
 // a defect that touches that air has distance one voxel step (the voxel size on that axis).

@@ -43,14 +43,13 @@ def crofton_reference(voxel_size):
 
 def surface_distance_reference(labels: np.ndarray, ids: np.ndarray, voxel_size) -> np.ndarray:
     """Per component id 1..max: the smallest distance from its voxels to the part's outside (air
-    connected within its plane, 4-neighbours, to the plane's border), by SciPy's exact Euclidean
-    distance transform; NaN where no air is outside."""
+    connected, 6-neighbours, to the volume's sides: y or x at the edge, not the first or last
+    plane), by SciPy's exact Euclidean distance transform; NaN where no air is outside."""
     from scipy import ndimage
-    outside = np.zeros(labels.shape, bool)
-    for z in range(labels.shape[0]):
-        comp, n = ndimage.label(labels[z] == 0)
-        border = np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]]))
-        outside[z] = np.isin(comp, border[border > 0])
+    comp, n = ndimage.label(labels == 0)  # 6-neighbours
+    faces = [comp[:, 0], comp[:, -1], comp[:, :, 0], comp[:, :, -1]]
+    edge = np.unique(np.concatenate([f.ravel() for f in faces]))
+    outside = np.isin(comp, edge[edge > 0])
     n = int(ids.max())
     if not outside.any():
         return np.full(n, np.nan)

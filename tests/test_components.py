@@ -296,8 +296,8 @@ def test_surface_distance_by_hand():
     by_first = {(int(z), int(y), int(x)): d for z, y, x, d in
                 zip(t["bbox_z0"], t["bbox_y0"], t["bbox_x0"], t["surface_distance"])}
     assert by_first == {(2, 4, 7): 6 * 0.2, (0, 1, 10): 9 * 0.2, (4, 8, 2): 0.2, (3, 6, 5): 4 * 0.2}
-    # Air the part encloses in its plane (a cavity, or the dark rim a model draws round a pore)
-    # is not the part's outside; air open to the plane's border is.
+    # Air the part encloses (a cavity, or the dark rim a model draws round a pore) is not the
+    # part's outside; air connected to the volume's edge is.
     lab[2, 4, 9] = 0
     lab[2, 3:6, 6:9][lab[2, 3:6, 6:9] == 1] = 0  # a rim of air round the pore at (2, 4, 7)
     t = _core.label_components(lab, np.zeros(lab.shape, np.uint8), voxel_size=vs)
@@ -305,6 +305,19 @@ def test_surface_distance_by_hand():
     lab[2, 4, 2:6] = 0  # a channel from the outside to the rim: now it is outside too
     t = _core.label_components(lab, np.zeros(lab.shape, np.uint8), voxel_size=vs)
     assert t["surface_distance"][t["bbox_x0"] == 7][0] == 0.2
+    # A vertical channel, enclosed in every plane it crosses: closed at both ends it is a cavity,
+    # and reaching the first plane does not make it outside (the part runs through that plane);
+    # once it leaves the part into the air round it (a tunnel in plane 0 to the air at x < 2) it
+    # is outside, as a cooling channel would be, though no plane at its side shows it open.
+    lab2 = np.ones_like(lab)
+    lab2[:, :, :2] = 0
+    lab2[0:4, 7, 9] = 0
+    lab2[2, 7, 10] = 2  # next to the channel, 9 x steps from the air at x = 1
+    t = _core.label_components(lab2, np.zeros(lab.shape, np.uint8), voxel_size=vs)
+    assert t["surface_distance"][t["bbox_x0"] == 10][0] == 9 * 0.2
+    lab2[0, 7, 2:9] = 0
+    t = _core.label_components(lab2, np.zeros(lab.shape, np.uint8), voxel_size=vs)
+    assert t["surface_distance"][t["bbox_x0"] == 10][0] == 0.2
     # Without any air there is no surface to measure from.
     t = _core.label_components(np.where(lab == 0, 1, lab).astype(np.uint8), np.zeros(lab.shape, np.uint8))
     assert len(t["id"]) == 4 and np.isnan(t["surface_distance"]).all()

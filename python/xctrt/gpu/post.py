@@ -2,7 +2,7 @@
 
 Every function takes its array module from its input (`array_module`): NumPy arrays run on the
 CPU, CuPy arrays on the GPU, with the same code. The only CuPy-specific lines are the shims
-`array_module`, `scatter_min`, `scatter_max`, `segment_sum`, `label_in_planes` and `to_host` below.
+`array_module`, `scatter_min`, `scatter_max`, `segment_sum`, `label_6` and `to_host` below.
 
 Exactness. _core is built with -ffp-contract=off, so each float32 operation rounds on its own.
 Here every float32 step is a separate ufunc call writing a float32 array (on CuPy: one kernel
@@ -24,8 +24,9 @@ slab on CT parts), bytes moved on the device:
     neighbour gathers (edges), 26 gathers for the surface area's line crossings (13 Crofton
     directions, both signs), union-find by hook (scatter-min) and pointer jumping, segment
     sums, scatter min/max                                          ~ 2-3 kB per defect voxel
-  - the part's outside, for the surface distance: air components within each plane (a CuPy/SciPy
-    labelling of the slab) and their x-runs                         ~ 20-30 B/voxel of the slab
+  - the part's outside, for the surface distance: air components (a 6-connected CuPy/SciPy
+    labelling of the slab, joined across slab boundaries in finish) and their x-runs
+                                                                    ~ 20-30 B/voxel of the slab
 So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~60-90 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
 synchronisations (one flatnonzero per slab, a few per union-find round) dominate, hence slabs
@@ -89,17 +90,15 @@ def segment_sum(ids, n: int, weights=None):
     return out
 
 
-_PLANE_CROSS = np.zeros((3, 3, 3), bool)
-_PLANE_CROSS[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]  # 4-neighbours in the plane, none across planes
 
 
-def label_in_planes(mask):
-    """Components of a (z, Y, X) bool mask, 4-connected within each plane: (labels, count)."""
+def label_6(mask):
+    """Components of a (z, Y, X) bool mask, 6-connected: (int32 labels 1..count, 0 outside; count)."""
     if isinstance(mask, np.ndarray):
         from scipy import ndimage
-        return ndimage.label(mask, _PLANE_CROSS)
+        return ndimage.label(mask)  # its default structure: the 6 face neighbours
     import cupyx.scipy.ndimage
-    return cupyx.scipy.ndimage.label(mask, _cupy.asarray(_PLANE_CROSS))
+    return cupyx.scipy.ndimage.label(mask)
 
 
 def to_host(a) -> np.ndarray:
@@ -373,7 +372,12 @@ class ComponentLabeller:
         self._keep = None  # label_volume: (flat voxel index, provisional id) per slab
         self._surface = True  # find the distance to the part surface (defect runs, outside air)
         self._runs = []  # (z, y, x0, x1, provisional id, exposed sides) of every defect x-run, per slab
-        self._outside = []  # (z, y, x0, x1) of the air runs outside the part, per slab
+        # Air, for the part's outside (_add_air): per slab its x-runs (z, y, x0, x1), their air
+        # component (global ids 1..), the components on the volume's edge, and the pairs joined
+        # across the slab boundary; the last plane's component ids for the next slab.
+        self._air_runs, self._air_id, self._air_edge, self._air_pairs = [], [], [], []
+        self._air_n = 0
+        self._air_last = None
         self.surface_distance_s = 0.0  # host time of the last finish()'s surface-distance search
 
     @property
@@ -527,7 +531,7 @@ class ComponentLabeller:
             sides = (mz.astype(np.uint8) | (xp.where(up, pz, True).astype(np.uint8) << 1)
                      | (my.astype(np.uint8) << 2) | (py.astype(np.uint8) << 3))
             self._collect_runs(ext, e, L, x, y, zg, pid + np.int32(first), sides)
-            self._outside.append(self._outside_air(lab.reshape(nz, Y, X), z0))
+            self._add_air(lab.reshape(nz, Y, X), z0, last)
         if self._keep is not None:
             self._keep.append((idx + z0 * plane, pid + np.int32(first)))
 
@@ -556,25 +560,48 @@ class ComponentLabeller:
             exposed |= (_count(run, s.size, b) > 0).astype(np.int32) << bit
         self._runs.append(xp.stack([zg[s], y[s], x[s], x[t], pid[s], exposed]))
 
-    def _outside_air(self, lab, z0: int):
-        """(4, m) z, y, x0, x1 of the air runs outside the part, as the C++ labeller's
-        outside_air(): air connected, within its plane (4-neighbours), to the plane's border."""
+    def _add_air(self, lab, z0: int, last: bool) -> None:
+        """The slab's air runs and their components, as the C++ labeller's add_air(): the part's
+        outside is the air connected (6-neighbours) to the volume's sides (y or x at the edge),
+        decided in finish()."""
         xp = self._xp
         nz, Y, X = lab.shape
-        comp, n = label_in_planes(lab == 0)
-        border = xp.zeros(int(n) + 1, bool)
-        for edge in (comp[:, 0], comp[:, -1], comp[:, :, 0], comp[:, :, -1]):
-            border[edge] = True
-        border[0] = False
-        out = border[comp]
-        left = xp.zeros_like(out)
-        left[:, :, 1:] = out[:, :, :-1]
-        right = xp.zeros_like(out)
-        right[:, :, :-1] = out[:, :, 1:]
-        s = xp.flatnonzero(out & ~left)
-        t = xp.flatnonzero(out & ~right)
+        comp, n = label_6(lab == 0)
+        n = int(n)
+        gid = xp.where(comp > 0, comp.astype(np.int64) + self._air_n, 0)
+        sides = [gid[:, 0], gid[:, -1], gid[:, :, 0], gid[:, :, -1]]  # not the first/last plane
+        edge = xp.unique(xp.concatenate([f.ravel() for f in sides]))
+        self._air_edge.append(edge[edge > 0])
+        if self._air_last is not None:  # air meeting across the slab boundary
+            a, b = self._air_last, gid[0]
+            both = (a > 0) & (b > 0)
+            self._air_pairs.append(xp.unique(a[both] * 2 ** 31 + b[both]))
+        self._air_last = None if last else gid[-1].copy()
+        air = comp > 0
+        left = xp.zeros_like(air)
+        left[:, :, 1:] = air[:, :, :-1]
+        right = xp.zeros_like(air)
+        right[:, :, :-1] = air[:, :, 1:]
+        s = xp.flatnonzero(air & ~left)
+        t = xp.flatnonzero(air & ~right)
         z, r = s // (Y * X), s % (Y * X)
-        return xp.stack([z + z0, r // X, r % X, t % X]).astype(np.int32)
+        self._air_runs.append(xp.stack([z + z0, r // X, r % X, t % X]).astype(np.int32))
+        self._air_id.append(gid.reshape(-1)[s])
+        self._air_n += n
+
+    def _outside_air(self):
+        """(4, m) z, y, x0, x1 of the air runs outside the part: those whose component joins one
+        on the volume's sides."""
+        xp = self._xp
+        if not self._air_n:
+            return xp.zeros((4, 0), np.int32)
+        n = self._air_n + 1  # ids 1..air_n; 0 unused
+        pairs = xp.concatenate(self._air_pairs) if self._air_pairs else xp.zeros(0, np.int64)
+        root = _connect(xp, n, pairs >> 31, pairs & _I32_MAX)
+        outside = xp.zeros(n, bool)
+        outside[root[xp.concatenate(self._air_edge)]] = True
+        keep = outside[root[xp.concatenate(self._air_id)]]
+        return xp.concatenate(self._air_runs, axis=1)[:, keep]
 
     def _surface_distance(self, final, n_kept: int) -> np.ndarray:
         """Distance of each kept component to the part surface: to the nearest voxel of the air
@@ -587,7 +614,7 @@ class ComponentLabeller:
         kept = kept[xp.argsort(comp[kept], kind="stable")]
         runs, comp = runs[:, kept], comp[kept]
         exposed = runs[5].astype(np.uint8)
-        air = xp.concatenate(self._outside, axis=1) if self._outside else xp.zeros((4, 0), np.int32)
+        air = self._outside_air()
         return _core.distance_to_surface(to_host(air.T), to_host(runs[:4].T), to_host(comp), n_kept,
                                          exposed=to_host(exposed), voxel_size=self.voxel_size)
 

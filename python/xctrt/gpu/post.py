@@ -567,16 +567,19 @@ class ComponentLabeller:
         xp = self._xp
         nz, Y, X = lab.shape
         comp, n = label_6(lab == 0)
-        n = int(n)
-        gid = xp.where(comp > 0, comp.astype(np.int64) + self._air_n, 0)
-        sides = [gid[:, 0], gid[:, -1], gid[:, :, 0], gid[:, :, -1]]  # not the first/last plane
+        n, base = int(n), self._air_n
+
+        def global_id(c):  # slab labels 1..n -> ids base + 1.. (int64; 0 stays 0), one plane at most
+            return xp.where(c > 0, c.astype(np.int64) + base, 0)
+
+        sides = [comp[:, 0], comp[:, -1], comp[:, :, 0], comp[:, :, -1]]  # not the first/last plane
         edge = xp.unique(xp.concatenate([f.ravel() for f in sides]))
-        self._air_edge.append(edge[edge > 0])
+        self._air_edge.append(edge[edge > 0].astype(np.int64) + base)
         if self._air_last is not None:  # air meeting across the slab boundary
-            a, b = self._air_last, gid[0]
+            a, b = self._air_last, global_id(comp[0])
             both = (a > 0) & (b > 0)
             self._air_pairs.append(xp.unique(a[both] * 2 ** 31 + b[both]))
-        self._air_last = None if last else gid[-1].copy()
+        self._air_last = None if last else global_id(comp[-1])
         air = comp > 0
         left = xp.zeros_like(air)
         left[:, :, 1:] = air[:, :, :-1]
@@ -586,7 +589,7 @@ class ComponentLabeller:
         t = xp.flatnonzero(air & ~right)
         z, r = s // (Y * X), s % (Y * X)
         self._air_runs.append(xp.stack([z + z0, r // X, r % X, t % X]).astype(np.int32))
-        self._air_id.append(gid.reshape(-1)[s])
+        self._air_id.append(comp.reshape(-1)[s].astype(np.int64) + base)
         self._air_n += n
 
     def _outside_air(self):

@@ -210,6 +210,13 @@ def test_voxel_size_given_scales_the_table(rich, phantom_volume, reference):
         rich.segment(phantom_volume, voxel_size=(10.0, 0.001, 0.001))
 
 
+def test_bad_voxel_size_leaves_no_output_folder(rich, phantom_volume, tmp_path):
+    for vs in [(0.1, 0.0, 0.1), (10.0, 0.001, 0.001)]:
+        with pytest.raises(XctrtError, match="voxel size"):
+            rich.segment(phantom_volume, out_dir=tmp_path / "out", voxel_size=vs)
+        assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------ files
 
 

@@ -71,6 +71,22 @@ class _StageFailed(Exception):
     pass
 
 
+def _voxel_size(source, given) -> tuple[tuple[float, float, float], str]:
+    """(dz, dy, dx) and where it came from: given, the file's metadata, or unknown (1 voxel)."""
+    if given is not None:
+        vs, vs_from = tuple(float(v) for v in given), "given"
+    elif source.voxel_size is not None:
+        vs, vs_from = source.voxel_size, "file metadata"
+    else:
+        vs, vs_from = (1.0, 1.0, 1.0), "unknown (sizes in voxels)"
+    if any(not (v > 0 and np.isfinite(v)) for v in vs):
+        raise XctrtError(f"voxel size must be positive, got {vs}")
+    if max(vs) > 1000 * min(vs):  # the defect table's limit (cpp/crofton.hpp)
+        raise XctrtError(f"voxel size {vs} ({vs_from}): its sides differ by more than a factor 1000; "
+                         "give the right one with --voxel-size")
+    return vs, vs_from
+
+
 class Segmenter:
     """Segment XCT volumes with a model package.
 
@@ -198,9 +214,10 @@ class Segmenter:
                   volume if isinstance(volume, VolumeSource) else open_volume(volume))
         staged = None
         try:
+            vs = _voxel_size(source, voxel_size)  # before the output folder exists: no empty folder
             out = check_output_dir(Path(out_dir)) if out_dir is not None else None
             staged = StagedOutputs(out, OUTPUTS) if out is not None else None
-            return self._segment(source, out, staged, voxel_size, on_slab,
+            return self._segment(source, out, staged, vs, on_slab,
                                  keep_labels if keep_labels is not None else out is None)
         except BaseException:
             if staged:
@@ -214,17 +231,7 @@ class Segmenter:
         t_start = time.perf_counter()
         timer = _Timer()
         Z, Y, X = source.shape
-        if voxel_size is not None:
-            vs, vs_from = tuple(float(v) for v in voxel_size), "given"
-        elif source.voxel_size is not None:
-            vs, vs_from = source.voxel_size, "file metadata"
-        else:
-            vs, vs_from = (1.0, 1.0, 1.0), "unknown (sizes in voxels)"
-        if any(not (v > 0 and np.isfinite(v)) for v in vs):
-            raise XctrtError(f"voxel size must be positive, got {vs}")
-        if max(vs) > 1000 * min(vs):  # the defect table's limit (cpp/crofton.hpp)
-            raise XctrtError(f"voxel size {vs} ({vs_from}): its sides differ by more than a factor 1000; "
-                             "give the right one with --voxel-size")
+        vs, vs_from = voxel_size
         unit = "vox" if vs_from.startswith("unknown") else "mm"
         with timer("read"):
             window = self.intensity_window(source)

@@ -285,17 +285,18 @@ class Labeller {
     const uint32_t* cs = cur_.row_start.data();
     const uint32_t* ps = prev_.row_start.data();
 
+    // A neighbour row's runs, for the crossings (none where the plane or row is outside the volume).
+    auto rows_of = [&](const PlaneRuns& pl, int64_t yy, bool plane_exists) {
+      RowRuns rr;
+      rr.exists = plane_exists && yy >= 0 && yy < Y;
+      if (rr.exists) rr.list = pl.runs.data(), rr.p = pl.row_start[yy], rr.end = pl.row_start[yy + 1];
+      return rr;
+    };
+
     for (int64_t y = 0; y < Y; ++y) {
       const uint32_t rb = cs[y], re = cs[y + 1];
       if (rb != re) {
-        // Neighbour rows' runs for the crossings: this plane's rows y -+ 1, the previous
-        // plane's rows y - 1, y, y + 1.
-        auto rows_of = [&](const PlaneRuns& pl, int64_t yy, bool plane_exists) {
-          RowRuns rr;
-          rr.exists = plane_exists && yy >= 0 && yy < Y;
-          if (rr.exists) rr.list = pl.runs.data(), rr.p = pl.row_start[yy], rr.end = pl.row_start[yy + 1];
-          return rr;
-        };
+        // This plane's rows y -+ 1, the previous plane's rows y - 1, y, y + 1.
         RowRuns above = rows_of(cur_, y - 1, true), below = rows_of(cur_, y + 1, true);
         RowRuns prev_rows[3] = {rows_of(prev_, y - 1, prev), rows_of(prev_, y, prev), rows_of(prev_, y + 1, prev)};
         // Cursors into the neighbour rows' run lists.
@@ -382,12 +383,7 @@ class Labeller {
       // Crossings along +v = (1, dy, dx) of the previous plane's runs in this row: row y + dy
       // of this plane at x + dx.
       if (prev) {
-        RowRuns rows[3];  // this plane's rows y - 1, y, y + 1
-        for (int dy = -1; dy <= 1; ++dy) {
-          rows[dy + 1].exists = y + dy >= 0 && y + dy < Y;
-          if (rows[dy + 1].exists)
-            rows[dy + 1].list = cr, rows[dy + 1].p = cs[y + dy], rows[dy + 1].end = cs[y + dy + 1];
-        }
+        RowRuns rows[3] = {rows_of(cur_, y - 1, true), rows_of(cur_, y, true), rows_of(cur_, y + 1, true)};
         for (uint32_t i = ps[y]; i < ps[y + 1]; ++i) {
           const Run& r = pr[i];
           const std::array<int64_t, 3> c3[3] = {rows[0].not_L(r.x0, r.x1, r.label),
@@ -410,10 +406,10 @@ class Labeller {
   // may draw round a pore; a channel that leaves the part into the air round it is. The first
   // and last planes are not edges here: a part usually runs through them, and what it encloses
   // there (a rim, a cavity cut by the field of view) would otherwise all read as outside. Air
-  // runs are linked as they
-  // stream to the air runs they overlap in the row above and in the same row of the previous
-  // plane: union by smaller index, so a parent always comes before its child, with the edge
-  // flags merged at the roots. outside_air_runs() keeps the runs whose root has the flag.
+  // runs are linked as they stream to the air runs they overlap in the row above and in the
+  // same row of the previous plane: union by smaller index, so a parent always comes before
+  // its child, with the edge flags merged at the roots. outside_air_runs() keeps the runs
+  // whose root has the flag.
   void add_air(const uint8_t* lab) {
     const int64_t X = X_, Y = Y_;
     const int32_t z = static_cast<int32_t>(z_);
@@ -855,7 +851,6 @@ void bind_components(py::module_& m) {
       },
       "The 13 lattice directions (dz, dy, dx) the surface area counts line crossings along.");
   m.def("crofton_factors", [](std::array<double, 3> voxel_size) {
-        check_voxel_size(voxel_size);
         const auto f = crofton_factors(voxel_size);
         py::array_t<double> out(kDirs);
         std::copy(f.begin(), f.end(), out.mutable_data());

@@ -90,8 +90,6 @@ def segment_sum(ids, n: int, weights=None):
     return out
 
 
-
-
 def label_6(mask):
     """Components of a (z, Y, X) bool mask, 6-connected: (int32 labels 1..count, 0 outside; count)."""
     if isinstance(mask, np.ndarray):
@@ -324,11 +322,11 @@ def _count(ids, n: int, weights=None):
 
 
 _I32_MAX = np.iinfo(np.int32).max
-# Line crossings per Crofton direction (the surface area, see cpp/crofton.hpp): 13 directions
-# (dz, dy, dx) in _core.crofton_directions() order.
-_DIRS = ((0, 0, 1), (0, 1, -1), (0, 1, 0), (0, 1, 1)) + tuple((1, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-_CROSS = tuple(f"cross{k}" for k in range(len(_DIRS)))
-_SUM_COLS = ("voxels", "sz", "sy", "sx") + _CROSS
+# Line crossings per Crofton direction (the surface area, see cpp/crofton.hpp): the C++ list of
+# the 13 directions (dz, dy, dx), and a statistics column for each.
+_DIRS = tuple(tuple(d) for d in _core.crofton_directions().tolist())
+_CROSSING_COLS = tuple(f"cross{k}" for k in range(len(_DIRS)))
+_SUM_COLS = ("voxels", "sz", "sy", "sx") + _CROSSING_COLS
 _MIN_COLS = ("z0", "y0", "x0")
 _MAX_COLS = ("z1", "y1", "x1")
 
@@ -479,7 +477,7 @@ class ComponentLabeller:
                     if dz:
                         ok = _in_bounds(p_y, p_x, dy, dx, Y, X)
                         c = ~ok | (lab[xp.where(ok, p_idx + (dy * X + dx), p_idx)] != p_L)
-                        p_st[_CROSS[k]] += _count(p_local[c], p_st["n"])
+                        p_st[_CROSSING_COLS[k]] += _count(p_local[c], p_st["n"])
 
         # Crossings (cpp/crofton.hpp): the neighbour one step along -v or +v is outside the
         # volume or has another label value. +v with dz = 1 from the slab's last plane reaches
@@ -504,7 +502,7 @@ class ComponentLabeller:
         zg = zl + np.int32(z0)
         st = {"first": first, "n": nloc}
         st["voxels"] = _count(pid, nloc)
-        for name, v in (("sz", zg), ("sy", y), ("sx", x)) + tuple(zip(_CROSS, cross)):
+        for name, v in (("sz", zg), ("sy", y), ("sx", x)) + tuple(zip(_CROSSING_COLS, cross)):
             st[name] = _count(pid, nloc, v.astype(np.float64))
         for name, v in (("z0", zg), ("y0", y), ("x0", x)):
             st[name] = xp.full(nloc, _I32_MAX, np.int32)
@@ -666,9 +664,9 @@ class ComponentLabeller:
         dist = self._surface_distance(final, len(h["voxels"]))
         self.surface_distance_s = time.perf_counter() - t0
         return _core.component_table(
-            h["voxels"], h["sz"], h["sy"], h["sx"], np.stack([h[k] for k in _CROSS], 1), h["gsum"], h["gmin"],
-            h["gmax"], h["z0"], h["y0"], h["x0"], h["z1"], h["y1"], h["x1"], h["cls"], h["edge"],
-            dist, self.voxel_size)
+            h["voxels"], h["sz"], h["sy"], h["sx"], np.stack([h[k] for k in _CROSSING_COLS], 1),
+            h["gsum"], h["gmin"], h["gmax"], h["z0"], h["y0"], h["x0"], h["z1"], h["y1"], h["x1"],
+            h["cls"], h["edge"], dist, self.voxel_size)
 
 
 def label_volume(labels, classes=(2, 3), connectivity=26):

@@ -179,17 +179,17 @@ def assert_table_same(got, ref, float_image=False):
 
 @pytest.mark.parametrize("seed,thick", [(seed, thick) for seed in range(12) for thick in (1, 2, "random")])
 def test_surface_distance_with_sparse_air(seed, thick):
-    # Few air voxels, so the nearest one is often planes away, across slab borders: the sites
-    # of a slab's last plane and its +z neighbours must all be listed.
+    # Few air voxels, so the nearest one is often planes away, across slab borders, and air
+    # components that reach the volume's sides only through another slab must be joined there.
     rng = np.random.default_rng(1000 + seed)
     shape = tuple(int(v) for v in rng.integers(4, 14, 3))
     lab = blobs(rng, shape)
     air = rng.random(shape) < rng.choice([0.002, 0.01, 0.05])
     air[tuple(rng.integers(0, s) for s in shape)] = True  # at least one
-    # An air block: its bottom plane's voxels are sites only through their +z neighbour, which
-    # a slab border can put in the next slab.
+    # An air block that a slab border can cut, or air only in the first planes (the part below
+    # it), whose last plane holds the air nearest to the defects.
     lo = [int(rng.integers(0, s)) for s in shape]
-    if seed % 2:  # only air over the whole top: its bottom plane holds the sites
+    if seed % 2:
         air[:] = False
         air[:max(1, lo[0] // 2)] = True
     else:

@@ -850,6 +850,10 @@ void bind_components(py::module_& m) {
         return d;
       },
       "The 13 lattice directions (dz, dy, dx) the surface area counts line crossings along.");
+  m.def("check_voxel_size", [](std::array<double, 3> voxel_size) { check_voxel_size(voxel_size); },
+        py::arg("voxel_size"),
+        "Raise ValueError unless the voxel size (dz, dy, dx) is one the table supports: positive,\n"
+        "finite, sides within a factor 1000 of each other.");
   m.def("crofton_factors", [](std::array<double, 3> voxel_size) {
         const auto f = crofton_factors(voxel_size);
         py::array_t<double> out(kDirs);

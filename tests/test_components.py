@@ -470,10 +470,11 @@ def test_crofton_factors_against_scipy_voronoi():
         np.testing.assert_allclose(_core.crofton_factors(vs), crofton_reference(vs)[1], rtol=1e-5, err_msg=str(vs))
     for bad, msg in [((1.0, 0.0, 1.0), "positive"), ((1.0, 1.0, np.inf), "positive"),
                      ((1001.0, 1.0, 1.0), "factor 1000")]:
-        with pytest.raises(ValueError, match=msg):
-            _core.crofton_factors(bad)
-        with pytest.raises(ValueError, match=msg):
-            _core.ComponentLabeller((2, 2, 2), voxel_size=bad)
+        for check in (_core.check_voxel_size, _core.crofton_factors,
+                      lambda vs: _core.ComponentLabeller((2, 2, 2), voxel_size=vs)):
+            with pytest.raises(ValueError, match=msg):
+                check(bad)
+    _core.check_voxel_size((1000.0, 1.0, 1.0))   # the limit itself is allowed
 
 
 def test_pore_and_inclusion_touching_are_separate():

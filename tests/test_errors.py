@@ -34,10 +34,13 @@ def assert_one_error_line(code, err, *names, exit_code=2, prefix="xctrt: error: 
     return lines[0]
 
 
-def assert_no_outputs(out: Path):
-    """OUT may exist (it is created before any work), but holds nothing at all."""
-    if out.exists():
+def assert_no_outputs(out: Path, existed: bool = False):
+    """A failed run leaves nothing: OUT is made before any work, and removed again if the run made
+    it; a folder that was there before (existed=True) is left, empty."""
+    if existed:
         assert sorted(p.name for p in out.iterdir()) == []
+    else:
+        assert not out.exists(), sorted(p.name for p in out.iterdir())
 
 
 def segment_fails(run_cli, bad: Path, tmp_path: Path, *needles) -> str:
@@ -326,7 +329,7 @@ def test_read_only_output_folder(run_cli, phantom_path, tmp_path):
     try:
         code, _, err = run_cli("segment", phantom_path, "-o", out)
         assert_one_error_line(code, err, out, "not writable")
-        assert_no_outputs(out)
+        assert_no_outputs(out, existed=True)
     finally:
         out.chmod(0o700)
 

@@ -332,10 +332,36 @@ def test_staged_outputs_commit_in_order_and_discard(tmp_path):
 
 
 def test_check_output_dir_creates_folders_and_rejects_files(tmp_path):
-    out = check_output_dir(tmp_path / "a" / "b")
+    out = tmp_path / "a" / "b"
+    made = check_output_dir(out)
+    assert made == [out.absolute(), (tmp_path / "a").absolute()]
     assert out.is_dir() and list(out.iterdir()) == []
+    assert check_output_dir(out) == []   # already there: made nothing
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(XctrtError, match="not writable") as e:
         check_output_dir(afile / "sub")
     assert str(afile / "sub") in str(e.value)
+
+
+def test_staged_outputs_remove_the_folders_they_made_on_failure(tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(RuntimeError):
+        with StagedOutputs(out, ["x.txt"], create=True) as st:
+            assert out.is_dir()
+            st.path("x.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []            # neither run/ nor new/ is left
+
+    # a folder that was there before stays, and so does one someone else wrote into meanwhile
+    (tmp_path / "kept").mkdir()
+    st = StagedOutputs(tmp_path / "kept" / "a" / "b", create=True)
+    (tmp_path / "kept" / "a" / "theirs.txt").write_text("x")
+    st.discard()
+    assert sorted(p.name for p in (tmp_path / "kept").rglob("*")) == ["a", "theirs.txt"]
+
+    # committed outputs keep their folder, even if a later discard() is called
+    with StagedOutputs(tmp_path / "ok", ["y.txt"], create=True) as st:
+        st.path("y.txt").write_text("done")
+    st.discard()
+    assert (tmp_path / "ok" / "y.txt").read_text() == "done"

@@ -204,8 +204,10 @@ def test_voxel_size_given_scales_the_table(rich, phantom_volume, reference):
     assert res.summary["input"]["voxel_size_from"] == "given"
     assert res.summary["result"]["unit"] == "mm"
     np.testing.assert_allclose(res.defects["volume"], reference.defects["voxels"] * np.prod(vs))
-    with pytest.raises(XctrtError, match="voxel size must be positive"):
+    with pytest.raises(XctrtError, match=r"voxel size .*positive and finite.*--voxel-size"):
         rich.segment(phantom_volume, voxel_size=(0.1, 0, 0.1))
+    with pytest.raises(XctrtError, match="three numbers"):
+        rich.segment(phantom_volume, voxel_size=(0.1, 0.1))
     with pytest.raises(XctrtError, match="factor 1000.*--voxel-size"):
         rich.segment(phantom_volume, voxel_size=(10.0, 0.001, 0.001))
 

@@ -12,7 +12,8 @@ pytest.importorskip("xraydb")
 
 from xctrt.io import open_volume  # noqa: E402
 from xctrt.simulate import (INCLUSION, MATERIAL, MATERIALS, PARTS, PORE, FanBeam, ParallelBeam,  # noqa: E402
-                            SimConfig, StlPart, build, make_am_phantom, mu_per_mm, read_stl, tube_spectrum)
+                            SimConfig, StlPart, build, make_am_phantom, mu_per_mm, read_stl, simulate,
+                            tube_spectrum)
 
 
 def scanner_for(views=60, dose=0.0, geometry="parallel", mono=None, voxel=0.1, **kw):
@@ -251,17 +252,30 @@ def test_cli_errors_are_one_line_and_leave_no_outputs(run_cli, tmp_path, args, m
     out = tmp_path / "sim"
     code, _, err = run_cli("simulate", out, "--shape", 2, 32, 32, "--no-progress", *args)
     assert code == 2 and err.startswith("xctrt: error:") and message in err and len(err.strip().splitlines()) == 1
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()
+
+
+def test_a_run_that_fails_midway_leaves_no_folder(tmp_path, monkeypatch):
+    import xctrt.simulate as sim
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sim, "grey_map", broken)   # fails on the first image page, after labels.tif
+    out = tmp_path / "new" / "sim"
+    with pytest.raises(OSError, match="No space"):
+        simulate(out, SimConfig(shape=(2, 32, 32), views=8), workers=1, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_stl_that_does_not_fit_is_refused(run_cli, tmp_path):
     p = _box_stl(tmp_path / "big.stl", size=(5.0, 5.0, 1.0))
     code, _, err = run_cli("simulate", tmp_path / "o", "--shape", 2, 32, 32, "--stl", p, "--no-progress")
     assert code == 2 and "does not fit the field of view" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_output_does_not_depend_on_the_number_of_workers(tmp_path):
-    from xctrt.simulate import simulate
     cfg = SimConfig(shape=(5, 48, 48), views=24, voxel_size=0.05, pores_per_mm3=50, pore_size=0.2, seed=9)
     simulate(tmp_path / "one", cfg, workers=1, progress=False, slab=2)
     simulate(tmp_path / "two", cfg, workers=2, progress=False, slab=3)

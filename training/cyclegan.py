@@ -499,7 +499,7 @@ def defect_visibility(images: dict[str, np.ndarray], labels: np.ndarray, k: floa
 def translate(ckpt_path, sim_dir, out_dir, device: str = "auto", batch: int = 4, amp: str = "auto",
               k: float = 2.0, shell: int = 2, log=print) -> dict:
     """Write OUT_DIR/image.tif (translated), labels.tif (byte copy) and translate.json, atomically."""
-    from xctrt.io import StagedOutputs, check_output_dir, open_volume, write_json, write_volume_tiff
+    from xctrt.io import StagedOutputs, open_volume, write_json, write_volume_tiff
 
     t0 = time.time()
     sim_dir, out_dir = Path(sim_dir), Path(out_dir)
@@ -512,7 +512,6 @@ def translate(ckpt_path, sim_dir, out_dir, device: str = "auto", batch: int = 4,
     gen = load_generator(ckpt, "G_AB", dev)
     lo_b, hi_b = ckpt["real_window"]
     out_dtype = np.dtype(ckpt.get("real_dtype", "uint8"))
-    check_output_dir(out_dir)
     src = open_volume(image_path(sim_dir))
     try:
         lo_a, hi_a = source_window(src)
@@ -529,7 +528,7 @@ def translate(ckpt_path, sim_dir, out_dir, device: str = "auto", batch: int = 4,
                 trans[z0:z0 + len(g)] = g
                 yield from g
 
-        with StagedOutputs(out_dir, order=["labels.tif", "image.tif", "translate.json"]) as staged:
+        with StagedOutputs(out_dir, order=["labels.tif", "image.tif", "translate.json"], create=True) as staged:
             write_volume_tiff(staged.path("image.tif"), pages(), src.shape, out_dtype, src.voxel_size)
             shutil.copyfile(labels_src, staged.path("labels.tif"))
             import tifffile

@@ -277,12 +277,17 @@ def open_volume(path: str | os.PathLike) -> VolumeSource:
 class StagedOutputs:
     """Files written under hidden temporary names in one folder and renamed into place together,
     in the order given, only by commit(); discard() (or leaving the block with an error) removes
-    them, so a failed run never leaves a file that looks complete."""
+    them, so a failed run never leaves a file that looks complete.
 
-    def __init__(self, out_dir: Path, order: Iterable[str] = ()):
+    create=True makes the folder first and proves it writable (check_output_dir), before any work;
+    discard() then also removes the folders it made, if still empty, so a failed run leaves no
+    empty output folder behind either."""
+
+    def __init__(self, out_dir: Path, order: Iterable[str] = (), create: bool = False):
         self.out_dir = Path(out_dir)
         self.order = list(order)
         self.tmp: dict[str, Path] = {}
+        self.made = check_output_dir(self.out_dir) if create else []
 
     def path(self, name: str) -> Path:
         p = self.out_dir / f".{name}.{os.getpid()}.partial"
@@ -295,12 +300,15 @@ class StagedOutputs:
         for name in names:
             os.replace(self.tmp.pop(name), self.out_dir / name)
             done[name] = self.out_dir / name
+        self.made = []   # the folders now hold results: they stay
         return done
 
     def discard(self) -> None:
         for p in self.tmp.values():
             p.unlink(missing_ok=True)
         self.tmp.clear()
+        _remove_empty(self.made)
+        self.made = []
 
     def __enter__(self):
         return self
@@ -346,13 +354,30 @@ def write_volume_tiff(target: Path, pages: Iterable[np.ndarray], shape: tuple[in
                  photometric="minisblack", metadata=ome_metadata(voxel_size), **extra)
 
 
-def check_output_dir(out_dir: Path) -> Path:
-    """Create the output folder and prove it is writable before any work is done."""
+def check_output_dir(out_dir: Path) -> list[Path]:
+    """Create the output folder and prove it is writable before any work is done; return the
+    folders this made (the folder and any missing parents, innermost first)."""
     out_dir = Path(out_dir)
+    made = []
+    p = out_dir.absolute()
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".xctrt-write-check."):
             pass
     except OSError as exc:
+        _remove_empty(made)
         raise XctrtError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from exc
-    return out_dir
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove these folders, innermost first, while they are empty (something else may have put a
+    file there since: then it and the folders above it stay)."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return

@@ -23,7 +23,7 @@ from . import __version__, _core
 from .backends import make_engine
 from .defects import DefectCounter, summarise, table_to_csv
 from .errors import XctrtError
-from .io import ArraySource, StagedOutputs, VolumeSource, check_output_dir, open_volume, write_json, write_volume_tiff
+from .io import ArraySource, StagedOutputs, VolumeSource, open_volume, write_json, write_volume_tiff
 from .model import ModelPackage, load_package
 from .preview import write_preview
 
@@ -79,11 +79,13 @@ def _voxel_size(source, given) -> tuple[tuple[float, float, float], str]:
         vs, vs_from = source.voxel_size, "file metadata"
     else:
         vs, vs_from = (1.0, 1.0, 1.0), "unknown (sizes in voxels)"
-    if any(not (v > 0 and np.isfinite(v)) for v in vs):
-        raise XctrtError(f"voxel size must be positive, got {vs}")
-    if max(vs) > 1000 * min(vs):  # the defect table's limit (cpp/crofton.hpp)
-        raise XctrtError(f"voxel size {vs} ({vs_from}): its sides differ by more than a factor 1000; "
-                         "give the right one with --voxel-size")
+    if len(vs) != 3:
+        raise XctrtError(f"voxel size must be three numbers (dz, dy, dx) in mm, got {vs}")
+    try:
+        _core.check_voxel_size(vs)   # the defect table's limits (cpp/crofton.hpp)
+    except ValueError as exc:
+        raise XctrtError(f"voxel size {vs} ({vs_from}) is not one the defect table takes: {exc}; "
+                         "give the right one with --voxel-size") from None
     return vs, vs_from
 
 
@@ -214,9 +216,9 @@ class Segmenter:
                   volume if isinstance(volume, VolumeSource) else open_volume(volume))
         staged = None
         try:
-            vs = _voxel_size(source, voxel_size)  # before the output folder exists: no empty folder
-            out = check_output_dir(Path(out_dir)) if out_dir is not None else None
-            staged = StagedOutputs(out, OUTPUTS) if out is not None else None
+            vs = _voxel_size(source, voxel_size)  # cheap: checked before the output folder is made
+            out = Path(out_dir) if out_dir is not None else None
+            staged = StagedOutputs(out, OUTPUTS, create=True) if out is not None else None
             return self._segment(source, out, staged, vs, on_slab,
                                  keep_labels if keep_labels is not None else out is None)
         except BaseException:

@@ -775,10 +775,9 @@ def _cpu_count() -> int:
 
 def simulate(out_dir, cfg: SimConfig, workers: int = 0, progress: bool = True, slab: int = 8) -> dict:
     """Write OUT_DIR/image.tif, labels.tif and simulate.json (atomically); return the summary."""
-    from .io import StagedOutputs, check_output_dir, write_volume_tiff
+    from .io import StagedOutputs, write_volume_tiff
     t0 = time.perf_counter()
-    out_dir = check_output_dir(Path(out_dir))
-    phantom, scanner = build(cfg)
+    phantom, scanner = build(cfg)   # checks the configuration before the output folder is made
     Z = phantom.shape[0]
     vs = (cfg.voxel_size,) * 3
     mu_ref = scanner.mu_at()["material"]
@@ -816,7 +815,7 @@ def simulate(out_dir, cfg: SimConfig, workers: int = 0, progress: bool = True, s
                            dynamic_ncols=True):
             yield rec if cfg.dtype == "float32" else grey_map(rec, mu_ref)
 
-    with StagedOutputs(out_dir, order=["labels.tif", "image.tif", "simulate.json"]) as staged:
+    with StagedOutputs(out_dir, order=["labels.tif", "image.tif", "simulate.json"], create=True) as staged:
         t_lab = time.perf_counter()
         write_volume_tiff(staged.path("labels.tif"), label_pages(True), phantom.shape, np.uint8, vs, "zlib")
         t_img = time.perf_counter()

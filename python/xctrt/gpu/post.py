@@ -346,10 +346,7 @@ class ComponentLabeller:
         if connectivity not in (6, 18, 26):
             raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
         vs = tuple(float(v) for v in voxel_size)
-        if len(vs) != 3 or not all(v > 0 and np.isfinite(v) for v in vs):
-            raise ValueError("voxel_size entries must be positive and finite")
-        if max(vs) > 1000 * min(vs):  # as _core (cpp/crofton.hpp, kMaxAnisotropy)
-            raise ValueError("voxel_size entries must be within a factor 1000 of each other")
+        _core.check_voxel_size(vs)   # the table's limits, checked before any work
         self._lut = np.zeros(256, bool)
         for c in classes:
             if not 0 <= int(c) <= 255:

@@ -4,7 +4,7 @@
     python benchmarks/gpu_post_check.py --out DIR --xp numpy --z 16 --y 128 --x 128   # CPU dry run
 
 1. Small checks: fresh random inputs at a few sizes, every function on the device vs _core on
-   the host, exact (grey_mean of float32 images up to rounding). Each check prints PASS/FAIL;
+   the host, exact (grey_mean of float32 images up to the rounding of its float64 sum). Each check prints PASS/FAIL;
    exceptions are caught and reported per check.
 2. Full size: a 3-class probability volume (material cylinder; pores and inclusions as random
    ellipsoids of radius 1-8; smooth fields plus hash noise) and a uint16 grey volume, generated
@@ -70,7 +70,10 @@ def same_table(got, ref, float_image=False):
         if got[k].dtype != ref[k].dtype or got[k].shape != ref[k].shape:
             bad.append(f"{k}: {got[k].dtype}{got[k].shape} vs {ref[k].dtype}{ref[k].shape}")
         elif float_image and k == "grey_mean":
-            if not np.allclose(got[k], ref[k], rtol=1e-12, atol=0):
+            # float64 sums of float32 grey values, in another order on the GPU (atomic adds): within
+            # the rounding bound of n additions of positive values (the checks' images are positive)
+            bound = np.abs(ref[k]) * ref["voxels"] * np.finfo(np.float64).eps
+            if not np.all(np.abs(got[k] - ref[k]) <= bound):
                 bad.append(k)
         elif not np.array_equal(got[k], ref[k], equal_nan=ref[k].dtype.kind == "f"):  # NaN: no surface
             bad.append(k)

@@ -331,6 +331,18 @@ def test_errors():
             post.ComponentLabeller((3, 4, 5), **kw)
 
 
+def test_slabs_of_2_31_voxels_are_refused():
+    # CuPy's labelling and scatter kernels index with 32-bit ints: refused on the host too, so the
+    # limit shows in tests; broadcast views, so nothing that size is allocated
+    shape = (2, 32768, 32768)
+    lab = np.broadcast_to(np.zeros((1, 1, 1), np.uint8), shape)
+    img = np.broadcast_to(np.zeros((1, 1, 1), np.uint16), shape)
+    with pytest.raises(ValueError, match="2\\*\\*31 voxels or more: send thinner slabs"):
+        post.ComponentLabeller(shape).add_slab(lab, img)
+    with pytest.raises(ValueError, match="below 2\\*\\*31 voxels"):
+        post.label_volume(lab)
+
+
 def test_component_table_binding_checks():
     cols = [np.zeros(2, np.int64)] * 4 + [np.zeros((2, 13), np.int64)] + [np.zeros(2)] * 3 + \
         [np.zeros(2, np.int32)] * 6 + [np.zeros(2, np.uint8), np.zeros(3, bool), np.zeros(2)]

@@ -464,7 +464,7 @@ def _as_int16(a: np.ndarray) -> np.ndarray:
 
 
 def _to_xp(xp, t):
-    if isinstance(t, np.ndarray):
+    if isinstance(t, (np.ndarray, xp.ndarray)):   # already an array of xp (or of the host)
         return t
     return xp.from_dlpack(t) if xp is not np else t.numpy()
 

@@ -30,7 +30,8 @@ slab on CT parts), bytes moved on the device:
 So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~60-90 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
 synchronisations (one flatnonzero per slab, a few per union-find round) dominate, hence slabs
-of 32-128 planes. aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
+of 32-128 planes (below 2**31 voxels each: CuPy's labelling and scatter kernels index with 32-bit
+ints). aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
 finish() copies the outside air's runs and the defect runs to the host for the surface-distance
 search (C++ kd-tree on all cores, one search per defect run; slower per run for a pore near the
 centre of a round part, where most of the surface is almost equally far).
@@ -409,6 +410,8 @@ class ComponentLabeller:
         if nz == 0:
             return
         plane = Y * X
+        if nz * plane > _I32_MAX:   # CuPy's labelling and scatter kernels index with 32-bit ints
+            raise ValueError(f"a slab of {nz} planes of {Y}x{X} has 2**31 voxels or more: send thinner slabs")
         lab = xp.ascontiguousarray(labels).reshape(-1)
         z0 = self._z
         last = z0 + nz == Z
@@ -474,7 +477,7 @@ class ComponentLabeller:
                     if dz:
                         ok = _in_bounds(p_y, p_x, dy, dx, Y, X)
                         c = ~ok | (lab[xp.where(ok, p_idx + (dy * X + dx), p_idx)] != p_L)
-                        p_st[_CROSSING_COLS[k]] += _count(p_local[c], p_st["n"])
+                        p_st[_CROSSING_COLS[k]] += _count(p_local, p_st["n"], c.astype(np.float64))
 
         # Crossings (cpp/crofton.hpp): the neighbour one step along -v or +v is outside the
         # volume or has another label value. +v with dz = 1 from the slab's last plane reaches
@@ -509,16 +512,18 @@ class ComponentLabeller:
             scatter_max(st[name], pid, v)
         st["cls"] = L[roots]
         edge = (zg == 0) | (zg == Z - 1) | (y == 0) | (y == Y - 1) | (x == 0) | (x == X - 1)
-        st["edge"] = _count(pid[edge], nloc) > 0
+        st["edge"] = _count(pid, nloc, edge.astype(np.float64)) > 0
         if image is not None:
-            g = xp.asarray(image).reshape(-1)[idx].astype(np.float64)
-            st["gsum"] = segment_sum(pid, nloc, g)
+            # Min/max in float32: every image dtype taken (_SLICE_DTYPES) is exact in it, and CuPy's
+            # float64 atomic min/max round through float32. The sums are float64.
+            g = xp.asarray(image).reshape(-1)[idx].astype(np.float32)
+            st["gsum"] = segment_sum(pid, nloc, g.astype(np.float64))
             # The C++ min/max skip NaN (a comparison with NaN is false).
             nan = xp.isnan(g)
-            st["gmin"] = xp.full(nloc, np.inf)
-            scatter_min(st["gmin"], pid, xp.where(nan, np.inf, g))
-            st["gmax"] = xp.full(nloc, -np.inf)
-            scatter_max(st["gmax"], pid, xp.where(nan, -np.inf, g))
+            st["gmin"] = xp.full(nloc, np.inf, np.float32)
+            scatter_min(st["gmin"], pid, xp.where(nan, np.float32(np.inf), g))
+            st["gmax"] = xp.full(nloc, -np.inf, np.float32)
+            scatter_max(st["gmax"], pid, xp.where(nan, np.float32(-np.inf), g))
         self._slabs.append(st)
         if self._surface:
             # Exposed sides per voxel (bits as _core.distance_to_surface); +z of the slab's last
@@ -639,13 +644,14 @@ class ComponentLabeller:
         m["edge"] = _count(comp, nc, cols["edge"].astype(np.float64)) > 0
         if "gsum" in cols:
             m["gsum"] = segment_sum(comp, nc, cols["gsum"])
-            m["gmin"] = xp.full(nc, np.inf)
+            m["gmin"] = xp.full(nc, np.inf, np.float32)
             scatter_min(m["gmin"], comp, cols["gmin"])
-            m["gmax"] = xp.full(nc, -np.inf)
+            m["gmax"] = xp.full(nc, -np.inf, np.float32)
             scatter_max(m["gmax"], comp, cols["gmax"])
         keep = m["voxels"] >= min_voxels
         new_id = xp.where(keep, xp.cumsum(keep, dtype=np.int32), 0).astype(np.int32)
-        return {k: v[keep] for k, v in m.items()}, new_id[comp]
+        kept = xp.flatnonzero(keep)   # one host sync, not one per column
+        return {k: v[kept] for k, v in m.items()}, new_id[comp]
 
     def finish(self, min_voxels: int = 0) -> dict:
         """The table (dict of NumPy columns), identical to _core.ComponentLabeller.finish."""
@@ -670,6 +676,8 @@ def label_volume(labels, classes=(2, 3), connectivity=26):
     """int32 component ids per voxel (0 = background), identical to _core.label_volume."""
     if labels.ndim != 3:
         raise ValueError("labels must be a 3-D (Z, Y, X) array")
+    if labels.size > _I32_MAX:   # one scatter over the whole volume: CuPy's kernels index with 32-bit ints
+        raise ValueError("label_volume holds the whole volume: below 2**31 voxels only")
     xp = array_module(labels)
     lb = ComponentLabeller(labels.shape, classes, connectivity)
     lb._keep = []

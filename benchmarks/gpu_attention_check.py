@@ -80,7 +80,9 @@ def _cfg(bm, bn, nw, ns, maxnreg=None):
 # key tiles of 64 / 128 / 256 slots hold 4 / 8 / 16 padded 16-slot rows of a 14x14 window. All compile
 # for sm_90 without spills (checked here with Triton 3.8's ahead-of-time compiler), but for the global
 # default capped at 168 registers (8 bytes of stack): the default takes 170, so two 4-warp programs fit
-# an SM where the 138-register kernel of the H200 run fitted three; the cap tries three again.
+# an SM where the 138-register kernel of the H200 run fitted three; the cap tries three again. Triton
+# 3.6, the lent machines' version, compiles the default to 168 registers without a cap (2026-11-27),
+# so there the capped and uncapped launches should time alike.
 FULL_SWEEP = {
     "global": [_cfg(64, 64, 4, 3, 168), _cfg(64, 64, 4, 2, 168), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2),
                _cfg(64, 128, 8, 2), _cfg(128, 128, 8, 2)],

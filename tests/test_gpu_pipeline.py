@@ -250,6 +250,17 @@ def test_host_arrays_tile_mode_package_matches_cpu_pipeline(batch):
     assert cpu.summary["result"] == arr.summary["result"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnx2torch") is None, reason="torch backend needs onnx2torch")
+def test_host_arrays_keeps_the_model_on_the_host_where_cuda_is_visible(monkeypatch):
+    """On a GPU machine the torch backend picks CUDA by itself; the host-arrays path (arrays on the host)
+    must keep the model there too, or it feeds host tensors to CUDA weights."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seg = Segmenter("untrained-tiny", progress=False, device="host-arrays")
+    assert seg.engine.device == "cpu"
+    assert all(p.device.type == "cpu" for m in seg.engine.modules for p in m.parameters())
+
+
 def test_build_random_class_net_is_seeded():
     torch.manual_seed(123)
     before = torch.rand(4)

@@ -80,7 +80,8 @@ class TorchEngine(Engine):
 
     name = "torch"
 
-    def __init__(self, package: ModelPackage, threads: int = 0, precision: str = "fp32"):
+    def __init__(self, package: ModelPackage, threads: int = 0, precision: str = "fp32", device: str | None = None):
+        """device: "cuda" or "cpu"; None = CUDA when torch sees a GPU."""
         try:
             import onnx
             import torch
@@ -90,7 +91,7 @@ class TorchEngine(Engine):
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # Shape inference with data propagation first: onnx2torch sizes LayerNormalization from the graph's
         # value_info, and a TinyViT (LiteMedSAM) graph reshapes with computed shapes that plain inference
         # leaves unknown (it would build LayerNorm(normalized_shape=[0])).
@@ -251,7 +252,9 @@ def available_backends() -> list[str]:
     return names
 
 
-def make_engine(package: ModelPackage, backend: str = "auto", threads: int = 0, precision: str = "fp32") -> Engine:
+def make_engine(package: ModelPackage, backend: str = "auto", threads: int = 0, precision: str = "fp32",
+                torch_device: str | None = None) -> Engine:
+    """torch_device: where the torch backend runs ("cuda", "cpu"; None = CUDA when torch sees a GPU)."""
     if backend not in BACKENDS:
         raise XctrtError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
@@ -267,6 +270,6 @@ def make_engine(package: ModelPackage, backend: str = "auto", threads: int = 0, 
                 pass
         backend = "onnxruntime"
     if backend == "torch":
-        return TorchEngine(package, threads, precision)
+        return TorchEngine(package, threads, precision, torch_device)
     cls = {"onnxruntime": OnnxRuntimeEngine, "tensorrt": TensorRTEngine}[backend]
     return cls(package, threads)

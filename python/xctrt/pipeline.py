@@ -124,7 +124,8 @@ class Segmenter:
         if threads:
             _core.set_num_threads(threads)
         self.engine = engine if engine is not None else make_engine(
-            self.package, "torch" if device != "cpu" else backend, threads, precision)
+            self.package, "torch" if device != "cpu" else backend, threads, precision,
+            torch_device="cpu" if device == "host-arrays" else None)   # host arrays: the model on the host too
         if device != "cpu" and getattr(self.engine, "torch_model", None) is None:
             raise XctrtError(f"engine {self.engine.name} cannot run on the GPU path (no torch model)")
         self.batch_size, self.threads, self.slab = batch_size, threads, slab

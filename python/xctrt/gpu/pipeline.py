@@ -42,6 +42,11 @@ def kept_graphs(model, key, stage, capture):
         cached = {}
     entry = cached.get(key)
     if entry is not None and (entry["user"] is None or entry["user"]() is None):
+        if entry["user"] is not None and getattr(stage, "cuda", False):
+            # its holder died without finish(): replays of it may still be queued on that stage's stream,
+            # reading the graphs' static inputs this stage is about to overwrite
+            import torch
+            torch.cuda.synchronize()
         entry["user"] = weakref.ref(stage)
         return entry, entry["steps"]
     steps = capture()
@@ -190,7 +195,9 @@ class GpuStage:
                 try:
                     self._steps = self._capture()
                 except Exception as exc:   # e.g. a converted graph that syncs with the host: run it eagerly
-                    self.graph_error = f"{type(exc).__name__}: {exc}"[:300]
+                    # a failure inside torch.cuda.graph surfaces as capture_end's error: report the cause
+                    cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+                    self.graph_error = f"{type(cause).__name__}: {cause}"[:300]
                     torch.cuda.synchronize()
                 # warm-up runs (first kernel compiles, a compiled model's compile) and the capture: start-up
                 # time inside the run's total, reported apart from the per-slab stages

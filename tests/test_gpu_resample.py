@@ -213,7 +213,14 @@ def test_triton_gpu_stage_self_check_turns_off_wrong_or_failing_kernels(monkeypa
     real_tiles = resample.extract_tiles
     monkeypatch.setattr(resample, "extract_tiles", lambda *a, **k: real_tiles(*a, **k) * 0.5)
     stage = _stage((4, 37, 53), True, monkeypatch, **TILE_MODE)
-    assert not stage.fused and "fused preprocessing differs" in stage.fused_error
+    assert not stage.fused and "fused preprocessing (uint16) differs" in stage.fused_error
+
+    # every grey dtype a volume may have compiles its own preprocessing kernel: each is checked
+    real_window = resample.window_resize
+    monkeypatch.setattr(resample, "window_resize", lambda t, *a, **k: real_window(t, *a, **k) * (
+        0.5 if t.dtype == torch.uint8 else 1.0))
+    stage = _stage((4, 37, 53), True, monkeypatch)
+    assert not stage.fused and "fused preprocessing (uint8) differs" in stage.fused_error
 
     def broken(*args, **kw):
         raise RuntimeError("no such PTX instruction")

@@ -204,24 +204,28 @@ class GpuStage:
                 self.capture_s = time.perf_counter() - t0
 
     def _check_fused(self) -> str | None:
-        """The mode's two fused kernels once on a small random slab against the step-by-step functions
+        """The mode's two fused kernels once on small random slabs against the step-by-step functions
         (post.py), bit for bit: None if they agree, else what went wrong (a Triton that cannot compile
-        them, a difference)."""
+        them, a difference). The preprocessing for each grey dtype a volume may have (each compiles its
+        own kernel)."""
         torch, xp = self.torch, self.xp
         rng = np.random.default_rng(0)
         shape = (2, self.size + self.size // 2 + 3, self.size + 5) if self.tiled else (2, 37, 53)   # 2x2 tiles
-        raw = rng.integers(0, 65535, shape, endpoint=True).astype(np.uint16)
+        sources = [(rng.integers(0, 65535, shape, endpoint=True).astype(np.uint16), 300.0, 52000.0),
+                   (rng.integers(0, 255, shape, endpoint=True).astype(np.uint8), 10.0, 200.0),
+                   ((rng.standard_normal(shape) * 3).astype(np.float32), -2.0, 2.5)]
         n, h, w = shape
         try:
-            src, img = torch.from_numpy(_as_int16(raw)).to(self.device), xp.asarray(raw)
-            x = self._preprocess(src, img, 300.0, 52000.0, fused=True)
-            want_x = self._preprocess(src, img, 300.0, 52000.0, fused=False)
+            for raw, lo, hi in sources:
+                src, img = torch.from_numpy(_as_int16(raw)).to(self.device), xp.asarray(raw)
+                x = self._preprocess(src, img, lo, hi, fused=True)
+                want_x = self._preprocess(src, img, lo, hi, fused=False)
+                if not np.array_equal(post.to_host(_to_xp(xp, x))[:, 0], post.to_host(want_x), equal_nan=True):
+                    return f"the fused preprocessing ({raw.dtype}) differs from the step-by-step functions (post.py)"
             probs = torch.cat([x * (c + 1) % 1 for c in range(len(self.ids))], 1)   # K channels in [0, 1)
             labels = torch.empty(shape, dtype=torch.uint8, device=self.device)
             self._aggregate_fused(probs, labels)
             want = self._aggregate_steps(_to_xp(xp, probs).copy(), n, h, w)
-            if not np.array_equal(post.to_host(_to_xp(xp, x))[:, 0], post.to_host(want_x), equal_nan=True):
-                return "the fused preprocessing differs from the step-by-step functions (post.py)"
             if not np.array_equal(post.to_host(_to_xp(xp, labels)), post.to_host(want)):
                 return "the fused aggregation differs from the step-by-step functions (post.py)"
         except Exception as exc:   # noqa: BLE001 - any failure: run the step-by-step functions instead

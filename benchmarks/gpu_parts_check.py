@@ -8,7 +8,9 @@ Variants: segment-anything as it is ("none", same weights dtype), every part of 
 ("all"), and every part but one, for each of FAST_PARTS. On CUDA each variant's encoder and decoders are
 replayed as CUDA graphs, as the runtime does, and timed by CUDA events (median of --reps); max |Δ| of
 its probabilities against "none". Then the top kernels of the decoders with every part (the bench's
---profile lists the encoder's). A variant that fails is reported and the others go on.
+--profile lists the encoder's), and the encoder with every part at other batch sizes (--sweep): time per
+image, TFLOP/s and peak torch memory, for the choice of the default batch. A variant that fails is
+reported and the others go on.
 Writes DIR/gpu_parts.json and prints a table last.
 """
 from __future__ import annotations
@@ -32,12 +34,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--sweep", type=int, nargs="*", default=[4, 16],
+                    help="other batch sizes to time the encoder with every part at (default: 4 16)")
     args = ap.parse_args(argv)
 
     import torch
 
     from xctrt.gpu.bench import CLASSES, profile_call, time_cuda
-    from xctrt.gpu.sam import FAST_PARTS, GraphedStep, accelerate, build_random_class_net
+    from xctrt.gpu.sam import FAST_PARTS, GraphedStep, accelerate, build_random_class_net, encoder_flops
 
     cuda = args.device == "cuda"
     backbone, dtype = ("vit_b", torch.bfloat16) if cuda else ("tiny", torch.float32)
@@ -84,14 +88,34 @@ def main(argv=None) -> int:
         rows[name] = row
         print(f"{name}: {row}", flush=True)
 
-    decoder_profile = []
+    decoder_profile, sweep = [], {}
     if fast_all is not None:
         with torch.inference_mode():
             emb = fast_all.encode(x)
         decoder_profile = profile_call(torch, lambda: fast_all.decode(emb, size), cuda, top=15)
+        flops = encoder_flops(fast_all.models[0])
+        for b in sorted({args.batch, *args.sweep}):
+            try:
+                xb = x[:1].repeat(b, 1, 1, 1)
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                with torch.inference_mode():
+                    if cuda:
+                        enc = GraphedStep(lambda t: tuple(fast_all.encode(t)), xb)
+                        dt = timed(lambda: enc(xb))
+                        del enc
+                    else:
+                        dt = timed(lambda: fast_all.encode(xb))
+                sweep[b] = {"encoder_ms_per_image": 1000 * dt / b, "encoder_tflops": flops * b / dt / 1e12,
+                            "torch_peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
+            except Exception as exc:   # e.g. out of memory at a large batch: the others still count
+                traceback.print_exc(limit=4)
+                sweep[b] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(f"encoder, every part, batch {b}: {sweep[b]}", flush=True)
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "backbone": backbone, "batch": args.batch, "dtype": str(dtype).replace("torch.", ""),
-              "variants": rows, "decoder_profile_all_parts": decoder_profile}
+              "variants": rows, "decoder_profile_all_parts": decoder_profile, "encoder_batch_sweep": sweep}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_parts.json").write_text(json.dumps(result, indent=1))
 
@@ -109,7 +133,12 @@ def main(argv=None) -> int:
         print(f"| {name} | {r['encoder_ms']:.2f} | {r['decoder_ms']:.2f} | {rel} | {diff} |")
     for p in decoder_profile[:8]:
         print(f"    decoder {p['ms']:8.3f} ms {p['calls']:4d}x  {p['name'][:90]}")
-    return 0 if all("error" not in r for r in rows.values()) else 1
+    print("\n| batch | encoder ms per image | TFLOP/s | torch peak GiB |\n|---|---|---|---|")
+    for b, r in sweep.items():
+        print(f"| {b} | failed: {r['error']} | | |" if "error" in r else
+              f"| {b} | {r['encoder_ms_per_image']:.2f} | {r['encoder_tflops']:.1f} | "
+              + ("–" if r["torch_peak_gib"] is None else f"{r['torch_peak_gib']:.2f}") + " |")
+    return 0 if all("error" not in r for r in (*rows.values(), *sweep.values())) else 1
 
 
 if __name__ == "__main__":

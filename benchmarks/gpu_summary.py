@@ -119,6 +119,12 @@ def main(out: Path) -> str:
                 cells.append(f"{name} {r['encoder_ms']:.2f} / {r['decoder_ms']:.2f}")
         lines.append(f"fast-forward parts ({parts['device']}, {parts['backbone']}, batch {parts['batch']}, ms per batch "
                      f"encoder / 3 decoder heads, CUDA graphs): " + "; ".join(cells))
+        sweep = [f"batch {b} failed ({r['error'][:80]})" if "error" in r else
+                 f"batch {b} {r['encoder_ms_per_image']:.2f} ms, {r['encoder_tflops']:.0f} TFLOP/s"
+                 + ("" if r["torch_peak_gib"] is None else f", {r['torch_peak_gib']:.1f} GiB")
+                 for b, r in parts.get("encoder_batch_sweep", {}).items()]
+        if sweep:
+            lines.append("encoder with every part, per image by batch: " + "; ".join(sweep))
     else:
         lines.append(_missing("parts"))
     pkg = _load(out, "gpu_package.json")

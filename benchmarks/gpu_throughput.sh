@@ -24,7 +24,8 @@
 #              and ours (bf16, fused attention, CUDA graphs, GPU pre/post-processing), stage by stage, and
 #              the encoder's top kernels (--profile)
 #   parts      benchmarks/gpu_parts_check.py: encoder and decoder time per batch with each part of the fast
-#              forward (attention, decoder attention, patch embedding, MLP epilogue, upscaling) left out in turn
+#              forward (attention, decoder attention, patch embedding, MLP epilogue, upscaling) left out in turn;
+#              then the encoder with every part at batch 4 and 16 too (time per image, peak memory)
 #   ours-compiled  the bench in shared mode with --compile-ours $OURS_COMPILE: our encoder through
 #              torch.compile as well (pointwise fusion around the fused attention, one operator), profiled
 #   post       benchmarks/gpu_post_check.py: CuPy window/resize/aggregate/components vs the C++ kernels

@@ -608,8 +608,12 @@ def test_gpu_parts_check_dry_run(tmp_path):
         assert r["encoder_ms"] > 0 and r["decoder_ms"] > 0, name
         assert r["max_abs_diff_vs_none"] < 1e-5, name   # float32 on the CPU: the same maths
     assert res["decoder_profile_all_parts"] and res["backbone"] == "tiny"
+    assert sorted(res["encoder_batch_sweep"], key=int) == ["2", "4", "16"]   # the run's batch and --sweep's
+    for b, r in res["encoder_batch_sweep"].items():
+        assert r["encoder_ms_per_image"] > 0 and r["encoder_tflops"] > 0, b
     md = _load_benchmark("gpu_summary").main(tmp_path)
     assert "fast-forward parts (cpu, tiny, batch 2," in md and "all but upscale" in md
+    assert "encoder with every part, per image by batch: batch 2 " in md
 
 
 # ---------------------------------------------------------------- 7. errors

@@ -215,6 +215,16 @@ def test_triton_gpu_stage_self_check_turns_off_wrong_or_failing_kernels(monkeypa
     stage = _stage((4, 37, 53), True, monkeypatch, **TILE_MODE)
     assert not stage.fused and "fused preprocessing (uint16) differs" in stage.fused_error
 
+    def miscounting(probs, out, *args, counts=None, **kw):
+        real(probs, out, *args, counts=counts, **kw)
+        if counts is not None:
+            counts[0] += 1
+
+    monkeypatch.setattr(resample, "resize_aggregate", miscounting)
+    stage = _stage((4, 37, 53), True, monkeypatch)
+    assert not stage.fused and "voxel counts differ" in stage.fused_error
+    monkeypatch.setattr(resample, "resize_aggregate", real)
+
     # every grey dtype a volume may have compiles its own preprocessing kernel: each is checked
     real_window = resample.window_resize
     monkeypatch.setattr(resample, "window_resize", lambda t, *a, **k: real_window(t, *a, **k) * (

@@ -224,10 +224,13 @@ class GpuStage:
                     return f"the fused preprocessing ({raw.dtype}) differs from the step-by-step functions (post.py)"
             probs = torch.cat([x * (c + 1) % 1 for c in range(len(self.ids))], 1)   # K channels in [0, 1)
             labels = torch.empty(shape, dtype=torch.uint8, device=self.device)
-            self._aggregate_fused(probs, labels)
-            want = self._aggregate_steps(_to_xp(xp, probs).copy(), n, h, w)
-            if not np.array_equal(post.to_host(_to_xp(xp, labels)), post.to_host(want)):
+            counts = torch.zeros(256, dtype=torch.int64, device=self.device)
+            self._aggregate_fused(probs, labels, counts)
+            want = post.to_host(self._aggregate_steps(_to_xp(xp, probs).copy(), n, h, w))
+            if not np.array_equal(post.to_host(_to_xp(xp, labels)), want):
                 return "the fused aggregation differs from the step-by-step functions (post.py)"
+            if not np.array_equal(counts.cpu().numpy(), np.bincount(want.ravel(), minlength=256)):
+                return "the fused aggregation's voxel counts differ from its labels"
         except Exception as exc:   # noqa: BLE001 - any failure: run the step-by-step functions instead
             return f"{type(exc).__name__}: {exc}"[:300]
         return None

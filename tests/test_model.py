@@ -104,6 +104,25 @@ def test_write_package_folder_round_trip(tmp_path, base):
     assert "trained" in pkg.describe() and "UNTRAINED" not in pkg.describe()
 
 
+def test_describe_lays_out_the_metrics_readably(tmp_path, base):
+    manifest, files = base
+    metrics = {"val_iou": {"material": 0.97061, "pore": 0.6972},
+               "test_iou": {"test1": {"slices": 10, "iou_pore": 0.108, "truth_voxels": {"pore": 1104}},
+                            "test5": {"slices": 10, "iou_inclusion": None}},
+               "note": "word " * 40}
+    text = load_package(_write(tmp_path, dict(manifest, metrics=metrics), files)).describe()
+    lines = text.splitlines()
+    at = lines.index("metrics")
+    assert lines[at + 1:at + 5] == [
+        "  val_iou    material 0.9706, pore 0.6972",   # plain values on one line, 4 significant digits
+        "  test_iou",                                   # a mapping of mappings: one line per entry
+        "    test1      slices 10, iou_pore 0.108, truth_voxels (pore 1104)",
+        "    test5      slices 10, iou_inclusion -"]      # None: no value
+    note = [ln for ln in lines[at + 5:] if ln.startswith("  note") or ln.startswith("             word")]
+    assert len(note) >= 2 and all(len(ln) <= 100 for ln in note)   # long text wrapped under its key
+    assert '{"' not in text.split("metrics", 1)[1].split("versions")[0]   # no raw JSON
+
+
 def test_write_package_zip_round_trip(tmp_path, base, default_package):
     manifest, files = base
     out = write_package(tmp_path / "pkg.zip", manifest, files)

@@ -79,12 +79,50 @@ class ModelPackage:
             "graphs      " + ", ".join(f"{g.file} -> {list(g.outputs)} ({len(g.data) / 1e6:.2f} MB)"
                                         for g in self.graphs),
             f"training    {m.get('training_data', '-')}",
-            f"metrics     {json.dumps(m.get('metrics', {}))}",
-            f"versions    {json.dumps(m.get('versions', {}))}",
+            "metrics" + ("" if m.get("metrics") else "     -"),
+            *_tree_lines(m.get("metrics", {}), "  "),
+            "versions    " + _inline(m.get("versions", {})),
         ]
         if m.get("description"):
             lines.append(f"about       {m['description']}")
         return "\n".join(lines)
+
+
+def _inline(d: dict) -> str:
+    return ", ".join(f"{k} ({_inline(v)})" if isinstance(v, dict) else f"{k} {_scalar(v)}"
+                     for k, v in d.items()) or "-"
+
+
+def _scalar(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v):
+        return "[" + ", ".join(map(_scalar, v)) + "]"
+    return "-" if v is None else str(v)
+
+
+def _one_line(d: dict) -> bool:
+    """A mapping short enough to read on one line: plain values (or mappings of plain values), no long text."""
+    def plain(x):
+        return not isinstance(x, (dict, list)) and not (isinstance(x, str) and len(x) > 40)
+    return all(plain(v) or (isinstance(v, dict) and all(plain(x) for x in v.values())) for v in d.values())
+
+
+def _tree_lines(d: dict, indent: str, width: int = 100) -> list[str]:
+    """A manifest's free-form metrics as indented lines: short mappings on one line, others with their
+    entries below the key, long text wrapped."""
+    import textwrap
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and not _one_line(v):
+            out.append(f"{indent}{k}")
+            out += _tree_lines(v, indent + "  ", width)
+            continue
+        text = _inline(v) if isinstance(v, dict) else _scalar(v)
+        head = f"{indent}{k:<10} "
+        out += textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * len(head),
+                             break_on_hyphens=False) or [head]
+    return out
 
 
 def resolve_model_path(model: str | Path | None) -> Path:

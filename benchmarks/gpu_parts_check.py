@@ -93,6 +93,13 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             emb = fast_all.encode(x)
         decoder_profile = profile_call(torch, lambda: fast_all.decode(emb, size), cuda, top=15)
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "backbone": backbone, "batch": args.batch, "dtype": str(dtype).replace("torch.", ""),
+              "variants": rows, "decoder_profile_all_parts": decoder_profile, "encoder_batch_sweep": sweep}
+    args.out.mkdir(parents=True, exist_ok=True)
+    save = lambda: (args.out / "gpu_parts.json").write_text(json.dumps(result, indent=1))  # noqa: E731
+    save()   # the variants are kept should the sweep below run out of the step's time
+    if fast_all is not None:
         flops = encoder_flops(fast_all.models[0])
         for b in sorted({args.batch, *args.sweep}):
             try:
@@ -113,11 +120,7 @@ def main(argv=None) -> int:
                 traceback.print_exc(limit=4)
                 sweep[b] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(f"encoder, every part, batch {b}: {sweep[b]}", flush=True)
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "backbone": backbone, "batch": args.batch, "dtype": str(dtype).replace("torch.", ""),
-              "variants": rows, "decoder_profile_all_parts": decoder_profile, "encoder_batch_sweep": sweep}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_parts.json").write_text(json.dumps(result, indent=1))
+            save()
 
     base = rows.get("all", {})
     print(f"\n{backbone}, batch {args.batch}, {result['dtype']}, {result['device']}: ms per batch "

@@ -261,6 +261,15 @@ def test_host_arrays_keeps_the_model_on_the_host_where_cuda_is_visible(monkeypat
     assert all(p.device.type == "cpu" for m in seg.engine.modules for p in m.parameters())
 
 
+def test_gpu_path_refuses_slabs_its_kernels_cannot_index(nets, packages):
+    """CuPy's labelling and scatter kernels index with 32-bit ints: a slab of 2**31 voxels or more is one
+    clear error naming a --slab that fits, before any slab is read."""
+    seg = Segmenter(packages["shared"], engine=TorchModuleEngine(nets["shared"], device="cpu"), device="host-arrays",
+                    slab=8, progress=False)
+    with pytest.raises(XctrtError, match=r"reach 2\*\*31 voxels.*use --slab 7 or less"):
+        seg._compute_stage((100, 16384, 16384), (1.0, 1.0, 1.0), None)
+
+
 def test_build_random_class_net_is_seeded():
     torch.manual_seed(123)
     before = torch.rand(4)

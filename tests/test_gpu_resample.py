@@ -231,6 +231,9 @@ def test_triton_gpu_stage_self_check_turns_off_wrong_or_failing_kernels(monkeypa
         0.5 if t.dtype == torch.uint8 else 1.0))
     stage = _stage((4, 37, 53), True, monkeypatch)
     assert not stage.fused and "fused preprocessing (uint8) differs" in stage.fused_error
+    # a stage told its volume's grey dtype checks that one only: a uint16 scan keeps the fused kernels
+    assert _stage((4, 37, 53), True, monkeypatch, grey_dtype=np.uint16).fused
+    assert not _stage((4, 37, 53), True, monkeypatch, grey_dtype=np.uint8).fused
 
     def broken(*args, **kw):
         raise RuntimeError("no such PTX instruction")

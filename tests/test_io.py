@@ -331,6 +331,18 @@ def test_staged_outputs_commit_in_order_and_discard(tmp_path):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores permissions")
+def test_check_output_dir_below_a_folder_it_cannot_enter(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o600)   # no search permission: even asking whether a path below exists fails
+    try:
+        with pytest.raises(XctrtError, match="not writable"):
+            check_output_dir(locked / "a" / "b")
+    finally:
+        locked.chmod(0o700)
+
+
 def test_check_output_dir_creates_folders_and_rejects_files(tmp_path):
     out = tmp_path / "a" / "b"
     made = check_output_dir(out)
@@ -359,6 +371,12 @@ def test_staged_outputs_remove_the_folders_they_made_on_failure(tmp_path):
     (tmp_path / "kept" / "a" / "theirs.txt").write_text("x")
     st.discard()
     assert sorted(p.name for p in (tmp_path / "kept").rglob("*")) == ["a", "theirs.txt"]
+
+    # a path through ".." is made as `mkdir -p` makes it, and all of what it made goes again
+    st = StagedOutputs(tmp_path / "x" / ".." / "y" / "z", create=True)
+    assert (tmp_path / "x").is_dir() and (tmp_path / "y" / "z").is_dir()
+    st.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
 
     # committed outputs keep their folder, even if a later discard() is called
     with StagedOutputs(tmp_path / "ok", ["y.txt"], create=True) as st:

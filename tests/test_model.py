@@ -121,6 +121,11 @@ def test_describe_lays_out_the_metrics_readably(tmp_path, base):
     note = [ln for ln in lines[at + 5:] if ln.startswith("  note") or ln.startswith("             word")]
     assert len(note) >= 2 and all(len(ln) <= 100 for ln in note)   # long text wrapped under its key
     assert '{"' not in text.split("metrics", 1)[1].split("versions")[0]   # no raw JSON
+    # metrics and versions are free-form: what is not a mapping is shown as it is
+    for metrics, versions in [(None, None), ([{"iou": 0.5}], "torch 2"), ("see README", [1, 2])]:
+        text = load_package(_write(tmp_path, dict(manifest, metrics=metrics, versions=versions), files,
+                                   name=f"free{len(str(metrics))}")).describe()
+        assert ("metrics     -" if metrics is None else f"metrics     {json.dumps(metrics)}") in text
 
 
 def test_write_package_zip_round_trip(tmp_path, base, default_package):

@@ -359,18 +359,24 @@ def check_output_dir(out_dir: Path) -> list[Path]:
     folders this made (the folder and any missing parents, innermost first)."""
     out_dir = Path(out_dir)
     made = []
-    p = out_dir.absolute()
-    while not p.exists() and p != p.parent:
-        made.append(p)
-        p = p.parent
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        # one level at a time, as `mkdir -p` does, so what was made is known exactly ("a/../b" makes a
+        # and b; "a/.." and existing folders are not made here)
+        parts = out_dir.absolute().parts
+        for i in range(1, len(parts) + 1):
+            level = Path(*parts[:i])
+            try:
+                level.mkdir()
+                made.append(level)
+            except FileExistsError:
+                if not level.is_dir():
+                    raise
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".xctrt-write-check."):
             pass
     except OSError as exc:
-        _remove_empty(made)
+        _remove_empty(made[::-1])
         raise XctrtError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from exc
-    return made
+    return made[::-1]
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -79,13 +79,19 @@ class ModelPackage:
             "graphs      " + ", ".join(f"{g.file} -> {list(g.outputs)} ({len(g.data) / 1e6:.2f} MB)"
                                         for g in self.graphs),
             f"training    {m.get('training_data', '-')}",
-            "metrics" + ("" if m.get("metrics") else "     -"),
-            *_tree_lines(m.get("metrics", {}), "  "),
-            "versions    " + _inline(m.get("versions", {})),
+            *_metrics_lines(m.get("metrics")),
+            "versions    " + (_inline(m["versions"]) if isinstance(m.get("versions"), dict)
+                              else json.dumps(m.get("versions", "-"))),
         ]
         if m.get("description"):
             lines.append(f"about       {m['description']}")
         return "\n".join(lines)
+
+
+def _metrics_lines(metrics) -> list[str]:
+    if isinstance(metrics, dict) and metrics:
+        return ["metrics", *_tree_lines(metrics, "  ")]
+    return [f"metrics     {json.dumps(metrics) if metrics else '-'}"]   # free-form: shown as it is
 
 
 def _inline(d: dict) -> str:
@@ -96,8 +102,9 @@ def _inline(d: dict) -> str:
 def _scalar(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v):
-        return "[" + ", ".join(map(_scalar, v)) + "]"
+    if isinstance(v, list):
+        return ("[" + ", ".join(map(_scalar, v)) + "]" if all(not isinstance(x, (dict, list)) for x in v)
+                else json.dumps(v))
     return "-" if v is None else str(v)
 
 

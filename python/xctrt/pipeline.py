@@ -191,14 +191,18 @@ class Segmenter:
                     _core.aggregate(full, self._thresholds, self._ids, self._priority, pkg.aggregation, out[i])
         return out
 
-    def _compute_stage(self, shape, voxel_size, timer):
+    def _compute_stage(self, shape, voxel_size, timer, grey_dtype=None):
         if self.device != "cpu":
             from .gpu.pipeline import GpuStage
+            _, y, x = shape
+            if min(self.slab, shape[0]) * y * x >= 2 ** 31:   # CuPy's labelling and scatter kernels: 32-bit indices
+                raise XctrtError(f"slabs of {self.slab} slices of {y}x{x} reach 2**31 voxels, more than the GPU "
+                                 f"path's kernels index; use --slab {max(1, (2 ** 31 - 1) // (y * x))} or less")
             pkg = self.package
             return GpuStage(self.engine.torch_model, pkg.input_size, self._thresholds, self._ids, self._priority,
                             pkg.aggregation, shape, voxel_size, self.connectivity, batch_size=self.batch_size,
                             device="cuda" if self.device == "cuda" else "cpu", input_mode=pkg.input_mode,
-                            overlap=pkg.overlap, blend=pkg.blend, pad=pkg.pad)
+                            overlap=pkg.overlap, blend=pkg.blend, pad=pkg.pad, grey_dtype=grey_dtype)
         return _CpuStage(self, DefectCounter(shape, voxel_size, self.connectivity), timer)
 
     # -------------------------------------------------------------- driver
@@ -238,7 +242,7 @@ class Segmenter:
         unit = "vox" if vs_from.startswith("unknown") else "mm"
         with timer("read"):
             window = self.intensity_window(source)
-        stage = self._compute_stage(source.shape, vs, timer)
+        stage = self._compute_stage(source.shape, vs, timer, source.dtype)
         counter = stage.counter
         labels_all = np.empty(source.shape, np.uint8) if keep_labels else None
         planes = {"z": None, "y": ([], []), "x": ([], [])}

@@ -145,7 +145,9 @@ class GpuStage:
     def __init__(self, model, input_size: int, thresholds, label_ids, priority, aggregation: str,
                  shape, voxel_size, connectivity: int = 26, classes=(2, 3), batch_size: int = 8,
                  device: str = "cuda", graphs: bool = True, input_mode: str = "resize", overlap: int = 0,
-                 blend: str = "constant", pad: str = "edge"):
+                 blend: str = "constant", pad: str = "edge", grey_dtype=None):
+        """grey_dtype: the volume's grey values (uint8, uint16 or float32), whose fused preprocessing the
+        self-check compiles and checks; None: all three."""
         import torch
 
         self.torch = torch
@@ -170,7 +172,7 @@ class GpuStage:
         # extraction; resize or stitching + aggregation), after a self-check against the step-by-step
         # functions; fused_error says why they are not used
         self.fused = (self.cuda or self.FUSED_ON_CPU) and resample.triton is not None
-        self.fused_error = self._check_fused() if self.fused else None
+        self.fused_error = self._check_fused(grey_dtype) if self.fused else None
         self.fused = self.fused and self.fused_error is None
         self.class_voxels = torch.zeros(256, dtype=torch.int64, device=self.device) if self.fused else \
             self.xp.zeros(256, self.xp.int64)
@@ -195,15 +197,17 @@ class GpuStage:
                 try:
                     self._steps = self._capture()
                 except Exception as exc:   # e.g. a converted graph that syncs with the host: run it eagerly
-                    # a failure inside torch.cuda.graph surfaces as capture_end's error: report the cause
-                    cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
-                    self.graph_error = f"{type(cause).__name__}: {cause}"[:300]
+                    # a failure inside torch.cuda.graph surfaces as capture_end's error: the cause first
+                    why = f"{type(exc).__name__}: {exc}"
+                    if isinstance(exc.__context__, Exception):
+                        why = f"{type(exc.__context__).__name__}: {exc.__context__} (then {why})"
+                    self.graph_error = why[:300]
                     torch.cuda.synchronize()
                 # warm-up runs (first kernel compiles, a compiled model's compile) and the capture: start-up
                 # time inside the run's total, reported apart from the per-slab stages
                 self.capture_s = time.perf_counter() - t0
 
-    def _check_fused(self) -> str | None:
+    def _check_fused(self, grey_dtype=None) -> str | None:
         """The mode's two fused kernels once on small random slabs against the step-by-step functions
         (post.py), bit for bit: None if they agree, else what went wrong (a Triton that cannot compile
         them, a difference). The preprocessing for each grey dtype a volume may have (each compiles its
@@ -214,6 +218,7 @@ class GpuStage:
         sources = [(rng.integers(0, 65535, shape, endpoint=True).astype(np.uint16), 300.0, 52000.0),
                    (rng.integers(0, 255, shape, endpoint=True).astype(np.uint8), 10.0, 200.0),
                    ((rng.standard_normal(shape) * 3).astype(np.float32), -2.0, 2.5)]
+        sources = [s for s in sources if grey_dtype is None or s[0].dtype == np.dtype(grey_dtype)] or sources[:1]
         n, h, w = shape
         try:
             for raw, lo, hi in sources:
@@ -222,7 +227,11 @@ class GpuStage:
                 want_x = self._preprocess(src, img, lo, hi, fused=False)
                 if not np.array_equal(post.to_host(_to_xp(xp, x))[:, 0], post.to_host(want_x), equal_nan=True):
                     return f"the fused preprocessing ({raw.dtype}) differs from the step-by-step functions (post.py)"
-            probs = torch.cat([x * (c + 1) % 1 for c in range(len(self.ids))], 1)   # K channels in [0, 1)
+            # K channels in [0, 1) of the model's output size, a third of them on the quarter steps (ties and
+            # values on a threshold), whatever the grey dtype checked above
+            p = rng.random((x.shape[0], len(self.ids)) + tuple(x.shape[2:]), dtype=np.float32)
+            p[..., ::3] = np.floor(p[..., ::3] * 4) / 4
+            probs = torch.from_numpy(p).to(self.device)
             labels = torch.empty(shape, dtype=torch.uint8, device=self.device)
             counts = torch.zeros(256, dtype=torch.int64, device=self.device)
             self._aggregate_fused(probs, labels, counts)

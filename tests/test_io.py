@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -356,7 +357,7 @@ def test_check_output_dir_creates_folders_and_rejects_files(tmp_path):
     assert str(afile / "sub") in str(e.value)
 
 
-def test_staged_outputs_remove_the_folders_they_made_on_failure(tmp_path):
+def test_staged_outputs_remove_the_folders_they_made_on_failure(tmp_path, monkeypatch):
     out = tmp_path / "new" / "run"
     with pytest.raises(RuntimeError):
         with StagedOutputs(out, ["x.txt"], create=True) as st:
@@ -377,6 +378,17 @@ def test_staged_outputs_remove_the_folders_they_made_on_failure(tmp_path):
     assert (tmp_path / "x").is_dir() and (tmp_path / "y" / "z").is_dir()
     st.discard()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+    # a partial file that cannot be removed does not replace the error on its way
+    def stuck(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.raises(RuntimeError, match="the real error"):
+        with StagedOutputs(tmp_path / "stuck", ["s.txt"], create=True) as st:
+            st.path("s.txt").write_text("half")
+            monkeypatch.setattr(Path, "unlink", stuck)
+            raise RuntimeError("the real error")
+    monkeypatch.undo()
 
     # committed outputs keep their folder, even if a later discard() is called
     with StagedOutputs(tmp_path / "ok", ["y.txt"], create=True) as st:

@@ -305,7 +305,10 @@ class StagedOutputs:
 
     def discard(self) -> None:
         for p in self.tmp.values():
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:   # cleanup runs while an error is on its way: never replace that error
+                pass
         self.tmp.clear()
         _remove_empty(self.made)
         self.made = []

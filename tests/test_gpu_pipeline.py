@@ -268,6 +268,8 @@ def test_gpu_path_refuses_slabs_its_kernels_cannot_index(nets, packages):
                     slab=8, progress=False)
     with pytest.raises(XctrtError, match=r"reach 2\*\*31 voxels.*use --slab 7 or less"):
         seg._compute_stage((100, 16384, 16384), (1.0, 1.0, 1.0), None)
+    with pytest.raises(XctrtError, match="slices this large need --device cpu"):   # not even one plane fits
+        seg._compute_stage((4, 65536, 32768), (1.0, 1.0, 1.0), None)
 
 
 def test_build_random_class_net_is_seeded():

@@ -361,25 +361,24 @@ def check_output_dir(out_dir: Path) -> list[Path]:
     """Create the output folder and prove it is writable before any work is done; return the
     folders this made (the folder and any missing parents, innermost first)."""
     out_dir = Path(out_dir)
-    made = []
+    made = []   # innermost first
     try:
-        # one level at a time, as `mkdir -p` does, so what was made is known exactly ("a/../b" makes a
-        # and b; "a/.." and existing folders are not made here)
-        parts = out_dir.absolute().parts
-        for i in range(1, len(parts) + 1):
-            level = Path(*parts[:i])
+        # one level at a time, outermost first, as `mkdir -p` does, so what was made is known exactly
+        # ("a/../b" makes a and b; "a/.." and existing folders are not made here)
+        target = out_dir.absolute()
+        for level in [*reversed(target.parents), target]:
             try:
                 level.mkdir()
-                made.append(level)
+                made.insert(0, level)
             except FileExistsError:
                 if not level.is_dir():
                     raise
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".xctrt-write-check."):
             pass
     except OSError as exc:
-        _remove_empty(made[::-1])
+        _remove_empty(made)
         raise XctrtError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from exc
-    return made[::-1]
+    return made
 
 
 def _remove_empty(folders: list[Path]) -> None:

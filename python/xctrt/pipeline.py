@@ -194,10 +194,13 @@ class Segmenter:
     def _compute_stage(self, shape, voxel_size, timer, grey_dtype=None):
         if self.device != "cpu":
             from .gpu.pipeline import GpuStage
-            _, y, x = shape
-            if min(self.slab, shape[0]) * y * x >= 2 ** 31:   # CuPy's labelling and scatter kernels: 32-bit indices
+            from .gpu.post import max_slab_planes
+            z, y, x = shape
+            most = max_slab_planes(y, x)
+            if min(self.slab, z) > most:
                 raise XctrtError(f"slabs of {self.slab} slices of {y}x{x} reach 2**31 voxels, more than the GPU "
-                                 f"path's kernels index; use --slab {max(1, (2 ** 31 - 1) // (y * x))} or less")
+                                 "path's kernels index; " + (f"use --slab {most} or less" if most else
+                                                             "slices this large need --device cpu"))
             pkg = self.package
             return GpuStage(self.engine.torch_model, pkg.input_size, self._thresholds, self._ids, self._priority,
                             pkg.aggregation, shape, voxel_size, self.connectivity, batch_size=self.batch_size,

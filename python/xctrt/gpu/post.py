@@ -332,6 +332,12 @@ _MIN_COLS = ("z0", "y0", "x0")
 _MAX_COLS = ("z1", "y1", "x1")
 
 
+def max_slab_planes(Y: int, X: int) -> int:
+    """The most planes of Y x X a slab may have: CuPy's labelling and scatter kernels index with
+    32-bit ints, so a slab stays below 2**31 voxels (0: not even one plane fits)."""
+    return _I32_MAX // (Y * X)
+
+
 class ComponentLabeller:
     """Streamed 3D connected components with per-component statistics, like _core.ComponentLabeller.
 
@@ -410,7 +416,7 @@ class ComponentLabeller:
         if nz == 0:
             return
         plane = Y * X
-        if nz * plane > _I32_MAX:   # CuPy's labelling and scatter kernels index with 32-bit ints
+        if nz > max_slab_planes(Y, X):
             raise ValueError(f"a slab of {nz} planes of {Y}x{X} has 2**31 voxels or more: send thinner slabs")
         lab = xp.ascontiguousarray(labels).reshape(-1)
         z0 = self._z

@@ -248,7 +248,8 @@ def test_onnxruntime_routes_the_exported_experts_with_identical_outputs(tmp_path
             p.add_(torch.randn(p.shape, generator=g) * 1e-3)
     pkg = load_package(write_model_package(tmp_path / "shared", {"shared": shared}, "shared",
                                            ["material", "pore", "inclusion"], backbone="sam_tiny_test"))
-    static, routed = OnnxRuntimeEngine(pkg, route=False), OnnxRuntimeEngine(pkg)
+    static = OnnxRuntimeEngine(pkg, route=False, resize_matmul=False)
+    routed = OnnxRuntimeEngine(pkg, resize_matmul=False)
     assert static.routed_adapters == 0 and routed.routed_adapters == len(conv_lora_modules(shared)) > 0
     x = torch.rand(6, 1, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -256,6 +257,13 @@ def test_onnxruntime_routes_the_exported_experts_with_identical_outputs(tmp_path
     assert any(len(set(m.last_choice.tolist())) > 1 for m in conv_lora_modules(shared))   # a split batch
     np.testing.assert_array_equal(routed.run(x.numpy()), static.run(x.numpy()))
     np.testing.assert_array_equal(routed.run(x[:1].numpy()), static.run(x[:1].numpy()))
+    # the engine's default also runs the experts' bicubic Resizes as MatMuls (graph_rewrites.resize_as_matmul):
+    # every one of them (up and back down for each expert at scale > 1), the same numbers up to rounding
+    fast = OnnxRuntimeEngine(pkg)
+    cubic = sum(n.op_type == "Resize" and any(a.name == "mode" and a.s == b"cubic" for a in n.attribute)
+                for n in onnx.load_from_string(pkg.graphs[0].data).graph.node)
+    assert fast.routed_adapters == routed.routed_adapters and fast.matmul_resizes == cubic > 0
+    np.testing.assert_allclose(fast.run(x.numpy()), static.run(x.numpy()), atol=1e-5)
     # the torch backend on a CPU routes too (onnx2torch runs the rewritten graph); torch's kernels, so
     # the same numbers up to rounding
     if importlib.util.find_spec("onnx2torch"):

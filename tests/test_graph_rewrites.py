@@ -1,4 +1,5 @@
-"""graph_rewrites.route_experts on hand-built ONNX graphs with the exporter's static expert selection.
+"""graph_rewrites on hand-built ONNX graphs: route_experts with the exporter's static expert selection,
+resize_as_matmul with the Resizes torch.onnx writes for F.interpolate(mode="bicubic").
 
 (The exported Conv-LoRA SAM graph itself is checked in test_convlora.py.)"""
 from __future__ import annotations
@@ -10,7 +11,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from xctrt.graph_rewrites import route_experts  # noqa: E402
+from xctrt.graph_rewrites import cubic_resize_matrix, resize_as_matmul, route_experts  # noqa: E402
 
 
 # Ways off the exporter's pattern; each must leave the graph static (the rewrite would change the output
@@ -162,3 +163,118 @@ def test_a_graph_without_adapters_is_left_as_it_is():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     before = model.SerializeToString()
     assert route_experts(model) == 0 and model.SerializeToString() == before
+
+
+# --- resize_as_matmul ---------------------------------------------------------------------------------
+
+def resize_graph(hw=(7, 9), out=None, scales=None, sizes="own shape", opset=17, spatial_known=True, batch="N",
+                 **attrs):
+    """x (N, 3, H, W) -> Resize -> y. scales: (sh, sw), given as a constant (1, 1, sh, sw); else out=(h, w)
+    as sizes: "own shape" writes N, C from Shape(x) as torch.onnx does for F.interpolate(size=...),
+    "other shape" from a second input's shape, or a tuple of four constants. attrs: the Resize's,
+    bicubic with half-pixel centres unless given."""
+    n = helper.make_node
+    h, w = hw
+    dims = [batch, 3, h, w] if spatial_known else [batch, 3, "H", "W"]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)]
+    attrs = {"mode": "cubic", "coordinate_transformation_mode": "half_pixel", "cubic_coeff_a": -0.75,
+             "nearest_mode": "floor", **attrs}
+    nodes, inits = [], []
+    if scales is not None:
+        inits.append(numpy_helper.from_array(np.array([1, 1, *scales], np.float32), "scales"))
+        nodes.append(n("Resize", ["x", "", "scales"], ["y"], **attrs))
+    elif isinstance(sizes, tuple):
+        inits.append(numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
+        nodes.append(n("Resize", ["x", "", "", "sizes"], ["y"], **attrs))
+    else:
+        src = "x"
+        if sizes == "other shape":
+            inputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, dims))
+            src = "other"
+        inits += [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                  numpy_helper.from_array(np.array([2], np.int64), "two"),
+                  numpy_helper.from_array(np.array(out, np.int64), "out_hw")]
+        nodes += [n("Shape", [src], ["x_shape"]), n("Slice", ["x_shape", "zero", "two"], ["n_c"]),
+                  n("Concat", ["n_c", "out_hw"], ["sizes"], axis=0),
+                  n("Resize", ["x", "", "", "sizes"], ["y"], **attrs)]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N2", 3, "Ho", "Wo"])
+    graph = helper.make_graph(nodes, "resize", inputs, [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def images(n=3, hw=(7, 9), seed=0):
+    return np.random.default_rng(seed).normal(size=(n, 3, *hw)).astype(np.float32)
+
+
+@pytest.mark.parametrize("factor", [2, 3, 5, 8])
+def test_cubic_matrix_is_what_onnx_runtime_computes(factor):
+    """The matrix, applied along both axes, against ONNX Runtime's own Resize (float64 maths vs its
+    float32): up by the experts' integer factors, and back down by sizes."""
+    x = images(hw=(7, 7))
+    up = run(resize_graph((7, 7), scales=(factor, factor)), x)
+    m = cubic_resize_matrix(7, 7 * factor, factor)
+    np.testing.assert_allclose(np.einsum("ih,nchw,jw->ncij", m, x, m), up, atol=2e-5)
+    down = run(resize_graph((7 * factor,) * 2, out=(7, 7)), up)
+    d = cubic_resize_matrix(7 * factor, 7, 1 / factor)
+    np.testing.assert_allclose(np.einsum("ih,nchw,jw->ncij", d, up, d), down, atol=2e-5)
+
+
+def test_cubic_matrix_rows_sum_to_one_and_identity_at_scale_one():
+    for n_in, n_out in [(7, 56), (56, 7), (5, 13), (13, 5)]:
+        np.testing.assert_allclose(cubic_resize_matrix(n_in, n_out, n_out / n_in).sum(1), 1, atol=1e-12)
+    np.testing.assert_allclose(cubic_resize_matrix(9, 9, 1.0), np.eye(9), atol=1e-12)
+    # odd integer factor down: the output samples fall on input samples, so it is plain subsampling
+    np.testing.assert_allclose(cubic_resize_matrix(21, 7, 1 / 3), np.eye(21)[1::3], atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["scales up", "scales, unequal", "own-shape sizes down", "own-shape sizes, unequal",
+                                  "constant sizes", "pytorch_half_pixel", "cubic_coeff_a -0.5"])
+def test_bicubic_resizes_become_matmuls_with_the_same_numbers(case):
+    hw, kw = (7, 9), {}
+    if case == "scales up":
+        kw = {"scales": (4, 4)}
+    elif case == "scales, unequal":
+        kw = {"scales": (2, 3)}
+    elif case == "own-shape sizes down":
+        hw, kw = (28, 36), {"out": (7, 9)}
+    elif case == "own-shape sizes, unequal":
+        hw, kw = (8, 8), {"out": (5, 20)}
+    elif case == "constant sizes":
+        kw = {"sizes": (3, 3, 21, 27), "batch": 3}
+    elif case == "pytorch_half_pixel":
+        kw = {"scales": (3, 3), "coordinate_transformation_mode": "pytorch_half_pixel"}
+    else:
+        kw = {"scales": (5, 5), "cubic_coeff_a": -0.5}
+    static, rewritten = resize_graph(hw, **kw), resize_graph(hw, **kw)
+    assert resize_as_matmul(rewritten) == 1
+    onnx.checker.check_model(rewritten)
+    assert [node.op_type for node in rewritten.graph.node] == ["MatMul", "MatMul"]   # the sizes maths went too
+    x = images(3, hw)
+    np.testing.assert_allclose(run(rewritten, x), run(static, x), atol=2e-5)
+
+
+# Resizes the rewrite must leave alone: each is a working graph whose output the MatMuls would not give
+# (or that the rewrite cannot size).
+LEFT_ALONE = {
+    "linear": {"scales": (2, 2), "mode": "linear"},
+    "nearest": {"scales": (2, 2), "mode": "nearest"},
+    "antialias": {"out": (3, 4), "hw": (7, 9), "antialias": 1, "opset": 18},
+    "exclude_outside": {"scales": (2, 2), "exclude_outside": 1},
+    "align_corners": {"scales": (2, 2), "coordinate_transformation_mode": "align_corners"},
+    "asymmetric": {"scales": (2, 2), "coordinate_transformation_mode": "asymmetric"},
+    "unknown spatial size": {"scales": (2, 2), "spatial_known": False},
+    "constant sizes, batch size not known": {"sizes": (3, 3, 14, 18)},
+    "sizes from another tensor's shape": {"out": (14, 18), "sizes": "other shape"},
+}
+
+
+@pytest.mark.parametrize("case", list(LEFT_ALONE))
+def test_other_resizes_are_left_as_they_are(case):
+    kw = dict(LEFT_ALONE[case])
+    hw = kw.pop("hw", (7, 9))
+    model = resize_graph(hw, **kw)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert len(sess.run(None, {i.name: images(3, hw) for i in sess.get_inputs()})[0])   # a working graph
+    before = model.SerializeToString()
+    assert resize_as_matmul(model) == 0, case
+    assert model.SerializeToString() == before

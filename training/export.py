@@ -9,7 +9,9 @@ Before export each adapter is prepared on a copy of the model:
   choice of k), so it stays in the graph, evaluated statically: all 8 experts run and a one-hot of
   the gate's argmax selects one (no `nonzero`, no data-dependent Python control flow). Fixed shapes
   suit TensorRT and CUDA graphs; on a CPU the runtime routes each window to its expert only
-  (xctrt.graph_rewrites.route_experts, which recognises exactly this form: keep them in step).
+  (xctrt.graph_rewrites.route_experts, which recognises exactly this form: keep them in step) and
+  runs the experts' bicubic resampling as matrix products (graph_rewrites.resize_as_matmul, which
+  takes the Resize torch.onnx writes for F.interpolate(mode="bicubic", align_corners=False)).
 
 Graphs follow the runtime contract: input `image` float32 (N, 1, S, S) in [0, 1], output `probs`
 float32 (N, C, S, S), dynamic batch axis, opset 17. Paper mode writes one graph per class,

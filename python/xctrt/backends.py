@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import XctrtError
-from .graph_rewrites import route_experts, weights_as_float32
+from .graph_rewrites import resize_as_matmul, route_experts, weights_as_float32
 from .model import ModelPackage
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
@@ -36,11 +36,14 @@ class OnnxRuntimeEngine(Engine):
     route: on the CPU provider, run each Conv-LoRA expert only on the windows its gate chose
     (graph_rewrites.route_experts: the same outputs, 3.4-3.9x faster for the shipped model); False runs
     the graph as exported. The CUDA provider keeps the exported graph: there cuDNN may choose another
-    algorithm for each subset size, so the same numbers are not assured, and it is not measured."""
+    algorithm for each subset size, so the same numbers are not assured, and it is not measured.
+    resize_matmul: on the CPU provider, also run the experts' fixed-size bicubic Resizes as two small
+    MatMuls each (graph_rewrites.resize_as_matmul: the same outputs up to float32 rounding, about a
+    third off a CPU tile of the shipped model; benchmarks/routed_experts.py measures both)."""
 
     name = "onnxruntime"
 
-    def __init__(self, package: ModelPackage, threads: int = 0, route: bool = True):
+    def __init__(self, package: ModelPackage, threads: int = 0, route: bool = True, resize_matmul: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -50,22 +53,27 @@ class OnnxRuntimeEngine(Engine):
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                      if p in ort.get_available_providers()]
         self.routed_adapters = 0   # Conv-LoRA adapters whose experts run routed, over all graphs
-        route = route and providers[0] == "CPUExecutionProvider"
+        self.matmul_resizes = 0    # Resizes run as MatMuls, over all graphs
+        on_cpu = providers[0] == "CPUExecutionProvider"
+        route, resize_matmul = route and on_cpu, resize_matmul and on_cpu
         try:
-            graphs = [self._routed(g.data) if route else g.data for g in package.graphs]
+            graphs = [self._rewritten(g.data, route, resize_matmul) if route or resize_matmul else g.data
+                      for g in package.graphs]
             self.sessions = [ort.InferenceSession(data, sess_options=opts, providers=providers) for data in graphs]
         except Exception as exc:
             raise XctrtError(f"{package.path}: ONNX Runtime cannot load the model graph ({exc})") from exc
         self.device = "cuda" if self.sessions[0].get_providers()[0].startswith("CUDA") else "cpu"
         self.input_names = [s.get_inputs()[0].name for s in self.sessions]
 
-    def _routed(self, data: bytes) -> bytes:
+    def _rewritten(self, data: bytes, route: bool, resize_matmul: bool) -> bytes:
         import onnx
 
         model = onnx.load_from_string(data)
-        n = route_experts(model)
-        self.routed_adapters += n
-        return model.SerializeToString() if n else data
+        routed = route_experts(model) if route else 0   # first: it recognises the experts by their Resizes
+        resized = resize_as_matmul(model) if resize_matmul else 0
+        self.routed_adapters += routed
+        self.matmul_resizes += resized
+        return model.SerializeToString() if routed or resized else data
 
     def run(self, x):
         outs = [s.run(None, {n: x})[0] for s, n in zip(self.sessions, self.input_names)]

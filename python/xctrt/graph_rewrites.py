@@ -3,6 +3,7 @@ and their checksums, stay as exported).
 
   weights_as_float32  float16-stored weights back to float32 initializers (onnx2torch, TensorRT)
   route_experts       Conv-LoRA expert selection from "run all, keep one" to "run the chosen one"
+  resize_as_matmul    fixed-size bicubic Resizes (the Conv-LoRA experts' rescaling) as two MatMuls
 
 Only imported by the engines that use them; needs the onnx package.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["route_experts", "weights_as_float32"]
+__all__ = ["resize_as_matmul", "route_experts", "weights_as_float32"]
 
 
 def weights_as_float32(model):
@@ -359,8 +360,16 @@ def route_experts(model) -> int:
         if len(waiting) == len(pending):
             return 0   # not expected; the graph is untouched
         pending = waiting
+    # shapes recorded for tensors that now hold a subset of the rows would be wrong: forget them
+    _set_live_nodes(g, ordered, stale={o for plan in plans for o in plan["rows"]})
+    return len(plans)
+
+
+def _set_live_nodes(g, nodes, stale=frozenset()) -> None:
+    """Make g's nodes those of `nodes` (in topological order) that some graph output needs, and drop the
+    initializers and value_info nothing needs any more (and the value_info named in stale)."""
     needed, live = {o.name for o in g.output}, []
-    for n in reversed(ordered):   # what no output needs goes
+    for n in reversed(nodes):
         if any(o in needed for o in n.output):
             live.append(n)
             needed.update(n.input)
@@ -370,9 +379,139 @@ def route_experts(model) -> int:
     kept = [t for t in g.initializer if t.name in needed or t.name in inputs]
     del g.initializer[:]
     g.initializer.extend(kept)
-    # shapes recorded for tensors that now hold a subset of the rows would be wrong: forget them
-    stale = {o for plan in plans for o in plan["rows"]}
     info = [v for v in g.value_info if v.name not in stale and v.name in needed]
     del g.value_info[:]
     g.value_info.extend(info)
-    return len(plans)
+
+
+def cubic_resize_matrix(n_in: int, n_out: int, scale: float, a: float = -0.75) -> np.ndarray:
+    """The (n_out, n_in) float64 matrix of ONNX Resize along one axis: mode "cubic", half-pixel centres,
+    coefficient a, no antialias, exclude_outside 0 (taps past an edge read the edge sample).
+    scale is out/in as the operator sees it (its scales input, or sizes / input size)."""
+    x = (np.arange(n_out) + 0.5) / scale - 0.5
+    left = np.floor(x)
+    t = x - left
+    weights = (((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+               ((a + 2) * t - (a + 3)) * t * t + 1,
+               ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+               ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a)
+    m = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    for k, w in enumerate(weights):   # taps left-1 .. left+2, clamped: np.add.at sums taps that meet at an edge
+        np.add.at(m, (rows, np.clip(left.astype(np.int64) - 1 + k, 0, n_in - 1)), w)
+    return m
+
+
+def resize_as_matmul(model) -> int:
+    """Each 4-D bicubic Resize of height and width only, whose input and output sizes shape inference
+    fixes, becomes MatMul(rows, MatMul(x, columnsᵀ)) with the two constant interpolation matrices, in an
+    onnx ModelProto, in place; returns how many were rewritten (0: the graph is left as it was).
+
+    The shipped Conv-LoRA model's experts rescale 7x7 and 14x14 windows by 2-8x and back. ONNX Runtime's
+    CPU Resize spent about 30 % of a routed 256² tile's kernel time there (2 threads); as two small matrix
+    products each, a tile's kernel time drops by about a third (benchmarks/routed_experts.py --profile,
+    whose wall-clock runs give 1.45-1.64x on the released test volumes). Separable cubic
+    interpolation is a fixed linear map per axis, so the output is the same up to float32 rounding (the
+    matrices are computed in float64 and stored as float32, the sums run in another order), not bit for
+    bit: benchmarks/routed_experts.py measures what that does to labels on the released test volumes.
+
+    Only the form torch.onnx writes for F.interpolate(mode="bicubic") is taken: mode "cubic",
+    coordinate_transformation_mode half_pixel (or pytorch_half_pixel with more than one output sample),
+    no antialias, exclude_outside 0, N and C kept (scales 1, or sizes that read them from the input's own
+    shape). Anything else, and any Resize whose sizes are not known, is left alone."""
+    from onnx import helper, numpy_helper, shape_inference
+
+    g = model.graph
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:   # a graph shape inference cannot follow is left alone
+        return 0
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    consts = {t.name: t for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t
+
+    def attr(n, name, default=None):
+        return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
+
+    producer = {o: n for n in g.node for o in n.output}
+
+    def ints(t):
+        return [int(v) for v in numpy_helper.to_array(consts[t]).reshape(-1)] if t in consts else None
+
+    def sizes_keep_n_and_c(sizes, x) -> bool:
+        """sizes starts with x's own N and C: a constant whose first two match x's known N and C, or
+        Concat(Slice(Shape(x), [0], [2]), ...) as torch.onnx writes F.interpolate(size=...)."""
+        known = dims.get(x, [None, None])
+        if sizes in consts:
+            v = ints(sizes)
+            return len(v) == 4 and None not in known[:2] and v[:2] == known[:2]
+        cat = producer.get(sizes)
+        head = producer.get(cat.input[0]) if cat is not None and cat.op_type == "Concat" else None
+        if head is None or head.op_type != "Slice" or len(head.input) < 3:
+            return False
+        shape = producer.get(head.input[0])
+        axes_, steps = (head.input[3:4] or [""])[0], (head.input[4:5] or [""])[0]
+        return (shape is not None and shape.op_type == "Shape" and shape.input[0] == x and not shape.attribute
+                and ints(head.input[1]) == [0] and ints(head.input[2]) == [2]
+                and (not axes_ or ints(axes_) == [0]) and (not steps or ints(steps) == [1]))
+
+    def plan(n):
+        """(height matrix, width matrix) for a Resize of the taken form, else None."""
+        mode = attr(n, "coordinate_transformation_mode", b"half_pixel")
+        src, dst = dims.get(n.input[0]), dims.get(n.output[0])
+        if (attr(n, "mode") != b"cubic" or attr(n, "antialias", 0) != 0 or attr(n, "exclude_outside", 0) != 0
+                or attr(n, "axes") is not None or mode not in (b"half_pixel", b"pytorch_half_pixel")
+                or src is None or dst is None or len(src) != 4 or len(dst) != 4
+                or None in src[2:] + dst[2:] or 0 in src[2:] + dst[2:]
+                or (mode == b"pytorch_half_pixel" and 1 in dst[2:])):
+            return None
+        scales = (numpy_helper.to_array(consts[n.input[2]]) if len(n.input) > 2 and n.input[2] in consts
+                  else None)
+        if scales is not None and scales.size:
+            if scales.size != 4 or scales[0] != 1 or scales[1] != 1:
+                return None
+            factors = [float(scales[2]), float(scales[3])]
+        elif len(n.input) > 3 and n.input[3]:
+            # sizes (possibly computed): N and C must be the input's own, which shape inference shows
+            # only when it knows them; otherwise they might not be kept
+            if not sizes_keep_n_and_c(n.input[3], n.input[0]):
+                return None
+            factors = [dst[2] / src[2], dst[3] / src[3]]
+        else:
+            return None
+        a = float(attr(n, "cubic_coeff_a", -0.75))
+        return (cubic_resize_matrix(src[2], dst[2], factors[0], a),
+                cubic_resize_matrix(src[3], dst[3], factors[1], a))
+
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+
+    def fresh(name):   # a tensor name nothing in the graph uses yet
+        k, out = 0, name
+        while out in taken:
+            k += 1
+            out = f"{name}_{k}"
+        taken.add(out)
+        return out
+
+    new, count = [], 0
+    for n in g.node:
+        p = plan(n) if n.op_type == "Resize" else None
+        if p is None:
+            new.append(n)
+            continue
+        count += 1
+        rows, cols = p
+        name = n.name or n.output[0]
+        rows_name, cols_name = fresh(f"{name}/rows"), fresh(f"{name}/columns_t")
+        mid = fresh(f"{name}/columns_applied")
+        g.initializer.extend([numpy_helper.from_array(rows.astype(np.float32), rows_name),
+                              numpy_helper.from_array(np.ascontiguousarray(cols.T).astype(np.float32), cols_name)])
+        new += [helper.make_node("MatMul", [n.input[0], cols_name], [mid], name=mid),
+                helper.make_node("MatMul", [rows_name, mid], [n.output[0]], name=n.output[0])]
+    if count:
+        _set_live_nodes(g, new)   # the scales/sizes computations no Resize reads any more go
+    return count

@@ -373,6 +373,7 @@ class Segmenter:
                       "files_sha256": self.package.manifest.get("files", {})},
             "run": {"backend": self.engine.name, "device": self.engine.device, "pipeline": self.device,
                     "routed_adapters": getattr(self.engine, "routed_adapters", None),
+                    "matmul_resizes": getattr(self.engine, "matmul_resizes", None),
                     "batch_size": self.batch_size,
                     "threads": self.threads, "slab": self.slab, "connectivity": self.connectivity,
                     "min_voxels": self.min_voxels, "intensity_window": list(window),

@@ -168,21 +168,24 @@ def test_a_graph_without_adapters_is_left_as_it_is():
 # --- resize_as_matmul ---------------------------------------------------------------------------------
 
 def resize_graph(hw=(7, 9), out=None, scales=None, sizes="own shape", opset=17, spatial_known=True, batch="N",
-                 **attrs):
-    """x (N, 3, H, W) -> Resize -> y. scales: (sh, sw), given as a constant (1, 1, sh, sw); else out=(h, w)
-    as sizes: "own shape" writes N, C from Shape(x) as torch.onnx does for F.interpolate(size=...),
-    "other shape" from a second input's shape, or a tuple of four constants. attrs: the Resize's,
+                 dtype=TensorProto.FLOAT, scales_fed=False, domain="", declared_out=("N2", 3, "Ho", "Wo"), **attrs):
+    """x (N, 3, H, W) -> Resize -> y. scales: (sh, sw), given as a constant (1, 1, sh, sw), also a graph
+    input the caller may feed when scales_fed; else out=(h, w) as sizes: "own shape" writes N, C from
+    Shape(x) as torch.onnx does for F.interpolate(size=...), "other shape" from a second input's shape,
+    or a tuple of four constants. declared_out: y's shape as the file declares it. attrs: the Resize's,
     bicubic with half-pixel centres unless given."""
     n = helper.make_node
     h, w = hw
     dims = [batch, 3, h, w] if spatial_known else [batch, 3, "H", "W"]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)]
+    inputs = [helper.make_tensor_value_info("x", dtype, dims)]
     attrs = {"mode": "cubic", "coordinate_transformation_mode": "half_pixel", "cubic_coeff_a": -0.75,
              "nearest_mode": "floor", **attrs}
     nodes, inits = [], []
     if scales is not None:
         inits.append(numpy_helper.from_array(np.array([1, 1, *scales], np.float32), "scales"))
-        nodes.append(n("Resize", ["x", "", "scales"], ["y"], **attrs))
+        if scales_fed:
+            inputs.append(helper.make_tensor_value_info("scales", TensorProto.FLOAT, [4]))
+        nodes.append(n("Resize", ["x", "", "scales"], ["y"], domain=domain, **attrs))
     elif isinstance(sizes, tuple):
         inits.append(numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
         nodes.append(n("Resize", ["x", "", "", "sizes"], ["y"], **attrs))
@@ -197,13 +200,13 @@ def resize_graph(hw=(7, 9), out=None, scales=None, sizes="own shape", opset=17, 
         nodes += [n("Shape", [src], ["x_shape"]), n("Slice", ["x_shape", "zero", "two"], ["n_c"]),
                   n("Concat", ["n_c", "out_hw"], ["sizes"], axis=0),
                   n("Resize", ["x", "", "", "sizes"], ["y"], **attrs)]
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N2", 3, "Ho", "Wo"])
+    y = helper.make_tensor_value_info("y", dtype, list(declared_out))
     graph = helper.make_graph(nodes, "resize", inputs, [y], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def images(n=3, hw=(7, 9), seed=0):
-    return np.random.default_rng(seed).normal(size=(n, 3, *hw)).astype(np.float32)
+def images(n=3, hw=(7, 9), seed=0, dtype=np.float32):
+    return np.random.default_rng(seed).normal(size=(n, 3, *hw)).astype(dtype)
 
 
 @pytest.mark.parametrize("factor", [2, 3, 5, 8])
@@ -265,16 +268,79 @@ LEFT_ALONE = {
     "unknown spatial size": {"scales": (2, 2), "spatial_known": False},
     "constant sizes, batch size not known": {"sizes": (3, 3, 14, 18)},
     "sizes from another tensor's shape": {"out": (14, 18), "sizes": "other shape"},
+    "float16": {"scales": (2, 2), "dtype": TensorProto.FLOAT16},
+    # ONNX Runtime sizes the output floor(5 * float32(1.4)) = 7, shape inference (float64) says 6
+    "scale not exact in float32": {"hw": (5, 5), "scales": (1.4, 1.4)},
+    "scales the caller may feed": {"scales": (2, 2), "scales_fed": True},
+}
+# ... and ones ONNX Runtime itself does not run, which must stay that way (not become MatMuls that run)
+LEFT_ALONE_NOT_RUN = {
+    "keep_aspect_ratio_policy": {"out": (5, 100), "keep_aspect_ratio_policy": "not_larger", "opset": 18,
+                                 "batch": 1},
+    "another domain's Resize": {"scales": (2, 2), "domain": "com.example"},
 }
 
 
-@pytest.mark.parametrize("case", list(LEFT_ALONE))
+@pytest.mark.parametrize("case", list(LEFT_ALONE) + list(LEFT_ALONE_NOT_RUN))
 def test_other_resizes_are_left_as_they_are(case):
-    kw = dict(LEFT_ALONE[case])
+    kw = dict(LEFT_ALONE.get(case) or LEFT_ALONE_NOT_RUN[case])
     hw = kw.pop("hw", (7, 9))
     model = resize_graph(hw, **kw)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    assert len(sess.run(None, {i.name: images(3, hw) for i in sess.get_inputs()})[0])   # a working graph
+    if case in LEFT_ALONE:   # a working graph
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        dtype = np.float16 if kw.get("dtype") == TensorProto.FLOAT16 else np.float32
+        feed = {i.name: np.array([1, 1, 3, 3], np.float32) if i.name == "scales" else images(3, hw, dtype=dtype)
+                for i in sess.get_inputs()}
+        assert len(sess.run(None, feed)[0])
     before = model.SerializeToString()
     assert resize_as_matmul(model) == 0, case
     assert model.SerializeToString() == before
+
+
+def test_shapes_the_file_declares_are_not_trusted():
+    """y declared 10x10 where the Resize makes 14x18: the matrices follow the input's shape, not the claim
+    (ONNX Runtime does not check declared shapes of outputs or intermediate tensors)."""
+    static = resize_graph(scales=(2, 2), declared_out=("N", 3, 10, 10))
+    rewritten = resize_graph(scales=(2, 2), declared_out=("N", 3, 10, 10))
+    rewritten.graph.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 10, 10]))
+    assert resize_as_matmul(rewritten) == 1
+    x = images()
+    want = run(static, x)
+    assert want.shape == (3, 3, 14, 18)
+    np.testing.assert_allclose(run(rewritten, x), want, atol=2e-5)
+
+
+def test_a_graph_with_subgraphs_is_left_as_it_is():
+    """An If branch reads t from the outer graph, which node inputs do not show: pruning could drop it."""
+    n, v = helper.make_node, helper.make_tensor_value_info
+    branch = [helper.make_graph([n("Identity", ["t"], [f"o{k}"])], f"b{k}", [], [v(f"o{k}", TensorProto.FLOAT, None)])
+              for k in (1, 2)]
+    graph = helper.make_graph(
+        [n("Resize", ["x", "", "scales"], ["y"], mode="cubic"), n("Neg", ["x"], ["t"]),
+         n("If", ["c"], ["w"], then_branch=branch[0], else_branch=branch[1])], "g",
+        [v("x", TensorProto.FLOAT, [1, 3, 7, 9]), v("c", TensorProto.BOOL, [])],
+        [v("y", TensorProto.FLOAT, None), v("w", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    assert resize_as_matmul(model) == 0 and model.SerializeToString() == before
+
+
+def test_a_graph_out_of_topological_order_keeps_working():
+    """ONNX Runtime runs nodes listed out of order; the rewrite must not drop a producer listed late."""
+    n, v = helper.make_node, helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [n("Relu", ["a"], ["z"]), n("Neg", ["x"], ["a"]), n("Resize", ["x", "", "scales"], ["y"], mode="cubic")],
+        "g", [v("x", TensorProto.FLOAT, [1, 3, 7, 9])],
+        [v("y", TensorProto.FLOAT, None), v("z", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
+    static = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rewritten = type(static)()
+    rewritten.CopyFrom(static)
+    assert resize_as_matmul(rewritten) == 1
+    x = images(1)
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (static, rewritten)]
+    (y0, z0), (y1, z1) = (s.run(None, {"x": x}) for s in sessions)
+    np.testing.assert_allclose(y1, y0, atol=2e-5)
+    np.testing.assert_array_equal(z1, z0)

@@ -354,6 +354,17 @@ def test_bad_settings_are_xctrt_errors(default_package, kw, match):
         Segmenter(default_package, progress=False, **kw)
 
 
+def test_default_batch_follows_where_the_model_runs(default_package, monkeypatch):
+    from xctrt import pipeline
+    assert [pipeline.default_batch_size("cpu", t) for t in (1, 2, 3, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 8, 8]
+    assert pipeline.default_batch_size("cuda", 2) == 8
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 6)   # threads 0: all cores
+    assert pipeline.default_batch_size("cpu", 0) == 3
+    seg = Segmenter(default_package, progress=False, threads=2)
+    assert seg.engine.device == "cpu" and seg.batch_size == 1
+    assert Segmenter(default_package, progress=False, threads=2, batch_size=5).batch_size == 5
+
+
 @pytest.mark.parametrize("connectivity", [6, 18])
 def test_connectivity_changes_only_the_table(phantom_volume, reference, connectivity):
     res = make_segmenter(connectivity=connectivity, window=RICH).segment(phantom_volume)

@@ -29,7 +29,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="model package folder or .zip, or the name of an embedded one (default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],
                    help="inference engine; auto = TensorRT when installed with a GPU, else ONNX Runtime")
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per engine call (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per engine call (default: 8 when the model runs on a GPU; on a CPU half the "
+                        "inference threads, 1 to 8)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for inference and kernels (0 = all)")
     p.add_argument("--slab", type=int, default=8, help="slices read and processed together (default: %(default)s)")
     p.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
@@ -125,7 +127,7 @@ def cmd_bench(args) -> int:
     t = best["timing"]
     z = best["input"]["shape"][0]
     print(f"volume {best['input']['shape']} {best['input']['dtype']}, model {seg.package.name}, "
-          f"backend {seg.engine.name} on {seg.engine.device}, batch {args.batch_size}, best of {args.repeat}")
+          f"backend {seg.engine.name} on {seg.engine.device}, batch {seg.batch_size}, best of {args.repeat}")
     print(f"{'stage':<12}{'busy s':>10}{'ms/slice':>10}")
     for st in STAGES:
         s = t["stage_busy_s"].get(st, 0.0)

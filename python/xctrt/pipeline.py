@@ -7,6 +7,7 @@ pages to disk. Memory is a few slabs, whatever the volume size.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import queue
 import threading
@@ -89,6 +90,17 @@ def _voxel_size(source, given) -> tuple[tuple[float, float, float], str]:
     return vs, vs_from
 
 
+def default_batch_size(engine_device: str, threads: int = 0) -> int:
+    """Tiles per engine call when none is given. On a GPU 8. On a CPU half the inference threads (0: all
+    cores), 1 to 8: there a bigger batch does not parallelise better but leaves the caches, and on 2
+    cores the shipped model segments 1.2-1.3x faster at batch 1 than at 8, with the same labels
+    (benchmarks/RESULTS.md); more cores get bigger batches, since one tile's later stages are too small
+    to keep many threads busy (not measured)."""
+    if engine_device != "cpu":
+        return 8
+    return min(8, max(1, (threads or os.cpu_count() or 1) // 2))
+
+
 class Segmenter:
     """Segment XCT volumes with a model package.
 
@@ -97,13 +109,16 @@ class Segmenter:
     >>> result = seg.segment(volume_array)                    # in memory: result.labels, result.defects
     """
 
-    def __init__(self, model: str | Path | ModelPackage | None = None, backend: str = "auto", batch_size: int = 8,
+    def __init__(self, model: str | Path | ModelPackage | None = None, backend: str = "auto",
+                 batch_size: int | None = None,
                  threads: int = 0, connectivity: int = 26, min_voxels: int = 1, slab: int = 8,
                  window: tuple[float, float] | None = None, progress: bool = True, device: str = "cpu",
                  engine=None, precision: str = "fp32"):
         """device "cpu": window/tile/stitch/aggregate/components in C++ on the host around the engine.
         device "cuda": all of it on the GPU (xctrt.gpu: torch model, CuPy stages), needs the torch
         backend; "host-arrays": that GPU path's code with NumPy and torch on the host (tests, dry runs).
+        batch_size: tiles per engine call; None: 8 where the model runs on a GPU, on a CPU half the
+        inference threads, 1 to 8 (default_batch_size).
         engine: a ready Engine instead of one built from the package (benchmarks).
         precision: "fp32", or "bf16" for the torch backend (its matrix products in bfloat16)."""
         self.package = model if isinstance(model, ModelPackage) else load_package(model)
@@ -115,7 +130,7 @@ class Segmenter:
         if device == "cuda":
             from .gpu.pipeline import check_cuda
             check_cuda()
-        if batch_size < 1 or slab < 1:
+        if (batch_size is not None and batch_size < 1) or slab < 1:
             raise XctrtError("batch size and slab depth must be at least 1")
         if connectivity not in (6, 18, 26):
             raise XctrtError(f"connectivity must be 6, 18 or 26, not {connectivity}")
@@ -128,7 +143,8 @@ class Segmenter:
             torch_device="cpu" if device == "host-arrays" else None)   # host arrays: the model on the host too
         if device != "cpu" and getattr(self.engine, "torch_model", None) is None:
             raise XctrtError(f"engine {self.engine.name} cannot run on the GPU path (no torch model)")
-        self.batch_size, self.threads, self.slab = batch_size, threads, slab
+        self.batch_size = batch_size or default_batch_size(self.engine.device, threads)
+        self.threads, self.slab = threads, slab
         self.connectivity, self.min_voxels, self.window, self.progress = connectivity, min_voxels, window, progress
         pkg = self.package
         self._thresholds = np.array([c.threshold for c in pkg.classes], np.float32)

@@ -111,6 +111,8 @@ def main() -> int:
     ap.add_argument("-m", "--model", default="default")
     ap.add_argument("--slices", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--batch-size", type=int, default=8, help="tiles per engine call (default: %(default)s, "
+                    "as the 2026-11-26/27 runs in benchmarks/RESULTS.md)")
     ap.add_argument("--skip-exported", action="store_true", help="leave out the graph as exported")
     ap.add_argument("--max-changed", type=float, default=1e-4,
                     help="largest fraction of label voxels matmul may change against routed (default 1e-4)")
@@ -125,7 +127,7 @@ def main() -> int:
     if not args.skip_exported:
         engines = {"as exported": OnnxRuntimeEngine(package, args.threads, route=False, resize_matmul=False),
                    **engines}
-    res = {"model": package.name, "threads": args.threads, "machine": platform.node(),
+    res = {"model": package.name, "threads": args.threads, "batch_size": args.batch_size, "machine": platform.node(),
            "cpu": platform.processor() or platform.machine(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
            "routed_adapters": engines["routed"].routed_adapters,
@@ -146,7 +148,8 @@ def main() -> int:
             row = {"volume": str(src), "slices": [z0, z0 + sub.shape[0]], "shape": list(sub.shape), "runs": {}}
             out = {}
             for name, eng in engines.items():
-                seg = Segmenter(package, engine=eng, threads=args.threads, progress=False)
+                seg = Segmenter(package, engine=eng, threads=args.threads, batch_size=args.batch_size,
+                                progress=False)
                 seg.segment(warm, keep_labels=False)
                 t0 = time.perf_counter()
                 r = seg.segment(part, out_dir=Path(tmp) / f"{src.name}-{name.replace(' ', '_')}", keep_labels=True)

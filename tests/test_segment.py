@@ -358,7 +358,7 @@ def test_default_batch_follows_where_the_model_runs(default_package, monkeypatch
     from xctrt import pipeline
     assert [pipeline.default_batch_size("cpu", t) for t in (1, 2, 3, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 8, 8]
     assert pipeline.default_batch_size("cuda", 2) == 8
-    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 6)   # threads 0: all cores
+    monkeypatch.setattr(pipeline, "usable_cpus", lambda: 6)   # threads 0: all cores this process may use
     assert pipeline.default_batch_size("cpu", 0) == 3
     seg = Segmenter(default_package, progress=False, threads=2)
     assert seg.engine.device == "cpu" and seg.batch_size == 1

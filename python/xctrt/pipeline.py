@@ -7,7 +7,6 @@ pages to disk. Memory is a few slabs, whatever the volume size.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import platform
 import queue
 import threading
@@ -22,6 +21,7 @@ import numpy as np
 
 from . import __version__, _core
 from .backends import make_engine
+from .cpus import usable_cpus
 from .defects import DefectCounter, summarise, table_to_csv
 from .errors import XctrtError
 from .io import ArraySource, StagedOutputs, VolumeSource, open_volume, write_json, write_volume_tiff
@@ -98,7 +98,7 @@ def default_batch_size(engine_device: str, threads: int = 0) -> int:
     to keep many threads busy (not measured)."""
     if engine_device != "cpu":
         return 8
-    return min(8, max(1, (threads or os.cpu_count() or 1) // 2))
+    return min(8, max(1, (threads or usable_cpus()) // 2))
 
 
 class Segmenter:

@@ -24,7 +24,6 @@ parameters, spectrum, attenuation coefficients, grey mapping, defect counts, tim
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpus import usable_cpus
 from .errors import XctrtError
 
 AIR, MATERIAL, PORE, INCLUSION = 0, 1, 2, 3
@@ -766,13 +766,6 @@ def build(cfg: SimConfig) -> tuple[AMPhantom, Scanner]:
     return phantom, scanner
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def simulate(out_dir, cfg: SimConfig, workers: int = 0, progress: bool = True, slab: int = 8) -> dict:
     """Write OUT_DIR/image.tif, labels.tif and simulate.json (atomically); return the summary."""
     from .io import StagedOutputs, write_volume_tiff
@@ -781,7 +774,7 @@ def simulate(out_dir, cfg: SimConfig, workers: int = 0, progress: bool = True, s
     Z = phantom.shape[0]
     vs = (cfg.voxel_size,) * 3
     mu_ref = scanner.mu_at()["material"]
-    workers = _cpu_count() if workers <= 0 else workers
+    workers = usable_cpus() if workers <= 0 else workers
     workers = max(1, min(workers, Z))
     class_voxels = np.zeros(4, np.int64)
 

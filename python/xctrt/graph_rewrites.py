@@ -57,6 +57,44 @@ def weights_as_float32(model):
     return model
 
 
+def _constants(g) -> dict:
+    """g's constant tensors by name: initializers (except those that are also graph inputs, which a
+    caller may feed) and the values of Constant nodes."""
+    inputs = {i.name for i in g.input}
+    consts = {t.name: t for t in g.initializer if t.name not in inputs}
+    for n in g.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t
+    return consts
+
+
+def _ints(consts: dict, t: str):
+    """A constant integer tensor as a flat list, or None."""
+    from onnx import numpy_helper
+    return [int(v) for v in numpy_helper.to_array(consts[t]).reshape(-1)] if t in consts else None
+
+
+def _attr(n, name, default=None):
+    from onnx import helper
+    return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
+
+
+def _n_and_c_of(sizes: str, producer: dict, consts: dict):
+    """t when sizes is Concat(Slice(Shape(t), [0], [2]), ...), as torch.onnx writes the sizes of
+    F.interpolate(size=...): sizes that start with t's own N and C; else None."""
+    cat = producer.get(sizes)
+    head = producer.get(cat.input[0]) if cat is not None and cat.op_type == "Concat" else None
+    if head is None or head.op_type != "Slice" or len(head.input) < 3:
+        return None
+    shape = producer.get(head.input[0])
+    axes, steps = (head.input[3:4] or [""])[0], (head.input[4:5] or [""])[0]
+    ok = (shape is not None and shape.op_type == "Shape"
+          and not shape.attribute   # no start/end: the whole shape
+          and _ints(consts, head.input[1]) == [0] and _ints(consts, head.input[2]) == [2]
+          and (not axes or _ints(consts, axes) == [0]) and (not steps or _ints(consts, steps) == [1]))
+    return shape.input[0] if ok else None
+
+
 # Ops an expert may apply to its samples' rows: each output row depends on the same input row only.
 # Binary ones take another row tensor of the same expert or a value that does not depend on the rows
 # (a constant without a batch axis of its own).
@@ -95,10 +133,7 @@ def route_experts(model) -> int:
     g = model.graph
     if len(g.sparse_initializer) or any(a.type in (a.GRAPH, a.GRAPHS) for n in g.node for a in n.attribute):
         return 0   # subgraphs read outer names, and sparse weights, that this walk does not see
-    consts = {t.name: t for t in g.initializer if t.name not in {i.name for i in g.input}}
-    for n in g.node:
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
-            consts[n.output[0]] = n.attribute[0].t
+    consts = _constants(g)
     producer = {o: n for n in g.node for o in n.output}
     readers: dict[str, list] = {}
     for n in g.node:
@@ -111,12 +146,9 @@ def route_experts(model) -> int:
         return numpy_helper.to_array(consts[t]) if t in consts else None
 
     def ints(t):
-        """A constant integer tensor as a flat list, or None."""
-        a = const(t) if t else None
-        return None if a is None else [int(v) for v in a.reshape(-1)]
+        return _ints(consts, t)
 
-    def attr(n, name, default=None):
-        return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
+    attr = _attr
 
     def axes(n):
         """A node's axes, from its attribute or its constant second input (opset >= 13/18)."""
@@ -260,15 +292,7 @@ def route_experts(model) -> int:
             sizes = producer.get(n.input[3]) if len(n.input) > 3 and n.input[3] else None
             if sizes is None or sizes.op_type != "Concat" or not all(static(i) for i in sizes.input[1:]):
                 return False
-            head = producer.get(sizes.input[0])
-            if head is None or head.op_type != "Slice" or len(head.input) < 3:
-                return False
-            src = producer.get(head.input[0])
-            axes_, steps = (head.input[3:4] or [""])[0], (head.input[4:5] or [""])[0]
-            return (src is not None and src.op_type == "Shape" and src.input[0] in rows
-                    and not src.attribute   # no start/end: the whole shape
-                    and ints(head.input[1]) == [0] and ints(head.input[2]) == [2]
-                    and (not axes_ or ints(axes_) == [0]) and (not steps or ints(steps) == [1]))
+            return _n_and_c_of(sizes.output[0], producer, consts) in rows
 
         def broadcasts_per_row(t) -> bool:
             """A static operand: a constant must not carry a batch axis of its own (4-D rows)."""
@@ -448,36 +472,17 @@ def resize_as_matmul(model) -> int:
     dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
             for v in typed if v.type.tensor_type.HasField("shape")}
     elem = {v.name: v.type.tensor_type.elem_type for v in typed}
-    inputs = {i.name for i in g.input}   # an initializer that is also an input can be fed another value
-    consts = {t.name: t for t in g.initializer if t.name not in inputs}
-    for n in g.node:
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
-            consts[n.output[0]] = n.attribute[0].t
-
-    def attr(n, name, default=None):
-        return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
-
+    consts = _constants(g)
     producer = {o: n for n in g.node for o in n.output}
-
-    def ints(t):
-        return [int(v) for v in numpy_helper.to_array(consts[t]).reshape(-1)] if t in consts else None
+    attr = _attr
 
     def sizes_keep_n_and_c(sizes, x) -> bool:
         """sizes starts with x's own N and C: a constant whose first two match x's known N and C, or
-        Concat(Slice(Shape(x), [0], [2]), ...) as torch.onnx writes F.interpolate(size=...)."""
-        known = dims.get(x, [None, None])
+        read from x's shape (_n_and_c_of)."""
         if sizes in consts:
-            v = ints(sizes)
+            known, v = dims.get(x, [None, None]), _ints(consts, sizes)
             return len(v) == 4 and None not in known[:2] and v[:2] == known[:2]
-        cat = producer.get(sizes)
-        head = producer.get(cat.input[0]) if cat is not None and cat.op_type == "Concat" else None
-        if head is None or head.op_type != "Slice" or len(head.input) < 3:
-            return False
-        shape = producer.get(head.input[0])
-        axes_, steps = (head.input[3:4] or [""])[0], (head.input[4:5] or [""])[0]
-        return (shape is not None and shape.op_type == "Shape" and shape.input[0] == x and not shape.attribute
-                and ints(head.input[1]) == [0] and ints(head.input[2]) == [2]
-                and (not axes_ or ints(axes_) == [0]) and (not steps or ints(steps) == [1]))
+        return _n_and_c_of(sizes, producer, consts) == x
 
     def plan(n):
         """(height matrix, width matrix) for a Resize of the taken form, else None."""
@@ -513,7 +518,7 @@ def resize_as_matmul(model) -> int:
         return (cubic_resize_matrix(src[2], dst[2], factors[0], a),
                 cubic_resize_matrix(src[3], dst[3], factors[1], a))
 
-    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | inputs
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
 
     def fresh(name):   # a tensor name nothing in the graph uses yet
         k, out = 0, name

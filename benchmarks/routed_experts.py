@@ -36,7 +36,7 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from xctrt.backends import OnnxRuntimeEngine  # noqa: E402
+from xctrt.backends import OnnxRuntimeEngine, rewrite_for_cpu  # noqa: E402
 from xctrt.metrics import CLASS_NAMES, iou_per_class  # noqa: E402
 from xctrt.model import load_package  # noqa: E402
 from xctrt.pipeline import Segmenter  # noqa: E402
@@ -65,25 +65,18 @@ def gate_choices(package, tiles: np.ndarray, threads: int) -> dict[int, float]:
 def kernel_profile(package, tiles: np.ndarray, threads: int, route: bool, resize_matmul: bool) -> dict:
     """ONNX Runtime's own profile of the package's graphs, rewritten as the engine would be, over these
     tiles (after one warm-up run): kernel milliseconds per tile, and the share of that in Resize."""
-    import onnx
     import onnxruntime as ort
-
-    from xctrt.graph_rewrites import resize_as_matmul, route_experts
 
     total = resize = 0.0
     with tempfile.TemporaryDirectory(prefix="xctrt-profile-") as tmp:
         for g in package.graphs:
-            model = onnx.load_from_string(g.data)
-            if route:
-                route_experts(model)
-            if resize_matmul:
-                resize_as_matmul(model)
+            data = rewrite_for_cpu(g.data, route, resize_matmul)[0]
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             opts.enable_profiling = True
             opts.profile_file_prefix = str(Path(tmp) / "ort")
-            sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
             feed = {sess.get_inputs()[0].name: tiles}
             sess.run(None, feed)   # the first run of a session pays its one-off costs: count the second
             sess.run(None, feed)
@@ -184,10 +177,10 @@ def main() -> int:
                                                                 for c in ("material", "pore", "inclusion"))
                                              for k, v in row["runs"].items())
             lo, hi = routed.summary["run"]["intensity_window"]
-            row["gate_choices"] = gate_choices(package, middle_tiles(sub[sub.shape[0] // 2], lo, hi,
-                                                                     package.input_size), args.threads)
+            tiles = middle_tiles(sub[sub.shape[0] // 2], lo, hi, package.input_size)
+            row["gate_choices"] = gate_choices(package, tiles, args.threads)
             if args.profile:
-                tiles = middle_tiles(sub[sub.shape[0] // 2], lo, hi, package.input_size)[:4]
+                tiles = tiles[:4]
                 how = {"as exported": (False, False), "routed": (True, False), "matmul": (True, True)}
                 row["profile"] = {name: kernel_profile(package, tiles, args.threads, *how[name]) for name in engines}
                 line += "; ONNX Runtime profile, 4 tiles: " + ", ".join(

@@ -30,6 +30,18 @@ class Engine:
         raise NotImplementedError
 
 
+def rewrite_for_cpu(data: bytes, route: bool = True, resize_matmul: bool = True) -> tuple[bytes, int, int]:
+    """A serialized ONNX graph as ONNX Runtime runs it on a CPU: experts routed (route_experts), then
+    their Resizes as MatMuls (resize_as_matmul; after routing, which recognises the experts by their
+    Resizes). Returns the graph (data itself when nothing changed), routed adapters, rewritten Resizes."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    routed = route_experts(model) if route else 0
+    resized = resize_as_matmul(model) if resize_matmul else 0
+    return (model.SerializeToString() if routed or resized else data), routed, resized
+
+
 class OnnxRuntimeEngine(Engine):
     """ONNX Runtime (CUDA provider when installed, else CPU).
 
@@ -57,23 +69,18 @@ class OnnxRuntimeEngine(Engine):
         on_cpu = providers[0] == "CPUExecutionProvider"
         route, resize_matmul = route and on_cpu, resize_matmul and on_cpu
         try:
-            graphs = [self._rewritten(g.data, route, resize_matmul) if route or resize_matmul else g.data
-                      for g in package.graphs]
+            graphs = []
+            for g in package.graphs:
+                data, routed, resized = (rewrite_for_cpu(g.data, route, resize_matmul) if route or resize_matmul
+                                         else (g.data, 0, 0))
+                graphs.append(data)
+                self.routed_adapters += routed
+                self.matmul_resizes += resized
             self.sessions = [ort.InferenceSession(data, sess_options=opts, providers=providers) for data in graphs]
         except Exception as exc:
             raise XctrtError(f"{package.path}: ONNX Runtime cannot load the model graph ({exc})") from exc
         self.device = "cuda" if self.sessions[0].get_providers()[0].startswith("CUDA") else "cpu"
         self.input_names = [s.get_inputs()[0].name for s in self.sessions]
-
-    def _rewritten(self, data: bytes, route: bool, resize_matmul: bool) -> bytes:
-        import onnx
-
-        model = onnx.load_from_string(data)
-        routed = route_experts(model) if route else 0   # first: it recognises the experts by their Resizes
-        resized = resize_as_matmul(model) if resize_matmul else 0
-        self.routed_adapters += routed
-        self.matmul_resizes += resized
-        return model.SerializeToString() if routed or resized else data
 
     def run(self, x):
         outs = [s.run(None, {n: x})[0] for s, n in zip(self.sessions, self.input_names)]

@@ -91,8 +91,8 @@ def _voxel_size(source, given) -> tuple[tuple[float, float, float], str]:
 
 
 def default_batch_size(engine_device: str, threads: int = 0) -> int:
-    """Tiles per engine call when none is given. On a GPU 8. On a CPU half the inference threads (0: all
-    cores), 1 to 8: there a bigger batch does not parallelise better but leaves the caches, and on 2
+    """Tiles per engine call when none is given. On a GPU 8. On a CPU half the inference threads (0: every
+    CPU this process may use), 1 to 8: there a bigger batch does not parallelise better but leaves the caches, and on 2
     cores the shipped model segments 1.2-1.3x faster at batch 1 than at 8, with the same labels
     (benchmarks/RESULTS.md); more cores get bigger batches, since one tile's later stages are too small
     to keep many threads busy (not measured)."""

@@ -405,7 +405,9 @@ def table(res: dict) -> str:
 
 
 def main(args) -> int:
-    res = run(shape=tuple(args.shape), backbone=args.backbone, modes=tuple(args.modes), batch=args.batch_size or 8,
+    from ..pipeline import default_batch_size
+    batch = args.batch_size or default_batch_size("cuda")   # the GPU path's default, kept in one place
+    res = run(shape=tuple(args.shape), backbone=args.backbone, modes=tuple(args.modes), batch=batch,
               slab=args.slab, naive_slices=args.naive_slices, compiled_slices=args.compiled_slices,
               compile_mode=None if args.compile_mode == "none" else args.compile_mode,
               attention_impl=args.attention, volume=args.volume, work=args.work,

@@ -143,11 +143,12 @@ class GpuStage:
     FUSED_ON_CPU = False   # the fused kernels on CPU tensors: only under the Triton interpreter (tests)
 
     def __init__(self, model, input_size: int, thresholds, label_ids, priority, aggregation: str,
-                 shape, voxel_size, connectivity: int = 26, classes=(2, 3), batch_size: int = 8,
+                 shape, voxel_size, connectivity: int = 26, classes=(2, 3), *, batch_size: int,
                  device: str = "cuda", graphs: bool = True, input_mode: str = "resize", overlap: int = 0,
                  blend: str = "constant", pad: str = "edge", grey_dtype=None):
-        """grey_dtype: the volume's grey values (uint8, uint16 or float32), whose fused preprocessing the
-        self-check compiles and checks; None: all three."""
+        """batch_size: images per model call; no default here (the Segmenter's is
+        pipeline.default_batch_size). grey_dtype: the volume's grey values (uint8, uint16 or float32),
+        whose fused preprocessing the self-check compiles and checks; None: all three."""
         import torch
 
         self.torch = torch

@@ -101,13 +101,19 @@ inline double voronoi_cell(const std::vector<V3>& p, size_t i) {
 
 }  // namespace crofton_detail
 
-// Voxel sizes the table supports: positive, finite, and within kMaxAnisotropy of each other
-// (CT voxels are near cubes; beyond that the Crofton directions crowd too close to weigh).
+// Voxel sizes the table supports: positive, finite, from kMinVoxelSide to kMaxVoxelSide (in mm
+// that is 1 nm to 10 m: past those, volumes of a defect overflow or vanish in double), and within
+// kMaxAnisotropy of each other (CT voxels are near cubes; beyond that the Crofton directions
+// crowd too close to weigh).
 constexpr double kMaxAnisotropy = 1000.0;
+constexpr double kMinVoxelSide = 1e-6, kMaxVoxelSide = 1e4;
 inline void check_voxel_size(const std::array<double, 3>& voxel_size) {
   for (double v : voxel_size)
     if (!(v > 0.0) || !std::isfinite(v))
       throw std::invalid_argument("voxel_size entries must be positive and finite");
+  for (double v : voxel_size)
+    if (v < kMinVoxelSide || v > kMaxVoxelSide)
+      throw std::invalid_argument("voxel_size entries must be from 1e-6 to 1e4 (mm: 1 nm to 10 m)");
   const double lo = std::min({voxel_size[0], voxel_size[1], voxel_size[2]});
   const double hi = std::max({voxel_size[0], voxel_size[1], voxel_size[2]});
   if (hi > kMaxAnisotropy * lo)

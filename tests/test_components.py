@@ -469,12 +469,15 @@ def test_crofton_factors_against_scipy_voronoi():
             continue
         np.testing.assert_allclose(_core.crofton_factors(vs), crofton_reference(vs)[1], rtol=1e-5, err_msg=str(vs))
     for bad, msg in [((1.0, 0.0, 1.0), "positive"), ((1.0, 1.0, np.inf), "positive"),
-                     ((1001.0, 1.0, 1.0), "factor 1000")]:
+                     ((1001.0, 1.0, 1.0), "factor 1000"), ((1e300,) * 3, "1e-6 to 1e4"),
+                     ((1e-300,) * 3, "1e-6 to 1e4"), ((2e4, 1e4, 1e4), "1e-6 to 1e4")]:
         for check in (_core.check_voxel_size, _core.crofton_factors,
                       lambda vs: _core.ComponentLabeller((2, 2, 2), voxel_size=vs)):
             with pytest.raises(ValueError, match=msg):
                 check(bad)
-    _core.check_voxel_size((1000.0, 1.0, 1.0))   # the limit itself is allowed
+    _core.check_voxel_size((1000.0, 1.0, 1.0))   # the limits themselves are allowed
+    _core.check_voxel_size((1e-6, 1e-6, 1e-6))
+    _core.check_voxel_size((1e4, 1e4, 1e4))
 
 
 def test_pore_and_inclusion_touching_are_separate():

@@ -15,6 +15,7 @@ import tifffile
 
 import xctrt.pipeline as pipeline
 from conftest import OUTPUT_NAMES
+from xctrt.errors import XctrtError
 from xctrt.model import EMBEDDED
 from xctrt.phantom import write_phantom
 
@@ -425,3 +426,87 @@ def test_multichannel_single_page_is_named_as_such(run_cli, tmp_path):
     bad = tmp_path / "rgb.tif"
     tifffile.imwrite(bad, np.zeros((32, 32, 3), np.uint8), photometric="rgb")  # one page, 3 samples per pixel
     segment_fails(run_cli, bad, tmp_path, "channel")
+
+
+# ------------------------------------------------------------------ options out of range
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["segment", "V", "--threads", "-1"], "argument --threads: must be an integer >= 0"),
+    (["segment", "V", "--min-voxels", "-1"], "argument --min-voxels: must be an integer >= 0"),
+    (["segment", "V", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+    (["segment", "V", "--slab", "x"], "argument --slab: invalid integer >= 1 value"),
+    (["segment", "V", "--window", "0", "inf"], "argument --window: must be a finite number"),
+    (["segment", "V", "--voxel-size", "1e300"], "1e-6 to 1e4"),
+    (["segment", "V", "--voxel-size", "1e-300"], "1e-6 to 1e4"),
+    (["segment", "V", "--voxel-size", "nan"], "positive and finite"),
+    (["bench", "--repeat", "0"], "argument --repeat: must be an integer >= 1"),
+    (["bench", "--shape", "0", "64", "64"], "argument --shape: must be an integer >= 1"),
+    (["phantom", "O.tif", "--shape", "4", "-8", "8"], "argument --shape: must be an integer >= 1"),
+    (["phantom", "O.tif", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
+    (["phantom", "O.tif", "--voxel-size", "0"], "argument --voxel-size: 0: voxel_size entries must be positive"),
+    (["domain-shift", "A", "B", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
+])
+def test_options_out_of_range_are_one_usage_line(run_cli, tmp_path, args, needle):
+    """Checked while parsing, before any file is read or written: one line, exit code 2, nothing made."""
+    args = [str(tmp_path / a) if a in ("V", "O.tif", "A", "B") else a for a in args]
+    code, _, err = run_cli(*args)
+    assert_one_error_line(code, err, needle)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_segmenter_threads_and_min_voxels(phantom_path, tmp_path):
+    with pytest.raises(XctrtError, match="threads and min_voxels must be >= 0"):
+        pipeline.Segmenter(progress=False, threads=-1)
+    with pytest.raises(XctrtError, match="threads and min_voxels must be >= 0"):
+        pipeline.Segmenter(progress=False, min_voxels=-1)
+    with pytest.raises(XctrtError, match="finite low < high"):
+        pipeline.Segmenter(progress=False, window=(0.0, float("inf")))
+    # more threads than the process may use count as all (0) instead of starting 100000 of them
+    seg = pipeline.Segmenter(progress=False, threads=100_000)
+    assert seg.threads == 0
+    assert seg.segment(phantom_path).summary["run"]["threads"] == 0
+
+
+def test_gpu_path_without_torch_is_one_line(run_cli, phantom_path, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "torch", None)   # `import torch` now fails as if not installed
+    out = tmp_path / "out"
+    for args in (["segment", phantom_path, "-o", out, "--device", "cuda"], ["bench", "--gpu"],
+                 ["bench", "--gpu", "--host-arrays"]):
+        code, _, err = run_cli(*args)
+        assert_one_error_line(code, err, "the GPU path needs torch")
+        assert not out.exists()
+
+
+def test_sigterm_cleans_up_like_ctrl_c(run_cli, long_phantom, tmp_path, monkeypatch):
+    """SIGTERM (timeout, systemd, kill) mid-run: exit 143, one line, nothing left behind."""
+    import signal
+    real = pipeline.Segmenter.labels_for_slab
+    calls = []
+
+    def terminated_midway(self, slab, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)   # the handler raises in this (the main) thread
+        return real(self, slab, *a, **k)
+    monkeypatch.setattr(pipeline.Segmenter, "labels_for_slab", terminated_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    code, _, err = run_cli("segment", long_phantom, "-o", out, "--slab", "4")
+    assert_one_error_line(code, err, exit_code=143, prefix="xctrt: terminated")
+    assert_no_outputs(out)
+    assert signal.getsignal(signal.SIGTERM) is before   # main() puts the previous handler back
+
+
+def test_stdout_closed_by_the_reader_is_not_an_error(tmp_path):
+    """`xctrt info | head -1`: the reader goes away; xctrt ends quietly, as SIGPIPE ends Unix tools."""
+    import subprocess
+    import sys
+    from conftest import xctrt_env
+    p = subprocess.Popen([sys.executable, "-m", "xctrt", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=xctrt_env(), cwd=tmp_path)
+    p.stdout.close()   # before xctrt has imported anything, so its first print meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert err == ""

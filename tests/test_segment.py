@@ -11,6 +11,7 @@ from PIL import Image
 
 from conftest import OUTPUT_NAMES, PHANTOM_SHAPE, PHANTOM_VOXEL, phantom_array, surface_distance_reference
 from xctrt import _core
+from xctrt.cpus import usable_cpus
 from xctrt.errors import XctrtError
 from xctrt.io import ArraySource, open_volume
 from xctrt.model import load_package, write_package
@@ -129,8 +130,8 @@ def test_result_does_not_depend_on_slab_batch_or_threads(reference, phantom_volu
     for k, v in reference.defects.items():
         np.testing.assert_array_equal(res.defects[k], v, err_msg=k)
     assert res.summary["result"] == reference.summary["result"]
-    for k, v in kw.items():
-        assert res.summary["run"][k] == v
+    for k, v in kw.items():   # (more threads than this process may use run, and read, as all: 0)
+        assert res.summary["run"][k] == (0 if k == "threads" and v > usable_cpus() else v)
 
 
 @pytest.mark.parametrize("kw", [{"slab": 1, "batch_size": 1}, {"slab": 2, "batch_size": 3}, {"slab": 5, "batch_size": 64}])

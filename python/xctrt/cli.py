@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +16,38 @@ from . import __version__
 from .errors import XctrtError
 
 STAGES = ("read", "tile", "infer", "stitch", "aggregate", "components", "write")
+
+
+def _int_from(least: int):
+    """argparse type: an integer >= least (argparse turns the ValueError into one usage line)."""
+    def parse(text: str) -> int:
+        v = int(text)
+        if v < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text}")
+        return v
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def _mm(text: str) -> float:
+    """argparse type: one voxel side in mm, within the defect table's limits (cpp/crofton.hpp)."""
+    from . import _core
+    v = float(text)
+    try:
+        _core.check_voxel_size((v, v, v))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: {exc}") from None
+    return v
+
+
+COUNT, NONNEGATIVE = _int_from(1), _int_from(0)
 
 
 def _voxel_size(values):
@@ -29,17 +65,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="model package folder or .zip, or the name of an embedded one (default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],
                    help="inference engine; auto = TensorRT when installed with a GPU, else ONNX Runtime")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=COUNT, default=None,
                    help="tiles per engine call (default: 8 when the model runs on a GPU; on a CPU half the "
                         "inference threads, 1 to 8)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for inference and kernels (0 = all)")
-    p.add_argument("--slab", type=int, default=8, help="slices read and processed together (default: %(default)s)")
-    p.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
+    p.add_argument("--threads", type=NONNEGATIVE, default=0,
+                   help="CPU threads for inference and kernels (0 or more than this process may use = all)")
+    p.add_argument("--slab", type=COUNT, default=8, help="slices read and processed together (default: %(default)s)")
+    p.add_argument("--window", type=_finite, nargs=2, metavar=("LO", "HI"),
                    help="grey values mapped to 0 and 1 (default: from the model: fixed or volume percentiles)")
     p.add_argument("--connectivity", type=int, default=26, choices=[6, 18, 26],
                    help="3D neighbourhood joining defect voxels (default: %(default)s)")
-    p.add_argument("--min-voxels", type=int, default=1,
-                   help="drop defects smaller than this many voxels (default: %(default)s)")
+    p.add_argument("--min-voxels", type=NONNEGATIVE, default=1,
+                   help="drop defects smaller than this many voxels from the table (porosity still counts every "
+                        "pore voxel) (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu: C++ stages on the host around the engine; cuda: model (torch) and every stage on "
                         "the GPU (default: %(default)s)")
@@ -103,6 +141,8 @@ def cmd_info(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.gpu:
+        from .gpu import check_cuda, check_torch
+        check_torch() if args.host_arrays else check_cuda()   # before the bench module imports torch
         from .gpu import bench
         if args.shape is None:
             args.shape = [1000, 1200, 1200]
@@ -153,8 +193,6 @@ def cmd_phantom(args) -> int:
 
 def cmd_simulate(args) -> int:
     from .simulate import SimConfig, simulate
-    if args.voxel_size <= 0:
-        raise XctrtError(f"--voxel-size must be > 0 mm, got {args.voxel_size:g}")
     cfg = SimConfig(shape=tuple(args.shape), part=args.part, stl=args.stl, material=args.material,
                     inclusion=args.inclusion, pores_per_mm3=args.pores_per_mm3, pore_size=args.pore_size,
                     pore_mix=tuple(args.pore_mix), inclusions_per_mm3=args.inclusions_per_mm3,
@@ -212,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "geometry), defects.csv (one row per 3D defect), summary.json and preview.png.")
     p.add_argument("volume", help="multi-page/Big/OME-TIFF, folder of TIFF or PNG slices, or .npy (Z, Y, X)")
     p.add_argument("-o", "--output", default="xctrt-out", help="output folder (default: %(default)s)")
-    p.add_argument("--voxel-size", type=float, nargs="+", metavar="MM",
+    p.add_argument("--voxel-size", type=_mm, nargs="+", metavar="MM",
                    help="voxel size in mm (one value or DZ DY DX); overrides the file's metadata")
     _add_run_options(p)
     p.set_defaults(func=cmd_segment)
@@ -223,16 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time every stage of segment on a volume (or a generated phantom)")
     p.add_argument("volume", nargs="?", help="volume to time (default: a generated phantom)")
-    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+    p.add_argument("--shape", type=COUNT, nargs=3, metavar=("Z", "Y", "X"),
                    help="generated volume (default: 32 512 512; with --gpu 1000 1200 1200)")
-    p.add_argument("--repeat", type=int, default=2, help="runs; the best is reported (default: %(default)s)")
+    p.add_argument("--repeat", type=COUNT, default=2, help="runs; the best is reported (default: %(default)s)")
     p.add_argument("--json", help="also save all runs as JSON here")
     g = p.add_argument_group("GPU comparison (--gpu): one random-weight SAM run naive, compiled and ours")
     g.add_argument("--gpu", action="store_true", help="compare on the CUDA device instead of timing a package")
     g.add_argument("--backbone", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"])
     g.add_argument("--modes", nargs="+", default=["paper", "shared"], choices=["paper", "shared"])
-    g.add_argument("--naive-slices", type=int, default=16, help="slices the naive anchor runs (default: %(default)s)")
-    g.add_argument("--compiled-slices", type=int, default=96, help="slices the compiled anchor runs")
+    g.add_argument("--naive-slices", type=COUNT, default=16, help="slices the naive anchor runs (default: %(default)s)")
+    g.add_argument("--compiled-slices", type=COUNT, default=96, help="slices the compiled anchor runs")
     g.add_argument("--compile-mode", default="max-autotune",
                    help="torch.compile mode of the compiled anchor, or 'none' to skip it (default: %(default)s)")
     g.add_argument("--attention", default="auto", choices=["auto", "triton", "sdpa", "reference"])
@@ -247,10 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("phantom", help="write a synthetic test volume (cylinder with pores and inclusions)")
     p.add_argument("output", help="image .tif to write")
-    p.add_argument("--shape", type=int, nargs=3, default=[64, 512, 512], metavar=("Z", "Y", "X"))
+    p.add_argument("--shape", type=COUNT, nargs=3, default=[64, 512, 512], metavar=("Z", "Y", "X"))
     p.add_argument("--labels", help="also write the true labels here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--voxel-size", type=float, nargs="+", default=[0.01], metavar="MM")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0)
+    p.add_argument("--voxel-size", type=_mm, nargs="+", default=[0.01], metavar="MM")
     p.add_argument("--uncompressed", action="store_true", help="write raw pages (fast for very large volumes)")
     p.set_defaults(func=cmd_phantom)
 
@@ -260,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "1 material, 2 pore, 3 inclusion) and simulate.json (all parameters). Needs "
                                    "pip install 'xctrt[sim]'.")
     p.add_argument("output", help="output folder")
-    p.add_argument("--shape", type=int, nargs=3, default=[64, 512, 512], metavar=("Z", "Y", "X"))
+    p.add_argument("--shape", type=COUNT, nargs=3, default=[64, 512, 512], metavar=("Z", "Y", "X"))
     p.add_argument("--part", default="cylinder", choices=["cylinder", "block", "lattice", "overhang"],
                    help="part geometry (default: %(default)s; lattice = sheet gyroid in a cylindrical skin)")
     p.add_argument("--stl", metavar="FILE", help="voxelise this closed STL mesh (mm, centred) instead of --part")
@@ -282,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recon-filter", default="ramp", choices=["ramp", "shepp-logan", "cosine", "hamming", "hann"])
     p.add_argument("--dtype", default="uint16", choices=["uint16", "float32"],
                    help="uint16 grey (linear in mu, see simulate.json) or float32 mu in 1/mm (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--voxel-size", type=float, default=0.02, metavar="MM", help="isotropic (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=0, help="processes over slices (0 = all cores)")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0)
+    p.add_argument("--voxel-size", type=_mm, default=0.02, metavar="MM", help="isotropic (default: %(default)s)")
+    p.add_argument("--workers", type=NONNEGATIVE, default=0, help="processes over slices (0 = all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
 
@@ -300,27 +338,50 @@ def build_parser() -> argparse.ArgumentParser:
                                             "0 = same distribution)")
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--seed", type=int, default=0, help="patch sampling seed")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="patch sampling seed")
     p.set_defaults(func=cmd_domain_shift)
     return ap
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, systemd, kill), raised in the main thread so a run cleans up as after Ctrl-C."""
+
+
+def _raise_terminated(signum, frame, pid=os.getpid()):
+    if os.getpid() != pid:   # a forked worker that kept this handler: end as SIGTERM would
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
     except XctrtError as exc:
         print(f"xctrt: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("xctrt: terminated; no outputs were written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("xctrt: interrupted; no outputs were written", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # stdout piped into `head` and closed: end quietly, as SIGPIPE ends Unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        return 128 + signal.SIGPIPE
     except Exception as exc:
         if args.debug:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else ""
         print(f"xctrt: internal error: {type(exc).__name__}: {msg} (rerun with --debug for details)", file=sys.stderr)
         return 3
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

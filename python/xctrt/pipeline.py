@@ -7,6 +7,7 @@ pages to disk. Memory is a few slabs, whatever the volume size.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 import queue
 import threading
@@ -128,14 +129,20 @@ class Segmenter:
             raise XctrtError(f"--device cuda runs the model with torch; backend {backend!r} cannot")
         self.device = device
         if device == "cuda":
-            from .gpu.pipeline import check_cuda
+            from .gpu import check_cuda
             check_cuda()
         if (batch_size is not None and batch_size < 1) or slab < 1:
             raise XctrtError("batch size and slab depth must be at least 1")
         if connectivity not in (6, 18, 26):
             raise XctrtError(f"connectivity must be 6, 18 or 26, not {connectivity}")
-        if window is not None and not float(window[0]) < float(window[1]):
-            raise XctrtError(f"intensity window needs low < high, got {window}")
+        if window is not None and not (math.isfinite(window[0]) and math.isfinite(window[1])
+                                       and float(window[0]) < float(window[1])):
+            raise XctrtError(f"intensity window needs finite low < high, got {window}")
+        if threads < 0 or min_voxels < 0:
+            raise XctrtError(f"threads and min_voxels must be >= 0, got {threads} and {min_voxels}")
+        # more threads than this process may run on only adds switching (and once exhausted the
+        # machine's threads): count them as all, and record what ran
+        threads = 0 if threads > usable_cpus() else threads
         if threads:
             _core.set_num_threads(threads)
         self.engine = engine if engine is not None else make_engine(

@@ -24,6 +24,7 @@ parameters, spectrum, attenuation coefficients, grey mapping, defect counts, tim
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -112,8 +113,8 @@ def tube_spectrum(kvp: float, beam_filter: tuple[str, float] | None = None, bin_
     for el, mm in filters:
         if el not in FILTER_DENSITY:
             raise XctrtError(f"unknown beam filter '{el}'; use one of {', '.join(sorted(FILTER_DENSITY))}")
-        if mm < 0:
-            raise XctrtError(f"beam filter thickness must be >= 0 mm, got {mm:g}")
+        if not 0 <= mm < math.inf:
+            raise XctrtError(f"beam filter thickness must be a finite number >= 0 mm, got {mm:g}")
     spekpy = None
     if use_spekpy is not False:
         try:
@@ -248,18 +249,18 @@ def make_am_phantom(shape=(64, 512, 512), part: str = "cylinder", voxel_size: fl
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1 or min(shape[1:]) < 16:
         raise XctrtError(f"--shape {shape}: need Z >= 1 and Y, X >= 16")
-    if voxel_size <= 0:
-        raise XctrtError(f"--voxel-size must be > 0 mm, got {voxel_size:g}")
+    if not 0 < voxel_size < math.inf:   # written so that NaN fails too
+        raise XctrtError(f"--voxel-size must be a finite number > 0 mm, got {voxel_size:g}")
     if stl is None and part not in PARTS:
         raise XctrtError(f"unknown part '{part}'; use one of {', '.join(PARTS)}")
     for name, v in (("--pores-per-mm3", pores_per_mm3), ("--inclusions-per-mm3", inclusions_per_mm3)):
-        if v < 0:
-            raise XctrtError(f"{name} must be >= 0, got {v:g}")
+        if not 0 <= v < math.inf:
+            raise XctrtError(f"{name} must be a finite number >= 0, got {v:g}")
     for name, v in (("--pore-size", pore_size), ("--inclusion-size", inclusion_size)):
-        if v <= 0:
-            raise XctrtError(f"{name} must be > 0 mm, got {v:g}")
+        if not 0 < v < math.inf:
+            raise XctrtError(f"{name} must be a finite number > 0 mm, got {v:g}")
     mix = np.asarray(pore_mix, float)
-    if mix.shape != (3,) or (mix < 0).any() or mix.sum() <= 0:
+    if mix.shape != (3,) or not np.isfinite(mix).all() or (mix < 0).any() or mix.sum() <= 0:
         raise XctrtError("--pore-mix takes three non-negative fractions (sphere ellipsoid lack-of-fusion)")
     mix = mix / mix.sum()
     ph = AMPhantom(shape, float(voxel_size), part if stl is None else "stl", np.zeros((0, 3)),
@@ -595,8 +596,9 @@ class Scanner:
             raise XctrtError(f"unknown geometry '{self.geometry}'; use parallel or fan")
         if self.views < 2:
             raise XctrtError(f"--views must be >= 2, got {self.views}")
-        if self.dose < 0:
-            raise XctrtError(f"--dose must be >= 0 photons per pixel (0 = noiseless), got {self.dose:g}")
+        if not 0 <= self.dose < math.inf:
+            raise XctrtError(f"--dose must be a finite number >= 0 photons per pixel (0 = noiseless), "
+                             f"got {self.dose:g}")
         if self.recon_filter not in RECON_FILTERS:
             raise XctrtError(f"unknown reconstruction filter '{self.recon_filter}'; use one of {', '.join(RECON_FILTERS)}")
         e = self.spectrum.energies_kev
@@ -705,6 +707,11 @@ def _init_worker(scanner: Scanner, single_thread: bool = True) -> None:
     global _WORKER_SCANNER
     _WORKER_SCANNER = scanner
     if single_thread:  # a worker process per core: keep BLAS single-threaded inside each
+        # Ctrl-C reaches the whole process group: only the parent reports it and stops the pool
+        # (which ends workers with SIGTERM, so that keeps its default action, not a handler
+        # inherited through fork).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         try:
             from threadpoolctl import threadpool_limits
             threadpool_limits(1)
@@ -804,7 +811,8 @@ def simulate(out_dir, cfg: SimConfig, workers: int = 0, progress: bool = True, s
 
     def image_pages():
         from tqdm import tqdm
-        for _, rec in tqdm(scanned(), total=Z, desc="simulate", unit="slice", disable=not progress,
+        # disable=None: no bar when stderr is not a terminal (a log file), as segment's
+        for _, rec in tqdm(scanned(), total=Z, desc="simulate", unit="slice", disable=None if progress else True,
                            dynamic_ncols=True):
             yield rec if cfg.dtype == "float32" else grey_map(rec, mu_ref)
 

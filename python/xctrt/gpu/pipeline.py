@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from ..errors import XctrtError
-from . import post, resample
+from . import cuda_array_module, post, resample
 
 
 # model -> {(batch, input size, device): {"steps": captured GraphedSteps, "user": weakref to the stage
@@ -93,25 +93,6 @@ class _Clock:
             b.synchronize()
         self.collect()
         return dict(self.seconds)
-
-
-def check_cuda() -> None:
-    """One clear sentence when the GPU path cannot run here (checked before any work starts)."""
-    try:
-        import torch
-    except ImportError as exc:
-        raise XctrtError("the GPU path needs torch (pip install '.[gpu]')") from exc
-    if not torch.cuda.is_available():
-        raise XctrtError("the GPU path needs a CUDA device; torch sees none")
-    cuda_array_module()
-
-
-def cuda_array_module():
-    try:
-        import cupy
-    except ImportError as exc:
-        raise XctrtError("the GPU path needs CuPy for its stages (pip install '.[gpu]')") from exc
-    return cupy
 
 
 class GpuCounter:

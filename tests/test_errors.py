@@ -446,6 +446,7 @@ def test_multichannel_single_page_is_named_as_such(run_cli, tmp_path):
     (["phantom", "O.tif", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
     (["phantom", "O.tif", "--voxel-size", "0"], "argument --voxel-size: 0: voxel_size entries must be positive"),
     (["domain-shift", "A", "B", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
+    (["bench", "V", "--shape", "4", "64", "64"], "either VOLUME or a generated volume of --shape"),
 ])
 def test_options_out_of_range_are_one_usage_line(run_cli, tmp_path, args, needle):
     """Checked while parsing, before any file is read or written: one line, exit code 2, nothing made."""

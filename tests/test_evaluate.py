@@ -87,3 +87,12 @@ def test_domain_shift_cli(tmp_path, capsys):
     a = _write(tmp_path / "a.tif", _phantom(0, 0.04))
     assert main(["domain-shift", str(a), str(a)]) == 0
     assert "domain shift" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 2), (4, 31, 64)])
+def test_domain_shift_refuses_slices_smaller_than_a_patch(tmp_path, capsys, shape):
+    small = _write(tmp_path / "small.tif", np.ones(shape, np.float32))
+    big = _write(tmp_path / "big.tif", _phantom(0, 0.04))
+    assert main(["domain-shift", str(big), str(small)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(small) in err[0] and "smaller than the 32x32 patches" in err[0], err

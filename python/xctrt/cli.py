@@ -140,6 +140,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.volume and args.shape:
+        raise XctrtError("bench times either VOLUME or a generated volume of --shape, not both")
     if args.gpu:
         from .gpu import check_cuda, check_torch
         check_torch() if args.host_arrays else check_cuda()   # before the bench module imports torch

@@ -115,6 +115,9 @@ def domain_features(volume, slices: int = 12, patches_per_slice: int = 64, patch
     from .io import ArraySource
     src = ArraySource(volume) if isinstance(volume, np.ndarray) else _open(volume)
     try:
+        if min(src.shape[1:]) < patch:   # the filters and patches need whole 32x32 windows of a slice
+            raise XctrtError(f"{src.path}: slices of {src.shape[1]}x{src.shape[2]} are smaller than the "
+                             f"{patch}x{patch} patches the domain shift compares")
         sample = src.sample_slices(slices).astype(np.float32)
     finally:
         src.close()

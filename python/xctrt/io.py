@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -282,25 +284,53 @@ class StagedOutputs:
 
     create=True makes the folder first and proves it writable (check_output_dir), before any work;
     discard() then also removes the folders it made, if still empty, so a failed run leaves no
-    empty output folder behind either."""
+    empty output folder behind either. The names in `order` are checked at once too (check_target),
+    so a folder or a device in the way stops the run before its work, not at commit."""
 
     def __init__(self, out_dir: Path, order: Iterable[str] = (), create: bool = False):
         self.out_dir = Path(out_dir)
         self.order = list(order)
         self.tmp: dict[str, Path] = {}
         self.made = check_output_dir(self.out_dir) if create else []
+        try:
+            for name in self.order:
+                check_target(self.out_dir / name)
+        except XctrtError:
+            self.discard()
+            raise
 
     def path(self, name: str) -> Path:
         p = self.out_dir / f".{name}.{os.getpid()}.partial"
         self.tmp[name] = p
         return p
 
+    @contextmanager
+    def write(self, name: str) -> Iterator[Path]:
+        """The temporary path to write `name` to; an OSError while writing it (a full disk, the file
+        size limit, no permission) becomes an XctrtError naming the output file."""
+        tmp = self.path(name)
+        try:
+            yield tmp
+        except OSError as exc:
+            raise XctrtError(f"{self.out_dir / name}: cannot write ({exc.strerror or exc})") from exc
+
     def commit(self) -> dict[str, Path]:
         names = [n for n in self.order if n in self.tmp] + [n for n in self.tmp if n not in self.order]
         done = {}
-        for name in names:
-            os.replace(self.tmp.pop(name), self.out_dir / name)
-            done[name] = self.out_dir / name
+        try:
+            for name in names:   # every target first: a refused one must not leave the others half replaced
+                check_target(self.out_dir / name)
+            for name in names:
+                target = self.out_dir / name
+                try:
+                    os.replace(self.tmp[name], target)
+                except OSError as exc:
+                    raise XctrtError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+                del self.tmp[name]   # only once renamed: until then discard() must remove it
+                done[name] = target
+        except BaseException:
+            self.discard()
+            raise
         self.made = []   # the folders now hold results: they stay
         return done
 
@@ -319,9 +349,26 @@ class StagedOutputs:
 
     def __exit__(self, exc_type, *exc):
         if exc_type is None:
-            self.commit()
+            self.commit()   # discards what is left itself if it fails
         else:
             self.discard()
+
+
+def check_target(target: Path) -> None:
+    """Refuse an output name held by a folder or by anything but a regular file (after following
+    symlinks): renaming over it would replace a device such as /dev/null or /dev/stdout, a pipe or a
+    socket with a plain file. A missing name, or a (link to a) regular file, is fine."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return   # free (a dangling symlink is replaced, as a link to a file would be)
+    except OSError as exc:
+        raise XctrtError(f"{target}: cannot write the output here ({exc.strerror or exc})") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise XctrtError(f"{target}: is a folder; xctrt will not replace it with an output file")
+    if not stat.S_ISREG(st.st_mode):
+        raise XctrtError(f"{target}: exists and is not a regular file (a device, pipe or socket); "
+                         "xctrt will not replace it with an output file")
 
 
 def write_json(path: Path, obj) -> None:

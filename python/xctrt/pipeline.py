@@ -243,7 +243,7 @@ class Segmenter:
             vs = _voxel_size(source, voxel_size)  # cheap: checked before the output folder is made
             out = Path(out_dir) if out_dir is not None else None
             staged = StagedOutputs(out, OUTPUTS, create=True) if out is not None else None
-            return self._segment(source, out, staged, vs, on_slab,
+            return self._segment(source, staged, vs, on_slab,
                                  keep_labels if keep_labels is not None else out is None)
         except BaseException:
             if staged:
@@ -253,7 +253,7 @@ class Segmenter:
             if own:
                 source.close()
 
-    def _segment(self, source, out, staged, voxel_size, on_slab, keep_labels) -> SegmentResult:
+    def _segment(self, source, staged, voxel_size, on_slab, keep_labels) -> SegmentResult:
         t_start = time.perf_counter()
         timer = _Timer()
         Z, Y, X = source.shape
@@ -317,10 +317,8 @@ class Segmenter:
             try:
                 pages = finished_slabs()
                 if staged is not None:
-                    try:
-                        write_volume_tiff(staged.path("labels.tif"), pages, (Z, Y, X), np.uint8, vs if unit == "mm" else None)
-                    except OSError as exc:
-                        raise XctrtError(f"{out}: cannot write labels.tif ({exc.strerror or exc})") from exc
+                    with staged.write("labels.tif") as tmp:
+                        write_volume_tiff(tmp, pages, (Z, Y, X), np.uint8, vs if unit == "mm" else None)
                 else:
                     for _ in pages:
                         pass
@@ -408,19 +406,19 @@ class Segmenter:
         }
         outputs = {}
         if staged is not None:
-            try:
-                staged.path("defects.csv").write_text(table_to_csv(table, unit))
-                pz = planes["z"]
-                py_ = (np.concatenate(planes["y"][0]), np.concatenate(planes["y"][1]))
-                px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
-                write_preview(staged.path("preview.png"), {"z": pz, "y": py_, "x": px}, window, vs,
+            with staged.write("defects.csv") as tmp:
+                tmp.write_text(table_to_csv(table, unit))
+            pz = planes["z"]
+            py_ = (np.concatenate(planes["y"][0]), np.concatenate(planes["y"][1]))
+            px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
+            with staged.write("preview.png") as tmp:
+                write_preview(tmp, {"z": pz, "y": py_, "x": px}, window, vs,
                               self.class_names, f"{source.path.name}  {Z}x{Y}x{X}  model {self.package.name}"
                               + ("" if self.package.trained else " (UNTRAINED)"))
-                summary["outputs"] = list(OUTPUTS)
-                write_json(staged.path("summary.json"), summary)
-                outputs = staged.commit()
-            except OSError as exc:
-                raise XctrtError(f"{out}: cannot write the outputs ({exc.strerror or exc})") from exc
+            summary["outputs"] = list(OUTPUTS)
+            with staged.write("summary.json") as tmp:
+                write_json(tmp, summary)
+            outputs = staged.commit()
         return SegmentResult(labels_all, table, summary, outputs)
 
 

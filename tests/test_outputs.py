@@ -1,0 +1,190 @@
+"""Outputs: what the commands write is checked before the work starts (folder there and writable, the
+name free or a regular file), written under a hidden temporary name and renamed into place only when
+complete; a failure of any kind ends with one error line naming the file and leaves no temporary file
+and no half-replaced set of results. Also the input checks that guard outputs (slice folders, dtypes)."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_errors import assert_one_error_line, slab_calls  # noqa: F401 (a fixture)
+from xctrt.errors import XctrtError
+from xctrt.io import StagedOutputs
+from xctrt.phantom import write_phantom
+
+
+def partials(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".partial"))
+
+
+def null_link(folder: Path, name: str) -> Path:
+    """A symlink to /dev/null: a name held by a character device once links are followed."""
+    link = folder / name
+    link.symlink_to(os.devnull)
+    return link
+
+
+def assert_still_null_link(link: Path):
+    assert link.is_symlink() and os.readlink(link) == os.devnull
+
+
+# ------------------------------------------------------------------ StagedOutputs
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "device"])
+def test_commit_refuses_a_target_that_is_not_a_regular_file(tmp_path, kind):
+    target = tmp_path / "x.txt"
+    if kind == "folder":
+        target.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(target)
+    else:
+        null_link(tmp_path, "x.txt")
+    with pytest.raises(XctrtError, match="is a folder" if kind == "folder" else "not a regular file") as e:
+        with StagedOutputs(tmp_path) as st:   # no order: only commit() sees the name
+            st.path("x.txt").write_text("x")
+    assert str(target) in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]   # no temporary file left
+    assert {"folder": target.is_dir, "fifo": target.is_fifo, "device": target.is_char_device}[kind]()
+    if kind == "device":
+        assert_still_null_link(target)
+
+
+def test_named_outputs_are_checked_before_any_work(tmp_path):
+    null_link(tmp_path, "b.txt")
+    with pytest.raises(XctrtError, match="b.txt: exists and is not a regular file"):
+        StagedOutputs(tmp_path, ["a.txt", "b.txt"])
+    (tmp_path / "run" / "a.txt").mkdir(parents=True)
+    with pytest.raises(XctrtError, match="a.txt: is a folder"):
+        StagedOutputs(tmp_path / "run" / "new" / "..", ["a.txt"], create=True)
+    assert not (tmp_path / "run" / "new").exists()   # the folder it made for the run is gone again
+
+
+def test_a_link_to_a_regular_file_is_replaced_as_before(tmp_path):
+    real = tmp_path / "real.txt"
+    real.write_text("old")
+    (tmp_path / "link.txt").symlink_to(real)
+    with StagedOutputs(tmp_path, ["link.txt"]) as st:
+        st.path("link.txt").write_text("new")
+    assert (tmp_path / "link.txt").read_text() == "new" and not (tmp_path / "link.txt").is_symlink()
+    assert real.read_text() == "old"
+
+
+def test_commit_checks_every_target_before_renaming_any(tmp_path):
+    for n in "abc":
+        (tmp_path / f"{n}.txt").write_text(f"old {n}")
+    st = StagedOutputs(tmp_path, ["a.txt", "b.txt", "c.txt"])
+    for n in "abc":
+        st.path(f"{n}.txt").write_text(f"new {n}")
+    (tmp_path / "c.txt").unlink()
+    (tmp_path / "c.txt").mkdir()    # appears after the early check: commit must see it before renaming a and b
+    with pytest.raises(XctrtError, match="c.txt: is a folder"):
+        with st:
+            pass
+    assert [(tmp_path / f"{n}.txt").read_text() for n in "ab"] == ["old a", "old b"]
+    assert partials(tmp_path) == []
+
+
+def test_a_failed_rename_leaves_no_temporary_file(tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "b.txt":
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(XctrtError, match="b.txt: cannot write") as e:
+        with StagedOutputs(tmp_path, ["a.txt", "b.txt", "c.txt"]) as st:
+            for n in "abc":
+                st.path(f"{n}.txt").write_text(n)
+    assert os.strerror(errno.EXDEV) in str(e.value)
+    assert partials(tmp_path) == []
+    assert not (tmp_path / "c.txt").exists()
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EFBIG, errno.EACCES])
+def test_write_errors_name_the_output_file(tmp_path, err):
+    with pytest.raises(XctrtError) as e:
+        with StagedOutputs(tmp_path, ["x.json"]) as st:
+            with st.write("x.json") as tmp:
+                tmp.write_text("half")
+                raise OSError(err, os.strerror(err))
+    assert str(e.value) == f"{tmp_path / 'x.json'}: cannot write ({os.strerror(err)})"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ segment
+
+
+def test_segment_refuses_an_output_name_held_by_a_folder_before_the_work(run_cli, phantom_path, tmp_path,
+                                                                         slab_calls):
+    out = tmp_path / "out"
+    (out / "labels.tif").mkdir(parents=True)
+    code, _, err = run_cli("segment", phantom_path, "-o", out)
+    assert_one_error_line(code, err, out / "labels.tif", "is a folder")
+    assert slab_calls == []
+    assert sorted(p.name for p in out.iterdir()) == ["labels.tif"]
+
+
+def test_segment_leaves_earlier_results_whole_when_summary_json_is_a_folder(run_cli, phantom_path, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("segment", phantom_path, "-o", out)[0] == 0
+    (out / "summary.json").unlink()
+    (out / "summary.json").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, _, err = run_cli("segment", phantom_path, "-o", out, "--min-voxels", "5")
+    assert_one_error_line(code, err, out / "summary.json", "is a folder")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert partials(out) == []
+
+
+def test_segment_to_a_link_to_dev_null_refused(run_cli, phantom_path, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    link = null_link(out, "preview.png")
+    code, _, err = run_cli("segment", phantom_path, "-o", out)
+    assert_one_error_line(code, err, link, "not a regular file")
+    assert_still_null_link(link)
+    assert sorted(p.name for p in out.iterdir()) == ["preview.png"]
+
+
+# ------------------------------------------------------------------ phantom, evaluate
+
+
+def test_phantom_onto_a_device_refused_and_nothing_left(run_cli, tmp_path):
+    link = null_link(tmp_path, "dev.tif")
+    code, _, err = run_cli("phantom", link, "--shape", 4, 32, 32)
+    assert_one_error_line(code, err, link, "not a regular file")
+    assert_still_null_link(link)
+    assert partials(tmp_path) == []
+
+
+def test_phantom_onto_a_folder_leaves_no_temporary_file(run_cli, tmp_path):
+    (tmp_path / "ph.tif").mkdir()
+    code, _, err = run_cli("phantom", tmp_path / "ph.tif", "--shape", 4, 32, 32)
+    assert_one_error_line(code, err, tmp_path / "ph.tif", "is a folder")
+    assert partials(tmp_path) == [] and list((tmp_path / "ph.tif").iterdir()) == []
+
+
+@pytest.fixture
+def label_volume(tmp_path) -> Path:
+    p = tmp_path / "in" / "truth.tif"
+    p.parent.mkdir()
+    write_phantom(tmp_path / "in" / "image.tif", (4, 32, 32), labels_path=p)
+    return p
+
+
+def test_evaluate_json_onto_a_folder_or_device_refused(run_cli, tmp_path, label_volume, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "o").mkdir()
+    code, _, err = run_cli("evaluate", label_volume, label_volume, "--json", "o/")
+    assert_one_error_line(code, err, "o", "is a folder")
+    link = null_link(tmp_path, "null.json")
+    code, _, err = run_cli("evaluate", label_volume, label_volume, "--json", link)
+    assert_one_error_line(code, err, link, "not a regular file")
+    assert_still_null_link(link)
+    assert partials(tmp_path) == [] and list((tmp_path / "o").iterdir()) == []

@@ -188,3 +188,95 @@ def test_evaluate_json_onto_a_folder_or_device_refused(run_cli, tmp_path, label_
     assert_one_error_line(code, err, link, "not a regular file")
     assert_still_null_link(link)
     assert partials(tmp_path) == [] and list((tmp_path / "o").iterdir()) == []
+
+
+# ------------------------------------------------------------------ single output files, checked first
+
+
+def never(what):
+    def fail(*a, **k):
+        raise AssertionError(f"{what} ran although the output was bad")
+    return fail
+
+
+@pytest.mark.parametrize("bad", ["missing/x.tif", "afile/x.tif", "folder.tif"])
+def test_phantom_checks_its_outputs_before_rendering(run_cli, tmp_path, monkeypatch, bad):
+    import xctrt.phantom
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder.tif").mkdir()
+    monkeypatch.setattr(xctrt.phantom, "make_phantom", never("the phantom"))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for args in ([tmp_path / bad], [tmp_path / "ok.tif", "--labels", tmp_path / bad]):
+        code, _, err = run_cli("phantom", *args, "--shape", 4, 32, 32)
+        line = assert_one_error_line(code, err, tmp_path / bad)
+        assert ("is a folder" if bad == "folder.tif" else "not a folder" if "afile" in bad
+                else "does not exist") in line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_phantom_leaves_neither_volume_when_the_labels_cannot_be_written(run_cli, tmp_path, monkeypatch):
+    import xctrt.io
+    real = xctrt.io.write_volume_tiff
+
+    def full_on_labels(target, pages, shape, dtype, *a, **k):
+        if np.dtype(dtype) == np.uint8:
+            Path(target).write_bytes(b"II*\0half")
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        return real(target, pages, shape, dtype, *a, **k)
+    monkeypatch.setattr(xctrt.io, "write_volume_tiff", full_on_labels)
+    code, _, err = run_cli("phantom", tmp_path / "img.tif", "--labels", tmp_path / "lab.tif", "--shape", 4, 32, 32)
+    assert_one_error_line(code, err, tmp_path / "lab.tif", "cannot write", os.strerror(errno.EFBIG))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_checks_json_before_evaluating(run_cli, tmp_path, label_volume, monkeypatch):
+    import xctrt.evaluate
+    monkeypatch.setattr(xctrt.evaluate, "evaluate_volumes", never("the evaluation"))
+    (tmp_path / "folder").mkdir()
+    for bad, why in [(tmp_path / "missing" / "r.json", "does not exist"), (tmp_path / "folder", "is a folder")]:
+        code, _, err = run_cli("evaluate", label_volume, label_volume, "--json", bad)
+        assert_one_error_line(code, err, bad, why)
+    assert not (tmp_path / "missing").exists() and list((tmp_path / "folder").iterdir()) == []
+
+
+def test_evaluate_json_over_the_file_size_limit(tmp_path, label_volume):
+    """`ulimit -f`: the write fails with EFBIG (Python ignores SIGXFSZ), which must be a clear error."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import xctrt_env
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "-m", "xctrt", "evaluate", str(label_volume), str(label_volume),
+                        "--json", str(out)], capture_output=True, text=True, env=xctrt_env(), preexec_fn=limit,
+                       timeout=120)
+    assert_one_error_line(p.returncode, p.stderr, out, "cannot write", os.strerror(errno.EFBIG))
+    assert partials(tmp_path) == [] and not out.exists()
+
+
+@pytest.mark.parametrize("bad", ["missing/b.json", "folder"])
+def test_bench_checks_json_before_the_benchmark(run_cli, tmp_path, slab_calls, bad):
+    (tmp_path / "folder").mkdir()
+    code, _, err = run_cli("bench", "--shape", 4, 32, 32, "--repeat", 1, "--json", tmp_path / bad)
+    assert_one_error_line(code, err, tmp_path / bad)
+    assert slab_calls == []
+
+
+def test_bench_gpu_checks_json_before_the_benchmark(run_cli, tmp_path, monkeypatch):
+    import xctrt.gpu.bench
+    monkeypatch.setattr(xctrt.gpu.bench, "run", never("the GPU benchmark"))
+    code, _, err = run_cli("bench", "--gpu", "--host-arrays", "--json", tmp_path / "missing" / "b.json")
+    assert_one_error_line(code, err, tmp_path / "missing" / "b.json", "does not exist")
+
+
+def test_bench_json_written(run_cli, tmp_path):
+    import json
+    code, _, err = run_cli("bench", "--shape", 4, 32, 32, "--repeat", 1, "--no-progress", "--json",
+                           tmp_path / "b.json")
+    assert code == 0, err
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert len(res["runs"]) == 1 and res["best"]["input"]["shape"] == [4, 32, 32]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]

@@ -421,12 +421,41 @@ def check_output_dir(out_dir: Path) -> list[Path]:
             except FileExistsError:
                 if not level.is_dir():
                     raise
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".xctrt-write-check."):
-            pass
+        _write_check(out_dir)
     except OSError as exc:
         _remove_empty(made)
         raise XctrtError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from exc
     return made
+
+
+def _write_check(folder: Path) -> None:
+    """Make and remove a hidden file in folder: proves it writable where os.access cannot tell
+    (read-only mounts, ACLs, root squash)."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".xctrt-write-check."):
+        pass
+
+
+def output_file(path: str | os.PathLike) -> StagedOutputs:
+    """One output file named on the command line (phantom's volumes, evaluate --json, bench --json),
+    checked before any work: its folder exists and is writable, and the name is free or a regular
+    file. Write it with `with staged, staged.write(name) as tmp: ...`, which renames it into place."""
+    path = Path(path)
+    folder = path.parent
+    try:
+        st = os.stat(folder)
+        why = None if stat.S_ISDIR(st.st_mode) else f"{folder} is not a folder"
+    except FileNotFoundError:
+        why = f"folder {folder} does not exist"
+    except OSError as exc:
+        why = f"folder {folder} cannot be reached ({exc.strerror or exc})"
+    if why is None:
+        try:
+            _write_check(folder)
+        except OSError as exc:
+            why = f"folder {folder} is not writable ({exc.strerror or exc})"
+    if why is not None:
+        raise XctrtError(f"{path}: cannot write the output: {why}")
+    return StagedOutputs(folder, [path.name])
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -280,3 +280,29 @@ def test_bench_json_written(run_cli, tmp_path):
     res = json.loads((tmp_path / "b.json").read_text())
     assert len(res["runs"]) == 1 and res["best"]["input"]["shape"] == [4, 32, 32]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
+# ------------------------------------------------------------------ phantom names
+
+
+@pytest.mark.parametrize("name,labels", [("out.npy", None), ("out.png", None), ("out.tif", "truth.npy"),
+                                         ("out", None)])
+def test_phantom_refuses_a_name_that_is_not_tiff(run_cli, tmp_path, name, labels):
+    args = [tmp_path / name] + (["--labels", tmp_path / labels] if labels else [])
+    code, _, err = run_cli("phantom", *args, "--shape", 4, 32, 32)
+    assert_one_error_line(code, err, tmp_path / (labels or name), ".tif")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_phantom_upper_case_tiff_suffix_is_fine(run_cli, tmp_path):
+    code, _, err = run_cli("phantom", tmp_path / "A.TIFF", "--shape", 4, 32, 32)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A.TIFF"]
+
+
+def test_phantom_refuses_labels_onto_the_image(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for image, labels in [("x.tif", "x.tif"), ("x.tif", "sub/../x.tif")]:
+        code, _, err = run_cli("phantom", image, "--labels", labels, "--shape", 4, 32, 32)
+        assert_one_error_line(code, err, labels, "replace the image")
+    assert list(tmp_path.iterdir()) == []

@@ -71,8 +71,15 @@ def write_phantom(path, shape=(64, 512, 512), seed: int = 0, dtype=np.uint16, vo
     """Write image (and optionally labels) as OME-TIFF, slab by slab; both are renamed into place
     only when both are complete."""
     from .io import output_file, write_volume_tiff
+    from .errors import XctrtError
     path = Path(path)
     labels_path = Path(labels_path) if labels_path is not None else None
+    for p in (path, labels_path):   # TIFF bytes under .npy/.png would only fail later, when read back
+        if p is not None and p.suffix.lower() not in (".tif", ".tiff"):
+            raise XctrtError(f"{p}: phantom writes TIFF volumes; give it a .tif or .tiff name")
+    if labels_path is not None and labels_path.resolve() == path.resolve():
+        raise XctrtError(f"{labels_path}: --labels names the image file too; the labels would replace the "
+                         "image, give them another name")
     # every output is checked before any rendering: a bad --labels must not cost the image's time
     outputs = [(path, 0, dtype), *([(labels_path, 1, np.uint8)] if labels_path is not None else [])]
     staged = [output_file(p) for p, _, _ in outputs]

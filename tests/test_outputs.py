@@ -306,3 +306,79 @@ def test_phantom_refuses_labels_onto_the_image(run_cli, tmp_path, monkeypatch):
         code, _, err = run_cli("phantom", image, "--labels", labels, "--shape", 4, 32, 32)
         assert_one_error_line(code, err, labels, "replace the image")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ slice folders
+
+
+def png(path: Path, a: np.ndarray) -> Path:
+    from PIL import Image
+    Image.fromarray(a).save(path)
+    return path
+
+
+def grey_ramp(dtype, shape=(24, 20)) -> np.ndarray:
+    top = np.iinfo(dtype).max
+    return (np.linspace(0, 1, shape[0] * shape[1]).reshape(shape) * top).astype(dtype)
+
+
+@pytest.mark.parametrize("first,odd", [(np.uint16, np.uint8), (np.uint8, np.uint16)])
+def test_slice_folder_refuses_a_slice_of_another_type(run_cli, tmp_path, first, odd):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i, dt in enumerate([first, odd, first]):
+        png(folder / f"s{i}.png", grey_ramp(dt))
+    out = tmp_path / "out"
+    code, _, err = run_cli("segment", folder, "-o", out, "--no-progress")
+    assert_one_error_line(code, err, folder / "s1.png", np.dtype(odd).name, np.dtype(first).name, "s0.png")
+    assert not out.exists()
+
+
+def test_slice_folder_refuses_a_slice_of_another_size(tmp_path):
+    from xctrt.io import open_volume
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    png(folder / "s0.png", grey_ramp(np.uint8))
+    png(folder / "s1.png", grey_ramp(np.uint8, (20, 24)))
+    with open_volume(folder) as src, pytest.raises(XctrtError, match=r"s1.png: slice is uint8 \(20, 24\).*"
+                                                                    r"s0.png is uint8 \(24, 20\)"):
+        src.read(0, 2)
+
+
+def test_grey_palette_png_slices_read_as_their_grey_values(tmp_path):
+    from PIL import Image
+
+    from xctrt.io import open_volume
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    grey = grey_ramp(np.uint8)
+    order = np.random.default_rng(0).permutation(256).astype(np.uint8)   # palette index i shows grey order[i]
+    for i in range(2):
+        im = Image.fromarray(np.argsort(order)[grey].astype(np.uint8), mode="P")
+        im.putpalette(np.repeat(order, 3).tolist())
+        im.save(folder / f"s{i}.png")
+    with Image.open(folder / "s0.png") as im:
+        assert im.mode == "P"
+    with open_volume(folder) as src:
+        assert src.file_dtype == np.uint8
+        np.testing.assert_array_equal(src.read(0, 2), np.stack([grey, grey]))
+
+
+def test_colour_palette_png_slice_refused(run_cli, tmp_path):
+    from PIL import Image
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    png(folder / "s0.png", grey_ramp(np.uint8))
+    im = Image.fromarray(grey_ramp(np.uint8), mode="P")
+    im.putpalette([v for i in range(256) for v in (i, 255 - i, 0)])
+    im.save(folder / "s1.png")
+    code, _, err = run_cli("segment", folder, "-o", tmp_path / "out", "--no-progress")
+    assert_one_error_line(code, err, folder / "s1.png", "colour palette")
+
+
+def test_unreadable_first_slice_is_one_error_line(run_cli, tmp_path):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    (folder / "s0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    code, _, err = run_cli("segment", folder, "-o", tmp_path / "out")
+    assert_one_error_line(code, err, folder / "s0.png", "cannot read slice")

@@ -196,7 +196,8 @@ class NpySource(VolumeSource):
 
 
 class SliceFolderSource(VolumeSource):
-    """A folder of 2D TIFF or PNG slices, in natural sort order of their names."""
+    """A folder of 2D TIFF or PNG slices, in natural sort order of their names; every slice must have
+    the first one's type and size (a 16-bit slice among 8-bit ones would be cast and wrap)."""
 
     def __init__(self, path: Path):
         files = [p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES and p.is_file()]
@@ -211,21 +212,29 @@ class SliceFolderSource(VolumeSource):
 
     @staticmethod
     def _read_file(p: Path) -> np.ndarray:
-        if p.suffix.lower() == ".png":
+        try:
+            if p.suffix.lower() != ".png":
+                return tifffile.imread(p)
             from PIL import Image
             with Image.open(p) as im:
-                return np.asarray(im)
-        return tifffile.imread(p)
+                if im.mode not in ("P", "PA"):
+                    return np.asarray(im)
+                # a palette PNG holds indices into its palette: the grey values are the palette's
+                rgb = np.asarray(im.convert("RGB"))
+        except Exception as exc:
+            raise XctrtError(f"{p}: cannot read slice ({type(exc).__name__}: {exc})") from exc
+        if not ((rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])).all():
+            raise XctrtError(f"{p}: is a colour palette image; xctrt needs grey-value slices")
+        return np.ascontiguousarray(rgb[..., 0])
 
     def _read(self, z0, z1):
         out = []
         for p in self.files[z0:z1]:
-            try:
-                out.append(self._read_file(p))
-            except Exception as exc:
-                raise XctrtError(f"{p}: cannot read slice ({type(exc).__name__}: {exc})") from exc
-            if out[-1].shape != self.shape[1:]:
-                raise XctrtError(f"{p}: slice has shape {out[-1].shape}, expected {self.shape[1:]}")
+            out.append(self._read_file(p))
+            if out[-1].dtype != self.file_dtype or out[-1].shape != self.shape[1:]:
+                raise XctrtError(f"{p}: slice is {out[-1].dtype} {out[-1].shape}, but the first slice "
+                                 f"{self.files[0].name} is {self.file_dtype} {self.shape[1:]}; all slices "
+                                 "need the same type and size")
         return np.stack(out)
 
 

@@ -382,3 +382,20 @@ def test_unreadable_first_slice_is_one_error_line(run_cli, tmp_path):
     (folder / "s0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     code, _, err = run_cli("segment", folder, "-o", tmp_path / "out")
     assert_one_error_line(code, err, folder / "s0.png", "cannot read slice")
+
+
+# ------------------------------------------------------------------ voxel types
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_64_bit_integer_volumes_are_converted_like_int32(tmp_path, run_cli, dtype):
+    from xctrt.io import ArraySource
+    a = np.arange(4 * 24 * 20, dtype=dtype).reshape(4, 24, 20) * 7
+    src = ArraySource(a)
+    assert src.dtype == np.float32 and src.file_dtype == dtype
+    np.testing.assert_array_equal(src.read(1, 3), a[1:3].astype(np.float32))
+    np.save(tmp_path / "v.npy", a)
+    code, _, err = run_cli("segment", tmp_path / "v.npy", "-o", tmp_path / "out", "--no-progress")
+    assert code == 0, err
+    assert (tmp_path / "out" / "summary.json").is_file()
+

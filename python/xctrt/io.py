@@ -33,8 +33,8 @@ def _kernel_dtype(dtype: np.dtype, path: Path) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype in [np.dtype(d) for d in KERNEL_DTYPES]:
         return dtype
-    if dtype.kind in "iu" and dtype.itemsize <= 4 or dtype.kind == "f" and dtype.itemsize <= 8:
-        return np.dtype(np.float32)  # int16/int32/float64 scans: converted slab by slab
+    if dtype.kind in "iu" or dtype.kind == "f" and dtype.itemsize <= 8:
+        return np.dtype(np.float32)  # int16/int32/int64 (numpy's default)/float64 scans: converted slab by slab
     raise XctrtError(f"{path}: unsupported voxel type {dtype}; expected an integer or float grey-value volume")
 
 

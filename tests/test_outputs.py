@@ -399,3 +399,23 @@ def test_64_bit_integer_volumes_are_converted_like_int32(tmp_path, run_cli, dtyp
     assert code == 0, err
     assert (tmp_path / "out" / "summary.json").is_file()
 
+
+
+# ------------------------------------------------------------------ messages
+
+
+@pytest.mark.parametrize("content,why", [("random", "not a NumPy array file"), ("pickle", "not a NumPy array file"),
+                                         ("objects", "holds Python objects")])
+def test_npy_that_is_not_numbers_is_named_plainly(run_cli, tmp_path, content, why):
+    import pickle
+    bad = tmp_path / "v.npy"
+    if content == "random":
+        bad.write_bytes(np.random.default_rng(0).bytes(1000))
+    elif content == "pickle":
+        bad.write_bytes(pickle.dumps(np.zeros((2, 3, 4))))
+    else:
+        np.save(bad, np.full((2, 3, 4), None, dtype=object))
+    code, _, err = run_cli("segment", bad, "-o", tmp_path / "out")
+    line = assert_one_error_line(code, err, bad, why)
+    assert "allow_pickle" not in line and "pickle.load" not in line
+    assert not (tmp_path / "out").exists()

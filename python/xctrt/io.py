@@ -171,12 +171,19 @@ class NpySource(VolumeSource):
 
     def __init__(self, path: Path):
         try:
-            header = np.load(path, mmap_mode="r")  # parses the header; no page is touched
-            shape, dtype, self.offset = header.shape, header.dtype, header.offset
-            fortran = header.ndim > 1 and not header.flags.c_contiguous
-            del header
+            with open(path, "rb") as fh:
+                magic = fh.read(6)
+            header = np.load(path, mmap_mode="r") if magic == b"\x93NUMPY" else None  # header only, no page
         except Exception as exc:
+            if "Python objects" in str(exc):   # numpy's words for an object array (pickled payload)
+                raise XctrtError(f"{path}: holds Python objects, not numbers; xctrt will not load them") from None
             raise XctrtError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+        if header is None:   # np.load would try to unpickle it and talk of allow_pickle
+            raise XctrtError(f"{path}: not a NumPy array file (no .npy header); xctrt loads no pickled "
+                             "Python objects")
+        shape, dtype, self.offset = header.shape, header.dtype, header.offset
+        fortran = header.ndim > 1 and not header.flags.c_contiguous
+        del header
         if len(shape) != 3:
             raise XctrtError(f"{path}: expected a 3D volume (Z, Y, X), got shape {shape}")
         if fortran or dtype.hasobject:

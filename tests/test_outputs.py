@@ -419,3 +419,19 @@ def test_npy_that_is_not_numbers_is_named_plainly(run_cli, tmp_path, content, wh
     line = assert_one_error_line(code, err, bad, why)
     assert "allow_pickle" not in line and "pickle.load" not in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_voxel_size_from_file_metadata_names_the_file(run_cli, tmp_path):
+    import tifffile
+    bad = tmp_path / "aniso.ome.tif"
+    img = np.random.default_rng(0).integers(0, 60000, (4, 32, 32)).astype(np.uint16)
+    tifffile.imwrite(bad, img, ome=True, photometric="minisblack",
+                     metadata={"axes": "ZYX", "PhysicalSizeZ": 50.0, "PhysicalSizeZUnit": "mm",
+                               "PhysicalSizeY": 0.01, "PhysicalSizeYUnit": "mm",
+                               "PhysicalSizeX": 0.01, "PhysicalSizeXUnit": "mm"})
+    code, _, err = run_cli("segment", bad, "-o", tmp_path / "out")
+    line = assert_one_error_line(code, err, "file metadata", "--voxel-size")
+    assert line.startswith(f"xctrt: error: {bad}: voxel size ")
+    assert not (tmp_path / "out").exists()
+    code, _, err = run_cli("segment", bad, "-o", tmp_path / "out", "--voxel-size", "0.01", "--no-progress")
+    assert code == 0, err   # the right size given on the command line wins

@@ -80,12 +80,13 @@ def _voxel_size(source, given) -> tuple[tuple[float, float, float], str]:
         vs, vs_from = source.voxel_size, "file metadata"
     else:
         vs, vs_from = (1.0, 1.0, 1.0), "unknown (sizes in voxels)"
+    where = f"{source.path}: " if vs_from == "file metadata" else ""   # then the file is the culprit
     if len(vs) != 3:
-        raise XctrtError(f"voxel size must be three numbers (dz, dy, dx) in mm, got {vs}")
+        raise XctrtError(f"{where}voxel size must be three numbers (dz, dy, dx) in mm, got {vs}")
     try:
         _core.check_voxel_size(vs)   # the defect table's limits (cpp/crofton.hpp)
     except ValueError as exc:
-        raise XctrtError(f"voxel size {vs} ({vs_from}) is not one the defect table takes: {exc}; "
+        raise XctrtError(f"{where}voxel size {vs} ({vs_from}) is not one the defect table takes: {exc}; "
                          "give the right one with --voxel-size") from None
     return vs, vs_from
 

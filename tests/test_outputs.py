@@ -435,3 +435,16 @@ def test_a_bad_voxel_size_from_file_metadata_names_the_file(run_cli, tmp_path):
     assert not (tmp_path / "out").exists()
     code, _, err = run_cli("segment", bad, "-o", tmp_path / "out", "--voxel-size", "0.01", "--no-progress")
     assert code == 0, err   # the right size given on the command line wins
+
+
+def test_output_folder_that_is_a_file_or_below_one_says_so(run_cli, phantom_path, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("I am a file")
+    code, _, err = run_cli("segment", phantom_path, "-o", afile)
+    line = assert_one_error_line(code, err, afile, "exists and is not a folder")
+    assert "File exists" not in line
+    out = tmp_path / "new" / ".." / "afile" / "sub"
+    code, _, err = run_cli("segment", phantom_path, "-o", out)
+    line = assert_one_error_line(code, err, out, f"{out.parent} exists and is not a folder", "Not a directory")
+    assert "File exists" not in line
+    assert afile.read_text() == "I am a file" and not (tmp_path / "new").exists()

@@ -435,8 +435,11 @@ def check_output_dir(out_dir: Path) -> list[Path]:
                 level.mkdir()
                 made.insert(0, level)
             except FileExistsError:
-                if not level.is_dir():
-                    raise
+                if not level.is_dir():   # mkdir's "File exists" would not say which part is in the way
+                    _remove_empty(made)
+                    what = ("it exists and is not a folder" if level == target else
+                            f"{level} exists and is not a folder (Not a directory)")
+                    raise XctrtError(f"{out_dir}: not writable as the output folder: {what}") from None
         _write_check(out_dir)
     except OSError as exc:
         _remove_empty(made)

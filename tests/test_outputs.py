@@ -448,3 +448,20 @@ def test_output_folder_that_is_a_file_or_below_one_says_so(run_cli, phantom_path
     line = assert_one_error_line(code, err, out, f"{out.parent} exists and is not a folder", "Not a directory")
     assert "File exists" not in line
     assert afile.read_text() == "I am a file" and not (tmp_path / "new").exists()
+
+
+def test_output_into_the_input_slice_folder_refused(run_cli, tmp_path, monkeypatch, slab_calls):
+    import tifffile
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i, page in enumerate(np.random.default_rng(0).integers(0, 60000, (4, 32, 32)).astype(np.uint16)):
+        tifffile.imwrite(folder / f"s{i}.tif", page)
+    monkeypatch.chdir(tmp_path)
+    for out in [folder, "slices/", tmp_path / "slices" / ".." / "slices"]:
+        code, _, err = run_cli("segment", folder, "-o", out)
+        assert_one_error_line(code, err, Path(out), "input slice folder")
+    assert slab_calls == []
+    assert sorted(p.name for p in folder.iterdir()) == [f"s{i}.tif" for i in range(4)]
+    code, _, err = run_cli("segment", folder, "-o", folder / "out", "--no-progress")   # below it is fine
+    assert code == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["out"] + [f"s{i}.tif" for i in range(4)]

@@ -7,6 +7,7 @@ pages to disk. Memory is a few slabs, whatever the volume size.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import queue
 import threading
@@ -24,7 +25,8 @@ from .backends import make_engine
 from .cpus import usable_cpus
 from .defects import DefectCounter, summarise, table_to_csv
 from .errors import XctrtError
-from .io import ArraySource, StagedOutputs, VolumeSource, open_volume, write_json, write_volume_tiff
+from .io import (ArraySource, SliceFolderSource, StagedOutputs, VolumeSource, open_volume, write_json,
+                 write_volume_tiff)
 from .model import ModelPackage, load_package
 from .preview import write_preview
 
@@ -89,6 +91,13 @@ def _voxel_size(source, given) -> tuple[tuple[float, float, float], str]:
         raise XctrtError(f"{where}voxel size {vs} ({vs_from}) is not one the defect table takes: {exc}; "
                          "give the right one with --voxel-size") from None
     return vs, vs_from
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:   # one of them does not exist (yet)
+        return False
 
 
 def default_batch_size(engine_device: str, threads: int = 0) -> int:
@@ -243,6 +252,9 @@ class Segmenter:
         try:
             vs = _voxel_size(source, voxel_size)  # cheap: checked before the output folder is made
             out = Path(out_dir) if out_dir is not None else None
+            if out is not None and isinstance(source, SliceFolderSource) and _same_file(out, source.path):
+                # labels.tif and preview.png there would be read as slices by the next run
+                raise XctrtError(f"{out}: is the input slice folder; write the outputs to another folder (-o)")
             staged = StagedOutputs(out, OUTPUTS, create=True) if out is not None else None
             return self._segment(source, staged, vs, on_slab,
                                  keep_labels if keep_labels is not None else out is None)

@@ -465,3 +465,22 @@ def test_output_into_the_input_slice_folder_refused(run_cli, tmp_path, monkeypat
     code, _, err = run_cli("segment", folder, "-o", folder / "out", "--no-progress")   # below it is fine
     assert code == 0, err
     assert sorted(p.name for p in folder.iterdir()) == ["out"] + [f"s{i}.tif" for i in range(4)]
+
+
+def test_simulate_disk_full_is_one_error_naming_the_file(run_cli, tmp_path, monkeypatch):
+    pytest.importorskip("skimage")
+    pytest.importorskip("xraydb")
+    import xctrt.io
+    real = xctrt.io.write_volume_tiff
+
+    def full_on_image(target, pages, shape, dtype, *a, **k):
+        if np.dtype(dtype) != np.uint8:
+            Path(target).write_bytes(b"II*\0half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(target, pages, shape, dtype, *a, **k)
+    monkeypatch.setattr(xctrt.io, "write_volume_tiff", full_on_image)
+    out = tmp_path / "sim"
+    code, _, err = run_cli("simulate", out, "--shape", 2, 32, 32, "--views", 30, "--voxel-size", 0.05,
+                           "--workers", 1, "--no-progress")
+    assert_one_error_line(code, err, out / "image.tif", os.strerror(errno.ENOSPC))
+    assert not out.exists()

@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("skimage")
 pytest.importorskip("xraydb")
 
+from xctrt.errors import XctrtError  # noqa: E402
 from xctrt.io import open_volume  # noqa: E402
 from xctrt.simulate import (INCLUSION, MATERIAL, MATERIALS, PARTS, PORE, FanBeam, ParallelBeam,  # noqa: E402
                             SimConfig, StlPart, build, make_am_phantom, mu_per_mm, read_stl, simulate,
@@ -271,7 +272,7 @@ def test_a_run_that_fails_midway_leaves_no_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sim, "grey_map", broken)   # fails on the first image page, after labels.tif
     out = tmp_path / "new" / "sim"
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(XctrtError, match=r"image.tif: cannot write \(No space left on device\)"):
         simulate(out, SimConfig(shape=(2, 32, 32), views=8), workers=1, progress=False)
     assert list(tmp_path.iterdir()) == []
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -151,7 +150,9 @@ def cmd_bench(args) -> int:
         return bench.main(args)
     import numpy as np
 
+    from .io import output_file, write_json
     from .phantom import make_phantom
+    staged = output_file(args.json) if args.json else None   # a bad --json fails before the benchmark
     seg = _segmenter(args)
     with tempfile.TemporaryDirectory(prefix="xctrt-bench-") as tmp:
         if args.volume:
@@ -177,8 +178,9 @@ def cmd_bench(args) -> int:
     print(f"{'end to end':<12}{t['total_s']:>10.3f}{1000 * t['total_s'] / z:>10.2f}   "
           f"{t['slices_per_s']:.2f} slices/s")
     print("(stages overlap in three threads, so busy times can add up to more than end to end)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "best": best}, indent=2))
+    if staged is not None:
+        with staged, staged.write(Path(args.json).name) as tmp:
+            write_json(tmp, {"runs": runs, "best": best})
         print(f"wrote {args.json}")
     return 0
 
@@ -218,13 +220,14 @@ def _filter_spec(values):
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_volumes, format_report
+    from .io import output_file, write_json
+    staged = output_file(args.json) if args.json else None   # a bad --json fails before the evaluation
     res = evaluate_volumes(args.pred, args.truth, connectivity=args.connectivity)
     print(format_report(res))
-    if args.json:
-        from .io import StagedOutputs, write_json
+    if staged is not None:
         out = Path(args.json)
-        with StagedOutputs(out.parent) as staged:
-            write_json(staged.path(out.name), {"pred": args.pred, "truth": args.truth, **res})
+        with staged, staged.write(out.name) as tmp:
+            write_json(tmp, {"pred": args.pred, "truth": args.truth, **res})
         print(f"wrote {out}")
     return 0
 

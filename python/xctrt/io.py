@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -31,8 +33,8 @@ def _kernel_dtype(dtype: np.dtype, path: Path) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype in [np.dtype(d) for d in KERNEL_DTYPES]:
         return dtype
-    if dtype.kind in "iu" and dtype.itemsize <= 4 or dtype.kind == "f" and dtype.itemsize <= 8:
-        return np.dtype(np.float32)  # int16/int32/float64 scans: converted slab by slab
+    if dtype.kind in "iu" or dtype.kind == "f" and dtype.itemsize <= 8:
+        return np.dtype(np.float32)  # int16/int32/int64 (numpy's default)/float64 scans: converted slab by slab
     raise XctrtError(f"{path}: unsupported voxel type {dtype}; expected an integer or float grey-value volume")
 
 
@@ -169,12 +171,19 @@ class NpySource(VolumeSource):
 
     def __init__(self, path: Path):
         try:
-            header = np.load(path, mmap_mode="r")  # parses the header; no page is touched
-            shape, dtype, self.offset = header.shape, header.dtype, header.offset
-            fortran = header.ndim > 1 and not header.flags.c_contiguous
-            del header
+            with open(path, "rb") as fh:
+                magic = fh.read(6)
+            header = np.load(path, mmap_mode="r") if magic == b"\x93NUMPY" else None  # header only, no page
         except Exception as exc:
+            if "Python objects" in str(exc):   # numpy's words for an object array (pickled payload)
+                raise XctrtError(f"{path}: holds Python objects, not numbers; xctrt will not load them") from None
             raise XctrtError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+        if header is None:   # np.load would try to unpickle it and talk of allow_pickle
+            raise XctrtError(f"{path}: not a NumPy array file (no .npy header); xctrt loads no pickled "
+                             "Python objects")
+        shape, dtype, self.offset = header.shape, header.dtype, header.offset
+        fortran = header.ndim > 1 and not header.flags.c_contiguous
+        del header
         if len(shape) != 3:
             raise XctrtError(f"{path}: expected a 3D volume (Z, Y, X), got shape {shape}")
         if fortran or dtype.hasobject:
@@ -194,7 +203,8 @@ class NpySource(VolumeSource):
 
 
 class SliceFolderSource(VolumeSource):
-    """A folder of 2D TIFF or PNG slices, in natural sort order of their names."""
+    """A folder of 2D TIFF or PNG slices, in natural sort order of their names; every slice must have
+    the first one's type and size (a 16-bit slice among 8-bit ones would be cast and wrap)."""
 
     def __init__(self, path: Path):
         files = [p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES and p.is_file()]
@@ -209,21 +219,29 @@ class SliceFolderSource(VolumeSource):
 
     @staticmethod
     def _read_file(p: Path) -> np.ndarray:
-        if p.suffix.lower() == ".png":
+        try:
+            if p.suffix.lower() != ".png":
+                return tifffile.imread(p)
             from PIL import Image
             with Image.open(p) as im:
-                return np.asarray(im)
-        return tifffile.imread(p)
+                if im.mode not in ("P", "PA"):
+                    return np.asarray(im)
+                # a palette PNG holds indices into its palette: the grey values are the palette's
+                rgb = np.asarray(im.convert("RGB"))
+        except Exception as exc:
+            raise XctrtError(f"{p}: cannot read slice ({type(exc).__name__}: {exc})") from exc
+        if not ((rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])).all():
+            raise XctrtError(f"{p}: is a colour palette image; xctrt needs grey-value slices")
+        return np.ascontiguousarray(rgb[..., 0])
 
     def _read(self, z0, z1):
         out = []
         for p in self.files[z0:z1]:
-            try:
-                out.append(self._read_file(p))
-            except Exception as exc:
-                raise XctrtError(f"{p}: cannot read slice ({type(exc).__name__}: {exc})") from exc
-            if out[-1].shape != self.shape[1:]:
-                raise XctrtError(f"{p}: slice has shape {out[-1].shape}, expected {self.shape[1:]}")
+            out.append(self._read_file(p))
+            if out[-1].dtype != self.file_dtype or out[-1].shape != self.shape[1:]:
+                raise XctrtError(f"{p}: slice is {out[-1].dtype} {out[-1].shape}, but the first slice "
+                                 f"{self.files[0].name} is {self.file_dtype} {self.shape[1:]}; all slices "
+                                 "need the same type and size")
         return np.stack(out)
 
 
@@ -282,25 +300,53 @@ class StagedOutputs:
 
     create=True makes the folder first and proves it writable (check_output_dir), before any work;
     discard() then also removes the folders it made, if still empty, so a failed run leaves no
-    empty output folder behind either."""
+    empty output folder behind either. The names in `order` are checked at once too (check_target),
+    so a folder or a device in the way stops the run before its work, not at commit."""
 
     def __init__(self, out_dir: Path, order: Iterable[str] = (), create: bool = False):
         self.out_dir = Path(out_dir)
         self.order = list(order)
         self.tmp: dict[str, Path] = {}
         self.made = check_output_dir(self.out_dir) if create else []
+        try:
+            for name in self.order:
+                check_target(self.out_dir / name)
+        except XctrtError:
+            self.discard()
+            raise
 
     def path(self, name: str) -> Path:
         p = self.out_dir / f".{name}.{os.getpid()}.partial"
         self.tmp[name] = p
         return p
 
+    @contextmanager
+    def write(self, name: str) -> Iterator[Path]:
+        """The temporary path to write `name` to; an OSError while writing it (a full disk, the file
+        size limit, no permission) becomes an XctrtError naming the output file."""
+        tmp = self.path(name)
+        try:
+            yield tmp
+        except OSError as exc:
+            raise XctrtError(f"{self.out_dir / name}: cannot write ({exc.strerror or exc})") from exc
+
     def commit(self) -> dict[str, Path]:
         names = [n for n in self.order if n in self.tmp] + [n for n in self.tmp if n not in self.order]
         done = {}
-        for name in names:
-            os.replace(self.tmp.pop(name), self.out_dir / name)
-            done[name] = self.out_dir / name
+        try:
+            for name in names:   # every target first: a refused one must not leave the others half replaced
+                check_target(self.out_dir / name)
+            for name in names:
+                target = self.out_dir / name
+                try:
+                    os.replace(self.tmp[name], target)
+                except OSError as exc:
+                    raise XctrtError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+                del self.tmp[name]   # only once renamed: until then discard() must remove it
+                done[name] = target
+        except BaseException:
+            self.discard()
+            raise
         self.made = []   # the folders now hold results: they stay
         return done
 
@@ -319,9 +365,26 @@ class StagedOutputs:
 
     def __exit__(self, exc_type, *exc):
         if exc_type is None:
-            self.commit()
+            self.commit()   # discards what is left itself if it fails
         else:
             self.discard()
+
+
+def check_target(target: Path) -> None:
+    """Refuse an output name held by a folder or by anything but a regular file (after following
+    symlinks): renaming over it would replace a device such as /dev/null or /dev/stdout, a pipe or a
+    socket with a plain file. A missing name, or a (link to a) regular file, is fine."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return   # free (a dangling symlink is replaced, as a link to a file would be)
+    except OSError as exc:
+        raise XctrtError(f"{target}: cannot write the output here ({exc.strerror or exc})") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise XctrtError(f"{target}: is a folder; xctrt will not replace it with an output file")
+    if not stat.S_ISREG(st.st_mode):
+        raise XctrtError(f"{target}: exists and is not a regular file (a device, pipe or socket); "
+                         "xctrt will not replace it with an output file")
 
 
 def write_json(path: Path, obj) -> None:
@@ -372,14 +435,46 @@ def check_output_dir(out_dir: Path) -> list[Path]:
                 level.mkdir()
                 made.insert(0, level)
             except FileExistsError:
-                if not level.is_dir():
-                    raise
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".xctrt-write-check."):
-            pass
+                if not level.is_dir():   # mkdir's "File exists" would not say which part is in the way
+                    _remove_empty(made)
+                    what = ("it exists and is not a folder" if level == target else
+                            f"{level} exists and is not a folder (Not a directory)")
+                    raise XctrtError(f"{out_dir}: not writable as the output folder: {what}") from None
+        _write_check(out_dir)
     except OSError as exc:
         _remove_empty(made)
         raise XctrtError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from exc
     return made
+
+
+def _write_check(folder: Path) -> None:
+    """Make and remove a hidden file in folder: proves it writable where os.access cannot tell
+    (read-only mounts, ACLs, root squash)."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".xctrt-write-check."):
+        pass
+
+
+def output_file(path: str | os.PathLike) -> StagedOutputs:
+    """One output file named on the command line (phantom's volumes, evaluate --json, bench --json),
+    checked before any work: its folder exists and is writable, and the name is free or a regular
+    file. Write it with `with staged, staged.write(name) as tmp: ...`, which renames it into place."""
+    path = Path(path)
+    folder = path.parent
+    try:
+        st = os.stat(folder)
+        why = None if stat.S_ISDIR(st.st_mode) else f"{folder} is not a folder"
+    except FileNotFoundError:
+        why = f"folder {folder} does not exist"
+    except OSError as exc:
+        why = f"folder {folder} cannot be reached ({exc.strerror or exc})"
+    if why is None:
+        try:
+            _write_check(folder)
+        except OSError as exc:
+            why = f"folder {folder} is not writable ({exc.strerror or exc})"
+    if why is not None:
+        raise XctrtError(f"{path}: cannot write the output: {why}")
+    return StagedOutputs(folder, [path.name])
 
 
 def _remove_empty(folders: list[Path]) -> None:

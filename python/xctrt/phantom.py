@@ -4,6 +4,7 @@ written; the exact labels come with it. For demos, tests and throughput runs onl
 physics simulator with projections and reconstruction is `xctrt simulate` (simulate.py)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,19 +68,30 @@ def make_phantom(shape=(64, 512, 512), seed: int = 0, dtype=np.uint16, pores_per
 
 def write_phantom(path, shape=(64, 512, 512), seed: int = 0, dtype=np.uint16, voxel_size=(0.01, 0.01, 0.01),
                   labels_path=None, slab: int = 16, compression: str | None = "zlib") -> Phantom:
-    """Write image (and optionally labels) as OME-TIFF, slab by slab."""
-    from .io import StagedOutputs, write_volume_tiff
-    ph = make_phantom(shape, seed, dtype)
+    """Write image (and optionally labels) as OME-TIFF, slab by slab; both are renamed into place
+    only when both are complete."""
+    from .io import output_file, write_volume_tiff
+    from .errors import XctrtError
     path = Path(path)
+    labels_path = Path(labels_path) if labels_path is not None else None
+    for p in (path, labels_path):   # TIFF bytes under .npy/.png would only fail later, when read back
+        if p is not None and p.suffix.lower() not in (".tif", ".tiff"):
+            raise XctrtError(f"{p}: phantom writes TIFF volumes; give it a .tif or .tiff name")
+    if labels_path is not None and labels_path.resolve() == path.resolve():
+        raise XctrtError(f"{labels_path}: --labels names the image file too; the labels would replace the "
+                         "image, give them another name")
+    # every output is checked before any rendering: a bad --labels must not cost the image's time
+    outputs = [(path, 0, dtype), *([(labels_path, 1, np.uint8)] if labels_path is not None else [])]
+    staged = [output_file(p) for p, _, _ in outputs]
+    ph = make_phantom(shape, seed, dtype)
 
     def pages(which):
         for z0 in range(0, shape[0], slab):
             yield from ph.render(z0, min(z0 + slab, shape[0]))[which]
 
-    with StagedOutputs(path.parent) as staged:
-        write_volume_tiff(staged.path(path.name), pages(0), shape, ph.dtype, voxel_size, compression)
-    if labels_path is not None:
-        labels_path = Path(labels_path)
-        with StagedOutputs(labels_path.parent) as staged:
-            write_volume_tiff(staged.path(labels_path.name), pages(1), shape, np.uint8, voxel_size, compression)
+    with contextlib.ExitStack() as stack:   # leaving with an error discards both; without, commits both
+        for st, (p, which, dt) in zip(staged, outputs):
+            stack.enter_context(st)
+            with st.write(p.name) as tmp:
+                write_volume_tiff(tmp, pages(which), shape, np.dtype(dt), voxel_size, compression)
     return ph

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import platform
 import queue
 import threading
@@ -25,7 +26,8 @@ from .backends import make_engine
 from .cpus import usable_cpus
 from .defects import DefectCounter, summarise, table_to_csv
 from .errors import XctrtError
-from .io import ArraySource, StagedOutputs, VolumeSource, open_volume, write_json, write_volume_tiff
+from .io import (ArraySource, SliceFolderSource, StagedOutputs, VolumeSource, open_volume, write_json,
+                 write_volume_tiff)
 from .model import ModelPackage, load_package
 from .preview import write_preview
 
@@ -81,14 +83,22 @@ def _voxel_size(source, given) -> tuple[tuple[float, float, float], str]:
         vs, vs_from = source.voxel_size, "file metadata"
     else:
         vs, vs_from = (1.0, 1.0, 1.0), "unknown (sizes in voxels)"
+    where = f"{source.path}: " if vs_from == "file metadata" else ""   # then the file is the culprit
     if len(vs) != 3:
-        raise XctrtError(f"voxel size must be three numbers (dz, dy, dx) in mm, got {vs}")
+        raise XctrtError(f"{where}voxel size must be three numbers (dz, dy, dx) in mm, got {vs}")
     try:
         _core.check_voxel_size(vs)   # the defect table's limits (cpp/crofton.hpp)
     except ValueError as exc:
-        raise XctrtError(f"voxel size {vs} ({vs_from}) is not one the defect table takes: {exc}; "
+        raise XctrtError(f"{where}voxel size {vs} ({vs_from}) is not one the defect table takes: {exc}; "
                          "give the right one with --voxel-size") from None
     return vs, vs_from
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:   # one of them does not exist (yet)
+        return False
 
 
 def default_batch_size(engine_device: str, threads: int = 0) -> int:
@@ -249,8 +259,11 @@ class Segmenter:
         try:
             vs = _voxel_size(source, voxel_size)  # cheap: checked before the output folder is made
             out = Path(out_dir) if out_dir is not None else None
+            if out is not None and isinstance(source, SliceFolderSource) and _same_file(out, source.path):
+                # labels.tif and preview.png there would be read as slices by the next run
+                raise XctrtError(f"{out}: is the input slice folder; write the outputs to another folder (-o)")
             staged = StagedOutputs(out, OUTPUTS, create=True) if out is not None else None
-            return self._segment(source, out, staged, vs, on_slab,
+            return self._segment(source, staged, vs, on_slab,
                                  keep_labels if keep_labels is not None else out is None)
         except BaseException:
             if staged:
@@ -260,7 +273,7 @@ class Segmenter:
             if own:
                 source.close()
 
-    def _segment(self, source, out, staged, voxel_size, on_slab, keep_labels) -> SegmentResult:
+    def _segment(self, source, staged, voxel_size, on_slab, keep_labels) -> SegmentResult:
         t_start = time.perf_counter()
         timer = _Timer()
         Z, Y, X = source.shape
@@ -324,10 +337,8 @@ class Segmenter:
             try:
                 pages = finished_slabs()
                 if staged is not None:
-                    try:
-                        write_volume_tiff(staged.path("labels.tif"), pages, (Z, Y, X), np.uint8, vs if unit == "mm" else None)
-                    except OSError as exc:
-                        raise XctrtError(f"{out}: cannot write labels.tif ({exc.strerror or exc})") from exc
+                    with staged.write("labels.tif") as tmp:
+                        write_volume_tiff(tmp, pages, (Z, Y, X), np.uint8, vs if unit == "mm" else None)
                 else:
                     for _ in pages:
                         pass
@@ -415,19 +426,19 @@ class Segmenter:
         }
         outputs = {}
         if staged is not None:
-            try:
-                staged.path("defects.csv").write_text(table_to_csv(table, unit))
-                pz = planes["z"]
-                py_ = (np.concatenate(planes["y"][0]), np.concatenate(planes["y"][1]))
-                px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
-                write_preview(staged.path("preview.png"), {"z": pz, "y": py_, "x": px}, window, vs,
+            with staged.write("defects.csv") as tmp:
+                tmp.write_text(table_to_csv(table, unit))
+            pz = planes["z"]
+            py_ = (np.concatenate(planes["y"][0]), np.concatenate(planes["y"][1]))
+            px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
+            with staged.write("preview.png") as tmp:
+                write_preview(tmp, {"z": pz, "y": py_, "x": px}, window, vs,
                               self.class_names, f"{source.path.name}  {Z}x{Y}x{X}  model {self.package.name}"
                               + ("" if self.package.trained else " (UNTRAINED)"))
-                summary["outputs"] = list(OUTPUTS)
-                write_json(staged.path("summary.json"), summary)
-                outputs = staged.commit()
-            except OSError as exc:
-                raise XctrtError(f"{out}: cannot write the outputs ({exc.strerror or exc})") from exc
+            summary["outputs"] = list(OUTPUTS)
+            with staged.write("summary.json") as tmp:
+                write_json(tmp, summary)
+            outputs = staged.commit()
         return SegmentResult(labels_all, table, summary, outputs)
 
 

@@ -818,9 +818,11 @@ def simulate(out_dir, cfg: SimConfig, workers: int = 0, progress: bool = True, s
 
     with StagedOutputs(out_dir, order=["labels.tif", "image.tif", "simulate.json"], create=True) as staged:
         t_lab = time.perf_counter()
-        write_volume_tiff(staged.path("labels.tif"), label_pages(True), phantom.shape, np.uint8, vs, "zlib")
+        with staged.write("labels.tif") as tmp:   # a full disk: one error naming the file
+            write_volume_tiff(tmp, label_pages(True), phantom.shape, np.uint8, vs, "zlib")
         t_img = time.perf_counter()
-        write_volume_tiff(staged.path("image.tif"), image_pages(), phantom.shape, np.dtype(cfg.dtype), vs, "zlib")
+        with staged.write("image.tif") as tmp:
+            write_volume_tiff(tmp, image_pages(), phantom.shape, np.dtype(cfg.dtype), vs, "zlib")
         t_end = time.perf_counter()
         part_vox = int(class_voxels[1:].sum())
         summary = {
@@ -849,5 +851,6 @@ def simulate(out_dir, cfg: SimConfig, workers: int = 0, progress: bool = True, s
             "workers": workers,
         }
         from .io import write_json
-        write_json(staged.path("simulate.json"), summary)
+        with staged.write("simulate.json") as tmp:
+            write_json(tmp, summary)
     return summary

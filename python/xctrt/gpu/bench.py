@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import platform
 import tempfile
 import time
@@ -405,7 +404,9 @@ def table(res: dict) -> str:
 
 
 def main(args) -> int:
+    from ..io import output_file, write_json
     from ..pipeline import default_batch_size
+    staged = output_file(args.json) if args.json else None   # a bad --json fails before the benchmark
     batch = args.batch_size or default_batch_size("cuda")   # the GPU path's default, kept in one place
     res = run(shape=tuple(args.shape), backbone=args.backbone, modes=tuple(args.modes), batch=batch,
               slab=args.slab, naive_slices=args.naive_slices, compiled_slices=args.compiled_slices,
@@ -413,7 +414,8 @@ def main(args) -> int:
               attention_impl=args.attention, volume=args.volume, work=args.work,
               device="cuda" if not args.host_arrays else "cpu",
               compile_ours=None if args.compile_ours == "none" else args.compile_ours, profile=args.profile)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    if staged is not None:
+        with staged, staged.write(Path(args.json).name) as tmp:
+            write_json(tmp, res)
     print(table(res))
     return 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import io
 import json
 import shutil
+import struct
 import sys
 import zipfile
 from pathlib import Path
@@ -245,6 +247,40 @@ def test_tampered_graph_in_zip(tmp_path, base):
         zout.writestr("manifest.json", man)
         zout.writestr("model.onnx", bytes(bad))
     _expect_error(z, "sha256")
+
+
+def _member_data(data: bytes, name: str) -> tuple[int, int]:
+    """(offset, length) of a zip member's stored bytes: after its local header's name and extra field."""
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(name)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+@pytest.mark.parametrize("member", ["manifest.json", "model.onnx"])
+@pytest.mark.parametrize("damage, error", [("flip", "Bad CRC-32"),                 # deflate stream still decodes
+                                           ("zero", "error: Error -3"),            # zlib.error: not deflate data
+                                           ("encrypt", "RuntimeError")])            # flagged as encrypted
+def test_zip_with_damaged_member_data(tmp_path, member, damage, error):
+    """The central directory is intact, so the zip opens; reading the member fails. Before: BadZipFile /
+    zlib.error escaped as an internal error (exit 3)."""
+    z = tmp_path / "pkg.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(SHIPPED.iterdir()):
+            zf.write(f, f.name)
+    data = bytearray(z.read_bytes())
+    at, n = _member_data(bytes(data), member)
+    if damage == "flip":
+        data[at + n // 2] ^= 0x01
+    elif damage == "zero":
+        data[at:at + n] = bytes(n)
+    else:   # general-purpose flag bit 0 in the member's central directory entry (name at +46)
+        entry = data.index(b"PK\x01\x02")
+        while data[entry + 46:entry + 46 + struct.unpack_from("<H", data, entry + 28)[0]] != member.encode():
+            entry = data.index(b"PK\x01\x02", entry + 4)
+        data[entry + 8] |= 0x01
+    z.write_bytes(bytes(data))
+    msg = _expect_error(z, f"cannot read {member} from the zip")
+    assert error in msg
 
 
 def test_graph_without_a_sha256(tmp_path, base):

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,6 +169,12 @@ def _reader(path: Path):
                 return zf.read(prefix + name)
             except KeyError as exc:
                 raise XctrtError(f"{path}: model package is missing {name}") from exc
+            # The central directory can be intact while a member's data is not (bad CRC, broken deflate
+            # stream, cut short); an encrypted member (RuntimeError) or an unknown compression method
+            # (NotImplementedError) cannot be read either.
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as exc:
+                raise XctrtError(f"{path}: cannot read {name} from the zip, the package is damaged "
+                                 f"({type(exc).__name__}: {exc})") from exc
         return read
     raise XctrtError(f"{path}: model package not found (give a folder, a .zip, or 'default')")
 

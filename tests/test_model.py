@@ -84,6 +84,22 @@ def test_shipped_default_is_the_trained_package_and_verifies():
     assert sum(len(g.data) for g in pkg.graphs) < 60e6
 
 
+@pytest.mark.parametrize("name", [None, "default"])
+def test_a_missing_package_named_by_xctrt_model_says_so(name, monkeypatch, run_cli):
+    monkeypatch.setenv("XCTRT_MODEL", "bogus")
+    with pytest.raises(XctrtError, match="bogus: model package not found") as e:
+        load_package(name)
+    msg = str(e.value)
+    assert "environment variable XCTRT_MODEL" in msg and "untrained-tiny" in msg  # and what would be found
+    code, _, err = run_cli("info")
+    assert code == 2 and err.splitlines() == [f"xctrt: error: {msg}"]
+
+
+def test_a_missing_package_given_by_name_does_not_blame_xctrt_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("XCTRT_MODEL", "untrained-tiny")
+    assert "XCTRT_MODEL" not in _expect_error(tmp_path / "bogus", "model package not found")
+
+
 def test_an_existing_path_wins_over_an_embedded_name(tmp_path, base, monkeypatch):
     _write(tmp_path, dict(base[0], name="local"), base[1], name=DEFAULT_MODEL)
     monkeypatch.chdir(tmp_path)

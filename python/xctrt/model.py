@@ -136,12 +136,20 @@ def _tree_lines(d: dict, indent: str, width: int = 100) -> list[str]:
 def resolve_model_path(model: str | Path | None) -> Path:
     """A path, or the name of an embedded package. 'default' (or None) is $XCTRT_MODEL when set
     (a site's own package, or a faster embedded one), else the shipped DEFAULT_MODEL."""
+    return _resolve(model)[0]
+
+
+def _resolve(model: str | Path | None) -> tuple[Path, bool]:
+    """resolve_model_path's path, and whether the name came from $XCTRT_MODEL (errors then say so: the
+    user typed no name)."""
+    from_env = False
     if model is None or str(model) == "default":
-        model = os.environ.get("XCTRT_MODEL") or DEFAULT_MODEL
+        env = os.environ.get("XCTRT_MODEL")
+        model, from_env = (env, True) if env else (DEFAULT_MODEL, False)
     p = Path(model)
     if not p.exists() and (EMBEDDED / str(model)).is_dir():
-        return EMBEDDED / str(model)
-    return p
+        return EMBEDDED / str(model), from_env
+    return p, from_env
 
 
 def _reader(path: Path):
@@ -181,7 +189,11 @@ def _reader(path: Path):
 
 def load_package(model: str | Path | None = None) -> ModelPackage:
     """Load and verify a model package; any defect is an XctrtError naming the package."""
-    path = resolve_model_path(model)
+    path, from_env = _resolve(model)
+    if from_env and not path.exists():
+        names = ", ".join(sorted(p.name for p in EMBEDDED.iterdir() if p.is_dir()))
+        raise XctrtError(f"{path}: model package not found; the name comes from the environment variable "
+                         f"XCTRT_MODEL (set it to a package folder, a .zip, or an embedded name: {names})")
     read = _reader(path)
     try:
         manifest = json.loads(read("manifest.json"))

@@ -350,6 +350,26 @@ def test_malformed_input_section(tmp_path, base, inp):
     _expect_error(_write(tmp_path, m, files), "incomplete or malformed")
 
 
+def test_input_size_not_matching_the_graph(tmp_path, base):
+    """The shipped graph takes 256x256 tiles; before, a manifest saying 128 loaded and ONNX Runtime failed
+    mid-run with InvalidArgument (an internal error)."""
+    manifest, files = base
+    m = dict(manifest, input=dict(manifest["input"], size=128))
+    msg = _expect_error(_write(tmp_path, m, files), "model.onnx input 'image' has shape")
+    assert "[batch, 1, 256, 256]" in msg and "input size 128 needs [N, 1, 128, 128]" in msg
+
+
+def test_class_count_not_matching_the_graph_channels(tmp_path, base):
+    """Graph outputs 3 channels, the manifest maps 2 classes onto it."""
+    manifest, files = base
+    m = copy.deepcopy(manifest)
+    m["classes"] = m["classes"][:2]
+    m["priority"] = ["pore", "material"]
+    m["graphs"][0]["outputs"] = ["material", "pore"]
+    msg = _expect_error(_write(tmp_path, m, files), "model.onnx output 'probs' has shape")
+    assert "[batch, 3, 256, 256]" in msg and "need [N, 2, 256, 256]" in msg
+
+
 @pytest.mark.parametrize("window", [{"mode": "auto", "low": 0, "high": 1}, {"mode": "fixed", "low": 5, "high": 5}])
 def test_bad_intensity_window(tmp_path, base, window):
     manifest, files = base

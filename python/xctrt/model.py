@@ -240,12 +240,42 @@ def _parse(path: Path, m: dict, read) -> ModelPackage:
     blend, pad = inp.get("blend", "ramp"), inp.get("pad", "edge")
     if mode not in INPUT_MODES or blend not in BLENDS or pad not in PADS or not 0 <= overlap < size:
         raise XctrtError(f"{path}: bad input section {inp}")
+    for g in graphs:
+        _check_graph_shape(path, g, size)
     window = m.get("intensity_window", {"mode": "percentile", "low": 0.5, "high": 99.5})
     if window.get("mode") not in ("percentile", "fixed") or not float(window["low"]) < float(window["high"]):
         raise XctrtError(f"{path}: bad intensity_window {window}")
     return ModelPackage(path=path, manifest=m, classes=classes, graphs=graphs, aggregation=agg,
                         priority=[channel_names.index(n) for n in prio_names], input_size=size,
                         input_mode=mode, overlap=overlap, blend=blend, pad=pad, window=window)
+
+
+def _check_graph_shape(path: Path, graph: Graph, size: int) -> None:
+    """The graph's declared input (N, 1, S, S) and first output (N, C, S, S) against the manifest's input
+    size and the graph's outputs list, so that a mismatch is refused at load instead of failing in the
+    engine mid-run. Only fixed dimensions are compared (a symbolic batch, or an output shape the export
+    left open, passes); bytes onnx cannot parse are left to the engine, which reports them."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        g = onnx.load_model_from_string(graph.data).graph
+    except DecodeError:
+        return
+    weights = {t.name for t in g.initializer}
+    inputs = [i for i in g.input if i.name not in weights]
+    for kind, info, want, why in (
+            ("input", inputs[:1], (None, 1, size, size), f"manifest.json's input size {size} needs"),
+            ("output", g.output[:1], (None, len(graph.outputs), size, size),
+             f"manifest.json's input size {size} and outputs {list(graph.outputs)} need")):
+        if not info or not info[0].type.tensor_type.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
+                for d in info[0].type.tensor_type.shape.dim]
+        if len(dims) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(dims, want)):
+            shape = "[" + ", ".join(map(str, dims)) + "]"
+            raise XctrtError(f"{path}: {graph.file} {kind} {info[0].name!r} has shape {shape}, but {why} "
+                             f"[N, {want[1]}, {size}, {size}]")
 
 
 def write_package(out: Path, manifest: dict, files: dict[str, bytes]) -> Path:

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from xctrt.errors import XctrtError
-from xctrt.model import DEFAULT_MODEL, EMBEDDED, FORMAT, load_package, resolve_model_path, write_package
+import xctrt.model
+from xctrt.model import (DEFAULT_MODEL, EMBEDDED, EMBEDDED_MANIFEST_SHA256, FORMAT, load_package,
+                         resolve_model_path, write_package)
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "python" / "xctrt" / "models" / "untrained-tiny"
@@ -82,6 +84,45 @@ def test_shipped_default_is_the_trained_package_and_verifies():
     for key in ("backbone", "training_data", "recipe", "metrics"):
         assert m.get(key), key
     assert sum(len(g.data) for g in pkg.graphs) < 60e6
+
+
+def test_embedded_manifest_pins_match_the_shipped_manifests():
+    """Every embedded package has a pin and it is its manifest's sha256: a deliberate manifest change
+    fails here until the pin in xctrt/model.py is updated with it."""
+    shipped = {p.name: hashlib.sha256((p / "manifest.json").read_bytes()).hexdigest()
+               for p in EMBEDDED.iterdir() if p.is_dir()}
+    assert shipped == EMBEDDED_MANIFEST_SHA256
+
+
+@pytest.fixture
+def embedded_copy(tmp_path, monkeypatch):
+    """A copy of the embedded untrained-tiny folder that the loader resolves embedded names in, so that
+    damaging it leaves the real package alone; returns the copy's manifest path."""
+    models = tmp_path / "models"
+    shutil.copytree(SHIPPED, models / "untrained-tiny")
+    monkeypatch.setattr(xctrt.model, "EMBEDDED", models)
+    return models / "untrained-tiny" / "manifest.json"
+
+
+def test_an_edited_embedded_manifest_is_refused(embedded_copy, monkeypatch, run_cli):
+    assert load_package("untrained-tiny").path == embedded_copy.parent   # the copy, unedited, loads
+    text = embedded_copy.read_text()
+    assert text.count('"threshold": 0.5') == 3
+    embedded_copy.write_text(text.replace('"threshold": 0.5', '"threshold": 0.4', 1))  # still a valid package
+    assert load_package(embedded_copy.parent).classes[0].threshold == 0.4   # as a path: a user's own package
+    msg = _expect_error("untrained-tiny", "manifest.json of the embedded package 'untrained-tiny' is not the one")
+    assert EMBEDDED_MANIFEST_SHA256["untrained-tiny"][:12] in msg
+    monkeypatch.setenv("XCTRT_MODEL", "untrained-tiny")
+    with pytest.raises(XctrtError) as e:
+        load_package("default")
+    assert str(e.value) == msg
+    code, _, err = run_cli("info")
+    assert code == 2 and err.splitlines() == [f"xctrt: error: {msg}"]
+
+
+def test_an_embedded_package_without_a_pin_is_refused(embedded_copy, monkeypatch):
+    monkeypatch.delitem(EMBEDDED_MANIFEST_SHA256, "untrained-tiny")
+    _expect_error("untrained-tiny", "pinned none")
 
 
 @pytest.mark.parametrize("name", [None, "default"])

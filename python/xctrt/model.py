@@ -25,6 +25,14 @@ BLENDS = ("constant", "ramp")
 PADS = ("edge", "constant")
 EMBEDDED = Path(__file__).parent / "models"
 DEFAULT_MODEL = "litemedsam-convlora-shared"
+# sha256 of each embedded package's manifest.json, which in turn holds its graphs' sha256: a package
+# chosen by embedded name (-m NAME, 'default', XCTRT_MODEL) is refused if its manifest was edited, since
+# nothing inside a package can protect its own manifest. A deliberate change to a shipped manifest must
+# update its line here (tests/test_model.py checks these against the files).
+EMBEDDED_MANIFEST_SHA256 = {
+    "litemedsam-convlora-shared": "035dd8c88dbc49aa288548d0e90984d8618b060d916aaf75d55073a1c632c6c9",
+    "untrained-tiny": "72af03b3702ce6b4ae52375db1e4db93891ccfa35db66ba9d60aeb3df6757a81",
+}
 
 
 @dataclass(frozen=True)
@@ -139,17 +147,17 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return _resolve(model)[0]
 
 
-def _resolve(model: str | Path | None) -> tuple[Path, bool]:
-    """resolve_model_path's path, and whether the name came from $XCTRT_MODEL (errors then say so: the
-    user typed no name)."""
+def _resolve(model: str | Path | None) -> tuple[Path, str | None, bool]:
+    """resolve_model_path's path, the embedded name it was resolved from (None for a path), and whether
+    the name came from $XCTRT_MODEL (errors then say so: the user typed no name)."""
     from_env = False
     if model is None or str(model) == "default":
         env = os.environ.get("XCTRT_MODEL")
         model, from_env = (env, True) if env else (DEFAULT_MODEL, False)
     p = Path(model)
     if not p.exists() and (EMBEDDED / str(model)).is_dir():
-        return EMBEDDED / str(model), from_env
-    return p, from_env
+        return EMBEDDED / str(model), str(model), from_env
+    return p, None, from_env
 
 
 def _reader(path: Path):
@@ -189,14 +197,22 @@ def _reader(path: Path):
 
 def load_package(model: str | Path | None = None) -> ModelPackage:
     """Load and verify a model package; any defect is an XctrtError naming the package."""
-    path, from_env = _resolve(model)
+    path, embedded, from_env = _resolve(model)
     if from_env and not path.exists():
         names = ", ".join(sorted(p.name for p in EMBEDDED.iterdir() if p.is_dir()))
         raise XctrtError(f"{path}: model package not found; the name comes from the environment variable "
                          f"XCTRT_MODEL (set it to a package folder, a .zip, or an embedded name: {names})")
     read = _reader(path)
+    raw = read("manifest.json")
+    digest = hashlib.sha256(raw).hexdigest()
+    pin = EMBEDDED_MANIFEST_SHA256.get(embedded) if embedded else None
+    if embedded and digest != pin:
+        raise XctrtError(f"{path}: manifest.json of the embedded package {embedded!r} is not the one this "
+                         f"xctrt ships (sha256 {digest[:12]}..., pinned {pin[:12] + '...' if pin else 'none'}); "
+                         "reinstall xctrt, or if the change is deliberate update its EMBEDDED_MANIFEST_SHA256 "
+                         "entry in xctrt/model.py")
     try:
-        manifest = json.loads(read("manifest.json"))
+        manifest = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise XctrtError(f"{path}: manifest.json is not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -125,6 +125,22 @@ def test_an_embedded_package_without_a_pin_is_refused(embedded_copy, monkeypatch
     _expect_error("untrained-tiny", "pinned none")
 
 
+def test_summary_records_the_manifest_sha256_of_a_user_package(tmp_path, phantom_volume):
+    """A user package's manifest is not pinned: an edited threshold loads, and the run's summary.json
+    tells the edited manifest from the shipped one (the graph hashes alone are the same for both)."""
+    from xctrt.pipeline import Segmenter
+    pkg = tmp_path / "pkg"
+    shutil.copytree(SHIPPED, pkg)
+    manifest = pkg / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"threshold": 0.5', '"threshold": 0.4', 1))
+    seg = Segmenter(pkg, backend="onnxruntime", progress=False)
+    seg.segment(phantom_volume[:2, :64, :64], out_dir=tmp_path / "out")
+    model = json.loads((tmp_path / "out" / "summary.json").read_text())["model"]
+    assert model["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert model["manifest_sha256"] != EMBEDDED_MANIFEST_SHA256["untrained-tiny"]
+    assert model["files_sha256"] == json.loads((SHIPPED / "manifest.json").read_text())["files"]
+
+
 @pytest.mark.parametrize("name", [None, "default"])
 def test_a_missing_package_named_by_xctrt_model_says_so(name, monkeypatch, run_cli):
     monkeypatch.setenv("XCTRT_MODEL", "bogus")

@@ -63,6 +63,7 @@ class ModelPackage:
     blend: str
     pad: str
     window: dict
+    manifest_sha256: str | None = None   # of manifest.json as read; summary.json records it (None: in memory)
 
     @property
     def name(self) -> str:
@@ -219,12 +220,12 @@ def load_package(model: str | Path | None = None) -> ModelPackage:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise XctrtError(f"{path}: unsupported model package format {got!r}; this xctrt reads {FORMAT!r}")
     try:
-        return _parse(path, manifest, read)
+        return _parse(path, manifest, read, digest)
     except (KeyError, TypeError, ValueError) as exc:
         raise XctrtError(f"{path}: manifest.json is incomplete or malformed ({type(exc).__name__}: {exc})") from exc
 
 
-def _parse(path: Path, m: dict, read) -> ModelPackage:
+def _parse(path: Path, m: dict, read, manifest_sha256: str) -> ModelPackage:
     hashes = m["files"]
     graphs = []
     for g in m["graphs"]:
@@ -263,7 +264,8 @@ def _parse(path: Path, m: dict, read) -> ModelPackage:
         raise XctrtError(f"{path}: bad intensity_window {window}")
     return ModelPackage(path=path, manifest=m, classes=classes, graphs=graphs, aggregation=agg,
                         priority=[channel_names.index(n) for n in prio_names], input_size=size,
-                        input_mode=mode, overlap=overlap, blend=blend, pad=pad, window=window)
+                        input_mode=mode, overlap=overlap, blend=blend, pad=pad, window=window,
+                        manifest_sha256=manifest_sha256)
 
 
 def _check_graph_shape(path: Path, graph: Graph, size: int) -> None:

@@ -442,6 +442,40 @@ def test_bad_class_ids(tmp_path, base, ids):
     _expect_error(_write(tmp_path, m, files), "class ids")
 
 
+def _set(where: str, value):
+    """A manifest edit: where is a dotted path ("classes.0.threshold"), value the new value."""
+    def edit(m):
+        *keys, last = [int(k) if k.isdigit() else k for k in where.split(".")]
+        for k in keys:
+            m = m[k]
+        m[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    # each loaded before and ran with a silently different meaning, or failed mid-run (internal error)
+    (_set("classes.0.threshold", 1.5), "class 'material' threshold must be a probability .* not 1.5"),
+    (_set("classes.0.threshold", -0.1), "threshold must be a probability"),
+    (_set("classes.0.threshold", float("nan")), "threshold must be a probability .* not nan"),
+    (_set("classes.1.id", 2.7), "class 'pore' id must be a whole number, not 2.7"),           # was id 2
+    (_set("classes.0.id", True), "class 'material' id must be a whole number, not True"),
+    (_set("input.size", float("inf")), "input size must be a whole number"),                   # OverflowError
+    (_set("input.overlap", 32.7), "input overlap must be a whole number"),
+    (lambda m: m["classes"].append({"id": 9, "name": "pore", "threshold": 0.1}),              # pore was id 9
+     "class names must be distinct"),
+    (lambda m: m.update(classes=[], priority=[], graphs=[]), "the package has no classes"),     # IndexError
+    (_set("intensity_window", {"mode": "percentile", "low": -5, "high": 99.5}), "bad intensity_window"),
+    (_set("intensity_window", {"mode": "percentile", "low": 0.5, "high": 150}), "bad intensity_window"),
+    (_set("intensity_window", {"mode": "fixed", "low": 0, "high": float("inf")}), "bad intensity_window"),
+    (_set("intensity_window", [0, 1]), "bad intensity_window"),                                 # AttributeError
+    (_set("trained", "false"), "trained must be true or false, not 'false'"),                   # read as trained
+])
+def test_manifest_values_out_of_range(tmp_path, base, edit, match):
+    m = copy.deepcopy(base[0])
+    edit(m)
+    _expect_error(_write(tmp_path, m, base[1]), match)
+
+
 # ------------------------------------------------------------------ the shipped package is reproducible
 
 

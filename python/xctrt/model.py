@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -239,12 +240,23 @@ def _parse(path: Path, m: dict, read, manifest_sha256: str) -> ModelPackage:
                              "the package is damaged or was modified")
         graphs.append(Graph(name, tuple(g["outputs"]), data))
     by_name = {c["name"]: c for c in m["classes"]}
+    if len(by_name) != len(m["classes"]):   # else the last entry of a name would silently win
+        raise XctrtError(f"{path}: class names must be distinct, got {[c['name'] for c in m['classes']]}")
     channel_names = [o for g in graphs for o in g.outputs]
+    if not channel_names:
+        raise XctrtError(f"{path}: the package has no classes (no graph outputs)")
     if sorted(channel_names) != sorted(by_name) or len(set(channel_names)) != len(channel_names):
         raise XctrtError(f"{path}: graph outputs {channel_names} do not match the classes {sorted(by_name)}")
-    classes = [ClassSpec(int(by_name[n]["id"]), n, float(by_name[n]["threshold"])) for n in channel_names]
+    classes = [ClassSpec(_whole(by_name[n]["id"], f"class {n!r} id"), n, float(by_name[n]["threshold"]))
+               for n in channel_names]
     if any(not 0 < c.id < 256 for c in classes) or len({c.id for c in classes}) != len(classes):
         raise XctrtError(f"{path}: class ids must be distinct values 1..255")
+    for c in classes:
+        if not 0 <= c.threshold <= 1:   # also NaN: a probability threshold outside [0, 1] never/always fires
+            raise XctrtError(f"{path}: class {c.name!r} threshold must be a probability in [0, 1], "
+                             f"not {c.threshold}")
+    if not isinstance(m.get("trained", False), bool):   # bool("false") would call it trained
+        raise XctrtError(f"{path}: trained must be true or false, not {m['trained']!r}")
     agg = m.get("aggregation", "priority")
     if agg not in PRIORITY_RULES:
         raise XctrtError(f"{path}: aggregation must be one of {PRIORITY_RULES}, not {agg!r}")
@@ -252,20 +264,35 @@ def _parse(path: Path, m: dict, read, manifest_sha256: str) -> ModelPackage:
     if sorted(prio_names) != sorted(channel_names):
         raise XctrtError(f"{path}: priority {prio_names} must list every class once")
     inp = m["input"]
-    size, mode = int(inp["size"]), inp.get("mode", "tile")
-    overlap = int(inp.get("overlap", 0))
+    size, mode = _whole(inp["size"], "input size"), inp.get("mode", "tile")
+    overlap = _whole(inp.get("overlap", 0), "input overlap")
     blend, pad = inp.get("blend", "ramp"), inp.get("pad", "edge")
     if mode not in INPUT_MODES or blend not in BLENDS or pad not in PADS or not 0 <= overlap < size:
         raise XctrtError(f"{path}: bad input section {inp}")
     for g in graphs:
         _check_graph_shape(path, g, size)
     window = m.get("intensity_window", {"mode": "percentile", "low": 0.5, "high": 99.5})
-    if window.get("mode") not in ("percentile", "fixed") or not float(window["low"]) < float(window["high"]):
+    if not isinstance(window, dict) or window.get("mode") not in ("percentile", "fixed"):
         raise XctrtError(f"{path}: bad intensity_window {window}")
+    lo, hi = float(window["low"]), float(window["high"])
+    ok = math.isfinite(lo) and math.isfinite(hi) and lo < hi
+    if not ok or (window["mode"] == "percentile" and not (0 <= lo and hi <= 100)):   # else NumPy fails mid-run
+        raise XctrtError(f"{path}: bad intensity_window {window} (needs finite low < high; percentiles 0..100)")
     return ModelPackage(path=path, manifest=m, classes=classes, graphs=graphs, aggregation=agg,
                         priority=[channel_names.index(n) for n in prio_names], input_size=size,
                         input_mode=mode, overlap=overlap, blend=blend, pad=pad, window=window,
                         manifest_sha256=manifest_sha256)
+
+
+def _whole(value, what: str) -> int:
+    """A whole-number manifest value; int() alone would turn 1.7 into 1 and true into 1, and fail on
+    Infinity with an OverflowError. ValueError/TypeError: load_package calls the manifest malformed."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    f = float(value)   # "256" and 256.0 are fine
+    if isinstance(value, bool) or not f.is_integer():
+        raise ValueError(f"{what} must be a whole number, not {value!r}")
+    return int(f)
 
 
 def _check_graph_shape(path: Path, graph: Graph, size: int) -> None:

@@ -1,4 +1,5 @@
-"""Model packages: a folder or .zip holding manifest.json and ONNX graphs, each file pinned by sha256.
+"""Model packages: a folder or .zip holding manifest.json and ONNX graphs, each graph pinned by its sha256
+in the manifest (an embedded package's manifest by EMBEDDED_MANIFEST_SHA256).
 
 Graph contract (every backend relies on it): input ``image`` float32 (N, 1, S, S), grey values
 already windowed to [0, 1]; output float32 (N, C, S, S) per-class probabilities, C = the

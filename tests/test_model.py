@@ -4,8 +4,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import io
 import json
 import shutil
+import struct
 import sys
 import zipfile
 from pathlib import Path
@@ -13,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from xctrt.errors import XctrtError
-from xctrt.model import DEFAULT_MODEL, EMBEDDED, FORMAT, load_package, resolve_model_path, write_package
+import xctrt.model
+from xctrt.model import (DEFAULT_MODEL, EMBEDDED, EMBEDDED_MANIFEST_SHA256, FORMAT, load_package,
+                         resolve_model_path, write_package)
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "python" / "xctrt" / "models" / "untrained-tiny"
@@ -80,6 +84,77 @@ def test_shipped_default_is_the_trained_package_and_verifies():
     for key in ("backbone", "training_data", "recipe", "metrics"):
         assert m.get(key), key
     assert sum(len(g.data) for g in pkg.graphs) < 60e6
+
+
+def test_embedded_manifest_pins_match_the_shipped_manifests():
+    """Every embedded package has a pin and it is its manifest's sha256: a deliberate manifest change
+    fails here until the pin in xctrt/model.py is updated with it."""
+    shipped = {p.name: hashlib.sha256((p / "manifest.json").read_bytes()).hexdigest()
+               for p in EMBEDDED.iterdir() if p.is_dir()}
+    assert shipped == EMBEDDED_MANIFEST_SHA256
+
+
+@pytest.fixture
+def embedded_copy(tmp_path, monkeypatch):
+    """A copy of the embedded untrained-tiny folder that the loader resolves embedded names in, so that
+    damaging it leaves the real package alone; returns the copy's manifest path."""
+    models = tmp_path / "models"
+    shutil.copytree(SHIPPED, models / "untrained-tiny")
+    monkeypatch.setattr(xctrt.model, "EMBEDDED", models)
+    return models / "untrained-tiny" / "manifest.json"
+
+
+def test_an_edited_embedded_manifest_is_refused(embedded_copy, monkeypatch, run_cli):
+    assert load_package("untrained-tiny").path == embedded_copy.parent   # the copy, unedited, loads
+    text = embedded_copy.read_text()
+    assert text.count('"threshold": 0.5') == 3
+    embedded_copy.write_text(text.replace('"threshold": 0.5', '"threshold": 0.4', 1))  # still a valid package
+    assert load_package(embedded_copy.parent).classes[0].threshold == 0.4   # as a path: a user's own package
+    msg = _expect_error("untrained-tiny", "manifest.json of the embedded package 'untrained-tiny' is not the one")
+    assert EMBEDDED_MANIFEST_SHA256["untrained-tiny"][:12] in msg
+    monkeypatch.setenv("XCTRT_MODEL", "untrained-tiny")
+    with pytest.raises(XctrtError) as e:
+        load_package("default")
+    assert str(e.value) == msg
+    code, _, err = run_cli("info")
+    assert code == 2 and err.splitlines() == [f"xctrt: error: {msg}"]
+
+
+def test_an_embedded_package_without_a_pin_is_refused(embedded_copy, monkeypatch):
+    monkeypatch.delitem(EMBEDDED_MANIFEST_SHA256, "untrained-tiny")
+    _expect_error("untrained-tiny", "pinned none")
+
+
+def test_summary_records_the_manifest_sha256_of_a_user_package(tmp_path, phantom_volume):
+    """A user package's manifest is not pinned: an edited threshold loads, and the run's summary.json
+    tells the edited manifest from the shipped one (the graph hashes alone are the same for both)."""
+    from xctrt.pipeline import Segmenter
+    pkg = tmp_path / "pkg"
+    shutil.copytree(SHIPPED, pkg)
+    manifest = pkg / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"threshold": 0.5', '"threshold": 0.4', 1))
+    seg = Segmenter(pkg, backend="onnxruntime", progress=False)
+    seg.segment(phantom_volume[:2, :64, :64], out_dir=tmp_path / "out")
+    model = json.loads((tmp_path / "out" / "summary.json").read_text())["model"]
+    assert model["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert model["manifest_sha256"] != EMBEDDED_MANIFEST_SHA256["untrained-tiny"]
+    assert model["files_sha256"] == json.loads((SHIPPED / "manifest.json").read_text())["files"]
+
+
+@pytest.mark.parametrize("name", [None, "default"])
+def test_a_missing_package_named_by_xctrt_model_says_so(name, monkeypatch, run_cli):
+    monkeypatch.setenv("XCTRT_MODEL", "bogus")
+    with pytest.raises(XctrtError, match="bogus: model package not found") as e:
+        load_package(name)
+    msg = str(e.value)
+    assert "environment variable XCTRT_MODEL" in msg and "untrained-tiny" in msg  # and what would be found
+    code, _, err = run_cli("info")
+    assert code == 2 and err.splitlines() == [f"xctrt: error: {msg}"]
+
+
+def test_a_missing_package_given_by_name_does_not_blame_xctrt_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("XCTRT_MODEL", "untrained-tiny")
+    assert "XCTRT_MODEL" not in _expect_error(tmp_path / "bogus", "model package not found")
 
 
 def test_an_existing_path_wins_over_an_embedded_name(tmp_path, base, monkeypatch):
@@ -247,6 +322,40 @@ def test_tampered_graph_in_zip(tmp_path, base):
     _expect_error(z, "sha256")
 
 
+def _member_data(data: bytes, name: str) -> tuple[int, int]:
+    """(offset, length) of a zip member's stored bytes: after its local header's name and extra field."""
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(name)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+@pytest.mark.parametrize("member", ["manifest.json", "model.onnx"])
+@pytest.mark.parametrize("damage, error", [("flip", "Bad CRC-32"),                 # deflate stream still decodes
+                                           ("zero", "error: Error -3"),            # zlib.error: not deflate data
+                                           ("encrypt", "RuntimeError")])            # flagged as encrypted
+def test_zip_with_damaged_member_data(tmp_path, member, damage, error):
+    """The central directory is intact, so the zip opens; reading the member fails. Before: BadZipFile /
+    zlib.error escaped as an internal error (exit 3)."""
+    z = tmp_path / "pkg.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(SHIPPED.iterdir()):
+            zf.write(f, f.name)
+    data = bytearray(z.read_bytes())
+    at, n = _member_data(bytes(data), member)
+    if damage == "flip":
+        data[at + n // 2] ^= 0x01
+    elif damage == "zero":
+        data[at:at + n] = bytes(n)
+    else:   # general-purpose flag bit 0 in the member's central directory entry (name at +46)
+        entry = data.index(b"PK\x01\x02")
+        while data[entry + 46:entry + 46 + struct.unpack_from("<H", data, entry + 28)[0]] != member.encode():
+            entry = data.index(b"PK\x01\x02", entry + 4)
+        data[entry + 8] |= 0x01
+    z.write_bytes(bytes(data))
+    msg = _expect_error(z, f"cannot read {member} from the zip")
+    assert error in msg
+
+
 def test_graph_without_a_sha256(tmp_path, base):
     p = _write(tmp_path, *base)
     m = json.loads((p / "manifest.json").read_text())
@@ -298,6 +407,26 @@ def test_malformed_input_section(tmp_path, base, inp):
     _expect_error(_write(tmp_path, m, files), "incomplete or malformed")
 
 
+def test_input_size_not_matching_the_graph(tmp_path, base):
+    """The shipped graph takes 256x256 tiles; before, a manifest saying 128 loaded and ONNX Runtime failed
+    mid-run with InvalidArgument (an internal error)."""
+    manifest, files = base
+    m = dict(manifest, input=dict(manifest["input"], size=128))
+    msg = _expect_error(_write(tmp_path, m, files), "model.onnx input 'image' has shape")
+    assert "[batch, 1, 256, 256]" in msg and "input size 128 needs [N, 1, 128, 128]" in msg
+
+
+def test_class_count_not_matching_the_graph_channels(tmp_path, base):
+    """Graph outputs 3 channels, the manifest maps 2 classes onto it."""
+    manifest, files = base
+    m = copy.deepcopy(manifest)
+    m["classes"] = m["classes"][:2]
+    m["priority"] = ["pore", "material"]
+    m["graphs"][0]["outputs"] = ["material", "pore"]
+    msg = _expect_error(_write(tmp_path, m, files), "model.onnx output 'probs' has shape")
+    assert "[batch, 3, 256, 256]" in msg and "need [N, 2, 256, 256]" in msg
+
+
 @pytest.mark.parametrize("window", [{"mode": "auto", "low": 0, "high": 1}, {"mode": "fixed", "low": 5, "high": 5}])
 def test_bad_intensity_window(tmp_path, base, window):
     manifest, files = base
@@ -311,6 +440,40 @@ def test_bad_class_ids(tmp_path, base, ids):
     for c, i in zip(m["classes"], ids):
         c["id"] = i
     _expect_error(_write(tmp_path, m, files), "class ids")
+
+
+def _set(where: str, value):
+    """A manifest edit: where is a dotted path ("classes.0.threshold"), value the new value."""
+    def edit(m):
+        *keys, last = [int(k) if k.isdigit() else k for k in where.split(".")]
+        for k in keys:
+            m = m[k]
+        m[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    # each loaded before and ran with a silently different meaning, or failed mid-run (internal error)
+    (_set("classes.0.threshold", 1.5), "class 'material' threshold must be a probability .* not 1.5"),
+    (_set("classes.0.threshold", -0.1), "threshold must be a probability"),
+    (_set("classes.0.threshold", float("nan")), "threshold must be a probability .* not nan"),
+    (_set("classes.1.id", 2.7), "class 'pore' id must be a whole number, not 2.7"),           # was id 2
+    (_set("classes.0.id", True), "class 'material' id must be a whole number, not True"),
+    (_set("input.size", float("inf")), "input size must be a whole number"),                   # OverflowError
+    (_set("input.overlap", 32.7), "input overlap must be a whole number"),
+    (lambda m: m["classes"].append({"id": 9, "name": "pore", "threshold": 0.1}),              # pore was id 9
+     "class names must be distinct"),
+    (lambda m: m.update(classes=[], priority=[], graphs=[]), "the package has no classes"),     # IndexError
+    (_set("intensity_window", {"mode": "percentile", "low": -5, "high": 99.5}), "bad intensity_window"),
+    (_set("intensity_window", {"mode": "percentile", "low": 0.5, "high": 150}), "bad intensity_window"),
+    (_set("intensity_window", {"mode": "fixed", "low": 0, "high": float("inf")}), "bad intensity_window"),
+    (_set("intensity_window", [0, 1]), "bad intensity_window"),                                 # AttributeError
+    (_set("trained", "false"), "trained must be true or false, not 'false'"),                   # read as trained
+])
+def test_manifest_values_out_of_range(tmp_path, base, edit, match):
+    m = copy.deepcopy(base[0])
+    edit(m)
+    _expect_error(_write(tmp_path, m, base[1]), match)
 
 
 # ------------------------------------------------------------------ the shipped package is reproducible

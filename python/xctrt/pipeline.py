@@ -404,6 +404,7 @@ class Segmenter:
             "input": {"path": str(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),
                       "voxel_size_mm": list(vs) if unit == "mm" else None, "voxel_size_from": vs_from},
             "model": {"name": self.package.name, "path": str(self.package.path), "trained": self.package.trained,
+                      "manifest_sha256": self.package.manifest_sha256,
                       "files_sha256": self.package.manifest.get("files", {})},
             "run": {"backend": self.engine.name, "device": self.engine.device, "pipeline": self.device,
                     "routed_adapters": getattr(self.engine, "routed_adapters", None),

@@ -1,6 +1,7 @@
 """Volume input (TIFF flavours, slice folders, .npy) and label output (OME-TIFF, staged files)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -100,7 +101,24 @@ def test_ome_tiff_without_physical_size_has_no_voxel_size(tmp_path):
     p = tmp_path / "v.ome.tif"
     tifffile.imwrite(p, volume((5, 20, 30)), ome=True, photometric="minisblack", metadata={"axes": "ZYX"})
     with open_volume(p) as src:
+        assert src.voxel_size is None and src.voxel_size_note is None   # nothing given, nothing to explain
+
+
+def test_ome_tiff_with_x_and_y_but_no_z_size_says_so(tmp_path, run_cli):
+    """A 2D tool's OME stack often has PhysicalSizeX/Y only: sizes are then in voxels, and the run says why."""
+    p = tmp_path / "v.ome.tif"
+    tifffile.imwrite(p, volume((5, 20, 30)), ome=True, photometric="minisblack",
+                     metadata={"axes": "ZYX", "PhysicalSizeY": 4.0, "PhysicalSizeX": 2.0})
+    with open_volume(p) as src:
         assert src.voxel_size is None
+        assert src.voxel_size_note == "the OME metadata gives PhysicalSizeY/X but not Z"
+    code, out, err = run_cli("segment", p, "-o", tmp_path / "out", "--no-progress")
+    assert code == 0, err
+    assert "note: voxel size unknown (the OME metadata gives PhysicalSizeY/X but not Z; sizes in voxels); " \
+           "give it with --voxel-size" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["input"]["voxel_size_mm"] is None
+    assert "but not Z" in summary["input"]["voxel_size_from"]
 
 
 def test_phantom_fixture_is_an_ome_tiff_with_its_voxel_size(phantom_path, phantom_volume):
@@ -130,6 +148,7 @@ def test_imagej_tiff_unknown_unit_gives_no_voxel_size(tmp_path):
                      metadata={"spacing": 5.0, "unit": "pixel", "axes": "ZYX"})
     with open_volume(p) as src:
         assert src.voxel_size is None
+        assert src.voxel_size_note == "the ImageJ metadata's unit 'pixel' is not a length xctrt knows"
 
 
 # ------------------------------------------------------------------ slice folders

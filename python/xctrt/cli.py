@@ -109,6 +109,8 @@ def cmd_segment(args) -> int:
             if f"surface_distance_{unit}" in d]
     if near:
         print("  closest to the part surface: " + ", ".join(near))
+    if unit != "mm":
+        print(f"  note: voxel size {res.summary['input']['voxel_size_from']}; give it with --voxel-size")
     if not seg.package.trained:
         print("  note: the model is UNTRAINED (random weights); these labels mean nothing")
     for line in gpu_fallback_notes(res.summary):

@@ -48,6 +48,7 @@ class VolumeSource:
         self.file_dtype = np.dtype(file_dtype)
         self.dtype = _kernel_dtype(self.file_dtype, path)
         self.voxel_size = voxel_size  # (dz, dy, dx) in mm, or None when the file does not say
+        self.voxel_size_note: str | None = None   # why metadata the file has gave no voxel size
         if len(self.shape) != 3:
             raise XctrtError(f"{path}: expected a 3D volume (Z, Y, X), got shape {self.shape}")
         if min(self.shape) == 0:
@@ -149,7 +150,9 @@ class TiffSource(VolumeSource):
             if len(squeezed) != 3:
                 raise XctrtError(f"{path}: has shape {shape} (axes {series.axes}); expected one grey-value volume (Z, Y, X)")
             self.series = series
-            super().__init__(path, squeezed, dtype, _tiff_voxel_size(self.tif))
+            vs, note = _tiff_voxel_size(self.tif)
+            super().__init__(path, squeezed, dtype, vs)
+            self.voxel_size_note = note
             if len(series.pages) != self.shape[0] and len(shape) == 3:
                 raise XctrtError(f"{path}: has {len(series.pages)} readable pages for {self.shape[0]} slices; "
                                  "the file is truncated or corrupt")
@@ -245,8 +248,9 @@ class SliceFolderSource(VolumeSource):
         return np.stack(out)
 
 
-def _tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
-    """(dz, dy, dx) in mm from OME or ImageJ metadata, else None."""
+def _tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[tuple[float, float, float] | None, str | None]:
+    """(dz, dy, dx) in mm from OME or ImageJ metadata, else None; and, when the file has such metadata
+    but it gives no complete size, why (so the run can say so rather than silently count voxels)."""
     try:
         if tif.is_ome and tif.ome_metadata:
             root = ET.fromstring(tif.ome_metadata)
@@ -255,23 +259,29 @@ def _tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | Non
             for ax in "ZYX":
                 v = pixels.get(f"PhysicalSize{ax}")
                 unit = pixels.get(f"PhysicalSize{ax}Unit", "µm")
-                if v is None or unit not in _UNIT_TO_MM:
-                    return None
+                if v is None:
+                    given = [a for a in "ZYX" if pixels.get(f"PhysicalSize{a}") is not None]
+                    return None, (f"the OME metadata gives PhysicalSize{'/'.join(given)} but not {ax}" if given
+                                  else None)
+                if unit not in _UNIT_TO_MM:
+                    return None, f"the OME metadata's PhysicalSize{ax}Unit {unit!r} is not a length xctrt knows"
                 sizes.append(float(v) * _UNIT_TO_MM[unit])
-            return tuple(sizes)
+            return tuple(sizes), None
         ij = tif.imagej_metadata
         if ij and "spacing" in ij:
             unit = str(ij.get("unit", "")).replace("\\u00B5", "µ")
             scale = _UNIT_TO_MM.get(unit)
             tags = tif.pages[0].tags
-            if scale is None or "XResolution" not in tags:
-                return None
+            if scale is None:
+                return None, f"the ImageJ metadata's unit {unit!r} is not a length xctrt knows"
+            if "XResolution" not in tags:
+                return None, "the ImageJ metadata gives a slice spacing but the file no X/Y resolution"
             xr = tags["XResolution"].value
             yr = tags["YResolution"].value
-            return (float(ij["spacing"]) * scale, yr[1] / yr[0] * scale, xr[1] / xr[0] * scale)
-    except (StopIteration, ET.ParseError, KeyError, ZeroDivisionError, ValueError, TypeError):
-        return None
-    return None
+            return (float(ij["spacing"]) * scale, yr[1] / yr[0] * scale, xr[1] / xr[0] * scale), None
+    except (StopIteration, ET.ParseError, KeyError, ZeroDivisionError, ValueError, TypeError) as exc:
+        return None, f"its voxel-size metadata cannot be read ({type(exc).__name__})"
+    return None, None
 
 
 def open_volume(path: str | os.PathLike) -> VolumeSource:

@@ -82,7 +82,8 @@ def _voxel_size(source, given) -> tuple[tuple[float, float, float], str]:
     elif source.voxel_size is not None:
         vs, vs_from = source.voxel_size, "file metadata"
     else:
-        vs, vs_from = (1.0, 1.0, 1.0), "unknown (sizes in voxels)"
+        note = getattr(source, "voxel_size_note", None)
+        vs, vs_from = (1.0, 1.0, 1.0), f"unknown ({note + '; ' if note else ''}sizes in voxels)"
     where = f"{source.path}: " if vs_from == "file metadata" else ""   # then the file is the culprit
     if len(vs) != 3:
         raise XctrtError(f"{where}voxel size must be three numbers (dz, dy, dx) in mm, got {vs}")

@@ -58,14 +58,29 @@ def test_evaluate_cli_voxel_and_object_numbers(tmp_path):
     assert saved["classes"]["pore"]["iou"] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.int32, np.int64])
+def test_evaluate_takes_labels_stored_as_wider_integers(tmp_path, dtype):
+    """Label exports from other tools are often int16/int32: the same numbers as uint8."""
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 4, (3, 8, 8)).astype(np.uint8)
+    pred = np.where(rng.random(truth.shape) < 0.2, rng.integers(0, 4, truth.shape), truth).astype(np.uint8)
+    ref = evaluate_volumes(_write(tmp_path / "p8.tif", pred), _write(tmp_path / "t8.tif", truth))
+    got = evaluate_volumes(_write(tmp_path / "p.tif", pred.astype(dtype)),
+                           _write(tmp_path / "t.tif", truth.astype(dtype)))
+    assert got == ref
+
+
 def test_evaluate_rejects_mismatch_and_non_labels(tmp_path, capsys):
     a = _write(tmp_path / "a.tif", np.zeros((2, 4, 4), np.uint8))
     b = _write(tmp_path / "b.tif", np.zeros((2, 4, 5), np.uint8))
     c = _write(tmp_path / "c.tif", np.full((2, 4, 4), 200, np.uint8))
+    f = _write(tmp_path / "f.tif", np.ones((2, 4, 4), np.float32))   # grey values, even if they look like labels
     assert main(["evaluate", str(a), str(b)]) == 2
     assert main(["evaluate", str(c), str(a)]) == 2
+    assert main(["evaluate", str(a), str(f)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "differs" in err[0] and "not a label volume" in err[1]
+    assert len(err) == 3 and "differs" in err[0] and "not a label volume" in err[1]
+    assert str(f) in err[2] and "not a label volume" in err[2]
 
 
 def _phantom(seed, noise, shape=(8, 128, 128)):

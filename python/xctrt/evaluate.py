@@ -58,8 +58,9 @@ def evaluate_volumes(pred, truth, connectivity: int = 26, slab: int = 16) -> dic
         for z0 in range(0, p.shape[0], slab):
             z1 = min(z0 + slab, p.shape[0])
             a, b = p.read(z0, z1), t.read(z0, z1)
-            for name, v, arr in ((p.path, a, pv), (t.path, b, tv)):
-                if v.dtype.kind == "f" or v.max(initial=0) > 3 or v.min(initial=0) < 0:
+            for src, v, arr in ((p, a, pv), (t, b, tv)):
+                name = src.path   # judged by the file's type: int16/int32/int64 labels reach here as float32
+                if src.file_dtype.kind not in "iu" or v.max(initial=0) > 3 or v.min(initial=0) < 0:
                     raise XctrtError(f"{name}: not a label volume (values must be 0 air, 1 material, 2 pore, "
                                      "3 inclusion)")
                 arr[z0:z1] = v

@@ -414,3 +414,19 @@ def test_staged_outputs_remove_the_folders_they_made_on_failure(tmp_path, monkey
         st.path("y.txt").write_text("done")
     st.discard()
     assert (tmp_path / "ok" / "y.txt").read_text() == "done"
+
+
+def test_palette_tiffs_are_refused(tmp_path):
+    """Indices into a colour table are not grey values: a palette TIFF, as a stack or as a folder slice."""
+    cmap = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (3, 1))
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, volume((3, 16, 16)).astype(np.uint8), photometric="palette", colormap=cmap)
+    with pytest.raises(XctrtError, match=r"stack.tif: is a palette \(indexed colour\) TIFF"):
+        open_volume(stack)
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in range(3):
+        tifffile.imwrite(folder / f"s{i}.tif", volume((16, 16)).astype(np.uint8),
+                         photometric="palette" if i == 1 else "minisblack", colormap=cmap if i == 1 else None)
+    with open_volume(folder) as src, pytest.raises(XctrtError, match=r"s1.tif: is a palette \(indexed colour\) TIFF"):
+        src.read(0, 3)

@@ -140,6 +140,7 @@ class TiffSource(VolumeSource):
             broken = [m for m in log.messages if any(s in m for s in _BROKEN_CHAIN)]
             if broken:
                 raise XctrtError(f"{path}: the file is truncated or corrupt ({broken[0]})")
+            _refuse_palette(series.keyframe, path)
             if series.keyframe.samplesperpixel > 1:
                 raise XctrtError(f"{path}: is a {series.keyframe.samplesperpixel}-channel image {shape} (colour or "
                                  "samples per pixel); xctrt needs one grey value per voxel, one page per slice")
@@ -224,13 +225,17 @@ class SliceFolderSource(VolumeSource):
     def _read_file(p: Path) -> np.ndarray:
         try:
             if p.suffix.lower() != ".png":
-                return tifffile.imread(p)
+                with tifffile.TiffFile(p) as tif:
+                    _refuse_palette(tif.pages.first, p)
+                    return tif.asarray()
             from PIL import Image
             with Image.open(p) as im:
                 if im.mode not in ("P", "PA"):
                     return np.asarray(im)
                 # a palette PNG holds indices into its palette: the grey values are the palette's
                 rgb = np.asarray(im.convert("RGB"))
+        except XctrtError:
+            raise
         except Exception as exc:
             raise XctrtError(f"{p}: cannot read slice ({type(exc).__name__}: {exc})") from exc
         if not ((rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])).all():
@@ -246,6 +251,12 @@ class SliceFolderSource(VolumeSource):
                                  f"{self.files[0].name} is {self.file_dtype} {self.shape[1:]}; all slices "
                                  "need the same type and size")
         return np.stack(out)
+
+
+def _refuse_palette(page, path: Path) -> None:
+    """A palette TIFF's pixels are indices into a colour table, not grey values."""
+    if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
+        raise XctrtError(f"{path}: is a palette (indexed colour) TIFF; xctrt needs grey values")
 
 
 def _tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[tuple[float, float, float] | None, str | None]:

@@ -236,6 +236,21 @@ def test_package_copy_of_the_shipped_folder_loads(tmp_path):
 # ------------------------------------------------------------------ defects
 
 
+def test_unreadable_file_in_a_package_folder(tmp_path, monkeypatch):
+    """No permission or an I/O error on a package file: one error naming the file (tests run as root,
+    where chmod does not stop a read, so the read itself fails here)."""
+    dst = tmp_path / "copy"
+    shutil.copytree(SHIPPED, dst)
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "model.onnx":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    _expect_error(dst, r"cannot read model.onnx \(Permission denied\)")
+
+
 def test_missing_path(tmp_path):
     _expect_error(tmp_path / "nope", "not found")
 

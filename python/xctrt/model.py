@@ -170,7 +170,10 @@ def _reader(path: Path):
             f = path / name
             if not f.is_file():
                 raise XctrtError(f"{path}: model package is missing {name}")
-            return f.read_bytes()
+            try:
+                return f.read_bytes()
+            except OSError as exc:   # no permission, an I/O error
+                raise XctrtError(f"{path}: cannot read {name} ({exc.strerror or exc})") from exc
         return read
     if path.is_file():
         try:

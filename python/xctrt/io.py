@@ -138,8 +138,9 @@ class TiffSource(VolumeSource):
             logger.removeHandler(log)
         try:  # any rejection below must not leave the file open
             broken = [m for m in log.messages if any(s in m for s in _BROKEN_CHAIN)]
-            if broken:
-                raise XctrtError(f"{path}: the file is truncated or corrupt ({broken[0]})")
+            if broken:   # tifffile's log line starts with its object's repr: keep only what went wrong
+                detail = re.sub(r"^<[^>]*>\s*", "", broken[0])
+                raise XctrtError(f"{path}: the file is truncated or corrupt ({detail})")
             _refuse_palette(series.keyframe, path)
             if series.keyframe.samplesperpixel > 1:
                 raise XctrtError(f"{path}: is a {series.keyframe.samplesperpixel}-channel image {shape} (colour or "

@@ -338,7 +338,8 @@ def test_staged_outputs_commit_in_order_and_discard(tmp_path):
         st.path("a.txt").write_text("a")
         st.path("c.txt").write_text("c")
         # nothing under its final name until the block ends
-        assert sorted(p.name for p in tmp_path.iterdir()) == [f".{n}.txt.{os.getpid()}.partial" for n in "abc"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f".{n}.txt.{st.token}.partial" for n in "abc"]
+        assert st.token.startswith(f"{os.getpid()}.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt"]
     assert (tmp_path / "a.txt").read_text() == "a"
 
@@ -430,3 +431,30 @@ def test_palette_tiffs_are_refused(tmp_path):
                          photometric="palette" if i == 1 else "minisblack", colormap=cmap if i == 1 else None)
     with open_volume(folder) as src, pytest.raises(XctrtError, match=r"s1.tif: is a palette \(indexed colour\) TIFF"):
         src.read(0, 3)
+
+
+def test_two_runs_into_one_folder_from_two_threads(tmp_path):
+    """Each run's temporary files are its own, and commits take turns: the folder ends with one run's
+    complete set, never labels from one run beside the summary of the other."""
+    import threading
+    names = ["labels.tif", "defects.csv", "summary.json"]
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def run(tag):
+        try:
+            with StagedOutputs(tmp_path, names) as st:
+                for n in names:
+                    st.path(n).write_text(tag)
+                barrier.wait()   # both runs hold their staged files before either commits
+        except BaseException as exc:   # noqa: BLE001 - reported below
+            errors.append(exc)
+    for _ in range(20):
+        threads = [threading.Thread(target=run, args=(t,)) for t in "AB"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)   # no .partial left
+        assert len({(tmp_path / n).read_text() for n in names}) == 1

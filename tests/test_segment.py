@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from conftest import OUTPUT_NAMES, PHANTOM_SHAPE, PHANTOM_VOXEL, phantom_array, surface_distance_reference
@@ -191,6 +192,56 @@ def test_on_slab_sees_every_slab_once_in_order(reference, phantom_volume):
     np.testing.assert_array_equal(np.concatenate([img for _, img, _ in seen]), phantom_volume)
     np.testing.assert_array_equal(np.concatenate([lab for _, _, lab in seen]), reference.labels)
     np.testing.assert_array_equal(res.labels, reference.labels)
+
+
+def test_on_slab_gets_read_only_arrays(rich, phantom_volume, tmp_path):
+    """The callback cannot change the caller's volume through the image, nor labels.tif behind the table."""
+    volume = phantom_volume.copy()   # writable, as a caller's array usually is
+    attempts = []
+
+    def scribble(z0, img, lab):
+        for a in (img, lab):
+            assert not a.flags.writeable
+            try:
+                a[:] = 0
+            except ValueError:
+                attempts.append(z0)
+    res = rich.segment(volume, out_dir=tmp_path / "out", on_slab=scribble, keep_labels=True)
+    assert len(attempts) == 2 * len(range(0, volume.shape[0], rich.slab))
+    np.testing.assert_array_equal(volume, phantom_volume)
+    with tifffile.TiffFile(tmp_path / "out" / "labels.tif") as tif:
+        np.testing.assert_array_equal(tif.asarray(), res.labels)
+
+
+def test_segment_and_segmenter_refuse_wrong_argument_types(phantom_volume):
+    seg = make_segmenter()
+    for bad in ([[[1]]], 5, None):
+        with pytest.raises(XctrtError, match="volume must be an array"):
+            seg.segment(bad)
+    with pytest.raises(XctrtError, match="on_slab must be a function"):
+        seg.segment(phantom_volume, on_slab=5)
+    with pytest.raises(XctrtError, match="voxel size must be one number or three"):
+        seg.segment(phantom_volume, voxel_size="fine")
+    for kw in ({"batch_size": 2.5}, {"slab": 2.5}, {"threads": 1.5}, {"min_voxels": 2.5}, {"batch_size": "4"},
+               {"slab": True}):
+        with pytest.raises(XctrtError, match=f"{next(iter(kw))} must be a whole number"):
+            make_segmenter(**kw)
+    for window in ((1,), 5, ("a", "b")):
+        with pytest.raises(XctrtError, match="intensity window must be two numbers"):
+            make_segmenter(window=window)
+    assert make_segmenter(batch_size=np.int64(2), slab=np.int32(3)).batch_size == 2
+
+
+def test_one_voxel_size_number_means_isotropic(rich, phantom_volume):
+    a = rich.segment(phantom_volume, voxel_size=0.02)
+    b = rich.segment(phantom_volume, voxel_size=(0.02, 0.02, 0.02))
+    assert a.summary["input"]["voxel_size_mm"] == [0.02, 0.02, 0.02]
+    np.testing.assert_array_equal(a.defects["volume"], b.defects["volume"])
+    assert rich.segment(phantom_volume, voxel_size=np.float64(0.02)).summary["input"]["voxel_size_mm"] == [0.02] * 3
+
+
+def test_leading_singleton_axes_of_an_array_are_dropped(rich, phantom_volume, reference):
+    np.testing.assert_array_equal(rich.segment(phantom_volume[None, None]).labels, reference.labels)
 
 
 def test_keep_labels_false_returns_no_volume(rich, phantom_volume, reference):

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import stat
 import tempfile
 import xml.etree.ElementTree as ET
@@ -100,6 +101,8 @@ class ArraySource(VolumeSource):
 
     def __init__(self, array: np.ndarray, path: Path | str = "<array>",
                  voxel_size: tuple[float, float, float] | None = None):
+        while array.ndim > 3 and array.shape[0] == 1:   # leading batch/channel axes of 1, as TIFF's are squeezed
+            array = array[0]
         self.array = array
         super().__init__(Path(path), array.shape, array.dtype, voxel_size)
 
@@ -329,6 +332,9 @@ class StagedOutputs:
         self.out_dir = Path(out_dir)
         self.order = list(order)
         self.tmp: dict[str, Path] = {}
+        # temporary names unique to this run, not just this process: two runs into one folder from
+        # two threads must not write, rename or remove each other's files
+        self.token = f"{os.getpid()}.{secrets.token_hex(4)}"
         self.made = check_output_dir(self.out_dir) if create else []
         try:
             for name in self.order:
@@ -338,7 +344,7 @@ class StagedOutputs:
             raise
 
     def path(self, name: str) -> Path:
-        p = self.out_dir / f".{name}.{os.getpid()}.partial"
+        p = self.out_dir / f".{name}.{self.token}.partial"
         self.tmp[name] = p
         return p
 
@@ -356,16 +362,17 @@ class StagedOutputs:
         names = [n for n in self.order if n in self.tmp] + [n for n in self.tmp if n not in self.order]
         done = {}
         try:
-            for name in names:   # every target first: a refused one must not leave the others half replaced
-                check_target(self.out_dir / name)
-            for name in names:
-                target = self.out_dir / name
-                try:
-                    os.replace(self.tmp[name], target)
-                except OSError as exc:
-                    raise XctrtError(f"{target}: cannot write ({exc.strerror or exc})") from exc
-                del self.tmp[name]   # only once renamed: until then discard() must remove it
-                done[name] = target
+            with _folder_lock(self.out_dir):   # runs committing into one folder take turns: one whole set wins
+                for name in names:   # every target first: a refused one must not leave the others half replaced
+                    check_target(self.out_dir / name)
+                for name in names:
+                    target = self.out_dir / name
+                    try:
+                        os.replace(self.tmp[name], target)
+                    except OSError as exc:
+                        raise XctrtError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+                    del self.tmp[name]   # only once renamed: until then discard() must remove it
+                    done[name] = target
         except BaseException:
             self.discard()
             raise
@@ -390,6 +397,26 @@ class StagedOutputs:
             self.commit()   # discards what is left itself if it fails
         else:
             self.discard()
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself (no lock file left behind), across threads and processes;
+    where the platform or file system has none, no lock."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)   # releases the lock
 
 
 def check_target(target: Path) -> None:

@@ -78,7 +78,11 @@ class _StageFailed(Exception):
 def _voxel_size(source, given) -> tuple[tuple[float, float, float], str]:
     """(dz, dy, dx) and where it came from: given, the file's metadata, or unknown (1 voxel)."""
     if given is not None:
-        vs, vs_from = tuple(float(v) for v in given), "given"
+        try:   # one number: isotropic, as on the command line
+            vs = (float(given),) * 3 if np.ndim(given) == 0 else tuple(float(v) for v in given)
+        except (TypeError, ValueError):
+            raise XctrtError(f"voxel size must be one number or three (dz, dy, dx) in mm, got {given!r}") from None
+        vs_from = "given"
     elif source.voxel_size is not None:
         vs, vs_from = source.voxel_size, "file metadata"
     else:
@@ -100,6 +104,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:   # one of them does not exist (yet)
         return False
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 def default_batch_size(engine_device: str, threads: int = 0) -> int:
@@ -142,6 +152,14 @@ class Segmenter:
         if device == "cuda":
             from .gpu import check_cuda
             check_cuda()
+        for name, v in (("batch_size", batch_size), ("slab", slab), ("threads", threads),
+                        ("min_voxels", min_voxels), ("connectivity", connectivity)):
+            if not (v is None and name == "batch_size" or isinstance(v, (int, np.integer))
+                    and not isinstance(v, bool)):
+                raise XctrtError(f"{name} must be a whole number, not {v!r}")
+        if window is not None and (np.shape(window) != (2,) or not all(
+                isinstance(w, (int, float, np.integer, np.floating)) for w in window)):
+            raise XctrtError(f"intensity window must be two numbers (low, high), not {window!r}")
         if (batch_size is not None and batch_size < 1) or slab < 1:
             raise XctrtError("batch size and slab depth must be at least 1")
         if connectivity not in (6, 18, 26):
@@ -250,9 +268,16 @@ class Segmenter:
         """Segment a path (TIFF stack, slice folder, .npy), an array (Z, Y, X) or a VolumeSource.
 
         out_dir: write labels.tif, defects.csv, preview.png, summary.json there (atomically).
-        on_slab(z0, image_slab, label_slab): called for every slab in order, e.g. to stream labels on.
+        on_slab(z0, image_slab, label_slab): called for every slab in order, e.g. to stream labels on; on
+        the writer thread, with read-only arrays: the grey values as the engine reads them (uint8, uint16
+        or float32: other types converted) and the uint8 labels.
         keep_labels: return the label volume in memory (default: only when no out_dir is given).
         """
+        if on_slab is not None and not callable(on_slab):
+            raise XctrtError(f"on_slab must be a function (z0, image, labels), not {on_slab!r}")
+        if not isinstance(volume, (np.ndarray, VolumeSource, str, os.PathLike)):
+            raise XctrtError(f"volume must be an array (Z, Y, X), a path or a VolumeSource, not "
+                             f"{type(volume).__name__}")
         own = not isinstance(volume, VolumeSource)
         source = (ArraySource(volume) if isinstance(volume, np.ndarray) else
                   volume if isinstance(volume, VolumeSource) else open_volume(volume))
@@ -328,8 +353,8 @@ class Segmenter:
                     planes[key][1].append(lab[sl].copy())
                 if labels_all is not None:
                     labels_all[z0:z0 + len(lab)] = lab
-                if on_slab is not None:
-                    on_slab(z0, img, lab)
+                if on_slab is not None:   # read-only: img may be the caller's own array, lab is what gets written
+                    on_slab(z0, _read_only(img), _read_only(lab))
                 bar.update(len(lab))
                 yield from lab
 

@@ -425,6 +425,17 @@ class Segmenter:
             table = counter.finish(self.min_voxels)
         for k, v in stage.stage_seconds().items():
             timer.seconds[k] += v
+        if staged is not None:   # the table and the preview count in the run's time; summary.json cannot
+            with timer("write"):
+                with staged.write("defects.csv") as tmp:
+                    tmp.write_text(table_to_csv(table, unit))
+                pz = planes["z"]
+                py_ = (np.concatenate(planes["y"][0]), np.concatenate(planes["y"][1]))
+                px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
+                with staged.write("preview.png") as tmp:
+                    write_preview(tmp, {"z": pz, "y": py_, "x": px}, window, vs,
+                                  self.class_names, f"{source.path.name}  {Z}x{Y}x{X}  model {self.package.name}"
+                                  + ("" if self.package.trained else " (UNTRAINED)"))
         elapsed = time.perf_counter() - t_start
         summary = {
             "input": {"path": str(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),
@@ -453,15 +464,6 @@ class Segmenter:
         }
         outputs = {}
         if staged is not None:
-            with staged.write("defects.csv") as tmp:
-                tmp.write_text(table_to_csv(table, unit))
-            pz = planes["z"]
-            py_ = (np.concatenate(planes["y"][0]), np.concatenate(planes["y"][1]))
-            px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
-            with staged.write("preview.png") as tmp:
-                write_preview(tmp, {"z": pz, "y": py_, "x": px}, window, vs,
-                              self.class_names, f"{source.path.name}  {Z}x{Y}x{X}  model {self.package.name}"
-                              + ("" if self.package.trained else " (UNTRAINED)"))
             summary["outputs"] = list(OUTPUTS)
             with staged.write("summary.json") as tmp:
                 write_json(tmp, summary)

@@ -64,6 +64,10 @@ def test_untrained_package_loads_and_verifies(default_package):
     assert g.data == (SHIPPED / "model.onnx").read_bytes()
     text = pkg.describe()
     assert "UNTRAINED" in text and "inclusion > pore > material > air" in text
+    # what an integrator pins and checks: the manifest's hash, a readable window and graph size
+    assert f"manifest    sha256 {hashlib.sha256((SHIPPED / 'manifest.json').read_bytes()).hexdigest()}" in text
+    assert "window      percentiles 0.5 to 99.5 of the volume's grey values" in text
+    assert f"({(SHIPPED / 'model.onnx').stat().st_size / 1e3:.1f} kB)" in text
 
 
 @pytest.mark.parametrize("name", [None, "default"])

@@ -5,6 +5,8 @@ import copy
 import csv
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -423,3 +425,11 @@ def test_connectivity_changes_only_the_table(phantom_volume, reference, connecti
     np.testing.assert_array_equal(res.labels, reference.labels)
     assert res.defects["voxels"].sum() == reference.defects["voxels"].sum()
     assert len(res.defects["id"]) >= len(reference.defects["id"])  # fewer neighbours never merge more
+
+
+def test_summary_records_absolute_paths(rich, phantom_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(phantom_path.parent)
+    summary = rich.segment(phantom_path.name).summary
+    assert summary["input"]["path"] == str(phantom_path.absolute())
+    assert Path(summary["model"]["path"]).is_absolute()
+    assert rich.segment(np.zeros((2, 40, 40), np.uint16)).summary["input"]["path"] == "<array>"

@@ -87,9 +87,10 @@ class ModelPackage:
                 if self.aggregation == "priority" else ""),
             f"input       {self.input_mode} {self.input_size}x{self.input_size}, overlap {self.overlap}, "
             f"blend {self.blend}, pad {self.pad}",
-            f"window      {json.dumps(self.window)}",
-            "graphs      " + ", ".join(f"{g.file} -> {list(g.outputs)} ({len(g.data) / 1e6:.2f} MB)"
+            f"window      {_window_text(self.window)}",
+            "graphs      " + ", ".join(f"{g.file} -> {list(g.outputs)} ({_size_text(len(g.data))})"
                                         for g in self.graphs),
+            f"manifest    sha256 {self.manifest_sha256}",
             f"training    {m.get('training_data', '-')}",
             *_metrics_lines(m.get("metrics")),
             "versions    " + (_inline(m["versions"]) if isinstance(m.get("versions"), dict)
@@ -98,6 +99,17 @@ class ModelPackage:
         if m.get("description"):
             lines.append(f"about       {m['description']}")
         return "\n".join(lines)
+
+
+def _window_text(w: dict) -> str:
+    """How grey values are mapped to 0..1, in words (the manifest's window entry)."""
+    if w["mode"] == "percentile":   # the loader allows only these two modes
+        return f"percentiles {w['low']:g} to {w['high']:g} of the volume's grey values"
+    return f"fixed grey values {w['low']:g} to {w['high']:g}"
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def _metrics_lines(metrics) -> list[str]:

@@ -106,6 +106,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _where(path: Path) -> str:
+    """A path as summary.json records it: absolute, so the record still says which file after a cd;
+    "<array>" for an in-memory volume."""
+    return str(path) if str(path).startswith("<") else str(Path(path).absolute())
+
+
 def _read_only(a: np.ndarray) -> np.ndarray:
     v = a.view()
     v.flags.writeable = False
@@ -438,9 +444,9 @@ class Segmenter:
                                   + ("" if self.package.trained else " (UNTRAINED)"))
         elapsed = time.perf_counter() - t_start
         summary = {
-            "input": {"path": str(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),
+            "input": {"path": _where(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),
                       "voxel_size_mm": list(vs) if unit == "mm" else None, "voxel_size_from": vs_from},
-            "model": {"name": self.package.name, "path": str(self.package.path), "trained": self.package.trained,
+            "model": {"name": self.package.name, "path": _where(self.package.path), "trained": self.package.trained,
                       "manifest_sha256": self.package.manifest_sha256,
                       "files_sha256": self.package.manifest.get("files", {})},
             "run": {"backend": self.engine.name, "device": self.engine.device, "pipeline": self.device,

@@ -8,45 +8,65 @@ from PIL import Image, ImageDraw
 
 COLOURS = {1: (70, 130, 180), 2: (255, 40, 40), 3: (255, 220, 0)}  # material blue, pore red, inclusion yellow
 ALPHA = {1: 0.25, 2: 0.85, 3: 0.85}
-PANEL = 384
+PANEL = 384      # pixels of the longest side of any plane; the three share one scale (pixels per mm)
+MIN_SIDE = 16    # a plane thinner than this (a volume of few slices) is stretched to it, and says so
 
 
-def _panel(grey: np.ndarray, labels: np.ndarray, lo: float, hi: float, aspect: float) -> Image.Image:
+def _overlay(grey: np.ndarray, labels: np.ndarray, lo: float, hi: float) -> Image.Image:
     g = np.clip((grey.astype(np.float32) - lo) / max(hi - lo, 1e-12), 0, 1)
     rgb = np.repeat((g * 255)[..., None], 3, axis=2)
     for cid, colour in COLOURS.items():
         m = labels == cid
-        rgb[m] = (1 - ALPHA[cid]) * rgb[m] + ALPHA[cid] * np.array(colour, np.float32)
-    img = Image.fromarray(rgb.astype(np.uint8))
-    h, w = labels.shape
-    h_phys = h * aspect  # rows may be slices (z) with a different spacing than x/y
-    scale = PANEL / max(h_phys, w)
-    return img.resize((max(1, round(w * scale)), max(1, round(h_phys * scale))), Image.NEAREST)
+        rgb[m] = _blend(rgb[m], cid)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def _blend(rgb, cid: int):
+    return (1 - ALPHA[cid]) * rgb + ALPHA[cid] * np.array(COLOURS[cid], np.float32)
+
+
+def plane_sizes(shapes, voxel_size) -> list[tuple[int, int, bool]]:
+    """(width, height, stretched) in pixels of the XY, XZ and YZ planes of these array shapes: one scale
+    in pixels per mm for all three (the longest side PANEL), each side at least MIN_SIDE."""
+    dz, dy, dx = voxel_size
+    spacing = [(dy, dx), (dz, dx), (dz, dy)]   # (rows, columns) of each plane
+    scale = PANEL / max(max(r * sr, c * sc) for (r, c), (sr, sc) in zip(shapes, spacing))
+    out = []
+    for (r, c), (sr, sc) in zip(shapes, spacing):
+        w, h = round(c * sc * scale), round(r * sr * scale)
+        out.append((max(w, MIN_SIDE), max(h, MIN_SIDE), min(w, h) < MIN_SIDE))
+    return out
 
 
 def write_preview(path: Path, planes: dict[str, tuple[np.ndarray, np.ndarray]], window: tuple[float, float],
                   voxel_size, class_names: dict[int, str], title: str) -> None:
     """planes: name -> (grey 2D, labels 2D) for 'z' (YX), 'y' (ZX) and 'x' (ZY) mid-planes."""
-    dz, dy, dx = voxel_size
-    panels = [("XY  z = mid", _panel(*planes["z"], *window, dy / dx)),
-              ("XZ  y = mid", _panel(*planes["y"], *window, dz / dx)),
-              ("YZ  x = mid", _panel(*planes["x"], *window, dz / dy))]
+    names = ("XY  z = mid", "XZ  y = mid", "YZ  x = mid")
+    views = [planes["z"], planes["y"], planes["x"]]
+    panels = []
+    for name, (grey, labels), (w, h, stretched) in zip(names, views, plane_sizes(
+            [g.shape for g, _ in views], voxel_size)):
+        panels.append((name + ("  (stretched)" if stretched else ""),
+                       _overlay(grey, labels, *window).resize((w, h), Image.NEAREST)))
     pad, head, legend_h = 8, 18, 26
-    width = sum(p.width for _, p in panels) + pad * (len(panels) + 1)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    columns = [max(p.width, round(measure.textlength(name))) for name, p in panels]   # titles never overlap
+    width = max(sum(columns) + pad * (len(panels) + 1), round(measure.textlength(title)) + 2 * pad)
     height = head + max(p.height for _, p in panels) + legend_h + 2 * pad + head
     canvas = Image.new("RGB", (width, height), (24, 24, 24))
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, 4), title, fill=(230, 230, 230))
     x = pad
-    for name, p in panels:
+    for (name, p), column in zip(panels, columns):
         draw.text((x, head + 2), name, fill=(200, 200, 200))
         canvas.paste(p, (x, 2 * head))
-        x += p.width + pad
+        x += column + pad
     y = height - legend_h
     x = pad
-    for cid, colour in COLOURS.items():
-        draw.rectangle([x, y + 4, x + 14, y + 18], fill=colour)
+    for cid in COLOURS:
+        swatch = tuple(int(v) for v in _blend(np.full(3, 128, np.float32), cid))   # as drawn over mid grey
+        draw.rectangle([x, y + 4, x + 14, y + 18], fill=swatch)
         label = class_names.get(cid, str(cid))
         draw.text((x + 20, y + 5), label, fill=(230, 230, 230))
-        x += 30 + 7 * len(label) + 20
+        x += 20 + round(measure.textlength(label)) + 24
     canvas.save(path, format="PNG")

@@ -448,6 +448,8 @@ def test_multichannel_single_page_is_named_as_such(run_cli, tmp_path):
     (["phantom", "O.tif", "--voxel-size", "0"], "argument --voxel-size: 0: voxel_size entries must be positive"),
     (["domain-shift", "A", "B", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
     (["bench", "V", "--shape", "4", "64", "64"], "either VOLUME or a generated volume of --shape"),
+    (["segment", "V", "--voxel-size", "fine"], "argument --voxel-size: must be a number (mm), got fine"),
+    (["segment", "V", "--window", "0", "bright"], "argument --window: must be a finite number, got bright"),
 ])
 def test_options_out_of_range_are_one_usage_line(run_cli, tmp_path, args, needle):
     """Checked while parsing, before any file is read or written: one line, exit code 2, nothing made."""
@@ -467,6 +469,7 @@ def test_segmenter_threads_and_min_voxels(phantom_path, tmp_path):
     # more threads than the process may use count as all (0) instead of starting 100000 of them
     seg = pipeline.Segmenter(progress=False, threads=100_000)
     assert seg.threads == 0
+    assert pipeline.Segmenter(progress=False, threads=None).threads == 0   # None, as 0: all
     assert seg.segment(phantom_path).summary["run"]["threads"] == 0
 
 
@@ -493,6 +496,9 @@ def test_sigterm_cleans_up_like_ctrl_c(run_cli, long_phantom, tmp_path, monkeypa
             os.kill(os.getpid(), signal.SIGTERM)   # the handler raises in this (the main) thread
         return real(self, slab, *a, **k)
     monkeypatch.setattr(pipeline.Segmenter, "labels_for_slab", terminated_midway)
+    import xctrt.cli
+    # as in a process that imported xctrt, then forked and called main(): main() itself notes the process
+    monkeypatch.setattr(xctrt.cli, "_main_pid", -1)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "out"
     code, _, err = run_cli("segment", long_phantom, "-o", out, "--slab", "4")

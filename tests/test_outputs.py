@@ -104,6 +104,47 @@ def test_a_failed_rename_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert os.strerror(errno.EXDEV) in str(e.value)
     assert partials(tmp_path) == []
     assert not (tmp_path / "c.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []   # a.txt, renamed first, is taken back too
+
+
+@pytest.mark.parametrize("stop", [OSError(errno.EIO, os.strerror(errno.EIO)), KeyboardInterrupt()])
+def test_a_commit_that_stops_halfway_puts_the_earlier_set_back(tmp_path, monkeypatch, stop):
+    """A rename failing, or Ctrl-C/SIGTERM, between two renames: the folder keeps the earlier run's
+    complete set, not this run's first files beside the earlier run's last."""
+    for n in "abc":
+        (tmp_path / f"{n}.txt").write_text(f"old {n}")
+    os.symlink(tmp_path / "a.txt", tmp_path / "link.txt")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "c.txt" and str(src).endswith(".partial"):
+            raise stop
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises((XctrtError, KeyboardInterrupt)):
+        with StagedOutputs(tmp_path, ["a.txt", "b.txt", "new.txt", "link.txt", "c.txt"]) as st:
+            for n in ("a", "b", "new", "link", "c"):
+                st.path(f"{n}.txt").write_text(f"new {n}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt", "link.txt"]
+    assert [(tmp_path / f"{n}.txt").read_text() for n in "abc"] == ["old a", "old b", "old c"]
+    assert (tmp_path / "link.txt").is_symlink()   # the link itself is back, not a copy
+
+
+def test_commit_does_not_wait_forever_for_a_lock_it_does_not_own(tmp_path):
+    """`flock OUT xctrt ...` holds a lock on the folder for the whole run: the commit waits a little,
+    then goes ahead (our own commits hold it for milliseconds)."""
+    import fcntl
+    import time
+    from xctrt import io as xio
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        with xio._folder_lock(tmp_path, wait_s=0.2):
+            pass
+        assert 0.2 <= time.monotonic() - t0 < 5
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EFBIG, errno.EACCES])
@@ -294,10 +335,13 @@ def test_phantom_refuses_a_name_that_is_not_tiff(run_cli, tmp_path, name, labels
     assert list(tmp_path.iterdir()) == []
 
 
-def test_phantom_upper_case_tiff_suffix_is_fine(run_cli, tmp_path):
-    code, _, err = run_cli("phantom", tmp_path / "A.TIFF", "--shape", 4, 32, 32)
+@pytest.mark.parametrize("name", ["A.TIFF", "big.btf", "big.tf8"])
+def test_phantom_takes_every_tiff_name_segment_reads(run_cli, tmp_path, name):
+    code, _, err = run_cli("phantom", tmp_path / name, "--shape", 4, 32, 32)
     assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["A.TIFF"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    code, _, err = run_cli("segment", tmp_path / name, "-o", tmp_path / "out", "--no-progress")
+    assert code == 0, err
 
 
 def test_phantom_refuses_labels_onto_the_image(run_cli, tmp_path, monkeypatch):

@@ -29,7 +29,10 @@ def _int_from(least: int):
 
 
 def _finite(text: str) -> float:
-    v = float(text)
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return v
@@ -38,7 +41,10 @@ def _finite(text: str) -> float:
 def _mm(text: str) -> float:
     """argparse type: one voxel side in mm, within the defect table's limits (cpp/crofton.hpp)."""
     from . import _core
-    v = float(text)
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number (mm), got {text}") from None
     try:
         _core.check_voxel_size((v, v, v))
     except ValueError as exc:
@@ -354,8 +360,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, systemd, kill), raised in the main thread so a run cleans up as after Ctrl-C."""
 
 
-def _raise_terminated(signum, frame, pid=os.getpid()):
-    if os.getpid() != pid:   # a forked worker that kept this handler: end as SIGTERM would
+_main_pid = None   # the process whose main() installed the SIGTERM handler
+
+
+def _raise_terminated(signum, frame):
+    if os.getpid() != _main_pid:   # a process forked from main() that kept this handler: end as SIGTERM would
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return
@@ -363,8 +372,10 @@ def _raise_terminated(signum, frame, pid=os.getpid()):
 
 
 def main(argv=None) -> int:
+    global _main_pid
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
+        _main_pid = os.getpid()   # here, not at import: a process may import xctrt, then fork and call main()
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
@@ -379,7 +390,7 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:   # stdout piped into `head` and closed: end quietly, as SIGPIPE ends Unix tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
-        return 128 + signal.SIGPIPE
+        return 128 + getattr(signal, "SIGPIPE", 13)   # (Windows has no SIGPIPE; 13 elsewhere)
     except Exception as exc:
         if args.debug:
             raise

@@ -13,6 +13,7 @@ import re
 import secrets
 import stat
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ from .errors import XctrtError
 
 KERNEL_DTYPES = (np.uint8, np.uint16, np.float32)  # what the C++ kernels take without a copy
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")   # volumes open_volume reads as TIFF
 _UNIT_TO_MM = {"mm": 1.0, "millimeter": 1.0, "µm": 1e-3, "um": 1e-3, "micron": 1e-3, "micrometer": 1e-3,
                "\\u00B5m": 1e-3, "nm": 1e-6, "cm": 10.0, "m": 1e3}
 
@@ -310,7 +312,7 @@ def open_volume(path: str | os.PathLike) -> VolumeSource:
         raise XctrtError(f"{path}: the file is empty (0 bytes)")
     if path.suffix.lower() == ".npy":
         return NpySource(path)
-    if path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8"):
+    if path.suffix.lower() in TIFF_SUFFIXES:
         return TiffSource(path)
     raise XctrtError(f"{path}: unknown volume format; use a TIFF stack, a folder of TIFF/PNG slices or a .npy file")
 
@@ -361,12 +363,20 @@ class StagedOutputs:
     def commit(self) -> dict[str, Path]:
         names = [n for n in self.order if n in self.tmp] + [n for n in self.tmp if n not in self.order]
         done = {}
+        earlier: dict[Path, Path] = {}   # target -> a hard link to the file it replaced, until the set is in
         try:
             with _folder_lock(self.out_dir):   # runs committing into one folder take turns: one whole set wins
                 for name in names:   # every target first: a refused one must not leave the others half replaced
                     check_target(self.out_dir / name)
                 for name in names:
                     target = self.out_dir / name
+                    if os.path.lexists(target):
+                        keep = self.out_dir / f".{name}.{self.token}.earlier"
+                        try:
+                            os.link(target, keep, follow_symlinks=False)
+                            earlier[target] = keep
+                        except OSError:   # no hard links on this file system: that file cannot be put back
+                            pass
                     try:
                         os.replace(self.tmp[name], target)
                     except OSError as exc:
@@ -374,8 +384,24 @@ class StagedOutputs:
                     del self.tmp[name]   # only once renamed: until then discard() must remove it
                     done[name] = target
         except BaseException:
+            # a rename failed, or Ctrl-C/SIGTERM came between two: put the earlier results back, so the
+            # folder never holds part of this run's set beside part of the one before
+            for target in done.values():
+                try:
+                    if target in earlier:
+                        os.replace(earlier.pop(target), target)
+                    else:
+                        target.unlink(missing_ok=True)
+                except OSError:
+                    pass
             self.discard()
             raise
+        finally:
+            for keep in earlier.values():
+                try:
+                    keep.unlink(missing_ok=True)
+                except OSError:
+                    pass
         self.made = []   # the folders now hold results: they stay
         return done
 
@@ -400,9 +426,11 @@ class StagedOutputs:
 
 
 @contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive flock on the folder itself (no lock file left behind), across threads and processes;
-    where the platform or file system has none, no lock."""
+def _folder_lock(folder: Path, wait_s: float = 5.0) -> Iterator[None]:
+    """An exclusive flock on the folder itself (no lock file left behind), across threads and processes.
+    Our commits hold it for milliseconds; a holder that keeps it past wait_s is not one of them (say
+    `flock OUT xctrt ...` around the whole run), so the commit then goes ahead without it. Where the
+    platform or file system has no flock, no lock."""
     try:
         import fcntl
         fd = os.open(folder, os.O_RDONLY)
@@ -410,10 +438,17 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            except OSError:
+                break
         yield
     finally:
         os.close(fd)   # releases the lock

@@ -70,13 +70,14 @@ def write_phantom(path, shape=(64, 512, 512), seed: int = 0, dtype=np.uint16, vo
                   labels_path=None, slab: int = 16, compression: str | None = "zlib") -> Phantom:
     """Write image (and optionally labels) as OME-TIFF, slab by slab; both are renamed into place
     only when both are complete."""
-    from .io import output_file, write_volume_tiff
     from .errors import XctrtError
+    from .io import TIFF_SUFFIXES, output_file, write_volume_tiff
     path = Path(path)
     labels_path = Path(labels_path) if labels_path is not None else None
     for p in (path, labels_path):   # TIFF bytes under .npy/.png would only fail later, when read back
-        if p is not None and p.suffix.lower() not in (".tif", ".tiff"):
-            raise XctrtError(f"{p}: phantom writes TIFF volumes; give it a .tif or .tiff name")
+        if p is not None and p.suffix.lower() not in TIFF_SUFFIXES:
+            raise XctrtError(f"{p}: phantom writes TIFF volumes; give it a name ending in "
+                             + ", ".join(TIFF_SUFFIXES))
     if labels_path is not None and labels_path.resolve() == path.resolve():
         raise XctrtError(f"{labels_path}: --labels names the image file too; the labels would replace the "
                          "image, give them another name")

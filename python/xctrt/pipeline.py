@@ -158,6 +158,7 @@ class Segmenter:
         if device == "cuda":
             from .gpu import check_cuda
             check_cuda()
+        threads = 0 if threads is None else threads   # None, as 0: all
         for name, v in (("batch_size", batch_size), ("slab", slab), ("threads", threads),
                         ("min_voxels", min_voxels), ("connectivity", connectivity)):
             if not (v is None and name == "batch_size" or isinstance(v, (int, np.integer))

@@ -115,8 +115,25 @@ def main(argv=None) -> int:
         manifest["sim"] = {"shape": a.sim_shape, "command": " ".join(cmd[1:])}
     (a.dst / "experiments.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(f.stat().st_size for f in a.dst.rglob("*") if f.is_file())
-    print(f"staged {total / 1e6:.1f} MB under {a.dst}")
+    tree = working_tree_bytes()
+    print(f"staged {total / 1e6:.1f} MB under {a.dst}; with the working tree ({tree / 1e6:.1f} MB) a device "
+          f"call would carry {(total + tree) / 1e6:.1f} MB of {DEVICE_CALL_BYTES / 1e6:.1f} MB (64 MiB)")
+    if total + tree > DEVICE_CALL_BYTES:   # (on the device itself, as in experiments_gpu.sh, nothing travels)
+        print(f"warning: too much to carry in one device call; stage less (--train-blocks, --eval-blocks, "
+              f"--train-len, --eval-len): at most {(DEVICE_CALL_BYTES - tree) / 1e6:.1f} MB of data", file=sys.stderr)
     return 0
+
+
+DEVICE_CALL_BYTES = 64 * 2 ** 20   # what one device call carries: working tree and carried folders together
+
+
+def working_tree_bytes() -> int:
+    """Bytes of what travels with a device call besides the carried folders: tracked files and untracked
+    ones git does not ignore (the shipped 36.7 MB model package among them)."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         capture_output=True, check=True).stdout
+    return sum((root / f).stat().st_size for f in out.decode().split("\0") if f and (root / f).is_file())
 
 
 if __name__ == "__main__":

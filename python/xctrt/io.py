@@ -387,30 +387,24 @@ class StagedOutputs:
             # a rename failed, or Ctrl-C/SIGTERM came between two: put the earlier results back, so the
             # folder never holds part of this run's set beside part of the one before
             for target in done.values():
+                if target not in earlier:
+                    _unlink_quietly(target)
+                    continue
                 try:
-                    if target in earlier:
-                        os.replace(earlier.pop(target), target)
-                    else:
-                        target.unlink(missing_ok=True)
+                    os.replace(earlier.pop(target), target)
                 except OSError:
                     pass
             self.discard()
             raise
         finally:
             for keep in earlier.values():
-                try:
-                    keep.unlink(missing_ok=True)
-                except OSError:
-                    pass
+                _unlink_quietly(keep)
         self.made = []   # the folders now hold results: they stay
         return done
 
     def discard(self) -> None:
         for p in self.tmp.values():
-            try:
-                p.unlink(missing_ok=True)
-            except OSError:   # cleanup runs while an error is on its way: never replace that error
-                pass
+            _unlink_quietly(p)
         self.tmp.clear()
         _remove_empty(self.made)
         self.made = []
@@ -423,6 +417,14 @@ class StagedOutputs:
             self.commit()   # discards what is left itself if it fails
         else:
             self.discard()
+
+
+def _unlink_quietly(p: Path) -> None:
+    """Cleanup runs while an error is on its way: a file that cannot be removed must never replace it."""
+    try:
+        p.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 @contextmanager

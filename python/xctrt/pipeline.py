@@ -86,7 +86,7 @@ def _voxel_size(source, given) -> tuple[tuple[float, float, float], str]:
     elif source.voxel_size is not None:
         vs, vs_from = source.voxel_size, "file metadata"
     else:
-        note = getattr(source, "voxel_size_note", None)
+        note = source.voxel_size_note
         vs, vs_from = (1.0, 1.0, 1.0), f"unknown ({note + '; ' if note else ''}sizes in voxels)"
     where = f"{source.path}: " if vs_from == "file metadata" else ""   # then the file is the culprit
     if len(vs) != 3:

@@ -243,3 +243,17 @@ def onnx_vs_torch(model, graph: bytes, x):
     p_onnx, l_onnx = sess.run(None, {"image": x.numpy()})
     return (probs, logits, float(np.abs(p_onnx - probs.numpy()).max()),
             float(np.abs(l_onnx - logits.numpy()).max()))
+
+
+@pytest.fixture
+def slab_calls(monkeypatch):
+    """Counts slabs that went through inference, to prove an error came mid-stream."""
+    import xctrt.pipeline as pipeline
+    calls = []
+    real = pipeline.Segmenter.labels_for_slab
+
+    def counting(self, slab, *a, **k):
+        calls.append(len(slab))
+        return real(self, slab, *a, **k)
+    monkeypatch.setattr(pipeline.Segmenter, "labels_for_slab", counting)
+    return calls

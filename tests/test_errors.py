@@ -73,19 +73,6 @@ def long_phantom(tmp_path) -> Path:
     return p
 
 
-@pytest.fixture
-def slab_calls(monkeypatch):
-    """Counts slabs that went through inference, to prove an error came mid-stream."""
-    calls = []
-    real = pipeline.Segmenter.labels_for_slab
-
-    def counting(self, slab, *a, **k):
-        calls.append(len(slab))
-        return real(self, slab, *a, **k)
-    monkeypatch.setattr(pipeline.Segmenter, "labels_for_slab", counting)
-    return calls
-
-
 # ------------------------------------------------------------------ (a) truncated TIFF
 
 

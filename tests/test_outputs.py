@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_errors import assert_one_error_line, slab_calls  # noqa: F401 (a fixture)
+from test_errors import assert_one_error_line
 from xctrt.errors import XctrtError
 from xctrt.io import StagedOutputs
 from xctrt.phantom import write_phantom

@@ -332,6 +332,22 @@ def test_labels_round_trip_through_write_volume_tiff(tmp_path, voxel_size):
         np.testing.assert_array_equal(read_all(src), labels)
 
 
+def test_one_slice_ome_and_imagej_files_are_volumes_of_one_slice(tmp_path):
+    """tifffile squeezes Z = 1 away, but OME and ImageJ state the Z size: xctrt reads back its own one-slice
+    label files (a plain one-page TIFF stays a 2D image, refused: test_errors)."""
+    labels = np.random.default_rng(4).integers(0, 4, (1, 31, 17)).astype(np.uint8)
+    ome, ij = tmp_path / "labels.tif", tmp_path / "ij.tif"
+    write_volume_tiff(ome, iter(labels), labels.shape, np.uint8, (0.02, 0.01, 0.005))
+    tifffile.imwrite(ij, labels, imagej=True, metadata={"axes": "ZYX", "spacing": 0.02, "unit": "mm"},
+                     resolution=(100.0, 100.0))
+    for p in (ome, ij):
+        with open_volume(p) as src:
+            assert src.shape == labels.shape
+            np.testing.assert_array_equal(read_all(src), labels)
+    with open_volume(ome) as src:
+        assert src.voxel_size == pytest.approx((0.02, 0.01, 0.005))
+
+
 def test_staged_outputs_commit_in_order_and_discard(tmp_path):
     with StagedOutputs(tmp_path, ["a.txt", "b.txt"]) as st:
         st.path("b.txt").write_text("b")

@@ -151,8 +151,11 @@ class TiffSource(VolumeSource):
                 raise XctrtError(f"{path}: is a {series.keyframe.samplesperpixel}-channel image {shape} (colour or "
                                  "samples per pixel); xctrt needs one grey value per voxel, one page per slice")
             if len(shape) == 2:
-                raise XctrtError(f"{path}: is a single 2D image {shape}; xctrt needs a 3D volume (a multi-page TIFF "
-                                 "or a folder of slices)")
+                if not (self.tif.is_ome or self.tif.is_imagej):
+                    raise XctrtError(f"{path}: is a single 2D image {shape}; xctrt needs a 3D volume (a multi-page "
+                                     "TIFF or a folder of slices; a folder holding just this image is a volume of "
+                                     "one slice)")
+                shape = (1,) + shape   # OME and ImageJ state a Z size; tifffile squeezes Z = 1 away
             squeezed = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
             if len(squeezed) != 3:
                 raise XctrtError(f"{path}: has shape {shape} (axes {series.axes}); expected one grey-value volume (Z, Y, X)")
@@ -475,6 +478,15 @@ def check_target(target: Path) -> None:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def commit_json(staged: StagedOutputs, obj) -> Path:
+    """Write obj as JSON into the one file `staged` (from output_file) holds, rename it into place
+    and return its path."""
+    (name,) = staged.order
+    with staged, staged.write(name) as tmp:
+        write_json(tmp, obj)
+    return staged.out_dir / name
 
 
 def _json_default(o):

@@ -184,12 +184,19 @@ class Labeller {
   }
 
   // Distance of each kept component (final id - 1) to the part surface; see surface_distance.hpp.
-  std::vector<double> distance_to_surface(const std::vector<uint32_t>& final_id, size_t n_kept) const {
+  // Also counts the voxels of the air outside the part (outside_air_voxels()).
+  std::vector<double> distance_to_surface(const std::vector<uint32_t>& final_id, size_t n_kept) {
     // Runs of dropped components (final id 0) are left out.
     auto comp_of = [&](const DefectRun& r) { return int64_t{final_id[r.comp]} - 1; };
     const RunsByComponent g = group_by_component(runs_, comp_of, n_kept);
-    return surface_distance(outside_air_runs(), g, {dz_, dy_, dx_});
+    std::vector<AirRun> air = outside_air_runs();
+    outside_air_voxels_ = 0;
+    for (const AirRun& r : air) outside_air_voxels_ += int64_t{r.x1} - r.x0 + 1;
+    return surface_distance(std::move(air), g, {dz_, dy_, dx_});
   }
+
+  // Air voxels outside the part after distance_to_surface(); -1 before it or without surface.
+  int64_t outside_air_voxels() const { return surface_ ? outside_air_voxels_ : -1; }
 
   double dz() const { return dz_; }
   double dy() const { return dy_; }
@@ -479,6 +486,7 @@ class Labeller {
   std::vector<uint32_t> parent_;
   std::vector<Stat> stats_;
   bool surface_ = true;
+  int64_t outside_air_voxels_ = -1;
   std::vector<DefectRun> runs_;    // every defect run, comp = provisional id
   size_t prev_runs_base_ = 0;      // the previous plane's runs start here in runs_
   // add_air(): every air run, its union-find parent and edge flag (merged at roots), and where
@@ -564,6 +572,10 @@ class PyLabeller {
   }
 
   int64_t n_provisional() const { return lab_.n_provisional(); }
+  py::object outside_air_voxels() const {
+    const int64_t n = lab_.outside_air_voxels();
+    return n < 0 ? py::none() : py::object(py::int_(n));
+  }
   int64_t slices_received() const { return lab_.slices_received(); }
   py::tuple shape() const { return py::make_tuple(lab_.Z(), lab_.Y(), lab_.X()); }
 
@@ -822,6 +834,9 @@ void bind_components(py::module_& m) {
            "Merge and return the table (dict of columns); components with fewer than\n"
            "min_voxels voxels are dropped before ids 1..N are assigned in raster order.")
       .def_property_readonly("n_provisional", &PyLabeller::n_provisional)
+      .def_property_readonly("outside_air_voxels", &PyLabeller::outside_air_voxels,
+                             "Voxels of air (label 0) outside the part: connected (6-neighbours) to\n"
+                             "the volume's y or x sides. None before finish().")
       .def_property_readonly("slices_received", &PyLabeller::slices_received)
       .def_property_readonly("shape", &PyLabeller::shape);
 

@@ -41,15 +41,21 @@ def crofton_reference(voxel_size):
     return dirs, 2 * w * np.prod(voxel_size) / length
 
 
+def outside_air_reference(labels: np.ndarray) -> np.ndarray:
+    """The part's outside: air (label 0) connected, 6-neighbours, to the volume's y or x sides."""
+    from scipy import ndimage
+    comp, _ = ndimage.label(labels == 0)  # 6-neighbours
+    faces = [comp[:, 0], comp[:, -1], comp[:, :, 0], comp[:, :, -1]]
+    edge = np.unique(np.concatenate([f.ravel() for f in faces]))
+    return np.isin(comp, edge[edge > 0])
+
+
 def surface_distance_reference(labels: np.ndarray, ids: np.ndarray, voxel_size) -> np.ndarray:
     """Per component id 1..max: the smallest distance from its voxels to the part's outside (air
     connected, 6-neighbours, to the volume's sides: y or x at the edge, not the first or last
     plane), by SciPy's exact Euclidean distance transform; NaN where no air is outside."""
     from scipy import ndimage
-    comp, n = ndimage.label(labels == 0)  # 6-neighbours
-    faces = [comp[:, 0], comp[:, -1], comp[:, :, 0], comp[:, :, -1]]
-    edge = np.unique(np.concatenate([f.ravel() for f in faces]))
-    outside = np.isin(comp, edge[edge > 0])
+    outside = outside_air_reference(labels)
     n = int(ids.max())
     if not outside.any():
         return np.full(n, np.nan)

@@ -349,6 +349,29 @@ def test_surface_distance_in_csv_and_summary():
     assert "surface_distance_mm" not in s["defects"]["pore"]
 
 
+def test_enclosed_air_in_summary():
+    """Air that does not reach the view's y/x sides is enclosed: in neither porosity nor the part."""
+    from xctrt.defects import DefectCounter, summarise
+    lab = np.ones((6, 12, 14), np.uint8)
+    lab[:, :, :2] = 0                      # outside air along x = 0, 1
+    lab[2:4, 4:7, 5:9] = 0                 # a closed cavity: 2 * 3 * 4 = 24 voxels
+    lab[1, 6, 2:5] = 0                     # a channel from the outside air: outside too
+    lab[0, 3:5, 9:11] = 0                  # cut by the first plane: still enclosed (4 voxels)
+    lab[3, 9, 9] = 2
+    vs = (0.5, 0.25, 0.125)
+    counter = DefectCounter(lab.shape, vs)
+    counter.add_slab(lab, np.zeros(lab.shape, np.uint16))
+    assert counter.outside_air_voxels is None
+    table = counter.finish()
+    assert counter.outside_air_voxels == 6 * 12 * 2 + 3
+    s = summarise(table, counter.class_voxels, vs, "mm", {1: "material", 2: "pore", 3: "inclusion"},
+                  counter.outside_air_voxels)
+    assert s["enclosed_air_voxels"] == 28
+    assert s["enclosed_air_volume"] == pytest.approx(28 * 0.5 * 0.25 * 0.125)
+    assert s["porosity_percent"] == pytest.approx(100 / (lab.size - 6 * 12 * 2 - 3 - 28))
+    assert summarise(table, counter.class_voxels, vs, "mm", {2: "pore"})["enclosed_air_voxels"] is None
+
+
 def test_distance_to_surface_binding():
     air = np.array([[0, 0, 0, 0], [5, 5, 5, 5], [7, 2, 20, 30]], np.int32)  # runs z, y, x0, x1
     runs = np.array([[0, 0, 3, 9], [5, 5, 1, 2], [5, 9, 5, 5]], np.int32)

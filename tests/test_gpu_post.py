@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import surface_distance_reference
+from conftest import outside_air_reference, surface_distance_reference
 from xctrt import _core
 from xctrt.gpu import post
 
@@ -164,7 +164,10 @@ def run_both(lab, img, slabs, min_voxels=0, **kw):
         got.add_slab(lab[z:z + d], img[z:z + d])
         z += d
     assert got.slices_received == lab.shape[0]
-    return got.finish(min_voxels), ref.finish(min_voxels)
+    assert got.outside_air_voxels is None and ref.outside_air_voxels is None   # until finish()
+    tables = got.finish(min_voxels), ref.finish(min_voxels)
+    assert got.outside_air_voxels == ref.outside_air_voxels
+    return tables
 
 
 def assert_table_same(got, ref, float_image=False):
@@ -202,6 +205,10 @@ def test_surface_distance_with_sparse_air(seed, thick):
     assert_table_same(got, ref)
     want = surface_distance_reference(lab, _core.label_volume(lab, [2, 3], 26), vs)
     np.testing.assert_allclose(got["surface_distance"], want, rtol=1e-12, atol=0)
+    cpp = _core.ComponentLabeller(shape, voxel_size=vs)
+    cpp.add_slab(lab, img)
+    cpp.finish()
+    assert cpp.outside_air_voxels == int(outside_air_reference(lab).sum())
 
 
 CASES = [(seed, conn, thick) for seed in range(12) for conn in (6, 18, 26)

@@ -111,6 +111,9 @@ def cmd_segment(args) -> int:
     print(f"  porosity {r['porosity_percent']:.3f}% of the part; "
           + ", ".join(f"{n} {d['count']}" for n, d in r["defects"].items())
           + f" defects (sizes in {unit})")
+    if r["enclosed_air_voxels"]:
+        print(f"  air enclosed by the part: {r['enclosed_air_volume']:.4g} {unit}3 ({r['enclosed_air_voxels']} voxels; "
+              "in neither porosity nor part)")
     near = [f"{n} {d[f'surface_distance_{unit}']['min']:.4g} {unit}" for n, d in r["defects"].items()
             if f"surface_distance_{unit}" in d]
     if near:
@@ -158,7 +161,7 @@ def cmd_bench(args) -> int:
         return bench.main(args)
     import numpy as np
 
-    from .io import output_file, write_json
+    from .io import commit_json, output_file
     from .phantom import make_phantom
     staged = output_file(args.json) if args.json else None   # a bad --json fails before the benchmark
     seg = _segmenter(args)
@@ -187,9 +190,7 @@ def cmd_bench(args) -> int:
           f"{t['slices_per_s']:.2f} slices/s")
     print("(stages overlap in three threads, so busy times can add up to more than end to end)")
     if staged is not None:
-        with staged, staged.write(Path(args.json).name) as tmp:
-            write_json(tmp, {"runs": runs, "best": best})
-        print(f"wrote {args.json}")
+        print(f"wrote {commit_json(staged, {'runs': runs, 'best': best})}")
     return 0
 
 
@@ -228,15 +229,12 @@ def _filter_spec(values):
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_volumes, format_report
-    from .io import output_file, write_json
+    from .io import commit_json, output_file
     staged = output_file(args.json) if args.json else None   # a bad --json fails before the evaluation
     res = evaluate_volumes(args.pred, args.truth, connectivity=args.connectivity)
     print(format_report(res))
     if staged is not None:
-        out = Path(args.json)
-        with staged, staged.write(out.name) as tmp:
-            write_json(tmp, {"pred": args.pred, "truth": args.truth, **res})
-        print(f"wrote {out}")
+        print(f"wrote {commit_json(staged, {'pred': args.pred, 'truth': args.truth, **res})}")
     return 0
 
 

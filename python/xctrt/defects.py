@@ -30,6 +30,11 @@ class DefectCounter:
     def finish(self, min_voxels: int = 1) -> dict[str, np.ndarray]:
         return self.labeller.finish(min_voxels=max(0, int(min_voxels)))
 
+    @property
+    def outside_air_voxels(self) -> int | None:
+        """Air voxels outside the part (reaching the view's y/x sides), after finish()."""
+        return self.labeller.outside_air_voxels
+
 
 def csv_columns(unit: str) -> list[tuple[str, str]]:
     """(table column, CSV header) pairs; lengths in `unit` (mm, or vox when the size is unknown)."""
@@ -65,16 +70,23 @@ def table_to_csv(table: dict[str, np.ndarray], unit: str) -> str:
 
 
 def summarise(table: dict[str, np.ndarray], class_voxels: np.ndarray, voxel_size, unit: str,
-              class_names: dict[int, str]) -> dict:
-    """Porosity of the part, counts and size statistics per defect class."""
+              class_names: dict[int, str], outside_air_voxels: int | None = None) -> dict:
+    """Porosity of the part, counts and size statistics per defect class.
+
+    Air the part encloses (label 0 not reaching the view's y/x sides: a closed cavity, or a pore's
+    core the model left as air) is in neither porosity nor the part; it is reported beside them
+    so that a large value can be looked at."""
     part = int(class_voxels[1:].sum())  # every non-air voxel belongs to the part
     voxel_volume = float(np.prod(voxel_size))
+    enclosed = None if outside_air_voxels is None else int(class_voxels[0]) - int(outside_air_voxels)
     out = {
         "voxels_per_class": {"air": int(class_voxels[0]),
                              **{n: int(class_voxels[c]) for c, n in class_names.items()}},
         "part_volume": part * voxel_volume,
         "porosity_percent": 100.0 * float(class_voxels[2]) / part if part else 0.0,
         "inclusion_percent": 100.0 * float(class_voxels[3]) / part if part else 0.0,
+        "enclosed_air_voxels": enclosed,
+        "enclosed_air_volume": None if enclosed is None else enclosed * voxel_volume,
         "unit": unit,
         "defects": {},
     }

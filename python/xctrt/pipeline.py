@@ -165,15 +165,13 @@ class Segmenter:
                     and not isinstance(v, bool)):
                 raise XctrtError(f"{name} must be a whole number, not {v!r}")
         if window is not None and (np.shape(window) != (2,) or not all(
-                isinstance(w, (int, float, np.integer, np.floating)) for w in window)):
-            raise XctrtError(f"intensity window must be two numbers (low, high), not {window!r}")
+                isinstance(w, (int, float, np.integer, np.floating)) and math.isfinite(w) for w in window)
+                or not float(window[0]) < float(window[1])):
+            raise XctrtError(f"intensity window must be two finite numbers low < high, not {window!r}")
         if (batch_size is not None and batch_size < 1) or slab < 1:
             raise XctrtError("batch size and slab depth must be at least 1")
         if connectivity not in (6, 18, 26):
             raise XctrtError(f"connectivity must be 6, 18 or 26, not {connectivity}")
-        if window is not None and not (math.isfinite(window[0]) and math.isfinite(window[1])
-                                       and float(window[0]) < float(window[1])):
-            raise XctrtError(f"intensity window needs finite low < high, got {window}")
         if threads < 0 or min_voxels < 0:
             raise XctrtError(f"threads and min_voxels must be >= 0, got {threads} and {min_voxels}")
         # more threads than this process may run on only adds switching (and once exhausted the
@@ -467,7 +465,8 @@ class Segmenter:
                                             if stage.main_components_s is not None else {})},
                        "gpu_compute_idle_s": stage.compute_idle_s(),
                        "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
-            "result": summarise(table, counter.class_voxels, vs, unit, {**self.class_names}),
+            "result": summarise(table, counter.class_voxels, vs, unit, {**self.class_names},
+                                counter.outside_air_voxels),
         }
         outputs = {}
         if staged is not None:

@@ -112,6 +112,10 @@ class GpuCounter:
     def finish(self, min_voxels: int = 1) -> dict:
         return self.stage.finish(max(0, int(min_voxels)))
 
+    @property
+    def outside_air_voxels(self) -> int | None:
+        return self.stage.labeller.outside_air_voxels
+
 
 class GpuStage:
     """Labels for slabs on a CUDA device (or, without one, the CPU), components included.

@@ -381,6 +381,7 @@ class ComponentLabeller:
         self._air_n = 0
         self._air_last = None
         self.surface_distance_s = 0.0  # host time of the last finish()'s surface-distance search
+        self.outside_air_voxels = None  # air voxels outside the part, after finish()
 
     @property
     def slices_received(self) -> int:
@@ -623,8 +624,9 @@ class ComponentLabeller:
         kept = kept[xp.argsort(comp[kept], kind="stable")]
         runs, comp = runs[:, kept], comp[kept]
         exposed = runs[5].astype(np.uint8)
-        air = self._outside_air()
-        return _core.distance_to_surface(to_host(air.T), to_host(runs[:4].T), to_host(comp), n_kept,
+        air = to_host(self._outside_air().T)
+        self.outside_air_voxels = int((air[:, 3].astype(np.int64) - air[:, 2] + 1).sum())
+        return _core.distance_to_surface(air, to_host(runs[:4].T), to_host(comp), n_kept,
                                          exposed=to_host(exposed), voxel_size=self.voxel_size)
 
     def _resolve(self, min_voxels: int):

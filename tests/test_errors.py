@@ -451,7 +451,7 @@ def test_segmenter_threads_and_min_voxels(phantom_path, tmp_path):
         pipeline.Segmenter(progress=False, threads=-1)
     with pytest.raises(XctrtError, match="threads and min_voxels must be >= 0"):
         pipeline.Segmenter(progress=False, min_voxels=-1)
-    with pytest.raises(XctrtError, match="finite low < high"):
+    with pytest.raises(XctrtError, match="finite numbers low < high"):
         pipeline.Segmenter(progress=False, window=(0.0, float("inf")))
     # more threads than the process may use count as all (0) instead of starting 100000 of them
     seg = pipeline.Segmenter(progress=False, threads=100_000)

@@ -227,8 +227,8 @@ def test_segment_and_segmenter_refuse_wrong_argument_types(phantom_volume):
                {"slab": True}):
         with pytest.raises(XctrtError, match=f"{next(iter(kw))} must be a whole number"):
             make_segmenter(**kw)
-    for window in ((1,), 5, ("a", "b")):
-        with pytest.raises(XctrtError, match="intensity window must be two numbers"):
+    for window in ((1,), 5, ("a", "b"), (0, float("inf")), (float("nan"), 1), (3, 2)):
+        with pytest.raises(XctrtError, match="intensity window must be two finite numbers low < high"):
             make_segmenter(window=window)
     assert make_segmenter(batch_size=np.int64(2), slab=np.int32(3)).batch_size == 2
 

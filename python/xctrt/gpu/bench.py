@@ -404,7 +404,7 @@ def table(res: dict) -> str:
 
 
 def main(args) -> int:
-    from ..io import output_file, write_json
+    from ..io import commit_json, output_file
     from ..pipeline import default_batch_size
     staged = output_file(args.json) if args.json else None   # a bad --json fails before the benchmark
     batch = args.batch_size or default_batch_size("cuda")   # the GPU path's default, kept in one place
@@ -415,7 +415,6 @@ def main(args) -> int:
               device="cuda" if not args.host_arrays else "cpu",
               compile_ours=None if args.compile_ours == "none" else args.compile_ours, profile=args.profile)
     if staged is not None:
-        with staged, staged.write(Path(args.json).name) as tmp:
-            write_json(tmp, res)
+        commit_json(staged, res)
     print(table(res))
     return 0

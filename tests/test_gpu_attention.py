@@ -333,6 +333,7 @@ def test_tuned_launches_fit_their_shape():
 # ahead-of-time API (ASTSource), which moves between versions: an API mismatch skips, a compile error
 # or a spill fails.
 _SM90_SCRIPT = r'''
+import torch
 from xctrt.gpu import attention as A
 fn = triton.jit(A._attn_fwd)
 names = fn.arg_names
@@ -341,14 +342,16 @@ cases = []
 for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((64, 64), 80), ((14, 14), 80)]:
     c = A.default_config((h, w), d)
     launches = {(c["block_m"], c["block_n"], c["num_warps"], c["num_stages"])} | set(A.tuned_launches_for((h, w), d))
-    cases += [((h, w), d, launch) for launch in sorted(launches)]
-for (h, w), d, (bm, bn, warps, stages) in cases:
+    cases += [((h, w), d, "bf16", launch) for launch in sorted(launches)]
+    c = A.default_config((h, w), d, torch.float32)   # float32 takes its default launch only
+    cases.append(((h, w), d, "fp32", (c["block_m"], c["block_n"], c["num_warps"], c["num_stages"])))
+for (h, w), d, dt, (bm, bn, warps, stages) in cases:
     n = h * w
-    name = f"{h}x{w}/{d} {bm}x{bn} w{warps} s{stages}"
+    name = f"{h}x{w}/{d} {dt} {bm}x{bn} w{warps} s{stages}"
     const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SGHK=1, SGWK=1, KH=h, KW=w, KWP=A._next_pow2(w), HEAD_D=d,
                  BLOCK_D=max(16, A._next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn)
-    # bf16 q, k, v, out; float32 offset terms, as the encoder passes them
-    sig = {nm: ("*bf16" if nm in "Q K V O".split() else "*fp32" if nm in ("GH", "GW") else "fp32"
+    # bf16 (or float32) q, k, v, out; float32 offset terms, as the encoder passes them
+    sig = {nm: (f"*{dt}" if nm in "Q K V O".split() else "*fp32" if nm in ("GH", "GW") else "fp32"
                 if nm.endswith("scale") else "constexpr" if nm in const else "i32") for nm in names}
     # what the launcher specialises at run time for contiguous (B', N, D) inputs: 16-aligned pointers
     # and 16-divisible integer arguments
@@ -365,7 +368,7 @@ for (h, w), d, (bm, bn, warps, stages) in cases:
     kern = compile(fn, sig, const, attrs, num_warps=warps, num_stages=stages)
     if isinstance(kern, dict):
         report[name] = kern; continue
-    row = {"wgmma": "wgmma" in kern.asm.get("ptx", "")}
+    row = {"wgmma": "wgmma" in kern.asm.get("ptx", ""), "dtype": dt, "shared": kern.metadata.shared}
     m = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump_of(kern, "-res-usage") or "")
     if m:
         row.update(regs=int(m.group(1)), stack=int(m.group(2)))
@@ -377,7 +380,8 @@ print(json.dumps(report))
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton missing")
 def test_triton_compiles_for_sm90_without_spills():
     report = sm90_compile_report(_SM90_SCRIPT)
-    assert len(report) >= 10   # the defaults and the tuning's launches of all three shapes
+    assert len(report) >= 14   # the defaults (bf16, float32) and the tuning's launches of all four shapes
     for shape, row in report.items():
-        assert row["wgmma"], f"{shape}: expected Hopper wgmma instructions"
+        assert row["wgmma"] or row["dtype"] == "fp32", f"{shape}: expected Hopper wgmma instructions"
         assert row.get("stack", 0) == 0, f"{shape}: register spills {row}"
+        assert row["shared"] <= 232448, f"{shape}: {row['shared']} B of shared memory, over sm_90's 227 KB per block"

@@ -347,7 +347,7 @@ def tuned_choices() -> dict:
     return out
 
 
-def default_config(hw: tuple[int, int], d: int) -> dict:
+def default_config(hw: tuple[int, int], d: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Launch defaults for Hopper, from the sweep in benchmarks/gpu_attention_check.py on an H200 with
     Triton 3.6 (2026-11-26, benchmarks/results/gpu_throughput_h200_2026-11-26). Global 64x64 tokens
     (N=4096, D=64, 96 batch-heads): 64 x 64 tiles, 4 warps, 3 stages, 353 TFLOP/s (128 x 64 / 8 warps, the
@@ -355,12 +355,15 @@ def default_config(hw: tuple[int, int], d: int) -> dict:
     (N=196, 2400 batch-heads): 128 x 64 / 8 warps / 2 stages was best, 43 TFLOP/s, with the contiguous key
     tiling before the padded-row one (not yet timed on a GPU: the sweep tries wider key tiles too).
     D=80 (ViT-H) keeps 64-row blocks and 8 warps: larger tiles spill on sm_90
-    (tests/test_gpu_attention.py compiles each default and checks). block_n is at least one padded row."""
+    (tests/test_gpu_attention.py compiles each default and checks). block_n is at least one padded row.
+    float32 tiles take twice the shared memory: 3 stages of the global D=80 launch need 238 KB, over
+    sm_90's 227 KB per block, so float32 keeps 2 (a correctness path; bf16 is the fast one)."""
     h, w = hw
     if h * w <= 256:
         cfg = {"block_m": 64 if d > 64 else 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
     else:
-        cfg = {"block_m": 64, "block_n": 64, "num_warps": 8 if d > 64 else 4, "num_stages": 3}
+        cfg = {"block_m": 64, "block_n": 64, "num_warps": 8 if d > 64 else 4,
+               "num_stages": 2 if dtype == torch.float32 else 3}
     cfg["block_n"] = max(cfg["block_n"], _next_pow2(w))
     return cfg
 
@@ -386,7 +389,7 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
     h, w = hw
     b, nh, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
-    cfg = default_config(hw, d)
+    cfg = default_config(hw, d, q.dtype)
     for key, val in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
                      ("num_stages", num_stages), ("maxnreg", maxnreg)):
         if val is not None:
@@ -404,7 +407,8 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
         return out
 
     interpret = q.device.type != "cuda" or _interpret_env()
-    fixed = interpret or _TUNE["error"] is not None or any(
+    # the tuned launches are sized for 2-byte tiles: float32 takes the default launch
+    fixed = interpret or q.dtype == torch.float32 or _TUNE["error"] is not None or any(
         val is not None for val in (block_m, block_n, num_warps, num_stages, maxnreg))
     tensors = (q, k, v, off_h, off_w, out)
     strides = [st for t in tensors for st in t.stride()[:3]]   # batch, head, token of each

@@ -293,7 +293,7 @@ def _connect(xp, n: int, a, b):
                 break
             parent = pp
         a, b = parent[a], parent[b]
-        keep = a != b
+        keep = xp.flatnonzero(a != b)   # indices, not a mask: CuPy syncs once per boolean index
         a, b = a[keep], b[keep]
     return parent
 
@@ -456,7 +456,7 @@ class ComponentLabeller:
         nb = nb.reshape(-1)[sel]
         me = (sel % n).astype(np.int32) if n else sel.astype(np.int32)
         ghost = nb < goff
-        inner = ~ghost
+        inner = xp.flatnonzero(~ghost)
         local = xp.empty(nz * plane, np.int32)  # dense local index, read only at defects
         local[idx] = xp.arange(n, dtype=np.int32)
         a = me[inner]
@@ -471,8 +471,9 @@ class ComponentLabeller:
             p_lab, p_idx, p_ids, p_st = prev
             p_map = xp.empty(plane, np.int32)
             p_map[p_idx] = p_ids
-            if bool(ghost.any()):
-                pairs = xp.stack([p_map[nb[ghost]], pid[me[ghost]] + np.int32(first)])
+            across = xp.flatnonzero(ghost)   # neighbours in the previous plane
+            if across.size:
+                pairs = xp.stack([p_map[nb[across]], pid[me[across]] + np.int32(first)])
                 self._cross.append(xp.unique(pairs.astype(np.int64)[0] * 2 ** 31 + pairs[1]))
             # Crossings of the previous plane along +(1, dy, dx), deferred until its next plane
             # (this one) arrived.
@@ -584,7 +585,8 @@ class ComponentLabeller:
         self._air_edge.append(edge[edge > 0].astype(np.int64) + base)
         if self._air_last is not None:  # air meeting across the slab boundary
             a, b = self._air_last, global_id(comp[0])
-            both = (a > 0) & (b > 0)
+            a, b = a.reshape(-1), b.reshape(-1)
+            both = xp.flatnonzero((a > 0) & (b > 0))   # indices, not a mask (see _connect)
             self._air_pairs.append(xp.unique(a[both] * 2 ** 31 + b[both]))
         self._air_last = None if last else global_id(comp[-1])
         air = comp > 0

@@ -361,3 +361,79 @@ def test_component_table_binding_checks():
         cols[4] = crossings
         with pytest.raises(ValueError, match=r"\(n, 13\)"):
             _core.component_table(*cols)
+
+
+# ---------------------------------------------------------------- on a CuPy stand-in (tests/fake_cupy.py)
+# The same functions with device arrays that refuse what CuPy refuses (implicit host conversion,
+# host arrays in device expressions) and count host syncs: what would only fail on the GPU fails here.
+
+
+def on_device(fc, fn, *args, **kwargs):
+    """fn on stand-in device copies of the array arguments, its result brought back to the host."""
+    out = fn(*(fc.asarray(a) if isinstance(a, np.ndarray) else a for a in args), **kwargs)
+    assert isinstance(out, fc.ndarray), type(out)   # stayed on the device
+    return post.to_host(out)
+
+
+def test_pointwise_steps_on_a_cupy_stand_in(monkeypatch):
+    import fake_cupy
+    fc = fake_cupy.install(monkeypatch)
+    rng = np.random.default_rng(0)
+    for dtype in DTYPES:
+        s, lo, hi = rand_slice(rng, (37, 41), dtype)
+        assert_same(on_device(fc, post.window, s, lo, hi), post.window(s, lo, hi))
+        for pad in ("edge", "constant"):
+            assert_same(on_device(fc, post.extract_tiles, s, 16, 5, lo, hi, pad),
+                        post.extract_tiles(s, 16, 5, lo, hi, pad))
+    img = rng.standard_normal((2, 3, 20, 30)).astype(np.float32)
+    assert_same(on_device(fc, post.resize_bilinear, img, 33, 17), post.resize_bilinear(img, 33, 17))
+    p = rand_probs(rng, (2, 3, 20, 30))
+    for mode in ("priority", "argmax"):
+        args = (p, [0.5, 0.4, 0.6], [1, 2, 3], [2, 1, 0], mode)
+        assert_same(on_device(fc, post.aggregate, *args), post.aggregate(*args))
+    nt = len(_core.tile_starts(37, 16, 5)) * len(_core.tile_starts(41, 16, 5))
+    t = rng.random((nt, 3, 16, 16)).astype(np.float32)
+    for blend in ("constant", "ramp"):
+        assert_same(on_device(fc, post.stitch_tiles, t, 37, 41, 5, blend), post.stitch_tiles(t, 37, 41, 5, blend))
+    with pytest.raises(TypeError, match="Implicit conversion"):   # the stand-in refuses as CuPy does
+        np.asarray(fc.asarray(img))
+
+
+@pytest.mark.parametrize("conn", [6, 18, 26])
+@pytest.mark.parametrize("slabs", [[12], [5, 0, 4, 3], [1] * 12], ids=["whole", "mixed", "ones"])
+def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
+    """Tables, outside air and label volume as on NumPy; host syncs stay a few dozen per slab (union-find
+    rounds and output sizes), never one per component or voxel."""
+    import fake_cupy
+    fc = fake_cupy.install(monkeypatch)
+    rng = np.random.default_rng(conn)
+    shape = (12, 30, 34)
+    lab = noise(rng, shape)
+    lab[:, :3] = 0                       # outside air, and air the part encloses (noise)
+    img = image(rng, shape, np.uint16)
+    got = post.ComponentLabeller(shape, (2, 3), conn, (0.5, 1.0, 2.0))
+    ref = _core.ComponentLabeller(shape, [2, 3], conn, (0.5, 1.0, 2.0))
+    fake_cupy.syncs, z = 0, 0
+    for d in slabs:
+        got.add_slab(fc.asarray(lab[z:z + d]), fc.asarray(img[z:z + d]))
+        ref.add_slab(lab[z:z + d], img[z:z + d])
+        z += d
+    per_slab = fake_cupy.syncs / sum(1 for d in slabs if d)
+    assert per_slab <= 40, f"{per_slab:.0f} host syncs per slab"
+    assert_table_same(got.finish(2), ref.finish(2))
+    assert got.outside_air_voxels == ref.outside_air_voxels == int(outside_air_reference(lab).sum())
+    assert_same(on_device(fc, post.label_volume, lab, (2, 3), conn), _core.label_volume(lab, [2, 3], conn))
+
+
+@pytest.mark.parametrize("fill", [0, 1, 2])
+def test_components_without_air_defects_or_part_on_a_cupy_stand_in(monkeypatch, fill):
+    import fake_cupy
+    fc = fake_cupy.install(monkeypatch)
+    shape = (5, 9, 11)
+    lab = np.full(shape, fill, np.uint8)
+    img = image(np.random.default_rng(fill), shape, np.float32)
+    got, ref = post.ComponentLabeller(shape), _core.ComponentLabeller(shape)
+    got.add_slab(fc.asarray(lab), fc.asarray(img))
+    ref.add_slab(lab, img)
+    assert_table_same(got.finish(), ref.finish(), float_image=True)
+    assert got.outside_air_voxels == ref.outside_air_voxels

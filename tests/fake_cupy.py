@@ -1,0 +1,212 @@
+"""A NumPy-backed stand-in for CuPy, for the GPU post-processing tests on machines without a GPU.
+
+It refuses what CuPy refuses and NumPy allows, so CPU tests catch code that would only fail on the
+device: implicit conversion of a device array to NumPy (np.asarray, passing it to C++), host
+arrays mixed into device expressions, and NumPy functions CuPy lacks. It also counts the points
+where CuPy waits for the device (int()/bool() of an array, boolean-mask indexing, flatnonzero,
+unique, labelling), so a test can bound the host syncs per slab.
+
+install(monkeypatch) makes xctrt.gpu.post treat these arrays as CuPy arrays.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import scipy.ndimage
+
+syncs = 0   # host syncs so far; tests reset it
+
+
+def _sync() -> None:
+    global syncs
+    syncs += 1
+
+
+def _unwrap(x, strict: bool = True):
+    if isinstance(x, ndarray):
+        return x._a
+    if strict and isinstance(x, np.ndarray) and x.ndim > 0:
+        raise TypeError("a host NumPy array in a device expression (CuPy refuses it)")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v, strict) for v in x)
+    return x
+
+
+def _wrap(r):
+    if isinstance(r, np.ndarray):
+        return ndarray(r)
+    if isinstance(r, tuple):
+        return tuple(_wrap(v) for v in r)
+    if isinstance(r, np.generic):   # CuPy returns 0-d arrays, never NumPy scalars
+        return ndarray(np.asarray(r))
+    return r
+
+
+class ndarray(np.lib.mixins.NDArrayOperatorsMixin):   # noqa: N801 - CuPy's name
+    __array_priority__ = 100
+
+    def __init__(self, a: np.ndarray):
+        assert isinstance(a, np.ndarray)
+        self._a = a
+
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: self._a.flags)
+    T = property(lambda self: ndarray(self._a.T))
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed (CuPy): use .get()")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if "out" in kwargs:
+            kwargs["out"] = tuple(_unwrap(o) for o in kwargs["out"])
+        return _wrap(getattr(ufunc, method)(*(_unwrap(x) for x in inputs), **kwargs))
+
+    def __array_function__(self, func, types_, args, kwargs):
+        f = getattr(sys.modules[__name__], func.__name__, None)
+        if f is None:
+            raise TypeError(f"numpy.{func.__name__} has no device version in this stand-in")
+        return f(*args, **kwargs)
+
+    def __bool__(self):
+        _sync()
+        return bool(self._a)
+
+    def __int__(self):
+        _sync()
+        return int(self._a)
+
+    def __float__(self):
+        _sync()
+        return float(self._a)
+
+    def __index__(self):
+        _sync()
+        return self._a.__index__()
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        return (ndarray(self._a[i]) for i in range(len(self._a)))
+
+    @staticmethod
+    def _key(key):
+        out = []
+        for k in key if isinstance(key, tuple) else (key,):
+            k = k._a if isinstance(k, ndarray) else k   # host index arrays are allowed (copied over)
+            if isinstance(k, np.ndarray) and k.dtype == bool:
+                _sync()   # a boolean mask: CuPy counts its True entries on the host
+            out.append(k)
+        return tuple(out)
+
+    def __getitem__(self, key):
+        return ndarray(np.asarray(self._a[self._key(key)]))
+
+    def __setitem__(self, key, value):
+        self._a[self._key(key)] = _unwrap(value, strict=False)
+
+    def get(self) -> np.ndarray:
+        return self._a.copy()
+
+    def item(self):
+        _sync()
+        return self._a.item()
+
+    def __getattr__(self, name):   # astype, reshape, ravel, copy, view, any, sum, ...
+        method = getattr(self._a, name)
+        if not callable(method):
+            raise AttributeError(name)
+
+        def call(*args, **kwargs):
+            return _wrap(method(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
+        return call
+
+    def __repr__(self):
+        return f"fake_cupy.ndarray({self._a!r})"
+
+
+def _device_function(name: str, syncs_: bool = False):
+    host = getattr(np, name)
+
+    def f(*args, **kwargs):
+        if syncs_:
+            _sync()
+        return _wrap(host(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
+    f.__name__ = name
+    return f
+
+
+for _name in ("where stack concatenate take cumsum zeros ones empty full zeros_like arange maximum minimum isnan "
+              "ascontiguousarray broadcast_to clip sqrt exp floor add multiply divide count_nonzero pad").split():
+    globals()[_name] = _device_function(_name)
+for _name in ("flatnonzero", "unique", "nonzero"):   # their output size is read on the host
+    globals()[_name] = _device_function(_name, syncs_=True)
+
+
+def argsort(a, axis=-1, kind=None):
+    if kind not in (None, "stable"):
+        raise ValueError(f"kind={kind!r}: CuPy's sorts are stable only")
+    return _wrap(np.argsort(_unwrap(a), axis=axis, kind="stable"))
+
+
+def asarray(a, dtype=None):
+    if isinstance(a, ndarray) and dtype is None:
+        return a
+    return ndarray(np.array(_unwrap(a, strict=False), dtype=dtype))
+
+
+array = asarray
+
+
+def asnumpy(a) -> np.ndarray:
+    return a._a.copy() if isinstance(a, ndarray) else np.asarray(a)
+
+
+int8, uint8, int16, uint16, int32, uint32, int64, float32, float64 = (
+    np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.float32, np.float64)
+
+
+# cupyx: the scatter functions post.py uses and cupyx.scipy.ndimage.label
+cupyx = types.ModuleType("cupyx")
+
+
+def _scatter(ufunc):
+    def f(a, idx, v):
+        if not isinstance(a, ndarray):
+            raise TypeError("cupyx.scatter_* takes a cupy.ndarray")
+        ufunc.at(a._a, _unwrap(idx), _unwrap(v))
+    return f
+
+
+cupyx.scatter_add, cupyx.scatter_min, cupyx.scatter_max = _scatter(np.add), _scatter(np.minimum), _scatter(np.maximum)
+cupyx.scipy = types.ModuleType("cupyx.scipy")
+cupyx.scipy.ndimage = types.ModuleType("cupyx.scipy.ndimage")
+
+
+def _label(mask):
+    if not isinstance(mask, ndarray):
+        raise TypeError("cupyx.scipy.ndimage.label takes a cupy.ndarray")
+    _sync()   # returns the count as a Python int
+    lab, n = scipy.ndimage.label(mask._a)
+    return ndarray(lab.astype(np.int32)), int(n)
+
+
+cupyx.scipy.ndimage.label = _label
+
+
+def install(monkeypatch) -> types.ModuleType:
+    """Let xctrt.gpu.post take this module for CuPy (undone with the monkeypatch fixture)."""
+    from xctrt.gpu import post
+    me = sys.modules[__name__]
+    monkeypatch.setattr(post, "_cupy", me)
+    monkeypatch.setattr(post, "_cupyx", cupyx)
+    for name, mod in (("cupyx", cupyx), ("cupyx.scipy", cupyx.scipy), ("cupyx.scipy.ndimage", cupyx.scipy.ndimage)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return me

@@ -41,5 +41,5 @@ def test_canvas_fits_every_title(tmp_path, shape, voxel):
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     with Image.open(tmp_path / "p.png") as im:
         assert im.width >= measure.textlength(title) + 16
-        # the three plane titles and panels sit in columns at least as wide as the title "XY  z = mid"
-        assert im.width >= 3 * measure.textlength("XY  z = mid")
+        # the three plane titles and panels sit in columns at least as wide as the title "XY  z = 0 of 0..0"
+        assert im.width >= 3 * measure.textlength("XY  z = 0 of 0..0")

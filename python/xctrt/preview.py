@@ -41,8 +41,9 @@ def plane_sizes(shapes, voxel_size) -> list[tuple[int, int, bool]]:
 def write_preview(path: Path, planes: dict[str, tuple[np.ndarray, np.ndarray]], window: tuple[float, float],
                   voxel_size, class_names: dict[int, str], title: str) -> None:
     """planes: name -> (grey 2D, labels 2D) for 'z' (YX), 'y' (ZX) and 'x' (ZY) mid-planes."""
-    names = ("XY  z = mid", "XZ  y = mid", "YZ  x = mid")
     views = [planes["z"], planes["y"], planes["x"]]
+    (Y, X), Z = views[0][0].shape, views[1][0].shape[0]
+    names = tuple(f"{p}  {a} = {n // 2} of 0..{n - 1}" for p, a, n in (("XY", "z", Z), ("XZ", "y", Y), ("YZ", "x", X)))
     panels = []
     for name, (grey, labels), (w, h, stretched) in zip(names, views, plane_sizes(
             [g.shape for g, _ in views], voxel_size)):

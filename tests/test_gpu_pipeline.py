@@ -537,6 +537,9 @@ def test_cast_weights_bf16(nets, mode):
         assert all(p.dtype == torch.bfloat16 for p in m.image_encoder.parameters())
         assert all(p.dtype == torch.bfloat16 for p in m.mask_decoders.parameters())
         assert m.pixel_mean.dtype == m.pixel_std.dtype == torch.float32
+    for m, m0 in zip(b.models, net.models):   # the positional table keeps its float32 values, not rounded ones
+        assert torch.equal(m.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
+                           m0.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix)
     with torch.inference_mode():
         ref, p = net(x), b(x)
     assert p.dtype == torch.float32 and p.shape == ref.shape

@@ -2,10 +2,10 @@
 
     host slab (pinned) --copy stream--> device --compute stream--> window + resize (post.py)
         -> encoder (one CUDA graph per batch) -> decoders -> resize back + aggregate (post.py)
-        --post stream--> 3D components (post.ComponentLabeller)   and   --copy stream--> labels to host
+        --post stream--> 3D components (post.ComponentLabeller)   and   --download stream--> labels to host
 
-Three CUDA streams so that copies, the model and the component labelling of the previous slab
-overlap; `submit` returns the slabs whose labels have reached the host (one slab behind), and the
+Four CUDA streams so that copies, the model and the component labelling of the previous slab
+overlap: each waits on the event that says its own slab's labels are ready, never on later work; `submit` returns the slabs whose labels have reached the host (one slab behind), and the
 Segmenter's reader and writer threads keep disk reads and TIFF encoding off this thread.
 
 On a machine without CUDA the same code runs on the CPU with NumPy (tests, dry runs): the maths
@@ -176,7 +176,8 @@ class GpuStage:
         self.graph_error = None   # why the model runs eagerly although graphs were asked for
         if self.cuda:
             self.compute = torch.cuda.Stream()
-            self.copy = torch.cuda.Stream()
+            self.copy = torch.cuda.Stream()       # slabs in
+            self.download = torch.cuda.Stream()   # labels out: behind its own slab, not ahead of the next copy in
             self.postproc = torch.cuda.Stream()
             if graphs:
                 t0 = time.perf_counter()
@@ -385,21 +386,18 @@ class GpuStage:
                 labels = _to_xp(xp, labels)
             if self.cuda:
                 ready = self._last_end = clock.mark(self.compute)
-                # components on their own stream: their host syncs then wait for this slab's labels only,
-                # not for the next slab's model work queued behind it on the compute stream
-                self.postproc.wait_event(ready)
                 out = torch.empty((n, h, w), dtype=torch.uint8, pin_memory=True)
-                with torch.cuda.stream(self.copy):
-                    self.copy.wait_event(ready)
-                    t0 = clock.mark(self.copy)
+                with torch.cuda.stream(self.download):
+                    self.download.wait_event(ready)
+                    t0 = clock.mark(self.download)
                     out.copy_(_to_torch(torch, labels), non_blocking=True)
-                    t1 = clock.mark(self.copy)
+                    t1 = clock.mark(self.download)
                 clock.span("d2h", t0, t1)
                 copied = torch.cuda.Event()
-                copied.record(self.copy)
-                self.pending.append((z0, slab, out, copied, labels, img))
+                copied.record(self.download)
+                self.pending.append((z0, slab, out, copied, labels, img, ready))
             else:
-                self.pending.append((z0, slab, labels, None, labels, img))
+                self.pending.append((z0, slab, labels, None, labels, img, None))
         if self.cuda:
             free, total = torch.cuda.mem_get_info()
             self.memory_used_max = max(self.memory_used_max, total - free)
@@ -411,7 +409,11 @@ class GpuStage:
         done = []
         t_host = time.perf_counter()
         while len(self.pending) > keep:
-            z0, slab, out, copied, labels, img = self.pending.pop(0)
+            z0, slab, out, copied, labels, img, ready = self.pending.pop(0)
+            if ready is not None:
+                # the components wait for this slab's labels only: waiting when it was submitted would
+                # have queued them behind the next slab's model work (the event is already past by now)
+                self.postproc.wait_event(ready)
             with (torch.cuda.stream(self.postproc) if self.cuda else nullcontext()), \
                     _xp_stream(xp, self.postproc if self.cuda else None):
                 t0 = clock.mark(self.postproc if self.cuda else None)

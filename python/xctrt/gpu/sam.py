@@ -132,10 +132,13 @@ class ClassNet(nn.Module):
         the prompt encoder's positional-frequency table, the upsampling of mask logits and the sigmoid
         stay float32. In place."""
         for m in self.models:
+            # get_dense_pe multiplies a float32 coordinate grid by this table: it must stay float32, with
+            # its float32 values (casting it back after .to(bf16) would keep the bf16 rounding: up to 0.05)
+            pe = m.prompt_encoder.pe_layer
+            table = pe.positional_encoding_gaussian_matrix
             for part in (m.image_encoder, m.prompt_encoder, m.mask_decoders):
                 part.to(dtype)
-            # get_dense_pe multiplies a float32 coordinate grid by this table: it must stay float32
-            m.prompt_encoder.pe_layer.float()
+            pe.positional_encoding_gaussian_matrix = table
         return self
 
 

@@ -3,7 +3,7 @@
     python benchmarks/gpu_figure.py benchmarks/results/gpu_throughput_h200_2026-11-26/bench.json docs/gpu_stages.png
 
 One panel per mode; for each stage a bar of busy milliseconds per slice (naive grey, ours blue) and
-the end-to-end milliseconds per slice last. Stages of ours overlap in time (three CUDA streams and
+the end-to-end milliseconds per slice last. Stages of ours overlap in time (four CUDA streams and
 two host threads), so its bars add up to more than its end-to-end bar.
 """
 from __future__ import annotations

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 import traceback
@@ -37,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", type=int, nargs="*", default=[4, 16],
                     help="other batch sizes to time the encoder with every part at (default: 4 16)")
     args = ap.parse_args(argv)
+    from xctrt.io import commit_json, output_file
 
     import torch
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
               "backbone": backbone, "batch": args.batch, "dtype": str(dtype).replace("torch.", ""),
               "variants": rows, "decoder_profile_all_parts": decoder_profile, "encoder_batch_sweep": sweep}
     args.out.mkdir(parents=True, exist_ok=True)
-    save = lambda: (args.out / "gpu_parts.json").write_text(json.dumps(result, indent=1))  # noqa: E731
+    save = lambda: commit_json(output_file(args.out / "gpu_parts.json"), result)  # noqa: E731 - renamed into place
     save()   # the variants are kept should the sweep below run out of the step's time
     if fast_all is not None:
         flops = encoder_flops(fast_all.models[0])

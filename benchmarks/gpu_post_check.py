@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from xctrt import _core  # noqa: E402
 from xctrt.gpu import post  # noqa: E402
+from xctrt.io import commit_json, output_file  # noqa: E402
 
 THRESHOLDS = np.array([0.5, 0.5, 0.5], np.float32)
 LABEL_IDS = np.array([1, 2, 3], np.uint8)  # channels: material, pore, inclusion
@@ -457,21 +458,32 @@ def main(argv=None):
                     device=xp.cuda.runtime.getDeviceProperties(0)["name"].decode())
     print(json.dumps(info), flush=True)
     checks = Checks()
+    shape = (args.z, args.y, args.x)
+    args.slab = args.slab or (64 if args.z >= 192 else max(1, args.z // 3))  # small runs still cross slabs
+    full, fused = {}, {}
+
+    def save() -> dict:   # after each part, renamed into place: a step stopped by its time limit keeps the rest
+        n_pass = sum(r["pass"] for r in checks.results.values())
+        result = {"info": info, "shape": shape, "slab": args.slab, "full": full, "fused": fused,
+                  "checks": checks.results, "passed": n_pass, "failed": len(checks.results) - n_pass,
+                  "wall_s": time.perf_counter() - t_start}
+        commit_json(output_file(args.out / "gpu_post.json"), result)
+        return result
+
     if not args.skip_small:
         t0 = time.perf_counter()
         small_checks(xp, checks, args.seed)
         info["small_checks_s"] = time.perf_counter() - t0
-    shape = (args.z, args.y, args.x)
-    args.slab = args.slab or (64 if args.z >= 192 else max(1, args.z // 3))  # small runs still cross slabs
+        save()
     print(f"full size {shape}, slabs of {args.slab}", flush=True)
-    full = {}
     try:
         full = full_run(xp, shape, args.slab, args.repeats, checks, args.seed)
     except Exception as exc:
         traceback.print_exc()
         checks.results["full size run"] = {"pass": False, "detail": f"{type(exc).__name__}: {exc}"}
         print(f"FAIL  full size run  {type(exc).__name__}: {exc}")
-    fused = {}   # last: a fault in a new kernel would leave this process's CUDA context unusable
+    save()
+    # last: a fault in a new kernel would leave this process's CUDA context unusable
     if xp is not np and not args.skip_small:
         try:
             fused = fused_checks(checks, args.seed)
@@ -479,11 +491,8 @@ def main(argv=None):
             traceback.print_exc()
             checks.results["fused kernels"] = {"pass": False, "detail": f"{type(exc).__name__}: {exc}"}
             print(f"FAIL  fused kernels  {type(exc).__name__}: {exc}")
-    n_pass = sum(r["pass"] for r in checks.results.values())
-    result = {"info": info, "shape": shape, "slab": args.slab, "full": full, "fused": fused, "checks": checks.results,
-              "passed": n_pass, "failed": len(checks.results) - n_pass,
-              "wall_s": time.perf_counter() - t_start}
-    (args.out / "gpu_post.json").write_text(json.dumps(result, indent=1))
+    result = save()
+    n_pass = result["passed"]
 
     med = full.get("median_s", {})
     print("\n| what | value |\n| --- | --- |")

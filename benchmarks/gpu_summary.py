@@ -40,8 +40,10 @@ def bench_rows(res: dict, label: str) -> list[str]:
         stages = ", ".join(f"{s} {busy[s]:.2f}" for s in STAGES if busy.get(s, 0) >= 0.005)
         rows.append(f"| {label} | {mode} | {run} | {x['slices']} | {_f(x['slices_per_s'])} | "
                     f"{_f(x_naive)} | {_f(x_comp, '.2f')} | "
-                    f"{_f(x.get('encoder_tflops'), '.0f')} | {_f(x.get('encoder_percent_of_peak'), '.0f')} | "
-                    f"{_f(x.get('torch_peak_gib'), '.1f')} / {_f(x.get('gpu_memory_used_max_gib'), '.1f')} | "
+                    f"{_f(x.get('encoder_tflops'), '.0f')} | {_f(x.get('encoder_percent_of_peak'), '.0f')} / "
+                    f"{_f(x.get('encoder_percent_of_datasheet_peak'), '.0f')} | "
+                    f"{_f(x.get('torch_peak_gib'), '.1f')} / {_f(x.get('torch_reserved_peak_gib'), '.1f')} / "
+                    f"{_f(x.get('cupy_pool_gib'), '.1f')} / {_f(x.get('gpu_memory_used_max_gib'), '.1f')} | "
                     f"{stages} |")
     return rows
 
@@ -55,8 +57,9 @@ def main(out: Path) -> str:
         lines += [f"device {ref['device']}, torch {ref['torch']}, {ref['date']}, volume {ref['shape']} uint16, "
                   f"{ref['backbone']} random weights, batch {ref['batch']}, attention {ref.get('attention_impl')}, "
                   f"measured bf16 matmul {_f(ref.get('matmul_bf16_tflops'), '.0f')} TFLOP/s", "",
-                  "| call | mode | run | slices | slices/s | × naive | × compiled | enc TFLOP/s | % peak | "
-                  "GiB torch peak / device in use | busy s per stage |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| call | mode | run | slices | slices/s | × naive | × compiled | enc TFLOP/s | % of measured / "
+                  "datasheet bf16 peak | GiB torch peak / torch reserved / CuPy pool / device in use | busy s per stage |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         calls = ((bench, "bench"), (comp, "compiled"), (ours_comp, "ours-compiled"))
         for res, label in calls:
             if res:
@@ -70,7 +73,8 @@ def main(out: Path) -> str:
                              f"{_f(o.get('prob_mean_abs_diff_vs_naive'), '.3g')}; defects {o.get('defects')}; "
                              f"setup+run wall {_f(o.get('wall_s_with_setup'))} s; the engine's first run in the process "
                              f"captured its graphs in {_f(o.get('first_run_capture_s'))} s"
-                             + (f"; compile {_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else "")
+                             + (f"; the anchor's torch.compile({res.get('compile_mode')}) took "
+                                f"{_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else "")
                              + "".join(f"; {why.replace('_', ' ')}: {o[why]}" for why in
                                        ("cuda_graphs_not_used_because", "fused_kernels_not_used_because") if o.get(why))
                              + (f"; left out of the fast forward: {r['fast_parts_dropped']}"

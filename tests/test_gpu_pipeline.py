@@ -557,6 +557,13 @@ def _load_benchmark(name: str):
     return mod
 
 
+def test_datasheet_bf16_peaks_by_device_name():
+    from xctrt.gpu.bench import datasheet_bf16_peak
+    assert datasheet_bf16_peak("NVIDIA H200") == datasheet_bf16_peak("NVIDIA H100 80GB HBM3") == 989.5
+    assert datasheet_bf16_peak("NVIDIA H200 NVL") == 835.5 and datasheet_bf16_peak("NVIDIA H100 PCIe") == 756.5
+    assert datasheet_bf16_peak("cpu") is None
+
+
 def test_bench_gpu_host_arrays_cli(tmp_path):
     """The whole `xctrt bench --gpu` on host arrays, ours through torch.compile (Inductor on the CPU) and
     profiled, as the device script's ours-compiled step runs it; then the summary and the picture."""
@@ -570,6 +577,7 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["device"] == "cpu" and res["backbone"] == "tiny" and res["shape"] == [6, 64, 64]
     assert sorted(res["modes"]) == ["paper", "shared"] and res["compile_ours"] == "default"
+    assert res["compile_mode"] is None   # the JSON is saved after each mode (bench.run's on_mode), whole at the end
     for mode, r in res["modes"].items():
         assert "compiled" not in r
         names = [row["name"] for row in r["ours_profile"]]

@@ -458,6 +458,7 @@ class Segmenter:
                     "host": platform.node(), "versions": _versions()},
             "timing": {"total_s": elapsed, "slices_per_s": Z / elapsed if elapsed > 0 else None,
                        "gpu_memory_used_max_gib": stage.memory_used_max / 2 ** 30 if stage.memory_used_max else None,
+                       "gpu_cupy_pool_gib": stage.cupy_pool_bytes / 2 ** 30 if stage.cupy_pool_bytes else None,
                        "cuda_graphs_not_used_because": stage.graph_error,
                        "fused_kernels_not_used_because": stage.fused_error,
                        "main_thread_s": {**{k: round(v, 4) for k, v in main.seconds.items()},
@@ -480,7 +481,7 @@ class Segmenter:
 class _CpuStage:
     """Labels slab by slab on the host (C++ kernels); components run later, in the writer thread."""
 
-    memory_used_max = None   # what the GPU stage also reports: nothing to say on the host
+    memory_used_max = cupy_pool_bytes = None   # what the GPU stage also reports: nothing to say on the host
     graph_error = fused_error = main_components_s = None
 
     @staticmethod

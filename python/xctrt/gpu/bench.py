@@ -339,11 +339,7 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
         if cuda:
             r["ours"]["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             r["ours"]["torch_reserved_peak_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
-            try:
-                import cupy
-                r["ours"]["cupy_pool_gib"] = cupy.get_default_memory_pool().total_bytes() / 2 ** 30
-            except Exception:
-                pass
+            r["ours"]["cupy_pool_gib"] = s.summary["timing"]["gpu_cupy_pool_gib"]   # at the run's end
         log(f"[{mode}] ours: {r['ours']['slices_per_s']:.1f} slices/s end to end, stages "
             f"{ {k: round(v, 2) for k, v in r['ours']['stage_busy_s'].items()} }")
         r["ours"]["label_agreement_vs_naive"] = agreement

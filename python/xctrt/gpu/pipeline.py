@@ -143,6 +143,7 @@ class GpuStage:
         self.device = torch.device(device)
         self.xp = cuda_array_module() if self.cuda else np
         self.memory_used_max = 0   # device memory in use (all allocators and the CUDA context), sampled per slab
+        self.cupy_pool_bytes = None   # what CuPy's pool held at the end, before finish() gave it back
         self.model, self.size, self.batch = model, int(input_size), int(batch_size)
         if input_mode not in ("resize", "tile"):
             raise ValueError(f"input_mode must be 'resize' or 'tile', not {input_mode!r}")
@@ -446,6 +447,12 @@ class GpuStage:
             t0 = time.perf_counter()
             table = self.labeller.finish(min_voxels=min_voxels)
             self.clock.seconds["components"] += time.perf_counter() - t0
+        if self.cuda:
+            # CuPy's pool keeps freed blocks per stream, and the next stage (the next volume) has new
+            # streams: left cached, they would stay out of reach of its CuPy work and of torch's allocator
+            pool = self.xp.get_default_memory_pool()
+            self.cupy_pool_bytes = pool.total_bytes()
+            pool.free_all_blocks()
         return table
 
     def host_class_voxels(self) -> np.ndarray:

@@ -348,6 +348,19 @@ def test_one_slice_ome_and_imagej_files_are_volumes_of_one_slice(tmp_path):
         assert src.voxel_size == pytest.approx((0.02, 0.01, 0.005))
 
 
+def test_a_folder_holding_one_2d_image_is_a_one_slice_volume(tmp_path):
+    """What the refusal of a plain 2D TIFF suggests (test_errors.test_2d_image_tiff)."""
+    img = volume((1, 20, 30))[0]
+    (tmp_path / "one").mkdir()
+    tifffile.imwrite(tmp_path / "one" / "slice.tif", img)
+    tifffile.imwrite(tmp_path / "plain.tif", img)
+    with pytest.raises(XctrtError, match="a folder holding just this image is a volume of one slice"):
+        open_volume(tmp_path / "plain.tif")
+    with open_volume(tmp_path / "one") as src:
+        assert src.shape == (1, 20, 30)
+        np.testing.assert_array_equal(read_all(src)[0], img)
+
+
 def test_staged_outputs_commit_in_order_and_discard(tmp_path):
     with StagedOutputs(tmp_path, ["a.txt", "b.txt"]) as st:
         st.path("b.txt").write_text("b")

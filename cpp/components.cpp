@@ -197,6 +197,8 @@ class Labeller {
 
   // Air voxels outside the part after distance_to_surface(); -1 before it or without surface.
   int64_t outside_air_voxels() const { return surface_ ? outside_air_voxels_ : -1; }
+  // Their runs (z, y, x0, x1), e.g. to draw the air the part encloses.
+  std::vector<AirRun> outside_air() const { return outside_air_runs(); }
 
   double dz() const { return dz_; }
   double dy() const { return dy_; }
@@ -572,6 +574,13 @@ class PyLabeller {
   }
 
   int64_t n_provisional() const { return lab_.n_provisional(); }
+  py::array_t<int32_t> outside_air_runs() const {
+    if (lab_.outside_air_voxels() < 0) throw std::runtime_error("outside_air_runs() comes after finish()");
+    const std::vector<AirRun> runs = lab_.outside_air();
+    py::array_t<int32_t> out({static_cast<py::ssize_t>(runs.size()), py::ssize_t{4}});
+    if (!runs.empty()) std::memcpy(out.mutable_data(), runs.data(), runs.size() * sizeof(AirRun));
+    return out;
+  }
   py::object outside_air_voxels() const {
     const int64_t n = lab_.outside_air_voxels();
     return n < 0 ? py::none() : py::object(py::int_(n));
@@ -834,6 +843,8 @@ void bind_components(py::module_& m) {
            "Merge and return the table (dict of columns); components with fewer than\n"
            "min_voxels voxels are dropped before ids 1..N are assigned in raster order.")
       .def_property_readonly("n_provisional", &PyLabeller::n_provisional)
+      .def("outside_air_runs", &PyLabeller::outside_air_runs,
+           "After finish(): (m, 4) int32 x-runs z, y, x0, x1 (x1 inclusive) of the air outside the part.")
       .def_property_readonly("outside_air_voxels", &PyLabeller::outside_air_voxels,
                              "Voxels of air (label 0) outside the part: connected (6-neighbours) to\n"
                              "the volume's y or x sides. None before finish().")

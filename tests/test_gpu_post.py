@@ -167,6 +167,9 @@ def run_both(lab, img, slabs, min_voxels=0, **kw):
     assert got.outside_air_voxels is None and ref.outside_air_voxels is None   # until finish()
     tables = got.finish(min_voxels), ref.finish(min_voxels)
     assert got.outside_air_voxels == ref.outside_air_voxels
+    runs = [np.unique(lb.outside_air_runs(), axis=0) for lb in (got, ref)]   # the same runs, in any order
+    assert runs[0].dtype == runs[1].dtype == np.int32
+    np.testing.assert_array_equal(*runs)
     return tables
 
 
@@ -207,8 +210,16 @@ def test_surface_distance_with_sparse_air(seed, thick):
     np.testing.assert_allclose(got["surface_distance"], want, rtol=1e-12, atol=0)
     cpp = _core.ComponentLabeller(shape, voxel_size=vs)
     cpp.add_slab(lab, img)
+    with pytest.raises(RuntimeError, match="after finish"):
+        cpp.outside_air_runs()
     cpp.finish()
-    assert cpp.outside_air_voxels == int(outside_air_reference(lab).sum())
+    outside = outside_air_reference(lab)
+    assert cpp.outside_air_voxels == int(outside.sum())
+    drawn = np.zeros(shape, bool)
+    for z, y, x0, x1 in cpp.outside_air_runs():
+        assert not drawn[z, y, x0:x1 + 1].any()   # runs do not overlap
+        drawn[z, y, x0:x1 + 1] = True
+    np.testing.assert_array_equal(drawn, outside)
 
 
 CASES = [(seed, conn, thick) for seed in range(12) for conn in (6, 18, 26)

@@ -43,3 +43,39 @@ def test_canvas_fits_every_title(tmp_path, shape, voxel):
         assert im.width >= measure.textlength(title) + 16
         # the three plane titles and panels sit in columns at least as wide as the title "XY  z = 0 of 0..0"
         assert im.width >= 3 * measure.textlength("XY  z = 0 of 0..0")
+
+
+def test_enclosed_air_is_marked_on_the_mid_planes_and_in_the_legend(tmp_path):
+    """Air that does not reach the view's y/x sides gets its own colour on each mid-plane, exactly where the
+    labeller's outside-air runs say it is enclosed; the legend names it only when a plane shows some."""
+    from conftest import outside_air_reference
+    from xctrt import _core
+    from xctrt.preview import COLOURS, ENCLOSED, mark_enclosed_air
+    rng = np.random.default_rng(5)
+    shape = (9, 21, 17)
+    lab = np.ones(shape, np.uint8)
+    lab[:, :, :3] = 0                                     # outside air
+    lab[rng.random(shape) < 0.15] = 0                     # air specks: some reach the outside, most do not
+    lab[3:6, 8:13, 6:11] = 0                              # a cavity through all three mid-planes
+    labeller = _core.ComponentLabeller(shape)
+    labeller.add_slab(lab, np.zeros(shape, np.uint16))
+    labeller.finish()
+    Z, Y, X = shape
+    mid = {"z": (np.zeros((Y, X)), lab[Z // 2]), "y": (np.zeros((Z, X)), lab[:, Y // 2]),
+           "x": (np.zeros((Z, Y)), lab[:, :, X // 2])}
+    marked = mark_enclosed_air(mid, labeller.outside_air_runs(), shape)
+    enclosed = (lab == 0) & ~outside_air_reference(lab)
+    for key, sl in (("z", np.s_[Z // 2]), ("y", np.s_[:, Y // 2]), ("x", np.s_[:, :, X // 2])):
+        want = np.where(enclosed[sl], ENCLOSED, lab[sl])
+        np.testing.assert_array_equal(marked[key][1], want)
+        assert (marked[key][1] == ENCLOSED).any()
+    np.testing.assert_array_equal(mid["z"][1], lab[Z // 2])   # the inputs are left as they were
+
+    def has_swatch(p):
+        swatch = (0.15 * 128 + 0.85 * np.array(COLOURS[ENCLOSED])).astype(int)
+        with Image.open(p) as im:
+            return bool((np.abs(np.asarray(im.convert("RGB")).astype(int) - swatch).max(axis=-1) <= 1).any())
+    names = {1: "material", 2: "pore", 3: "inclusion"}
+    write_preview(tmp_path / "a.png", marked, (0, 1), (1, 1, 1), names, "t")
+    write_preview(tmp_path / "b.png", mid, (0, 1), (1, 1, 1), names, "t")
+    assert has_swatch(tmp_path / "a.png") and not has_swatch(tmp_path / "b.png")

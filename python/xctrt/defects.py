@@ -35,6 +35,10 @@ class DefectCounter:
         """Air voxels outside the part (reaching the view's y/x sides), after finish()."""
         return self.labeller.outside_air_voxels
 
+    def outside_air_runs(self) -> np.ndarray:
+        """Their x-runs, (m, 4) int32 z, y, x0, x1, after finish()."""
+        return self.labeller.outside_air_runs()
+
 
 def csv_columns(unit: str) -> list[tuple[str, str]]:
     """(table column, CSV header) pairs; lengths in `unit` (mm, or vox when the size is unknown)."""

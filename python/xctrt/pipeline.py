@@ -29,7 +29,7 @@ from .errors import XctrtError
 from .io import (ArraySource, SliceFolderSource, StagedOutputs, VolumeSource, open_volume, write_json,
                  write_volume_tiff)
 from .model import ModelPackage, load_package
-from .preview import write_preview
+from .preview import mark_enclosed_air, write_preview
 
 DEVICES = ("cpu", "cuda", "host-arrays")
 OUTPUTS = ("labels.tif", "defects.csv", "preview.png", "summary.json")  # summary.json last: it marks a finished run
@@ -437,8 +437,11 @@ class Segmenter:
                 pz = planes["z"]
                 py_ = (np.concatenate(planes["y"][0]), np.concatenate(planes["y"][1]))
                 px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
+                mid = {"z": pz, "y": py_, "x": px}
+                if counter.outside_air_voxels is not None:   # the air the part encloses in its own colour
+                    mid = mark_enclosed_air(mid, counter.outside_air_runs(), (Z, Y, X))
                 with staged.write("preview.png") as tmp:
-                    write_preview(tmp, {"z": pz, "y": py_, "x": px}, window, vs,
+                    write_preview(tmp, mid, window, vs,
                                   self.class_names, f"{source.path.name}  {Z}x{Y}x{X}  model {self.package.name}"
                                   + ("" if self.package.trained else " (UNTRAINED)"))
         elapsed = time.perf_counter() - t_start

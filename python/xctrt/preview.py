@@ -6,8 +6,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = {1: (70, 130, 180), 2: (255, 40, 40), 3: (255, 220, 0)}  # material blue, pore red, inclusion yellow
-ALPHA = {1: 0.25, 2: 0.85, 3: 0.85}
+ENCLOSED = 4   # not a class: air (label 0) the part encloses, drawn in its own colour so it can be looked at
+COLOURS = {1: (70, 130, 180), 2: (255, 40, 40), 3: (255, 220, 0),   # material blue, pore red, inclusion yellow
+           ENCLOSED: (230, 0, 230)}                                # enclosed air magenta
+ALPHA = {1: 0.25, 2: 0.85, 3: 0.85, ENCLOSED: 0.85}
+ENCLOSED_NAME = "air enclosed by the part"
 PANEL = 384      # pixels of the longest side of any plane; the three share one scale (pixels per mm)
 MIN_SIDE = 16    # a plane thinner than this (a volume of few slices) is stretched to it, and says so
 
@@ -23,6 +26,35 @@ def _overlay(grey: np.ndarray, labels: np.ndarray, lo: float, hi: float) -> Imag
 
 def _blend(rgb, cid: int):
     return (1 - ALPHA[cid]) * rgb + ALPHA[cid] * np.array(COLOURS[cid], np.float32)
+
+
+def _runs_mask(rows, c0, c1, shape) -> np.ndarray:
+    """bool (rows, columns) set on every [row, c0..c1] of these runs (a difference array)."""
+    d = np.zeros((shape[0], shape[1] + 1), np.int32)
+    np.add.at(d, (rows, c0), 1)
+    np.add.at(d, (rows, c1 + 1), -1)
+    return np.cumsum(d[:, :-1], axis=1) > 0
+
+
+def mark_enclosed_air(planes: dict[str, tuple[np.ndarray, np.ndarray]], outside_runs: np.ndarray,
+                      shape: tuple[int, int, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The mid-planes (as write_preview takes them) with their air that is not in `outside_runs` (the
+    labeller's (m, 4) z, y, x0, x1 x-runs of the air outside the part) relabelled ENCLOSED, for drawing."""
+    Z, Y, X = shape
+    z, y, x0, x1 = (np.asarray(c, np.int64) for c in np.asarray(outside_runs).reshape(-1, 4).T)
+    at = z == Z // 2
+    on = y == Y // 2
+    across = (x0 <= X // 2) & (x1 >= X // 2)
+    yz = np.zeros((Z, Y), bool)
+    yz[z[across], y[across]] = True
+    outside = {"z": _runs_mask(y[at], x0[at], x1[at], (Y, X)), "y": _runs_mask(z[on], x0[on], x1[on], (Z, X)),
+               "x": yz}
+    out = {}
+    for key, (grey, labels) in planes.items():
+        labels = labels.copy()
+        labels[(labels == 0) & ~outside[key]] = ENCLOSED
+        out[key] = (grey, labels)
+    return out
 
 
 def plane_sizes(shapes, voxel_size) -> list[tuple[int, int, bool]]:
@@ -52,7 +84,10 @@ def write_preview(path: Path, planes: dict[str, tuple[np.ndarray, np.ndarray]], 
     pad, head, legend_h = 8, 18, 26
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     columns = [max(p.width, round(measure.textlength(name))) for name, p in panels]   # titles never overlap
-    width = max(sum(columns) + pad * (len(panels) + 1), round(measure.textlength(title)) + 2 * pad)
+    shown = [c for c in COLOURS if c != ENCLOSED or any((lab == ENCLOSED).any() for _, lab in views)]
+    legend = [(cid, ENCLOSED_NAME if cid == ENCLOSED else class_names.get(cid, str(cid))) for cid in shown]
+    legend_w = sum(20 + round(measure.textlength(label)) + 24 for _, label in legend) + pad
+    width = max(sum(columns) + pad * (len(panels) + 1), round(measure.textlength(title)) + 2 * pad, legend_w)
     height = head + max(p.height for _, p in panels) + legend_h + 2 * pad + head
     canvas = Image.new("RGB", (width, height), (24, 24, 24))
     draw = ImageDraw.Draw(canvas)
@@ -64,10 +99,9 @@ def write_preview(path: Path, planes: dict[str, tuple[np.ndarray, np.ndarray]], 
         x += column + pad
     y = height - legend_h
     x = pad
-    for cid in COLOURS:
+    for cid, label in legend:
         swatch = tuple(int(v) for v in _blend(np.full(3, 128, np.float32), cid))   # as drawn over mid grey
         draw.rectangle([x, y + 4, x + 14, y + 18], fill=swatch)
-        label = class_names.get(cid, str(cid))
         draw.text((x + 20, y + 5), label, fill=(230, 230, 230))
         x += 20 + round(measure.textlength(label)) + 24
     canvas.save(path, format="PNG")

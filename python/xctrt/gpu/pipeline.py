@@ -116,6 +116,9 @@ class GpuCounter:
     def outside_air_voxels(self) -> int | None:
         return self.stage.labeller.outside_air_voxels
 
+    def outside_air_runs(self) -> np.ndarray:
+        return self.stage.labeller.outside_air_runs()
+
 
 class GpuStage:
     """Labels for slabs on a CUDA device (or, without one, the CPU), components included.

@@ -615,6 +615,12 @@ class ComponentLabeller:
         keep = outside[root[xp.concatenate(self._air_id)]]
         return xp.concatenate(self._air_runs, axis=1)[:, keep]
 
+    def outside_air_runs(self) -> np.ndarray:
+        """After finish(): (m, 4) int32 x-runs z, y, x0, x1 of the air outside the part (as the C++ labeller's)."""
+        if self.outside_air_voxels is None:
+            raise RuntimeError("outside_air_runs() comes after finish()")
+        return np.ascontiguousarray(to_host(self._outside_air().T), dtype=np.int32)
+
     def _surface_distance(self, final, n_kept: int) -> np.ndarray:
         """Distance of each kept component to the part surface: to the nearest voxel of the air
         outside the part (C++ search, see _core.distance_to_surface)."""

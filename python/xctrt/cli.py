@@ -113,7 +113,7 @@ def cmd_segment(args) -> int:
           + f" defects (sizes in {unit})")
     if r["enclosed_air_voxels"]:
         print(f"  air enclosed by the part: {r['enclosed_air_volume']:.4g} {unit}3 ({r['enclosed_air_voxels']} voxels; "
-              "in neither porosity nor part)")
+              "in neither porosity nor part; magenta in preview.png)")
     near = [f"{n} {d[f'surface_distance_{unit}']['min']:.4g} {unit}" for n, d in r["defects"].items()
             if f"surface_distance_{unit}" in d]
     if near:

@@ -95,6 +95,14 @@ def assert_same_results(a, b):
 # ---------------------------------------------------------------- 1. host-arrays GPU path == C++ pipeline
 
 
+def test_host_arrays_fill_enclosed_air_matches_cpu_pipeline(nets, packages, volume):
+    """The GPU path's labeller gives the fill the same outside air as the C++ one."""
+    cpu, host = segment_both(nets["shared"], packages["shared"], volume, slab=3, fill_enclosed_air=True)
+    a, b = cpu.segment(volume), host.segment(volume)
+    assert a.summary["result"]["enclosed_air_filled_voxels"] > 0
+    assert_same_results(a, b)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("slab,batch", [(3, 1), (3, 3), (4, 1), (4, 3)])
 def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, batch):

@@ -70,6 +70,8 @@ def test_enclosed_air_is_marked_on_the_mid_planes_and_in_the_legend(tmp_path):
         np.testing.assert_array_equal(marked[key][1], want)
         assert (marked[key][1] == ENCLOSED).any()
     np.testing.assert_array_equal(mid["z"][1], lab[Z // 2])   # the inputs are left as they were
+    filled = mark_enclosed_air(mid, labeller.outside_air_runs(), shape, value=1)   # as --fill-enclosed-air draws it
+    np.testing.assert_array_equal(filled["x"][1], np.where(enclosed[:, :, X // 2], 1, lab[:, :, X // 2]))
 
     def has_swatch(p):
         swatch = (0.15 * 128 + 0.85 * np.array(COLOURS[ENCLOSED])).astype(int)

@@ -11,7 +11,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from conftest import OUTPUT_NAMES, PHANTOM_SHAPE, PHANTOM_VOXEL, phantom_array, surface_distance_reference
+from conftest import (OUTPUT_NAMES, PHANTOM_SHAPE, PHANTOM_VOXEL, outside_air_reference, phantom_array,
+                      surface_distance_reference)
 from xctrt import _core
 from xctrt.cpus import usable_cpus
 from xctrt.errors import XctrtError
@@ -432,3 +433,33 @@ def test_summary_records_absolute_paths(rich, phantom_path, tmp_path, monkeypatc
     assert summary["input"]["path"] == str(phantom_path.absolute())
     assert Path(summary["model"]["path"]).is_absolute()
     assert rich.segment(np.zeros((2, 40, 40), np.uint16)).summary["input"]["path"] == "<array>"
+
+
+def test_fill_enclosed_air(phantom_volume, tmp_path):
+    """--fill-enclosed-air: exactly the air not reaching the view's y/x sides becomes material, in the labels,
+    labels.tif (rewritten, nothing left beside it) and the summary; the defect table is the same."""
+    plain = make_segmenter().segment(phantom_volume)
+    lab = plain.labels
+    enclosed = (lab == 0) & ~outside_air_reference(lab)
+    assert enclosed.any(), "the tiny model's labels on the phantom should enclose some air"
+    assert plain.summary["result"]["enclosed_air_voxels"] == enclosed.sum()
+    assert plain.summary["result"]["enclosed_air_filled_voxels"] is None
+    want = np.where(enclosed, 1, lab).astype(np.uint8)
+    seg = make_segmenter(fill_enclosed_air=True)
+    res = seg.segment(phantom_volume, out_dir=tmp_path / "out", voxel_size=0.02)   # labels.tif read back to fill
+    assert res.labels is None
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "labels.tif"), want)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(OUTPUT_NAMES)
+    r = res.summary["result"]
+    assert r["enclosed_air_filled_voxels"] == enclosed.sum() and r["enclosed_air_voxels"] == 0
+    assert r["voxels_per_class"]["air"] == (want == 0).sum() and r["voxels_per_class"]["material"] == (want == 1).sum()
+    assert r["porosity_percent"] == pytest.approx(100 * (want == 2).sum() / (want > 0).sum())
+    assert res.summary["run"]["fill_enclosed_air"] is True and "fill" in res.summary["timing"]["stage_busy_s"]
+    np.testing.assert_array_equal(res.defects["voxels"], plain.defects["voxels"])
+    for kw in ({}, {"out_dir": tmp_path / "kept", "keep_labels": True}):   # filled in memory (and written from it)
+        np.testing.assert_array_equal(seg.segment(phantom_volume, **kw).labels, want)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "kept" / "labels.tif"), want)
+    with pytest.raises(XctrtError, match="on_slab streams labels before fill_enclosed_air"):
+        seg.segment(phantom_volume, on_slab=lambda *a: None)
+    with pytest.raises(XctrtError, match="fill_enclosed_air must be True or False"):
+        make_segmenter(fill_enclosed_air=1)

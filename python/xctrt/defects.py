@@ -40,6 +40,26 @@ class DefectCounter:
         return self.labeller.outside_air_runs()
 
 
+def runs_mask(rows, c0, c1, shape) -> np.ndarray:
+    """bool (rows, columns) set on every [row, c0..c1] of these x-runs (a difference array)."""
+    d = np.zeros((shape[0], shape[1] + 1), np.int32)
+    np.add.at(d, (rows, c0), 1)
+    np.add.at(d, (rows, c1 + 1), -1)
+    return np.cumsum(d[:, :-1], axis=1) > 0
+
+
+def outside_air_masks(runs: np.ndarray, shape):
+    """For z = 0..Z-1 in order: bool (Y, X) of slice z's air outside the part, from the labeller's
+    outside_air_runs() ((m, 4) z, y, x0, x1)."""
+    Z, Y, X = shape
+    runs = np.asarray(runs, np.int64).reshape(-1, 4)
+    runs = runs[np.argsort(runs[:, 0], kind="stable")]
+    bounds = np.searchsorted(runs[:, 0], np.arange(Z + 1))
+    for z in range(Z):
+        r = runs[bounds[z]:bounds[z + 1]]
+        yield runs_mask(r[:, 1], r[:, 2], r[:, 3], (Y, X))
+
+
 def csv_columns(unit: str) -> list[tuple[str, str]]:
     """(table column, CSV header) pairs; lengths in `unit` (mm, or vox when the size is unknown)."""
     return [

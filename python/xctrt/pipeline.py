@@ -24,12 +24,12 @@ import numpy as np
 from . import __version__, _core
 from .backends import make_engine
 from .cpus import usable_cpus
-from .defects import DefectCounter, summarise, table_to_csv
+from .defects import DefectCounter, outside_air_masks, summarise, table_to_csv
 from .errors import XctrtError
 from .io import (ArraySource, SliceFolderSource, StagedOutputs, VolumeSource, open_volume, write_json,
                  write_volume_tiff)
 from .model import ModelPackage, load_package
-from .preview import mark_enclosed_air, write_preview
+from .preview import ENCLOSED, mark_enclosed_air, write_preview
 
 DEVICES = ("cpu", "cuda", "host-arrays")
 OUTPUTS = ("labels.tif", "defects.csv", "preview.png", "summary.json")  # summary.json last: it marks a finished run
@@ -141,14 +141,18 @@ class Segmenter:
                  batch_size: int | None = None,
                  threads: int = 0, connectivity: int = 26, min_voxels: int = 1, slab: int = 8,
                  window: tuple[float, float] | None = None, progress: bool = True, device: str = "cpu",
-                 engine=None, precision: str = "fp32"):
+                 engine=None, precision: str = "fp32", fill_enclosed_air: bool = False):
         """device "cpu": window/tile/stitch/aggregate/components in C++ on the host around the engine.
         device "cuda": all of it on the GPU (xctrt.gpu: torch model, CuPy stages), needs the torch
         backend; "host-arrays": that GPU path's code with NumPy and torch on the host (tests, dry runs).
         batch_size: tiles per engine call; None: 8 where the model runs on a GPU, on a CPU half the
         inference threads, 1 to 8 (default_batch_size).
         engine: a ready Engine instead of one built from the package (benchmarks).
-        precision: "fp32", or "bf16" for the torch backend (its matrix products in bfloat16)."""
+        precision: "fp32", or "bf16" for the torch backend (its matrix products in bfloat16).
+        fill_enclosed_air: relabel air the part encloses (label 0 not reaching the view's y/x sides) as
+        material, in the labels, labels.tif and the summary; what that air is in the released test sets'
+        labels: benchmarks/RESULTS.md. Known only once the whole volume went through the components, so
+        labels.tif is rewritten and on_slab cannot be used with it."""
         self.package = model if isinstance(model, ModelPackage) else load_package(model)
         if device not in DEVICES:
             raise XctrtError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
@@ -187,6 +191,9 @@ class Segmenter:
         self.batch_size = batch_size or default_batch_size(self.engine.device, threads)
         self.threads, self.slab = threads, slab
         self.connectivity, self.min_voxels, self.window, self.progress = connectivity, min_voxels, window, progress
+        if not isinstance(fill_enclosed_air, bool):
+            raise XctrtError(f"fill_enclosed_air must be True or False, not {fill_enclosed_air!r}")
+        self.fill_enclosed_air = fill_enclosed_air
         pkg = self.package
         self._thresholds = np.array([c.threshold for c in pkg.classes], np.float32)
         self._ids = np.array([c.id for c in pkg.classes], np.uint8)
@@ -265,6 +272,38 @@ class Segmenter:
                             overlap=pkg.overlap, blend=pkg.blend, pad=pkg.pad, grey_dtype=grey_dtype)
         return _CpuStage(self, DefectCounter(shape, voxel_size, self.connectivity), timer)
 
+    @staticmethod
+    def _fill_enclosed_air(outside_runs, shape, labels_all, staged, voxel_size) -> int:
+        """Air the part encloses becomes material (1) in labels_all and labels.tif; returns how many voxels.
+        labels.tif, already written by then, is rewritten page by page beside itself and swapped in."""
+        masks = outside_air_masks(outside_runs, shape)
+        filled = 0
+
+        def fill(page, outside):
+            nonlocal filled
+            m = (page == 0) & ~outside
+            filled += int(np.count_nonzero(m))
+            page[m] = 1
+            return page
+
+        if staged is None:
+            for z, outside in enumerate(masks):
+                fill(labels_all[z], outside)
+            return filled
+        import tifffile
+        with staged.write("labels.tif") as tmp:   # the same temporary name the writer thread used
+            new = tmp.with_name(tmp.name + ".fill")
+            try:
+                with tifffile.TiffFile(tmp) as tf:
+                    pages = (fill(labels_all[z] if labels_all is not None else tf.pages[z].asarray(), outside)
+                             for z, outside in enumerate(masks))
+                    write_volume_tiff(new, pages, shape, np.uint8, voxel_size)
+                os.replace(new, tmp)
+            finally:
+                if new.exists():
+                    new.unlink()
+        return filled
+
     # -------------------------------------------------------------- driver
 
     def segment(self, volume, out_dir: str | Path | None = None, voxel_size: tuple[float, float, float] | None = None,
@@ -280,6 +319,9 @@ class Segmenter:
         """
         if on_slab is not None and not callable(on_slab):
             raise XctrtError(f"on_slab must be a function (z0, image, labels), not {on_slab!r}")
+        if on_slab is not None and self.fill_enclosed_air:
+            raise XctrtError("on_slab streams labels before fill_enclosed_air can know which air the part encloses "
+                             "(that needs the whole volume): use one or the other")
         if not isinstance(volume, (np.ndarray, VolumeSource, str, os.PathLike)):
             raise XctrtError(f"volume must be an array (Z, Y, X), a path or a VolumeSource, not "
                              f"{type(volume).__name__}")
@@ -428,6 +470,14 @@ class Segmenter:
 
         with timer("components"):
             table = counter.finish(self.min_voxels)
+        class_voxels, filled = counter.class_voxels, None
+        if self.fill_enclosed_air:
+            with timer("fill"):
+                filled = self._fill_enclosed_air(counter.outside_air_runs(), (Z, Y, X), labels_all, staged,
+                                                 vs if unit == "mm" else None)
+            class_voxels = class_voxels.copy()
+            class_voxels[0] -= filled
+            class_voxels[1] += filled
         for k, v in stage.stage_seconds().items():
             timer.seconds[k] += v
         if staged is not None:   # the table and the preview count in the run's time; summary.json cannot
@@ -439,7 +489,8 @@ class Segmenter:
                 px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
                 mid = {"z": pz, "y": py_, "x": px}
                 if counter.outside_air_voxels is not None:   # the air the part encloses in its own colour
-                    mid = mark_enclosed_air(mid, counter.outside_air_runs(), (Z, Y, X))
+                    mid = mark_enclosed_air(mid, counter.outside_air_runs(), (Z, Y, X),
+                                            1 if self.fill_enclosed_air else ENCLOSED)
                 with staged.write("preview.png") as tmp:
                     write_preview(tmp, mid, window, vs,
                                   self.class_names, f"{source.path.name}  {Z}x{Y}x{X}  model {self.package.name}"
@@ -456,7 +507,8 @@ class Segmenter:
                     "matmul_resizes": getattr(self.engine, "matmul_resizes", None),
                     "batch_size": self.batch_size,
                     "threads": self.threads, "slab": self.slab, "connectivity": self.connectivity,
-                    "min_voxels": self.min_voxels, "intensity_window": list(window),
+                    "min_voxels": self.min_voxels, "fill_enclosed_air": self.fill_enclosed_air,
+                    "intensity_window": list(window),
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "host": platform.node(), "versions": _versions()},
             "timing": {"total_s": elapsed, "slices_per_s": Z / elapsed if elapsed > 0 else None,
@@ -469,8 +521,8 @@ class Segmenter:
                                             if stage.main_components_s is not None else {})},
                        "gpu_compute_idle_s": stage.compute_idle_s(),
                        "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
-            "result": summarise(table, counter.class_voxels, vs, unit, {**self.class_names},
-                                counter.outside_air_voxels),
+            "result": {**summarise(table, class_voxels, vs, unit, {**self.class_names}, counter.outside_air_voxels),
+                       "enclosed_air_filled_voxels": filled},
         }
         outputs = {}
         if staged is not None:

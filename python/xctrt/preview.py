@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .defects import runs_mask
+
 ENCLOSED = 4   # not a class: air (label 0) the part encloses, drawn in its own colour so it can be looked at
 COLOURS = {1: (70, 130, 180), 2: (255, 40, 40), 3: (255, 220, 0),   # material blue, pore red, inclusion yellow
            ENCLOSED: (230, 0, 230)}                                # enclosed air magenta
@@ -28,18 +30,11 @@ def _blend(rgb, cid: int):
     return (1 - ALPHA[cid]) * rgb + ALPHA[cid] * np.array(COLOURS[cid], np.float32)
 
 
-def _runs_mask(rows, c0, c1, shape) -> np.ndarray:
-    """bool (rows, columns) set on every [row, c0..c1] of these runs (a difference array)."""
-    d = np.zeros((shape[0], shape[1] + 1), np.int32)
-    np.add.at(d, (rows, c0), 1)
-    np.add.at(d, (rows, c1 + 1), -1)
-    return np.cumsum(d[:, :-1], axis=1) > 0
-
-
 def mark_enclosed_air(planes: dict[str, tuple[np.ndarray, np.ndarray]], outside_runs: np.ndarray,
-                      shape: tuple[int, int, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                      shape: tuple[int, int, int], value: int = ENCLOSED) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The mid-planes (as write_preview takes them) with their air that is not in `outside_runs` (the
-    labeller's (m, 4) z, y, x0, x1 x-runs of the air outside the part) relabelled ENCLOSED, for drawing."""
+    labeller's (m, 4) z, y, x0, x1 x-runs of the air outside the part) relabelled `value`: ENCLOSED to
+    draw it, or material where the run filled it (Segmenter fill_enclosed_air)."""
     Z, Y, X = shape
     z, y, x0, x1 = (np.asarray(c, np.int64) for c in np.asarray(outside_runs).reshape(-1, 4).T)
     at = z == Z // 2
@@ -47,12 +42,12 @@ def mark_enclosed_air(planes: dict[str, tuple[np.ndarray, np.ndarray]], outside_
     across = (x0 <= X // 2) & (x1 >= X // 2)
     yz = np.zeros((Z, Y), bool)
     yz[z[across], y[across]] = True
-    outside = {"z": _runs_mask(y[at], x0[at], x1[at], (Y, X)), "y": _runs_mask(z[on], x0[on], x1[on], (Z, X)),
+    outside = {"z": runs_mask(y[at], x0[at], x1[at], (Y, X)), "y": runs_mask(z[on], x0[on], x1[on], (Z, X)),
                "x": yz}
     out = {}
     for key, (grey, labels) in planes.items():
         labels = labels.copy()
-        labels[(labels == 0) & ~outside[key]] = ENCLOSED
+        labels[(labels == 0) & ~outside[key]] = value
         out[key] = (grey, labels)
     return out
 

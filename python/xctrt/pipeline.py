@@ -470,10 +470,12 @@ class Segmenter:
 
         with timer("components"):
             table = counter.finish(self.min_voxels)
+            # the air outside the part, for the fill and for the preview's enclosed air
+            outside = counter.outside_air_runs() if self.fill_enclosed_air or staged is not None else None
         class_voxels, filled = counter.class_voxels, None
         if self.fill_enclosed_air:
             with timer("fill"):
-                filled = self._fill_enclosed_air(counter.outside_air_runs(), (Z, Y, X), labels_all, staged,
+                filled = self._fill_enclosed_air(outside, (Z, Y, X), labels_all, staged,
                                                  vs if unit == "mm" else None)
             class_voxels = class_voxels.copy()
             class_voxels[0] -= filled
@@ -487,10 +489,9 @@ class Segmenter:
                 pz = planes["z"]
                 py_ = (np.concatenate(planes["y"][0]), np.concatenate(planes["y"][1]))
                 px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
-                mid = {"z": pz, "y": py_, "x": px}
-                if counter.outside_air_voxels is not None:   # the air the part encloses in its own colour
-                    mid = mark_enclosed_air(mid, counter.outside_air_runs(), (Z, Y, X),
-                                            1 if self.fill_enclosed_air else ENCLOSED)
+                # the air the part encloses in its own colour, or as the material it became
+                mid = mark_enclosed_air({"z": pz, "y": py_, "x": px}, outside, (Z, Y, X),
+                                        1 if self.fill_enclosed_air else ENCLOSED)
                 with staged.write("preview.png") as tmp:
                     write_preview(tmp, mid, window, vs,
                                   self.class_names, f"{source.path.name}  {Z}x{Y}x{X}  model {self.package.name}"

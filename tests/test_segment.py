@@ -458,6 +458,8 @@ def test_fill_enclosed_air(phantom_volume, tmp_path):
     np.testing.assert_array_equal(res.defects["voxels"], plain.defects["voxels"])
     for kw in ({}, {"out_dir": tmp_path / "kept", "keep_labels": True}):   # filled in memory (and written from it)
         np.testing.assert_array_equal(seg.segment(phantom_volume, **kw).labels, want)
+    counts = seg.segment(phantom_volume, keep_labels=False).summary["result"]   # no labels anywhere: the counts
+    assert counts["enclosed_air_filled_voxels"] == enclosed.sum() and counts["voxels_per_class"] == r["voxels_per_class"]
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "kept" / "labels.tif"), want)
     with pytest.raises(XctrtError, match="on_slab streams labels before fill_enclosed_air"):
         seg.segment(phantom_volume, on_slab=lambda *a: None)

@@ -120,7 +120,7 @@ def cmd_segment(args) -> int:
               "(--fill-enclosed-air)")
     if r["enclosed_air_voxels"]:
         print(f"  air enclosed by the part: {r['enclosed_air_volume']:.4g} {unit}3 ({r['enclosed_air_voxels']} voxels; "
-              "in neither porosity nor part; magenta in preview.png)")
+              "in neither porosity nor part; magenta in preview.png where it crosses the mid-planes)")
     near = [f"{n} {d[f'surface_distance_{unit}']['min']:.4g} {unit}" for n, d in r["defects"].items()
             if f"surface_distance_{unit}" in d]
     if near:

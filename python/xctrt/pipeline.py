@@ -475,8 +475,11 @@ class Segmenter:
         class_voxels, filled = counter.class_voxels, None
         if self.fill_enclosed_air:
             with timer("fill"):
-                filled = self._fill_enclosed_air(outside, (Z, Y, X), labels_all, staged,
-                                                 vs if unit == "mm" else None)
+                if labels_all is None and staged is None:   # no labels kept or written: only the counts change
+                    filled = int(class_voxels[0]) - int(counter.outside_air_voxels)
+                else:
+                    filled = self._fill_enclosed_air(outside, (Z, Y, X), labels_all, staged,
+                                                     vs if unit == "mm" else None)
             class_voxels = class_voxels.copy()
             class_voxels[0] -= filled
             class_voxels[1] += filled

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import platform
 import sys
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
+from xctrt.io import commit_json, output_file
 from xctrt.metrics import CLASS_NAMES, iou_per_class
 from xctrt.pipeline import Segmenter
 
@@ -75,11 +75,12 @@ def main(argv=None) -> int:
         print(f"  IoU material/pore as predicted {r['iou'][1]:.4f}/{r['iou'][2]:.4f}, enclosed air as material "
               f"{r['iou_enclosed_as_material'][1]:.4f}/{r['iou_enclosed_as_material'][2]:.4f}, as pore "
               f"{r['iou_enclosed_as_pore'][1]:.4f}/{r['iou_enclosed_as_pore'][2]:.4f}", flush=True)
-    if a.json:
-        doc = {"model": seg.package.name, "sets": results, "command": " ".join(["benchmarks/enclosed_air.py", *sys.argv[1:]]),
-               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node()}
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(doc, indent=1) + "\n")
+        if a.json:   # after every set: a long run stopped part way keeps the sets it finished
+            doc = {"model": seg.package.name, "sets": results,
+                   "command": " ".join(["benchmarks/enclosed_air.py", *sys.argv[1:]]),
+                   "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node()}
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            commit_json(output_file(a.json), doc)
     return 0
 
 

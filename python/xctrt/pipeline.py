@@ -26,8 +26,8 @@ from .backends import make_engine
 from .cpus import usable_cpus
 from .defects import DefectCounter, outside_air_masks, summarise, table_to_csv
 from .errors import XctrtError
-from .io import (ArraySource, SliceFolderSource, StagedOutputs, VolumeSource, open_volume, write_json,
-                 write_volume_tiff)
+from .io import (ArraySource, SliceFolderSource, StagedOutputs, TiffSource, VolumeSource, open_volume,
+                 write_json, write_volume_tiff)
 from .model import ModelPackage, load_package
 from .preview import ENCLOSED, mark_enclosed_air, write_preview
 
@@ -273,36 +273,30 @@ class Segmenter:
         return _CpuStage(self, DefectCounter(shape, voxel_size, self.connectivity), timer)
 
     @staticmethod
-    def _fill_enclosed_air(outside_runs, shape, labels_all, staged, voxel_size) -> int:
-        """Air the part encloses becomes material (1) in labels_all and labels.tif; returns how many voxels.
-        labels.tif, already written by then, is rewritten page by page beside itself and swapped in."""
+    def _fill_enclosed_air(outside_runs, shape, labels_all, staged, voxel_size) -> None:
+        """Air the part encloses becomes material (1) in labels_all and labels.tif. labels.tif, already
+        written by then, is rewritten page by page beside itself and swapped in."""
         masks = outside_air_masks(outside_runs, shape)
-        filled = 0
 
         def fill(page, outside):
-            nonlocal filled
-            m = (page == 0) & ~outside
-            filled += int(np.count_nonzero(m))
-            page[m] = 1
+            page[(page == 0) & ~outside] = 1
             return page
 
         if staged is None:
             for z, outside in enumerate(masks):
                 fill(labels_all[z], outside)
-            return filled
-        import tifffile
+            return
         with staged.write("labels.tif") as tmp:   # the same temporary name the writer thread used
             new = tmp.with_name(tmp.name + ".fill")
             try:
-                with tifffile.TiffFile(tmp) as tf:
-                    pages = (fill(labels_all[z] if labels_all is not None else tf.pages[z].asarray(), outside)
+                with TiffSource(tmp) as src:
+                    pages = (fill(labels_all[z] if labels_all is not None else src.read(z, z + 1)[0], outside)
                              for z, outside in enumerate(masks))
                     write_volume_tiff(new, pages, shape, np.uint8, voxel_size)
                 os.replace(new, tmp)
             finally:
                 if new.exists():
                     new.unlink()
-        return filled
 
     # -------------------------------------------------------------- driver
 
@@ -471,15 +465,15 @@ class Segmenter:
         with timer("components"):
             table = counter.finish(self.min_voxels)
             # the air outside the part, for the fill and for the preview's enclosed air
-            outside = counter.outside_air_runs() if self.fill_enclosed_air or staged is not None else None
+            has_labels = labels_all is not None or staged is not None
+            outside = counter.outside_air_runs() if staged is not None or self.fill_enclosed_air and has_labels \
+                else None
         class_voxels, filled = counter.class_voxels, None
         if self.fill_enclosed_air:
-            with timer("fill"):
-                if labels_all is None and staged is None:   # no labels kept or written: only the counts change
-                    filled = int(class_voxels[0]) - int(counter.outside_air_voxels)
-                else:
-                    filled = self._fill_enclosed_air(outside, (Z, Y, X), labels_all, staged,
-                                                     vs if unit == "mm" else None)
+            filled = int(class_voxels[0]) - int(counter.outside_air_voxels)   # all the air the part encloses
+            if has_labels:   # with none kept or written, only the counts change
+                with timer("fill"):
+                    self._fill_enclosed_air(outside, (Z, Y, X), labels_all, staged, vs if unit == "mm" else None)
             class_voxels = class_voxels.copy()
             class_voxels[0] -= filled
             class_voxels[1] += filled

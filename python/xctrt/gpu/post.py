@@ -382,6 +382,7 @@ class ComponentLabeller:
         self._air_last = None
         self.surface_distance_s = 0.0  # host time of the last finish()'s surface-distance search
         self.outside_air_voxels = None  # air voxels outside the part, after finish()
+        self._outside_runs = None  # their (m, 4) host x-runs, kept by finish() for outside_air_runs()
 
     @property
     def slices_received(self) -> int:
@@ -617,9 +618,9 @@ class ComponentLabeller:
 
     def outside_air_runs(self) -> np.ndarray:
         """After finish(): (m, 4) int32 x-runs z, y, x0, x1 of the air outside the part (as the C++ labeller's)."""
-        if self.outside_air_voxels is None:
+        if self._outside_runs is None:
             raise RuntimeError("outside_air_runs() comes after finish()")
-        return np.ascontiguousarray(to_host(self._outside_air().T), dtype=np.int32)
+        return self._outside_runs
 
     def _surface_distance(self, final, n_kept: int) -> np.ndarray:
         """Distance of each kept component to the part surface: to the nearest voxel of the air
@@ -632,7 +633,7 @@ class ComponentLabeller:
         kept = kept[xp.argsort(comp[kept], kind="stable")]
         runs, comp = runs[:, kept], comp[kept]
         exposed = runs[5].astype(np.uint8)
-        air = to_host(self._outside_air().T)
+        air = self._outside_runs = np.ascontiguousarray(to_host(self._outside_air().T), dtype=np.int32)
         self.outside_air_voxels = int((air[:, 3].astype(np.int64) - air[:, 2] + 1).sum())
         return _core.distance_to_surface(air, to_host(runs[:4].T), to_host(comp), n_kept,
                                          exposed=to_host(exposed), voxel_size=self.voxel_size)

@@ -120,7 +120,8 @@ def main(out: Path) -> str:
             if "error" in r:
                 cells.append(f"{name} failed ({r['error'][:80]})")
             else:
-                cells.append(f"{name} {r['encoder_ms']:.2f} / {r['decoder_ms']:.2f}")
+                eager = " (eager)" if r.get("cuda_graphs_error") else ""
+                cells.append(f"{name}{eager} {r['encoder_ms']:.2f} / {r['decoder_ms']:.2f}")
         lines.append(f"fast-forward parts ({parts['device']}, {parts['backbone']}, batch {parts['batch']}, ms per batch "
                      f"encoder / 3 decoder heads, CUDA graphs): " + "; ".join(cells))
         sweep = [f"batch {b} failed ({r['error'][:80]})" if "error" in r else

@@ -39,7 +39,7 @@
 #              torch.compile as well (pointwise fusion around the fused attention, one operator), profiled
 #   warm       benchmarks/compile_warm.py: compiles the anchor with max-autotune, whatever time the call has
 #              left, for a later call (not timed)
-# Knobs (environment): STEPS ("bench post compiled package attention parts ours-compiled warm"), SHAPE
+# Knobs (environment): SAMPLE (1: the bench step under benchmarks/sample_threads.py, thread_samples.json), STEPS ("bench post compiled package attention parts ours-compiled warm"), SHAPE
 # ("1000 1200 1200"), BATCH (8), COMPILE_MODE (max-autotune when a compile cache was carried in, else
 # default), OURS_COMPILE (default), WORK (/tmp/xctrt_gpu), PYTHON (python3), OUT (set by the device tool;
 # default $WORK/out), LIMIT (560: seconds the steps may use in all; the steps before warm stop by 520).
@@ -90,7 +90,9 @@ want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 
 if want bench; then
   stage "bench: naive vs ours, paper and shared"
-  timeout 200 $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --compile-mode none --profile \
+  # SAMPLE=1: under benchmarks/sample_threads.py, which notes where each thread's time goes
+  [ "${SAMPLE:-0}" = 1 ] && RUN_BENCH="benchmarks/sample_threads.py --out $OUT -m xctrt" || RUN_BENCH="-m xctrt"
+  timeout 200 $PY $RUN_BENCH bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --compile-mode none --profile \
     --work "$WORK/bench" --json "$OUT/bench.json"
   rc=$?
   if [ "$rc" = 124 ]; then echo "bench step ran out of its 200 s: bench.json keeps the modes it finished; going on"

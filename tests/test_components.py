@@ -644,3 +644,47 @@ def test_errors():
         _core.label_components(lab[0], img[0])
     with pytest.raises(ValueError, match="uint8"):
         _core.label_volume(lab.astype(np.int32))
+
+
+def test_table_csv_matches_a_cell_by_cell_reference():
+    # table_to_csv formats a row at a time; the reference formats each cell on its own through the
+    # csv module, as the CSV columns document them (6 significant digits, centroids to 3 decimals).
+    import csv
+    import io
+
+    from xctrt.defects import DEFECT_CLASSES, csv_columns, table_to_csv
+    rng = np.random.default_rng(3)
+    n = 500
+    t = {k: rng.random(n) * 10.0 ** rng.integers(-8, 9, n) for k in
+         ("volume", "equivalent_diameter", "surface_area", "sphericity", "grey_mean", "grey_min", "grey_max",
+          "centroid_z", "centroid_y", "centroid_x", "surface_distance")}
+    t["surface_distance"][::7] = np.nan
+    t["grey_mean"][::11] = np.nan
+    t["volume"][::13] = np.inf
+    for k in ("id", "voxels", "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1"):
+        t[k] = rng.integers(0, 2 ** 40, n)
+    t["class"] = rng.choice(np.array([2, 3, 9], np.uint8), n)
+    t["touches_edge"] = rng.random(n) < 0.5
+    for unit in ("mm", "vox"):
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([h for _, h in csv_columns(unit)])
+        for i in range(n):
+            cells = []
+            for k, _ in csv_columns(unit):
+                v = DEFECT_CLASSES.get(int(t["class"][i]), str(int(t["class"][i]))) if k == "class_name" \
+                    else t[k][i]
+                if k == "touches_edge":
+                    cells.append("1" if v else "0")
+                elif k == "surface_distance":
+                    cells.append(f"{v:.6g}" if np.isfinite(v) else "")
+                elif k.startswith("centroid"):
+                    cells.append(f"{v:.3f}")
+                elif isinstance(v, float):
+                    cells.append(f"{v:.6g}")
+                else:
+                    cells.append(str(v))
+            w.writerow(cells)
+        assert table_to_csv(t, unit) == buf.getvalue()
+    empty = {k: v[:0] for k, v in t.items()}
+    assert table_to_csv(empty, "mm") == ",".join(h for _, h in csv_columns("mm")) + "\n"

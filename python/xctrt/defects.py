@@ -1,8 +1,7 @@
 """Per-defect table and volume summary from the streamed component labeller (C++)."""
 from __future__ import annotations
 
-import csv
-import io
+import math
 
 import numpy as np
 
@@ -14,6 +13,8 @@ HIST_BINS_VOX = [1, 2, 3, 5, 8, 13, 21, 34, 55]  # equivalent-diameter bin edges
 
 class DefectCounter:
     """Streams label slabs through 3D connected components; also counts class voxels."""
+
+    counts_in_stage = False   # add_slab does the counting (in the pipeline's writer thread)
 
     def __init__(self, shape, voxel_size, connectivity=26, classes=tuple(DEFECT_CLASSES)):
         if connectivity not in (6, 18, 26):
@@ -74,23 +75,23 @@ def csv_columns(unit: str) -> list[tuple[str, str]]:
     ]
 
 
+_CSV_FORMAT = {"volume": "%.6g", "equivalent_diameter": "%.6g", "surface_area": "%.6g", "sphericity": "%.6g",
+               "grey_mean": "%.6g", "grey_min": "%.6g", "grey_max": "%.6g",
+               "centroid_z": "%.3f", "centroid_y": "%.3f", "centroid_x": "%.3f", "touches_edge": "%d",
+               "class_name": "%s", "surface_distance": "%s"}   # the rest are integers
+
+
 def table_to_csv(table: dict[str, np.ndarray], unit: str) -> str:
     cols = csv_columns(unit)
-    names = np.array([DEFECT_CLASSES.get(int(c), str(int(c))) for c in table["class"]], dtype=object)
-    data = dict(table, class_name=names)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([h for _, h in cols])
-    n = len(table["id"])
-    fmt = {k: (lambda v: f"{v:.6g}") for k in ("volume", "equivalent_diameter", "surface_area", "sphericity",
-                                                  "grey_mean", "grey_min", "grey_max")}
-    fmt.update({k: (lambda v: f"{v:.3f}") for k in ("centroid_z", "centroid_y", "centroid_x")})
-    fmt["touches_edge"] = lambda v: "1" if v else "0"
+    data = {k: np.asarray(v).tolist() for k, v in table.items()}   # Python scalars format fastest
+    # class names and numbers: no commas or quotes, so no CSV quoting is ever needed
+    data["class_name"] = [DEFECT_CLASSES.get(int(c), str(int(c))) for c in data["class"]]
     # Empty where no air outside the part is in view, so there is no surface to measure from.
-    fmt["surface_distance"] = lambda v: f"{v:.6g}" if np.isfinite(v) else ""
-    for i in range(n):
-        w.writerow([fmt.get(k, str)(data[k][i]) for k, _ in cols])
-    return buf.getvalue()
+    data["surface_distance"] = ["%.6g" % v if math.isfinite(v) else "" for v in data["surface_distance"]]
+    # one %-format per row: a 500k-defect table in well under a second
+    row = ",".join(_CSV_FORMAT.get(k, "%d") for k, _ in cols) + "\n"
+    header = ",".join(h for _, h in cols) + "\n"
+    return header + "".join(map(row.__mod__, zip(*(data[k] for k, _ in cols))))
 
 
 def summarise(table: dict[str, np.ndarray], class_voxels: np.ndarray, voxel_size, unit: str,

@@ -442,6 +442,9 @@ class Segmenter:
                         for done in finished:
                             _put(q_out, done, failed)
                         _put(q_out, _END, failed)
+                    if counter.counts_in_stage:   # every slab is counted: the table while labels.tif is written
+                        with timer("table"), main("table"):
+                            table = counter.finish(self.min_voxels)
                     break
                 z0, slab = item
                 with main("stage"):
@@ -462,8 +465,9 @@ class Segmenter:
         if errors:
             raise errors[0]
 
-        with timer("components"):
-            table = counter.finish(self.min_voxels)
+        with timer("table"):
+            if not counter.counts_in_stage:   # the writer thread counted the last slab just now
+                table = counter.finish(self.min_voxels)
             # the air outside the part, for the fill and for the preview's enclosed air
             has_labels = labels_all is not None or staged is not None
             outside = counter.outside_air_runs() if staged is not None or self.fill_enclosed_air and has_labels \
@@ -480,7 +484,7 @@ class Segmenter:
         for k, v in stage.stage_seconds().items():
             timer.seconds[k] += v
         if staged is not None:   # the table and the preview count in the run's time; summary.json cannot
-            with timer("write"):
+            with timer("report"):
                 with staged.write("defects.csv") as tmp:
                     tmp.write_text(table_to_csv(table, unit))
                 pz = planes["z"]

@@ -99,6 +99,8 @@ class GpuCounter:
     """The writer thread's view of the components: already counted on the device, so add_slab does
     nothing and finish() asks the stage."""
 
+    counts_in_stage = True   # add_slab is a no-op: finish() may start once the stage has flushed
+
     def __init__(self, stage: GpuStage):
         self.stage = stage
 
@@ -446,10 +448,8 @@ class GpuStage:
         if self._graph_entry is not None:   # every replay has finished: the next stage may use the graphs
             self._graph_entry["user"] = None
             self._graph_entry = None
-        with _xp_stream(self.xp, self.postproc if self.cuda else None):
-            t0 = time.perf_counter()
+        with _xp_stream(self.xp, self.postproc if self.cuda else None):   # timed by the pipeline ("table")
             table = self.labeller.finish(min_voxels=min_voxels)
-            self.clock.seconds["components"] += time.perf_counter() - t0
         if self.cuda:
             # CuPy's pool keeps freed blocks per stream, and the next stage (the next volume) has new
             # streams: left cached, they would stay out of reach of its CuPy work and of torch's allocator

@@ -103,6 +103,44 @@ def test_host_arrays_fill_enclosed_air_matches_cpu_pipeline(nets, packages, volu
     assert_same_results(a, b)
 
 
+def test_components_thread_error_reaches_the_caller_and_the_thread_ends(nets, packages, volume, monkeypatch,
+                                                                        tmp_path):
+    """The components run on a thread of their own: a failure there is the run's error (no output
+    folder left looking complete), and neither that thread nor a stalled one outlives the run."""
+    import threading
+
+    from xctrt.gpu import post
+
+    calls = []
+
+    def failing_add_slab(self, labels, image):
+        calls.append(len(labels))
+        if len(calls) == 2:
+            raise RuntimeError("labeller broke on the second slab")
+        return real(self, labels, image)
+
+    real = post.ComponentLabeller.add_slab
+    monkeypatch.setattr(post.ComponentLabeller, "add_slab", failing_add_slab)
+    _, host = segment_both(nets["shared"], packages["shared"], volume, slab=3)
+    with pytest.raises(RuntimeError, match="second slab"):
+        host.segment(volume, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "summary.json").exists()
+    for t in threading.enumerate():
+        if t.name == "xctrt-components":
+            t.join(timeout=5)
+            assert not t.is_alive()
+    # and one that fails in the main thread (the reader) stops the components thread too
+    monkeypatch.setattr(post.ComponentLabeller, "add_slab", real)
+    bad = volume.astype(np.float32)
+    bad[7, 3, 3] = np.nan
+    with pytest.raises(XctrtError):
+        host.segment(bad)
+    for t in threading.enumerate():
+        if t.name == "xctrt-components":
+            t.join(timeout=5)
+            assert not t.is_alive()
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("slab,batch", [(3, 1), (3, 3), (4, 1), (4, 3)])
 def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, batch):

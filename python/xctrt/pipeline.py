@@ -459,6 +459,7 @@ class Segmenter:
         finally:
             if not ok:
                 failed.set()  # stops the other stages; their own errors are in `errors`
+                stage.close()
             for t in threads:
                 t.join()
             bar.close()
@@ -553,6 +554,9 @@ class _CpuStage:
 
     def flush(self):
         return []
+
+    def close(self):
+        pass
 
     def stage_seconds(self) -> dict[str, float]:
         return {}

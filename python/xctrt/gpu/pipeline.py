@@ -5,14 +5,18 @@
         --post stream--> 3D components (post.ComponentLabeller)   and   --download stream--> labels to host
 
 Four CUDA streams so that copies, the model and the component labelling of the previous slab
-overlap: each waits on the event that says its own slab's labels are ready, never on later work; `submit` returns the slabs whose labels have reached the host (one slab behind), and the
-Segmenter's reader and writer threads keep disk reads and TIFF encoding off this thread.
+overlap: each waits on the event that says its own slab's labels are ready, never on later work. The
+components run on a thread of their own (their host syncs would hold up the queueing of the next
+slab's model work); `submit` returns the slabs labelled and on the host so far, in order, and the
+Segmenter's reader and writer threads keep disk reads and TIFF encoding off the main thread.
 
 On a machine without CUDA the same code runs on the CPU with NumPy (tests, dry runs): the maths
 are identical, only nothing overlaps.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import weakref
 from collections import defaultdict
@@ -64,6 +68,7 @@ class _Clock:
         self.torch, self.cuda = torch, cuda
         self.seconds = defaultdict(float)
         self._pending: list[tuple[str, object, object]] = []
+        self._lock = threading.Lock()   # marked by the main thread and by the components thread
 
     def mark(self, stream=None):
         if not self.cuda:
@@ -73,26 +78,31 @@ class _Clock:
         return ev
 
     def span(self, stage: str, start, end) -> None:
-        if self.cuda:
-            self._pending.append((stage, start, end))
-        else:
-            self.seconds[stage] += end - start
+        with self._lock:
+            if self.cuda:
+                self._pending.append((stage, start, end))
+            else:
+                self.seconds[stage] += end - start
 
     def collect(self) -> None:
         """Add the spans whose end events have completed."""
-        keep = []
-        for stage, a, b in self._pending:
-            if b.query():
-                self.seconds[stage] += a.elapsed_time(b) / 1000.0
-            else:
-                keep.append((stage, a, b))
-        self._pending = keep
+        with self._lock:
+            keep = []
+            for stage, a, b in self._pending:
+                if b.query():
+                    self.seconds[stage] += a.elapsed_time(b) / 1000.0
+                else:
+                    keep.append((stage, a, b))
+            self._pending = keep
 
     def finish(self) -> dict[str, float]:
-        for _, _, b in self._pending:
+        with self._lock:
+            pending = list(self._pending)
+        for _, _, b in pending:
             b.synchronize()
         self.collect()
-        return dict(self.seconds)
+        with self._lock:
+            return dict(self.seconds)
 
 
 class GpuCounter:
@@ -173,9 +183,15 @@ class GpuStage:
         self.clock = _Clock(torch, self.cuda)
         self.gaps = _Clock(torch, self.cuda)   # compute stream idle between slabs (waiting for the host or the copy in)
         self._last_end = None                  # event at the end of the previous slab's compute work
-        self.main_components_s = 0.0           # host time in _components_of_previous (queueing + waits)
+        self.main_components_s = 0.0           # main thread's wait for the components thread (back-pressure, flush)
         self.counter = GpuCounter(self)
-        self.pending: list = []          # submitted slabs whose labels are not yet on the host
+        # The components of each slab are labelled on a thread of their own: the labeller's host syncs
+        # would otherwise hold up the main thread, which then queues no model work meanwhile. At most
+        # two slabs wait for it (their labels and grey values stay on the device until labelled).
+        self._to_label: queue.Queue = queue.Queue(maxsize=2)
+        self._labelled: queue.Queue = queue.Queue()
+        self._label_error: BaseException | None = None
+        self._labeller_thread: threading.Thread | None = None
         self._steps = None
         self._graph_entry = None   # the kept graphs this stage holds (_GRAPHS), given back by finish()
         self.capture_s = 0.0
@@ -401,45 +417,99 @@ class GpuStage:
                 clock.span("d2h", t0, t1)
                 copied = torch.cuda.Event()
                 copied.record(self.download)
-                self.pending.append((z0, slab, out, copied, labels, img, ready))
+                item = (z0, slab, out, copied, labels, img, ready)
             else:
-                self.pending.append((z0, slab, labels, None, labels, img, None))
+                item = (z0, slab, labels, None, labels, img, None)
         if self.cuda:
             free, total = torch.cuda.mem_get_info()
             self.memory_used_max = max(self.memory_used_max, total - free)
-        return self._components_of_previous(keep=1)
+        self._hand_over(item)
+        return self._collect()
 
-    def _components_of_previous(self, keep: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """Label components of all but the newest `keep` submitted slabs and hand them back."""
+    # ---------------------------------------------------------------- components, on their own thread
+
+    def _hand_over(self, item) -> None:
+        """Queue a submitted slab (or None: no more) for the components thread."""
+        if self._labeller_thread is None:
+            self._labeller_thread = threading.Thread(target=self._label_slabs, name="xctrt-components",
+                                                     daemon=True)
+            self._labeller_thread.start()
+        t0 = time.perf_counter()
+        while True:
+            self._raise_label_error()
+            try:
+                self._to_label.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                pass
+        self.main_components_s += time.perf_counter() - t0
+
+    def _label_slabs(self) -> None:
         torch, xp, clock = self.torch, self.xp, self.clock
+        try:
+            while True:
+                item = self._to_label.get()
+                if item is None:
+                    return
+                z0, slab, out, copied, labels, img, ready = item
+                if ready is not None:
+                    # the components wait for this slab's labels only, never for later model work
+                    self.postproc.wait_event(ready)
+                with (torch.cuda.stream(self.postproc) if self.cuda else nullcontext()), \
+                        _xp_stream(xp, self.postproc if self.cuda else None):
+                    t0 = clock.mark(self.postproc if self.cuda else None)
+                    self.labeller.add_slab(labels, img)
+                    clock.span("components", t0, clock.mark(self.postproc if self.cuda else None))
+                if self.cuda:
+                    # CuPy's pool may hand labels/img memory to the compute stream once they are dropped below
+                    self.postproc.synchronize()
+                    copied.synchronize()
+                    out = out.numpy()
+                else:
+                    out = np.asarray(out)
+                del item, labels, img
+                clock.collect()
+                self._labelled.put((z0, slab, out))
+        except BaseException as exc:   # handed to the main thread at its next submit or flush
+            self._label_error = exc
+
+    def _raise_label_error(self) -> None:
+        if self._label_error is not None:
+            raise self._label_error
+
+    def _collect(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """The slabs labelled so far, in order, without waiting."""
+        self._raise_label_error()
         done = []
-        t_host = time.perf_counter()
-        while len(self.pending) > keep:
-            z0, slab, out, copied, labels, img, ready = self.pending.pop(0)
-            if ready is not None:
-                # the components wait for this slab's labels only: waiting when it was submitted would
-                # have queued them behind the next slab's model work (the event is already past by now)
-                self.postproc.wait_event(ready)
-            with (torch.cuda.stream(self.postproc) if self.cuda else nullcontext()), \
-                    _xp_stream(xp, self.postproc if self.cuda else None):
-                t0 = clock.mark(self.postproc if self.cuda else None)
-                self.labeller.add_slab(labels, img)
-                clock.span("components", t0, clock.mark(self.postproc if self.cuda else None))
-            if self.cuda:
-                # CuPy's pool may hand labels/img memory to the compute stream once they are dropped below
-                self.postproc.synchronize()
-            if self.cuda:
-                copied.synchronize()
-                out = out.numpy()
-            else:
-                out = np.asarray(out)
-            clock.collect()
-            done.append((z0, slab, out))
-        self.main_components_s += time.perf_counter() - t_host
-        return done
+        while True:
+            try:
+                done.append(self._labelled.get_nowait())
+            except queue.Empty:
+                return done
+
+    def close(self) -> None:
+        """After a failed run: stop the components thread without labelling what still waits."""
+        if self._labeller_thread is None:
+            return
+        while True:
+            try:
+                self._to_label.get_nowait()
+            except queue.Empty:
+                break
+        self._to_label.put_nowait(None)   # room: the queue was just emptied, and only this thread puts
+        self._labeller_thread = None
 
     def flush(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        return self._components_of_previous(keep=0)
+        """Wait for the components of every submitted slab; return the slabs not yet handed back."""
+        if self._labeller_thread is None:
+            return []
+        self._hand_over(None)
+        t0 = time.perf_counter()
+        while self._labeller_thread.is_alive():
+            self._labeller_thread.join(timeout=0.1)
+        self._labeller_thread = None
+        self.main_components_s += time.perf_counter() - t0
+        return self._collect()
 
     def finish(self, min_voxels: int = 0) -> dict:
         """The defect table (same columns and values as the C++ labeller's)."""

@@ -1,6 +1,6 @@
 """Where the time goes per slice, naive vs ours, from an `xctrt bench --gpu` JSON -> PNG.
 
-    python benchmarks/gpu_figure.py benchmarks/results/gpu_throughput_h200_2026-11-26/bench.json docs/gpu_stages.png
+    python benchmarks/gpu_figure.py benchmarks/results/gpu_throughput_h200_2026-11-27_sampled/bench.json docs/gpu_stages.png
 
 One panel per mode; for each stage a bar of busy milliseconds per slice (naive grey, ours blue) and
 the end-to-end milliseconds per slice last. Stages of ours overlap in time (four CUDA streams and
@@ -20,7 +20,9 @@ ROWS = [("read", ("read",), ("read",)),
         ("model (encoder + decoder)", ("infer",), ("encoder", "decoder")),
         ("resize + aggregate", ("stitch", "aggregate"), ("aggregate",)),
         ("3D components", ("components",), ("components",)),
-        ("to host + write", ("write",), ("d2h", "write"))]
+        ("to host + write labels.tif", ("write",), ("d2h", "write")),
+        ("defect table (+ surface distance)", ("table",), ("table",)),
+        ("defects.csv + preview", ("report",), ("report",))]
 NAIVE, OURS = (150, 150, 150), (40, 110, 200)
 
 

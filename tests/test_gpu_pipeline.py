@@ -305,7 +305,7 @@ def test_host_arrays_keeps_the_model_on_the_host_where_cuda_is_visible(monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     seg = Segmenter("untrained-tiny", progress=False, device="host-arrays")
     assert seg.engine.device == "cpu"
-    assert all(p.device.type == "cpu" for m in seg.engine.modules for p in m.parameters())
+    assert all(p.device.type == "cpu" for m in seg.engine.modules_for(1) for p in m.parameters())
 
 
 def test_gpu_path_refuses_slabs_its_kernels_cannot_index(nets, packages):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import XctrtError
-from .graph_rewrites import resize_as_matmul, route_experts, weights_as_float32
+from .graph_rewrites import fold_shapes, resize_as_matmul, route_experts, weights_as_float32
 from .model import ModelPackage
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
@@ -91,11 +91,15 @@ class TorchEngine(Engine):
     """Runs the package's ONNX graphs as torch modules (onnx2torch), on CUDA when available.
 
     precision "bf16": matrix products and convolutions in bfloat16 through torch.autocast (which keeps
-    reductions, normalisation and the softmax in float32); probabilities come back as float32."""
+    reductions, normalisation and the softmax in float32); probabilities come back as float32.
+    static_batch (default: on CUDA): one module per batch size, its shape arithmetic folded into
+    constants (graph_rewrites.fold_shapes), so a forward reads nothing back from the device and can be
+    captured in a CUDA graph; False converts the graph once, shapes computed as it runs."""
 
     name = "torch"
 
-    def __init__(self, package: ModelPackage, threads: int = 0, precision: str = "fp32", device: str | None = None):
+    def __init__(self, package: ModelPackage, threads: int = 0, precision: str = "fp32", device: str | None = None,
+                 static_batch: bool | None = None):
         """device: "cuda" or "cpu"; None = CUDA when torch sees a GPU."""
         try:
             import onnx
@@ -103,40 +107,108 @@ class TorchEngine(Engine):
             from onnx2torch import convert
         except ImportError as exc:
             raise XctrtError("the torch backend needs torch, onnx and onnx2torch (pip install 'xctrt[torch]')") from exc
-        self.torch = torch
+        self.torch, self._onnx, self._convert = torch, onnx, convert
         if threads:
             torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # Shape inference with data propagation first: onnx2torch sizes LayerNormalization from the graph's
-        # value_info, and a TinyViT (LiteMedSAM) graph reshapes with computed shapes that plain inference
-        # leaves unknown (it would build LayerNorm(normalized_shape=[0])).
+        self.static_batch = self.device != "cpu" if static_batch is None else bool(static_batch)
         # Float16-stored weights go back to float32 initializers first (onnx2torch reads Conv weights from those).
-        # On the CPU the Conv-LoRA experts run routed (as in OnnxRuntimeEngine); on CUDA the graph stays static,
-        # since the GPU path captures it in CUDA graphs, which need fixed shapes.
+        # Without static_batch (the CPU) the Conv-LoRA experts run routed (as in OnnxRuntimeEngine); with it the
+        # graph stays static, since the GPU path captures it in CUDA graphs, which need fixed shapes.
         self.routed_adapters = 0
-        self.modules = []
+        self.graphs = []
         for g in package.graphs:
             model = weights_as_float32(onnx.load_from_string(g.data))
-            if self.device == "cpu":
+            if not self.static_batch:
                 self.routed_adapters += route_experts(model)
-            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-            self.modules.append(convert(model).eval().to(self.device))
+            self.graphs.append(model)
+        self._by_batch: dict[int | None, list] = {}
+        if not self.static_batch:
+            self._by_batch[None] = [self._module(m) for m in self.graphs]
+            self.graphs = None
         self.precision = precision
         if precision != "fp32":
             self.name = f"torch-{precision}"
 
+    def _module(self, model):
+        # Shape inference with data propagation first: onnx2torch sizes LayerNormalization from the graph's
+        # value_info, and a TinyViT (LiteMedSAM) graph reshapes with computed shapes that plain inference
+        # leaves unknown (it would build LayerNorm(normalized_shape=[0])).
+        model = self._onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return _host_shape_constants(self._convert(model)).eval().to(self.device)
+
+    def modules_for(self, batch: int) -> list:
+        """The torch modules that take a batch of this size (built on first use when static_batch)."""
+        if not self.static_batch:
+            return self._by_batch[None]
+        mods = self._by_batch.get(batch)
+        if mods is None:
+            mods = self._by_batch[batch] = [self._module(fold_shapes(m, batch)) for m in self.graphs]
+        return mods
+
     def torch_model(self, t):
         """Device tensor (N, 1, S, S) float32 -> probabilities (N, K, S, S) float32."""
         torch = self.torch
+        modules = self.modules_for(t.shape[0])
         # no cast cache: the GPU path captures this call in a CUDA graph (torch's advice for autocast there)
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False):
-            outs = [m(t) for m in self.modules]
+            outs = [m(t) for m in modules]
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).float()
 
     def run(self, x):
         torch = self.torch
         with torch.inference_mode():
             return self.torch_model(torch.from_numpy(x).to(self.device, non_blocking=True)).cpu().numpy()
+
+
+# onnx2torch modules that read shape-like arguments (target shapes, resize scales and sizes, slice
+# bounds, pads and pad value, split sizes, scalar gather indices) from tensors as they run, by position
+_SHAPE_ARGS = {"OnnxReshape": (1,), "OnnxExpand": (1,), "OnnxTile": (1,), "OnnxSlice": (1, 2, 3, 4),
+               "OnnxSplit13": (1,), "OnnxPadDynamic": (1, 2), "OnnxResize": (1, 2, 3),
+               "OnnxConstantOfShape": (0,), "OnnxUnsqueezeDynamicAxes": (1,), "OnnxSqueezeDynamicAxes": (1,),
+               "OnnxGather": (1,)}
+
+
+def _host_shape_constants(gm):
+    """Keep the graph's constant shape-like arguments in host memory.
+
+    onnx2torch reads them with .tolist()/torch.Size() at every call; as buffers they would follow the
+    module to the GPU, making each read a device sync (and the forward impossible to capture in a CUDA
+    graph). Held by a submodule that .to() passes by, they stay on the host. Gather indices only when
+    scalar: a host scalar index is a plain select, while index arrays are data for the device."""
+    import torch
+
+    class HostConstants(torch.nn.Module):   # .to() / .cuda() pass it by
+        def _apply(self, fn, recurse=True):
+            return self
+
+    held = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    gm.add_submodule("host_constants", HostConstants())
+    host = {}
+
+    def on_host(node, arg):
+        if arg.target not in host:
+            host[arg.target] = f"c{len(host)}"
+            gm.host_constants.register_buffer(host[arg.target], held[arg.target].detach().cpu().clone(),
+                                              persistent=False)
+        with gm.graph.inserting_before(node):
+            return gm.graph.get_attr(f"host_constants.{host[arg.target]}")
+
+    for node in list(gm.graph.nodes):
+        kind = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else None
+        if kind not in _SHAPE_ARGS:
+            continue
+        constant = lambda a: getattr(a, "op", None) == "get_attr" and a.target in held and \
+            (kind != "OnnxGather" or held[a.target].dim() == 0)   # noqa: E731
+        for i in _SHAPE_ARGS[kind]:
+            if i < len(node.args) and constant(node.args[i]):
+                node.update_arg(i, on_host(node, node.args[i]))
+        for k, a in node.kwargs.items():   # onnx2torch passes Resize's roi / scales / sizes by name
+            if constant(a):
+                node.update_kwarg(k, on_host(node, a))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 class TorchModuleEngine(Engine):

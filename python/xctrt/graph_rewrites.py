@@ -4,6 +4,7 @@ and their checksums, stay as exported).
   weights_as_float32  float16-stored weights back to float32 initializers (onnx2torch, TensorRT)
   route_experts       Conv-LoRA expert selection from "run all, keep one" to "run the chosen one"
   resize_as_matmul    fixed-size bicubic Resizes (the Conv-LoRA experts' rescaling) as two MatMuls
+  fold_shapes         one batch size, shape arithmetic folded to constants (torch on CUDA)
 
 Only imported by the engines that use them; needs the onnx package.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["resize_as_matmul", "route_experts", "weights_as_float32"]
+__all__ = ["fold_shapes", "resize_as_matmul", "route_experts", "weights_as_float32"]
 
 
 def weights_as_float32(model):
@@ -55,6 +56,47 @@ def weights_as_float32(model):
         del g.initializer[:]
         g.initializer.extend(inits)
     return model
+
+
+# ONNX Runtime's graph transformers other than constant folding: left out so that fold_shapes changes
+# where values come from, not how they are computed (names ONNX Runtime does not know are ignored)
+_NOT_FOLDING = ("ConstantSharing", "CommonSubexpressionElimination", "ConvAddFusion", "ConvMulFusion",
+                "ConvBNFusion", "ReluClipFusion", "ReshapeFusion", "MatMulAddFusion", "GemmTransposeFusion",
+                "DivMulFusion", "NotWhereFusion", "MatMulBnFusion", "PadFusion", "GemmSumFusion", "FuseReluClip",
+                "ConvActivationFusion", "GemmActivationFusion", "IdenticalChildrenConsolidation",
+                "DoubleQDQPairsRemover", "QDQS8ToU8Transformer", "QDQPropagationTransformer",
+                "EnsureUniqueDQForNodeUnit", "CastElimination", "NoopElimination", "ExpandElimination",
+                "UnsqueezeElimination", "EliminateSlice", "EliminateDropout", "EliminateIdentity")
+
+
+def fold_shapes(model, batch: int):
+    """The graph for one fixed batch size, its shape arithmetic (Shape -> Gather -> Concat -> Reshape
+    chains and the like) folded into constants by ONNX Runtime's constant folding.
+
+    Converted to torch (onnx2torch), every such node is a small host computation on values that live
+    on the device: on CUDA one sync each (the shipped model has 460 Shape nodes) and a graph no CUDA
+    graph can capture. Folded, the shipped model keeps none. Outputs differ from the unfolded graph's
+    by float32 rounding only (constant subexpressions computed once, ~1e-6 on probabilities)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())   # the caller's graph stays as it is
+    for vi in (*model.graph.input, *model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_value = int(batch)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="xctrt-fold-") as tmp:
+        opts.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(_NOT_FOLDING))
+        return onnx.load(opts.optimized_model_filepath)
 
 
 def _constants(g) -> dict:

@@ -385,3 +385,17 @@ def test_triton_compiles_for_sm90_without_spills():
         assert row["wgmma"] or row["dtype"] == "fp32", f"{shape}: expected Hopper wgmma instructions"
         assert row.get("stack", 0) == 0, f"{shape}: register spills {row}"
         assert row["shared"] <= 232448, f"{shape}: {row['shared']} B of shared memory, over sm_90's 227 KB per block"
+
+
+def test_offset_terms_have_aligned_rows_and_the_plain_products():
+    """The offset terms come out of a product whose rows are padded to 8 (2H-1 is odd; unaligned
+    rows kept cuBLAS on its align-1 kernels): the same values as the plain product, as a view whose
+    token stride is a multiple of 8."""
+    from xctrt.gpu.attention import relative_offset_terms
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 14 * 14, 16, generator=g)
+    ph, pw = torch.randn(27, 16, generator=g), torch.randn(27, 16, generator=g)
+    off_h, off_w = relative_offset_terms(q, ph, pw, (14, 14))
+    for off, table in ((off_h, ph), (off_w, pw)):
+        assert off.shape == (2, 3, 196, 27) and off.stride(2) % 8 == 0 and off.stride(3) == 1
+        torch.testing.assert_close(off, q @ table.t(), rtol=0, atol=1e-5)

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -826,6 +827,64 @@ py::array_t<double> distance_to_surface(
   return out;
 }
 
+
+// defects.csv's rows, one column per kind character: 'd' int64, 'g' float64 as %.6g, 'f' float64 as
+// %.3f, 'G' %.6g or empty where not finite (no surface in view), 's' strings as they are. The same
+// text as Python's %-format (defects.table_to_csv's reference): std::to_chars writes what printf
+// would, correctly rounded as Python's digits are; only NaN is spelt here, since it may write "-nan".
+std::string table_csv(const py::list& columns, const std::string& kinds) {
+  const size_t k = kinds.size();
+  if (columns.size() != k) throw std::invalid_argument("table_csv needs one kind per column");
+  std::vector<py::array_t<int64_t, py::array::c_style | py::array::forcecast>> ints(k);
+  std::vector<py::array_t<double, py::array::c_style | py::array::forcecast>> reals(k);
+  std::vector<std::vector<std::string>> strings(k);
+  py::ssize_t n = -1;
+  for (size_t c = 0; c < k; ++c) {
+    py::ssize_t len;
+    switch (kinds[c]) {
+      case 'd': ints[c] = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(columns[c]);
+                if (!ints[c] || ints[c].ndim() != 1) throw std::invalid_argument("table_csv: 1-D columns only");
+                len = ints[c].shape(0); break;
+      case 'g': case 'f': case 'G':
+                reals[c] = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(columns[c]);
+                if (!reals[c] || reals[c].ndim() != 1) throw std::invalid_argument("table_csv: 1-D columns only");
+                len = reals[c].shape(0); break;
+      case 's': strings[c] = columns[c].cast<std::vector<std::string>>();
+                len = static_cast<py::ssize_t>(strings[c].size()); break;
+      default: throw std::invalid_argument(std::string("table_csv: unknown column kind '") + kinds[c] + "'");
+    }
+    if (n >= 0 && len != n) throw std::invalid_argument("table_csv needs columns of one length");
+    n = len;
+  }
+  std::string out;
+  {
+    py::gil_scoped_release release;
+    out.reserve(static_cast<size_t>(std::max<py::ssize_t>(n, 0)) * k * 10);
+    char buf[512];   // %.3f of the largest double: 309 digits, sign and 4 more
+    // std::to_chars with a format and precision writes what printf would, several times faster
+    auto real = [&](double v, std::chars_format fmt, int precision) {
+      if (std::isnan(v)) { out += "nan"; return; }
+      const auto r = std::to_chars(buf, buf + sizeof buf, v, fmt, precision);
+      out.append(buf, static_cast<size_t>(r.ptr - buf));
+    };
+    for (py::ssize_t i = 0; i < n; ++i) {
+      for (size_t c = 0; c < k; ++c) {
+        if (c) out += ',';
+        switch (kinds[c]) {
+          case 'd': { const auto r = std::to_chars(buf, buf + sizeof buf, ints[c].data()[i]);
+                      out.append(buf, static_cast<size_t>(r.ptr - buf)); break; }
+          case 'g': real(reals[c].data()[i], std::chars_format::general, 6); break;
+          case 'f': real(reals[c].data()[i], std::chars_format::fixed, 3); break;
+          case 'G': if (std::isfinite(reals[c].data()[i])) real(reals[c].data()[i], std::chars_format::general, 6); break;
+          default: out += strings[c][static_cast<size_t>(i)];
+        }
+      }
+      out += '\n';
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_components(py::module_& m) {
@@ -869,6 +928,9 @@ void bind_components(py::module_& m) {
         "crossings (n, 13): line crossings per Crofton direction, see crofton_directions;\n"
         "grey sum/min/max, bbox, class, edge flag) and distances to the part surface, one row\n"
         "per id.");
+  m.def("table_csv", &table_csv, py::arg("columns"), py::arg("kinds"),
+        "defects.csv rows (no header) from the table's columns; kinds: one of d (int64), g (%.6g),\n"
+        "f (%.3f), G (%.6g, empty where not finite), s (strings) per column.");
   m.def("crofton_directions", [] {
         py::array_t<int32_t> d({kDirs, 3});
         for (int k = 0; k < kDirs; ++k)

@@ -661,6 +661,12 @@ def test_table_csv_matches_a_cell_by_cell_reference():
     t["surface_distance"][::7] = np.nan
     t["grey_mean"][::11] = np.nan
     t["volume"][::13] = np.inf
+    t["grey_max"][::29] = -np.inf
+    t["grey_min"][::23] = -np.nan          # printf may spell it "-nan"; Python writes "nan"
+    t["sphericity"][::17] = -0.0
+    t["centroid_x"][::19] = -1e300         # 301 digits before the point
+    t["surface_distance"][::31] = 5e-324   # the smallest subnormal
+    t["equivalent_diameter"][::37] = 999999.5   # rounds up to 1e+06
     for k in ("id", "voxels", "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1"):
         t[k] = rng.integers(0, 2 ** 40, n)
     t["class"] = rng.choice(np.array([2, 3, 9], np.uint8), n)
@@ -688,3 +694,9 @@ def test_table_csv_matches_a_cell_by_cell_reference():
         assert table_to_csv(t, unit) == buf.getvalue()
     empty = {k: v[:0] for k, v in t.items()}
     assert table_to_csv(empty, "mm") == ",".join(h for _, h in csv_columns("mm")) + "\n"
+    with pytest.raises(ValueError, match="one length"):
+        _core.table_csv([np.zeros(2), np.zeros(3)], "gg")
+    with pytest.raises(ValueError, match="unknown column kind"):
+        _core.table_csv([np.zeros(2)], "x")
+    with pytest.raises(ValueError, match="one kind per column"):
+        _core.table_csv([np.zeros(2)], "gg")

@@ -1,6 +1,7 @@
 """Streamed 3D connected components (xctrt._core.ComponentLabeller) against NumPy/SciPy and cc3d."""
 
 import math
+from pathlib import Path
 
 import cc3d
 import numpy as np
@@ -647,51 +648,18 @@ def test_errors():
 
 
 def test_table_csv_matches_a_cell_by_cell_reference():
-    # table_to_csv formats a row at a time; the reference formats each cell on its own through the
-    # csv module, as the CSV columns document them (6 significant digits, centroids to 3 decimals).
-    import csv
-    import io
+    # table_to_csv formats in C++ (_core.table_csv); benchmarks/table_csv.py's reference formats each
+    # cell on its own through Python and the csv module, on a table with the edge values in it.
+    import importlib.util
 
-    from xctrt.defects import DEFECT_CLASSES, csv_columns, table_to_csv
-    rng = np.random.default_rng(3)
-    n = 500
-    t = {k: rng.random(n) * 10.0 ** rng.integers(-8, 9, n) for k in
-         ("volume", "equivalent_diameter", "surface_area", "sphericity", "grey_mean", "grey_min", "grey_max",
-          "centroid_z", "centroid_y", "centroid_x", "surface_distance")}
-    t["surface_distance"][::7] = np.nan
-    t["grey_mean"][::11] = np.nan
-    t["volume"][::13] = np.inf
-    t["grey_max"][::29] = -np.inf
-    t["grey_min"][::23] = -np.nan          # printf may spell it "-nan"; Python writes "nan"
-    t["sphericity"][::17] = -0.0
-    t["centroid_x"][::19] = -1e300         # 301 digits before the point
-    t["surface_distance"][::31] = 5e-324   # the smallest subnormal
-    t["equivalent_diameter"][::37] = 999999.5   # rounds up to 1e+06
-    for k in ("id", "voxels", "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1"):
-        t[k] = rng.integers(0, 2 ** 40, n)
-    t["class"] = rng.choice(np.array([2, 3, 9], np.uint8), n)
-    t["touches_edge"] = rng.random(n) < 0.5
+    from xctrt.defects import csv_columns, table_to_csv
+    spec = importlib.util.spec_from_file_location("table_csv", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "table_csv.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    t = bench.random_table(500)
     for unit in ("mm", "vox"):
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow([h for _, h in csv_columns(unit)])
-        for i in range(n):
-            cells = []
-            for k, _ in csv_columns(unit):
-                v = DEFECT_CLASSES.get(int(t["class"][i]), str(int(t["class"][i]))) if k == "class_name" \
-                    else t[k][i]
-                if k == "touches_edge":
-                    cells.append("1" if v else "0")
-                elif k == "surface_distance":
-                    cells.append(f"{v:.6g}" if np.isfinite(v) else "")
-                elif k.startswith("centroid"):
-                    cells.append(f"{v:.3f}")
-                elif isinstance(v, float):
-                    cells.append(f"{v:.6g}")
-                else:
-                    cells.append(str(v))
-            w.writerow(cells)
-        assert table_to_csv(t, unit) == buf.getvalue()
+        assert table_to_csv(t, unit) == bench.reference_csv(t, unit)
     empty = {k: v[:0] for k, v in t.items()}
     assert table_to_csv(empty, "mm") == ",".join(h for _, h in csv_columns("mm")) + "\n"
     with pytest.raises(ValueError, match="one length"):

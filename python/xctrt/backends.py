@@ -149,11 +149,18 @@ class TorchEngine(Engine):
     def torch_model(self, t):
         """Device tensor (N, 1, S, S) float32 -> probabilities (N, K, S, S) float32."""
         torch = self.torch
-        modules = self.modules_for(t.shape[0])
+        n = t.shape[0]
+        # a smaller batch (a volume's last) runs padded through a module already built for a larger one:
+        # building another takes seconds
+        bigger = [b for b in self._by_batch if b is not None and b > n] if self.static_batch else []
+        batch = min(bigger) if bigger else n
+        if batch > n:
+            t = torch.cat([t, t[-1:].expand(batch - n, *t.shape[1:])])
+        modules = self.modules_for(batch)
         # no cast cache: the GPU path captures this call in a CUDA graph (torch's advice for autocast there)
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False):
             outs = [m(t) for m in modules]
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).float()
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))[:n].float()
 
     def run(self, x):
         torch = self.torch

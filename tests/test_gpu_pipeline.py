@@ -758,3 +758,30 @@ def test_segment_precision_bf16(run_cli, tmp_path):
         labels[precision] = seg.segment(volume).labels
     agree = float((labels["fp32"] == labels["bf16"]).mean())
     assert 0.99 < agree <= 1.0
+
+
+def test_sample_threads_counts_each_thread_and_keeps_the_exit_status(tmp_path):
+    """benchmarks/sample_threads.py (SAMPLE=1 in the device script): per thread name, where its time
+    went, ours (xctrt/benchmarks frames) apart; the sampled program's exit status is its own."""
+    script = tmp_path / "work.py"
+    script.write_text(
+        "import sys, threading, time\n"
+        "def waiter():\n"
+        "    time.sleep(0.4)\n"
+        "t = threading.Thread(target=waiter, name='xctrt-test-waiter')\n"
+        "t.start()\n"
+        "end = time.perf_counter() + 0.4\n"
+        "while time.perf_counter() < end:\n"
+        "    sum(range(1000))\n"
+        "t.join()\n"
+        "sys.exit(3)\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sample_threads.py"), "--out", str(out),
+                        "--every-ms", "5", str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    rep = json.loads((out / "thread_samples.json").read_text())
+    threads = rep["threads"]
+    assert {"MainThread", "xctrt-test-waiter"} <= set(threads)
+    assert threads["xctrt-test-waiter"]["samples"] >= 10 and threads["MainThread"]["samples"] >= 10
+    assert any("sleep" in where or "waiter" in where for where, _ in threads["xctrt-test-waiter"]["leaf"])
+    assert "thread samples every 5.0 ms" in r.stdout

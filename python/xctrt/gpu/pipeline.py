@@ -200,7 +200,9 @@ class GpuStage:
             self.compute = torch.cuda.Stream()
             self.copy = torch.cuda.Stream()       # slabs in
             self.download = torch.cuda.Stream()   # labels out: behind its own slab, not ahead of the next copy in
-            self.postproc = torch.cuda.Stream()
+            # high priority: the labeller's many small kernels, each followed by a host sync, would
+            # otherwise queue behind the encoder's GEMM blocks that fill every SM
+            self.postproc = torch.cuda.Stream(priority=-1)
             if graphs:
                 t0 = time.perf_counter()
                 try:

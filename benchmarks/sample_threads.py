@@ -8,6 +8,9 @@ frame in xctrt (python/xctrt or benchmarks) and the innermost frame of all (a C 
 Python line that made it: a CUDA sync shows as the line that waits). A statistical profile of wall
 time, not CPU time: a thread blocked in a sync or a queue is counted where it waits. The sampler takes
 the GIL briefly at each sample (~1 % at 2 ms), so the run's own timings stay close to an unsampled run's.
+The same counts are kept apart for the samples taken while the GPU stage streams slabs (its
+xctrt-components thread is alive): the bench's timed runs of ours, without their set-up, the naive
+anchor or the volume's generation.
 Writes DIR/thread_samples.json and prints the top lines per thread when the run ends (or fails).
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 OURS = (os.sep + "xctrt" + os.sep, os.sep + "benchmarks" + os.sep)
+GPU_STAGE_THREAD = "xctrt-components"   # alive while the GPU stage streams slabs
 
 
 class Sampler:
@@ -31,6 +35,7 @@ class Sampler:
         self.ours = defaultdict(Counter)    # thread name -> "file:line function" of our innermost frame
         self.leaf = defaultdict(Counter)    # thread name -> innermost frame of any code
         self.samples = Counter()
+        self.gpu_stage = {"ours": defaultdict(Counter), "leaf": defaultdict(Counter), "samples": Counter()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
@@ -38,17 +43,22 @@ class Sampler:
         me = threading.get_ident()
         while not self._stop.wait(self.every_s):
             names = {t.ident: t.name for t in threading.enumerate()}
+            tallies = [(self.samples, self.leaf, self.ours)]
+            if GPU_STAGE_THREAD in names.values():
+                tallies.append((self.gpu_stage["samples"], self.gpu_stage["leaf"], self.gpu_stage["ours"]))
             for ident, frame in sys._current_frames().items():
                 if ident == me:
                     continue
                 name = names.get(ident, str(ident))
-                self.samples[name] += 1
-                self.leaf[name][_where(frame)] += 1
+                leaf = _where(frame)
                 f = frame
                 while f is not None and not any(p in f.f_code.co_filename for p in OURS):
                     f = f.f_back
-                if f is not None:
-                    self.ours[name][_where(f)] += 1
+                for samples, leaves, ours in tallies:
+                    samples[name] += 1
+                    leaves[name][leaf] += 1
+                    if f is not None:
+                        ours[name][_where(f)] += 1
 
     def __enter__(self):
         self._thread.start()
@@ -59,12 +69,14 @@ class Sampler:
         self._thread.join()
 
     def report(self, top: int = 12) -> dict:
-        out = {}
-        for name, n in self.samples.most_common():
-            out[name] = {"samples": n, "seconds": n * self.every_s,
-                         "ours": [(k, v / n) for k, v in self.ours[name].most_common(top)],
-                         "leaf": [(k, v / n) for k, v in self.leaf[name].most_common(top)]}
-        return out
+        def tally(samples, leaf, ours):
+            return {name: {"samples": n, "seconds": n * self.every_s,
+                           "ours": [(k, v / n) for k, v in ours[name].most_common(top)],
+                           "leaf": [(k, v / n) for k, v in leaf[name].most_common(top)]}
+                    for name, n in samples.most_common()}
+        g = self.gpu_stage
+        return {"threads": tally(self.samples, self.leaf, self.ours),
+                "while_gpu_stage_streams": tally(g["samples"], g["leaf"], g["ours"])}
 
 
 def _where(frame) -> str:
@@ -109,18 +121,20 @@ def main(argv=None) -> int:
     rep = s.report(args.top)
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / "thread_samples.json.tmp"
-    tmp.write_text(json.dumps({"wall_s": wall, "every_ms": args.every_ms, "threads": rep}, indent=1))
+    tmp.write_text(json.dumps({"wall_s": wall, "every_ms": args.every_ms, **rep}, indent=1))
     tmp.replace(args.out / "thread_samples.json")
-    print(f"\nthread samples every {args.every_ms} ms over {wall:.1f} s (share of each thread's samples):")
-    for name, r in rep.items():
-        if r["seconds"] < 0.5:
-            continue
-        print(f"  {name}: {r['seconds']:.1f} s")
-        for k, v in r["ours"][:8]:
-            print(f"      {100 * v:5.1f} %  {k}")
-        print("      innermost:")
-        for k, v in r["leaf"][:5]:
-            print(f"      {100 * v:5.1f} %  {k}")
+    for part, title in (("threads", f"over {wall:.1f} s"),
+                        ("while_gpu_stage_streams", f"while the GPU stage streamed slabs ({GPU_STAGE_THREAD} alive)")):
+        print(f"\nthread samples every {args.every_ms} ms {title} (share of each thread's samples):")
+        for name, r in rep[part].items():
+            if r["seconds"] < 0.5:
+                continue
+            print(f"  {name}: {r['seconds']:.1f} s")
+            for k, v in r["ours"][:8]:
+                print(f"      {100 * v:5.1f} %  {k}")
+            print("      innermost:")
+            for k, v in r["leaf"][:5]:
+                print(f"      {100 * v:5.1f} %  {k}")
     return rc
 
 

@@ -774,6 +774,9 @@ def test_sample_threads_counts_each_thread_and_keeps_the_exit_status(tmp_path):
         "while time.perf_counter() < end:\n"
         "    sum(range(1000))\n"
         "t.join()\n"
+        "g = threading.Thread(target=waiter, name='xctrt-components')\n"   # as the GPU stage's
+        "g.start()\n"
+        "g.join()\n"
         "sys.exit(3)\n")
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sample_threads.py"), "--out", str(out),
@@ -781,7 +784,12 @@ def test_sample_threads_counts_each_thread_and_keeps_the_exit_status(tmp_path):
     assert r.returncode == 3, r.stderr
     rep = json.loads((out / "thread_samples.json").read_text())
     threads = rep["threads"]
-    assert {"MainThread", "xctrt-test-waiter"} <= set(threads)
+    assert {"MainThread", "xctrt-test-waiter", "xctrt-components"} <= set(threads)
     assert threads["xctrt-test-waiter"]["samples"] >= 10 and threads["MainThread"]["samples"] >= 10
     assert any("sleep" in where or "waiter" in where for where, _ in threads["xctrt-test-waiter"]["leaf"])
-    assert "thread samples every 5.0 ms" in r.stdout
+    # kept apart: the samples while the GPU stage's thread was alive (the last 0.4 s only)
+    during = rep["while_gpu_stage_streams"]
+    assert "xctrt-test-waiter" not in during and during["MainThread"]["samples"] >= 10
+    assert during["MainThread"]["samples"] < threads["MainThread"]["samples"]
+    assert any("threading.py" in where for where, _ in during["MainThread"]["leaf"])   # waits in join()
+    assert "thread samples every 5.0 ms" in r.stdout and "while the GPU stage streamed slabs" in r.stdout

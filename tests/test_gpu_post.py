@@ -430,7 +430,7 @@ def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
         ref.add_slab(lab[z:z + d], img[z:z + d])
         z += d
     per_slab = fake_cupy.syncs / sum(1 for d in slabs if d)
-    assert per_slab <= 40, f"{per_slab:.0f} host syncs per slab"
+    assert per_slab <= 28, f"{per_slab:.1f} host syncs per slab"   # 19-26 measured (23-33 before two jumps per check)
     assert_table_same(got.finish(2), ref.finish(2))
     assert got.outside_air_voxels == ref.outside_air_voxels == int(outside_air_reference(lab).sum())
     assert_same(on_device(fc, post.label_volume, lab, (2, 3), conn), _core.label_volume(lab, [2, 3], conn))

@@ -287,11 +287,12 @@ def _connect(xp, n: int, a, b):
         # Both ends are roots here (parent == arange, or after the jumps below), so hooking
         # never cuts a node from its old parent.
         scatter_min(parent, xp.maximum(a, b), xp.minimum(a, b))
-        while True:
+        while True:   # two jumps per check: each check is a host sync, a jump is one gather
             pp = parent[parent]
-            if not bool((pp != parent).any()):
+            ppp = pp[pp]
+            parent = ppp
+            if not bool((ppp != pp).any()):   # every node of pp points at a root: ppp is all roots
                 break
-            parent = pp
         a, b = parent[a], parent[b]
         keep = xp.flatnonzero(a != b)   # indices, not a mask: CuPy syncs once per boolean index
         a, b = a[keep], b[keep]

@@ -67,9 +67,8 @@ main_left() { echo $(( $(left) - 40 )); }           # ... for the steps before w
 WHEELS=.whl-sam . benchmarks/device_env.sh "import segment_anything, onnx2torch"
 export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor-cache
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
-CARRIED=0
 if [ -f .inductor-cache.tar.xz ]; then
-  tar -xJf .inductor-cache.tar.xz -C "$TORCHINDUCTOR_CACHE_DIR" && CARRIED=1 \
+  tar -xJf .inductor-cache.tar.xz -C "$TORCHINDUCTOR_CACHE_DIR" \
     && echo "torch.compile cache carried in: $(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1)"
 fi
 $PY -c "import torch, xctrt._core, segment_anything, onnx2torch; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" || exit 1

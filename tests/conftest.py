@@ -25,6 +25,15 @@ OUTPUT_NAMES = {"labels.tif", "defects.csv", "preview.png", "summary.json"}
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def crofton_reference(voxel_size):
     """The 13 Crofton directions (dz, dy, dx) and the surface area per line crossing along each,
     2 w V / |v| with w the direction's share of the sphere (both signs' spherical Voronoi cells,

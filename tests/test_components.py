@@ -1,7 +1,6 @@
 """Streamed 3D connected components (xctrt._core.ComponentLabeller) against NumPy/SciPy and cc3d."""
 
 import math
-from pathlib import Path
 
 import cc3d
 import numpy as np
@@ -650,13 +649,9 @@ def test_errors():
 def test_table_csv_matches_a_cell_by_cell_reference():
     # table_to_csv formats in C++ (_core.table_csv); benchmarks/table_csv.py's reference formats each
     # cell on its own through Python and the csv module, on a table with the edge values in it.
-    import importlib.util
-
+    from conftest import load_benchmark
     from xctrt.defects import csv_columns, table_to_csv
-    spec = importlib.util.spec_from_file_location("table_csv", Path(__file__).resolve().parents[1]
-                                                  / "benchmarks" / "table_csv.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("table_csv")
     t = bench.random_table(500)
     for unit in ("mm", "vox"):
         assert table_to_csv(t, unit) == bench.reference_csv(t, unit)

@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("segment_anything")
 
-from conftest import REPO, xctrt_env
+from conftest import REPO, load_benchmark, xctrt_env
 from xctrt import _core
 from xctrt.backends import TorchModuleEngine
 from xctrt.errors import XctrtError
@@ -596,14 +596,6 @@ def test_cast_weights_bf16(nets, mode):
 # ---------------------------------------------------------------- 6. xctrt bench --gpu --host-arrays, summary
 
 
-def _load_benchmark(name: str):
-    """A script of benchmarks/ as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_datasheet_bf16_peaks_by_device_name():
     from xctrt.gpu.bench import datasheet_bf16_peak
     assert datasheet_bf16_peak("NVIDIA H200") == datasheet_bf16_peak("NVIDIA H100 80GB HBM3") == 989.5
@@ -643,7 +635,7 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
     out = tmp_path / "summary"
     out.mkdir()
     shutil.copy(tmp_path / "b.json", out / "bench.json")
-    md = _load_benchmark("gpu_summary").main(out)
+    md = load_benchmark("gpu_summary").main(out)
     for mode in MODES:
         for run in ("naive", "ours"):
             assert f"| bench | {mode} | {run} |" in md
@@ -652,7 +644,7 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
     assert "post-processing: no results" in md and "attention: no results" in md
     assert "bench: no results" not in md
     # the stage picture from the same JSON
-    _load_benchmark("gpu_figure").draw(json.loads((tmp_path / "b.json").read_text()), tmp_path / "stages.png")
+    load_benchmark("gpu_figure").draw(json.loads((tmp_path / "b.json").read_text()), tmp_path / "stages.png")
     from PIL import Image
     with Image.open(tmp_path / "stages.png") as im:
         assert im.size[0] == 900 and im.size[1] > 300
@@ -661,7 +653,7 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
 
 
 def test_gpu_summary_without_results(tmp_path):
-    md = _load_benchmark("gpu_summary").main(tmp_path)
+    md = load_benchmark("gpu_summary").main(tmp_path)
     assert all(f"{step}: no results" in md for step in ("bench", "post-processing", "attention", "parts"))
 
 
@@ -670,7 +662,7 @@ def test_gpu_parts_check_dry_run(tmp_path):
     probabilities, and the device summary lists them."""
     from xctrt.gpu.sam import FAST_PARTS
 
-    assert _load_benchmark("gpu_parts_check").main(["--out", str(tmp_path), "--device", "cpu", "--batch", "2"]) == 0
+    assert load_benchmark("gpu_parts_check").main(["--out", str(tmp_path), "--device", "cpu", "--batch", "2"]) == 0
     res = json.loads((tmp_path / "gpu_parts.json").read_text())
     assert list(res["variants"]) == ["none", "all"] + [f"all but {p}" for p in FAST_PARTS]
     for name, r in res["variants"].items():
@@ -680,7 +672,7 @@ def test_gpu_parts_check_dry_run(tmp_path):
     assert sorted(res["encoder_batch_sweep"], key=int) == ["2", "4", "16"]   # the run's batch and --sweep's
     for b, r in res["encoder_batch_sweep"].items():
         assert r["encoder_ms_per_image"] > 0 and r["encoder_tflops"] > 0, b
-    md = _load_benchmark("gpu_summary").main(tmp_path)
+    md = load_benchmark("gpu_summary").main(tmp_path)
     assert "fast-forward parts (cpu, tiny, batch 2," in md and "all but upscale" in md
     assert "encoder with every part, per image by batch: batch 2 " in md
 

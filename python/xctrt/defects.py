@@ -1,7 +1,6 @@
 """Per-defect table and volume summary from the streamed component labeller (C++)."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from . import _core
@@ -87,7 +86,7 @@ def table_to_csv(table: dict[str, np.ndarray], unit: str) -> str:
     names = [DEFECT_CLASSES.get(int(c), str(int(c))) for c in np.asarray(table["class"]).tolist()]
     kinds = "".join(_CSV_KIND.get(k, "d") for k, _ in cols)
     columns = [names if k == "class_name" else np.asarray(table[k]) for k, _ in cols]
-    # formatted in C++ (about 20x faster than Python's %-format on a 500k-defect table)
+    # formatted in C++: 9x faster than cell by cell in Python (benchmarks/table_csv.py, 200k rows)
     return ",".join(h for _, h in cols) + "\n" + _core.table_csv(columns, kinds)
 
 

@@ -758,16 +758,37 @@ py::dict component_table(
                                 voxel_size[2]);
 }
 
+using RunArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+// Air runs from Python, an (m, 4) array of z, y, x0, x1: voxel coordinates (>= 0, so every
+// int32 gap in the search fits) and x0 <= x1. Checked on all cores (millions of runs from the
+// GPU path).
+std::vector<AirRun> checked_air(const RunArray& air) {
+  if (air.ndim() != 2 || air.shape(1) != 4)
+    throw std::invalid_argument("air must be an (m, 4) array of (z, y, x0, x1)");
+  std::vector<AirRun> s(static_cast<size_t>(air.shape(0)));
+  if (!s.empty()) std::memcpy(s.data(), air.data(), s.size() * sizeof(AirRun));
+  int bad = 0;
+  const int64_t m = static_cast<int64_t>(s.size());
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for reduction(max : bad) if (m > 65536)
+#endif
+  for (int64_t i = 0; i < m; ++i) {
+    const AirRun& v = s[i];
+    bad = std::max(bad, (v.z < 0 || v.y < 0 || v.x0 < 0) ? 1 : (v.x0 > v.x1 ? 2 : 0));
+  }
+  if (bad) throw std::invalid_argument(bad == 1 ? "air must be voxel coordinates >= 0" : "air runs need x0 <= x1");
+  return s;
+}
+
 // Distance of each component to the part surface from already collected air and defect runs
 // (the array labeller's entry to the same search as ComponentLabeller.finish).
 py::array_t<double> distance_to_surface(
-    py::array_t<int32_t, py::array::c_style | py::array::forcecast> air,
-    py::array_t<int32_t, py::array::c_style | py::array::forcecast> runs,
+    RunArray air, RunArray runs,
     py::array_t<int64_t, py::array::c_style | py::array::forcecast> comp, int64_t n_comp,
     std::optional<py::array> exposed, std::array<double, 3> voxel_size) {
   check_voxel_size(voxel_size);
-  if (air.ndim() != 2 || air.shape(1) != 4)
-    throw std::invalid_argument("air must be an (m, 4) array of (z, y, x0, x1)");
+  std::vector<AirRun> s = checked_air(air);
   if (runs.ndim() != 2 || runs.shape(1) != 4)
     throw std::invalid_argument("runs must be an (n, 4) array of (z, y, x0, x1)");
   if (comp.ndim() != 1 || comp.shape(0) != runs.shape(0))
@@ -784,23 +805,10 @@ py::array_t<double> distance_to_surface(
   const uint8_t* ex = exposed ? flags.data() : nullptr;
   if (n_comp < 0 || n_comp >= static_cast<int64_t>(kNone))
     throw std::invalid_argument("n_comp out of range");
-  std::vector<AirRun> s(static_cast<size_t>(air.shape(0)));
-  std::memcpy(s.data(), air.data(), s.size() * sizeof(AirRun));
-  // Voxel coordinates: non-negative, so every int32 gap in the search fits. Checked on all
-  // cores (millions of runs from the GPU path); the error kind with the highest number wins.
-  static const char* const kBad[] = {"", "air must be voxel coordinates >= 0", "air runs need x0 <= x1",
-                                     "comp entries must be in 0..n_comp-1", "runs need x0 <= x1",
+  // The error kind with the highest number wins.
+  static const char* const kBad[] = {"", "", "", "comp entries must be in 0..n_comp-1", "runs need x0 <= x1",
                                      "runs must be voxel coordinates >= 0"};
   int bad = 0;
-  const int64_t m = static_cast<int64_t>(s.size());
-#ifdef XCTRT_OPENMP
-#pragma omp parallel for reduction(max : bad) if (m > 65536)
-#endif
-  for (int64_t i = 0; i < m; ++i) {
-    const AirRun& v = s[i];
-    bad = std::max(bad, (v.z < 0 || v.y < 0 || v.x0 < 0) ? 1 : (v.x0 > v.x1 ? 2 : 0));
-  }
-  if (bad) throw std::invalid_argument(kBad[bad]);
   const int32_t* r = runs.data();
   const int64_t* c = comp.data();
   const int64_t n = runs.shape(0);
@@ -825,6 +833,83 @@ py::array_t<double> distance_to_surface(
   py::array_t<double> out(static_cast<py::ssize_t>(d.size()));
   std::copy(d.begin(), d.end(), out.mutable_data());
   return out;
+}
+
+// The surface-distance tree over the outside air, as the GPU search reads it: (nodes, runs),
+// nodes a (k, 40) uint8 array of AirNode records, runs the air runs (m, 4) in the tree's order.
+py::tuple air_tree(RunArray air, std::array<double, 3> voxel_size) {
+  check_voxel_size(voxel_size);
+  std::vector<AirRun> s = checked_air(air);
+  std::vector<AirNode> nodes;
+  std::vector<AirRun> runs;
+  {
+    py::gil_scoped_release release;
+    AirTree tree(std::move(s), voxel_size);
+    nodes = tree.nodes(), runs = tree.runs();
+  }
+  py::array_t<uint8_t> n_out({static_cast<py::ssize_t>(nodes.size()), static_cast<py::ssize_t>(sizeof(AirNode))});
+  py::array_t<int32_t> r_out({static_cast<py::ssize_t>(runs.size()), py::ssize_t{4}});
+  if (!nodes.empty()) std::memcpy(n_out.mutable_data(), nodes.data(), nodes.size() * sizeof(AirNode));
+  if (!runs.empty()) std::memcpy(r_out.mutable_data(), runs.data(), runs.size() * sizeof(AirRun));
+  return py::make_tuple(n_out, r_out);
+}
+
+// The GPU kernel's search (air_search.h: search_run, one per defect run) on the host, for
+// NumPy arrays: lowers best2 (n_comp,) uint64, the bits of each component's smallest squared
+// distance, in place. runs is (6, n) int32 (z, y, x0, x1, -, exposed bits), comp (n,) int32
+// (-1: left out); nodes and air as air_tree returns them.
+void search_air_runs(py::array_t<uint8_t, py::array::c_style> nodes, RunArray air, RunArray runs,
+                     py::array_t<int32_t, py::array::c_style> comp,
+                     py::array best2_in, std::array<double, 3> voxel_size) {
+  check_voxel_size(voxel_size);
+  // Written in place, so never a converted copy.
+  if (!py::isinstance<py::array_t<uint64_t>>(best2_in) || !(best2_in.flags() & py::array::c_style) ||
+      !best2_in.writeable())
+    throw std::invalid_argument("best2 must be a writeable contiguous uint64 array");
+  auto best2 = py::array_t<uint64_t, py::array::c_style>::ensure(best2_in);
+  if (runs.ndim() != 2 || runs.shape(0) != 6)
+    throw std::invalid_argument("runs must be a (6, n) array of z, y, x0, x1, -, exposed");
+  const int64_t n = runs.shape(1), n_comp = best2.size();
+  if (comp.ndim() != 1 || comp.shape(0) != n) throw std::invalid_argument("comp must give one component per run");
+  if (best2.ndim() != 1) throw std::invalid_argument("best2 must be a 1-D uint64 array, one per component");
+  std::vector<AirRun> s = checked_air(air);
+  const int64_t m = static_cast<int64_t>(s.size());
+  if (nodes.ndim() != 2 || nodes.shape(1) != static_cast<py::ssize_t>(sizeof(AirNode)))
+    throw std::invalid_argument("nodes must be a (k, 40) uint8 array of tree nodes (air_tree)");
+  const int64_t k = nodes.shape(0);
+  std::vector<AirNode> tree(static_cast<size_t>(k));
+  if (k) std::memcpy(tree.data(), nodes.data(), tree.size() * sizeof(AirNode));
+  // Nodes from elsewhere than air_tree must not send the search out of bounds.
+  for (int64_t i = 0; i < k; ++i) {
+    const AirNode& t = tree[i];
+    const bool leaf = t.hi - t.lo <= kAirLeaf;
+    if (t.lo < 0 || t.lo > t.hi || t.hi > m || (!leaf && 2 * i + 2 >= k))
+      throw std::invalid_argument("nodes do not describe a tree over these air runs (air_tree)");
+  }
+  if ((k == 0) != (m == 0)) throw std::invalid_argument("nodes do not describe a tree over these air runs (air_tree)");
+  const int32_t* r = runs.data();
+  const int32_t* c = comp.data();
+  int bad = 0;
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for reduction(max : bad) if (n > 65536)
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t ci = c[i];
+    const bool coords = r[i] >= 0 && r[n + i] >= 0 && r[2 * n + i] >= 0 && r[2 * n + i] <= r[3 * n + i];
+    bad = std::max(bad, (ci < -1 || ci >= n_comp) ? 2 : (ci >= 0 && !coords ? 1 : 0));
+  }
+  if (bad == 2) throw std::invalid_argument("comp entries must be in -1..n_comp-1");
+  if (bad == 1) throw std::invalid_argument("runs must be voxel coordinates >= 0 with x0 <= x1");
+  if (k == 0 || n == 0) return;
+  uint64_t* b = best2.mutable_data();
+  {
+    py::gil_scoped_release release;
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for schedule(dynamic, 256)
+#endif
+    for (int64_t i = 0; i < n; ++i)
+      search_run(i, n, r, c, tree.data(), s.data(), voxel_size.data(), reinterpret_cast<u64*>(b));
+  }
 }
 
 
@@ -919,6 +1004,13 @@ void bind_components(py::module_& m) {
         py::arg("classes") = std::vector<int64_t>{2, 3}, py::arg("connectivity") = 26,
         "int32 component ids per voxel (0 = background), numbered like the table's id with\n"
         "min_voxels=0. Holds the whole volume (for tests and comparisons).");
+  m.def("air_tree", &air_tree, py::arg("air"), py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
+        "The surface-distance kd-tree over air runs (m, 4) as the GPU search reads it:\n"
+        "(nodes (k, 40) uint8 records, air runs (m, 4) int32 in the tree's order).");
+  m.def("search_air_runs", &search_air_runs, py::arg("nodes"), py::arg("air"), py::arg("runs"),
+        py::arg("comp"), py::arg("best2"), py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
+        "The GPU kernel's nearest-air search on the host: lowers best2 (uint64 bits of each\n"
+        "component's smallest squared distance) in place for runs (6, n) int32 and comp (n,) int32.");
   m.def("component_table", &component_table, py::arg("voxels"), py::arg("sz"), py::arg("sy"),
         py::arg("sx"), py::arg("crossings"), py::arg("gsum"),
         py::arg("gmin"), py::arg("gmax"), py::arg("z0"), py::arg("y0"), py::arg("x0"),

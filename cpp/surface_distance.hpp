@@ -22,7 +22,7 @@
 // per-axis gaps. Both are summed z + y + x in double from integer gaps: rounding is monotone,
 // so a node's bound never exceeds the distance of an air run inside it, the pruning is exact,
 // and any caller that passes the same air and defect voxels (in any order, in runs split or
-// merged) gets the same bits.
+// merged) gets the same bits. The search itself is in air_search.h, shared with the GPU kernel.
 #pragma once
 
 #include <algorithm>
@@ -30,22 +30,15 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
 #include <vector>
+
+#include "air_search.h"
 
 namespace xctrt {
 
-struct AirRun {
-  int32_t z, y, x0, x1;  // x0..x1 inclusive
-};
 static_assert(sizeof(AirRun) == 4 * sizeof(int32_t), "AirRun is copied from (m, 4) int32 arrays");
-
-enum : uint8_t { kExpMz = 1, kExpPz = 2, kExpMy = 4, kExpPy = 8, kExpAll = 15 };
-
-struct DefectRun {
-  int32_t z, y, x0, x1;  // x0..x1 inclusive
-  uint32_t comp;         // 0-based component (table row)
-  uint8_t exposed;       // kExp* bits: sides with a voxel whose neighbour is not in the defect
-};
+static_assert(sizeof(AirNode) == 40, "AirNode is handed to the GPU as 40-byte records");
 
 class AirTree {
  public:
@@ -56,8 +49,9 @@ class AirTree {
     // Halving splits: every range at one depth has the same size up to one, so the tree is
     // complete down to the depth where ranges fit a leaf, and heap numbering (children of i at
     // 2i+1, 2i+2) gives every node its slot before the subtrees are built in parallel.
-    int64_t slots = 1;
-    while ((n + slots - 1) / slots > kLeaf) slots *= 2;
+    int64_t slots = 1, depth = 1;
+    while ((n + slots - 1) / slots > kLeaf) slots *= 2, ++depth;
+    if (depth >= kAirMaxDepth) throw std::length_error("too many air runs for the surface-distance tree");
     nodes_.resize(static_cast<size_t>(2 * slots));
 #ifdef XCTRT_OPENMP
 #pragma omp parallel
@@ -68,28 +62,18 @@ class AirTree {
 
   // Squared distance from the run to its nearest air voxel, if below `best` (else `best`).
   double nearest2(const DefectRun& r, double best) const {
-    if (!nodes_.empty()) visit(0, r, best);
-    return best;
+    return nodes_.empty() ? best : nearest_air2(nodes_.data(), s_.data(), w_.data(), r, best);
   }
+
+  // The tree as the GPU search reads it: nodes (heap order; slots below a leaf unused) and the
+  // air runs in the order the nodes' ranges refer to.
+  const std::vector<AirNode>& nodes() const { return nodes_; }
+  const std::vector<AirRun>& runs() const { return s_; }
+  const std::array<double, 3>& voxel_size() const { return w_; }
 
  private:
-  static constexpr int64_t kLeaf = 16;
-
-  // Node i's children are 2i+1 and 2i+2; a node of at most kLeaf runs is a leaf.
-  struct Node {
-    int64_t lo, hi;                 // air runs [lo, hi)
-    std::array<int32_t, 3> mn, mx;  // bounding box (z, y, x)
-  };
-
-  static inline int32_t gap(int32_t a0, int32_t a1, int32_t b0, int32_t b1) {
-    // Integer gap between the intervals [a0, a1] and [b0, b1] (0 if they overlap).
-    return a1 < b0 ? b0 - a1 : (b1 < a0 ? a0 - b1 : 0);
-  }
-
-  inline double dist2(int32_t gz, int32_t gy, int32_t gx) const {
-    const double z = gz * w_[0], y = gy * w_[1], x = gx * w_[2];
-    return z * z + y * y + x * x;
-  }
+  static constexpr int64_t kLeaf = kAirLeaf;
+  using Node = AirNode;
 
   void build(int32_t id, int64_t lo, int64_t hi) {
     constexpr int32_t kMax = std::numeric_limits<int32_t>::max(), kMin = std::numeric_limits<int32_t>::min();
@@ -102,7 +86,7 @@ class AirTree {
       mn[2] = std::min(mn[2], s.x0), mx[2] = std::max(mx[2], s.x1);
       cmin = std::min(cmin, int64_t{s.x0} + s.x1), cmax = std::max(cmax, int64_t{s.x0} + s.x1);
     }
-    nodes_[id] = Node{lo, hi, mn, mx};
+    nodes_[id] = Node{lo, hi, {mn[0], mn[1], mn[2]}, {mx[0], mx[1], mx[2]}};
     if (hi - lo <= kLeaf) return;
     // Split the widest axis of the box, x included: the runs along x split by their centres,
     // which groups runs that end alike (the part's outline). Unless every centre is the same,
@@ -128,45 +112,6 @@ class AirTree {
 #ifdef XCTRT_OPENMP
 #pragma omp taskwait
 #endif
-  }
-
-  inline double bound2(const Node& n, const DefectRun& r) const {
-    return dist2(gap(n.mn[0], n.mx[0], r.z, r.z), gap(n.mn[1], n.mx[1], r.y, r.y),
-                 gap(n.mn[2], n.mx[2], r.x0, r.x1));
-  }
-
-  inline double pair2(const AirRun& s, const DefectRun& r) const {
-    return dist2(s.z > r.z ? s.z - r.z : r.z - s.z, s.y > r.y ? s.y - r.y : r.y - s.y,
-                 gap(s.x0, s.x1, r.x0, r.x1));
-  }
-
-  // Can air in [mn, mx] pair with run r (see the exposure note at the top)?
-  static inline bool faces(const std::array<int32_t, 3>& mn, const std::array<int32_t, 3>& mx,
-                           const DefectRun& r) {
-    return !((mn[0] > r.z && !(r.exposed & kExpPz)) || (mx[0] < r.z && !(r.exposed & kExpMz)) ||
-             (mn[1] > r.y && !(r.exposed & kExpPy)) || (mx[1] < r.y && !(r.exposed & kExpMy)));
-  }
-
-  void visit(int32_t id, const DefectRun& r, double& best) const {
-    const Node& n = nodes_[id];
-    if (n.hi - n.lo <= kLeaf) {
-      for (int64_t i = n.lo; i < n.hi; ++i) {
-        const AirRun& s = s_[i];
-        if (!faces({s.z, s.y, s.x0}, {s.z, s.y, s.x1}, r)) continue;
-        const double d = pair2(s, r);
-        if (d < best) best = d;
-      }
-      return;
-    }
-    const int32_t left = 2 * id + 1, right = 2 * id + 2;
-    const Node &nl = nodes_[left], &nr = nodes_[right];
-    const double inf = std::numeric_limits<double>::infinity();
-    const double bl = faces(nl.mn, nl.mx, r) ? bound2(nl, r) : inf;
-    const double br = faces(nr.mn, nr.mx, r) ? bound2(nr, r) : inf;
-    const int32_t first = bl <= br ? left : right, second = bl <= br ? right : left;
-    const double b1 = bl <= br ? bl : br, b2 = bl <= br ? br : bl;
-    if (b1 < best) visit(first, r, best);
-    if (b2 < best) visit(second, r, best);
   }
 
   std::vector<AirRun> s_;

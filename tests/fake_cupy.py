@@ -201,6 +201,41 @@ def _label(mask):
 cupyx.scipy.ndimage.label = _label
 
 
+# RawModule: the kernels xctrt compiles with NVRTC, each run here by its host twin in xctrt._core,
+# built from the same C++ source (test_gpu_post.py compiles that source for the GPU with nvcc).
+launches = {}   # kernel name -> launches so far; tests reset it
+
+
+def _search_air_runs(grid, block, args):
+    runs, n, comp, nodes, air, wz, wy, wx, best2 = args
+    want = (ndarray, np.int64, ndarray, ndarray, ndarray, np.float64, np.float64, np.float64, ndarray)
+    if not all(type(a) is t for a, t in zip(args, want)):   # CuPy passes Python scalars with other widths
+        raise TypeError(f"xctrt_search_air_runs arguments: {[type(a).__name__ for a in args]}")
+    if (runs.dtype, comp.dtype, best2.dtype) != (np.int32, np.int32, np.uint64) or runs.shape != (6, n):
+        raise TypeError("xctrt_search_air_runs needs runs (6, n) int32, comp int32, best2 uint64")
+    if grid[0] * block[0] < n:
+        raise ValueError(f"a launch of {grid[0]} x {block[0]} threads for {n} runs")
+    from xctrt import _core
+    _core.search_air_runs(nodes._a, air._a, runs._a, comp._a, best2._a, (float(wz), float(wy), float(wx)))
+
+
+_TWINS = {"xctrt_search_air_runs": _search_air_runs}
+
+
+class RawModule:
+    def __init__(self, code: str, options=()):
+        self.code, self.options = code, tuple(options)
+
+    def get_function(self, name: str):
+        if f" {name}(" not in self.code or name not in _TWINS:
+            raise KeyError(f"no kernel {name} in this module")
+
+        def launch(grid, block, args):
+            launches[name] = launches.get(name, 0) + 1
+            _TWINS[name](grid, block, args)
+        return launch
+
+
 def install(monkeypatch) -> types.ModuleType:
     """Let xctrt.gpu.post take this module for CuPy (undone with the monkeypatch fixture)."""
     from xctrt.gpu import post

@@ -374,6 +374,94 @@ def test_component_table_binding_checks():
             _core.component_table(*cols)
 
 
+# ---------------------------------------------------------------- the surface-distance search of the GPU kernel
+
+def search_per_run(air, runs, comp, n_comp, exposed, vs):
+    """Distances by air_tree + search_air_runs (the kernel's per-run search on the host)."""
+    nodes, tree_air = _core.air_tree(air, vs)
+    r6 = np.zeros((6, len(runs)), np.int32)
+    r6[:4], r6[5] = runs.T, exposed
+    best2 = np.full(n_comp, np.inf).view(np.uint64)
+    _core.search_air_runs(nodes, tree_air, r6, comp.astype(np.int32), best2, vs)
+    return np.sqrt(best2.view(np.float64))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_per_run_search_gives_the_labellers_distances_bit_for_bit(seed):
+    """The GPU kernel's search, one run at a time from a shared best, against the chunked host
+    search of distance_to_surface: same bits, whatever the run order, with runs left out (-1)."""
+    rng = np.random.default_rng(77 + seed)
+    shape = tuple(int(v) for v in rng.integers(6, 30, 3))
+    lab = blobs(rng, shape)
+    lab[:, :2] = 0
+    lab[rng.random(shape) < 0.05] = 0
+    vs = (1.0, 1.0, 1.0) if seed == 0 else tuple(rng.uniform(0.1, 3.0, 3))
+    lb = _core.ComponentLabeller(shape, voxel_size=vs)
+    lb.add_slab(lab, image(rng, shape, np.uint16))
+    want = lb.finish()["surface_distance"]
+    air = lb.outside_air_runs()
+    assert len(air) > 16 and len(want)    # a tree with inner nodes
+    ids = _core.label_volume(lab, [2, 3], 26)
+    z, y, x = np.nonzero(ids)
+    runs = np.stack([z, y, x, x], 1).astype(np.int32)     # single-voxel runs, all sides exposed
+    comp = ids[z, y, x].astype(np.int64) - 1
+    order = rng.permutation(len(runs))
+    runs, comp = runs[order], comp[order]
+    extra = rng.integers(0, len(runs), 5)                 # runs of dropped components
+    runs, comp = np.concatenate([runs, runs[extra]]), np.concatenate([comp, np.full(5, -1)])
+    exposed = np.full(len(runs), 15, np.uint8)
+    got = search_per_run(air, runs, comp, len(want), exposed, vs)
+    assert got.tobytes() == want.tobytes()
+    ref = _core.distance_to_surface(air, runs[:-5], comp[:-5], len(want), exposed=exposed[:-5], voxel_size=vs)
+    assert ref.tobytes() == want.tobytes()
+
+
+def test_search_air_runs_refuses_what_would_send_it_out_of_bounds():
+    air = np.array([[0, y, 0, 3] for y in range(40)], np.int32)
+    nodes, tree_air = _core.air_tree(air)
+    assert nodes.shape == (8, 40) and nodes.dtype == np.uint8 and tree_air.shape == (40, 4)
+    runs = np.zeros((6, 2), np.int32)
+    runs[:, 1] = [2, 45, 1, 1, 0, 15]
+    comp = np.array([-1, 0], np.int32)
+    best2 = np.full(1, np.inf).view(np.uint64)
+    _core.search_air_runs(nodes, tree_air, runs, comp, best2)
+    assert best2.view(np.float64)[0] == 2.0 ** 2 + 6.0 ** 2   # gaps z 2 and y 6 to the air at y = 39
+    bad_nodes = nodes.copy()
+    bad_nodes[3].view(np.int64)[1] = 41                   # hi past the air runs
+    cases = [((bad_nodes, tree_air, runs, comp, best2), "tree over these air runs"),
+             ((nodes[:2], tree_air, runs, comp, best2), "tree over these air runs"),
+             ((nodes, tree_air, runs, np.array([-2, 0], np.int32), best2), "comp entries"),
+             ((nodes, tree_air, runs, np.array([0, 1], np.int32), best2), "comp entries"),
+             ((nodes, tree_air, runs, comp, np.zeros(1)), "uint64"),
+             ((nodes, tree_air, runs[:4], comp, best2), r"\(6, n\)")]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            _core.search_air_runs(*args)
+    neg = runs.copy()
+    neg[2, 1] = -1
+    with pytest.raises(ValueError, match="voxel coordinates"):
+        _core.search_air_runs(nodes, tree_air, neg, comp, best2)
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        _core.air_tree(np.array([[0, 0, 3, 2]], np.int32))
+
+
+def test_air_search_kernel_compiles_for_hopper(tmp_path):
+    """The kernel source as xctrt.gpu.post hands it to NVRTC, compiled by nvcc for sm_90 with the
+    same options (no GPU needed to compile)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    src = Path(post.__file__).with_name("air_search.h")
+    out = tmp_path / "air_search.cubin"
+    cmd = [nvcc, "-x", "cu", "-arch=sm_90", "-cubin", *post.AIR_SEARCH_OPTIONS, "-o", str(out), str(src)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert b"xctrt_search_air_runs" in out.read_bytes()
+
+
 # ---------------------------------------------------------------- on a CuPy stand-in (tests/fake_cupy.py)
 # The same functions with device arrays that refuse what CuPy refuses (implicit host conversion,
 # host arrays in device expressions) and count host syncs: what would only fail on the GPU fails here.
@@ -424,7 +512,7 @@ def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
     img = image(rng, shape, np.uint16)
     got = post.ComponentLabeller(shape, (2, 3), conn, (0.5, 1.0, 2.0))
     ref = _core.ComponentLabeller(shape, [2, 3], conn, (0.5, 1.0, 2.0))
-    fake_cupy.syncs, z = 0, 0
+    fake_cupy.syncs, fake_cupy.launches, z = 0, {}, 0
     for d in slabs:
         got.add_slab(fc.asarray(lab[z:z + d]), fc.asarray(img[z:z + d]))
         ref.add_slab(lab[z:z + d], img[z:z + d])
@@ -432,6 +520,7 @@ def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
     per_slab = fake_cupy.syncs / sum(1 for d in slabs if d)
     assert per_slab <= 28, f"{per_slab:.1f} host syncs per slab"   # 19-26 measured (23-33 before two jumps per check)
     assert_table_same(got.finish(2), ref.finish(2))
+    assert fake_cupy.launches == {"xctrt_search_air_runs": 1}   # the distances came from the kernel's path
     assert got.outside_air_voxels == ref.outside_air_voxels == int(outside_air_reference(lab).sum())
     assert_same(on_device(fc, post.label_volume, lab, (2, 3), conn), _core.label_volume(lab, [2, 3], conn))
 

@@ -10,8 +10,8 @@ each, never a fused ElementwiseKernel, which NVRTC would contract into FMA), in 
 Component statistics are integers accumulated exactly (float64 segment sums only where
 every partial sum is an integer below 2**53, checked in ComponentLabeller.__init__), and the
 derived table columns come from the same C++ builder (`_core.component_table`); the distance
-to the part surface comes from the same C++ search (`_core.distance_to_surface`) over the same
-air and defect runs, found here on the device. The one
+to the part surface from the same search code (air_search.h, the C++ search's core) over the same
+air and defect runs, found here on the device, and compiled without FMA. The one
 exception: for float32 images grey_mean is the C++ value up to rounding (the C++ sum order
 follows its runs and provisional ids); uint8/uint16 images give it bit for bit.
 
@@ -32,9 +32,10 @@ over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and 
 synchronisations (one flatnonzero per slab, a few per union-find round) dominate, hence slabs
 of 32-128 planes (below 2**31 voxels each: CuPy's labelling and scatter kernels index with 32-bit
 ints). aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
-finish() copies the outside air's runs and the defect runs to the host for the surface-distance
-search (C++ kd-tree on all cores, one search per defect run; slower per run for a pore near the
-centre of a round part, where most of the surface is almost equally far).
+finish() copies the outside air's runs to the host, builds the kd-tree there (_core.air_tree, all
+cores) and searches it on the device: one thread per defect run, each starting from its
+component's best so far and lowering it atomically (search_air_runs). A search is slower for a
+pore near the centre of a round part, where most of the surface is almost equally far.
 Only the previous slab's last plane (labels, provisional ids) and per-provisional-component
 statistics are carried between slabs; finish() merges provisional components. The defect and air
 x-runs are kept as compact lists until finish().
@@ -98,6 +99,37 @@ def label_6(mask):
         return ndimage.label(mask)  # its default structure: the 6 face neighbours
     import cupyx.scipy.ndimage
     return cupyx.scipy.ndimage.label(mask)
+
+
+def search_air_runs(nodes, air, runs, comp, best2, voxel_size) -> None:
+    """Lower best2 (uint64 bits of each component's smallest squared distance to the outside air)
+    in place from the defect runs (6, n) int32 and their components comp (n,) int32, over the tree
+    of _core.air_tree: on the host _core.search_air_runs, on the GPU the CUDA kernel compiled from
+    the same C++ (air_search.h), one thread per run."""
+    if isinstance(best2, np.ndarray):
+        _core.search_air_runs(nodes, air, runs, comp, best2, voxel_size)
+        return
+    n = runs.shape[1]
+    if n:
+        block = 128
+        _air_search_kernel()(((n + block - 1) // block,), (block,),
+                             (runs, np.int64(n), comp, nodes, air, *map(np.float64, voxel_size), best2))
+
+
+# Compiled as _core is built: every double operation rounded on its own (no FMA contraction).
+AIR_SEARCH_OPTIONS = ("--fmad=false", "--std=c++17", "-DXCTRT_AIR_SEARCH_KERNEL")
+_air_search = None
+
+
+def _air_search_kernel():
+    """The CUDA kernel of air_search.h, compiled by NVRTC on first use."""
+    global _air_search
+    if _air_search is None:
+        from pathlib import Path
+        code = (Path(__file__).with_name("air_search.h")).read_text()
+        _air_search = _cupy.RawModule(code=code, options=AIR_SEARCH_OPTIONS).get_function(
+            "xctrt_search_air_runs")
+    return _air_search
 
 
 def to_host(a) -> np.ndarray:
@@ -381,7 +413,8 @@ class ComponentLabeller:
         self._air_runs, self._air_id, self._air_edge, self._air_pairs = [], [], [], []
         self._air_n = 0
         self._air_last = None
-        self.surface_distance_s = 0.0  # host time of the last finish()'s surface-distance search
+        self.surface_distance_s = 0.0  # time of the last finish()'s surface distances, in all
+        self.surface_tree_s = 0.0  # the part of it until the tree is on the device (host build)
         self.outside_air_voxels = None  # air voxels outside the part, after finish()
         self._outside_runs = None  # their (m, 4) host x-runs, kept by finish() for outside_air_runs()
 
@@ -625,19 +658,24 @@ class ComponentLabeller:
 
     def _surface_distance(self, final, n_kept: int) -> np.ndarray:
         """Distance of each kept component to the part surface: to the nearest voxel of the air
-        outside the part (C++ search, see _core.distance_to_surface)."""
+        outside the part. The kd-tree over that air is built on the host (_core.air_tree), the
+        search runs where the defect runs are (search_air_runs), exact to _core.distance_to_surface."""
         xp = self._xp
-        runs = xp.concatenate(self._runs, axis=1) if self._runs else xp.zeros((6, 0), np.int32)
-        comp = final[runs[4]].astype(np.int64) - 1
-        kept = xp.flatnonzero(comp >= 0)  # runs of components that min_voxels did not drop
-        # Grouped by component here on the device, so the host search takes them as they come.
-        kept = kept[xp.argsort(comp[kept], kind="stable")]
-        runs, comp = runs[:, kept], comp[kept]
-        exposed = runs[5].astype(np.uint8)
+        t0 = time.perf_counter()
         air = self._outside_runs = np.ascontiguousarray(to_host(self._outside_air().T), dtype=np.int32)
         self.outside_air_voxels = int((air[:, 3].astype(np.int64) - air[:, 2] + 1).sum())
-        return _core.distance_to_surface(air, to_host(runs[:4].T), to_host(comp), n_kept,
-                                         exposed=to_host(exposed), voxel_size=self.voxel_size)
+        if not len(air) or not self._runs:
+            return np.full(n_kept, np.nan)
+        nodes, tree_air = _core.air_tree(air, self.voxel_size)
+        nodes, tree_air = xp.asarray(nodes), xp.asarray(tree_air)
+        t1 = time.perf_counter()
+        runs = xp.concatenate(self._runs, axis=1)
+        comp = final[runs[4]] - np.int32(1)   # -1: a run of a component min_voxels dropped
+        best2 = xp.full(n_kept, np.inf).view(np.uint64)
+        search_air_runs(nodes, tree_air, runs, comp, best2, self.voxel_size)
+        d = np.sqrt(to_host(best2).view(np.float64))
+        self.surface_tree_s = t1 - t0
+        return d
 
     def _resolve(self, min_voxels: int):
         """Merged statistics of the kept components (dict of device columns) and the final id

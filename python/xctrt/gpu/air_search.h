@@ -1,0 +1,169 @@
+// The exact nearest-air search of one defect run, written once for the host and the GPU.
+//
+// cpp/surface_distance.hpp builds a kd-tree over the x-runs of the air outside the part and searches
+// it on the host. xctrt.gpu.post compiles this same file with NVRTC and runs search_run() on the
+// device, one thread per defect run, over the tree that _core.air_tree() built on the host. So
+// it is C++ that both compilers take: no standard library (NVRTC has none), no recursion (a
+// fixed stack: the tree is at most 31 levels deep), no infinity literal.
+//
+// Arithmetic: per-axis integer gaps, each times its voxel size in double, squares summed
+// z + y + x. The host is built with -ffp-contract=off and the GPU module with --fmad=false, so
+// both round every step alike and a search gives the same bits on either. The search is exact:
+// visiting order and pruning only change which nodes are read, never the minimum.
+// See surface_distance.hpp for the tree and for why the exposure flags are allowed to prune.
+#pragma once
+
+namespace xctrt {
+
+using i32 = int;
+using u32 = unsigned int;
+using i64 = long long;
+using u64 = unsigned long long;
+using u8 = unsigned char;
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define XCTRT_HD __host__ __device__
+#else
+#define XCTRT_HD
+#endif
+
+enum : u8 { kExpMz = 1, kExpPz = 2, kExpMy = 4, kExpPy = 8, kExpAll = 15 };
+
+struct AirRun {
+  i32 z, y, x0, x1;  // x0..x1 inclusive
+};
+
+struct DefectRun {
+  i32 z, y, x0, x1;  // x0..x1 inclusive
+  u32 comp;          // 0-based component (table row)
+  u8 exposed;        // kExp* bits: sides with a voxel whose neighbour is not in the defect
+};
+
+// Node i of the tree has children 2i+1 and 2i+2; a node of at most kAirLeaf runs is a leaf.
+struct AirNode {
+  i64 lo, hi;        // air runs [lo, hi)
+  i32 mn[3], mx[3];  // bounding box (z, y, x)
+};
+constexpr i64 kAirLeaf = 16;
+constexpr int kAirMaxDepth = 32;  // levels at most: 2**31 runs in leaves of 16 need 28
+
+XCTRT_HD inline i32 run_gap(i32 a0, i32 a1, i32 b0, i32 b1) {
+  // Integer gap between the intervals [a0, a1] and [b0, b1] (0 if they overlap).
+  return a1 < b0 ? b0 - a1 : (b1 < a0 ? a0 - b1 : 0);
+}
+
+XCTRT_HD inline double gap_dist2(i32 gz, i32 gy, i32 gx, const double* w) {
+  const double z = gz * w[0], y = gy * w[1], x = gx * w[2];
+  return z * z + y * y + x * x;
+}
+
+// Can air with z in [z0, z1] and y in [y0, y1] pair with run r (see surface_distance.hpp)?
+XCTRT_HD inline bool air_faces(i32 z0, i32 z1, i32 y0, i32 y1, const DefectRun& r) {
+  return !((z0 > r.z && !(r.exposed & kExpPz)) || (z1 < r.z && !(r.exposed & kExpMz)) ||
+           (y0 > r.y && !(r.exposed & kExpPy)) || (y1 < r.y && !(r.exposed & kExpMy)));
+}
+
+// Squared distance bound of node n for run r; `none` where no air in it can pair with r.
+XCTRT_HD inline double node_bound2(const AirNode& n, const DefectRun& r, const double* w, double none) {
+  if (!air_faces(n.mn[0], n.mx[0], n.mn[1], n.mx[1], r)) return none;
+  return gap_dist2(run_gap(n.mn[0], n.mx[0], r.z, r.z), run_gap(n.mn[1], n.mx[1], r.y, r.y),
+                   run_gap(n.mn[2], n.mx[2], r.x0, r.x1), w);
+}
+
+// Squared distance from run r to its nearest air voxel, if below `best` (else `best`). Nearer
+// child first; a deferred child is dropped when its bound is no longer below the best.
+XCTRT_HD inline double nearest_air2(const AirNode* nodes, const AirRun* air, const double* w,
+                                    const DefectRun& r, double best) {
+  i32 stack_id[kAirMaxDepth];
+  double stack_bound[kAirMaxDepth];
+  int top = 0;
+  i32 id = 0;
+  for (;;) {
+    const AirNode& n = nodes[id];
+    bool descend = false;
+    if (n.hi - n.lo <= kAirLeaf) {
+      for (i64 i = n.lo; i < n.hi; ++i) {
+        const AirRun& s = air[i];
+        if (!air_faces(s.z, s.z, s.y, s.y, r)) continue;
+        const double d = gap_dist2(s.z > r.z ? s.z - r.z : r.z - s.z, s.y > r.y ? s.y - r.y : r.y - s.y,
+                                   run_gap(s.x0, s.x1, r.x0, r.x1), w);
+        if (d < best) best = d;
+      }
+    } else {
+      // A child that cannot pair gets the bound `best`: never below the best, now or later.
+      const i32 left = 2 * id + 1, right = left + 1;
+      const double bl = node_bound2(nodes[left], r, w, best), br = node_bound2(nodes[right], r, w, best);
+      const bool left_first = bl <= br;
+      const double b1 = left_first ? bl : br, b2 = left_first ? br : bl;
+      if (b2 < best) stack_id[top] = left_first ? right : left, stack_bound[top++] = b2;
+      if (b1 < best) id = left_first ? left : right, descend = true;
+    }
+    if (descend) continue;
+    while (top > 0 && !(stack_bound[top - 1] < best)) --top;
+    if (top == 0) return best;
+    id = stack_id[--top];
+  }
+}
+
+XCTRT_HD inline u64 double_bits(double d) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<u64>(__double_as_longlong(d));
+#else
+  u64 b;
+  __builtin_memcpy(&b, &d, sizeof b);
+  return b;
+#endif
+}
+
+XCTRT_HD inline double bits_double(u64 b) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(b));
+#else
+  double d;
+  __builtin_memcpy(&d, &b, sizeof d);
+  return d;
+#endif
+}
+
+// Defect run i of n: runs is a (6, n) int32 array (z, y, x0, x1, -, exposed bits) and comp[i]
+// its component (-1: left out). best2 holds each component's smallest squared distance so far,
+// as the bits of a non-negative double (they order as the doubles do), +inf at the start; the
+// search starts from it, so runs searched later prune more, and lowers it atomically. The GPU
+// kernel calls this per thread, _core.search_air_runs per run on the host.
+XCTRT_HD inline void search_run(i64 i, i64 n, const i32* runs, const i32* comp, const AirNode* nodes,
+                                const AirRun* air, const double* w, u64* best2) {
+  const i32 c = comp[i];
+  if (c < 0) return;
+  const DefectRun r{runs[i], runs[n + i], runs[2 * n + i], runs[3 * n + i], static_cast<u32>(c),
+                    static_cast<u8>(runs[5 * n + i] & kExpAll)};
+  u64* slot = best2 + c;
+#if defined(__CUDA_ARCH__)
+  const double start = bits_double(*reinterpret_cast<volatile u64*>(slot));
+#else
+  const double start = bits_double(__atomic_load_n(slot, __ATOMIC_RELAXED));
+#endif
+  const double d = nearest_air2(nodes, air, w, r, start);
+  if (!(d < start)) return;
+  const u64 v = double_bits(d);
+#if defined(__CUDA_ARCH__)
+  atomicMin(slot, v);
+#else
+  u64 cur = __atomic_load_n(slot, __ATOMIC_RELAXED);
+  while (v < cur && !__atomic_compare_exchange_n(slot, &cur, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+#endif
+}
+
+}  // namespace xctrt
+
+#ifdef XCTRT_AIR_SEARCH_KERNEL
+// The GPU kernel (xctrt.gpu.post.search_air_runs): one thread per defect run.
+extern "C" __global__ void xctrt_search_air_runs(const int* runs, long long n, const int* comp,
+                                                 const xctrt::AirNode* nodes, const xctrt::AirRun* air,
+                                                 double wz, double wy, double wx, unsigned long long* best2) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const double w[3] = {wz, wy, wx};
+  xctrt::search_run(i, n, runs, comp, nodes, air, w, best2);
+}
+#endif

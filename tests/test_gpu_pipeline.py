@@ -165,6 +165,10 @@ def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, ba
         assert sum(v for k, v in t["main_thread_s"].items() if k != "stage_components") <= t["total_s"]
         assert t["main_thread_s"].get("stage_components", 0) <= t["main_thread_s"]["stage"]
         assert t["gpu_compute_idle_s"] is None   # no CUDA stream here
+    # the GPU path's table says how much of it was the distance to the surface (the C++ one does not)
+    tp, tb = b.summary["timing"]["table_parts_s"], b.summary["timing"]["main_thread_s"]["table"]
+    assert set(tp) == {"surface_distance", "surface_tree"} and 0 <= tp["surface_tree"] <= tp["surface_distance"] <= tb
+    assert a.summary["timing"]["table_parts_s"] is None
 
 
 def test_compiled_anchor_compiles_a_copy_of_the_encoders(nets):

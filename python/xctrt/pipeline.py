@@ -523,6 +523,7 @@ class Segmenter:
                                          **({"stage_components": round(stage.main_components_s, 4)}
                                             if stage.main_components_s is not None else {})},
                        "gpu_compute_idle_s": stage.compute_idle_s(),
+                       "table_parts_s": stage.surface_seconds(),
                        "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
             "result": {**summarise(table, class_voxels, vs, unit, {**self.class_names}, counter.outside_air_voxels),
                        "enclosed_air_filled_voxels": filled},
@@ -545,6 +546,10 @@ class _CpuStage:
     @staticmethod
     def compute_idle_s():
         return None
+
+    @staticmethod
+    def surface_seconds():
+        return None   # the C++ labeller's search is not timed apart from the table
 
     def __init__(self, seg: Segmenter, counter: DefectCounter, timer: _Timer):
         self.seg, self.counter, self.timer = seg, counter, timer

@@ -538,6 +538,11 @@ class GpuStage:
     def stage_seconds(self) -> dict[str, float]:
         return {**self.clock.finish(), **({"capture": self.capture_s} if self.capture_s else {})}
 
+    def surface_seconds(self) -> dict[str, float]:
+        """The last table's distance-to-surface time, in all and its host kd-tree build (part of "table")."""
+        lb = self.labeller
+        return {"surface_distance": round(lb.surface_distance_s, 4), "surface_tree": round(lb.surface_tree_s, 4)}
+
     def compute_idle_s(self) -> float | None:
         """Seconds the compute stream sat idle between slabs, waiting for the host to queue the next slab
         or for its copy to the device (None on the CPU)."""

@@ -83,8 +83,9 @@ def main(out: Path) -> str:
                     lines.append(f"- {label}/{mode}, where the wall goes: compute stream idle between slabs "
                                  f"{_f(o.get('gpu_compute_idle_s'), '.2f')} s of {_f(o.get('total_s'), '.2f')} s; main "
                                  "thread " + ", ".join(f"{k} {v:.2f} s" for k, v in o["main_thread_s"].items())
-                                 + "".join(f"; of the table: {k.replace('_', ' ')} {v:.2f} s"
-                                           for k, v in (o.get("table_parts_s") or {}).items()))
+                                 + (("; of the table: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in
+                                                                   o["table_parts_s"].items()))
+                                    if o.get("table_parts_s") else ""))
         if ref.get("attention_check"):
             lines.append(f"- attention check in the bench: {ref['attention_check']}")
         if ref.get("attention_launches"):

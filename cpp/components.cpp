@@ -914,7 +914,8 @@ void search_air_runs(py::array_t<uint8_t, py::array::c_style> nodes, RunArray ai
 
 
 // defects.csv's rows, one column per kind character: 'd' int64, 'g' float64 as %.6g, 'f' float64 as
-// %.3f, 'G' %.6g or empty where not finite (no surface in view), 's' strings as they are. The same
+// %.3f, 'G' %.6g or empty where not finite (no surface in view), 's' strings by code: a pair (int64
+// codes, list of strings), each row the string its code picks (class names). The same
 // text as Python's %-format (defects.table_to_csv's reference): std::to_chars writes what printf
 // would, correctly rounded as Python's digits are; only NaN is spelt here, since it may write "-nan".
 std::string table_csv(const py::list& columns, const std::string& kinds) {
@@ -934,8 +935,19 @@ std::string table_csv(const py::list& columns, const std::string& kinds) {
                 reals[c] = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(columns[c]);
                 if (!reals[c] || reals[c].ndim() != 1) throw std::invalid_argument("table_csv: 1-D columns only");
                 len = reals[c].shape(0); break;
-      case 's': strings[c] = columns[c].cast<std::vector<std::string>>();
-                len = static_cast<py::ssize_t>(strings[c].size()); break;
+      case 's': {
+        const auto pair = columns[c].cast<py::tuple>();
+        if (pair.size() != 2) throw std::invalid_argument("table_csv: a string column is (codes, strings)");
+        ints[c] = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(pair[0]);
+        if (!ints[c] || ints[c].ndim() != 1) throw std::invalid_argument("table_csv: 1-D columns only");
+        strings[c] = pair[1].cast<std::vector<std::string>>();
+        len = ints[c].shape(0);
+        const int64_t* code = ints[c].data();
+        for (py::ssize_t i = 0; i < len; ++i)
+          if (code[i] < 0 || code[i] >= static_cast<int64_t>(strings[c].size()))
+            throw std::invalid_argument("table_csv: a string code out of range");
+        break;
+      }
       default: throw std::invalid_argument(std::string("table_csv: unknown column kind '") + kinds[c] + "'");
     }
     if (n >= 0 && len != n) throw std::invalid_argument("table_csv needs columns of one length");
@@ -944,28 +956,42 @@ std::string table_csv(const py::list& columns, const std::string& kinds) {
   std::string out;
   {
     py::gil_scoped_release release;
-    out.reserve(static_cast<size_t>(std::max<py::ssize_t>(n, 0)) * k * 10);
-    char buf[512];   // %.3f of the largest double: 309 digits, sign and 4 more
-    // std::to_chars with a format and precision writes what printf would, several times faster
-    auto real = [&](double v, std::chars_format fmt, int precision) {
-      if (std::isnan(v)) { out += "nan"; return; }
-      const auto r = std::to_chars(buf, buf + sizeof buf, v, fmt, precision);
-      out.append(buf, static_cast<size_t>(r.ptr - buf));
-    };
-    for (py::ssize_t i = 0; i < n; ++i) {
-      for (size_t c = 0; c < k; ++c) {
-        if (c) out += ',';
-        switch (kinds[c]) {
-          case 'd': { const auto r = std::to_chars(buf, buf + sizeof buf, ints[c].data()[i]);
-                      out.append(buf, static_cast<size_t>(r.ptr - buf)); break; }
-          case 'g': real(reals[c].data()[i], std::chars_format::general, 6); break;
-          case 'f': real(reals[c].data()[i], std::chars_format::fixed, 3); break;
-          case 'G': if (std::isfinite(reals[c].data()[i])) real(reals[c].data()[i], std::chars_format::general, 6); break;
-          default: out += strings[c][static_cast<size_t>(i)];
+    // Blocks of rows formatted on all cores, each into its own string, joined in order.
+    constexpr py::ssize_t kRows = 2048;
+    const py::ssize_t n_blocks = (std::max<py::ssize_t>(n, 0) + kRows - 1) / kRows;
+    std::vector<std::string> blocks(static_cast<size_t>(n_blocks));
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for schedule(dynamic, 1) if (n_blocks > 1)
+#endif
+    for (py::ssize_t b = 0; b < n_blocks; ++b) {
+      std::string& text = blocks[static_cast<size_t>(b)];
+      text.reserve(static_cast<size_t>(kRows) * k * 10);
+      char buf[512];   // %.3f of the largest double: 309 digits, sign and 4 more
+      // std::to_chars with a format and precision writes what printf would, several times faster
+      auto real = [&](double v, std::chars_format fmt, int precision) {
+        if (std::isnan(v)) { text += "nan"; return; }
+        const auto r = std::to_chars(buf, buf + sizeof buf, v, fmt, precision);
+        text.append(buf, static_cast<size_t>(r.ptr - buf));
+      };
+      for (py::ssize_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i) {
+        for (size_t c = 0; c < k; ++c) {
+          if (c) text += ',';
+          switch (kinds[c]) {
+            case 'd': { const auto r = std::to_chars(buf, buf + sizeof buf, ints[c].data()[i]);
+                        text.append(buf, static_cast<size_t>(r.ptr - buf)); break; }
+            case 'g': real(reals[c].data()[i], std::chars_format::general, 6); break;
+            case 'f': real(reals[c].data()[i], std::chars_format::fixed, 3); break;
+            case 'G': if (std::isfinite(reals[c].data()[i])) real(reals[c].data()[i], std::chars_format::general, 6); break;
+            default: text += strings[c][static_cast<size_t>(ints[c].data()[i])];
+          }
         }
+        text += '\n';
       }
-      out += '\n';
     }
+    size_t total = 0;
+    for (const std::string& t : blocks) total += t.size();
+    out.reserve(total);
+    for (const std::string& t : blocks) out += t;
   }
   return out;
 }
@@ -1022,7 +1048,7 @@ void bind_components(py::module_& m) {
         "per id.");
   m.def("table_csv", &table_csv, py::arg("columns"), py::arg("kinds"),
         "defects.csv rows (no header) from the table's columns; kinds: one of d (int64), g (%.6g),\n"
-        "f (%.3f), G (%.6g, empty where not finite), s (strings) per column.");
+        "f (%.3f), G (%.6g, empty where not finite), s (strings: a pair of int64 codes and the strings they pick) per column.");
   m.def("crofton_directions", [] {
         py::array_t<int32_t> d({kDirs, 3});
         for (int k = 0; k < kDirs; ++k)

@@ -652,7 +652,7 @@ def test_table_csv_matches_a_cell_by_cell_reference():
     from conftest import load_benchmark
     from xctrt.defects import csv_columns, table_to_csv
     bench = load_benchmark("table_csv")
-    t = bench.random_table(500)
+    t = bench.random_table(5000)    # several blocks of rows, formatted on all cores
     for unit in ("mm", "vox"):
         assert table_to_csv(t, unit) == bench.reference_csv(t, unit)
     empty = {k: v[:0] for k, v in t.items()}
@@ -663,3 +663,8 @@ def test_table_csv_matches_a_cell_by_cell_reference():
         _core.table_csv([np.zeros(2)], "x")
     with pytest.raises(ValueError, match="one kind per column"):
         _core.table_csv([np.zeros(2)], "gg")
+    assert _core.table_csv([(np.array([1, 0, 1]), ["pore", "inclusion"]), np.arange(3)], "sd") == \
+        "inclusion,0\npore,1\ninclusion,2\n"
+    for codes in ([0, 2], [-1, 0]):
+        with pytest.raises(ValueError, match="code out of range"):
+            _core.table_csv([(np.array(codes), ["a", "b"])], "s")

@@ -83,7 +83,8 @@ _CSV_KIND = {"volume": "g", "equivalent_diameter": "g", "surface_area": "g", "sp
 def table_to_csv(table: dict[str, np.ndarray], unit: str) -> str:
     cols = csv_columns(unit)
     # class names and numbers: no commas or quotes, so no CSV quoting is ever needed
-    names = [DEFECT_CLASSES.get(int(c), str(int(c))) for c in np.asarray(table["class"]).tolist()]
+    classes, codes = np.unique(np.asarray(table["class"]), return_inverse=True)
+    names = (codes.reshape(-1), [DEFECT_CLASSES.get(int(c), str(int(c))) for c in classes])
     kinds = "".join(_CSV_KIND.get(k, "d") for k, _ in cols)
     columns = [names if k == "class_name" else np.asarray(table[k]) for k, _ in cols]
     # formatted in C++: 9x faster than cell by cell in Python (benchmarks/table_csv.py, 200k rows)

@@ -57,8 +57,8 @@ _att = _load_attention()
 attention_reference, attention_sdpa, attention_triton = (
     _att.attention_reference, _att.attention_sdpa, _att.attention_triton)
 empty_output = _att.empty_output
-default_config, relative_offset_terms, triton_available = (
-    _att.default_config, _att.relative_offset_terms, _att.triton_available)
+default_config, relative_offset_terms, triton_available, split_qkv = (
+    _att.default_config, _att.relative_offset_terms, _att.triton_available, _att.split_qkv)
 
 # name -> (B, heads, (H, W), D, how many of the B the float32 reference checks)
 FULL_SHAPES = {
@@ -96,7 +96,8 @@ TINY_SWEEP = {
 
 
 def make_inputs(b, nh, hw, d, dtype, device, seed):
-    """Fresh random q, k, v (views of one projection) and the offset terms from random rel_pos tables."""
+    """Fresh random q, k, v (views of one projection), the offset terms from random rel_pos tables, and
+    the projection and tables themselves."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, w = hw
     n = h * w
@@ -105,7 +106,7 @@ def make_inputs(b, nh, hw, d, dtype, device, seed):
     rel_pos_h = (0.2 * torch.randn(2 * h - 1, d, generator=g)).to(device)
     rel_pos_w = (0.2 * torch.randn(2 * w - 1, d, generator=g)).to(device)
     off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)   # float32, as the encoder makes them
-    return q, k, v, off_h, off_w
+    return q, k, v, off_h, off_w, (qkv, rel_pos_h, rel_pos_w)
 
 
 def sync(device):
@@ -160,7 +161,7 @@ def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
     res = {"B": b, "heads": nh, "hw": list(hw), "N": n, "D": d, "flops": flops, "checked_batches": n_check,
            "variants": []}
     try:
-        q, k, v, rel_h, rel_w = make_inputs(b, nh, hw, d, dtype, device, seed)
+        q, k, v, rel_h, rel_w, (qkv, rel_pos_h, rel_pos_w) = make_inputs(b, nh, hw, d, dtype, device, seed)
         scale = d ** -0.5
         sl = slice(0, n_check)
         ref = attention_reference(q[sl], k[sl], v[sl], rel_h[sl], rel_w[sl], hw, scale)  # float32 maths
@@ -194,6 +195,14 @@ def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
             out_buf.fill_(float("nan"))
             row = variant("triton-tuned", lambda: attention_triton(q, k, v, rel_h, rel_w, hw, scale, out=out_buf))
             row["config"] = "; ".join(f"{c}" for c in _att.tuned_choices().values())[-120:]
+        # the encoder's two ways from the projection (choose_qkv_layout picks the faster per shape): q, k,
+        # v read in place, or copied heads-major first; offset terms and kernel (tuned on CUDA) included
+        for layout in _att.QKV_LAYOUTS:
+            def from_projection(lay=layout):
+                qq, kk, vv = split_qkv(qkv, lay)
+                oh, ow = relative_offset_terms(qq, rel_pos_h, rel_pos_w, hw)
+                return attention_triton(qq, kk, vv, oh, ow, hw, scale)
+            variant(f"qkv {layout.replace('_', '-')}", from_projection)
         for cfg in sweep:
             if cfg == base:
                 continue
@@ -226,12 +235,12 @@ def fmt(x, spec):
 
 def print_table(report):
     print()
-    print(f"{'shape':9} {'variant':13} {'config':20} {'ms':>9} {'TFLOP/s':>8} {'rel_err':>9}  check")
+    print(f"{'shape':9} {'variant':16} {'config':20} {'ms':>9} {'TFLOP/s':>8} {'rel_err':>9}  check")
     for name, res in report["shapes"].items():
         if "error" in res:
             print(f"{name:9} ERROR {res['error']}")
         for r in res["variants"]:
-            print(f"{name:9} {r['variant']:13} {r.get('config', ''):20} {fmt(r.get('ms'), '9.3f')} "
+            print(f"{name:9} {r['variant']:16} {r.get('config', ''):20} {fmt(r.get('ms'), '9.3f')} "
                   f"{fmt(r.get('tflops'), '8.4g')} {fmt(r.get('rel_err'), '9.2e')}  {r.get('check', '')}"
                   + (f"  {r['error']}" if r.get("error") else ""))
         if "best_triton" in res:

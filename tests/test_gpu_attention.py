@@ -20,13 +20,17 @@ from conftest import (
 INTERPRETER = use_triton_interpreter()   # before the kernels' module imports triton
 
 from xctrt.gpu.attention import (
+    QKV_LAYOUTS,
     attention,
     attention_reference,
     attention_sdpa,
     attention_triton,
+    choose_qkv_layout,
+    qkv_layout_choices,
     rel_pos_attention,
     relative_bias_terms,
     relative_offset_terms,
+    split_qkv,
     triton_available,
 )
 
@@ -222,9 +226,60 @@ def test_triton_strided_inputs():
     out = attention_triton(q, k, v, off_h, off_w, hw, block_m=16, block_n=16)
     assert out.transpose(1, 2).is_contiguous()   # (B, N, NH, D) underneath: the projection's input as is
     assert_close(out, ref)
+    # the same values copied heads-major (split_qkv): batch stride below the head stride
+    qh, kh, vh = split_qkv(torch.stack([q, k, v]).permute(1, 3, 0, 2, 4), "heads_major")
+    assert qh.stride() == (n * d, bsz * n * d, d, 1)
+    assert torch.equal(attention_triton(qh, kh, vh, off_h, off_w, hw, block_m=16, block_n=16), out)
     vt = torch.randn(bsz, nh, d, n, generator=g).transpose(2, 3)   # D stride != 1
     assert_close(attention_triton(q, k, vt, off_h.contiguous(), off_w, hw, block_m=16, block_n=16),
                  attention_reference(q, k, vt, off_h, off_w, hw))
+
+
+def test_split_qkv_layouts_hold_the_same_values():
+    """in_place: views of the projection; heads_major: one copy, each head's q one (B*N, D) matrix."""
+    g = torch.Generator().manual_seed(5)
+    bsz, n, nh, d = 2, 12, 3, 8
+    proj = torch.randn(bsz, n, 3, nh, d, generator=g)
+    a, b = split_qkv(proj, "in_place"), split_qkv(proj, "heads_major")
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.shape == y.shape == (bsz, nh, n, d) and torch.equal(x, y)
+        assert x.data_ptr() == proj[:, :, i].data_ptr()             # a view, no copy
+        assert y.transpose(0, 1).is_contiguous()                    # (NH, B, N, D) underneath
+    with pytest.raises(ValueError, match="unknown qkv layout"):
+        split_qkv(proj, "tokens_major")
+    # the offset terms from either layout are the same numbers (CPU: the same float32 products)
+    tab_h, tab_w = torch.randn(5, d, generator=g), torch.randn(7, d, generator=g)
+    for x, y in zip(relative_offset_terms(a[0], tab_h, tab_w, (3, 4)), relative_offset_terms(b[0], tab_h, tab_w, (3, 4))):
+        assert torch.equal(x, y)
+
+
+def test_choose_qkv_layout_times_each_once_and_remembers(monkeypatch):
+    from xctrt.gpu import attention as A
+
+    monkeypatch.setattr(A, "_LAYOUT", {})
+    calls = []
+    cost = {"in_place": 2.0, "heads_major": 1.5}
+    current = {}
+
+    def run(layout):
+        calls.append(layout)
+        current["layout"] = layout
+
+    def timer(fn):
+        fn()
+        return cost[current["layout"]]
+
+    assert choose_qkv_layout("k1", run, timer, repeats=3) == "heads_major"
+    # one untimed first call and three timed ones per layout
+    assert calls == ["in_place"] * 4 + ["heads_major"] * 4
+    assert choose_qkv_layout("k1", run, timer) == "heads_major" and len(calls) == 8   # remembered
+    cost.update(in_place=1.0)
+    assert choose_qkv_layout("k2", run, timer, repeats=3) == "in_place"
+    assert qkv_layout_choices() == {"k1": {"chosen": "heads_major", "ms": {"in_place": 2.0, "heads_major": 1.5}},
+                                    "k2": {"chosen": "in_place", "ms": {"in_place": 1.0, "heads_major": 1.5}}}
+    assert set(QKV_LAYOUTS) == {"in_place", "heads_major"}
+    if not torch.cuda.is_available():   # nothing to time with: views, and nothing remembered
+        assert choose_qkv_layout("k3", run) == "in_place" and "k3" not in A._LAYOUT and len(calls) == 16
 
 
 def _sam_attention_case(impl):

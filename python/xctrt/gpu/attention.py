@@ -50,11 +50,14 @@ __all__ = [
     "attention_reference",
     "attention_sdpa",
     "attention_triton",
+    "choose_qkv_layout",
     "default_config",
     "empty_output",
     "rel_pos_attention",
     "relative_bias_terms",
     "relative_offset_terms",
+    "qkv_layout_choices",
+    "split_qkv",
     "triton_available",
     "tuned_choices",
 ]
@@ -440,6 +443,63 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out
+
+
+# ------------------------------------------------------------------------------ where q, k, v live
+
+QKV_LAYOUTS = ("in_place", "heads_major")
+
+
+def split_qkv(proj: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, NH, N, D) from the qkv projection (B, N, 3, NH, D).
+
+    in_place     views of the projection: no copy; a key tile's rows lie 3*NH*D apart
+    heads_major  one copy into (3, NH, B, N, D): a key tile is one contiguous block, and the offset
+                 terms' product reads each head's q as one matrix
+    The values are the same either way; which is faster is measured (choose_qkv_layout)."""
+    if layout == "in_place":
+        return proj.permute(2, 0, 3, 1, 4).unbind(0)
+    if layout == "heads_major":
+        return proj.permute(2, 3, 0, 1, 4).contiguous().transpose(1, 2).unbind(0)
+    raise ValueError(f"unknown qkv layout {layout!r} (one of {QKV_LAYOUTS})")
+
+
+_LAYOUT = {}   # key -> {"chosen": layout, "ms": {layout: median ms}}
+
+
+def choose_qkv_layout(key, run, timer=None, repeats: int = 5) -> str:
+    """The faster of QKV_LAYOUTS for `run(layout)` (the whole attention from the projection), timed on
+    the first call per key and remembered; "in_place" wherever nothing can be timed (CPU, a CUDA graph
+    being captured, torch.compile tracing). timer(fn) -> milliseconds of one call (CUDA events when None)."""
+    if torch.compiler.is_compiling():   # torch.compile lays out its own graph
+        return "in_place"
+    if key in _LAYOUT:
+        return _LAYOUT[key]["chosen"]
+    if timer is None:
+        if not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+            return "in_place"
+        timer = _cuda_ms
+    ms = {}
+    for layout in QKV_LAYOUTS:
+        run(layout)   # first call: the kernel's launch tuning, allocations
+        ms[layout] = sorted(timer(lambda lay=layout: run(lay)) for _ in range(repeats))[repeats // 2]
+    _LAYOUT[key] = {"chosen": min(QKV_LAYOUTS, key=lambda lay: ms[lay]), "ms": ms}
+    return _LAYOUT[key]["chosen"]
+
+
+def _cuda_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def qkv_layout_choices() -> dict:
+    """What choose_qkv_layout chose per key, with the median ms of each layout."""
+    return {str(k): {"chosen": v["chosen"], "ms": {lay: round(t, 4) for lay, t in v["ms"].items()}}
+            for k, v in _LAYOUT.items()}
 
 
 # -------------------------------------------------------------------------------------------- dispatch

@@ -387,8 +387,9 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
             comp_net = eng = seg = None
         net = naive = xb = None
         if chosen == "triton":   # the attention launches the first calls chose (tuned per shape on CUDA)
-            from .attention import tuned_choices
+            from .attention import qkv_layout_choices, tuned_choices
             res["attention_launches"] = tuned_choices()
+            res["attention_qkv_layouts"] = qkv_layout_choices()
         if cuda:   # give both pools back, so the next mode's memory figures are its own
             gc.collect()   # a finished GPU stage and its counter hold each other (and the model and its graphs)
             torch.cuda.empty_cache()

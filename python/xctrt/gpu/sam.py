@@ -391,7 +391,7 @@ def _make_fast_decoder_attention() -> type:
 def _make_fast_attention() -> type:
     from segment_anything.modeling.image_encoder import Attention
 
-    from .attention import rel_pos_attention
+    from .attention import choose_qkv_layout, rel_pos_attention, split_qkv
 
     class FastAttention(Attention):
         """segment-anything's Attention, computed by one fused kernel (no N×N matrix in memory)."""
@@ -399,15 +399,24 @@ def _make_fast_attention() -> type:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, h, w, _ = x.shape
-            # q, k, v as (B, NH, N, D) views of the projection: no copy into a heads-major layout
-            q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            if self.use_rel_pos:   # the bias terms are made in float32 inside: bf16 would round a bias
-                # of ~10 to ±0.03 before the softmax
-                o = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, h, w, self.scale, self.attention_impl)
+            proj = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1)
+            if not self.use_rel_pos:
+                o = F.scaled_dot_product_attention(*split_qkv(proj, "in_place"), scale=self.scale)
             else:
-                o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+                # q, k, v as views of the projection, or copied heads-major first: whichever the first
+                # call per shape timed faster (on CUDA; views elsewhere)
+                key = (tuple(proj.shape), proj.dtype, str(proj.device), self.attention_impl)
+                layout = choose_qkv_layout(key, lambda lay: self._attend(proj, lay, h, w)) if proj.is_cuda \
+                    else "in_place"
+                o = self._attend(proj, layout, h, w)
             # o laid out as (B, N, NH, D) by the operator: a view here, not a copy
             return self.proj(o.transpose(1, 2).reshape(b, h, w, -1))
+
+        def _attend(self, proj: torch.Tensor, layout: str, h: int, w: int) -> torch.Tensor:
+            # the bias terms are made in float32 inside: bf16 would round a bias of ~10 to ±0.03 before
+            # the softmax
+            q, k, v = split_qkv(proj, layout)
+            return rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, h, w, self.scale, self.attention_impl)
 
     FastAttention.__module__ = __name__
     return FastAttention

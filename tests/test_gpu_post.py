@@ -416,6 +416,18 @@ def test_per_run_search_gives_the_labellers_distances_bit_for_bit(seed):
     assert ref.tobytes() == want.tobytes()
 
 
+def test_surface_distance_benchmark_runs_and_agrees(tmp_path):
+    """benchmarks/surface_distance.py on a small phantom: both searches, same bits, JSON written."""
+    import json
+
+    from conftest import load_benchmark
+    bench = load_benchmark("surface_distance")
+    out = tmp_path / "sd.json"
+    assert bench.main(["--planes", "6", "--size", "160", "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["same_bits"] is True and r["components"] > 0 and r["defect_runs"] > r["components"] and r["air_runs"] > 0
+
+
 def test_search_air_runs_refuses_what_would_send_it_out_of_bounds():
     air = np.array([[0, y, 0, 3] for y in range(40)], np.int32)
     nodes, tree_air = _core.air_tree(air)

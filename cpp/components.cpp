@@ -608,6 +608,10 @@ class PyLabeller {
     bool* pedge = edge.mutable_data();
     const std::array<double, kDirs> per_crossing = crofton_factors({dz, dy, dx});
     const double cbrt_pi = std::cbrt(kPi);
+    py::gil_scoped_release release;   // rows on their own: all cores for the random network's ~500k
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for schedule(static) if (n > 16384)
+#endif
     for (py::ssize_t i = 0; i < n; ++i) {
       const Stat& s = st[i];
       const double v = static_cast<double>(s.voxels);
@@ -630,6 +634,7 @@ class PyLabeller {
       pedge[i] = s.edge;
       psurf[i] = dist[i];
     }
+    py::gil_scoped_acquire acquire;
     py::dict t;
     t["id"] = id, t["class"] = cls, t["voxels"] = voxels, t["volume"] = volume;
     t["equivalent_diameter"] = eqd;
@@ -744,14 +749,26 @@ py::dict component_table(
     throw std::invalid_argument("crossings must be an (n, 13) array, one row per component");
   const int64_t* cr = crossings.data();
   std::vector<Stat> st(static_cast<size_t>(n));
-  for (py::ssize_t i = 0; i < n; ++i) {
-    Stat& s = st[i];
-    s.voxels = voxels.at(i), s.sz = sz.at(i), s.sy = sy.at(i), s.sx = sx.at(i);
-    std::copy(cr + i * kDirs, cr + (i + 1) * kDirs, s.cross.begin());
-    s.gsum = gsum.at(i), s.gmin = gmin.at(i), s.gmax = gmax.at(i);
-    s.z0 = z0.at(i), s.y0 = y0.at(i), s.x0 = x0.at(i);
-    s.z1 = z1.at(i), s.y1 = y1.at(i), s.x1 = x1.at(i);
-    s.cls = cls.at(i), s.edge = edge.at(i);
+  const auto *pv = voxels.data(), *psz = sz.data(), *psy = sy.data(), *psx = sx.data();
+  const auto *pgs = gsum.data(), *pgmin = gmin.data(), *pgmax = gmax.data();
+  const auto *pz0 = z0.data(), *py0 = y0.data(), *px0 = x0.data(), *pz1 = z1.data(), *py1 = y1.data(),
+             *px1 = x1.data();
+  const auto* pcls = cls.data();
+  const auto* pedge = edge.data();
+  {
+    py::gil_scoped_release release;
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for schedule(static) if (n > 16384)
+#endif
+    for (py::ssize_t i = 0; i < n; ++i) {
+      Stat& s = st[i];
+      s.voxels = pv[i], s.sz = psz[i], s.sy = psy[i], s.sx = psx[i];
+      std::copy(cr + i * kDirs, cr + (i + 1) * kDirs, s.cross.begin());
+      s.gsum = pgs[i], s.gmin = pgmin[i], s.gmax = pgmax[i];
+      s.z0 = pz0[i], s.y0 = py0[i], s.x0 = px0[i];
+      s.z1 = pz1[i], s.y1 = py1[i], s.x1 = px1[i];
+      s.cls = pcls[i], s.edge = pedge[i];
+    }
   }
   const double* d = surface_distance.data();
   return PyLabeller::make_table(st, std::vector<double>(d, d + n), voxel_size[0], voxel_size[1],

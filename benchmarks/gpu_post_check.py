@@ -405,7 +405,7 @@ def full_run(xp, shape, slab, repeats, checks: Checks, seed: int):
         sync()
         t["finish"] = time.perf_counter() - t0
         t["finish_surface_distance"] = lb.surface_distance_s  # part of finish
-        t["finish_surface_tree"] = lb.surface_tree_s          # part of that: the host builds the kd-tree
+        t["finish_surface_tree"] = lb.surface_tree_s          # part of that: outside air, host kd-tree
         t["total"] = t["aggregate"] + t["components"] + t["finish"]
         if compare:
             return t, table, ref.finish(0), label_bad, defect_voxels

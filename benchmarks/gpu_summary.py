@@ -108,8 +108,8 @@ def main(out: Path) -> str:
         lines.append(f"post-processing ({post.get('info', {}).get('device', '?')}): checks {post.get('passed')} passed, "
                      f"{post.get('failed')} failed; full size {post.get('shape')}: aggregate {_f(med.get('aggregate'), '.3f')} s"
                      f" + components {_f(med.get('components'), '.3f')} s + table {_f(med.get('finish'), '.3f')} s"
-                     f" (of which surface distance {_f(med.get('finish_surface_distance'), '.3f')} s, its host"
-                     f" kd-tree {_f(med.get('finish_surface_tree'), '.3f')} s) = "
+                     f" (of which surface distance {_f(med.get('finish_surface_distance'), '.3f')} s, before its"
+                     f" search (outside air, host kd-tree) {_f(med.get('finish_surface_tree'), '.3f')} s) = "
                      f"{_f(med.get('total'), '.3f')} s; components {full.get('components')} (C++ {full.get('components_cpp')}),"
                      f" defect fraction {_f(full.get('defect_fraction'), '.4f')}, pool peak "
                      f"{_f((full.get('gpu_peak_pool_bytes') or 0) / 2 ** 30, '.2f')} GiB")

@@ -857,13 +857,13 @@ py::array_t<double> distance_to_surface(
 py::tuple air_tree(RunArray air, std::array<double, 3> voxel_size) {
   check_voxel_size(voxel_size);
   std::vector<AirRun> s = checked_air(air);
-  std::vector<AirNode> nodes;
-  std::vector<AirRun> runs;
+  std::optional<AirTree> built;
   {
     py::gil_scoped_release release;
-    AirTree tree(std::move(s), voxel_size);
-    nodes = tree.nodes(), runs = tree.runs();
+    built.emplace(std::move(s), voxel_size);
   }
+  const std::vector<AirNode>& nodes = built->nodes();
+  const std::vector<AirRun>& runs = built->runs();
   py::array_t<uint8_t> n_out({static_cast<py::ssize_t>(nodes.size()), static_cast<py::ssize_t>(sizeof(AirNode))});
   py::array_t<int32_t> r_out({static_cast<py::ssize_t>(runs.size()), py::ssize_t{4}});
   if (!nodes.empty()) std::memcpy(n_out.mutable_data(), nodes.data(), nodes.size() * sizeof(AirNode));

@@ -69,7 +69,6 @@ class AirTree {
   // air runs in the order the nodes' ranges refer to.
   const std::vector<AirNode>& nodes() const { return nodes_; }
   const std::vector<AirRun>& runs() const { return s_; }
-  const std::array<double, 3>& voxel_size() const { return w_; }
 
  private:
   static constexpr int64_t kLeaf = kAirLeaf;

@@ -539,7 +539,8 @@ class GpuStage:
         return {**self.clock.finish(), **({"capture": self.capture_s} if self.capture_s else {})}
 
     def surface_seconds(self) -> dict[str, float]:
-        """The last table's distance-to-surface time, in all and its host kd-tree build (part of "table")."""
+        """The last table's distance-to-surface time (part of "table"), in all and before its search on
+        the device (outside air to the host, kd-tree built there and sent back)."""
         lb = self.labeller
         return {"surface_distance": round(lb.surface_distance_s, 4), "surface_tree": round(lb.surface_tree_s, 4)}
 

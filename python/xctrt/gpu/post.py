@@ -414,7 +414,7 @@ class ComponentLabeller:
         self._air_n = 0
         self._air_last = None
         self.surface_distance_s = 0.0  # time of the last finish()'s surface distances, in all
-        self.surface_tree_s = 0.0  # the part of it until the tree is on the device (host build)
+        self.surface_tree_s = 0.0  # the part before the search: outside air to the host, kd-tree built and sent back
         self.outside_air_voxels = None  # air voxels outside the part, after finish()
         self._outside_runs = None  # their (m, 4) host x-runs, kept by finish() for outside_air_runs()
 
@@ -665,6 +665,7 @@ class ComponentLabeller:
         air = self._outside_runs = np.ascontiguousarray(to_host(self._outside_air().T), dtype=np.int32)
         self.outside_air_voxels = int((air[:, 3].astype(np.int64) - air[:, 2] + 1).sum())
         if not len(air) or not self._runs:
+            self.surface_tree_s = time.perf_counter() - t0
             return np.full(n_kept, np.nan)
         nodes, tree_air = _core.air_tree(air, self.voxel_size)
         nodes, tree_air = xp.asarray(nodes), xp.asarray(tree_air)

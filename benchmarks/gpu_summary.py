@@ -48,8 +48,52 @@ def bench_rows(res: dict, label: str) -> list[str]:
     return rows
 
 
+# Issue 5's targets: (what, at least / at most, the unit)
+TARGETS = {"paper": 100.0, "shared": 250.0, "vs_compiled": 1.7, "encoder_percent": 38.0, "post_s": 1.0,
+           "memory_gib": 16.0}
+
+
+def targets(out: Path) -> list[str]:
+    """Issue 5's targets against this call's numbers, one table row each; "–" where a step is missing."""
+    bench, comp, post = _load(out, "bench.json"), _load(out, "bench_compiled.json"), _load(out, "gpu_post.json")
+
+    def ours(res, mode):
+        return ((res or {}).get("modes", {}).get(mode) or {}).get("ours") or {}
+
+    def verdict(v, limit, most=False):
+        if not isinstance(v, (int, float)):
+            return "not measured"
+        return "met" if (v <= limit if most else v >= limit) else "not met"
+
+    rows = ["| target | this call | |", "|---|---|---|"]
+    for mode in ("paper", "shared"):
+        v = ours(bench, mode).get("slices_per_s")
+        rows.append(f"| {mode} ≥ {TARGETS[mode]:.0f} slices/s (bench step) | {_f(v)} | {verdict(v, TARGETS[mode])} |")
+    x_comp = next((xc for mode, run, _, _, xc in comparisons(comp) if mode == "paper" and run == "ours"), None) \
+        if comp else None
+    mode_name = (comp or {}).get("compile_mode") or "?"
+    rows.append(f"| ≥ {TARGETS['vs_compiled']}× the torch.compile anchor, same run (compiled step, mode {mode_name}) "
+                f"| {_f(x_comp, '.2f')}× | {verdict(x_comp, TARGETS['vs_compiled'])} |")
+    pct = [ours(bench, m).get("encoder_percent_of_peak") for m in ("paper", "shared")]
+    pct = max((p for p in pct if isinstance(p, (int, float))), default=None)
+    rows.append(f"| encoder ≥ {TARGETS['encoder_percent']:.0f} % of bf16 peak (measured matmul rate) | {_f(pct, '.0f')} % | "
+                f"{verdict(pct, TARGETS['encoder_percent'])} |")
+    total = ((post or {}).get("full") or {}).get("median_s", {}).get("total")
+    failed = (post or {}).get("failed")
+    ok = verdict(total, TARGETS["post_s"], most=True)
+    if ok == "met" and failed != 0:
+        ok = f"not met: {failed} checks failed"
+    rows.append(f"| post-processing ≤ {TARGETS['post_s']:.0f} s, identical to C++ | {_f(total, '.3f')} s, "
+                f"{_f(failed, 'd')} failed checks | {ok} |")
+    mem = [ours(res, m).get("gpu_memory_used_max_gib") for res in (bench, comp) for m in ("paper", "shared")]
+    mem = max((v for v in mem if isinstance(v, (int, float))), default=None)
+    rows.append(f"| GPU memory in use ≤ {TARGETS['memory_gib']:.0f} GiB | {_f(mem)} GiB | "
+                f"{verdict(mem, TARGETS['memory_gib'], most=True)} |")
+    return rows
+
+
 def main(out: Path) -> str:
-    lines = [f"# GPU throughput, {out}", ""]
+    lines = [f"# GPU throughput, {out}", "", *targets(out), ""]
     bench, comp = _load(out, "bench.json"), _load(out, "bench_compiled.json")
     ours_comp = _load(out, "bench_ours_compiled.json")
     ref = bench or comp or ours_comp

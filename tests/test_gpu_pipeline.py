@@ -659,6 +659,20 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
 def test_gpu_summary_without_results(tmp_path):
     md = load_benchmark("gpu_summary").main(tmp_path)
     assert all(f"{step}: no results" in md for step in ("bench", "post-processing", "attention", "parts"))
+    assert md.count("| not measured |") == 6   # every target row, none judged without its number
+
+
+def test_gpu_summary_targets_from_a_recorded_call():
+    """The issue's targets judged from the 2026-11-27 H200 call kept in benchmarks/results."""
+    from pathlib import Path
+    out = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_throughput_h200_2026-11-27"
+    rows = load_benchmark("gpu_summary").targets(out)
+    assert "| paper ≥ 100 slices/s (bench step) | 45.9 | not met |" in rows
+    assert "| shared ≥ 250 slices/s (bench step) | 64.4 | not met |" in rows
+    assert any("mode default) | 3.87× | met |" in r for r in rows)
+    assert any(r.startswith("| encoder ≥ 38 %") and r.endswith("| 45 % | met |") for r in rows)
+    assert any(r.startswith("| post-processing ≤ 1 s") and "1.635 s, 0 failed checks | not met |" in r for r in rows)
+    assert any(r.startswith("| GPU memory in use ≤ 16 GiB") and r.endswith("| met |") for r in rows)
 
 
 def test_gpu_parts_check_dry_run(tmp_path):

@@ -120,7 +120,8 @@ def main(out: Path) -> str:
                              + (f"; the anchor's torch.compile({res.get('compile_mode')}) took "
                                 f"{_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else "")
                              + "".join(f"; {why.replace('_', ' ')}: {o[why]}" for why in
-                                       ("cuda_graphs_not_used_because", "fused_kernels_not_used_because") if o.get(why))
+                                       ("cuda_graphs_not_used_because", "fused_kernels_not_used_because",
+                                        "gpu_surface_search_not_used_because") if o.get(why))
                              + (f"; left out of the fast forward: {r['fast_parts_dropped']}"
                                 if r.get("fast_parts_dropped") else ""))
                 if o.get("main_thread_s"):
@@ -156,7 +157,9 @@ def main(out: Path) -> str:
                      f" search (outside air, host kd-tree) {_f(med.get('finish_surface_tree'), '.3f')} s) = "
                      f"{_f(med.get('total'), '.3f')} s; components {full.get('components')} (C++ {full.get('components_cpp')}),"
                      f" defect fraction {_f(full.get('defect_fraction'), '.4f')}, pool peak "
-                     f"{_f((full.get('gpu_peak_pool_bytes') or 0) / 2 ** 30, '.2f')} GiB")
+                     f"{_f((full.get('gpu_peak_pool_bytes') or 0) / 2 ** 30, '.2f')} GiB"
+                     + (f"; surface distances searched on the host because: {full['surface_search_on_host_because']}"
+                        if full.get("surface_search_on_host_because") else ""))
         fused = post.get("fused", {}).get("ms_per_slice", {})
         if fused:
             lines.append("GPU stage kernels, ms per 1200x1200 slice (32 slices): "

@@ -204,6 +204,7 @@ cupyx.scipy.ndimage.label = _label
 # RawModule: the kernels xctrt compiles with NVRTC, each run here by its host twin in xctrt._core,
 # built from the same C++ source (test_gpu_post.py compiles that source for the GPU with nvcc).
 launches = {}   # kernel name -> launches so far; tests reset it
+refuse_kernels = False   # True: RawModule refuses to build, as NVRTC does on a toolchain that cannot
 
 
 def _search_air_runs(grid, block, args):
@@ -227,6 +228,8 @@ class RawModule:
         self.code, self.options = code, tuple(options)
 
     def get_function(self, name: str):
+        if refuse_kernels:
+            raise RuntimeError(f"NVRTC_ERROR_COMPILATION: {name} (refused by the stand-in)")
         if f" {name}(" not in self.code or name not in _TWINS:
             raise KeyError(f"no kernel {name} in this module")
 

@@ -537,6 +537,32 @@ def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
     assert_same(on_device(fc, post.label_volume, lab, (2, 3), conn), _core.label_volume(lab, [2, 3], conn))
 
 
+def test_surface_search_falls_back_to_the_host_when_nvrtc_refuses(monkeypatch):
+    """A toolchain that cannot build the kernel: the host twin searches instead (same table), once
+    tried, and air_search_error() says why, for the run's summary."""
+    import fake_cupy
+    fc = fake_cupy.install(monkeypatch)
+    monkeypatch.setattr(fake_cupy, "refuse_kernels", True)
+    monkeypatch.setattr(post, "_air_search", {"kernel": None, "error": None})
+    rng = np.random.default_rng(8)
+    shape = (6, 24, 26)
+    lab = noise(rng, shape)
+    lab[:, :3] = 0
+    img = image(rng, shape, np.uint16)
+    assert post.air_search_error() is None
+    for _ in range(2):
+        got, ref = post.ComponentLabeller(shape, voxel_size=(0.5, 1.0, 2.0)), _core.ComponentLabeller(shape, voxel_size=(0.5, 1.0, 2.0))
+        got.add_slab(fc.asarray(lab), fc.asarray(img))
+        ref.add_slab(lab, img)
+        fake_cupy.launches = {}
+        assert_table_same(got.finish(), ref.finish())
+        assert fake_cupy.launches == {}
+        assert "NVRTC_ERROR_COMPILATION" in post.air_search_error()
+    from xctrt.cli import gpu_fallback_notes
+    note = gpu_fallback_notes({"timing": {"gpu_surface_search_not_used_because": post.air_search_error()}})
+    assert len(note) == 1 and note[0].startswith("the distances to the surface were searched on the host")
+
+
 @pytest.mark.parametrize("fill", [0, 1, 2])
 def test_components_without_air_defects_or_part_on_a_cupy_stand_in(monkeypatch, fill):
     import fake_cupy

@@ -523,6 +523,7 @@ class Segmenter:
                        "gpu_cupy_pool_gib": stage.cupy_pool_bytes / 2 ** 30 if stage.cupy_pool_bytes else None,
                        "cuda_graphs_not_used_because": stage.graph_error,
                        "fused_kernels_not_used_because": stage.fused_error,
+                       "gpu_surface_search_not_used_because": stage.surface_search_error(),
                        "main_thread_s": {**{k: round(v, 4) for k, v in main.seconds.items()},
                                          **({"stage_components": round(stage.main_components_s, 4)}
                                             if stage.main_components_s is not None else {})},
@@ -554,6 +555,10 @@ class _CpuStage:
     @staticmethod
     def surface_seconds():
         return None   # the C++ labeller's search is not timed apart from the table
+
+    @staticmethod
+    def surface_search_error():
+        return None
 
     def __init__(self, seg: Segmenter, counter: DefectCounter, timer: _Timer):
         self.seg, self.counter, self.timer = seg, counter, timer

@@ -336,6 +336,7 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
         r["ours"]["gpu_memory_used_max_gib"] = s.summary["timing"]["gpu_memory_used_max_gib"]
         r["ours"]["cuda_graphs_not_used_because"] = s.summary["timing"]["cuda_graphs_not_used_because"]
         r["ours"]["fused_kernels_not_used_because"] = s.summary["timing"]["fused_kernels_not_used_because"]
+        r["ours"]["gpu_surface_search_not_used_because"] = s.summary["timing"]["gpu_surface_search_not_used_because"]
         if cuda:
             r["ours"]["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             r["ours"]["torch_reserved_peak_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30

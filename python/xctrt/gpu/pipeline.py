@@ -544,6 +544,10 @@ class GpuStage:
         lb = self.labeller
         return {"surface_distance": round(lb.surface_distance_s, 4), "surface_tree": round(lb.surface_tree_s, 4)}
 
+    def surface_search_error(self) -> str | None:
+        """Why the table's surface-distance search ran on the host, not on the GPU (None if it did not)."""
+        return post.air_search_error() if self.cuda else None
+
     def compute_idle_s(self) -> float | None:
         """Seconds the compute stream sat idle between slabs, waiting for the host to queue the next slab
         or for its copy to the device (None on the CPU)."""

@@ -110,26 +110,40 @@ def search_air_runs(nodes, air, runs, comp, best2, voxel_size) -> None:
         _core.search_air_runs(nodes, air, runs, comp, best2, voxel_size)
         return
     n = runs.shape[1]
-    if n:
-        block = 128
-        _air_search_kernel()(((n + block - 1) // block,), (block,),
-                             (runs, np.int64(n), comp, nodes, air, *map(np.float64, voxel_size), best2))
+    if not n:
+        return
+    kernel = _air_search_kernel()
+    if kernel is None:   # NVRTC refused the kernel: the host twin, same bits, slower (air_search_error says why)
+        host = to_host(best2)
+        _core.search_air_runs(to_host(nodes), to_host(air), to_host(runs), to_host(comp), host, voxel_size)
+        best2[...] = _cupy.asarray(host)
+        return
+    block = 128
+    kernel(((n + block - 1) // block,), (block,),
+           (runs, np.int64(n), comp, nodes, air, *map(np.float64, voxel_size), best2))
 
 
 # Compiled as _core is built: every double operation rounded on its own (no FMA contraction).
 AIR_SEARCH_OPTIONS = ("--fmad=false", "--std=c++17", "-DXCTRT_AIR_SEARCH_KERNEL")
-_air_search = None
+_air_search = {"kernel": None, "error": None}
+
+
+def air_search_error() -> str | None:
+    """Why the surface-distance search runs on the host instead of the GPU (None while it runs on the GPU)."""
+    return _air_search["error"]
 
 
 def _air_search_kernel():
-    """The CUDA kernel of air_search.h, compiled by NVRTC on first use."""
-    global _air_search
-    if _air_search is None:
+    """The CUDA kernel of air_search.h, compiled by NVRTC on first use; None for good once that failed."""
+    if _air_search["kernel"] is None and _air_search["error"] is None:
         from pathlib import Path
         code = (Path(__file__).with_name("air_search.h")).read_text()
-        _air_search = _cupy.RawModule(code=code, options=AIR_SEARCH_OPTIONS).get_function(
-            "xctrt_search_air_runs")
-    return _air_search
+        try:
+            _air_search["kernel"] = _cupy.RawModule(code=code, options=AIR_SEARCH_OPTIONS).get_function(
+                "xctrt_search_air_runs")
+        except Exception as exc:  # noqa: BLE001 - a toolchain that will not build it: the host search instead
+            _air_search["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return _air_search["kernel"]
 
 
 def to_host(a) -> np.ndarray:

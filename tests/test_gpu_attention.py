@@ -278,8 +278,17 @@ def test_choose_qkv_layout_times_each_once_and_remembers(monkeypatch):
     assert qkv_layout_choices() == {"k1": {"chosen": "heads_major", "ms": {"in_place": 2.0, "heads_major": 1.5}},
                                     "k2": {"chosen": "in_place", "ms": {"in_place": 1.0, "heads_major": 1.5}}}
     assert set(QKV_LAYOUTS) == {"in_place", "heads_major"}
+    def failing(layout):   # a copy that cannot be made (out of memory, say): views, and the reason kept
+        if layout == "heads_major":
+            raise RuntimeError("CUDA out of memory")
+        run(layout)
+    assert choose_qkv_layout("k4", failing, timer, repeats=1) == "in_place"
+    assert qkv_layout_choices()["k4"]["errors"] == {"heads_major": "RuntimeError: CUDA out of memory"}
+    with pytest.raises(RuntimeError, match="views"):
+        choose_qkv_layout("k5", lambda lay: (_ for _ in ()).throw(RuntimeError("views")), timer)
+    calls.clear()
     if not torch.cuda.is_available():   # nothing to time with: views, and nothing remembered
-        assert choose_qkv_layout("k3", run) == "in_place" and "k3" not in A._LAYOUT and len(calls) == 16
+        assert choose_qkv_layout("k3", run) == "in_place" and "k3" not in A._LAYOUT and calls == []
 
 
 def _sam_attention_case(impl):

@@ -479,11 +479,16 @@ def choose_qkv_layout(key, run, timer=None, repeats: int = 5) -> str:
         if not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
             return "in_place"
         timer = _cuda_ms
-    ms = {}
+    ms, errors = {}, {}
     for layout in QKV_LAYOUTS:
-        run(layout)   # first call: the kernel's launch tuning, allocations
-        ms[layout] = sorted(timer(lambda lay=layout: run(lay)) for _ in range(repeats))[repeats // 2]
-    _LAYOUT[key] = {"chosen": min(QKV_LAYOUTS, key=lambda lay: ms[lay]), "ms": ms}
+        try:
+            run(layout)   # first call: the kernel's launch tuning, allocations
+            ms[layout] = sorted(timer(lambda lay=layout: run(lay)) for _ in range(repeats))[repeats // 2]
+        except Exception as exc:   # noqa: BLE001 - the copy is an option: views remain (their failure is real)
+            if layout == "in_place":
+                raise
+            errors[layout] = f"{type(exc).__name__}: {exc}"[:200]
+    _LAYOUT[key] = {"chosen": min(ms, key=ms.get), "ms": ms, **({"errors": errors} if errors else {})}
     return _LAYOUT[key]["chosen"]
 
 
@@ -498,7 +503,8 @@ def _cuda_ms(fn) -> float:
 
 def qkv_layout_choices() -> dict:
     """What choose_qkv_layout chose per key, with the median ms of each layout."""
-    return {str(k): {"chosen": v["chosen"], "ms": {lay: round(t, 4) for lay, t in v["ms"].items()}}
+    return {str(k): {"chosen": v["chosen"], "ms": {lay: round(t, 4) for lay, t in v["ms"].items()},
+                     **({"errors": v["errors"]} if "errors" in v else {})}
             for k, v in _LAYOUT.items()}
 
 

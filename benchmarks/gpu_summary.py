@@ -48,7 +48,8 @@ def bench_rows(res: dict, label: str) -> list[str]:
     return rows
 
 
-# Issue 5's targets: (what, at least / at most, the unit)
+# Issue 5's targets, on a generated volume of ISSUE_SHAPE
+ISSUE_SHAPE = (1000, 1200, 1200)
 TARGETS = {"paper": 100.0, "shared": 250.0, "vs_compiled": 1.7, "encoder_percent": 38.0, "post_s": 1.0,
            "memory_gib": 16.0}
 
@@ -60,9 +61,18 @@ def targets(out: Path) -> list[str]:
     def ours(res, mode):
         return ((res or {}).get("modes", {}).get(mode) or {}).get("ours") or {}
 
-    def verdict(v, limit, most=False):
+    # judged only as the issue sets them: the full volume on a GPU (a dry run's numbers are not the issue's)
+    ref = bench or comp or {}
+    full = list(ISSUE_SHAPE)
+    why_not = None
+    if ref and (ref.get("shape") != full or ref.get("device") == "cpu"):
+        why_not = f"not judged: {ref.get('shape')} on {ref.get('device')}"
+
+    def verdict(v, limit, most=False, judged=why_not):
         if not isinstance(v, (int, float)):
             return "not measured"
+        if judged:
+            return judged
         return "met" if (v <= limit if most else v >= limit) else "not met"
 
     rows = ["| target | this call | |", "|---|---|---|"]
@@ -80,7 +90,10 @@ def targets(out: Path) -> list[str]:
                 f"{verdict(pct, TARGETS['encoder_percent'])} |")
     total = ((post or {}).get("full") or {}).get("median_s", {}).get("total")
     failed = (post or {}).get("failed")
-    ok = verdict(total, TARGETS["post_s"], most=True)
+    post_shape = (post or {}).get("shape")
+    ok = verdict(total, TARGETS["post_s"], most=True,
+                 judged=None if post_shape == full and (post or {}).get("info", {}).get("device") != "cpu"
+                 else f"not judged: {post_shape}")
     if ok == "met" and failed != 0:
         ok = f"not met: {failed} checks failed"
     rows.append(f"| post-processing ≤ {TARGETS['post_s']:.0f} s, identical to C++ | {_f(total, '.3f')} s, "

@@ -647,6 +647,8 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
         assert f"- bench/{mode}, where our encoder time goes (one batch, torch.compile default): " in md
     assert "post-processing: no results" in md and "attention: no results" in md
     assert "bench: no results" not in md
+    # a small volume on the CPU: its numbers shown, the targets not judged by them
+    assert "| not judged: [6, 64, 64] on cpu |" in md and "| met |" not in md and "| not met |" not in md
     # the stage picture from the same JSON
     load_benchmark("gpu_figure").draw(json.loads((tmp_path / "b.json").read_text()), tmp_path / "stages.png")
     from PIL import Image

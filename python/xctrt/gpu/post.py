@@ -124,7 +124,7 @@ def search_air_runs(nodes, air, runs, comp, best2, voxel_size) -> None:
 
 
 # Compiled as _core is built: every double operation rounded on its own (no FMA contraction).
-AIR_SEARCH_OPTIONS = ("--fmad=false", "--std=c++17", "-DXCTRT_AIR_SEARCH_KERNEL")
+AIR_SEARCH_OPTIONS = ("--fmad=false", "-DXCTRT_AIR_SEARCH_KERNEL")   # the source is C++11: any default dialect
 _air_search = {"kernel": None, "error": None}
 
 

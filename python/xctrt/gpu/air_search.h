@@ -70,41 +70,6 @@ XCTRT_HD inline double node_bound2(const AirNode& n, const DefectRun& r, const d
                    run_gap(n.mn[2], n.mx[2], r.x0, r.x1), w);
 }
 
-// Squared distance from run r to its nearest air voxel, if below `best` (else `best`). Nearer
-// child first; a deferred child is dropped when its bound is no longer below the best.
-XCTRT_HD inline double nearest_air2(const AirNode* nodes, const AirRun* air, const double* w,
-                                    const DefectRun& r, double best) {
-  i32 stack_id[kAirMaxDepth];
-  double stack_bound[kAirMaxDepth];
-  int top = 0;
-  i32 id = 0;
-  for (;;) {
-    const AirNode& n = nodes[id];
-    bool descend = false;
-    if (n.hi - n.lo <= kAirLeaf) {
-      for (i64 i = n.lo; i < n.hi; ++i) {
-        const AirRun& s = air[i];
-        if (!air_faces(s.z, s.z, s.y, s.y, r)) continue;
-        const double d = gap_dist2(s.z > r.z ? s.z - r.z : r.z - s.z, s.y > r.y ? s.y - r.y : r.y - s.y,
-                                   run_gap(s.x0, s.x1, r.x0, r.x1), w);
-        if (d < best) best = d;
-      }
-    } else {
-      // A child that cannot pair gets the bound `best`: never below the best, now or later.
-      const i32 left = 2 * id + 1, right = left + 1;
-      const double bl = node_bound2(nodes[left], r, w, best), br = node_bound2(nodes[right], r, w, best);
-      const bool left_first = bl <= br;
-      const double b1 = left_first ? bl : br, b2 = left_first ? br : bl;
-      if (b2 < best) stack_id[top] = left_first ? right : left, stack_bound[top++] = b2;
-      if (b1 < best) id = left_first ? left : right, descend = true;
-    }
-    if (descend) continue;
-    while (top > 0 && !(stack_bound[top - 1] < best)) --top;
-    if (top == 0) return best;
-    id = stack_id[--top];
-  }
-}
-
 XCTRT_HD inline u64 double_bits(double d) {
 #if defined(__CUDA_ARCH__)
   return static_cast<u64>(__double_as_longlong(d));
@@ -125,25 +90,16 @@ XCTRT_HD inline double bits_double(u64 b) {
 #endif
 }
 
-// Defect run i of n: runs is a (6, n) int32 array (z, y, x0, x1, -, exposed bits) and comp[i]
-// its component (-1: left out). best2 holds each component's smallest squared distance so far,
-// as the bits of a non-negative double (they order as the doubles do), +inf at the start; the
-// search starts from it, so runs searched later prune more, and lowers it atomically. The GPU
-// kernel calls this per thread, _core.search_air_runs per run on the host.
-XCTRT_HD inline void search_run(i64 i, i64 n, const i32* runs, const i32* comp, const AirNode* nodes,
-                                const AirRun* air, const double* w, u64* best2) {
-  const i32 c = comp[i];
-  if (c < 0) return;
-  const DefectRun r{runs[i], runs[n + i], runs[2 * n + i], runs[3 * n + i], static_cast<u32>(c),
-                    static_cast<u8>(runs[5 * n + i] & kExpAll)};
-  u64* slot = best2 + c;
+// The component's shared best (bits of a non-negative double; they order as the doubles do).
+XCTRT_HD inline double load_best(const u64* slot) {
 #if defined(__CUDA_ARCH__)
-  const double start = bits_double(*reinterpret_cast<volatile u64*>(slot));
+  return bits_double(*reinterpret_cast<const volatile u64*>(slot));
 #else
-  const double start = bits_double(__atomic_load_n(slot, __ATOMIC_RELAXED));
+  return bits_double(__atomic_load_n(slot, __ATOMIC_RELAXED));
 #endif
-  const double d = nearest_air2(nodes, air, w, r, start);
-  if (!(d < start)) return;
+}
+
+XCTRT_HD inline void lower_best(u64* slot, double d) {
   const u64 v = double_bits(d);
 #if defined(__CUDA_ARCH__)
   atomicMin(slot, v);
@@ -152,6 +108,67 @@ XCTRT_HD inline void search_run(i64 i, i64 n, const i32* runs, const i32* comp, 
   while (v < cur && !__atomic_compare_exchange_n(slot, &cur, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
 #endif
+}
+
+// Squared distance from run r to its nearest air voxel, if below `best` (else `best`). Nearer
+// child first; a deferred child is dropped when its bound is no longer below the best.
+// With `shared`, the best is its component's, shared with the searches of the component's other runs
+// running beside this one (GPU threads, host threads): every better distance found is published to it
+// at once, and it is read again before each deferred child, so each search prunes with what all have
+// found. Exact all the same: a node is dropped only when no air in it can beat a distance of the
+// component, which is what the component's minimum needs.
+XCTRT_HD inline double nearest_air2(const AirNode* nodes, const AirRun* air, const double* w,
+                                    const DefectRun& r, double best, u64* shared = nullptr) {
+  i32 stack_id[kAirMaxDepth];
+  double stack_bound[kAirMaxDepth];
+  int top = 0;
+  i32 id = 0;
+  for (;;) {
+    const AirNode& n = nodes[id];
+    bool descend = false;
+    if (n.hi - n.lo <= kAirLeaf) {
+      for (i64 i = n.lo; i < n.hi; ++i) {
+        const AirRun& s = air[i];
+        if (!air_faces(s.z, s.z, s.y, s.y, r)) continue;
+        const double d = gap_dist2(s.z > r.z ? s.z - r.z : r.z - s.z, s.y > r.y ? s.y - r.y : r.y - s.y,
+                                   run_gap(s.x0, s.x1, r.x0, r.x1), w);
+        if (d < best) {
+          best = d;
+          if (shared) lower_best(shared, d);
+        }
+      }
+    } else {
+      // A child that cannot pair gets the bound `best`: never below the best, now or later.
+      const i32 left = 2 * id + 1, right = left + 1;
+      const double bl = node_bound2(nodes[left], r, w, best), br = node_bound2(nodes[right], r, w, best);
+      const bool left_first = bl <= br;
+      const double b1 = left_first ? bl : br, b2 = left_first ? br : bl;
+      if (b2 < best) stack_id[top] = left_first ? right : left, stack_bound[top++] = b2;
+      if (b1 < best) id = left_first ? left : right, descend = true;
+    }
+    if (descend) continue;
+    if (shared) {
+      const double now = load_best(shared);
+      if (now < best) best = now;
+    }
+    while (top > 0 && !(stack_bound[top - 1] < best)) --top;
+    if (top == 0) return best;
+    id = stack_id[--top];
+  }
+}
+
+// Defect run i of n: runs is a (6, n) int32 array (z, y, x0, x1, -, exposed bits) and comp[i]
+// its component (-1: left out). best2 holds each component's smallest squared distance so far,
+// as the bits of a non-negative double, +inf at the start; the search starts from it, lowers it
+// atomically and prunes with what the component's other runs have found (nearest_air2's `shared`).
+// The GPU kernel calls this per thread, _core.search_air_runs per run on the host.
+XCTRT_HD inline void search_run(i64 i, i64 n, const i32* runs, const i32* comp, const AirNode* nodes,
+                                const AirRun* air, const double* w, u64* best2) {
+  const i32 c = comp[i];
+  if (c < 0) return;
+  const DefectRun r{runs[i], runs[n + i], runs[2 * n + i], runs[3 * n + i], static_cast<u32>(c),
+                    static_cast<u8>(runs[5 * n + i] & kExpAll)};
+  nearest_air2(nodes, air, w, r, load_best(best2 + c), best2 + c);
 }
 
 }  // namespace xctrt

@@ -4,7 +4,7 @@
 // it on the host. xctrt.gpu.post compiles this same file with NVRTC and runs search_run() on the
 // device, one thread per defect run, over the tree that _core.air_tree() built on the host. So
 // it is C++ that both compilers take: no standard library (NVRTC has none), no recursion (a
-// fixed stack: the tree is at most 31 levels deep), no infinity literal.
+// fixed stack: the tree has at most 32 levels, 2**31 runs take 28), no infinity literal.
 //
 // Arithmetic: per-axis integer gaps, each times its voxel size in double, squares summed
 // z + y + x. The host is built with -ffp-contract=off and the GPU module with --fmad=false, so

@@ -143,7 +143,10 @@ def main(out: Path) -> str:
                                  "thread " + ", ".join(f"{k} {v:.2f} s" for k, v in o["main_thread_s"].items())
                                  + (("; of the table: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in
                                                                    o["table_parts_s"].items()))
-                                    if o.get("table_parts_s") else ""))
+                                    if o.get("table_parts_s") else "")
+                                 + (("; its search: " + ", ".join(f"{v:,} {k.replace('_', ' ')} runs" for k, v in
+                                                                o["table_surface_runs"].items()))
+                                    if o.get("table_surface_runs") else ""))
         if ref.get("attention_check"):
             lines.append(f"- attention check in the bench: {ref['attention_check']}")
         if ref.get("attention_launches"):

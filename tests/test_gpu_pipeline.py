@@ -168,7 +168,9 @@ def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, ba
     # the GPU path's table says how much of it was the distance to the surface (the C++ one does not)
     tp, tb = b.summary["timing"]["table_parts_s"], b.summary["timing"]["main_thread_s"]["table"]
     assert set(tp) == {"surface_distance", "surface_tree"} and 0 <= tp["surface_tree"] <= tp["surface_distance"] <= tb
-    assert a.summary["timing"]["table_parts_s"] is None
+    assert a.summary["timing"]["table_parts_s"] is None and a.summary["timing"]["table_surface_runs"] is None
+    runs = b.summary["timing"]["table_surface_runs"]
+    assert set(runs) == {"outside_air", "defect"} and runs["outside_air"] > 0 and runs["defect"] >= len(b.defects["id"])
 
 
 def test_compiled_anchor_compiles_a_copy_of_the_encoders(nets):

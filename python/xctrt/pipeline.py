@@ -529,6 +529,7 @@ class Segmenter:
                                             if stage.main_components_s is not None else {})},
                        "gpu_compute_idle_s": stage.compute_idle_s(),
                        "table_parts_s": stage.surface_seconds(),
+                       "table_surface_runs": stage.surface_runs(),
                        "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
             "result": {**summarise(table, class_voxels, vs, unit, {**self.class_names}, counter.outside_air_voxels),
                        "enclosed_air_filled_voxels": filled},
@@ -558,6 +559,10 @@ class _CpuStage:
 
     @staticmethod
     def surface_search_error():
+        return None
+
+    @staticmethod
+    def surface_runs():
         return None
 
     def __init__(self, seg: Segmenter, counter: DefectCounter, timer: _Timer):

@@ -544,6 +544,10 @@ class GpuStage:
         lb = self.labeller
         return {"surface_distance": round(lb.surface_distance_s, 4), "surface_tree": round(lb.surface_tree_s, 4)}
 
+    def surface_runs(self) -> dict[str, int]:
+        """How many outside-air runs (the kd-tree) and defect runs (the searches) the last table had."""
+        return dict(self.labeller.surface_runs)
+
     def surface_search_error(self) -> str | None:
         """Why the table's surface-distance search ran on the host, not on the GPU (None if it did not)."""
         return post.air_search_error() if self.cuda else None

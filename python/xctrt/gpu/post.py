@@ -429,6 +429,7 @@ class ComponentLabeller:
         self._air_last = None
         self.surface_distance_s = 0.0  # time of the last finish()'s surface distances, in all
         self.surface_tree_s = 0.0  # the part before the search: outside air to the host, kd-tree built and sent back
+        self.surface_runs = {"outside_air": 0, "defect": 0}   # what the last finish()'s search worked on
         self.outside_air_voxels = None  # air voxels outside the part, after finish()
         self._outside_runs = None  # their (m, 4) host x-runs, kept by finish() for outside_air_runs()
 
@@ -678,6 +679,7 @@ class ComponentLabeller:
         t0 = time.perf_counter()
         air = self._outside_runs = np.ascontiguousarray(to_host(self._outside_air().T), dtype=np.int32)
         self.outside_air_voxels = int((air[:, 3].astype(np.int64) - air[:, 2] + 1).sum())
+        self.surface_runs = {"outside_air": len(air), "defect": sum(int(r.shape[1]) for r in self._runs)}
         if not len(air) or not self._runs:
             self.surface_tree_s = time.perf_counter() - t0
             return np.full(n_kept, np.nan)

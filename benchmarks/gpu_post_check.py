@@ -367,6 +367,7 @@ def full_run(xp, shape, slab, repeats, checks: Checks, seed: int):
     ph = Phantom(xp, shape, seed)
     pool = xp.get_default_memory_pool() if xp is not np else None
     peak = [0]
+    surface_runs = {}
 
     def sync():
         if xp is not np:
@@ -406,6 +407,7 @@ def full_run(xp, shape, slab, repeats, checks: Checks, seed: int):
         t["finish"] = time.perf_counter() - t0
         t["finish_surface_distance"] = lb.surface_distance_s  # part of finish
         t["finish_surface_tree"] = lb.surface_tree_s          # part of that: outside air, host kd-tree
+        surface_runs.update(lb.surface_runs)                  # the tree's and the searches' sizes
         t["total"] = t["aggregate"] + t["components"] + t["finish"]
         if compare:
             return t, table, ref.finish(0), label_bad, defect_voxels
@@ -420,7 +422,7 @@ def full_run(xp, shape, slab, repeats, checks: Checks, seed: int):
               ", ".join(f"{k} {v:.3f} s" for k, v in t.items()), flush=True)
     med = {k: float(np.median([t[k] for t in times])) for k in times[0]} if times else {}
     out = {"times_s": times, "median_s": med, "components": int(len(table["id"])),
-           "surface_search_on_host_because": post.air_search_error()}
+           "surface_search_on_host_because": post.air_search_error(), "surface_runs": dict(surface_runs)}
 
     def compare():
         t, got, ref, label_bad, defect_voxels = one_pass(compare=True)

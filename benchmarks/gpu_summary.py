@@ -175,7 +175,10 @@ def main(out: Path) -> str:
                      f" defect fraction {_f(full.get('defect_fraction'), '.4f')}, pool peak "
                      f"{_f((full.get('gpu_peak_pool_bytes') or 0) / 2 ** 30, '.2f')} GiB"
                      + (f"; surface distances searched on the host because: {full['surface_search_on_host_because']}"
-                        if full.get("surface_search_on_host_because") else ""))
+                        if full.get("surface_search_on_host_because") else "")
+                     + ("; its search: " + ", ".join(f"{v:,} {k.replace('_', ' ')} runs"
+                                                     for k, v in full["surface_runs"].items())
+                        if full.get("surface_runs") else ""))
         fused = post.get("fused", {}).get("ms_per_slice", {})
         if fused:
             lines.append("GPU stage kernels, ms per 1200x1200 slice (32 slices): "

@@ -35,6 +35,12 @@
 
 #include "air_search.h"
 
+#ifdef XCTRT_OPENMP
+#include <omp.h>
+
+#include <parallel/algorithm>   // __gnu_parallel::nth_element, for the tree's top levels
+#endif
+
 namespace xctrt {
 
 static_assert(sizeof(AirRun) == 4 * sizeof(int32_t), "AirRun is copied from (m, 4) int32 arrays");
@@ -53,11 +59,28 @@ class AirTree {
     while ((n + slots - 1) / slots > kLeaf) slots *= 2, ++depth;
     if (depth >= kAirMaxDepth) throw std::length_error("too many air runs for the surface-distance tree");
     nodes_.resize(static_cast<size_t>(2 * slots));
+    // The top levels, while they hold fewer large nodes than there are cores: each node's box and
+    // partition on all cores. Then every subtree below is one task.
+    std::vector<Range> level{{0, 0, n}};
 #ifdef XCTRT_OPENMP
+    const size_t cores = static_cast<size_t>(omp_get_max_threads());
+    while (!level.empty() && level.size() < cores && level.front().hi - level.front().lo > kWholeCores) {
+      std::vector<Range> next;
+      for (const Range& r : level) {
+        const int64_t mid = split(r, true);
+        if (mid >= 0) next.push_back({2 * r.id + 1, r.lo, mid}), next.push_back({2 * r.id + 2, mid, r.hi});
+      }
+      level.swap(next);
+    }
 #pragma omp parallel
 #pragma omp single
 #endif
-    build(0, 0, n);
+    for (const Range& r : level) {
+#ifdef XCTRT_OPENMP
+#pragma omp task
+#endif
+      build(r);
+    }
   }
 
   // Squared distance from the run to its nearest air voxel, if below `best` (else `best`).
@@ -74,26 +97,69 @@ class AirTree {
   static constexpr int64_t kLeaf = kAirLeaf;
   using Node = AirNode;
 
-  void build(int32_t id, int64_t lo, int64_t hi) {
-    constexpr int32_t kMax = std::numeric_limits<int32_t>::max(), kMin = std::numeric_limits<int32_t>::min();
-    std::array<int32_t, 3> mn{kMax, kMax, kMax}, mx{kMin, kMin, kMin};
+  struct Range {
+    int32_t id;
+    int64_t lo, hi;
+  };
+
+  // Bounding box of runs, and the range of their doubled x centres.
+  struct Box {
+    int32_t mn[3] = {kI32Max, kI32Max, kI32Max}, mx[3] = {kI32Min, kI32Min, kI32Min};
     int64_t cmin = std::numeric_limits<int64_t>::max(), cmax = std::numeric_limits<int64_t>::min();
-    for (int64_t i = lo; i < hi; ++i) {
-      const AirRun& s = s_[i];
+    void add(const AirRun& s) {
       mn[0] = std::min(mn[0], s.z), mx[0] = std::max(mx[0], s.z);
       mn[1] = std::min(mn[1], s.y), mx[1] = std::max(mx[1], s.y);
       mn[2] = std::min(mn[2], s.x0), mx[2] = std::max(mx[2], s.x1);
       cmin = std::min(cmin, int64_t{s.x0} + s.x1), cmax = std::max(cmax, int64_t{s.x0} + s.x1);
     }
-    nodes_[id] = Node{lo, hi, {mn[0], mn[1], mn[2]}, {mx[0], mx[1], mx[2]}};
-    if (hi - lo <= kLeaf) return;
+    void merge(const Box& o) {
+      for (int a = 0; a < 3; ++a) mn[a] = std::min(mn[a], o.mn[a]), mx[a] = std::max(mx[a], o.mx[a]);
+      cmin = std::min(cmin, o.cmin), cmax = std::max(cmax, o.cmax);
+    }
+  };
+  static constexpr int32_t kI32Max = std::numeric_limits<int32_t>::max();
+  static constexpr int32_t kI32Min = std::numeric_limits<int32_t>::min();
+
+  // A parallel region only for whole_cores: the million small nodes below must not open one each.
+  Box box_of(int64_t lo, int64_t hi, bool whole_cores) const {
+    Box box;
+    if (!whole_cores) {
+      for (int64_t i = lo; i < hi; ++i) box.add(s_[i]);
+      return box;
+    }
+#ifdef XCTRT_OPENMP
+#pragma omp parallel
+#endif
+    {
+      Box part;
+#ifdef XCTRT_OPENMP
+#pragma omp for nowait
+#endif
+      for (int64_t i = lo; i < hi; ++i) part.add(s_[i]);
+#ifdef XCTRT_OPENMP
+#pragma omp critical
+#endif
+      box.merge(part);
+    }
+    return box;
+  }
+  static constexpr int64_t kWholeCores = 1 << 18;   // runs in a node worth all cores for its split
+
+  // Node r: its box, and for an inner node the split of its runs at the middle (returned; -1 for a
+  // leaf). whole_cores: the box and the partition on all cores (libstdc++'s parallel nth_element),
+  // for the few large nodes at the top; either way the same tree up to ties in the partition.
+  int64_t split(const Range& r, bool whole_cores) {
+    const int64_t lo = r.lo, hi = r.hi;
+    const Box b = box_of(lo, hi, whole_cores);
+    nodes_[r.id] = Node{lo, hi, {b.mn[0], b.mn[1], b.mn[2]}, {b.mx[0], b.mx[1], b.mx[2]}};
+    if (hi - lo <= kLeaf) return -1;
     // Split the widest axis of the box, x included: the runs along x split by their centres,
     // which groups runs that end alike (the part's outline). Unless every centre is the same,
     // as in rows of full-width air above or below a part: those split along x into two children
     // with the parent's box, which prune nothing, so they split along z or y.
-    const double extent[3] = {(static_cast<double>(mx[0]) - mn[0]) * w_[0],
-                              (static_cast<double>(mx[1]) - mn[1]) * w_[1],
-                              cmax > cmin ? (static_cast<double>(mx[2]) - mn[2]) * w_[2] : -1.0};
+    const double extent[3] = {(static_cast<double>(b.mx[0]) - b.mn[0]) * w_[0],
+                              (static_cast<double>(b.mx[1]) - b.mn[1]) * w_[1],
+                              b.cmax > b.cmin ? (static_cast<double>(b.mx[2]) - b.mn[2]) * w_[2] : -1.0};
     int axis = 0;
     for (int a = 1; a < 3; ++a)
       if (extent[a] > extent[axis]) axis = a;
@@ -101,13 +167,26 @@ class AirTree {
     auto key = [axis](const AirRun& s) {  // x: the centre, doubled to stay in integers
       return axis == 0 ? 2 * int64_t{s.z} : (axis == 1 ? 2 * int64_t{s.y} : int64_t{s.x0} + s.x1);
     };
-    std::nth_element(s_.begin() + lo, s_.begin() + mid, s_.begin() + hi,
-                     [&](const AirRun& a, const AirRun& b) { return key(a) < key(b); });
+    auto less = [&](const AirRun& a, const AirRun& b) { return key(a) < key(b); };
 #ifdef XCTRT_OPENMP
-#pragma omp task if (hi - lo > 65536)
+    if (whole_cores) {
+      __gnu_parallel::nth_element(s_.begin() + lo, s_.begin() + mid, s_.begin() + hi, less);
+      return mid;
+    }
 #endif
-    build(2 * id + 1, lo, mid);
-    build(2 * id + 2, mid, hi);
+    std::nth_element(s_.begin() + lo, s_.begin() + mid, s_.begin() + hi, less);
+    return mid;
+  }
+
+  // The subtree of node r, its large nodes' halves as tasks.
+  void build(const Range& r) {
+    const int64_t mid = split(r, false);
+    if (mid < 0) return;
+#ifdef XCTRT_OPENMP
+#pragma omp task if (r.hi - r.lo > 65536)
+#endif
+    build({2 * r.id + 1, r.lo, mid});
+    build({2 * r.id + 2, mid, r.hi});
 #ifdef XCTRT_OPENMP
 #pragma omp taskwait
 #endif

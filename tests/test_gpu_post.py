@@ -416,6 +416,25 @@ def test_per_run_search_gives_the_labellers_distances_bit_for_bit(seed):
     assert ref.tobytes() == want.tobytes()
 
 
+def test_large_air_tree_splits_its_top_on_all_cores():
+    """Over 2**18 outside-air runs: the tree's top nodes split with the parallel partition. Distances
+    as SciPy's exact transform gives them, and the per-run search over air_tree agrees bit for bit."""
+    rng = np.random.default_rng(3)
+    shape, vs = (32, 192, 200), (0.7, 1.0, 1.3)
+    lab = rng.choice(np.array([0, 0, 0, 1, 2, 3], np.uint8), shape)   # half air, nearly all of it outside
+    lb = _core.ComponentLabeller(shape, voxel_size=vs)
+    lb.add_slab(lab, image(rng, shape, np.uint16))
+    want = lb.finish()["surface_distance"]
+    air = lb.outside_air_runs()
+    assert len(air) > 2 ** 18
+    ids = _core.label_volume(lab, [2, 3], 26)
+    np.testing.assert_allclose(want, surface_distance_reference(lab, ids, vs), rtol=1e-12, atol=0)
+    z, y, x = np.nonzero(ids)
+    runs = np.stack([z, y, x, x], 1).astype(np.int32)
+    got = search_per_run(air, runs, ids[z, y, x].astype(np.int64) - 1, len(want), np.full(len(z), 15, np.uint8), vs)
+    assert got.tobytes() == want.tobytes()
+
+
 def test_surface_distance_benchmark_runs_and_agrees(tmp_path):
     """benchmarks/surface_distance.py on a small phantom: both searches, same bits, JSON written."""
     import json

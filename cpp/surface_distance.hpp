@@ -37,8 +37,10 @@
 
 #ifdef XCTRT_OPENMP
 #include <omp.h>
-
-#include <parallel/algorithm>   // __gnu_parallel::nth_element, for the tree's top levels
+#if defined(__GLIBCXX__)   // libstdc++'s parallel mode: nth_element on all cores, for the tree's top levels
+#include <parallel/algorithm>
+#define XCTRT_PARALLEL_NTH_ELEMENT 1
+#endif
 #endif
 
 namespace xctrt {
@@ -168,7 +170,7 @@ class AirTree {
       return axis == 0 ? 2 * int64_t{s.z} : (axis == 1 ? 2 * int64_t{s.y} : int64_t{s.x0} + s.x1);
     };
     auto less = [&](const AirRun& a, const AirRun& b) { return key(a) < key(b); };
-#ifdef XCTRT_OPENMP
+#ifdef XCTRT_PARALLEL_NTH_ELEMENT
     if (whole_cores) {
       __gnu_parallel::nth_element(s_.begin() + lo, s_.begin() + mid, s_.begin() + hi, less);
       return mid;

@@ -608,33 +608,34 @@ class PyLabeller {
     bool* pedge = edge.mutable_data();
     const std::array<double, kDirs> per_crossing = crofton_factors({dz, dy, dx});
     const double cbrt_pi = std::cbrt(kPi);
-    py::gil_scoped_release release;   // rows on their own: all cores for the random network's ~500k
+    {
+      py::gil_scoped_release release;   // rows on their own: all cores for the random network's ~500k
 #ifdef XCTRT_OPENMP
 #pragma omp parallel for schedule(static) if (n > 16384)
 #endif
-    for (py::ssize_t i = 0; i < n; ++i) {
-      const Stat& s = st[i];
-      const double v = static_cast<double>(s.voxels);
-      pid[i] = i + 1;
-      pcls[i] = s.cls;
-      pv[i] = s.voxels;
-      const double vol = v * dz * dy * dx;
-      pvol[i] = vol;
-      peq[i] = std::cbrt(6.0 * vol / kPi);
-      pz0[i] = s.z0, py0[i] = s.y0, px0[i] = s.x0, pz1[i] = s.z1, py1[i] = s.y1, px1[i] = s.x1;
-      pcz[i] = static_cast<double>(s.sz) / v;
-      pcy[i] = static_cast<double>(s.sy) / v;
-      pcx[i] = static_cast<double>(s.sx) / v;
-      double a = 0.0;  // Crofton estimate (crofton.hpp)
-      for (int k = 0; k < kDirs; ++k) a += static_cast<double>(s.cross[k]) * per_crossing[k];
-      parea[i] = a;
-      psph[i] = cbrt_pi * std::pow(6.0 * vol, 2.0 / 3.0) / a;
-      pgm[i] = s.gsum / v;
-      pgmin[i] = s.gmin, pgmax[i] = s.gmax;
-      pedge[i] = s.edge;
-      psurf[i] = dist[i];
+      for (py::ssize_t i = 0; i < n; ++i) {
+        const Stat& s = st[i];
+        const double v = static_cast<double>(s.voxels);
+        pid[i] = i + 1;
+        pcls[i] = s.cls;
+        pv[i] = s.voxels;
+        const double vol = v * dz * dy * dx;
+        pvol[i] = vol;
+        peq[i] = std::cbrt(6.0 * vol / kPi);
+        pz0[i] = s.z0, py0[i] = s.y0, px0[i] = s.x0, pz1[i] = s.z1, py1[i] = s.y1, px1[i] = s.x1;
+        pcz[i] = static_cast<double>(s.sz) / v;
+        pcy[i] = static_cast<double>(s.sy) / v;
+        pcx[i] = static_cast<double>(s.sx) / v;
+        double a = 0.0;  // Crofton estimate (crofton.hpp)
+        for (int k = 0; k < kDirs; ++k) a += static_cast<double>(s.cross[k]) * per_crossing[k];
+        parea[i] = a;
+        psph[i] = cbrt_pi * std::pow(6.0 * vol, 2.0 / 3.0) / a;
+        pgm[i] = s.gsum / v;
+        pgmin[i] = s.gmin, pgmax[i] = s.gmax;
+        pedge[i] = s.edge;
+        psurf[i] = dist[i];
+      }
     }
-    py::gil_scoped_acquire acquire;
     py::dict t;
     t["id"] = id, t["class"] = cls, t["voxels"] = voxels, t["volume"] = volume;
     t["equivalent_diameter"] = eqd;
@@ -798,8 +799,9 @@ std::vector<AirRun> checked_air(const RunArray& air) {
   return s;
 }
 
-// Distance of each component to the part surface from already collected air and defect runs
-// (the array labeller's entry to the same search as ComponentLabeller.finish).
+// Distance of each component to the part surface from already collected air and defect runs: the
+// host's chunked search of ComponentLabeller.finish for arrays (the reference the GPU path's
+// per-run search is tested and timed against).
 py::array_t<double> distance_to_surface(
     RunArray air, RunArray runs,
     py::array_t<int64_t, py::array::c_style | py::array::forcecast> comp, int64_t n_comp,
@@ -823,7 +825,7 @@ py::array_t<double> distance_to_surface(
   if (n_comp < 0 || n_comp >= static_cast<int64_t>(kNone))
     throw std::invalid_argument("n_comp out of range");
   // The error kind with the highest number wins.
-  static const char* const kBad[] = {"", "", "", "comp entries must be in 0..n_comp-1", "runs need x0 <= x1",
+  static const char* const kBad[] = {"", "comp entries must be in 0..n_comp-1", "runs need x0 <= x1",
                                      "runs must be voxel coordinates >= 0"};
   int bad = 0;
   const int32_t* r = runs.data();
@@ -835,7 +837,7 @@ py::array_t<double> distance_to_surface(
 #endif
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* ri = r + 4 * i;
-    const int e = (c[i] < 0 || c[i] >= n_comp) ? 3 : (ri[2] > ri[3] ? 4 : ((ri[0] < 0 || ri[1] < 0 || ri[2] < 0) ? 5 : 0));
+    const int e = (c[i] < 0 || c[i] >= n_comp) ? 1 : (ri[2] > ri[3] ? 2 : ((ri[0] < 0 || ri[1] < 0 || ri[2] < 0) ? 3 : 0));
     bad = std::max(bad, e);
     if (!e)
       q[i] = DefectRun{ri[0], ri[1], ri[2], ri[3], static_cast<uint32_t>(c[i]),

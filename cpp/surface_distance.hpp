@@ -97,7 +97,6 @@ class AirTree {
 
  private:
   static constexpr int64_t kLeaf = kAirLeaf;
-  using Node = AirNode;
 
   struct Range {
     int32_t id;
@@ -153,7 +152,7 @@ class AirTree {
   int64_t split(const Range& r, bool whole_cores) {
     const int64_t lo = r.lo, hi = r.hi;
     const Box b = box_of(lo, hi, whole_cores);
-    nodes_[r.id] = Node{lo, hi, {b.mn[0], b.mn[1], b.mn[2]}, {b.mx[0], b.mx[1], b.mx[2]}};
+    nodes_[r.id] = AirNode{lo, hi, {b.mn[0], b.mn[1], b.mn[2]}, {b.mx[0], b.mx[1], b.mx[2]}};
     if (hi - lo <= kLeaf) return -1;
     // Split the widest axis of the box, x included: the runs along x split by their centres,
     // which groups runs that end alike (the part's outline). Unless every centre is the same,
@@ -196,7 +195,7 @@ class AirTree {
 
   std::vector<AirRun> s_;
   std::array<double, 3> w_;
-  std::vector<Node> nodes_;
+  std::vector<AirNode> nodes_;
 };
 
 // Runs grouped by component: component c's runs are runs[start[c] .. start[c + 1]).

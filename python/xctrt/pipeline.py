@@ -523,13 +523,11 @@ class Segmenter:
                        "gpu_cupy_pool_gib": stage.cupy_pool_bytes / 2 ** 30 if stage.cupy_pool_bytes else None,
                        "cuda_graphs_not_used_because": stage.graph_error,
                        "fused_kernels_not_used_because": stage.fused_error,
-                       "gpu_surface_search_not_used_because": stage.surface_search_error(),
                        "main_thread_s": {**{k: round(v, 4) for k, v in main.seconds.items()},
                                          **({"stage_components": round(stage.main_components_s, 4)}
                                             if stage.main_components_s is not None else {})},
                        "gpu_compute_idle_s": stage.compute_idle_s(),
-                       "table_parts_s": stage.surface_seconds(),
-                       "table_surface_runs": stage.surface_runs(),
+                       **stage.table_surface(),
                        "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
             "result": {**summarise(table, class_voxels, vs, unit, {**self.class_names}, counter.outside_air_voxels),
                        "enclosed_air_filled_voxels": filled},
@@ -554,16 +552,8 @@ class _CpuStage:
         return None
 
     @staticmethod
-    def surface_seconds():
-        return None   # the C++ labeller's search is not timed apart from the table
-
-    @staticmethod
-    def surface_search_error():
-        return None
-
-    @staticmethod
-    def surface_runs():
-        return None
+    def table_surface():   # the C++ labeller's search is not timed or counted apart from the table
+        return dict.fromkeys(("table_parts_s", "table_surface_runs", "gpu_surface_search_not_used_because"))
 
     def __init__(self, seg: Segmenter, counter: DefectCounter, timer: _Timer):
         self.seg, self.counter, self.timer = seg, counter, timer

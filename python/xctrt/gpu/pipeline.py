@@ -538,19 +538,16 @@ class GpuStage:
     def stage_seconds(self) -> dict[str, float]:
         return {**self.clock.finish(), **({"capture": self.capture_s} if self.capture_s else {})}
 
-    def surface_seconds(self) -> dict[str, float]:
-        """The last table's distance-to-surface time (part of "table"), in all and before its search on
-        the device (outside air to the host, kd-tree built there and sent back)."""
+    def table_surface(self) -> dict:
+        """For summary.json's timing, the last table's distance-to-surface search: its seconds in all
+        and before the search on the device (outside air to the host, kd-tree built there and sent
+        back), the outside-air runs (the tree) and defect runs (the searches) it worked on, and why it
+        ran on the host if it did."""
         lb = self.labeller
-        return {"surface_distance": round(lb.surface_distance_s, 4), "surface_tree": round(lb.surface_tree_s, 4)}
-
-    def surface_runs(self) -> dict[str, int]:
-        """How many outside-air runs (the kd-tree) and defect runs (the searches) the last table had."""
-        return dict(self.labeller.surface_runs)
-
-    def surface_search_error(self) -> str | None:
-        """Why the table's surface-distance search ran on the host, not on the GPU (None if it did not)."""
-        return post.air_search_error() if self.cuda else None
+        return {"table_parts_s": {"surface_distance": round(lb.surface_distance_s, 4),
+                                  "surface_tree": round(lb.surface_tree_s, 4)},
+                "table_surface_runs": dict(lb.surface_runs),
+                "gpu_surface_search_not_used_because": post.air_search_error() if self.cuda else None}
 
     def compute_idle_s(self) -> float | None:
         """Seconds the compute stream sat idle between slabs, waiting for the host to queue the next slab

@@ -78,17 +78,7 @@ def matmul_peak(torch, n: int = 8192, reps: int = 10) -> float:
     """Measured bf16 matrix-product rate (TFLOP/s) on random data: the % of peak below uses it."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1000)
-    return 2 * n ** 3 / float(np.median(times)) / 1e12
+    return 2 * n ** 3 / time_cuda(torch, lambda: a @ b, reps=reps, warmup=3) / 1e12
 
 
 def time_cuda(torch, fn, reps: int = 10, warmup: int = 3) -> float:

@@ -29,6 +29,11 @@ def _missing(step: str) -> str:
     return f"{step}: no results (step failed or timed out)"
 
 
+def _search_sizes(runs: dict | None) -> str:
+    """"; its search: N outside air runs, M defect runs" from a surface search's run counts, or ""."""
+    return "; its search: " + ", ".join(f"{v:,} {k.replace('_', ' ')} runs" for k, v in runs.items()) if runs else ""
+
+
 def _f(v, fmt=".1f"):
     return format(v, fmt) if isinstance(v, (int, float)) else "–"
 
@@ -144,9 +149,7 @@ def main(out: Path) -> str:
                                  + (("; of the table: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in
                                                                    o["table_parts_s"].items()))
                                     if o.get("table_parts_s") else "")
-                                 + (("; its search: " + ", ".join(f"{v:,} {k.replace('_', ' ')} runs" for k, v in
-                                                                o["table_surface_runs"].items()))
-                                    if o.get("table_surface_runs") else ""))
+                                 + _search_sizes(o.get("table_surface_runs")))
         if ref.get("attention_check"):
             lines.append(f"- attention check in the bench: {ref['attention_check']}")
         if ref.get("attention_launches"):
@@ -176,9 +179,7 @@ def main(out: Path) -> str:
                      f"{_f((full.get('gpu_peak_pool_bytes') or 0) / 2 ** 30, '.2f')} GiB"
                      + (f"; surface distances searched on the host because: {full['surface_search_on_host_because']}"
                         if full.get("surface_search_on_host_because") else "")
-                     + ("; its search: " + ", ".join(f"{v:,} {k.replace('_', ' ')} runs"
-                                                     for k, v in full["surface_runs"].items())
-                        if full.get("surface_runs") else ""))
+                     + _search_sizes(full.get("surface_runs")))
         fused = post.get("fused", {}).get("ms_per_slice", {})
         if fused:
             lines.append("GPU stage kernels, ms per 1200x1200 slice (32 slices): "

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from xctrt.gpu.bench import comparisons  # noqa: E402  (the runs and ratios, as `xctrt bench --gpu` prints them)
 
 STAGES = ("capture", "read", "h2d", "preprocess", "tile", "encoder", "decoder", "infer", "aggregate", "stitch",
-          "components", "d2h", "write")
+          "components", "d2h", "write", "table")
 
 
 def _load(out: Path, name: str):
@@ -63,8 +63,8 @@ def targets(out: Path) -> list[str]:
     """Issue 5's targets against this call's numbers, one table row each; "–" where a step is missing."""
     bench, comp, post = _load(out, "bench.json"), _load(out, "bench_compiled.json"), _load(out, "gpu_post.json")
 
-    def ours(res, mode):
-        return ((res or {}).get("modes", {}).get(mode) or {}).get("ours") or {}
+    def ours(res, mode, run="ours"):
+        return ((res or {}).get("modes", {}).get(mode) or {}).get(run) or {}
 
     # judged only as the issue sets them: the full volume on a GPU (a dry run's numbers are not the issue's)
     ref = bench or comp or {}
@@ -82,8 +82,15 @@ def targets(out: Path) -> list[str]:
 
     rows = ["| target | this call | |", "|---|---|---|"]
     for mode in ("paper", "shared"):
-        v = ours(bench, mode).get("slices_per_s")
-        rows.append(f"| {mode} ≥ {TARGETS[mode]:.0f} slices/s (bench step) | {_f(v)} | {verdict(v, TARGETS[mode])} |")
+        # judged on the faster of ours (components on the GPU) and ours-host (C++ components), named
+        v, host = ours(bench, mode).get("slices_per_s"), ours(bench, mode, "ours-host").get("slices_per_s")
+        if isinstance(host, (int, float)):
+            best, which = (host, " (ours-host)") if not isinstance(v, (int, float)) or host > v else (v, " (ours)")
+            ok = verdict(best, TARGETS[mode])
+            rows.append(f"| {mode} ≥ {TARGETS[mode]:.0f} slices/s (bench step) | {_f(v)}, components on the host "
+                        f"{_f(host)} | {ok}{which if ok in ('met', 'not met') else ''} |")
+        else:
+            rows.append(f"| {mode} ≥ {TARGETS[mode]:.0f} slices/s (bench step) | {_f(v)} | {verdict(v, TARGETS[mode])} |")
     x_comp = next((xc for mode, run, _, _, xc in comparisons(comp) if mode == "paper" and run == "ours"), None) \
         if comp else None
     mode_name = (comp or {}).get("compile_mode") or "?"
@@ -103,7 +110,8 @@ def targets(out: Path) -> list[str]:
         ok = f"not met: {failed} checks failed"
     rows.append(f"| post-processing ≤ {TARGETS['post_s']:.0f} s, identical to C++ | {_f(total, '.3f')} s, "
                 f"{_f(failed, 'd')} failed checks | {ok} |")
-    mem = [ours(res, m).get("gpu_memory_used_max_gib") for res in (bench, comp) for m in ("paper", "shared")]
+    mem = [ours(res, m, run).get("gpu_memory_used_max_gib") for res in (bench, comp) for m in ("paper", "shared")
+           for run in ("ours", "ours-host")]
     mem = max((v for v in mem if isinstance(v, (int, float))), default=None)
     rows.append(f"| GPU memory in use ≤ {TARGETS['memory_gib']:.0f} GiB | {_f(mem)} GiB | "
                 f"{verdict(mem, TARGETS['memory_gib'], most=True)} |")
@@ -142,14 +150,21 @@ def main(out: Path) -> str:
                                         "gpu_surface_search_not_used_because") if o.get(why))
                              + (f"; left out of the fast forward: {r['fast_parts_dropped']}"
                                 if r.get("fast_parts_dropped") else ""))
-                if o.get("main_thread_s"):
-                    lines.append(f"- {label}/{mode}, where the wall goes: compute stream idle between slabs "
-                                 f"{_f(o.get('gpu_compute_idle_s'), '.2f')} s of {_f(o.get('total_s'), '.2f')} s; main "
-                                 "thread " + ", ".join(f"{k} {v:.2f} s" for k, v in o["main_thread_s"].items())
-                                 + (("; of the table: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in
-                                                                   o["table_parts_s"].items()))
-                                    if o.get("table_parts_s") else "")
-                                 + _search_sizes(o.get("table_surface_runs")))
+                for run in ("ours", "ours-host", "ours-device"):
+                    o = r.get(run, {})
+                    if run != "ours" and o:
+                        lines.append(f"- {label}/{mode}/{run}: the same run with the components on the "
+                                     f"{o.get('components')}: defects {o.get('defects')}, the same as ours: "
+                                     f"{o.get('same_defects_as_ours')}")
+                    if o.get("main_thread_s"):
+                        lines.append(f"- {label}/{mode}/{run} (components on the {o.get('components', 'device')}), "
+                                     "where the wall goes: compute stream idle between slabs "
+                                     f"{_f(o.get('gpu_compute_idle_s'), '.2f')} s of {_f(o.get('total_s'), '.2f')} s; "
+                                     "main thread " + ", ".join(f"{k} {v:.2f} s" for k, v in o["main_thread_s"].items())
+                                     + (("; of the table: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in
+                                                                       o["table_parts_s"].items()))
+                                        if o.get("table_parts_s") else "")
+                                     + _search_sizes(o.get("table_surface_runs")))
         if ref.get("attention_check"):
             lines.append(f"- attention check in the bench: {ref['attention_check']}")
         if ref.get("attention_launches"):

@@ -22,7 +22,8 @@
 #   bench      xctrt bench --gpu (no compile): a generated 1000x1200x1200 uint16 TIFF, random ViT-B,
 #              paper and shared mode, naive anchor (segment-anything eager fp32, bs 1, host post-processing)
 #              and ours (bf16, fused attention, CUDA graphs, GPU pre/post-processing), stage by stage, and
-#              the encoder's top kernels (--profile)
+#              the encoder's top kernels (--profile); ours twice on the same volume: components on the GPU
+#              (CuPy, "ours") and on the host (the C++ labeller beside the GPU, "ours-host")
 #   post       benchmarks/gpu_post_check.py: CuPy window/resize/aggregate/components vs the C++ kernels
 #              (exact), aggregate + components + table of a 1000x1200x1200 volume, timed (met on
 #              2026-11-26: a regression check), then the fused Triton pre/post kernels vs C++ and timed

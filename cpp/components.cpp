@@ -523,6 +523,39 @@ ImageType image_type(const py::array& a) {
                               py::str(a.dtype()).cast<std::string>());
 }
 
+// Adds how many of n bytes take each value to counts: all cores in blocks, each block counted
+// into four tables in turn (consecutive equal bytes, as in a label volume's long runs, would
+// otherwise wait on one counter's previous increment).
+void count_values(const uint8_t* p, int64_t n, std::array<int64_t, 256>& counts) {
+  constexpr int64_t kBlock = int64_t{1} << 20;  // < 2**32 / 4: a block's counts fit uint32
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+#ifdef XCTRT_OPENMP
+#pragma omp parallel if (nb > 1)
+#endif
+  {
+    std::array<int64_t, 256> local{};
+    std::array<uint32_t, 4 * 256> t;
+#ifdef XCTRT_OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+    for (int64_t b = 0; b < nb; ++b) {
+      t.fill(0);
+      const uint8_t* q = p + b * kBlock;
+      const int64_t m = std::min(kBlock, n - b * kBlock);
+      int64_t i = 0;
+      for (; i + 4 <= m; i += 4) {
+        ++t[q[i]], ++t[256 + q[i + 1]], ++t[512 + q[i + 2]], ++t[768 + q[i + 3]];
+      }
+      for (; i < m; ++i) ++t[q[i]];
+      for (int v = 0; v < 256; ++v) local[v] += int64_t{t[v]} + t[256 + v] + t[512 + v] + t[768 + v];
+    }
+#ifdef XCTRT_OPENMP
+#pragma omp critical(xctrt_count_values)
+#endif
+    for (int v = 0; v < 256; ++v) counts[v] += local[v];
+  }
+}
+
 class PyLabeller {
  public:
   PyLabeller(std::array<int64_t, 3> shape, std::vector<int64_t> classes, int connectivity,
@@ -587,6 +620,11 @@ class PyLabeller {
     return n < 0 ? py::none() : py::object(py::int_(n));
   }
   int64_t slices_received() const { return lab_.slices_received(); }
+  py::array_t<int64_t> value_counts() const {
+    py::array_t<int64_t> out(256);
+    std::memcpy(out.mutable_data(), value_counts_.data(), sizeof(value_counts_));
+    return out;
+  }
   py::tuple shape() const { return py::make_tuple(lab_.Z(), lab_.Y(), lab_.X()); }
 
   static py::dict make_table(const std::vector<Stat>& st, const std::vector<double>& dist, double dz,
@@ -662,6 +700,7 @@ class PyLabeller {
     busy_ = true;
     try {
       py::gil_scoped_release release;
+      count_values(lp, nz * lab_.Y() * lab_.X(), value_counts_);
       lab_.add<T>(lp, ip, nz, nullptr);
     } catch (...) {
       busy_ = false;
@@ -671,6 +710,7 @@ class PyLabeller {
   }
 
   Labeller lab_;
+  std::array<int64_t, 256> value_counts_{};  // voxels per label value in the slabs added so far
   bool busy_ = false;
 };
 
@@ -1038,6 +1078,8 @@ void bind_components(py::module_& m) {
                              "Voxels of air (label 0) outside the part: connected (6-neighbours) to\n"
                              "the volume's y or x sides. None before finish().")
       .def_property_readonly("slices_received", &PyLabeller::slices_received)
+      .def_property_readonly("value_counts", &PyLabeller::value_counts,
+                             "(256,) int64: voxels per label value (0..255) in the slabs added so far.")
       .def_property_readonly("shape", &PyLabeller::shape);
 
   m.def("label_components", &label_components, py::arg("labels"), py::arg("image"),

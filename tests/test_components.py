@@ -349,6 +349,27 @@ def test_surface_distance_in_csv_and_summary():
     assert "surface_distance_mm" not in s["defects"]["pore"]
 
 
+def test_value_counts_match_bincount_across_slabs():
+    """The labeller's voxels per label value (DefectCounter.class_voxels) equal NumPy's bincount, over
+    slabs of several blocks of its count (2**20 bytes), odd sizes and all 256 values."""
+    from xctrt.defects import DefectCounter
+    rng = np.random.default_rng(3)
+    lab = rng.integers(0, 4, (7, 301, 1003), dtype=np.uint8)   # 2.1 M voxels: blocks and a tail
+    lab[2, 5, :256] = np.arange(256, dtype=np.uint8)
+    lab[4:6, 100:200, 7:900] = 1                                # long runs of one value
+    img = np.zeros(lab.shape, np.uint16)
+    counter = DefectCounter(lab.shape, (1.0, 1.0, 1.0))
+    assert counter.class_voxels.tolist() == [0] * 256
+    for z0, z1 in ((0, 1), (1, 5), (5, 7)):
+        counter.add_slab(lab[z0:z1], img[z0:z1])
+        assert counter.class_voxels.tolist() == np.bincount(lab[:z1].ravel(), minlength=256).tolist()
+    assert counter.class_voxels.dtype == np.int64 and counter.class_voxels.sum() == lab.size
+    # a refused slab counts nothing
+    with pytest.raises(ValueError):
+        counter.add_slab(lab[:1], img[:1])
+    assert counter.class_voxels.sum() == lab.size
+
+
 def test_enclosed_air_in_summary():
     """Air that does not reach the view's y/x sides is enclosed: in neither porosity nor the part."""
     from xctrt.defects import DefectCounter, summarise

@@ -215,6 +215,28 @@ def test_on_slab_gets_read_only_arrays(rich, phantom_volume, tmp_path):
         np.testing.assert_array_equal(tif.asarray(), res.labels)
 
 
+@pytest.mark.parametrize("where", ["components", "table", "on_slab"])
+def test_a_components_thread_failure_is_the_runs_error(rich, phantom_volume, tmp_path, monkeypatch, where):
+    """The components (and then the table) run on a thread of their own: a failure there, in the
+    labeller, the table or the caller's on_slab, is the run's error, no output folder is left looking
+    complete, and none of the run's threads outlives it."""
+    import threading
+
+    from xctrt.defects import DefectCounter
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"{where} broke")
+    if where == "components":
+        monkeypatch.setattr(DefectCounter, "add_slab", broken)
+    elif where == "table":
+        monkeypatch.setattr(DefectCounter, "finish", broken)
+    with pytest.raises(RuntimeError, match=f"{where} broke"):
+        rich.segment(phantom_volume, out_dir=tmp_path / "out", on_slab=broken if where == "on_slab" else None)
+    assert not (tmp_path / "out").exists()
+    for t in threading.enumerate():
+        assert not t.name.startswith("xctrt-"), t.name
+
+
 def test_segment_and_segmenter_refuse_wrong_argument_types(phantom_volume):
     seg = make_segmenter()
     for bad in ([[[1]]], 5, None):

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .errors import XctrtError
 
-STAGES = ("read", "tile", "infer", "stitch", "aggregate", "components", "write")
+STAGES = ("read", "tile", "infer", "stitch", "aggregate", "components", "write", "table")
 
 
 def _int_from(least: int):
@@ -86,6 +86,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu: C++ stages on the host around the engine; cuda: model (torch) and every stage on "
                         "the GPU (default: %(default)s)")
+    p.add_argument("--components", choices=["device", "host"],
+                   help="with --device cuda: label the 3D defects on the GPU (device, the default there) or with "
+                        "the C++ labeller on the host (host), leaving the GPU to the model; the same table either "
+                        "way (with bench --gpu: time only this one; default: both)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: the torch backend's matrix products and convolutions in bfloat16 (about half the "
                         "time on a GPU; probabilities differ by about 1e-2, so a few labels may too) "
@@ -102,7 +106,8 @@ def _segmenter(args):
     return Segmenter(args.model, backend=args.backend, batch_size=args.batch_size, threads=args.threads,
                      connectivity=args.connectivity, min_voxels=args.min_voxels, slab=args.slab,
                      window=args.window, progress=not args.no_progress, device=args.device,
-                     precision=args.precision, fill_enclosed_air=args.fill_enclosed_air)
+                     precision=args.precision, fill_enclosed_air=args.fill_enclosed_air,
+                     components=args.components)
 
 
 def cmd_segment(args) -> int:
@@ -197,7 +202,7 @@ def cmd_bench(args) -> int:
         print(f"{st:<12}{s:>10.3f}{1000 * s / z:>10.2f}")
     print(f"{'end to end':<12}{t['total_s']:>10.3f}{1000 * t['total_s'] / z:>10.2f}   "
           f"{t['slices_per_s']:.2f} slices/s")
-    print("(stages overlap in three threads, so busy times can add up to more than end to end)")
+    print("(stages overlap in four threads, so busy times can add up to more than end to end)")
     if staged is not None:
         print(f"wrote {commit_json(staged, {'runs': runs, 'best': best})}")
     return 0

@@ -1,8 +1,9 @@
 """read -> window/tile -> infer in batches -> stitch -> aggregate -> components + write.
 
-Three threads joined by bounded queues: a reader prefetches slabs, the caller's thread runs
-tiling and inference, and a writer runs connected components and streams compressed label
-pages to disk. Memory is a few slabs, whatever the volume size.
+Four threads joined by bounded queues: a reader prefetches slabs, the caller's thread runs
+tiling and inference, a components thread runs the connected components (on the host; the GPU
+path may count them on the device instead) and then the defect table, and a writer streams
+compressed label pages to disk. Memory is a few slabs, whatever the volume size.
 """
 from __future__ import annotations
 
@@ -59,6 +60,15 @@ class _Timer:
             dt = time.perf_counter() - t0
             with self._lock:
                 self.seconds[stage] += dt
+
+
+def _get(q: queue.Queue, failed: threading.Event):
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if failed.is_set():
+                raise _StageFailed
 
 
 def _put(q: queue.Queue, item, failed: threading.Event) -> None:
@@ -142,7 +152,8 @@ class Segmenter:
                  batch_size: int | None = None,
                  threads: int = 0, connectivity: int = 26, min_voxels: int = 1, slab: int = 8,
                  window: tuple[float, float] | None = None, progress: bool = True, device: str = "cpu",
-                 engine=None, precision: str = "fp32", fill_enclosed_air: bool = False):
+                 engine=None, precision: str = "fp32", fill_enclosed_air: bool = False,
+                 components: str | None = None):
         """device "cpu": window/tile/stitch/aggregate/components in C++ on the host around the engine.
         device "cuda": all of it on the GPU (xctrt.gpu: torch model, CuPy stages), needs the torch
         backend; "host-arrays": that GPU path's code with NumPy and torch on the host (tests, dry runs).
@@ -153,7 +164,15 @@ class Segmenter:
         fill_enclosed_air: relabel air the part encloses (label 0 not reaching the view's y/x sides) as
         material, in the labels, labels.tif and the summary; what that air is in the released test sets'
         labels: benchmarks/RESULTS.md. Known only once the whole volume went through the components, so
-        labels.tif is rewritten and on_slab cannot be used with it."""
+        labels.tif is rewritten and on_slab cannot be used with it.
+        components: where the GPU path labels the 3D components: "device" (the default there: CuPy on the
+        GPU) or "host" (the C++ labeller, from the labels downloaded for labels.tif, leaving the GPU to the
+        model); the same table either way. The CPU path labels on the host."""
+        if components not in (None, "device", "host"):
+            raise XctrtError(f"components must be 'device' or 'host', not {components!r}")
+        if components == "device" and device == "cpu":
+            raise XctrtError("components on the device need --device cuda: the CPU path labels them on the host")
+        self.components = components or ("host" if device == "cpu" else "device")
         self.package = model if isinstance(model, ModelPackage) else load_package(model)
         if device not in DEVICES:
             raise XctrtError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
@@ -270,7 +289,8 @@ class Segmenter:
             return GpuStage(self.engine.torch_model, pkg.input_size, self._thresholds, self._ids, self._priority,
                             pkg.aggregation, shape, voxel_size, self.connectivity, batch_size=self.batch_size,
                             device="cuda" if self.device == "cuda" else "cpu", input_mode=pkg.input_mode,
-                            overlap=pkg.overlap, blend=pkg.blend, pad=pkg.pad, grey_dtype=grey_dtype)
+                            overlap=pkg.overlap, blend=pkg.blend, pad=pkg.pad, grey_dtype=grey_dtype,
+                            components=self.components)
         return _CpuStage(self, DefectCounter(shape, voxel_size, self.connectivity), timer)
 
     @staticmethod
@@ -308,7 +328,7 @@ class Segmenter:
 
         out_dir: write labels.tif, defects.csv, preview.png, summary.json there (atomically).
         on_slab(z0, image_slab, label_slab): called for every slab in order, e.g. to stream labels on; on
-        the writer thread, with read-only arrays: the grey values as the engine reads them (uint8, uint16
+        the components thread, with read-only arrays: the grey values as the engine reads them (uint8, uint16
         or float32: other types converted) and the uint8 labels.
         keep_labels: return the label volume in memory (default: only when no out_dir is given).
         """
@@ -356,35 +376,41 @@ class Segmenter:
         failed = threading.Event()
         errors: list[BaseException] = []
         q_in: queue.Queue = queue.Queue(maxsize=2)
-        q_out: queue.Queue = queue.Queue(maxsize=2)
+        q_out: queue.Queue = queue.Queue(maxsize=2)     # labelled slabs, to the components thread
+        q_write: queue.Queue = queue.Queue(maxsize=2)   # their labels, to the writer thread
+        made = {}   # the table, when the components thread makes it
         bar = _progress(Z, self.progress)
 
-        def reader():
-            try:
-                it = source.slabs(self.slab)
-                while True:
-                    with timer("read"):
-                        item = next(it, _END)
-                    _put(q_in, item, failed)
-                    if item is _END:
-                        return
-            except _StageFailed:
-                pass
-            except BaseException as exc:
-                errors.append(exc)
-                failed.set()
-
-        def finished_slabs():
-            while True:
+        def guarded(work):
+            """A thread's body: its failure is the run's error and stops the other threads."""
+            def run():
                 try:
-                    with timer("write_wait"):
-                        item = q_out.get(timeout=0.1)
-                except queue.Empty:
-                    if failed.is_set():
-                        raise _StageFailed
-                    continue
+                    work()
+                except _StageFailed:
+                    pass
+                except BaseException as exc:
+                    errors.append(exc)
+                    failed.set()
+            return run
+
+        @guarded
+        def reader():
+            it = source.slabs(self.slab)
+            while True:
+                with timer("read"):
+                    item = next(it, _END)
+                _put(q_in, item, failed)
                 if item is _END:
                     return
+
+        @guarded
+        def components():
+            # A counter of its own (C++, without the GIL) labels here while the writer encodes the
+            # TIFF, and makes the table once the last slab is in, while labels.tif is still written
+            while True:
+                item = _get(q_out, failed)
+                if item is _END:
+                    break
                 z0, img, lab = item
                 with timer("components"):
                     counter.add_slab(lab, img)
@@ -398,28 +424,38 @@ class Segmenter:
                 if on_slab is not None:   # read-only: img may be the caller's own array, lab is what gets written
                     on_slab(z0, _read_only(img), _read_only(lab))
                 bar.update(len(lab))
+                _put(q_write, lab, failed)
+            _put(q_write, _END, failed)
+            if not counter.counts_in_stage:
+                with timer("table"):
+                    made["table"] = counter.finish(self.min_voxels)
+
+        def pages():
+            while True:
+                with timer("write_wait"):
+                    lab = _get(q_write, failed)
+                if lab is _END:
+                    return
                 yield from lab
+
+        @guarded
+        def write():
+            if staged is not None:
+                with staged.write("labels.tif") as tmp:
+                    write_volume_tiff(tmp, pages(), (Z, Y, X), np.uint8, vs if unit == "mm" else None)
+            else:
+                for _ in pages():
+                    pass
 
         def writer():
             t0 = time.perf_counter()
-            try:
-                pages = finished_slabs()
-                if staged is not None:
-                    with staged.write("labels.tif") as tmp:
-                        write_volume_tiff(tmp, pages, (Z, Y, X), np.uint8, vs if unit == "mm" else None)
-                else:
-                    for _ in pages:
-                        pass
-            except _StageFailed:
-                pass
-            except BaseException as exc:
-                errors.append(exc)
-                failed.set()
-            # encoding + disk time: the writer thread's life minus waiting and components
+            write()
+            # encoding + disk time: the writer thread's life minus waiting for labels
             s = timer.seconds
-            s["write"] = time.perf_counter() - t0 - s.pop("write_wait", 0.0) - s["components"]
+            s["write"] = time.perf_counter() - t0 - s.pop("write_wait", 0.0)
 
         threads = [threading.Thread(target=reader, name="xctrt-read", daemon=True),
+                   threading.Thread(target=components, name="xctrt-host-components", daemon=True),
                    threading.Thread(target=writer, name="xctrt-write", daemon=True)]
         for t in threads:
             t.start()
@@ -445,7 +481,7 @@ class Segmenter:
                         _put(q_out, _END, failed)
                     if counter.counts_in_stage:   # every slab is counted: the table while labels.tif is written
                         with timer("table"), main("table"):
-                            table = counter.finish(self.min_voxels)
+                            made["table"] = counter.finish(self.min_voxels)
                     break
                 z0, slab = item
                 with main("stage"):
@@ -453,7 +489,8 @@ class Segmenter:
                 with main("wait_write"):
                     for done in finished:
                         _put(q_out, done, failed)
-            threads[1].join()
+            for t in threads[1:]:
+                t.join()
             ok = True
         except _StageFailed:
             pass
@@ -467,9 +504,8 @@ class Segmenter:
         if errors:
             raise errors[0]
 
+        table = made["table"]
         with timer("table"):
-            if not counter.counts_in_stage:   # the writer thread counted the last slab just now
-                table = counter.finish(self.min_voxels)
             # the air outside the part, for the fill and for the preview's enclosed air
             has_labels = labels_all is not None or staged is not None
             outside = counter.outside_air_runs() if staged is not None or self.fill_enclosed_air and has_labels \
@@ -512,7 +548,7 @@ class Segmenter:
             "run": {"backend": self.engine.name, "device": self.engine.device, "pipeline": self.device,
                     "routed_adapters": getattr(self.engine, "routed_adapters", None),
                     "matmul_resizes": getattr(self.engine, "matmul_resizes", None),
-                    "batch_size": self.batch_size,
+                    "batch_size": self.batch_size, "components": self.components,
                     "threads": self.threads, "slab": self.slab, "connectivity": self.connectivity,
                     "min_voxels": self.min_voxels, "fill_enclosed_air": self.fill_enclosed_air,
                     "intensity_window": list(window),
@@ -542,7 +578,7 @@ class Segmenter:
 
 
 class _CpuStage:
-    """Labels slab by slab on the host (C++ kernels); components run later, in the writer thread."""
+    """Labels slab by slab on the host (C++ kernels); components run later, on the components thread."""
 
     memory_used_max = cupy_pool_bytes = None   # what the GPU stage also reports: nothing to say on the host
     graph_error = fused_error = main_components_s = None

@@ -215,9 +215,10 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
         slab: int = 32, naive_slices: int = 16, compiled_slices: int = 96, compile_mode: str | None = "max-autotune",
         attention_impl: str = "auto", volume: str | None = None, work: str | None = None,
         device: str = "cuda", seed: int = 0, compile_ours: str | None = None, profile: bool = False,
-        log=print, on_mode=None) -> dict:
+        components=("device", "host"), log=print, on_mode=None) -> dict:
     """on_mode(res), if given, is called with the results so far after each mode, so a run stopped
-    by a time limit keeps the modes it finished."""
+    by a time limit keeps the modes it finished. components: where ours labels the 3D components, one
+    timed run each on the same volume: the first is "ours", the others "ours-host" or "ours-device"."""
     import torch
 
     from .. import _core
@@ -234,7 +235,7 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
                  "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                  "shape": list(shape), "backbone": backbone, "batch": batch, "slab": slab, "compile_ours": compile_ours,
-                 "compile_mode": compile_mode, "modes": {}}
+                 "compile_mode": compile_mode, "components": list(components), "modes": {}}
     if cuda:
         res["matmul_bf16_tflops"] = matmul_peak(torch)
         log(f"bf16 matmul peak (measured): {res['matmul_bf16_tflops']:.0f} TFLOP/s")
@@ -317,23 +318,28 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
         # capture), paid by this first run; the timed run below reuses the captured graphs, as a plant
         # pipeline segmenting volume after volume does (the compiled anchor's compile is left out too)
         first_capture_s = s.summary["timing"]["stage_busy_s"].get("capture")
-        t0 = time.perf_counter()
-        seg = Segmenter(pkg, engine=eng, device=gpu_device, **common)
-        s = seg.segment(vol, out_dir=tmp / f"ours-{mode}", keep_labels=False)
-        r["ours"] = _stage_row(s.summary)
-        r["ours"]["wall_s_with_setup"] = time.perf_counter() - t0
-        r["ours"]["first_run_capture_s"] = first_capture_s
-        r["ours"]["defects"] = {k: v["count"] for k, v in s.summary["result"]["defects"].items()}
-        r["ours"]["gpu_memory_used_max_gib"] = s.summary["timing"]["gpu_memory_used_max_gib"]
-        r["ours"]["cuda_graphs_not_used_because"] = s.summary["timing"]["cuda_graphs_not_used_because"]
-        r["ours"]["fused_kernels_not_used_because"] = s.summary["timing"]["fused_kernels_not_used_because"]
-        r["ours"]["gpu_surface_search_not_used_because"] = s.summary["timing"]["gpu_surface_search_not_used_because"]
-        if cuda:
-            r["ours"]["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            r["ours"]["torch_reserved_peak_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
-            r["ours"]["cupy_pool_gib"] = s.summary["timing"]["gpu_cupy_pool_gib"]   # at the run's end
-        log(f"[{mode}] ours: {r['ours']['slices_per_s']:.1f} slices/s end to end, stages "
-            f"{ {k: round(v, 2) for k, v in r['ours']['stage_busy_s'].items()} }")
+        for i, where in enumerate(components):
+            run_name = "ours" if i == 0 else f"ours-{where}"
+            t0 = time.perf_counter()
+            seg = Segmenter(pkg, engine=eng, device=gpu_device, components=where, **common)
+            s = seg.segment(vol, out_dir=tmp / f"{run_name}-{mode}", keep_labels=False)
+            o = r[run_name] = _stage_row(s.summary)
+            o["components"] = where
+            o["wall_s_with_setup"] = time.perf_counter() - t0
+            o["first_run_capture_s"] = first_capture_s
+            o["defects"] = {k: v["count"] for k, v in s.summary["result"]["defects"].items()}
+            for k in ("gpu_memory_used_max_gib", "cuda_graphs_not_used_because", "fused_kernels_not_used_because",
+                      "gpu_surface_search_not_used_because"):
+                o[k] = s.summary["timing"][k]
+            if cuda:
+                o["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                o["torch_reserved_peak_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
+                o["cupy_pool_gib"] = s.summary["timing"]["gpu_cupy_pool_gib"]   # at the run's end
+            if i:   # the same volume and model: the same defects, wherever they were counted
+                o["same_defects_as_ours"] = o["defects"] == r["ours"]["defects"]
+            log(f"[{mode}] {run_name} (components on the {where}): {o['slices_per_s']:.1f} slices/s end to end, "
+                f"stages { {k: round(v, 2) for k, v in o['stage_busy_s'].items()} }")
+            s = None
         r["ours"]["label_agreement_vs_naive"] = agreement
         with torch.inference_mode():   # in batches of the run's size: a compiled encoder (dynamic=False)
             xt = torch.from_numpy(x).to(device)   # would compile again for any other batch size
@@ -397,7 +403,7 @@ def comparisons(res: dict):
     for mode, r in res["modes"].items():
         naive = r["naive"]["slices_per_s"]
         comp = r.get("compiled", {}).get("slices_per_s")
-        for run in ("naive", "compiled", "ours"):
+        for run in ("naive", "compiled", "ours", "ours-host", "ours-device"):
             if run in r:
                 v = r[run]["slices_per_s"]
                 yield mode, run, r[run], v / naive, (v / comp if comp else None)
@@ -429,6 +435,6 @@ def main(args) -> int:
               attention_impl=args.attention, volume=args.volume, work=args.work,
               device="cuda" if not args.host_arrays else "cpu",
               compile_ours=None if args.compile_ours == "none" else args.compile_ours, profile=args.profile,
-              on_mode=save)
+              components=(args.components,) if args.components else ("device", "host"), on_mode=save)
     print(table(res))
     return 0

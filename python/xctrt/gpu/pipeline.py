@@ -19,13 +19,17 @@ import queue
 import threading
 import time
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import nullcontext
 
 import numpy as np
 
+from ..defects import DefectCounter
 from ..errors import XctrtError
 from . import cuda_array_module, post, resample
+
+# where the GPU path labels the components: on the device (CuPy) or on the host (C++)
+COMPONENTS = ("device", "host")
 
 
 # model -> {(batch, input size, device): {"steps": captured GraphedSteps, "user": weakref to the stage
@@ -106,7 +110,7 @@ class _Clock:
 
 
 class GpuCounter:
-    """The writer thread's view of the components: already counted on the device, so add_slab does
+    """The components thread's view of the components: already counted on the device, so add_slab does
     nothing and finish() asks the stage."""
 
     counts_in_stage = True   # add_slab is a no-op: finish() may start once the stage has flushed
@@ -145,10 +149,15 @@ class GpuStage:
     def __init__(self, model, input_size: int, thresholds, label_ids, priority, aggregation: str,
                  shape, voxel_size, connectivity: int = 26, classes=(2, 3), *, batch_size: int,
                  device: str = "cuda", graphs: bool = True, input_mode: str = "resize", overlap: int = 0,
-                 blend: str = "constant", pad: str = "edge", grey_dtype=None):
+                 blend: str = "constant", pad: str = "edge", grey_dtype=None, components: str = "device"):
         """batch_size: images per model call; no default here (the Segmenter's is
         pipeline.default_batch_size). grey_dtype: the volume's grey values (uint8, uint16 or float32),
-        whose fused preprocessing the self-check compiles and checks; None: all three."""
+        whose fused preprocessing the self-check compiles and checks; None: all three.
+        components: "device", labelled here on the GPU (post.ComponentLabeller, CuPy), or "host", by the
+        C++ labeller on the Segmenter's components thread from the labels downloaded for labels.tif: the
+        same table, and the GPU left to the model (COMPONENTS)."""
+        if components not in COMPONENTS:
+            raise ValueError(f"components must be one of {', '.join(COMPONENTS)}, not {components!r}")
         import torch
 
         self.torch = torch
@@ -168,8 +177,9 @@ class GpuStage:
         self.ids = np.asarray(label_ids, np.uint8)
         self.priority = np.asarray(priority, np.int64)
         self.aggregation = aggregation
-        self.labeller = post.ComponentLabeller(tuple(shape), classes=tuple(classes), connectivity=connectivity,
-                                               voxel_size=tuple(voxel_size))
+        self.host_components = components == "host"
+        self.labeller = None if self.host_components else post.ComponentLabeller(
+            tuple(shape), classes=tuple(classes), connectivity=connectivity, voxel_size=tuple(voxel_size))
         # on CUDA the fused Triton pre- and post-processing kernels of resample.py (window+resize or tile
         # extraction; resize or stitching + aggregation), after a self-check against the step-by-step
         # functions; fused_error says why they are not used
@@ -183,8 +193,11 @@ class GpuStage:
         self.clock = _Clock(torch, self.cuda)
         self.gaps = _Clock(torch, self.cuda)   # compute stream idle between slabs (waiting for the host or the copy in)
         self._last_end = None                  # event at the end of the previous slab's compute work
-        self.main_components_s = 0.0           # main thread's wait for the components thread (back-pressure, flush)
-        self.counter = GpuCounter(self)
+        # main thread's wait for the components thread (back-pressure, flush); None: components on the host
+        self.main_components_s = None if self.host_components else 0.0
+        self.counter = DefectCounter(shape, voxel_size, connectivity, tuple(classes)) if self.host_components \
+            else GpuCounter(self)
+        self._downloading: deque = deque()   # host components: slabs whose labels are on their way to the host
         # The components of each slab are labelled on a thread of their own: the labeller's host syncs
         # would otherwise hold up the main thread, which then queues no model work meanwhile. At most
         # two slabs wait for it (their labels and grey values stay on the device until labelled).
@@ -351,7 +364,8 @@ class GpuStage:
                 if self._last_end is not None:
                     self.gaps.span("compute_idle", self._last_end, start)
                 dev.record_stream(self.compute)     # read there and by the components: not reused before
-                dev.record_stream(self.postproc)
+                if not self.host_components:
+                    dev.record_stream(self.postproc)
                 ctx = torch.cuda.stream(self.compute)
             else:
                 dev = np.ascontiguousarray(slab)
@@ -425,8 +439,28 @@ class GpuStage:
         if self.cuda:
             free, total = torch.cuda.mem_get_info()
             self.memory_used_max = max(self.memory_used_max, total - free)
+        if self.host_components:
+            self._downloading.append(item)
+            return self._downloaded()
         self._hand_over(item)
         return self._collect()
+
+    # ---------------------------------------------------------------- components on the host
+
+    def _downloaded(self, wait: bool = False) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """The slabs whose labels have reached the host, in order, for the Segmenter's components thread.
+        The oldest is waited for while more than two are on their way (or all, with wait): the model work
+        of the newer ones is queued by then. Their device labels stay referenced until copied."""
+        done = []
+        while self._downloading:
+            z0, slab, out, copied = self._downloading[0][:4]
+            if copied is not None:
+                if not (wait or len(self._downloading) > 2 or copied.query()):
+                    break
+                copied.synchronize()
+            self._downloading.popleft()
+            done.append((z0, slab, out.numpy() if copied is not None else np.asarray(out)))
+        return done
 
     # ---------------------------------------------------------------- components, on their own thread
 
@@ -491,6 +525,7 @@ class GpuStage:
 
     def close(self) -> None:
         """After a failed run: stop the components thread without labelling what still waits."""
+        self._downloading.clear()
         if self._labeller_thread is None:
             return
         while True:
@@ -503,6 +538,10 @@ class GpuStage:
 
     def flush(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Wait for the components of every submitted slab; return the slabs not yet handed back."""
+        if self.host_components:   # their components come after, on the Segmenter's components thread
+            done = self._downloaded(wait=True)
+            self._release()
+            return done
         if self._labeller_thread is None:
             return []
         self._hand_over(None)
@@ -517,18 +556,24 @@ class GpuStage:
         """The defect table (same columns and values as the C++ labeller's)."""
         if self.cuda:
             self.torch.cuda.synchronize()
+        with _xp_stream(self.xp, self.postproc if self.cuda else None):   # timed by the pipeline ("table")
+            table = self.labeller.finish(min_voxels=min_voxels)
+        self._release()
+        return table
+
+    def _release(self) -> None:
+        """Once every replay and download has finished: the graphs to the next stage, CuPy's pool emptied."""
+        if self.cuda:
+            self.torch.cuda.synchronize()
         if self._graph_entry is not None:   # every replay has finished: the next stage may use the graphs
             self._graph_entry["user"] = None
             self._graph_entry = None
-        with _xp_stream(self.xp, self.postproc if self.cuda else None):   # timed by the pipeline ("table")
-            table = self.labeller.finish(min_voxels=min_voxels)
         if self.cuda:
             # CuPy's pool keeps freed blocks per stream, and the next stage (the next volume) has new
             # streams: left cached, they would stay out of reach of its CuPy work and of torch's allocator
             pool = self.xp.get_default_memory_pool()
             self.cupy_pool_bytes = pool.total_bytes()
             pool.free_all_blocks()
-        return table
 
     def host_class_voxels(self) -> np.ndarray:
         if self.fused:
@@ -544,6 +589,8 @@ class GpuStage:
         back), the outside-air runs (the tree) and defect runs (the searches) it worked on, and why it
         ran on the host if it did."""
         lb = self.labeller
+        if lb is None:   # the C++ labeller's search is not timed or counted apart from the table
+            return dict.fromkeys(("table_parts_s", "table_surface_runs", "gpu_surface_search_not_used_because"))
         return {"table_parts_s": {"surface_distance": round(lb.surface_distance_s, 4),
                                   "surface_tree": round(lb.surface_tree_s, 4)},
                 "table_surface_runs": dict(lb.surface_runs),

@@ -1,0 +1,116 @@
+"""The host's streamed 3D components (C++) on label slabs like the GPU bench's: slices per second.
+
+    python benchmarks/host_components.py [--planes 64] [--size 1200] [--slab 32] [--repeats 3] [--json FILE]
+
+What the pipeline's components thread does per slab, on gpu_post_check.py's phantom (a --size² cylinder
+with 2 % random ellipsoid pores and inclusions, aggregated as the GPU bench's thresholds do; made with
+NumPy first, not timed). Best of --repeats each, all on the same slabs:
+  counter     DefectCounter.add_slab: the labeller, which also counts the voxels per label value
+  bincount    the same labeller with the counts from np.bincount, as DefectCounter did until 2026-11-27
+              (the baseline)
+  labeller    the labeller alone (no counts)
+  finish      the table after the last slab (merge, distance to the part surface on all cores)
+The counts must equal np.bincount's, and the table must be the same either way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_post_check import LABEL_IDS, PRIORITY, THRESHOLDS, Phantom  # noqa: E402
+from xctrt import _core  # noqa: E402
+from xctrt.defects import DefectCounter  # noqa: E402
+from xctrt.gpu import post  # noqa: E402
+
+
+def slabs(planes: int, size: int, slab: int):
+    """[(labels uint8, grey)] slab by slab, as the GPU stage hands them to the components."""
+    ph = Phantom(np, (planes, size, size))
+    out = []
+    for z0 in range(0, planes, slab):
+        probs, grey = ph.slab(z0, min(planes, z0 + slab))
+        lab = post.aggregate(probs.transpose(1, 0, 2, 3), THRESHOLDS, LABEL_IDS, PRIORITY)
+        out.append((np.ascontiguousarray(lab), np.ascontiguousarray(grey)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--planes", type=int, default=64)
+    ap.add_argument("--size", type=int, default=1200, help="Y = X of the phantom")
+    ap.add_argument("--slab", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    shape = (args.planes, args.size, args.size)
+    t0 = time.perf_counter()
+    data = slabs(args.planes, args.size, args.slab)
+    print(f"{args.planes} planes of {args.size}² in slabs of {args.slab} (made in {time.perf_counter() - t0:.0f} s)",
+          flush=True)
+
+    def counter():
+        c = DefectCounter(shape, (1.0, 1.0, 1.0))
+        t = time.perf_counter()
+        for lab, grey in data:
+            c.add_slab(lab, grey)
+        return time.perf_counter() - t, c
+
+    def bincount():
+        lb = _core.ComponentLabeller(shape=shape, classes=[2, 3])
+        counts = np.zeros(256, np.int64)
+        t = time.perf_counter()
+        for lab, grey in data:
+            counts += np.bincount(lab.ravel(), minlength=256)
+            lb.add_slab(lab, grey)
+        return time.perf_counter() - t, counts
+
+    def labeller():
+        lb = _core.ComponentLabeller(shape=shape, classes=[2, 3])
+        t = time.perf_counter()
+        for lab, grey in data:
+            lb.add_slab(lab, grey)
+        return time.perf_counter() - t, lb
+
+    res = {}
+    for name, fn in (("counter", counter), ("bincount", bincount), ("labeller", labeller)):
+        runs = [fn() for _ in range(args.repeats)]
+        res[name] = min(t for t, _ in runs)
+        last = runs[-1][1]
+        if name == "counter":
+            c = last
+        elif name == "bincount":
+            counts = last
+        else:
+            lb = last
+    t = time.perf_counter()
+    table = c.finish(1)
+    res["finish"] = time.perf_counter() - t
+    same_counts = c.class_voxels.tolist() == counts.tolist()
+    ref = lb.finish(1)
+    same_table = all(np.array_equal(table[k], ref[k], equal_nan=True) for k in ref)
+    print("  ".join(f"{k} {v:.3f} s" + (f" ({args.planes / v:.0f} slices/s)" if k != "finish" else "")
+                    for k, v in res.items())
+          + f"; counter vs bincount {res['bincount'] / res['counter']:.2f}x; {len(table['id'])} defects; "
+          f"same counts {same_counts}, same table {same_table}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "planes": args.planes, "size": args.size, "slab": args.slab, "defects": len(table["id"]),
+            "seconds": res, "slices_per_s": {k: args.planes / v for k, v in res.items() if k != "finish"},
+            "counter_vs_bincount": res["bincount"] / res["counter"], "same_counts": same_counts,
+            "same_table": same_table, "repeats": args.repeats, "host": platform.node(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2) + "\n")
+    return 0 if same_counts and same_table else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

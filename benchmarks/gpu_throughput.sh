@@ -28,7 +28,8 @@
 #              (exact), aggregate + components + table of a 1000x1200x1200 volume, timed (met on
 #              2026-11-26: a regression check), then the fused Triton pre/post kernels vs C++ and timed
 #   compiled   xctrt bench --gpu --modes paper with the torch.compile anchor (bf16, bs 8, mode
-#              $COMPILE_MODE): naive, compiled and ours again, in one process, on the same volume
+#              $COMPILE_MODE): naive, compiled and ours again (components on the GPU), in one process, on
+#              the same volume
 #   package    benchmarks/gpu_package_check.py: the shipped model (torch backend) with --device cuda vs the
 #              host C++ pipeline around the same GPU engine, 16x768x768 phantom: identical labels/table, speed
 #   attention  benchmarks/gpu_attention_check.py: fused kernel vs SDPA vs float32 reference, launch sweep
@@ -122,7 +123,7 @@ fi
 if want compiled; then
   stage "compiled: naive vs torch.compile($COMPILE_MODE) vs ours, paper mode ($(main_left) s left)"
   run_step compiled 200 $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --modes paper \
-    --compile-mode "$COMPILE_MODE" --work "$WORK/bench" --json "$OUT/bench_compiled.json"
+    --components device --compile-mode "$COMPILE_MODE" --work "$WORK/bench" --json "$OUT/bench_compiled.json"
 fi
 
 if want package; then
@@ -143,7 +144,7 @@ fi
 if want ours-compiled; then
   stage "ours-compiled: our encoder through torch.compile($OURS_COMPILE) too, shared mode ($(main_left) s left)"
   run_step ours-compiled 200 $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --modes shared \
-    --compile-mode none --compile-ours "$OURS_COMPILE" --profile --work "$WORK/bench" --json "$OUT/bench_ours_compiled.json"
+    --components device --compile-mode none --compile-ours "$OURS_COMPILE" --profile --work "$WORK/bench" --json "$OUT/bench_ours_compiled.json"
 fi
 
 if want warm && [ "$(left)" -gt 80 ]; then

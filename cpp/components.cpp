@@ -196,6 +196,32 @@ class Labeller {
     return surface_distance(std::move(air), g, {dz_, dy_, dx_});
   }
 
+  // What distance_to_surface() searches, for a search elsewhere (the GPU path's kernel): the air
+  // outside the part, and every run of a kept component as a (6, n) row-major block of z, y, x0,
+  // x1, component (final id - 1), exposed sides, in comp_out too (-1: a dropped component's run).
+  // Also counts the outside air's voxels (outside_air_voxels()).
+  std::vector<AirRun> surface_inputs(const std::vector<uint32_t>& final_id, std::vector<int32_t>& runs_out,
+                                     std::vector<int32_t>& comp_out) {
+    const size_t n = runs_.size();
+    runs_out.resize(6 * n);
+    comp_out.resize(n);
+    int32_t* o = runs_out.data();
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for schedule(static) if (n > 65536)
+#endif
+    for (size_t i = 0; i < n; ++i) {
+      const DefectRun& r = runs_[i];
+      const int32_t c = static_cast<int32_t>(final_id[r.comp]) - 1;
+      o[i] = r.z, o[n + i] = r.y, o[2 * n + i] = r.x0, o[3 * n + i] = r.x1, o[4 * n + i] = c;
+      o[5 * n + i] = r.exposed;
+      comp_out[i] = c;
+    }
+    std::vector<AirRun> air = outside_air_runs();
+    outside_air_voxels_ = 0;
+    for (const AirRun& r : air) outside_air_voxels_ += int64_t{r.x1} - r.x0 + 1;
+    return air;
+  }
+
   // Air voxels outside the part after distance_to_surface(); -1 before it or without surface.
   int64_t outside_air_voxels() const { return surface_ ? outside_air_voxels_ : -1; }
   // Their runs (z, y, x0, x1), e.g. to draw the air the part encloses.
@@ -583,7 +609,9 @@ class PyLabeller {
     }
   }
 
-  py::dict finish(int64_t min_voxels) {
+  // surface_distance false: the table's distances are NaN, for a search elsewhere from
+  // surface_search_inputs().
+  py::dict finish(int64_t min_voxels, bool surface_distance) {
     if (lab_.slices_received() != lab_.Z())
       throw std::invalid_argument("finish() before all slices arrived: " +
                                   std::to_string(lab_.slices_received()) + " of " +
@@ -598,13 +626,44 @@ class PyLabeller {
     try {
       py::gil_scoped_release release;
       lab_.resolve(min_voxels, final_id, st);
-      dist = lab_.distance_to_surface(final_id, st.size());
+      if (surface_distance)
+        dist = lab_.distance_to_surface(final_id, st.size());
+      else
+        dist.assign(st.size(), std::numeric_limits<double>::quiet_NaN());
     } catch (...) {
       busy_ = false;
       throw;
     }
     busy_ = false;
+    final_id_ = std::move(final_id);
+    n_kept_ = static_cast<int64_t>(st.size());
     return make_table(st, dist, lab_.dz(), lab_.dy(), lab_.dx());
+  }
+
+  // After finish(): (air (m, 4), runs (6, n), comp (n,)) int32 as search_air_runs takes them, for
+  // the components the last finish() kept.
+  py::tuple surface_search_inputs() {
+    if (n_kept_ < 0) throw std::runtime_error("surface_search_inputs() comes after finish()");
+    if (busy_) throw std::runtime_error("ComponentLabeller is busy in another thread");
+    std::vector<int32_t> runs, comp;
+    std::vector<AirRun> air;
+    busy_ = true;
+    try {
+      py::gil_scoped_release release;
+      air = lab_.surface_inputs(final_id_, runs, comp);
+    } catch (...) {
+      busy_ = false;
+      throw;
+    }
+    busy_ = false;
+    const py::ssize_t n = static_cast<py::ssize_t>(comp.size()), m = static_cast<py::ssize_t>(air.size());
+    py::array_t<int32_t> a({m, py::ssize_t{4}}), r({py::ssize_t{6}, n}), c(n);
+    if (m) std::memcpy(a.mutable_data(), air.data(), air.size() * sizeof(AirRun));
+    if (n) {
+      std::memcpy(r.mutable_data(), runs.data(), runs.size() * sizeof(int32_t));
+      std::memcpy(c.mutable_data(), comp.data(), comp.size() * sizeof(int32_t));
+    }
+    return py::make_tuple(a, r, c);
   }
 
   int64_t n_provisional() const { return lab_.n_provisional(); }
@@ -711,6 +770,8 @@ class PyLabeller {
 
   Labeller lab_;
   std::array<int64_t, 256> value_counts_{};  // voxels per label value in the slabs added so far
+  std::vector<uint32_t> final_id_;           // the last finish()'s final id of each provisional one
+  int64_t n_kept_ = -1;                      // and how many components it kept (-1: none yet)
   bool busy_ = false;
 };
 
@@ -728,7 +789,7 @@ py::dict label_components(const py::array& labels, const py::array& image,
     py::slice sl(z, e, 1);
     lab.add_slab(labels[sl].cast<py::array>(), image[sl].cast<py::array>());
   }
-  return lab.finish(min_voxels);
+  return lab.finish(min_voxels, true);
 }
 
 py::array_t<int32_t> label_volume(const py::array& labels, std::vector<int64_t> classes,
@@ -1068,9 +1129,15 @@ void bind_components(py::module_& m) {
            py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0})
       .def("add_slab", &PyLabeller::add_slab, py::arg("labels"), py::arg("image"),
            "labels: uint8 (z, Y, X); image: same shape, uint8, uint16 or float32.")
-      .def("finish", &PyLabeller::finish, py::arg("min_voxels") = 0,
+      .def("finish", &PyLabeller::finish, py::arg("min_voxels") = 0, py::arg("surface_distance") = true,
            "Merge and return the table (dict of columns); components with fewer than\n"
-           "min_voxels voxels are dropped before ids 1..N are assigned in raster order.")
+           "min_voxels voxels are dropped before ids 1..N are assigned in raster order.\n"
+           "surface_distance=False leaves that column NaN, for a search elsewhere\n"
+           "(surface_search_inputs).")
+      .def("surface_search_inputs", &PyLabeller::surface_search_inputs,
+           "After finish(): (air, runs, comp) int32 as search_air_runs takes them: the (m, 4) air\n"
+           "runs outside the part, the (6, n) defect runs (z, y, x0, x1, component, exposed sides)\n"
+           "and their components (table row, -1 where finish() dropped it).")
       .def_property_readonly("n_provisional", &PyLabeller::n_provisional)
       .def("outside_air_runs", &PyLabeller::outside_air_runs,
            "After finish(): (m, 4) int32 x-runs z, y, x0, x1 (x1 inclusive) of the air outside the part.")

@@ -323,6 +323,70 @@ def test_surface_distance_by_hand():
     assert len(t["id"]) == 4 and np.isnan(t["surface_distance"]).all()
 
 
+@pytest.mark.parametrize("min_voxels", [0, 3])
+def test_surface_search_elsewhere_gives_the_labellers_own_bits(min_voxels):
+    """finish(surface_distance=False) + surface_search_inputs() + the per-run search (the GPU kernel's
+    host twin) over air_tree: the same distances, bit for bit, as the labeller's own search, also
+    through DefectCounter(surface_search=...); the outside air is counted either way."""
+    from xctrt.defects import DefectCounter
+    rng = np.random.default_rng(7)
+    lab = np.ones((9, 40, 50), np.uint8)
+    yy, xx = np.mgrid[:40, :50]
+    lab[:, (yy - 20) ** 2 + (xx - 25) ** 2 > 17 ** 2] = 0   # a cylinder with air round it
+    inner = lab == 1
+    lab[inner & (rng.random(lab.shape) < 0.06)] = 2
+    lab[inner & (rng.random(lab.shape) < 0.04)] = 3
+    lab[inner & (rng.random(lab.shape) < 0.02)] = 0     # enclosed air: not the surface
+    img = rng.integers(0, 65535, lab.shape, dtype=np.uint16)
+    vs = (0.5, 0.3, 0.2)
+
+    def labeller():
+        lb = _core.ComponentLabeller(shape=lab.shape, voxel_size=vs)
+        for z0 in range(0, 9, 4):
+            lb.add_slab(lab[z0:z0 + 4], img[z0:z0 + 4])
+        return lb
+    own = labeller()
+    want = own.finish(min_voxels=min_voxels)
+    other = labeller()
+    with pytest.raises(RuntimeError, match="after finish"):
+        other.surface_search_inputs()
+    got = other.finish(min_voxels=min_voxels, surface_distance=False)
+    assert np.isnan(got["surface_distance"]).all() and len(got["id"]) == len(want["id"]) > 20
+    for k in want:
+        if k != "surface_distance":
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    air, runs, comp = other.surface_search_inputs()
+    assert other.outside_air_voxels == own.outside_air_voxels > 0
+    assert air.dtype == runs.dtype == comp.dtype == np.int32 and runs.shape == (6, len(comp))
+    np.testing.assert_array_equal(air, own.outside_air_runs())
+    np.testing.assert_array_equal(runs[4], comp)
+    assert comp.min() >= -1 and comp.max() == len(want["id"]) - 1
+    assert (comp == -1).any() == (min_voxels > 1)
+    # every kept defect voxel is in one run of its component
+    assert np.bincount(comp[comp >= 0], weights=(runs[3] - runs[2] + 1)[comp >= 0]).tolist() == \
+        want["voxels"].tolist()
+    nodes, tree_air = _core.air_tree(air, vs)
+    best2 = np.full(len(want["id"]), np.inf).view(np.uint64)
+    _core.search_air_runs(nodes, tree_air, runs, comp, best2, vs)
+    assert np.sqrt(best2.view(np.float64)).tobytes() == want["surface_distance"].tobytes()
+
+    def search(a, r, c, n):
+        nodes, tree_air = _core.air_tree(a, vs)
+        b2 = np.full(n, np.inf).view(np.uint64)
+        _core.search_air_runs(nodes, tree_air, r, c, b2, vs)
+        return np.sqrt(b2.view(np.float64))
+    counter = DefectCounter(lab.shape, vs, surface_search=search)
+    counter.add_slab(lab, img)
+    table = counter.finish(min_voxels)
+    assert table["surface_distance"].tobytes() == want["surface_distance"].tobytes()
+    assert counter.outside_air_voxels == own.outside_air_voxels
+    # without outside air the search is not asked and the column stays NaN, as the labeller leaves it
+    calls = []
+    counter = DefectCounter(lab.shape, vs, surface_search=lambda *a: calls.append(a))
+    counter.add_slab(np.where(lab == 0, 1, lab).astype(np.uint8), img)
+    assert np.isnan(counter.finish(min_voxels)["surface_distance"]).all() and not calls
+
+
 def test_surface_distance_in_csv_and_summary():
     from xctrt.defects import DefectCounter, summarise, table_to_csv
     lab = np.ones((4, 10, 12), np.uint8)

@@ -157,12 +157,27 @@ def test_host_components_match_cpu_pipeline(nets, packages, volume, mode, slab, 
     assert a.summary["run"]["components"] == "host"
     assert "stage_components" not in b.summary["timing"]["main_thread_s"]   # no device labeller thread
     assert b.summary["timing"]["stage_busy_s"]["components"] > 0
+    # the distances came from the stage's search (the GPU path's, here its host twin), the same bits
+    t = b.summary["timing"]
+    assert t["table_surface_runs"] == {"outside_air": len(host_outside_air(a)),
+                                       "defect": t["table_surface_runs"]["defect"]}
+    assert t["table_surface_runs"]["defect"] >= a.defects["id"].size > 0
+    assert set(t["table_parts_s"]) == {"surface_distance", "surface_tree"}
+    assert np.isfinite(b.defects["surface_distance"]).all()
     # and the files: defects.csv byte for byte, labels.tif's pages (its OME header has a UUID of its own)
     import tifffile
     for seg, name in ((cpu, "cpu"), (host, "host")):
         seg.segment(volume, out_dir=tmp_path / name)
     assert (tmp_path / "host" / "defects.csv").read_bytes() == (tmp_path / "cpu" / "defects.csv").read_bytes()
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "host" / "labels.tif"), a.labels)
+
+
+def host_outside_air(result) -> np.ndarray:
+    """The x-runs of the air outside the part in a result's labels, as the C++ labeller finds them."""
+    lb = _core.ComponentLabeller(shape=result.labels.shape)
+    lb.add_slab(result.labels, np.zeros(result.labels.shape, np.uint8))
+    lb.finish()
+    return lb.outside_air_runs()
 
 
 def test_components_option_is_checked(nets, packages):
@@ -203,7 +218,7 @@ def test_host_components_hand_back_downloads_in_order():
     def item(z, done):
         return (z, f"slab{z}", Pinned(z), Copy(done), "device labels", "image", "ready")
 
-    stage = SimpleNamespace(_downloading=deque())
+    stage = SimpleNamespace(_downloading=deque(), clock=SimpleNamespace(collect=lambda: None))
     stage._downloading.extend([item(0, False), item(1, True)])
     assert GpuStage._downloaded(stage) == []          # the oldest is not there yet: nothing, in order
     oldest = stage._downloading[0]

@@ -14,9 +14,14 @@ class DefectCounter:
 
     counts_in_stage = False   # add_slab does the counting (on the pipeline's components thread)
 
-    def __init__(self, shape, voxel_size, connectivity=26, classes=tuple(DEFECT_CLASSES)):
+    def __init__(self, shape, voxel_size, connectivity=26, classes=tuple(DEFECT_CLASSES), surface_search=None):
+        """surface_search(air, runs, comp, n) -> (n,) float64: the distance of each kept defect to the
+        part surface, searched elsewhere (the GPU path's kernel) from the labeller's
+        surface_search_inputs(), for n >= 1 with outside air; None: the labeller's own search, on
+        all host cores. Either gives the same bits."""
         if connectivity not in (6, 18, 26):
             raise ValueError("connectivity must be 6, 18 or 26")
+        self.surface_search = surface_search
         self.voxel_size = tuple(float(v) for v in voxel_size)
         self.labeller = _core.ComponentLabeller(shape=tuple(shape), classes=list(classes),
                                                 connectivity=connectivity, voxel_size=self.voxel_size)
@@ -31,7 +36,15 @@ class DefectCounter:
         return self.labeller.value_counts
 
     def finish(self, min_voxels: int = 1) -> dict[str, np.ndarray]:
-        return self.labeller.finish(min_voxels=max(0, int(min_voxels)))
+        min_voxels = max(0, int(min_voxels))
+        if self.surface_search is None:
+            return self.labeller.finish(min_voxels=min_voxels)
+        table = self.labeller.finish(min_voxels=min_voxels, surface_distance=False)
+        air, runs, comp = self.labeller.surface_search_inputs()
+        n = len(table["id"])
+        if len(air) and n:   # else NaN, as the labeller's own search leaves it without outside air
+            table["surface_distance"] = np.asarray(self.surface_search(air, runs, comp, n), np.float64)
+        return table
 
     @property
     def outside_air_voxels(self) -> int | None:

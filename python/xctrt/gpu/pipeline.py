@@ -24,6 +24,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
+from .. import _core
 from ..defects import DefectCounter
 from ..errors import XctrtError
 from . import cuda_array_module, post, resample
@@ -195,8 +196,11 @@ class GpuStage:
         self._last_end = None                  # event at the end of the previous slab's compute work
         # main thread's wait for the components thread (back-pressure, flush); None: components on the host
         self.main_components_s = None if self.host_components else 0.0
-        self.counter = DefectCounter(shape, voxel_size, connectivity, tuple(classes)) if self.host_components \
+        self.voxel_size = tuple(float(v) for v in voxel_size)
+        self.counter = DefectCounter(shape, voxel_size, connectivity, tuple(classes),
+                                     surface_search=self._surface_search) if self.host_components \
             else GpuCounter(self)
+        self._search_times: dict = {}   # host components: the last table's search on the device
         self._downloading: deque = deque()   # host components: slabs whose labels are on their way to the host
         # The components of each slab are labelled on a thread of their own: the labeller's host syncs
         # would otherwise hold up the main thread, which then queues no model work meanwhile. At most
@@ -447,6 +451,25 @@ class GpuStage:
 
     # ---------------------------------------------------------------- components on the host
 
+    def _surface_search(self, air, runs, comp, n: int) -> np.ndarray:
+        """The host table's distances to the part surface, searched where the GPU labeller searches
+        them: the kd-tree of the outside air built on the host, one CUDA thread per defect run on the
+        device (post.search_air_runs; NumPy: its host twin). The same bits as the labeller's own search."""
+        xp, t0 = self.xp, time.perf_counter()
+        nodes, tree_air = _core.air_tree(air, self.voxel_size)
+        with _xp_stream(xp, self.postproc if self.cuda else None):
+            nodes, tree_air, runs, comp = (xp.asarray(a) for a in (nodes, tree_air, runs, comp))
+            t1 = time.perf_counter()
+            best2 = xp.full(n, np.inf).view(np.uint64)
+            post.search_air_runs(nodes, tree_air, runs, comp, best2, self.voxel_size)
+            d = np.sqrt(post.to_host(best2).view(np.float64))
+        self._search_times = {"surface_distance": time.perf_counter() - t0, "surface_tree": t1 - t0,
+                              "runs": {"outside_air": len(air), "defect": int(runs.shape[1])}}
+        if self.cuda:   # after the stage gave its pool back (flush): these blocks too, for the next volume
+            del nodes, tree_air, runs, comp, best2
+            xp.get_default_memory_pool().free_all_blocks()
+        return d
+
     def _downloaded(self, wait: bool = False) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """The slabs whose labels have reached the host, in order, for the Segmenter's components thread.
         The oldest is waited for while more than two are on their way (or all, with wait): the model work
@@ -460,6 +483,8 @@ class GpuStage:
                 copied.synchronize()
             self._downloading.popleft()
             done.append((z0, slab, out.numpy() if copied is not None else np.asarray(out)))
+        if done:
+            self.clock.collect()   # the stage times of finished slabs (the labeller thread does this otherwise)
         return done
 
     # ---------------------------------------------------------------- components, on their own thread
@@ -588,13 +613,16 @@ class GpuStage:
         and before the search on the device (outside air to the host, kd-tree built there and sent
         back), the outside-air runs (the tree) and defect runs (the searches) it worked on, and why it
         ran on the host if it did."""
-        lb = self.labeller
-        if lb is None:   # the C++ labeller's search is not timed or counted apart from the table
-            return dict.fromkeys(("table_parts_s", "table_surface_runs", "gpu_surface_search_not_used_because"))
+        lb, why = self.labeller, post.air_search_error() if self.cuda else None
+        if lb is None:   # components on the host: the search of their table, if it has run
+            t = self._search_times
+            if not t:
+                return dict.fromkeys(("table_parts_s", "table_surface_runs", "gpu_surface_search_not_used_because"))
+            return {"table_parts_s": {k: round(t[k], 4) for k in ("surface_distance", "surface_tree")},
+                    "table_surface_runs": dict(t["runs"]), "gpu_surface_search_not_used_because": why}
         return {"table_parts_s": {"surface_distance": round(lb.surface_distance_s, 4),
                                   "surface_tree": round(lb.surface_tree_s, 4)},
-                "table_surface_runs": dict(lb.surface_runs),
-                "gpu_surface_search_not_used_because": post.air_search_error() if self.cuda else None}
+                "table_surface_runs": dict(lb.surface_runs), "gpu_surface_search_not_used_because": why}
 
     def compute_idle_s(self) -> float | None:
         """Seconds the compute stream sat idle between slabs, waiting for the host to queue the next slab

@@ -81,3 +81,20 @@ def test_enclosed_air_is_marked_on_the_mid_planes_and_in_the_legend(tmp_path):
     write_preview(tmp_path / "a.png", marked, (0, 1), (1, 1, 1), names, "t")
     write_preview(tmp_path / "b.png", mid, (0, 1), (1, 1, 1), names, "t")
     assert has_swatch(tmp_path / "a.png") and not has_swatch(tmp_path / "b.png")
+
+
+@pytest.mark.parametrize("shape,size", [((300, 200), (192, 128)), ((7, 500), (384, 16)), ((40, 30), (80, 60)),
+                                        ((1, 1), (16, 16)), ((1200, 1200), (384, 384))])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.uint8])
+def test_panels_drawn_small_are_the_full_overlay_resized(shape, size, dtype):
+    """A panel picks its pixels before blending: the same pixels as blending the whole plane first, for
+    shrinking, stretching and every grey dtype a volume may have."""
+    from xctrt.preview import _overlay, _panel
+    rng = np.random.default_rng(sum(shape))
+    grey = (rng.random(shape) * 70000 - 2000).astype(np.float32)
+    grey = np.clip(grey, 0, np.iinfo(dtype).max).astype(dtype) if dtype != np.float32 else grey
+    labels = rng.integers(0, 5, shape, dtype=np.uint8)
+    want = np.asarray(_overlay(grey, labels, 1000.0, 60000.0).resize(size, Image.NEAREST))
+    got = np.asarray(_panel(grey, labels, 1000.0, 60000.0, size))
+    assert got.shape == (size[1], size[0], 3)
+    np.testing.assert_array_equal(got, want)

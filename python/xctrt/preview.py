@@ -17,6 +17,16 @@ PANEL = 384      # pixels of the longest side of any plane; the three share one 
 MIN_SIDE = 16    # a plane thinner than this (a volume of few slices) is stretched to it, and says so
 
 
+def _panel(grey: np.ndarray, labels: np.ndarray, lo: float, hi: float, size: tuple[int, int]) -> Image.Image:
+    """One plane drawn at its panel size: grey values and labels picked by nearest neighbour first, then
+    blended. The blend works pixel by pixel, so this draws what blending the whole plane and then
+    resizing would (same pixels), on a panel's ~150k pixels instead of a plane's millions."""
+    def pick(a: np.ndarray, mode: str) -> np.ndarray:
+        return np.asarray(Image.fromarray(a, mode).resize(size, Image.NEAREST))
+    return _overlay(pick(np.ascontiguousarray(grey, np.float32), "F"), pick(np.ascontiguousarray(labels), "L"),
+                    lo, hi)
+
+
 def _overlay(grey: np.ndarray, labels: np.ndarray, lo: float, hi: float) -> Image.Image:
     g = np.clip((grey.astype(np.float32) - lo) / max(hi - lo, 1e-12), 0, 1)
     rgb = np.repeat((g * 255)[..., None], 3, axis=2)
@@ -74,8 +84,7 @@ def write_preview(path: Path, planes: dict[str, tuple[np.ndarray, np.ndarray]], 
     panels = []
     for name, (grey, labels), (w, h, stretched) in zip(names, views, plane_sizes(
             [g.shape for g, _ in views], voxel_size)):
-        panels.append((name + ("  (stretched)" if stretched else ""),
-                       _overlay(grey, labels, *window).resize((w, h), Image.NEAREST)))
+        panels.append((name + ("  (stretched)" if stretched else ""), _panel(grey, labels, *window, (w, h))))
     pad, head, legend_h = 8, 18, 26
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     columns = [max(p.width, round(measure.textlength(name))) for name, p in panels]   # titles never overlap

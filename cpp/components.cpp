@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <optional>
 #include <stdexcept>
@@ -106,6 +107,22 @@ struct RowRuns {
 // Image element types the grey statistics are templated on; NoImage skips them (label_volume).
 struct NoImage {};
 
+// What a run adds to its component's statistics, known before the union-find (Labeller phase 1):
+// its crossings (all but the +z ones, which the next plane adds through RunUp), exposed sides and
+// grey sum, minimum and maximum.
+struct RunLocal {
+  std::array<int64_t, kDirs> cross;
+  double gsum, gmin, gmax;
+  uint8_t exposed;
+};
+
+// The +z crossings of a run of the previous plane, counted against this plane's rows, and whether
+// its +z side is exposed.
+struct RunUp {
+  std::array<int64_t, 9> cross;
+  bool exposed_pz;
+};
+
 class Labeller {
  public:
   // surface: also collect what distance_to_surface() needs: every run of these classes (with
@@ -132,9 +149,11 @@ class Labeller {
     plane_ = Y_ * X_;
     conn_ = connectivity;
     dz_ = voxel_size[0], dy_ = voxel_size[1], dx_ = voxel_size[2];
-    mask_.resize(X_);
     prev_.row_start.assign(Y_ + 1, 0);
-    cur_.row_start.assign(Y_ + 1, 0);
+    chunk_.resize(kChunk);
+    for (PlaneRuns& pl : chunk_) pl.row_start.assign(Y_ + 1, 0);
+    loc_.resize(kChunk);
+    up_.resize(kChunk);
     air_row_prev_.assign(Y_ + 1, 0);
     air_row_cur_.assign(Y_ + 1, 0);
   }
@@ -150,9 +169,24 @@ class Labeller {
   template <class T>
   void add(const uint8_t* lab, const T* img, int64_t nz, int32_t* ids) {
     // Only runs are carried from plane to plane (prev_): joins and crossings need no labels.
-    for (int64_t k = 0; k < nz; ++k) {
-      process_plane<T>(lab + k * plane_, img ? img + k * plane_ : nullptr, z_ > 0, ids ? ids + k * plane_ : nullptr);
-      ++z_;
+    // Chunks of planes: first each plane's runs and their own statistics, the planes side by side
+    // on all cores (phase 1); then, in z order, the union-find and the air (phase 2).
+    for (int64_t k0 = 0; k0 < nz; k0 += kChunk) {
+      const int64_t n = std::min(kChunk, nz - k0);
+      const uint8_t* l0 = lab + k0 * plane_;
+      const T* i0 = img ? img + k0 * plane_ : nullptr;
+      on_planes(n, [&](int64_t k) { extract_runs(l0 + k * plane_, chunk_[k]); });
+      on_planes(n, [&](int64_t k) {
+        local_stats<T>(chunk_[k], k ? chunk_[k - 1] : prev_, static_cast<int32_t>(z_ + k),
+                       i0 ? i0 + k * plane_ : nullptr, loc_[k], up_[k]);
+      });
+      for (int64_t k = 0; k < n; ++k) {
+        link_plane<T>(chunk_[k], k ? chunk_[k - 1] : prev_, loc_[k], up_[k],
+                      ids ? ids + (k0 + k) * plane_ : nullptr);
+        if (surface_) add_air(l0 + k * plane_);
+        ++z_;
+      }
+      std::swap(prev_, chunk_[n - 1]);  // the runs of the chunk's last plane, with their ids
     }
   }
 
@@ -261,10 +295,32 @@ class Labeller {
     }
   }
 
-  void extract_runs(const uint8_t* lab, PlaneRuns& pr) {
+  // fn(k) for the planes k = 0..n-1 of a chunk, on all cores; the first exception is rethrown
+  // here (none may leave an OpenMP region).
+  template <class Fn>
+  static void on_planes(int64_t n, Fn fn) {
+    std::exception_ptr error;
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
+#endif
+    for (int64_t k = 0; k < n; ++k) {
+      try {
+        fn(k);
+      } catch (...) {
+#ifdef XCTRT_OPENMP
+#pragma omp critical(xctrt_on_planes)
+#endif
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+  }
+
+  void extract_runs(const uint8_t* lab, PlaneRuns& pr) const {
     pr.runs.clear();
     const int64_t X = X_;
-    uint8_t* m = mask_.data();
+    std::vector<uint8_t> mask(static_cast<size_t>(X));  // per call: planes are extracted side by side
+    uint8_t* m = mask.data();
     const size_t ncls = cls_.size();
     for (int64_t y = 0; y < Y_; ++y) {
       pr.row_start[y] = static_cast<uint32_t>(pr.runs.size());
@@ -303,24 +359,18 @@ class Labeller {
       throw std::invalid_argument("too many defect runs in one plane");
   }
 
+  // Phase 1 of a plane, on its own (all of a chunk's planes side by side): what each run adds to
+  // its component, whatever that component turns out to be. z: the plane's index in the volume;
+  // pp: the previous plane's runs (ignored at z = 0).
   template <class T>
-  void process_plane(const uint8_t* lab, const T* img, bool prev, int32_t* ids) {
-    extract_runs(lab, cur_);
-    const size_t cur_runs_base = runs_.size();  // this plane's runs are runs_[base + i]
+  void local_stats(const PlaneRuns& cur, const PlaneRuns& pp, int32_t z, const T* img,
+                   std::vector<RunLocal>& loc, std::vector<RunUp>& up) const {
     const int64_t X = X_, Y = Y_;
-    const int32_t z = static_cast<int32_t>(z_);
-    const bool last = z_ == Z_ - 1;
-    const bool zedge = z_ == 0 || last;
-    // Reach of the neighbour rows along x: same-plane row y-1 and previous-plane row y use
-    // x-1..x+1 beyond 6-conn; previous-plane rows y+-1 are out for 6, x only for 18.
-    const int32_t d1 = conn_ == 6 ? 0 : 1;
-    const int32_t d2 = conn_ == 26 ? 1 : 0;
-    const bool diag_rows = conn_ != 6;
-    const Run* cr = cur_.runs.data();
-    const Run* pr = prev_.runs.data();
-    const uint32_t* cs = cur_.row_start.data();
-    const uint32_t* ps = prev_.row_start.data();
-
+    const bool prev = z > 0, last = z == Z_ - 1;
+    loc.resize(cur.runs.size());
+    up.resize(prev ? pp.runs.size() : 0);
+    const uint32_t* cs = cur.row_start.data();
+    const uint32_t* ps = pp.row_start.data();
     // A neighbour row's runs, for the crossings (none where the plane or row is outside the volume).
     auto rows_of = [&](const PlaneRuns& pl, int64_t yy, bool plane_exists) {
       RowRuns rr;
@@ -328,13 +378,90 @@ class Labeller {
       if (rr.exists) rr.list = pl.runs.data(), rr.p = pl.row_start[yy], rr.end = pl.row_start[yy + 1];
       return rr;
     };
+    for (int64_t y = 0; y < Y; ++y) {
+      if (cs[y] != cs[y + 1]) {
+        // This plane's rows y -+ 1, the previous plane's rows y - 1, y, y + 1.
+        RowRuns above = rows_of(cur, y - 1, true), below = rows_of(cur, y + 1, true);
+        RowRuns prev_rows[3] = {rows_of(pp, y - 1, prev), rows_of(pp, y, prev), rows_of(pp, y + 1, prev)};
+        for (uint32_t i = cs[y]; i < cs[y + 1]; ++i) {
+          const Run& r = cur.runs[i];
+          const int32_t a = r.x0, b = r.x1;
+          const uint8_t L = r.label;
+          const int64_t len = b - a + 1;
+          RunLocal& o = loc[i];
+          o.cross.fill(0);
+          // Crossings (crofton.hpp): a voxel whose neighbour one step along -v_k is not in
+          // the defect counts for direction k, and one whose neighbour along +v_k is not.
+          // A run is maximal for its label, so both x ends cross along x.
+          o.cross[0] = 2;
+          // In-plane diagonals and y: +v = (0, 1, dx) reaches the row below at x + dx, -v the
+          // row above at x - dx.
+          const auto upr = above.not_L(a, b, L), down = below.not_L(a, b, L);
+          for (int dx = -1; dx <= 1; ++dx) o.cross[2 + dx] += down[1 + dx] + upr[1 - dx];
+          // -v = (-1, -dy, -dx) reaches row y - dy of the previous plane at x - dx; +v is
+          // counted when the next plane arrives (RunUp), or here for the last plane.
+          const std::array<int64_t, 3> pr3[3] = {prev_rows[2].not_L(a, b, L), prev_rows[1].not_L(a, b, L),
+                                                 prev_rows[0].not_L(a, b, L)};  // dy = -1, 0, 1
+          for (int dy = -1; dy <= 1; ++dy)
+            for (int dx = -1; dx <= 1; ++dx)
+              o.cross[4 + 3 * (dy + 1) + (dx + 1)] += pr3[dy + 1][1 - dx] + (last ? len : 0);
+          // Exposed sides; +z is known when the next plane arrives (RunUp), or here at the last.
+          o.exposed = (pr3[1][1] ? kExpMz : 0) | (last ? kExpPz : 0) | (upr[1] ? kExpMy : 0) |
+                      (down[1] ? kExpPy : 0);
+          if constexpr (!std::is_same_v<T, NoImage>) {
+            const T* g = img + y * X + a;
+            double sum = 0.0, mn = std::numeric_limits<double>::infinity(), mx = -mn;
+            for (int64_t k = 0; k < len; ++k) {
+              const double v = static_cast<double>(g[k]);
+              sum += v;
+              mn = v < mn ? v : mn;
+              mx = v > mx ? v : mx;
+            }
+            o.gsum = sum, o.gmin = mn, o.gmax = mx;
+          }
+        }
+      }
+      // Crossings along +v = (1, dy, dx) of the previous plane's runs in this row: row y + dy
+      // of this plane at x + dx.
+      if (prev) {
+        RowRuns rows[3] = {rows_of(cur, y - 1, true), rows_of(cur, y, true), rows_of(cur, y + 1, true)};
+        for (uint32_t j = ps[y]; j < ps[y + 1]; ++j) {
+          const Run& r = pp.runs[j];
+          const std::array<int64_t, 3> c3[3] = {rows[0].not_L(r.x0, r.x1, r.label),
+                                                rows[1].not_L(r.x0, r.x1, r.label),
+                                                rows[2].not_L(r.x0, r.x1, r.label)};
+          RunUp& u = up[j];
+          for (int dy = -1; dy <= 1; ++dy)
+            for (int dx = -1; dx <= 1; ++dx) u.cross[3 * (dy + 1) + (dx + 1)] = c3[dy + 1][1 + dx];
+          u.exposed_pz = c3[1][1] != 0;
+        }
+      }
+    }
+  }
 
+  // Phase 2 of a plane, in z order: each run joins (union-find) the runs it touches in the row
+  // above and in up to three rows of the previous plane, and adds its phase-1 statistics to its
+  // provisional component; the previous plane's runs get their +z crossings.
+  template <class T>
+  void link_plane(PlaneRuns& cur, PlaneRuns& pp, const std::vector<RunLocal>& loc,
+                  const std::vector<RunUp>& up, int32_t* ids) {
+    const size_t cur_runs_base = runs_.size();  // this plane's runs are runs_[base + i]
+    const int64_t X = X_, Y = Y_;
+    const int32_t z = static_cast<int32_t>(z_);
+    const bool prev = z_ > 0;
+    const bool zedge = z_ == 0 || z_ == Z_ - 1;
+    // Reach of the neighbour rows along x: same-plane row y-1 and previous-plane row y use
+    // x-1..x+1 beyond 6-conn; previous-plane rows y+-1 are out for 6, x only for 18.
+    const int32_t d1 = conn_ == 6 ? 0 : 1;
+    const int32_t d2 = conn_ == 26 ? 1 : 0;
+    const bool diag_rows = conn_ != 6;
+    const Run* cr = cur.runs.data();
+    const Run* pr = pp.runs.data();
+    const uint32_t* cs = cur.row_start.data();
+    const uint32_t* ps = pp.row_start.data();
     for (int64_t y = 0; y < Y; ++y) {
       const uint32_t rb = cs[y], re = cs[y + 1];
       if (rb != re) {
-        // This plane's rows y -+ 1, the previous plane's rows y - 1, y, y + 1.
-        RowRuns above = rows_of(cur_, y - 1, true), below = rows_of(cur_, y + 1, true);
-        RowRuns prev_rows[3] = {rows_of(prev_, y - 1, prev), rows_of(prev_, y, prev), rows_of(prev_, y + 1, prev)};
         // Cursors into the neighbour rows' run lists.
         uint32_t pu = y > 0 ? cs[y - 1] : 0, pu_end = y > 0 ? cs[y] : 0;
         uint32_t q0 = 0, q0_end = 0, qm = 0, qm_end = 0, qp = 0, qp_end = 0;
@@ -345,7 +472,7 @@ class Labeller {
         }
         const bool yedge = y == 0 || y == Y - 1;
         for (uint32_t i = rb; i < re; ++i) {
-          Run& r = cur_.runs[i];
+          Run& r = cur.runs[i];
           const int32_t a = r.x0, b = r.x1;
           const uint8_t L = r.label;
           uint32_t id = kNone;
@@ -365,6 +492,7 @@ class Labeller {
           }
           r.id = id;
 
+          const RunLocal& o = loc[i];
           const int64_t len = b - a + 1;
           Stat& s = stats_[id];
           s.voxels += len;
@@ -375,66 +503,30 @@ class Labeller {
           s.y0 = std::min(s.y0, static_cast<int32_t>(y)), s.y1 = std::max(s.y1, static_cast<int32_t>(y));
           s.x0 = std::min(s.x0, a), s.x1 = std::max(s.x1, b);
           if (zedge || yedge || a == 0 || b == X - 1) s.edge = true;
-          // Crossings (crofton.hpp): a voxel whose neighbour one step along -v_k is not in
-          // the defect counts for direction k, and one whose neighbour along +v_k is not.
-          // A run is maximal for its label, so both x ends cross along x.
-          s.cross[0] += 2;
-          // In-plane diagonals and y: +v = (0, 1, dx) reaches the row below at x + dx, -v the
-          // row above at x - dx.
-          const auto up = above.not_L(a, b, L), down = below.not_L(a, b, L);
-          for (int dx = -1; dx <= 1; ++dx) s.cross[2 + dx] += down[1 + dx] + up[1 - dx];
-          // -v = (-1, -dy, -dx) reaches row y - dy of the previous plane at x - dx; +v is
-          // counted when the next plane arrives (below), or here for the last plane.
-          const std::array<int64_t, 3> pr3[3] = {prev_rows[2].not_L(a, b, L), prev_rows[1].not_L(a, b, L),
-                                                 prev_rows[0].not_L(a, b, L)};  // dy = -1, 0, 1
-          for (int dy = -1; dy <= 1; ++dy)
-            for (int dx = -1; dx <= 1; ++dx)
-              s.cross[4 + 3 * (dy + 1) + (dx + 1)] += pr3[dy + 1][1 - dx] + (last ? len : 0);
-          const int64_t fup = up[1], fdown = down[1], fprev = pr3[1][1];
-          if (surface_) {
-            // Exposed sides; +z is known when the next plane arrives (below), or here at the last.
-            const uint8_t e = (fprev ? kExpMz : 0) | (last ? kExpPz : 0) | (fup ? kExpMy : 0) |
-                              (fdown ? kExpPy : 0);
-            runs_.push_back(DefectRun{z, static_cast<int32_t>(y), a, b, id, e});
-          }
-
+          for (int k = 0; k < kDirs; ++k) s.cross[k] += o.cross[k];
+          if (surface_) runs_.push_back(DefectRun{z, static_cast<int32_t>(y), a, b, id, o.exposed});
           if constexpr (!std::is_same_v<T, NoImage>) {
-            const T* g = img + y * X + a;
-            double sum = 0.0, mn = s.gmin, mx = s.gmax;
-            for (int64_t k = 0; k < len; ++k) {
-              const double v = static_cast<double>(g[k]);
-              sum += v;
-              mn = v < mn ? v : mn;
-              mx = v > mx ? v : mx;
-            }
-            s.gsum += sum, s.gmin = mn, s.gmax = mx;
+            s.gsum += o.gsum;
+            s.gmin = o.gmin < s.gmin ? o.gmin : s.gmin;
+            s.gmax = o.gmax > s.gmax ? o.gmax : s.gmax;
           }
           if (ids) {
             const int32_t v = static_cast<int32_t>(id) + 1;
-            int32_t* o = ids + y * X;
-            for (int32_t x = a; x <= b; ++x) o[x] = v;
+            int32_t* out = ids + y * X;
+            for (int32_t x = a; x <= b; ++x) out[x] = v;
           }
         }
       }
-      // Crossings along +v = (1, dy, dx) of the previous plane's runs in this row: row y + dy
-      // of this plane at x + dx.
       if (prev) {
-        RowRuns rows[3] = {rows_of(cur_, y - 1, true), rows_of(cur_, y, true), rows_of(cur_, y + 1, true)};
-        for (uint32_t i = ps[y]; i < ps[y + 1]; ++i) {
-          const Run& r = pr[i];
-          const std::array<int64_t, 3> c3[3] = {rows[0].not_L(r.x0, r.x1, r.label),
-                                                rows[1].not_L(r.x0, r.x1, r.label),
-                                                rows[2].not_L(r.x0, r.x1, r.label)};
-          Stat& s = stats_[r.id];
-          for (int dy = -1; dy <= 1; ++dy)
-            for (int dx = -1; dx <= 1; ++dx) s.cross[4 + 3 * (dy + 1) + (dx + 1)] += c3[dy + 1][1 + dx];
-          if (surface_ && c3[1][1]) runs_[prev_runs_base_ + i].exposed |= kExpPz;
+        for (uint32_t j = ps[y]; j < ps[y + 1]; ++j) {
+          const RunUp& u = up[j];
+          Stat& s = stats_[pr[j].id];
+          for (int k = 0; k < 9; ++k) s.cross[4 + k] += u.cross[k];
+          if (surface_ && u.exposed_pz) runs_[prev_runs_base_ + j].exposed |= kExpPz;
         }
       }
     }
     prev_runs_base_ = cur_runs_base;
-    if (surface_) add_air(lab);
-    std::swap(prev_, cur_);
   }
 
   // The part's outside: air (label 0) connected (6-neighbours) to the volume's sides (y or x at
@@ -510,8 +602,11 @@ class Labeller {
   double dz_ = 1.0, dy_ = 1.0, dx_ = 1.0;
   std::array<uint8_t, 256> lut_{};
   std::vector<uint8_t> cls_;
-  std::vector<uint8_t> mask_;
-  PlaneRuns prev_, cur_;
+  static constexpr int64_t kChunk = 16;  // planes whose phase 1 runs side by side
+  PlaneRuns prev_;                        // the last plane's runs, ids assigned
+  std::vector<PlaneRuns> chunk_;          // a chunk's planes
+  std::vector<std::vector<RunLocal>> loc_;  // their runs' own statistics (phase 1)
+  std::vector<std::vector<RunUp>> up_;      // ... and the +z crossings of the plane before each
   std::vector<uint32_t> parent_;
   std::vector<Stat> stats_;
   bool surface_ = true;

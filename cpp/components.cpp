@@ -180,12 +180,40 @@ class Labeller {
         local_stats<T>(chunk_[k], k ? chunk_[k - 1] : prev_, static_cast<int32_t>(z_ + k),
                        i0 ? i0 + k * plane_ : nullptr, loc_[k], up_[k]);
       });
-      for (int64_t k = 0; k < n; ++k) {
-        link_plane<T>(chunk_[k], k ? chunk_[k - 1] : prev_, loc_[k], up_[k],
-                      ids ? ids + (k0 + k) * plane_ : nullptr);
-        if (surface_) add_air(l0 + k * plane_);
-        ++z_;
+      // Phase 2: the defects' union-find and the air's share nothing, so they run side by side.
+      std::exception_ptr defects_error, air_error;
+      auto defects = [&] {
+        try {
+          for (int64_t k = 0; k < n; ++k)
+            link_plane<T>(chunk_[k], k ? chunk_[k - 1] : prev_, loc_[k], up_[k], z_ + k,
+                          ids ? ids + (k0 + k) * plane_ : nullptr);
+        } catch (...) {
+          defects_error = std::current_exception();
+        }
+      };
+      auto air = [&] {
+        try {
+          if (surface_)
+            for (int64_t k = 0; k < n; ++k) add_air(l0 + k * plane_, z_ + k);
+        } catch (...) {
+          air_error = std::current_exception();
+        }
+      };
+#ifdef XCTRT_OPENMP
+#pragma omp parallel sections num_threads(2) if (surface_ && omp_get_max_threads() > 1)
+      {
+#pragma omp section
+        defects();
+#pragma omp section
+        air();
       }
+#else
+      defects();
+      air();
+#endif
+      if (defects_error) std::rethrow_exception(defects_error);
+      if (air_error) std::rethrow_exception(air_error);
+      z_ += n;
       std::swap(prev_, chunk_[n - 1]);  // the runs of the chunk's last plane, with their ids
     }
   }
@@ -444,12 +472,12 @@ class Labeller {
   // provisional component; the previous plane's runs get their +z crossings.
   template <class T>
   void link_plane(PlaneRuns& cur, PlaneRuns& pp, const std::vector<RunLocal>& loc,
-                  const std::vector<RunUp>& up, int32_t* ids) {
+                  const std::vector<RunUp>& up, int64_t plane_z, int32_t* ids) {
     const size_t cur_runs_base = runs_.size();  // this plane's runs are runs_[base + i]
     const int64_t X = X_, Y = Y_;
-    const int32_t z = static_cast<int32_t>(z_);
-    const bool prev = z_ > 0;
-    const bool zedge = z_ == 0 || z_ == Z_ - 1;
+    const int32_t z = static_cast<int32_t>(plane_z);
+    const bool prev = plane_z > 0;
+    const bool zedge = plane_z == 0 || plane_z == Z_ - 1;
     // Reach of the neighbour rows along x: same-plane row y-1 and previous-plane row y use
     // x-1..x+1 beyond 6-conn; previous-plane rows y+-1 are out for 6, x only for 18.
     const int32_t d1 = conn_ == 6 ? 0 : 1;
@@ -538,9 +566,9 @@ class Labeller {
   // same row of the previous plane: union by smaller index, so a parent always comes before
   // its child, with the edge flags merged at the roots. outside_air_runs() keeps the runs
   // whose root has the flag.
-  void add_air(const uint8_t* lab) {
+  void add_air(const uint8_t* lab, int64_t plane_z) {
     const int64_t X = X_, Y = Y_;
-    const int32_t z = static_cast<int32_t>(z_);
+    const int32_t z = static_cast<int32_t>(plane_z);
     const uint32_t base = static_cast<uint32_t>(air_.size());  // this plane's first air run
     auto find = [this](uint32_t a) {
       while (air_parent_[a] != a) a = air_parent_[a] = air_parent_[air_parent_[a]];
@@ -564,7 +592,7 @@ class Labeller {
       air_row_cur_[y] = static_cast<uint32_t>(air_.size()) - base;
       uint32_t ka = y > 0 ? base + air_row_cur_[y - 1] : 0, ka_end = y > 0 ? base + air_row_cur_[y] : 0;
       uint32_t kp = 0, kp_end = 0;
-      if (z_ > 0) kp = air_prev_base_ + air_row_prev_[y], kp_end = air_prev_base_ + air_row_prev_[y + 1];
+      if (plane_z > 0) kp = air_prev_base_ + air_row_prev_[y], kp_end = air_prev_base_ + air_row_prev_[y + 1];
       for (int64_t x = 0; x < X;) {
         const void* p = std::memchr(row + x, 0, static_cast<size_t>(X - x));
         if (!p) break;

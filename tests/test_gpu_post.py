@@ -594,3 +594,35 @@ def test_components_without_air_defects_or_part_on_a_cupy_stand_in(monkeypatch, 
     ref.add_slab(lab, img)
     assert_table_same(got.finish(), ref.finish(), float_image=True)
     assert got.outside_air_voxels == ref.outside_air_voxels
+
+
+def test_host_components_search_on_a_cupy_stand_in(monkeypatch):
+    """The GPU path with its components on the host (C++) searches their table's distances with the
+    device kernel: the labeller's exported runs go to the stand-in device, the kernel is launched once,
+    and the distances are the labeller's own bit for bit."""
+    import fake_cupy
+    from types import SimpleNamespace
+
+    from xctrt.defects import DefectCounter
+    from xctrt.gpu.pipeline import GpuStage
+    fc = fake_cupy.install(monkeypatch)
+    monkeypatch.setattr(post, "_air_search", {"kernel": None, "error": None})
+    rng = np.random.default_rng(11)
+    shape, vs = (8, 26, 30), (0.5, 1.0, 2.0)
+    lab = noise(rng, shape)
+    lab[:, :3] = 0
+    img = image(rng, shape, np.uint16)
+    ref = _core.ComponentLabeller(shape, voxel_size=vs)
+    ref.add_slab(lab, img)
+    want = ref.finish(1)
+    stage = SimpleNamespace(xp=fc, cuda=False, postproc=None, voxel_size=vs, _search_times={})
+    counter = DefectCounter(shape, vs, surface_search=lambda *a: GpuStage._surface_search(stage, *a))
+    counter.add_slab(lab, img)
+    fake_cupy.launches = {}
+    got = counter.finish(1)
+    assert fake_cupy.launches == {"xctrt_search_air_runs": 1}
+    assert got["surface_distance"].tobytes() == want["surface_distance"].tobytes()
+    assert np.isfinite(want["surface_distance"]).all() and len(want["id"]) > 10
+    t = stage._search_times
+    assert t["runs"]["outside_air"] == len(ref.outside_air_runs()) and t["runs"]["defect"] >= len(want["id"])
+    assert t["surface_distance"] >= t["surface_tree"] >= 0

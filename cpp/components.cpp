@@ -3,7 +3,10 @@
 // The volume arrives slab by slab in z order and is never held whole: each z-plane is turned
 // into runs (maximal x-intervals of one defect label value), and each run is linked by
 // union-find to the runs it touches in the row above and in up to three rows of the previous
-// plane. Only the previous plane's runs are kept, so memory is O(one slice)
+// plane. Planes go in chunks of 16: what each run adds to its component (crossings, exposed
+// sides, grey values) needs no ids, so the chunk's planes work that out side by side on all
+// cores; the union-find then runs in z order (Labeller::add). Only the previous plane's runs are
+// kept beyond a chunk, so memory is O(a chunk of slices)
 // plus O(provisional components) for the statistics. Statistics are accumulated per provisional
 // id and merged through the union-find in finish(), so there is no second pass over voxels.
 // Union is by smaller id, so every root is the component's first provisional id, which is

@@ -255,10 +255,7 @@ class Labeller {
     // Runs of dropped components (final id 0) are left out.
     auto comp_of = [&](const DefectRun& r) { return int64_t{final_id[r.comp]} - 1; };
     const RunsByComponent g = group_by_component(runs_, comp_of, n_kept);
-    std::vector<AirRun> air = outside_air_runs();
-    outside_air_voxels_ = 0;
-    for (const AirRun& r : air) outside_air_voxels_ += int64_t{r.x1} - r.x0 + 1;
-    return surface_distance(std::move(air), g, {dz_, dy_, dx_});
+    return surface_distance(counted_outside_air(), g, {dz_, dy_, dx_});
   }
 
   // What distance_to_surface() searches, for a search elsewhere (the GPU path's kernel): the air
@@ -281,10 +278,7 @@ class Labeller {
       o[5 * n + i] = r.exposed;
       comp_out[i] = c;
     }
-    std::vector<AirRun> air = outside_air_runs();
-    outside_air_voxels_ = 0;
-    for (const AirRun& r : air) outside_air_voxels_ += int64_t{r.x1} - r.x0 + 1;
-    return air;
+    return counted_outside_air();
   }
 
   // Air voxels outside the part after distance_to_surface(); -1 before it or without surface.
@@ -617,6 +611,14 @@ class Labeller {
     air_prev_base_ = base;
   }
 
+  // outside_air_runs(), their voxels counted for outside_air_voxels().
+  std::vector<AirRun> counted_outside_air() {
+    std::vector<AirRun> air = outside_air_runs();
+    outside_air_voxels_ = 0;
+    for (const AirRun& r : air) outside_air_voxels_ += int64_t{r.x1} - r.x0 + 1;
+    return air;
+  }
+
   // The air runs outside the part (add_air()): those whose root has the edge flag.
   std::vector<AirRun> outside_air_runs() const {
     std::vector<uint32_t> root(air_.size());
@@ -747,20 +749,13 @@ class PyLabeller {
     std::vector<Stat> st;
     std::vector<double> dist;
     // resolve() compresses union-find paths, so it must not overlap another call either.
-    if (busy_) throw std::runtime_error("ComponentLabeller is busy in another thread");
-    busy_ = true;
-    try {
-      py::gil_scoped_release release;
+    exclusive([&] {
       lab_.resolve(min_voxels, final_id, st);
       if (surface_distance)
         dist = lab_.distance_to_surface(final_id, st.size());
       else
         dist.assign(st.size(), std::numeric_limits<double>::quiet_NaN());
-    } catch (...) {
-      busy_ = false;
-      throw;
-    }
-    busy_ = false;
+    });
     final_id_ = std::move(final_id);
     n_kept_ = static_cast<int64_t>(st.size());
     return make_table(st, dist, lab_.dz(), lab_.dy(), lab_.dx());
@@ -770,18 +765,9 @@ class PyLabeller {
   // the components the last finish() kept.
   py::tuple surface_search_inputs() {
     if (n_kept_ < 0) throw std::runtime_error("surface_search_inputs() comes after finish()");
-    if (busy_) throw std::runtime_error("ComponentLabeller is busy in another thread");
     std::vector<int32_t> runs, comp;
     std::vector<AirRun> air;
-    busy_ = true;
-    try {
-      py::gil_scoped_release release;
-      air = lab_.surface_inputs(final_id_, runs, comp);
-    } catch (...) {
-      busy_ = false;
-      throw;
-    }
-    busy_ = false;
+    exclusive([&] { air = lab_.surface_inputs(final_id_, runs, comp); });
     const py::ssize_t n = static_cast<py::ssize_t>(comp.size()), m = static_cast<py::ssize_t>(air.size());
     py::array_t<int32_t> a({m, py::ssize_t{4}}), r({py::ssize_t{6}, n}), c(n);
     if (m) std::memcpy(a.mutable_data(), air.data(), air.size() * sizeof(AirRun));
@@ -880,13 +866,20 @@ class PyLabeller {
     auto img = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(image);
     const uint8_t* lp = l.data();
     const T* ip = img.data();
-    // Another Python thread could call in while the GIL is released; refuse rather than race.
+    exclusive([&] {
+      count_values(lp, nz * lab_.Y() * lab_.X(), value_counts_);
+      lab_.add<T>(lp, ip, nz, nullptr);
+    });
+  }
+
+  // fn() without the GIL. Another Python thread could call in meanwhile: refused rather than raced.
+  template <class Fn>
+  void exclusive(Fn fn) {
     if (busy_) throw std::runtime_error("ComponentLabeller is busy in another thread");
     busy_ = true;
     try {
       py::gil_scoped_release release;
-      count_values(lp, nz * lab_.Y() * lab_.X(), value_counts_);
-      lab_.add<T>(lp, ip, nz, nullptr);
+      fn();
     } catch (...) {
       busy_ = false;
       throw;

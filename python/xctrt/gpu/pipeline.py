@@ -24,7 +24,6 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from .. import _core
 from ..defects import DefectCounter
 from ..errors import XctrtError
 from . import cuda_array_module, post, resample
@@ -455,19 +454,13 @@ class GpuStage:
         """The host table's distances to the part surface, searched where the GPU labeller searches
         them: the kd-tree of the outside air built on the host, one CUDA thread per defect run on the
         device (post.search_air_runs; NumPy: its host twin). The same bits as the labeller's own search."""
-        xp, t0 = self.xp, time.perf_counter()
-        nodes, tree_air = _core.air_tree(air, self.voxel_size)
-        with _xp_stream(xp, self.postproc if self.cuda else None):
-            nodes, tree_air, runs, comp = (xp.asarray(a) for a in (nodes, tree_air, runs, comp))
-            t1 = time.perf_counter()
-            best2 = xp.full(n, np.inf).view(np.uint64)
-            post.search_air_runs(nodes, tree_air, runs, comp, best2, self.voxel_size)
-            d = np.sqrt(post.to_host(best2).view(np.float64))
-        self._search_times = {"surface_distance": time.perf_counter() - t0, "surface_tree": t1 - t0,
+        t0 = time.perf_counter()
+        with _xp_stream(self.xp, self.postproc if self.cuda else None):
+            d, tree_s = post.surface_distances(self.xp, air, runs, comp, n, self.voxel_size)
+        self._search_times = {"surface_distance": time.perf_counter() - t0, "surface_tree": tree_s,
                               "runs": {"outside_air": len(air), "defect": int(runs.shape[1])}}
-        if self.cuda:   # after the stage gave its pool back (flush): these blocks too, for the next volume
-            del nodes, tree_air, runs, comp, best2
-            xp.get_default_memory_pool().free_all_blocks()
+        if self.cuda:   # after the stage gave its pool back (flush): the search's blocks too, for the next volume
+            self.xp.get_default_memory_pool().free_all_blocks()
         return d
 
     def _downloaded(self, wait: bool = False) -> list[tuple[int, np.ndarray, np.ndarray]]:

@@ -123,6 +123,19 @@ def search_air_runs(nodes, air, runs, comp, best2, voxel_size) -> None:
            (runs, np.int64(n), comp, nodes, air, *map(np.float64, voxel_size), best2))
 
 
+def surface_distances(xp, air, runs, comp, n: int, voxel_size) -> tuple[np.ndarray, float]:
+    """Each of n components' distance to the part surface, from the (m, 4) host air runs outside the
+    part and the defect runs (6, n_runs) with their components (n_runs,) (-1: left out), on xp's
+    device: the kd-tree built on the host (_core.air_tree) and sent there, then search_air_runs.
+    Returns the (n,) float64 distances on the host and the seconds until the search began."""
+    t0 = time.perf_counter()
+    nodes, tree_air = (xp.asarray(a) for a in _core.air_tree(air, voxel_size))
+    tree_s = time.perf_counter() - t0
+    best2 = xp.full(n, np.inf).view(np.uint64)
+    search_air_runs(nodes, tree_air, xp.asarray(runs), xp.asarray(comp), best2, voxel_size)
+    return np.sqrt(to_host(best2).view(np.float64)), tree_s
+
+
 # Compiled as _core is built: every double operation rounded on its own (no FMA contraction).
 AIR_SEARCH_OPTIONS = ("--fmad=false", "-DXCTRT_AIR_SEARCH_KERNEL")   # the source is C++11: any default dialect
 _air_search = {"kernel": None, "error": None}
@@ -683,15 +696,11 @@ class ComponentLabeller:
         if not len(air) or not self._runs:
             self.surface_tree_s = time.perf_counter() - t0
             return np.full(n_kept, np.nan)
-        nodes, tree_air = _core.air_tree(air, self.voxel_size)
-        nodes, tree_air = xp.asarray(nodes), xp.asarray(tree_air)
-        t1 = time.perf_counter()
+        before = time.perf_counter() - t0
         runs = xp.concatenate(self._runs, axis=1)
         comp = final[runs[4]] - np.int32(1)   # -1: a run of a component min_voxels dropped
-        best2 = xp.full(n_kept, np.inf).view(np.uint64)
-        search_air_runs(nodes, tree_air, runs, comp, best2, self.voxel_size)
-        d = np.sqrt(to_host(best2).view(np.float64))
-        self.surface_tree_s = t1 - t0
+        d, tree_s = surface_distances(xp, air, runs, comp, n_kept, self.voxel_size)
+        self.surface_tree_s = before + tree_s
         return d
 
     def _resolve(self, min_voxels: int):

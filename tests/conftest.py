@@ -152,15 +152,42 @@ def triton_child_env(interpret: bool) -> dict:
     return env
 
 
-def rerun_under_triton_interpreter(test_file, keyword: str) -> None:
-    """Run test_file's tests selected by `keyword` in a fresh pytest with the Triton interpreter on,
-    for a process that imported triton before the module could set TRITON_INTERPRET=1 (Triton
-    decorates its library functions at import). Fails on a failure, and if any of them was skipped."""
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(test_file),
-                        "-k", keyword], capture_output=True, text=True, env=triton_child_env(True), check=False,
-                       timeout=300, cwd=REPO)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]  # 0 also means some test was collected
-    assert "SKIPPED" not in p.stdout, p.stdout[-2000:]
+# The test files whose Triton kernels run under the interpreter; when this process imported triton
+# before any of them could set TRITON_INTERPRET=1, their kernel tests run again in one fresh pytest
+# (a child's imports cost ~15 s on 2 cores, so one child for all of them, not one per file).
+INTERPRETED_FILES = ("test_gpu_attention.py", "test_gpu_layout.py", "test_gpu_resample.py")
+INTERPRETED_KEYWORD = "triton and not fresh_process and not sm90"
+_interpreted_results: dict | None = None
+
+
+def rerun_under_triton_interpreter(test_file) -> None:
+    """Fail if test_file's kernel tests (INTERPRETED_KEYWORD) failed, errored or were skipped in the
+    shared fresh pytest with the Triton interpreter on, or if none of them ran there."""
+    global _interpreted_results
+    name = Path(test_file).name
+    assert name in INTERPRETED_FILES, name
+    if _interpreted_results is None:
+        import tempfile
+        import xml.etree.ElementTree as ET
+
+        with tempfile.TemporaryDirectory() as tmp:
+            xml = Path(tmp) / "junit.xml"
+            p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                                f"--junitxml={xml}", "-k", INTERPRETED_KEYWORD,
+                                *(str(REPO / "tests" / f) for f in INTERPRETED_FILES)],
+                               capture_output=True, text=True, env=triton_child_env(True), check=False,
+                               timeout=600, cwd=REPO)
+            results = {f: {"ran": 0, "bad": []} for f in INTERPRETED_FILES}
+            if xml.exists():
+                for case in ET.parse(xml).getroot().iter("testcase"):
+                    module = case.get("classname", "").split(".")[-1] + ".py"   # tests.test_gpu_x
+                    if module in results:
+                        results[module]["ran"] += 1
+                        results[module]["bad"] += [f"{case.get('name')}: {c.tag} {c.get('message', '')[:300]}"
+                                                   for c in case if c.tag in ("failure", "error", "skipped")]
+        _interpreted_results = {"results": results, "log": p.stdout[-4000:] + p.stderr[-2000:]}
+    got = _interpreted_results["results"][name]
+    assert got["ran"] > 0 and not got["bad"], (got, _interpreted_results["log"])
 
 
 # The start of every sm_90 compile script: Triton's ahead-of-time API (it moves between versions: a

@@ -363,7 +363,7 @@ def test_triton_inside_a_compiled_graph():
 @pytest.mark.skipif(not HAVE_TRITON or INTERPRETER_HERE, reason="the kernel tests ran in this process")
 def test_triton_tests_in_fresh_process():
     """triton was imported here before TRITON_INTERPRET=1: rerun the kernel tests where it is set first."""
-    rerun_under_triton_interpreter(__file__, "triton and not fresh_process")
+    rerun_under_triton_interpreter(__file__)
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton missing")

@@ -105,7 +105,7 @@ def test_triton_layout_refuses_bad_arguments():
 
 @pytest.mark.skipif(layout.triton is None or INTERPRETER_HERE, reason="the kernel tests ran in this process")
 def test_triton_tests_in_fresh_process():
-    rerun_under_triton_interpreter(__file__, "triton and not fresh_process")
+    rerun_under_triton_interpreter(__file__)
 
 
 # Both kernels compiled for sm_90 with bf16 activations and ViT-B's 768 channels, as the encoder runs them

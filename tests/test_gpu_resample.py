@@ -31,8 +31,8 @@ interpreted = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _interpreter_blocks(monkeypatch):
     """Blocks of 16 rows instead of the GPU's 4 under the interpreter, which costs per program instance
-    (a quarter of the time). The test slices (13 to 64 rows) and tiles (16 to 32) still span several
-    blocks, most with a partial last one."""
+    (a quarter of the time). The test slices (13 to 64 rows) still span one to four blocks, most of
+    them ending in a partial one."""
     if INTERPRETER_HERE:
         monkeypatch.setattr(resample, "BLOCK_Y", 16)
 

@@ -780,3 +780,23 @@ def test_table_csv_matches_a_cell_by_cell_reference():
     for codes in ([0, 2], [-1, 0]):
         with pytest.raises(ValueError, match="code out of range"):
             _core.table_csv([(np.array(codes), ["a", "b"])], "s")
+
+
+@pytest.mark.parametrize("labels", ["phantom", "speckle"])
+def test_host_components_benchmark_runs_and_checks_itself(labels, tmp_path):
+    # benchmarks/host_components.py on a small volume: its own checks (counts equal bincount's, the
+    # table the same with and without the counts) pass, and the JSON says what was run
+    import json
+
+    from conftest import load_benchmark
+    bench = load_benchmark("host_components")
+    out = tmp_path / "r.json"
+    assert bench.main(["--labels", labels, "--planes", "12", "--size", "256", "--slab", "5", "--repeats", "1",
+                       "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["labels"] == labels and r["planes"] == 12 and r["same_counts"] and r["same_table"]
+    assert r["defects"] > 0 and r["csv_bytes"] > 100 * r["defects"]
+    assert set(r["seconds"]) == {"counter", "bincount", "labeller", "finish", "csv"}
+    if labels == "speckle":   # nearly all defects single voxels, ~SPECKLE_FRACTION of the part per class
+        part = np.pi * (0.45 * 256) ** 2 * 12   # ~370 defects expected: +-20 % is 4 standard deviations
+        assert 0.8 < r["defects"] / (2 * bench.SPECKLE_FRACTION * part) < 1.2

@@ -796,7 +796,7 @@ def test_host_components_benchmark_runs_and_checks_itself(labels, tmp_path):
     r = json.loads(out.read_text())
     assert r["labels"] == labels and r["planes"] == 12 and r["same_counts"] and r["same_table"]
     assert r["defects"] > 0 and r["csv_bytes"] > 100 * r["defects"]
-    assert set(r["seconds"]) == {"counter", "bincount", "labeller", "finish", "csv"}
+    assert set(r["seconds"]) == {"counter", "bincount", "labeller", "finish", "finish_without_surface", "csv"}
     if labels == "speckle":   # nearly all defects single voxels, ~SPECKLE_FRACTION of the part per class
         part = np.pi * (0.45 * 256) ** 2 * 12   # ~370 defects expected: +-20 % is 4 standard deviations
         assert 0.8 < r["defects"] / (2 * bench.SPECKLE_FRACTION * part) < 1.2

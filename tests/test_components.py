@@ -359,6 +359,9 @@ def test_surface_search_elsewhere_gives_the_labellers_own_bits(min_voxels):
     assert other.outside_air_voxels == own.outside_air_voxels > 0
     assert air.dtype == runs.dtype == comp.dtype == np.int32 and runs.shape == (6, len(comp))
     np.testing.assert_array_equal(air, own.outside_air_runs())
+    # the outside air is made once and kept: a second finish searches it again, in the same order
+    assert own.finish(min_voxels=min_voxels)["surface_distance"].tobytes() == want["surface_distance"].tobytes()
+    np.testing.assert_array_equal(own.outside_air_runs(), air)
     np.testing.assert_array_equal(runs[4], comp)
     assert comp.min() >= -1 and comp.max() == len(want["id"]) - 1
     assert (comp == -1).any() == (min_voxels > 1)

@@ -633,6 +633,7 @@ class Labeller {
   std::vector<AirRun> outside_air_runs() const {
     std::vector<uint32_t> root(air_.size());
     std::vector<AirRun> out;
+    out.reserve(air_.size());   // usually nearly all of them: no copies as it grows
     for (size_t i = 0; i < air_.size(); ++i) {
       root[i] = air_parent_[i] == i ? static_cast<uint32_t>(i) : root[air_parent_[i]];  // parent < i
       if (air_edge_[root[i]]) out.push_back(air_[i]);

@@ -400,7 +400,7 @@ def test_surface_distance_in_csv_and_summary():
     counter = DefectCounter(lab.shape, (0.5, 0.25, 0.125))
     counter.add_slab(lab, img)
     table = counter.finish()
-    rows = table_to_csv(table, "mm").splitlines()
+    rows = table_to_csv(table, "mm").decode().splitlines()
     assert rows[0].endswith(",surface_distance_mm")
     assert [r.rsplit(",", 1)[1] for r in rows[1:]] == ["0.5", "1"]
     s = summarise(table, counter.class_voxels, (0.5, 0.25, 0.125), "mm", {1: "material", 2: "pore", 3: "inclusion"})
@@ -411,7 +411,7 @@ def test_surface_distance_in_csv_and_summary():
     counter = DefectCounter(lab.shape, (0.5, 0.25, 0.125))
     counter.add_slab(lab, img)
     table = counter.finish()
-    assert [r.rsplit(",", 1)[1] for r in table_to_csv(table, "mm").splitlines()[1:]] == ["", ""]
+    assert [r.rsplit(",", 1)[1] for r in table_to_csv(table, "mm").decode().splitlines()[1:]] == ["", ""]
     s = summarise(table, counter.class_voxels, (0.5, 0.25, 0.125), "mm", {1: "material", 2: "pore", 3: "inclusion"})
     assert "surface_distance_mm" not in s["defects"]["pore"]
 
@@ -769,9 +769,9 @@ def test_table_csv_matches_a_cell_by_cell_reference():
     bench = load_benchmark("table_csv")
     t = bench.random_table(5000)    # several blocks of rows, formatted on all cores
     for unit in ("mm", "vox"):
-        assert table_to_csv(t, unit) == bench.reference_csv(t, unit)
+        assert table_to_csv(t, unit) == bench.reference_csv(t, unit).encode()
     empty = {k: v[:0] for k, v in t.items()}
-    assert table_to_csv(empty, "mm") == ",".join(h for _, h in csv_columns("mm")) + "\n"
+    assert table_to_csv(empty, "mm") == (",".join(h for _, h in csv_columns("mm")) + "\n").encode()
     with pytest.raises(ValueError, match="one length"):
         _core.table_csv([np.zeros(2), np.zeros(3)], "gg")
     with pytest.raises(ValueError, match="unknown column kind"):
@@ -779,7 +779,8 @@ def test_table_csv_matches_a_cell_by_cell_reference():
     with pytest.raises(ValueError, match="one kind per column"):
         _core.table_csv([np.zeros(2)], "gg")
     assert _core.table_csv([(np.array([1, 0, 1]), ["pore", "inclusion"]), np.arange(3)], "sd") == \
-        "inclusion,0\npore,1\ninclusion,2\n"
+        b"inclusion,0\npore,1\ninclusion,2\n"
+    assert _core.table_csv([np.arange(2)], "d", "n\n") == b"n\n0\n1\n"
     for codes in ([0, 2], [-1, 0]):
         with pytest.raises(ValueError, match="code out of range"):
             _core.table_csv([(np.array(codes), ["a", "b"])], "s")

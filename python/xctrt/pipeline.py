@@ -537,7 +537,7 @@ class Segmenter:
                                   self.class_names, f"{source.path.name}  {Z}x{Y}x{X}  model {self.package.name}"
                                   + ("" if self.package.trained else " (UNTRAINED)"))
                 with staged.write("defects.csv") as tmp:
-                    tmp.write_text(csv_text.result())
+                    tmp.write_bytes(csv_text.result())
         elapsed = time.perf_counter() - t_start
         summary = {
             "input": {"path": _where(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),

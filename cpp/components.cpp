@@ -286,7 +286,8 @@ class Labeller {
     return counted_outside_air();
   }
 
-  // Air voxels outside the part after distance_to_surface(); -1 before it or without surface.
+  // Air voxels outside the part once distance_to_surface() or surface_inputs() has run (either
+  // makes the outside air, once); -1 before that or without surface.
   int64_t outside_air_voxels() const { return surface_ ? outside_air_voxels_ : -1; }
   // Their runs (z, y, x0, x1), e.g. to draw the air the part encloses; empty before either of those.
   const std::vector<AirRun>& outside_air() const { return outside_; }
@@ -1168,9 +1169,9 @@ void search_air_runs(py::array_t<uint8_t, py::array::c_style> nodes, RunArray ai
 // defects.csv's bytes (UTF-8): `header`, then one row per component, one column per kind character:
 // 'd' int64, 'g' float64 as %.6g, 'f' float64 as %.3f, 'G' %.6g or empty where not finite (no
 // surface in view), 's' strings by code: a pair (int64 codes, list of strings), each row the string
-// its code picks (class names). The same
-// text as Python's %-format (defects.table_to_csv's reference): std::to_chars writes what printf
-// would, correctly rounded as Python's digits are; only NaN is spelt here, since it may write "-nan".
+// its code picks (class names). The same text as Python's %-format (defects.table_to_csv's
+// reference): std::to_chars writes what printf would, correctly rounded as Python's digits are; only
+// NaN is spelt here, since it may write "-nan".
 py::bytes table_csv(const py::list& columns, const std::string& kinds, const std::string& header) {
   const size_t k = kinds.size();
   if (columns.size() != k) throw std::invalid_argument("table_csv needs one kind per column");

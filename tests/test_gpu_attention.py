@@ -167,6 +167,15 @@ def test_triton_key_tile_narrower_than_a_row_is_refused():
 
 
 @interpreted
+@pytest.mark.parametrize("scale", [0.0, -0.25, float("nan"), float("inf")])
+def test_triton_refuses_a_scale_that_is_not_positive(scale):
+    # the kernel takes each tile's row maximum before scaling: only a positive scale keeps the order
+    q, k, v, rel_h, rel_w = make_case(0, 1, (4, 4), 16)
+    with pytest.raises(ValueError, match="positive finite"):
+        attention_triton(q, k, v, rel_h, rel_w, (4, 4), scale)
+
+
+@interpreted
 def test_triton_batch_split_over_grid_limit(monkeypatch):
     import xctrt.gpu.attention as att
     monkeypatch.setattr(att, "_MAX_GRID_Y", 4)  # 5 batches x 2 heads -> launches of 2, 2 and 1 batches
@@ -397,8 +406,12 @@ def test_tuned_launches_fit_their_shape():
 # ahead-of-time API (ASTSource), which moves between versions: an API mismatch skips, a compile error
 # or a spill fails.
 _SM90_SCRIPT = r'''
+import importlib.util
 import torch
 from xctrt.gpu import attention as A
+spec = importlib.util.spec_from_file_location("attention_sass", "benchmarks/attention_sass.py")
+sass = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sass)
 fn = triton.jit(A._attn_fwd)
 names = fn.arg_names
 report = {}
@@ -410,25 +423,9 @@ for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((64, 64), 80), ((14, 14), 80)
     c = A.default_config((h, w), d, torch.float32)   # float32 takes its default launch only
     cases.append(((h, w), d, "fp32", (c["block_m"], c["block_n"], c["num_warps"], c["num_stages"])))
 for (h, w), d, dt, (bm, bn, warps, stages) in cases:
-    n = h * w
     name = f"{h}x{w}/{d} {dt} {bm}x{bn} w{warps} s{stages}"
-    const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SGHK=1, SGWK=1, KH=h, KW=w, KWP=A._next_pow2(w), HEAD_D=d,
-                 BLOCK_D=max(16, A._next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn)
-    # bf16 (or float32) q, k, v, out; float32 offset terms, as the encoder passes them
-    sig = {nm: (f"*{dt}" if nm in "Q K V O".split() else "*fp32" if nm in ("GH", "GW") else "fp32"
-                if nm.endswith("scale") else "constexpr" if nm in const else "i32") for nm in names}
-    # what the launcher specialises at run time for contiguous (B', N, D) inputs: 16-aligned pointers
-    # and 16-divisible integer arguments
-    # for the layouts the encoder passes: q, k, v views of a (B, N, 3, NH, D) projection, the offset terms
-    # (NH, B*N, L) underneath, the output (B, N, NH, D) underneath; ViT-B's 12 heads, batch 8
-    nh, bsz = 12, 8
-    c, lh, lw = nh * d, 2 * h - 1, 2 * w - 1
-    ints = dict(sqb=n * 3 * c, sqh=d, sqn=3 * c, skb=n * 3 * c, skh=d, skn=3 * c, svb=n * 3 * c, svh=d, svn=3 * c,
-                sghb=n * lh, sghh=bsz * n * lh, sghn=lh, sgwb=n * lw, sgwh=bsz * n * lw, sgwn=lw,
-                sob=n * c, soh=d, son=c, N=n, NH=nh)
-    assert set(const) | set(ints) | {"Q", "K", "V", "GH", "GW", "O", "qk_scale", "bias_scale"} == set(names), names
-    div16 = [nm for nm in names if nm in "Q K V GH GW O".split() or ints.get(nm, 1) % 16 == 0]
-    attrs = {(names.index(nm),): [["tt.divisibility", 16]] for nm in div16}
+    # bf16 (or float32) q, k, v, out and float32 offset terms, laid out as the ViT-B encoder passes them
+    sig, const, attrs = sass.encoder_signature(names, (h, w), d, dt, launch=(bm, bn))
     kern = compile(fn, sig, const, attrs, num_warps=warps, num_stages=stages)
     if isinstance(kern, dict):
         report[name] = kern; continue
@@ -436,6 +433,11 @@ for (h, w), d, dt, (bm, bn, warps, stages) in cases:
     m = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump_of(kern, "-res-usage") or "")
     if m:
         row.update(regs=int(m.group(1)), stack=int(m.group(2)))
+    c = A.default_config((h, w), d)
+    if dt == "bf16" and d == 64 and (bm, bn, warps, stages) == tuple(c[k] for k in ("block_m", "block_n", "num_warps", "num_stages")):
+        # what benchmarks/attention_sass.py reads from the machine code of ViT-B's default launches
+        tile = sass.tile_report(kern, (bm, bn, warps, stages))
+        row["key_loop"] = {k: tile[k] for k in ("instructions", "scores_per_thread", "exp2", "tensor", "fp32")}
     report[name] = row
 print(json.dumps(report))
 '''
@@ -449,6 +451,13 @@ def test_triton_compiles_for_sm90_without_spills():
         assert row["wgmma"] or row["dtype"] == "fp32", f"{shape}: expected Hopper wgmma instructions"
         assert row.get("stack", 0) == 0, f"{shape}: register spills {row}"
         assert row["shared"] <= 232448, f"{shape}: {row['shared']} B of shared memory, over sm_90's 227 KB per block"
+    # benchmarks/attention_sass.py finds the key loop in the default launches' SASS: tensor-core
+    # instructions and one exp2 per score of a tile (plus the rescale's)
+    loops = {shape: row["key_loop"] for shape, row in report.items() if "key_loop" in row}
+    assert len(loops) == 2, sorted(report)
+    for shape, loop in loops.items():
+        assert loop["tensor"] > 0 and loop["fp32"] > 0, (shape, loop)
+        assert loop["scores_per_thread"] <= loop["exp2"] <= loop["scores_per_thread"] + 4, (shape, loop)
 
 
 def test_offset_terms_have_aligned_rows_and_the_plain_products():

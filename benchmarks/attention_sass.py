@@ -75,15 +75,16 @@ def _tool(name: str) -> str:
 
 
 def compile_sm90(fn, hw, d, launch, dtype="bf16"):
-    """fn (a triton.jit kernel) compiled for sm_90 at launch = (BLOCK_M, BLOCK_N, warps, stages)."""
+    """fn (a triton.jit kernel) compiled for sm_90 at launch = (BLOCK_M, BLOCK_N, warps, stages[, maxnreg])."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sig, const, attrs = encoder_signature(fn.arg_names, hw, d, dtype, launch=launch[:2])
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
                     attrs=attrs)
+    cap = launch[4] if len(launch) > 4 else None
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": launch[2], "num_stages": launch[3]})
+                          options={"num_warps": launch[2], "num_stages": launch[3], **({"maxnreg": cap} if cap else {})})
 
 
 def cuobjdump(kern, flag: str) -> str:
@@ -125,12 +126,13 @@ def programs_per_sm(registers: int, warps: int, shared: int) -> int:
 def tile_report(kern, launch) -> dict:
     """The key loop's instructions per thread by kind (KINDS), in all and per score of a key tile."""
     counts = key_loop(cuobjdump(kern, "-sass"))
-    bm, bn, warps, _ = launch
+    bm, bn, warps = launch[:3]
     scores = bm * bn / (32 * warps)   # scores of one key tile per thread
     row = {"instructions": sum(counts.values()), "scores_per_thread": scores}
     for kind, ops in KINDS.items():
         row[kind] = sum(counts[o] for o in ops)
     row["per_score"] = {k: round(row[k] / scores, 2) for k in ("instructions", "fp32", "exp2", "move")}
+    row["spills_in_loop"] = counts["LDL"] + counts["STL"]
     # (scores per thread assume one warp group per 64 query rows; with more warps than the tile has
     # rows for, Triton splits the key tile between warp groups and the per-score figures are high)
     m = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump(kern, "-res-usage"))
@@ -163,12 +165,14 @@ def main(argv=None) -> dict:
     report = {"triton": triton.__version__, "source": args.source or "python/xctrt/gpu/attention.py",
               "launches": {}}
     print(f"Triton {triton.__version__}, sm_90, kernel from {report['source']}")
-    print(f"{'shape':<12} {'launch (M, N, warps, stages)':<30} {'loop instr':>10} {'fp32':>5} {'exp2':>5} "
+    print(f"{'shape':<12} {'launch (M, N, warps, stages, cap)':<30} {'loop instr':>10} {'fp32':>5} {'exp2':>5} "
           f"{'move':>5} {'per score: instr / fp32':>24} {'regs':>5} {'per SM':>6}")
     for hw, d in SHAPES:
         cfg = A.default_config(hw, d)
-        launches = sorted({(cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"]),
-                           *A.tuned_launches_for(hw, d)})
+        first = (cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg"))
+        # (an older attention.py's launches are 4-tuples, without the register cap)
+        launches = sorted({tuple(t) + (None,) * (5 - len(t)) for t in (first, *A.tuned_launches_for(hw, d))},
+                          key=lambda t: tuple(x or 0 for x in t))
         for launch in launches:
             row = tile_report(compile_sm90(fn, hw, d, launch), launch)
             name = f"{hw[0]}x{hw[1]}/{d}"

@@ -385,18 +385,20 @@ def test_tuned_launches_fit_their_shape():
 
     glob, win, vith = A.tuned_launches_for((64, 64), 64), A.tuned_launches_for((14, 14), 64), \
         A.tuned_launches_for((14, 14), 80)
-    assert glob and all(64 <= bn <= 128 for _, bn, _, _ in glob)
-    assert (64, 256, 8, 2) in win and len(win) == len(A.TUNED_LAUNCHES)
-    d80 = A.default_config((14, 14), 80)
-    assert vith == [(d80["block_m"], d80["block_n"], d80["num_warps"], d80["num_stages"])]
+    assert glob and all(64 <= bn <= 128 for _, bn, _, _, _ in glob)
+    assert {reg for *_, reg in glob} == {None, 128}   # register caps for the global grid only
+    assert (64, 256, 8, 2, None) in win and all(reg is None for *_, reg in win)
+    assert len(win) == sum(reg is None for *_, reg in A.TUNED_LAUNCHES)
+    assert vith == [A.launch_of(A.default_config((14, 14), 80))]
     for hw, d in (((64, 64), 64), ((14, 14), 64), ((64, 64), 80), ((14, 14), 80)):   # defaults are candidates
-        c = A.default_config(hw, d)
-        assert (c["block_m"], c["block_n"], c["num_warps"], c["num_stages"]) in A.tuned_launches_for(hw, d)
-    assert all(bn >= 32 for _, bn, _, _ in A.tuned_launches_for((3, 20), 64))   # W=20 pads to 32 slots
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-               for bm, bn, nw, ns in A.TUNED_LAUNCHES]
-    kept = A._prune_launches(configs, {}, KH=64, KW=64, HEAD_D=64)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == glob
+        assert A.launch_of(A.default_config(hw, d)) in A.tuned_launches_for(hw, d)
+    assert all(bn >= 32 for _, bn, *_ in A.tuned_launches_for((3, 20), 64))   # W=20 pads to 32 slots
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns, maxnreg=reg)
+               for bm, bn, nw, ns, reg in A.TUNED_LAUNCHES]
+    for hw, launches in (((64, 64), glob), ((14, 14), win)):
+        kept = A._prune_launches(configs, {}, KH=hw[0], KW=hw[1], HEAD_D=64)
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg)
+                for c in kept] == launches
     assert A.tuned_choices() == {}   # nothing tuned on this machine: the CPU path takes fixed launches
 
 
@@ -417,26 +419,24 @@ names = fn.arg_names
 report = {}
 cases = []
 for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((64, 64), 80), ((14, 14), 80)]:
-    c = A.default_config((h, w), d)
-    launches = {(c["block_m"], c["block_n"], c["num_warps"], c["num_stages"])} | set(A.tuned_launches_for((h, w), d))
-    cases += [((h, w), d, "bf16", launch) for launch in sorted(launches)]
-    c = A.default_config((h, w), d, torch.float32)   # float32 takes its default launch only
-    cases.append(((h, w), d, "fp32", (c["block_m"], c["block_n"], c["num_warps"], c["num_stages"])))
-for (h, w), d, dt, (bm, bn, warps, stages) in cases:
-    name = f"{h}x{w}/{d} {dt} {bm}x{bn} w{warps} s{stages}"
+    launches = {A.launch_of(A.default_config((h, w), d))} | set(A.tuned_launches_for((h, w), d))
+    cases += [((h, w), d, "bf16", launch) for launch in sorted(launches, key=str)]
+    # float32 takes its default launch only
+    cases.append(((h, w), d, "fp32", A.launch_of(A.default_config((h, w), d, torch.float32))))
+for (h, w), d, dt, (bm, bn, warps, stages, reg) in cases:
+    name = f"{h}x{w}/{d} {dt} {bm}x{bn} w{warps} s{stages}" + (f" r{reg}" if reg else "")
     # bf16 (or float32) q, k, v, out and float32 offset terms, laid out as the ViT-B encoder passes them
     sig, const, attrs = sass.encoder_signature(names, (h, w), d, dt, launch=(bm, bn))
-    kern = compile(fn, sig, const, attrs, num_warps=warps, num_stages=stages)
+    kern = compile(fn, sig, const, attrs, num_warps=warps, num_stages=stages, **({"maxnreg": reg} if reg else {}))
     if isinstance(kern, dict):
         report[name] = kern; continue
-    row = {"wgmma": "wgmma" in kern.asm.get("ptx", ""), "dtype": dt, "shared": kern.metadata.shared}
+    row = {"wgmma": "wgmma" in kern.asm.get("ptx", ""), "dtype": dt, "shared": kern.metadata.shared, "cap": reg}
     m = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump_of(kern, "-res-usage") or "")
     if m:
         row.update(regs=int(m.group(1)), stack=int(m.group(2)))
-    c = A.default_config((h, w), d)
-    if dt == "bf16" and d == 64 and (bm, bn, warps, stages) == tuple(c[k] for k in ("block_m", "block_n", "num_warps", "num_stages")):
+    if dt == "bf16" and d == 64 and (bm, bn, warps, stages, reg) == A.launch_of(A.default_config((h, w), d)):
         # what benchmarks/attention_sass.py reads from the machine code of ViT-B's default launches
-        tile = sass.tile_report(kern, (bm, bn, warps, stages))
+        tile = sass.tile_report(kern, (bm, bn, warps, stages, reg))
         row["key_loop"] = {k: tile[k] for k in ("instructions", "scores_per_thread", "exp2", "tensor", "fp32")}
     report[name] = row
 print(json.dumps(report))
@@ -449,7 +449,8 @@ def test_triton_compiles_for_sm90_without_spills():
     assert len(report) >= 14   # the defaults (bf16, float32) and the tuning's launches of all four shapes
     for shape, row in report.items():
         assert row["wgmma"] or row["dtype"] == "fp32", f"{shape}: expected Hopper wgmma instructions"
-        assert row.get("stack", 0) == 0, f"{shape}: register spills {row}"
+        # uncapped launches never spill; a register cap may cost a value or two (16 bytes of stack)
+        assert row.get("stack", 0) <= (16 if row["cap"] else 0), f"{shape}: register spills {row}"
         assert row["shared"] <= 232448, f"{shape}: {row['shared']} B of shared memory, over sm_90's 227 KB per block"
     # benchmarks/attention_sass.py finds the key loop in the default launches' SASS: tensor-core
     # instructions and one exp2 per score of a tile (plus the rescale's)

@@ -53,6 +53,7 @@ __all__ = [
     "choose_qkv_layout",
     "default_config",
     "empty_output",
+    "launch_of",
     "rel_pos_attention",
     "relative_bias_terms",
     "relative_offset_terms",
@@ -321,27 +322,37 @@ def _next_pow2(x: int) -> int:
 
 
 # Launches the CUDA path tries on its first call per (N, W, D, dtypes), keeping the fastest (triton's
-# autotuner): (BLOCK_M, BLOCK_N, warps, stages). The sweep of benchmarks/gpu_attention_check.py times each
-# of them; all compile for sm_90 without spills where _prune_launches lets them run
-# (tests/test_gpu_attention.py compiles every one).
-TUNED_LAUNCHES = ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2),
-                  (64, 128, 8, 2), (128, 128, 8, 2), (64, 256, 8, 2))   # every default_config is one
+# autotuner): (BLOCK_M, BLOCK_N, warps, stages, register cap per thread or None). The sweep of
+# benchmarks/gpu_attention_check.py times each of them; all compile for sm_90 where _prune_launches lets
+# them run, the uncapped ones without spills (tests/test_gpu_attention.py compiles every one). The two
+# capped at 128 registers are for the global grid, where a key loop short of latency hiding may gain
+# from more programs per SM: four 4-warp ones instead of three, two 8-warp ones instead of one; the cap
+# costs them one spilled value per key tile (sm_90, Triton 3.8; benchmarks/attention_sass.py).
+TUNED_LAUNCHES = ((64, 64, 4, 3, None), (64, 64, 4, 2, None), (64, 64, 8, 3, None), (64, 64, 8, 2, None),
+                  (128, 64, 8, 2, None), (64, 128, 8, 2, None), (128, 128, 8, 2, None), (64, 256, 8, 2, None),
+                  (64, 64, 4, 2, 128), (128, 64, 8, 2, 128))   # every default_config is one
 
 
-def tuned_launches_for(hw: tuple[int, int], d: int) -> list[tuple[int, int, int, int]]:
+def launch_of(cfg: dict) -> tuple:
+    """A launch dict (default_config's) as a TUNED_LAUNCHES tuple."""
+    return cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg")
+
+
+def tuned_launches_for(hw: tuple[int, int], d: int) -> list[tuple]:
     """The TUNED_LAUNCHES a shape may use: key tiles at least one padded row wide; for the 64-wide global
-    grid no 256-key tiles (they spill); for D > 64 (ViT-H's 80) only the default launch."""
+    grid no 256-key tiles (they spill), and register caps only there; for D > 64 (ViT-H's 80) only the
+    default launch."""
     kwp = _next_pow2(hw[1])
     if d > 64:
-        cfg = default_config(hw, d)
-        return [(cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"])]
-    return [t for t in TUNED_LAUNCHES if t[1] >= kwp and not (kwp >= 64 and t[1] > 128)]
+        return [launch_of(default_config(hw, d))]
+    wide = kwp >= 64
+    return [t for t in TUNED_LAUNCHES if t[1] >= kwp and not (wide and t[1] > 128) and (wide or t[4] is None)]
 
 
 def _prune_launches(configs, named_args, **kwargs):
     allowed = set(tuned_launches_for((kwargs["KH"], kwargs["KW"]), kwargs["HEAD_D"]))
     kept = [c for c in configs
-            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg) in allowed]
     return kept or configs[:1]
 
 
@@ -350,8 +361,8 @@ _TUNE = {"error": None}   # why tuning is off for good, once a tuned launch has 
 
 def _tuned_kernel():
     if "tuned" not in _KERNELS:
-        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-                   for bm, bn, nw, ns in TUNED_LAUNCHES]
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns, maxnreg=reg)
+                   for bm, bn, nw, ns, reg in TUNED_LAUNCHES]
         _KERNELS["tuned"] = triton.autotune(configs=configs, key=["N", "KW", "HEAD_D"],
                                             prune_configs_by={"early_config_prune": _prune_launches})(
             triton.jit(_attn_fwd))

@@ -117,11 +117,14 @@ for name, fn, ptrs in (("ln_window_partition", L._ln_window_partition_kernel, {"
                        ("add_layer_norm", L._add_layer_norm_kernel,
                         {"S_P": "*bf16", "A_P": "*bf16", "OUT_P": "*bf16", "N_P": "*bf16"})):
     for ws in (14, 0):
-        const = dict(WS=ws, BLOCK_C=1024)
+        const = dict(WS=ws, BLOCK_T=L.TOKENS, BLOCK_C=1024)
         sig = {nm: "constexpr" if nm in const else ptrs.get(nm) or ("*bf16" if nm in ("W_P", "B_P") else
                "fp32" if nm == "eps" else "i32") for nm in fn.arg_names}
         kern = compile(fn, sig, const, num_warps=4)
-        report[f"{name} ws={ws}"] = kern if isinstance(kern, dict) else {"ptx": len(kern.asm.get("ptx", ""))}
+        if isinstance(kern, dict):
+            report[f"{name} ws={ws}"] = kern; continue
+        m = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump_of(kern, "-res-usage") or "")
+        report[f"{name} ws={ws}"] = {"ptx": len(kern.asm.get("ptx", "")), "stack": int(m.group(2)) if m else 0}
 print(json.dumps(report))
 '''
 
@@ -132,3 +135,4 @@ def test_layout_kernels_compile_for_sm90():
 
     report = sm90_compile_report(_SM90_SCRIPT, timeout=300)
     assert len(report) == 4 and all(row["ptx"] > 0 for row in report.values())
+    assert all(row["stack"] == 0 for row in report.values()), report   # no register spills

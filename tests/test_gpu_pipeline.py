@@ -259,6 +259,19 @@ def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, ba
         assert sum(v for k, v in t["main_thread_s"].items() if k != "stage_components") <= t["total_s"]
         assert t["main_thread_s"].get("stage_components", 0) <= t["main_thread_s"]["stage"]
         assert t["gpu_compute_idle_s"] is None   # no CUDA stream here
+    # the timeline: every stage's spans within the run, by start, adding up to the busy seconds
+    for r in (a, b):
+        t = r.summary["timing"]
+        rows = t["timeline"]
+        assert rows == sorted(rows, key=lambda row: (row[1], row[2]))
+        assert all(0 <= start <= end <= t["total_s"] + 1e-3 for _, start, end in rows)
+        stages = {name for name, _, _ in rows}
+        assert {"read", "components", "write", "main stage", "main wait_read"} <= stages
+        for stage in ("read", "components", "encoder", "decoder", "aggregate", "preprocess"):
+            if stage in t["stage_busy_s"]:
+                spans = sum(end - start for name, start, end in rows if name == stage)
+                assert spans == pytest.approx(t["stage_busy_s"][stage], abs=2e-3 + 1e-4 * len(rows)), stage
+    assert {"encoder", "decoder", "aggregate"} <= {name for name, _, _ in b.summary["timing"]["timeline"]}
     # the GPU path's table says how much of it was the distance to the surface (the C++ one does not)
     tp, tb = b.summary["timing"]["table_parts_s"], b.summary["timing"]["main_thread_s"]["table"]
     assert set(tp) == {"surface_distance", "surface_tree"} and 0 <= tp["surface_tree"] <= tp["surface_distance"] <= tb

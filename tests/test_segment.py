@@ -298,6 +298,39 @@ def test_bad_voxel_size_leaves_no_output_folder(rich, phantom_volume, tmp_path):
 # ------------------------------------------------------------------ files
 
 
+def test_summary_timeline_and_its_figure(rich, phantom_path, tmp_path):
+    """summary.json's timeline: each stage's spans within the run, adding up to its busy seconds (the
+    report's spans too, made after the others), and benchmarks/timeline_figure.py draws them where
+    they are: a stage's colour at the middle of its first span, in its row."""
+    from conftest import load_benchmark
+
+    out = tmp_path / "out"
+    rich.segment(phantom_path, out_dir=out)
+    summary = json.loads((out / "summary.json").read_text())
+    t = summary["timing"]
+    rows = t["timeline"]
+    assert all(0 <= a <= b <= t["total_s"] + 1e-3 for _, a, b in rows)
+    for stage in ("read", "tile", "infer", "components", "table", "report"):
+        spans = [(a, b) for name, a, b in rows if name == stage]
+        assert spans, stage
+        assert sum(b - a for a, b in spans) == pytest.approx(t["stage_busy_s"][stage], abs=2e-3), stage
+    assert max(b for name, _, b in rows if name == "report") > max(b for name, _, b in rows if name == "read")
+
+    fig = load_benchmark("timeline_figure")
+    png = tmp_path / "timeline.png"
+    layout = fig.main([str(out / "summary.json"), str(png)])
+    (title, lay), = layout.items()
+    img = Image.open(png).convert("RGB")
+    for stage in ("read", "infer", "components", "report"):
+        a, b = next((a, b) for name, a, b in rows if name == stage)
+        x = lay["left"] + int((a + b) / 2 * lay["scale"])
+        y = lay["top"] + lay["rows"].index(stage) * lay["row_h"] + lay["row_h"] // 2
+        assert img.getpixel((x, y)) == fig.colour(stage), stage
+    assert lay["rows"][0] == "read" and lay["rows"][-1].startswith("main ")
+    with pytest.raises(SystemExit, match="no run with a timeline"):
+        fig.runs_of({"modes": {"paper": {"ours": {"slices": 1}}}})
+
+
 def test_out_dir_writes_exactly_the_four_outputs(rich, phantom_path, reference, tmp_path):
     out = tmp_path / "out"
     res = rich.segment(phantom_path, out_dir=out)

@@ -47,8 +47,11 @@ class SegmentResult:
 
 
 class _Timer:
+    """Busy seconds per stage, and each span of them (perf_counter start and end) for the timeline."""
+
     def __init__(self):
         self.seconds = defaultdict(float)
+        self.spans: list[tuple[str, float, float]] = []
         self._lock = threading.Lock()
 
     @contextmanager
@@ -57,9 +60,22 @@ class _Timer:
         try:
             yield
         finally:
-            dt = time.perf_counter() - t0
+            t1 = time.perf_counter()
             with self._lock:
-                self.seconds[stage] += dt
+                self.seconds[stage] += t1 - t0
+                self.spans.append((stage, t0, t1))
+
+    def add_span(self, stage: str, t0: float, t1: float) -> None:
+        """A span for the timeline only (its seconds are counted some other way)."""
+        with self._lock:
+            self.spans.append((stage, t0, t1))
+
+
+def _timeline(origin: float, *span_lists, prefix=("", )) -> list[list]:
+    """summary.json's timing.timeline: [stage, start s, end s] since the run began, by start."""
+    rows = [[pre + stage, round(a - origin, 4), round(b - origin, 4)]
+            for pre, spans in zip(prefix, span_lists) for stage, a, b in spans]
+    return sorted(rows, key=lambda r: (r[1], r[2]))
 
 
 def _get(q: queue.Queue, failed: threading.Event):
@@ -436,7 +452,9 @@ class Segmenter:
                     lab = _get(q_write, failed)
                 if lab is _END:
                     return
+                t = time.perf_counter()
                 yield from lab
+                timer.add_span("write", t, time.perf_counter())   # this slab's encoding and disk time
 
         @guarded
         def write():
@@ -521,6 +539,7 @@ class Segmenter:
             class_voxels[1] += filled
         for k, v in stage.stage_seconds().items():
             timer.seconds[k] += v
+        timeline = (timer.spans, stage.timeline(), main.spans)
         if staged is not None:   # the table and the preview count in the run's time; summary.json cannot
             # defects.csv is formatted on a thread of its own (C++, without the GIL) while the
             # preview is drawn: for the ~500k rows of a random network both take a few tenths of a second
@@ -564,7 +583,10 @@ class Segmenter:
                                             if stage.main_components_s is not None else {})},
                        "gpu_compute_idle_s": stage.compute_idle_s(),
                        **stage.table_surface(),
-                       "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
+                       "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()},
+                       # every span of the stages (the host threads', the device streams'), then the main
+                       # thread's ("main ..."), in seconds since the run began: where the time went, when
+                       "timeline": _timeline(t_start, *timeline, prefix=("", "", "main "))},
             "result": {**summarise(table, class_voxels, vs, unit, {**self.class_names}, counter.outside_air_voxels),
                        "enclosed_air_filled_voxels": filled},
         }
@@ -605,6 +627,10 @@ class _CpuStage:
 
     def stage_seconds(self) -> dict[str, float]:
         return {}
+
+    @staticmethod
+    def timeline() -> list:   # every stage of the CPU pipeline is timed by the run's own timer
+        return []
 
 
 def _versions() -> dict:

@@ -66,13 +66,21 @@ def kept_graphs(model, key, stage, capture):
 
 class _Clock:
     """Per-stage busy time: CUDA events on the stage's stream (read once the slab is finished), or
-    the host clock on the CPU, where every call has finished when it returns."""
+    the host clock on the CPU, where every call has finished when it returns. Each span is kept too,
+    in host perf_counter seconds (`spans`, for the run's timeline): on CUDA placed by its start event's
+    time after an origin event that was waited for, so device and host spans share one clock."""
 
     def __init__(self, torch, cuda: bool):
         self.torch, self.cuda = torch, cuda
         self.seconds = defaultdict(float)
+        self.spans: list[tuple[str, float, float]] = []
         self._pending: list[tuple[str, object, object]] = []
         self._lock = threading.Lock()   # marked by the main thread and by the components thread
+        if cuda:
+            self._origin = torch.cuda.Event(enable_timing=True)
+            self._origin.record()
+            self._origin.synchronize()
+            self._origin_host = time.perf_counter()
 
     def mark(self, stream=None):
         if not self.cuda:
@@ -87,6 +95,7 @@ class _Clock:
                 self._pending.append((stage, start, end))
             else:
                 self.seconds[stage] += end - start
+                self.spans.append((stage, start, end))
 
     def collect(self) -> None:
         """Add the spans whose end events have completed."""
@@ -94,7 +103,10 @@ class _Clock:
             keep = []
             for stage, a, b in self._pending:
                 if b.query():
-                    self.seconds[stage] += a.elapsed_time(b) / 1000.0
+                    dt = a.elapsed_time(b) / 1000.0
+                    self.seconds[stage] += dt
+                    t = self._origin_host + self._origin.elapsed_time(a) / 1000.0
+                    self.spans.append((stage, t, t + dt))
                 else:
                     keep.append((stage, a, b))
             self._pending = keep
@@ -233,6 +245,7 @@ class GpuStage:
                 # warm-up runs (first kernel compiles, a compiled model's compile) and the capture: start-up
                 # time inside the run's total, reported apart from the per-slab stages
                 self.capture_s = time.perf_counter() - t0
+                self.clock.spans.append(("capture", t0, t0 + self.capture_s))   # for the timeline
 
     def _check_fused(self, grey_dtype=None) -> str | None:
         """The mode's two fused kernels once on small random slabs against the step-by-step functions
@@ -600,6 +613,14 @@ class GpuStage:
 
     def stage_seconds(self) -> dict[str, float]:
         return {**self.clock.finish(), **({"capture": self.capture_s} if self.capture_s else {})}
+
+    def timeline(self) -> list[tuple[str, float, float]]:
+        """The stage spans (host perf_counter seconds) of the device streams, or of the host where the
+        stage runs on the CPU, and the compute stream's idle spans between slabs ("compute_idle")."""
+        self.clock.finish()
+        if self.cuda:
+            self.gaps.finish()
+        return self.clock.spans + self.gaps.spans
 
     def table_surface(self) -> dict:
         """For summary.json's timing, the last table's distance-to-surface search: its seconds in all

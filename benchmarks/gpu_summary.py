@@ -34,6 +34,32 @@ def _search_sizes(runs: dict | None) -> str:
     return "; its search: " + ", ".join(f"{v:,} {k.replace('_', ' ')} runs" for k, v in runs.items()) if runs else ""
 
 
+MODEL_STAGES = ("encoder", "decoder", "model", "infer")   # the network's spans: on the device, or the host's
+
+
+def timeline_phases(timeline: list | None, total_s: float | None) -> dict | None:
+    """From a run's timeline: when the first model work began (the fill), when the last model or
+    aggregate span ended, the time from then to the run's end (the tail: last slabs' components, the
+    table, the report), and how busy the model kept its stream in between (share of that interval)."""
+    spans = [(a, b) for name, a, b in timeline or () if name in MODEL_STAGES]
+    if not spans or not total_s:
+        return None
+    first = min(a for a, _ in spans)
+    last = max(b for name, _, b in timeline if name in MODEL_STAGES + ("aggregate",))
+    busy = sum(b - a for a, b in spans)
+    return {"fill_s": first, "last_model_end_s": last, "tail_s": max(0.0, total_s - last),
+            "model_busy_share": busy / (last - first) if last > first else None}
+
+
+def _phases_text(o: dict) -> str:
+    ph = timeline_phases(o.get("timeline"), o.get("total_s"))
+    if ph is None:
+        return ""
+    return (f"; timeline: first model work at {ph['fill_s']:.2f} s, the last model/aggregate work ends at "
+            f"{ph['last_model_end_s']:.2f} s, then {ph['tail_s']:.2f} s to the end; model busy "
+            f"{_f(100 * ph['model_busy_share'] if ph['model_busy_share'] is not None else None, '.0f')} % in between")
+
+
 def _f(v, fmt=".1f"):
     return format(v, fmt) if isinstance(v, (int, float)) else "–"
 
@@ -164,7 +190,7 @@ def main(out: Path) -> str:
                                      + (("; of the table: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in
                                                                        o["table_parts_s"].items()))
                                         if o.get("table_parts_s") else "")
-                                     + _search_sizes(o.get("table_surface_runs")))
+                                     + _search_sizes(o.get("table_surface_runs")) + _phases_text(o))
         if ref.get("attention_check"):
             lines.append(f"- attention check in the bench: {ref['attention_check']}")
         if ref.get("attention_launches"):

@@ -758,6 +758,7 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
             assert f"| bench | {mode} | {run} |" in md
         assert f"- bench/{mode}/ours-host: the same run with the components on the host: " in md
         assert f"- bench/{mode}/ours-host (components on the host), where the wall goes: " in md
+        assert md.count("; timeline: first model work at ") == 4   # ours and ours-host of both modes
         assert f"- bench/{mode}: ours vs naive on the same slices: labels agree 100.000 %" in md
         assert f"- bench/{mode}, where our encoder time goes (one batch, torch.compile default): " in md
     assert "post-processing: no results" in md and "attention: no results" in md
@@ -771,6 +772,17 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
         assert im.size[0] == 900 and im.size[1] > 300
         pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
         assert len(np.unique(pixels, axis=0)) > 3   # bars and text, not a blank canvas
+
+
+def test_gpu_summary_timeline_phases():
+    """The fill, the tail and the model's busy share from a hand-made timeline."""
+    phases = load_benchmark("gpu_summary").timeline_phases
+    timeline = [["read", 0.0, 0.5], ["encoder", 1.0, 2.0], ["decoder", 2.0, 2.5], ["aggregate", 2.5, 2.75],
+                ["compute_idle", 2.75, 3.0], ["encoder", 3.0, 4.0], ["aggregate", 4.0, 4.25], ["table", 4.25, 5.5],
+                ["main stage", 0.0, 5.0]]
+    ph = phases(timeline, 6.0)
+    assert ph == {"fill_s": 1.0, "last_model_end_s": 4.25, "tail_s": 1.75, "model_busy_share": 2.5 / 3.25}
+    assert phases([["read", 0.0, 1.0]], 2.0) is None and phases(None, 2.0) is None and phases(timeline, None) is None
 
 
 def test_gpu_summary_without_results(tmp_path):

@@ -12,6 +12,8 @@
 #      results under $OUT: gpu_throughput.log, gpu_post.json, bench.json, bench_compiled.json,
 #      gpu_attention.json, gpu_parts.json, gpu_package.json, summary.md (the table, printed last);
 #      with the compile cache (below) all but summary.md and the log packed in results.tar.gz
+#   Afterwards, here: the timelines of the bench's runs as a picture (the fill, the gaps, the tail):
+#          python benchmarks/timeline_figure.py bench.json timeline.png [--runs ours ours-host]
 #   Dry run here, on CPU (the same code with NumPy and torch CPU, tiny network and volume):
 #          DRY_RUN=1 bash benchmarks/gpu_throughput.sh
 #

@@ -1,12 +1,15 @@
-"""Memory traffic of our ViT-B encoder forward, operator by operator, counted on the meta device.
+"""Memory traffic of our ViT-B encoder (or decoder) forward, operator by operator, on the meta device.
 
-    python benchmarks/encoder_traffic.py [--batch 8] [--backbone vit_b]
+    python benchmarks/encoder_traffic.py [--batch 8] [--backbone vit_b] [--part decoder --mode shared]
 
 Nothing is computed: every operator of one batch through `xctrt.gpu.sam` (bf16 weights, the fused
 attention) runs on meta tensors, and each one that allocates its output is charged the bytes of its
 tensor inputs plus its output (views are free). Matrix products and the fused attention are listed
 apart: their time is set by arithmetic. The rest, over the device's copy bandwidth, is the least
-time the pointwise and layout work can take unless it is fused away.
+time the pointwise and layout work can take unless it is fused away. The operators that allocate
+are counted too: on a GPU each is at least one kernel, and the decoder's kernels are small.
+--part decoder counts the mask decoders of one mode (paper: one head per model, 3 models; shared:
+3 heads on one model) from the encoders' outputs to the class probabilities at the input size.
 """
 from __future__ import annotations
 
@@ -56,25 +59,36 @@ class TrafficCounter(TorchDispatchMode):
         return out
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--backbone", default="vit_b")
     ap.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s (H200 copy, measured here)")
-    args = ap.parse_args()
+    ap.add_argument("--part", choices=("encoder", "decoder"), default="encoder")
+    ap.add_argument("--mode", choices=("paper", "shared"), default="paper", help="for --part decoder")
+    args = ap.parse_args(argv)
     counter = TrafficCounter()
 
-    net = build_random_class_net(args.backbone, 1, "paper", device="meta")
+    classes = 1 if args.part == "encoder" else 3
+    net = build_random_class_net(args.backbone, classes, args.mode, device="meta")
     net = accelerate(net).cast_weights(torch.bfloat16)
     x = torch.empty(args.batch, 1, net.image_size, net.image_size, device="meta")
-    with torch.inference_mode(), counter:
-        net.encode(x)
+    with torch.inference_mode():
+        if args.part == "encoder":
+            with counter:
+                net.encode(x)
+        else:
+            emb = net.encode(x)
+            with counter:
+                net.decode(emb, net.image_size)
     rows = sorted(counter.rows.items(), key=lambda kv: -kv[1][1])
     rest = sum(b for name, (_, b) in rows if name not in ARITHMETIC)
-    print(f"{args.backbone}, batch {args.batch}, bf16: pointwise and layout traffic {rest / 1e9:.1f} GB "
-          f"= {rest / args.bandwidth * 1e3:.1f} ms at {args.bandwidth / 1e12:.1f} TB/s")
+    ops = sum(calls for _, (calls, _) in rows)
+    what = "" if args.part == "encoder" else f" decoders ({args.mode} mode, 3 classes)"
+    print(f"{args.backbone}{what}, batch {args.batch}, bf16: pointwise and layout traffic {rest / 1e9:.2f} GB "
+          f"= {rest / args.bandwidth * 1e3:.2f} ms at {args.bandwidth / 1e12:.1f} TB/s; {ops} operators that allocate")
     for name, (calls, b) in rows:
-        if b >= 1e7:
+        if b >= (1e7 if args.part == "encoder" else 1e6):
             print(f"{b / 1e9:8.2f} GB {calls:5d}x  {name}{'   (arithmetic-bound)' if name in ARITHMETIC else ''}")
     return 0
 

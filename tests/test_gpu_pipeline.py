@@ -533,8 +533,10 @@ def test_encoder_flops_tiny_by_hand(nets):
 def test_accelerate_sdpa_same_outputs(nets, mode):
     from segment_anything.modeling.common import MLPBlock
     from segment_anything.modeling.image_encoder import Attention, Block, PatchEmbed
+    from segment_anything.modeling.common import LayerNorm2d
     from segment_anything.modeling.transformer import Attention as DecoderAttention
-    from xctrt.gpu.sam import fast_classes
+    from segment_anything.modeling.transformer import TwoWayAttentionBlock
+    from xctrt.gpu.sam import fast_classes, fast_swaps
 
     fast_enc, fast_dec, fast_patch, fast_mlp, fast_up, fast_block = fast_classes()
     net = nets[mode]
@@ -555,6 +557,10 @@ def test_accelerate_sdpa_same_outputs(nets, mode):
         assert len(ups) >= 2 * len(fast.models) and all(type(m) is fast_up for m in ups)
         blocks = [m for m in fast.modules() if isinstance(m, Block)]   # their fused path: test_gpu_layout.py
         assert len(blocks) == 2 * len(fast.models) and all(type(m) is fast_block for m in blocks)
+        swapped = {base: cls for _, base, cls in fast_swaps()}
+        for base in (TwoWayAttentionBlock, LayerNorm2d):   # the decoders' blocks; every LayerNorm2d
+            found = [m for m in fast.modules() if isinstance(m, base)]
+            assert found and all(type(m) is swapped[base] for m in found), base
         assert not any(type(m) in (fast_enc, fast_dec, fast_patch, fast_mlp, fast_up, fast_block)
                        for m in net.modules()), \
             "the original is untouched"
@@ -637,8 +643,48 @@ def test_fast_conv_transpose_matches_the_conv(kernel, stride, padding, bias):
     x = torch.randn(3, 12, 7, 6, generator=g)
     with torch.inference_mode():
         a, b = ref(x), fast(x)
-    assert a.shape == b.shape and a.shape[:2] == (3, 5)
+        c = fast(x.contiguous(memory_format=torch.channels_last))   # as the mask decoders give it
+    assert a.shape == b.shape == c.shape and a.shape[:2] == (3, 5)
     assert (a - b).abs().max().item() < 1e-5 * a.abs().max().item()
+    assert (a - c).abs().max().item() < 1e-5 * a.abs().max().item()
+    # the GEMM's result comes out channels-last (a view of it), the conv's as the conv makes it
+    assert b.is_contiguous(memory_format=torch.channels_last) == (kernel == stride and padding == 0)
+
+
+def test_fast_layer_norm_2d_and_two_way_block_match_segment_anything():
+    """The decoders' LayerNorm2d as one layer_norm on channels-last tensors (the original on others),
+    and the two-way block with the image's keys + key_pe made once: the same numbers as
+    segment-anything's modules."""
+    from segment_anything.modeling.common import LayerNorm2d
+    from segment_anything.modeling.transformer import TwoWayAttentionBlock
+    from xctrt.gpu.sam import fast_swaps
+
+    swapped = {base: cls for _, base, cls in fast_swaps()}
+    g = torch.Generator().manual_seed(5)
+    norm = LayerNorm2d(6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(6, generator=g))
+        norm.bias.copy_(torch.randn(6, generator=g))
+    fast = copy.deepcopy(norm)
+    fast.__class__ = swapped[LayerNorm2d]
+    x = torch.randn(2, 6, 5, 7, generator=g) * 3 + 1
+    with torch.inference_mode():
+        ref = norm(x)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            out = fast(inp)
+            assert out.shape == ref.shape and (out - ref).abs().max().item() < 1e-5
+        assert fast(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    for skip in (True, False):
+        block = TwoWayAttentionBlock(16, 2, mlp_dim=32, skip_first_layer_pe=skip)
+        with torch.no_grad():
+            for prm in block.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.3)
+        fast_block = copy.deepcopy(block)
+        fast_block.__class__ = swapped[TwoWayAttentionBlock]
+        args = [torch.randn(shape, generator=g) for shape in ((3, 5, 16), (3, 12, 16), (3, 5, 16), (1, 12, 16))]
+        with torch.inference_mode():
+            (q0, k0), (q1, k1) = block(*args), fast_block(*args)
+        assert torch.equal(q0, q1) and torch.equal(k0, k1)
 
 
 @pytest.mark.parametrize("kernel,stride,padding,size", [(16, 16, 0, 64), (4, 4, 0, 12), (4, 4, 1, 12), (4, 2, 0, 12)])

@@ -58,20 +58,41 @@ class XctSam(nn.Module):
     def num_heads(self) -> int:
         return len(self.mask_decoders)
 
-    def _decode(self, dec: nn.Module, emb: torch.Tensor, pe: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """One decoder head without prompts -> low-res mask logits (N, 1, 4h, 4w).
+    def _decode(self, dec: nn.Module, src: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+        """One decoder head without prompts -> low-res mask logits (N, 1, 4h, 4w), from the image
+        embedding plus the no-mask embedding src and the positional encoding pe, both channels-last
+        (N or 1, h, w, c).
 
         Written out instead of calling MaskDecoder.forward, whose repeat_interleave assumes one
-        image and many prompts; here it is many images and no prompt (empty sparse embeddings)."""
-        n, c, h, w = emb.shape
+        image and many prompts; here it is many images and no prompt (empty sparse embeddings).
+        Channels-last throughout: the two-way transformer reads the image as (N, hw, c) tokens, and
+        its tokens come back that way, so the NCHW tensors it and the upscaling are given are views
+        of channels-last storage; no layout copy between them."""
+        n, h, w, c = src.shape
         tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = tokens.unsqueeze(0).expand(n, -1, -1)
-        hs, src = dec.transformer(emb + dense, pe, tokens)     # pe (1, c, h, w) broadcasts over N
+        hs, out = dec.transformer(src.permute(0, 3, 1, 2), pe.permute(0, 3, 1, 2), tokens)   # pe broadcasts over N
         mask_token = hs[:, 1, :]                               # the single-mask token
-        up = dec.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
+        up = dec.output_upscaling(out.view(n, h, w, c).permute(0, 3, 1, 2))
         hyper = dec.output_hypernetworks_mlps[0](mask_token)   # (N, c/8)
         _, cu, hu, wu = up.shape
+        if up.is_contiguous(memory_format=torch.channels_last):   # (N, hu*wu, cu) rows: no copy
+            return (up.permute(0, 2, 3, 1).reshape(n, hu * wu, cu) @ hyper.unsqueeze(-1)).view(n, 1, hu, wu)
         return (hyper.unsqueeze(1) @ up.reshape(n, cu, hu * wu)).reshape(n, 1, hu, wu)
+
+    def low_res_logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """Image embedding (N, c, h, w) -> mask logits (N, K, 4h, 4w), one channel per head. The
+        embedding plus the no-mask embedding is made once for all heads, channels-last."""
+        pe = self.prompt_encoder.get_dense_pe().to(emb.dtype)   # made in float32 (see ClassNet.cast_weights)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, 1, 1, -1)
+        src = emb.permute(0, 2, 3, 1) + dense                 # (N, h, w, c), contiguous
+        pe = pe.permute(0, 2, 3, 1).contiguous()
+        return torch.cat([self._decode(d, src, pe) for d in self.mask_decoders], dim=1)
+
+    def decode(self, emb: torch.Tensor, size: int) -> torch.Tensor:
+        """Image embedding -> mask logits (N, K, size, size), one channel per head."""
+        return F.interpolate(self.low_res_logits(emb).float(), size=(size, size), mode="bilinear",
+                             align_corners=False)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) in [0, 1] -> the backbone's 3-channel input, in the image's dtype."""
@@ -82,13 +103,6 @@ class XctSam(nn.Module):
         """(N, 1, S, S) in [0, 1] -> image embedding (N, c, h, w), in the encoder's dtype (the
         normalisation stays in the image's precision: the pixel mean/std buffers are float32)."""
         return self.image_encoder(self.prepare(image).to(next(self.image_encoder.parameters()).dtype))
-
-    def decode(self, emb: torch.Tensor, size: int) -> torch.Tensor:
-        """Image embedding -> mask logits (N, K, size, size), one channel per head."""
-        pe = self.prompt_encoder.get_dense_pe().to(emb.dtype)   # made in float32 (see ClassNet.cast_weights)
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        low = torch.cat([self._decode(d, emb, pe, dense) for d in self.mask_decoders], dim=1)
-        return F.interpolate(low.float(), size=(size, size), mode="bilinear", align_corners=False)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) in [0, 1] -> mask logits (N, K, S, S)."""
@@ -120,9 +134,11 @@ class ClassNet(nn.Module):
         return [m.encode(image) for m in self.models]
 
     def decode(self, embeddings: list[torch.Tensor], size: int) -> torch.Tensor:
-        """Embeddings -> probabilities (N, K, size, size) in float32."""
-        logits = torch.cat([m.decode(e, size) for m, e in zip(self.models, embeddings)], dim=1)
-        return torch.sigmoid(logits.float())
+        """Embeddings -> probabilities (N, K, size, size) in float32: the models' low-res logits side
+        by side, then one upsampling and the sigmoid in place (upsampling works per channel, so the
+        same numbers as each model's decode, without copying the full-size logits together)."""
+        low = torch.cat([m.low_res_logits(e) for m, e in zip(self.models, embeddings)], dim=1)
+        return torch.sigmoid_(F.interpolate(low.float(), size=(size, size), mode="bilinear", align_corners=False))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(image), image.shape[-1])
@@ -234,21 +250,18 @@ def accelerate(net: nn.Module, attention_impl: str = "auto", parts=FAST_PARTS) -
     torch.compile), every mask-decoder Attention for scaled_dot_product_attention (no bias there, so
     PyTorch's fused kernels apply), every PatchEmbed for one matrix product over the unfolded
     patches, every MLPBlock's first linear and activation for one GEMM with the activation in its
-    epilogue, the mask decoders' stride-2 transposed convs for one GEMM each, and every encoder Block's
-    LayerNorms, window layout copies and first residual add for two fused kernels. `parts` names which of these swaps to make (FAST_PARTS: all). In place; the weights, and
-    any wrapped qkv (Conv-LoRA), stay as they are."""
-    from segment_anything.modeling.common import MLPBlock
-    from segment_anything.modeling.image_encoder import Attention, Block, PatchEmbed
-    from segment_anything.modeling.transformer import Attention as DecoderAttention
-
+    epilogue, the mask decoders' stride-2 transposed convs for one GEMM each (channels-last out) and
+    their LayerNorm2d for one layer_norm on channels-last tensors, every two-way attention block for one
+    that adds the image's positional encoding once, and every encoder Block's LayerNorms, window layout
+    copies and first residual add for two fused kernels. `parts` names which of these swaps to make
+    (FAST_PARTS: all; fast_swaps lists them). In place; the weights, and any wrapped qkv (Conv-LoRA),
+    stay as they are."""
     unknown = set(parts) - set(FAST_PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {FAST_PARTS}")
-    swaps = dict(zip(FAST_PARTS, zip((Attention, DecoderAttention, PatchEmbed, MLPBlock, nn.ConvTranspose2d, Block),
-                                     fast_classes())))
+    swaps = [(base, fast, part) for part, base, fast in fast_swaps() if part in parts]
     for m in net.modules():
-        for part in parts:
-            base, fast = swaps[part]
+        for base, fast, part in swaps:
             if isinstance(m, base):
                 m.__class__ = fast
                 if part == "attention":
@@ -257,17 +270,36 @@ def accelerate(net: nn.Module, attention_impl: str = "auto", parts=FAST_PARTS) -
     return net
 
 
-_FAST: list[type] = []
+_SWAPS: list[tuple[str, type, type]] = []
+
+
+def fast_swaps() -> tuple[tuple[str, type, type], ...]:
+    """(part, segment-anything's class, ours) for every swap accelerate() makes, in FAST_PARTS order;
+    made once (all of ours but FastConvTranspose2d subclass segment-anything's, imported only here)."""
+    if not _SWAPS:
+        from segment_anything.modeling.common import LayerNorm2d, MLPBlock
+        from segment_anything.modeling.image_encoder import Attention, Block, PatchEmbed
+        from segment_anything.modeling.transformer import Attention as DecoderAttention
+        from segment_anything.modeling.transformer import TwoWayAttentionBlock
+
+        _SWAPS.extend((("attention", Attention, _make_fast_attention()),
+                       ("decoder_attention", DecoderAttention, _make_fast_decoder_attention()),
+                       ("decoder_attention", TwoWayAttentionBlock, _make_fast_two_way_block()),
+                       ("patch_embed", PatchEmbed, _make_fast_patch_embed()),
+                       ("mlp", MLPBlock, _make_fast_mlp()),
+                       ("upscale", nn.ConvTranspose2d, FastConvTranspose2d),
+                       ("upscale", LayerNorm2d, _make_fast_layer_norm_2d()),
+                       ("block_layout", Block, _make_fast_block())))
+    return tuple(_SWAPS)
 
 
 def fast_classes() -> tuple[type, ...]:
-    """(FastAttention, FastDecoderAttention, FastPatchEmbed, FastMLPBlock, FastConvTranspose2d, FastBlock),
-    in FAST_PARTS order, made once (all but FastConvTranspose2d subclass segment-anything's, imported
-    only here)."""
-    if not _FAST:
-        _FAST.extend((_make_fast_attention(), _make_fast_decoder_attention(), _make_fast_patch_embed(),
-                      _make_fast_mlp(), FastConvTranspose2d, _make_fast_block()))
-    return tuple(_FAST)
+    """Each part's first class of ours, in FAST_PARTS order: (FastAttention, FastDecoderAttention,
+    FastPatchEmbed, FastMLPBlock, FastConvTranspose2d, FastBlock)."""
+    first: dict[str, type] = {}
+    for part, _, fast in fast_swaps():
+        first.setdefault(part, fast)
+    return tuple(first[p] for p in FAST_PARTS)
 
 
 def _make_fast_block() -> type:
@@ -306,8 +338,9 @@ def _make_fast_block() -> type:
 class FastConvTranspose2d(nn.ConvTranspose2d):
     """A transposed conv whose stride equals its kernel (SAM's mask-decoder upscaling, 2x2 stride 2) as
     one GEMM: every input pixel's channels times the (C_in, C_out*kh*kw) weight, then each pixel's
-    kh x kw block put in place. cuDNN ran the encoder's patchify conv, the same kind of layer the other
-    way round, 20x slower than the GEMM of its FLOPs on an H200. Any other conv runs as before."""
+    kh x kw block put in place, channels-last (the NCHW result is a view of that). cuDNN ran the encoder's
+    patchify conv, the same kind of layer the other way round, 20x slower than the GEMM of its FLOPs on
+    an H200. Any other conv runs as before."""
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         kh, kw = self.kernel_size
@@ -316,11 +349,57 @@ class FastConvTranspose2d(nn.ConvTranspose2d):
                 or x.dim() != 4 or self.padding_mode != "zeros"):
             return super().forward(x, output_size)
         n, c, h, w = x.shape
+        # a view where x is channels-last in memory (the mask decoders give it so), a copy otherwise
         pixels, weight = x.permute(0, 2, 3, 1).reshape(n * h * w, c), self.weight.reshape(c, -1)
         # (nhw, C_out*kh*kw), columns in (C_out, kh, kw) order: the bias repeats per kernel position
         y = pixels @ weight if self.bias is None else torch.addmm(self.bias.repeat_interleave(kh * kw), pixels, weight)
-        return y.reshape(n, h, w, self.out_channels, kh, kw).permute(0, 3, 1, 4, 2, 5).reshape(
-            n, self.out_channels, h * kh, w * kw)
+        # each pixel's kh x kw block put in place, channels last: one copy; NCHW as a view of it
+        return y.view(n, h, w, self.out_channels, kh, kw).permute(0, 1, 4, 2, 5, 3).reshape(
+            n, h * kh, w * kw, self.out_channels).permute(0, 3, 1, 2)
+
+
+def _make_fast_layer_norm_2d() -> type:
+    from segment_anything.modeling.common import LayerNorm2d
+
+    class FastLayerNorm2d(LayerNorm2d):
+        """segment-anything's LayerNorm2d (over the channels of an NCHW tensor, written as eight
+        pointwise passes) as one torch layer_norm where the tensor is channels-last in memory, as the
+        mask decoders' upscaling gives it: one pass, the statistics in float32 whatever the dtype.
+        Otherwise (the encoder's neck) as before."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+                return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias,
+                                    self.eps).permute(0, 3, 1, 2)
+            return super().forward(x)
+
+    FastLayerNorm2d.__module__ = __name__
+    return FastLayerNorm2d
+
+
+def _make_fast_two_way_block() -> type:
+    from segment_anything.modeling.transformer import TwoWayAttentionBlock
+
+    class FastTwoWayBlock(TwoWayAttentionBlock):
+        """segment-anything's two-way attention block with the image tokens' keys + key_pe made once:
+        both cross attentions read it, and the image tokens do not change between them. One pass over
+        the (N, hw, c) image tokens less per block; the same numbers."""
+
+        def forward(self, queries, keys, query_pe, key_pe):
+            if self.skip_first_layer_pe:
+                queries = self.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + query_pe
+                queries = queries + self.self_attn(q=q, k=q, v=queries)
+            queries = self.norm1(queries)
+            keys_pe = keys + key_pe
+            queries = self.norm2(queries + self.cross_attn_token_to_image(q=queries + query_pe, k=keys_pe, v=keys))
+            queries = self.norm3(queries + self.mlp(queries))
+            keys = keys + self.cross_attn_image_to_token(q=keys_pe, k=queries + query_pe, v=queries)
+            return queries, self.norm4(keys)
+
+    FastTwoWayBlock.__module__ = __name__
+    return FastTwoWayBlock
 
 
 def _make_fast_mlp() -> type:

@@ -250,8 +250,8 @@ def accelerate(net: nn.Module, attention_impl: str = "auto", parts=FAST_PARTS) -
     torch.compile), every mask-decoder Attention for scaled_dot_product_attention (no bias there, so
     PyTorch's fused kernels apply), every PatchEmbed for one matrix product over the unfolded
     patches, every MLPBlock's first linear and activation for one GEMM with the activation in its
-    epilogue, the mask decoders' stride-2 transposed convs for one GEMM each (channels-last out) and
-    their LayerNorm2d for one layer_norm on channels-last tensors, every two-way attention block for one
+    epilogue, the mask decoders' stride-2 transposed convs for one GEMM each (channels-last out), every
+    LayerNorm2d given a channels-last tensor (the decoders', the neck's) for one layer_norm, every two-way attention block for one
     that adds the image's positional encoding once, and every encoder Block's LayerNorms, window layout
     copies and first residual add for two fused kernels. `parts` names which of these swaps to make
     (FAST_PARTS: all; fast_swaps lists them). In place; the weights, and any wrapped qkv (Conv-LoRA),
@@ -363,9 +363,10 @@ def _make_fast_layer_norm_2d() -> type:
 
     class FastLayerNorm2d(LayerNorm2d):
         """segment-anything's LayerNorm2d (over the channels of an NCHW tensor, written as eight
-        pointwise passes) as one torch layer_norm where the tensor is channels-last in memory, as the
-        mask decoders' upscaling gives it: one pass, the statistics in float32 whatever the dtype.
-        Otherwise (the encoder's neck) as before."""
+        pointwise passes) as one torch layer_norm where the tensor is channels-last in memory: one pass,
+        the statistics in float32 whatever the dtype. The mask decoders' upscaling gives it such
+        tensors, and so does the encoder's neck where its convs keep the blocks' channels-last layout
+        (CPU and cuDNN do; the meta device does not). Other tensors as before."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():

@@ -10,10 +10,11 @@
 #          carry:     [".whl-sam"]
 #          timeout_s: 590
 #      results under $OUT: gpu_throughput.log, gpu_post.json, bench.json, bench_compiled.json,
-#      gpu_attention.json, gpu_parts.json, gpu_package.json, summary.md (the table, printed last);
-#      with the compile cache (below) all but summary.md and the log packed in results.tar.gz
-#   Afterwards, here: the timelines of the bench's runs as a picture (the fill, the gaps, the tail):
-#          python benchmarks/timeline_figure.py bench.json timeline.png [--runs ours ours-host]
+#      gpu_attention.json, gpu_parts.json, gpu_package.json, summary.md (the table, printed last),
+#      timeline.png (benchmarks/timeline_figure.py: when each stage of ours and ours-host worked);
+#      with the compile cache (below) all but summary.md, timeline.png and the log packed in results.tar.gz
+#   Afterwards, here, other runs' timelines as a picture (timeline.png has ours and ours-host):
+#          python benchmarks/timeline_figure.py bench.json timeline.png [--runs naive ours ...]
 #   Dry run here, on CPU (the same code with NumPy and torch CPU, tiny network and volume):
 #          DRY_RUN=1 bash benchmarks/gpu_throughput.sh
 #
@@ -160,6 +161,10 @@ fi
 
 stage "summary"
 $PY benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
+if [ -f "$OUT/bench.json" ]; then   # the bench's timelines as a picture: the fill, the gaps, the tail
+  $PY benchmarks/timeline_figure.py "$OUT/bench.json" "$OUT/timeline.png" --runs ours ours-host \
+    || echo "timeline figure failed (rc $?): draw it from bench.json afterwards"
+fi
 
 if want compiled || want warm; then   # the compile cache back through $OUT: at most 8 files of 16 MiB come back
   stage "keeping torch.compile's cache"
@@ -168,7 +173,7 @@ if want compiled || want warm; then   # the compile cache back through $OUT: at 
     size=$(stat -c %s "$WORK/inductor_cache.tar.xz")
     # what a later call may carry: 64 MiB in all, of which the checkout takes ~37 MiB (the shipped model)
     if [ "$size" -le $((24 * 1024 * 1024)) ]; then
-      (cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.md ! -name "$LOG" ! -name results.tar.gz -printf '%P\n' \
+      (cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.md ! -name "$LOG" ! -name timeline.png ! -name results.tar.gz -printf '%P\n' \
         | tar -czf results.tar.gz -T - --remove-files)
       split -b 12M -d -a 2 "$WORK/inductor_cache.tar.xz" "$OUT/inductor_cache.tar.xz."
       echo "cache kept: $(du -h "$WORK/inductor_cache.tar.xz" | cut -f1) in $(ls "$OUT"/inductor_cache.tar.xz.* | wc -l) parts; other results in results.tar.gz"

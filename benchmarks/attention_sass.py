@@ -43,20 +43,21 @@ SHAPES = (((64, 64), 64), ((14, 14), 64))   # ViT-B's global and windowed attent
 def encoder_signature(names, hw, d, dtype="bf16", heads=12, batch=8, launch=None):
     """(signature, constexprs, attrs) for Triton's ahead-of-time compile of the kernel (argument names
     `names`) as the encoder launches it: q, k, v views of a (B, N, 3, NH, D) projection, the offset
-    terms (NH, B*N, L) underneath with L = 2H-1 padded to 8, the output (B, N, NH, D) underneath.
+    terms off_h (NH, 2H-1, B*N) and off_w (NH, B*N, L) underneath with L = 2W-1 padded to 8 (see
+    attention.relative_offset_terms), the output (B, N, NH, D) underneath.
     Pointers are 16-byte aligned and integers divisible by 16 marked so, as the launcher specialises
     them at run time. launch = (BLOCK_M, BLOCK_N) or None for the tile sizes' constexprs left out."""
     from xctrt.gpu import attention as A
     h, w = hw
     n = h * w
-    const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SGHK=1, SGWK=1, KH=h, KW=w, KWP=A._next_pow2(w), HEAD_D=d,
+    const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SGHK=batch * n, SGWK=1, KH=h, KW=w, KWP=A._next_pow2(w), HEAD_D=d,
                  BLOCK_D=max(16, A._next_pow2(d)))
     if launch is not None:
         const.update(BLOCK_M=launch[0], BLOCK_N=launch[1])
     c = heads * d
-    lh, lw = (2 * h - 1) + (-(2 * h - 1) % 8), (2 * w - 1) + (-(2 * w - 1) % 8)
+    lh, lw = 2 * h - 1, (2 * w - 1) + (-(2 * w - 1) % 8)
     ints = dict(sqb=n * 3 * c, sqh=d, sqn=3 * c, skb=n * 3 * c, skh=d, skn=3 * c, svb=n * 3 * c, svh=d,
-                svn=3 * c, sghb=n * lh, sghh=batch * n * lh, sghn=lh, sgwb=n * lw, sgwh=batch * n * lw,
+                svn=3 * c, sghb=n, sghh=lh * batch * n, sghn=1, sgwb=n * lw, sgwh=batch * n * lw,
                 sgwn=lw, sob=n * c, soh=d, son=c, N=n, NH=heads)
     pointers = ("Q", "K", "V", "GH", "GW", "O")
     expected = set(const) | set(ints) | set(pointers) | {"qk_scale", "bias_scale", "BLOCK_M", "BLOCK_N"}

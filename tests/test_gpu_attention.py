@@ -461,15 +461,17 @@ def test_triton_compiles_for_sm90_without_spills():
         assert loop["scores_per_thread"] <= loop["exp2"] <= loop["scores_per_thread"] + 4, (shape, loop)
 
 
-def test_offset_terms_have_aligned_rows_and_the_plain_products():
-    """The offset terms come out of a product whose rows are padded to 8 (2H-1 is odd; unaligned
-    rows kept cuBLAS on its align-1 kernels): the same values as the plain product, as a view whose
-    token stride is a multiple of 8."""
+def test_offset_terms_layouts_and_the_plain_products():
+    """The offset terms are the plain products q @ table.T in two layouts, as views. off_w: token by
+    token, rows padded to 8 (2W-1 is odd; unaligned rows kept cuBLAS on its align-1 kernels). off_h:
+    offsets outermost, each offset's terms for all B*N tokens side by side, so that the kernel's rel_h
+    loads for a block of queries are one run of memory."""
     from xctrt.gpu.attention import relative_offset_terms
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 14 * 14, 16, generator=g)
     ph, pw = torch.randn(27, 16, generator=g), torch.randn(27, 16, generator=g)
     off_h, off_w = relative_offset_terms(q, ph, pw, (14, 14))
+    assert off_w.shape == (2, 3, 196, 27) and off_w.stride(2) % 8 == 0 and off_w.stride(3) == 1
+    assert off_h.shape == (2, 3, 196, 27) and off_h.stride(2) == 1 and off_h.stride(3) == 2 * 196
     for off, table in ((off_h, ph), (off_w, pw)):
-        assert off.shape == (2, 3, 196, 27) and off.stride(2) % 8 == 0 and off.stride(3) == 1
         torch.testing.assert_close(off, q @ table.t(), rtol=0, atol=1e-5)

@@ -82,42 +82,55 @@ def _offset_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
 _BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
 
 
-def _products(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def _products(q: torch.Tensor, table: torch.Tensor, offsets_outer: bool = False) -> torch.Tensor:
     """q (B, NH, N, D) against every row of table (L, D): (B, NH, N, L) in float32 (float64 for float64 q).
 
     One batched product over the heads, with batch and tokens merged: for q a view of SAM's qkv
     projection that is a view too (no copy). bf16/fp16 CUDA operands stay on the tensor cores, the table
     rounded to q's dtype (exact for a bf16 model's own tables): products of bf16 values are exact in
-    float32, so only the order of the float32 sums differs from upcasting first."""
+    float32, so only the order of the float32 sums differs from upcasting first.
+
+    Laid out per head as (B*N, L) rows, or with offsets_outer as (L, B*N): each offset's terms for all
+    tokens side by side (the same values, as a strided view). The fused kernel reads rel_h one offset
+    for a whole block of queries at a time, which is then one run of memory."""
     global _BMM_OUT_DTYPE
     b, nh, n, d = q.shape
     length = table.shape[0]
-    # Rows padded to a multiple of 8 with zeros (2H-1 is odd): an unaligned row of results keeps cuBLAS
-    # on its slow align-1 kernels (2.6 ms of a 22 ms ViT-B batch of 8 on an H200, 2026-11-27). The
-    # padding's columns are cut off again as a view; the kernel reads the terms by their strides.
-    table = F.pad(table, (0, 0, 0, -length % 8))
+    if not offsets_outer:
+        # Rows padded to a multiple of 8 with zeros (2H-1 is odd): an unaligned row of results keeps
+        # cuBLAS on its slow align-1 kernels (2.6 ms of a 22 ms ViT-B batch of 8 on an H200,
+        # 2026-11-27). The padding's columns are cut off again as a view; the kernel reads the terms
+        # by their strides. (Rows of B*N tokens need no padding.)
+        table = F.pad(table, (0, 0, 0, -length % 8))
     padded = table.shape[0]
     flat = q.transpose(0, 1).reshape(nh, b * n, d)
+    tab = table.to(q.dtype).expand(nh, padded, d)
     out = None
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _BMM_OUT_DTYPE:
         try:
-            out = torch.bmm(flat, table.to(q.dtype).t().expand(nh, d, padded), out_dtype=torch.float32)
+            out = (torch.bmm(tab, flat.transpose(1, 2), out_dtype=torch.float32) if offsets_outer else
+                   torch.bmm(flat, tab.transpose(1, 2), out_dtype=torch.float32))
         except (RuntimeError, TypeError):   # a build without it for this dtype/device: upcast from now on
             _BMM_OUT_DTYPE = False
     if out is None:
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = flat.to(ct) @ table.to(ct).t()
+        out = table.to(ct) @ flat.to(ct).transpose(1, 2) if offsets_outer else flat.to(ct) @ table.to(ct).t()
+    if offsets_outer:   # (NH, L, B*N) -> (B, NH, N, L)
+        return out.view(nh, length, b, n).permute(2, 0, 3, 1)
     return out[..., :length].view(nh, b, n, length).transpose(0, 1)
 
 
 def relative_offset_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
                           hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(off_h (B, NH, N, 2H-1), off_w (B, NH, N, 2W-1)) in float32 (float64 for float64 q) from q
-    (B, NH, N, D): off_h[..., i, t] = q[..., i, :] . Ph[t], off_w likewise."""
+    (B, NH, N, D): off_h[..., i, t] = q[..., i, :] . Ph[t], off_w likewise. off_h is laid out offsets
+    outermost (see _products): per key tile the kernel reads one rel_h value per query, at one offset
+    for a whole query row; off_w token by token, since a query reads its whole row of them once."""
     h, w = hw
     if q.dim() != 4 or q.shape[2] != h * w:
         raise ValueError(f"q must be (B, NH, N={h * w}, D) for hw={tuple(hw)}, got {tuple(q.shape)}")
-    return _products(q, _offset_table(rel_pos_h, h)), _products(q, _offset_table(rel_pos_w, w))
+    return (_products(q, _offset_table(rel_pos_h, h), offsets_outer=True),
+            _products(q, _offset_table(rel_pos_w, w)))
 
 
 def relative_bias_terms(off_h: torch.Tensor, off_w: torch.Tensor, hw: tuple[int, int]
@@ -229,7 +242,9 @@ def _attn_fwd(Q, K, V, GH, GW, O,
     qw = rows % KW
     # per query: where its offset terms for key row 0 / key column 0 sit (offset qh + KH - 1, qw + KW - 1);
     # key row kh is then kh places before
-    gh_0 = GH + bi * sghb + hi * sghh + rows * sghn + (qh + (KH - 1)) * SGHK
+    # (int64: with off_h laid out offsets outermost, SGHK is B*N tokens)
+    sghk = tl.full([], SGHK, tl.int64)
+    gh_0 = GH + bi * sghb + hi * sghh + rows * sghn + (qh + (KH - 1)) * sghk
     gw_0 = GW + bi * sgwb + hi * sgwh + rows * sgwn + (qw + (KW - 1)) * SGWK
 
     if BLOCK_D == HEAD_D:
@@ -261,12 +276,12 @@ def _attn_fwd(Q, K, V, GH, GW, O,
             kt = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None], other=0.0)
         if ROWS == 1:   # log2 score = t * qk_scale + bh: bh shifts the row's maximum instead of every score
             t = tl.dot(q, kt) + bias_w
-            bh = tl.load(gh_0 - row0 * SGHK).to(tl.float32) * bias_scale
+            bh = tl.load(gh_0 - row0 * sghk).to(tl.float32) * bias_scale
             m_new = tl.maximum(m_i, tl.max(t, 1) * qk_scale + bh)
             shift = m_new - bh
         else:   # bias[i, r, c] = rel_h[i, row0 + r] + rel_w[i, c], laid out as the tile's (BLOCK_M, BLOCK_N)
             r = row0 + tl.arange(0, ROWS)
-            bh = tl.load(gh_0[:, None] - (tl.minimum(r, KH - 1) * SGHK)[None, :]).to(tl.float32) * to_dot
+            bh = tl.load(gh_0[:, None] - (tl.minimum(r, KH - 1) * sghk)[None, :]).to(tl.float32) * to_dot
             if KH % ROWS != 0:   # the last tile runs past the grid's last row: -inf masks those rows
                 bh = tl.where((r < KH)[None, :], bh, float("-inf"))   # (BLOCK_M, ROWS), not per score
             t = tl.dot(q, kt) + tl.reshape(bh[:, :, None] + bias_w[:, None, :], (BLOCK_M, BLOCK_N))

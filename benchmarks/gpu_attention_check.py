@@ -85,7 +85,7 @@ def _cfg(bm, bn, nw, ns, maxnreg=None):
 # says. They are among the CUDA path's tuned launches too (attention.TUNED_LAUNCHES).
 FULL_SWEEP = {
     "global": [_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 2, 128), _cfg(128, 64, 8, 2), _cfg(128, 64, 8, 2, 128),
-               _cfg(64, 128, 8, 2), _cfg(128, 128, 8, 2)],
+               _cfg(128, 64, 8, 3, 128), _cfg(64, 128, 8, 2), _cfg(128, 128, 8, 2)],
     "windowed": [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(128, 128, 8, 2), _cfg(64, 256, 8, 2),
                  _cfg(64, 256, 4, 2)],
 }

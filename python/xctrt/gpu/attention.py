@@ -339,13 +339,15 @@ def _next_pow2(x: int) -> int:
 # Launches the CUDA path tries on its first call per (N, W, D, dtypes), keeping the fastest (triton's
 # autotuner): (BLOCK_M, BLOCK_N, warps, stages, register cap per thread or None). The sweep of
 # benchmarks/gpu_attention_check.py times each of them; all compile for sm_90 where _prune_launches lets
-# them run, the uncapped ones without spills (tests/test_gpu_attention.py compiles every one). The two
+# them run, the uncapped ones without spills (tests/test_gpu_attention.py compiles every one). Those
 # capped at 128 registers are for the global grid, where a key loop short of latency hiding may gain
 # from more programs per SM: four 4-warp ones instead of three, two 8-warp ones instead of one; the cap
-# costs them one spilled value per key tile (sm_90, Triton 3.8; benchmarks/attention_sass.py).
+# costs them one spilled value per key tile (sm_90, Triton 3.8; benchmarks/attention_sass.py). 128-query
+# blocks also read each key and value tile from L2 half as often per score as 64-query ones: each
+# program reads all of its head's K and V, about 1 MB for the global grid.
 TUNED_LAUNCHES = ((64, 64, 4, 3, None), (64, 64, 4, 2, None), (64, 64, 8, 3, None), (64, 64, 8, 2, None),
                   (128, 64, 8, 2, None), (64, 128, 8, 2, None), (128, 128, 8, 2, None), (64, 256, 8, 2, None),
-                  (64, 64, 4, 2, 128), (128, 64, 8, 2, 128))   # every default_config is one
+                  (64, 64, 4, 2, 128), (128, 64, 8, 2, 128), (128, 64, 8, 3, 128))   # every default_config is one
 
 
 def launch_of(cfg: dict) -> tuple:

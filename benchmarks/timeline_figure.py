@@ -3,7 +3,7 @@
     python benchmarks/timeline_figure.py out/summary.json timeline.png            # one `xctrt segment` run
     python benchmarks/timeline_figure.py bench.json timeline.png [--runs ours ours-host]   # `xctrt bench --gpu`
 
-summary.json's timing.timeline holds every span of every stage, in seconds since the run began: the
+summary.json's timeline (its last item) holds every span of every stage, in seconds since the run began: the
 host threads' (read, components, write, table, report), the device streams' (h2d, preprocess,
 encoder, decoder, aggregate, components, d2h: CUDA events on the host's clock), the compute stream's
 idle gaps between slabs, and what the main thread waited on ("main ..."). A bench JSON holds one
@@ -34,8 +34,10 @@ OTHER = (110, 110, 110)
 def runs_of(doc: dict, names=None) -> list[tuple[str, dict]]:
     """(title, timing) per run: a summary.json is one run, a bench JSON one per mode and run."""
     if "timing" in doc:
+        if not doc.get("timeline"):
+            raise SystemExit("no timeline in this summary.json (written by an xctrt before the timeline)")
         return [(f"{doc['input']['path']}  {doc['input']['shape']}  {doc['run']['pipeline']} pipeline",
-                 doc["timing"])]
+                 {**doc["timing"], "timeline": doc["timeline"]})]
     out = []
     for mode, runs in doc.get("modes", {}).items():
         for name, run in runs.items():

@@ -305,10 +305,16 @@ def test_summary_timeline_and_its_figure(rich, phantom_path, tmp_path):
     from conftest import load_benchmark
 
     out = tmp_path / "out"
-    rich.segment(phantom_path, out_dir=out)
-    summary = json.loads((out / "summary.json").read_text())
+    res = rich.segment(phantom_path, out_dir=out)
+    text = (out / "summary.json").read_text()
+    summary = json.loads(text)
+    assert summary == json.loads(json.dumps(res.summary))   # the file holds the run's summary
+    assert list(summary)[-1] == "timeline"   # last, one span per line
+    rows = summary["timeline"]
+    lines = text.splitlines()
+    assert lines[-1] == "}" and lines[-2] == "  ]" and len(lines) < 400 + len(rows)
+    assert all(json.loads(line.strip().rstrip(",")) == row for line, row in zip(lines[-2 - len(rows):-2], rows))
     t = summary["timing"]
-    rows = t["timeline"]
     assert all(0 <= a <= b <= t["total_s"] + 1e-3 for _, a, b in rows)
     for stage in ("read", "tile", "infer", "components", "table", "report"):
         spans = [(a, b) for name, a, b in rows if name == stage]
@@ -329,6 +335,8 @@ def test_summary_timeline_and_its_figure(rich, phantom_path, tmp_path):
     assert lay["rows"][0] == "read" and lay["rows"][-1].startswith("main ")
     with pytest.raises(SystemExit, match="no run with a timeline"):
         fig.runs_of({"modes": {"paper": {"ours": {"slices": 1}}}})
+    with pytest.raises(SystemExit, match="no timeline in this summary.json"):
+        fig.runs_of({k: v for k, v in summary.items() if k != "timeline"})
 
 
 def test_out_dir_writes_exactly_the_four_outputs(rich, phantom_path, reference, tmp_path):

@@ -476,8 +476,17 @@ def check_target(target: Path) -> None:
                          "xctrt will not replace it with an output file")
 
 
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+def write_json(path: Path, obj, rows_key: str | None = None) -> None:
+    """obj as indented JSON. rows_key names an item of the dict obj holding a long list of short
+    lists (a run's timeline): it is written last, one row per line, not one number per line."""
+    if rows_key is None:
+        path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+        return
+    rest = {k: v for k, v in obj.items() if k != rows_key}
+    body = ",\n".join("    " + json.dumps(r, default=_json_default) for r in obj[rows_key])
+    head = json.dumps(rest, indent=2, default=_json_default)
+    head = head[:-2] + ",\n" if rest else "{\n"
+    path.write_text(head + f"  {json.dumps(rows_key)}: [\n{body}\n  ]\n}}\n")
 
 
 def commit_json(staged: StagedOutputs, obj) -> Path:

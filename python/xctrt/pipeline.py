@@ -72,7 +72,7 @@ class _Timer:
 
 
 def _timeline(origin: float, *span_lists, prefix=("", )) -> list[list]:
-    """summary.json's timing.timeline: [stage, start s, end s] since the run began, by start."""
+    """summary.json's timeline: [stage, start s, end s] since the run began, by start."""
     rows = [[pre + stage, round(a - origin, 4), round(b - origin, 4)]
             for pre, spans in zip(prefix, span_lists) for stage, a, b in spans]
     return sorted(rows, key=lambda r: (r[1], r[2]))
@@ -583,18 +583,19 @@ class Segmenter:
                                             if stage.main_components_s is not None else {})},
                        "gpu_compute_idle_s": stage.compute_idle_s(),
                        **stage.table_surface(),
-                       "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()},
-                       # every span of the stages (the host threads', the device streams'), then the main
-                       # thread's ("main ..."), in seconds since the run began: where the time went, when
-                       "timeline": _timeline(t_start, *timeline, prefix=("", "", "main "))},
+                       "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
             "result": {**summarise(table, class_voxels, vs, unit, {**self.class_names}, counter.outside_air_voxels),
                        "enclosed_air_filled_voxels": filled},
         }
         outputs = {}
         if staged is not None:
             summary["outputs"] = list(OUTPUTS)
+        # last, as it is long (one line per span in the file): every span of the stages (the host threads',
+        # the device streams'), then the main thread's ("main ..."), in seconds since the run began
+        summary["timeline"] = _timeline(t_start, *timeline, prefix=("", "", "main "))
+        if staged is not None:
             with staged.write("summary.json") as tmp:
-                write_json(tmp, summary)
+                write_json(tmp, summary, rows_key="timeline")
             outputs = staged.commit()
         return SegmentResult(labels_all, table, summary, outputs)
 

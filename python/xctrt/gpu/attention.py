@@ -344,9 +344,12 @@ def _next_pow2(x: int) -> int:
 # from more programs per SM: four 4-warp ones instead of three, two 8-warp ones instead of one; the cap
 # costs them one spilled value per key tile (sm_90, Triton 3.8; benchmarks/attention_sass.py). 128-query
 # blocks also read each key and value tile from L2 half as often per score as 64-query ones: each
-# program reads all of its head's K and V, about 1 MB for the global grid.
+# program reads all of its head's K and V, about 1 MB for the global grid. 32-key tiles (two padded
+# rows of a 14x14 window) cover its 14 rows in 7 tiles without a masked row: 224 key slots per query
+# against 256 with 64-key tiles, for more, shorter loop iterations (92 registers: five programs per SM).
 TUNED_LAUNCHES = ((64, 64, 4, 3, None), (64, 64, 4, 2, None), (64, 64, 8, 3, None), (64, 64, 8, 2, None),
                   (128, 64, 8, 2, None), (64, 128, 8, 2, None), (128, 128, 8, 2, None), (64, 256, 8, 2, None),
+                  (64, 32, 4, 2, None),
                   (64, 64, 4, 2, 128), (128, 64, 8, 2, 128), (128, 64, 8, 3, 128))   # every default_config is one
 
 

@@ -50,14 +50,14 @@ def encoder_signature(names, hw, d, dtype="bf16", heads=12, batch=8, launch=None
     from xctrt.gpu import attention as A
     h, w = hw
     n = h * w
-    const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SGHK=batch * n, SGWK=1, KH=h, KW=w, KWP=A._next_pow2(w), HEAD_D=d,
+    const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SGWK=1, KH=h, KW=w, KWP=A._next_pow2(w), HEAD_D=d,
                  BLOCK_D=max(16, A._next_pow2(d)))
     if launch is not None:
         const.update(BLOCK_M=launch[0], BLOCK_N=launch[1])
     c = heads * d
     lh, lw = 2 * h - 1, (2 * w - 1) + (-(2 * w - 1) % 8)
     ints = dict(sqb=n * 3 * c, sqh=d, sqn=3 * c, skb=n * 3 * c, skh=d, skn=3 * c, svb=n * 3 * c, svh=d,
-                svn=3 * c, sghb=n, sghh=lh * batch * n, sghn=1, sgwb=n * lw, sgwh=batch * n * lw,
+                svn=3 * c, sghb=n, sghh=lh * batch * n, sghn=1, sghk=batch * n, sgwb=n * lw, sgwh=batch * n * lw,
                 sgwn=lw, sob=n * c, soh=d, son=c, N=n, NH=heads)
     pointers = ("Q", "K", "V", "GH", "GW", "O")
     expected = set(const) | set(ints) | set(pointers) | {"qk_scale", "bias_scale", "BLOCK_M", "BLOCK_N"}

@@ -194,10 +194,10 @@ def attention_sdpa(q, k, v, off_h, off_w, hw, scale: float | None = None) -> tor
 # ------------------------------------------------------------------------------------- Triton kernel
 
 def _attn_fwd(Q, K, V, GH, GW, O,
-              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sghb, sghh, sghn, sgwb, sgwh, sgwn, sob, soh, son,
+              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sghb, sghh, sghn, sghk, sgwb, sgwh, sgwn, sob, soh, son,
               N, NH, qk_scale, bias_scale,
               SQD: tl.constexpr, SKD: tl.constexpr, SVD: tl.constexpr, SOD: tl.constexpr,
-              SGHK: tl.constexpr, SGWK: tl.constexpr,
+              SGWK: tl.constexpr,
               KH: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program = one (batch, head) and BLOCK_M queries (consecutive tokens); loops over the keys.
@@ -220,8 +220,9 @@ def _attn_fwd(Q, K, V, GH, GW, O,
     loop from 395 to 354 SASS instructions per key tile and thread, 6.3 to 4.5 float32 ones per score,
     and 170 to 139 registers, so three 4-warp programs fit an SM instead of two (sm_90, Triton 3.8;
     benchmarks/attention_sass.py).
-    The innermost strides (S*D, S*K) are constexpr: usually 1, and a compile-time 1 is what lets the
-    loads vectorise whatever the Triton version specialises on its own.
+    The innermost strides (S*D, SGWK) are constexpr: usually 1, and a compile-time 1 is what lets the
+    loads vectorise whatever the Triton version specialises on its own. off_h's offset stride (sghk,
+    B*N tokens) is not: a constexpr there would compile the kernel again for every batch size.
     """
     ROWS: tl.constexpr = BLOCK_N // KWP
     pid_m = tl.program_id(0)
@@ -242,8 +243,9 @@ def _attn_fwd(Q, K, V, GH, GW, O,
     qw = rows % KW
     # per query: where its offset terms for key row 0 / key column 0 sit (offset qh + KH - 1, qw + KW - 1);
     # key row kh is then kh places before
-    # (int64: with off_h laid out offsets outermost, SGHK is B*N tokens)
-    sghk = tl.full([], SGHK, tl.int64)
+    # off_h's offset axis: B*N tokens apart (relative_offset_terms), a run-time argument, so that a new
+    # batch size needs no new compile; in int64, as offsets times B*N may pass 2**31
+    sghk = tl.zeros([], tl.int64) + sghk
     gh_0 = GH + bi * sghb + hi * sghh + rows * sghn + (qh + (KH - 1)) * sghk
     gw_0 = GW + bi * sgwb + hi * sgwh + rows * sgwn + (qw + (KW - 1)) * SGWK
 
@@ -465,8 +467,9 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
         val is not None for val in (block_m, block_n, num_warps, num_stages, maxnreg))
     tensors = (q, k, v, off_h, off_w, out)
     strides = [st for t in tensors for st in t.stride()[:3]]   # batch, head, token of each
+    strides[12:12] = [off_h.stride(3)]                          # and off_h's offset axis
     shape_args = dict(SQD=q.stride(3), SKD=k.stride(3), SVD=v.stride(3), SOD=out.stride(3),
-                      SGHK=off_h.stride(3), SGWK=off_w.stride(3),
+                      SGWK=off_w.stride(3),
                       KH=h, KW=w, KWP=_next_pow2(w), HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)))
     # grid axis 1 holds at most 65535 programs: very large batches go in slices (views, same strides);
     # a head's query blocks run side by side, so its K and V stay in L2

@@ -71,10 +71,11 @@ class _Timer:
             self.spans.append((stage, t0, t1))
 
 
-def _timeline(origin: float, *span_lists, prefix=("", )) -> list[list]:
-    """summary.json's timeline: [stage, start s, end s] since the run began, by start."""
-    rows = [[pre + stage, round(a - origin, 4), round(b - origin, 4)]
-            for pre, spans in zip(prefix, span_lists) for stage, a, b in spans]
+def _timeline(origin: float, stage_spans, main_spans) -> list[list]:
+    """summary.json's timeline: [stage, start s, end s] since the run began, by start; the main
+    thread's spans named "main ..."."""
+    rows = [[stage, round(a - origin, 4), round(b - origin, 4)] for stage, a, b in stage_spans]
+    rows += [["main " + stage, round(a - origin, 4), round(b - origin, 4)] for stage, a, b in main_spans]
     return sorted(rows, key=lambda r: (r[1], r[2]))
 
 
@@ -539,7 +540,6 @@ class Segmenter:
             class_voxels[1] += filled
         for k, v in stage.stage_seconds().items():
             timer.seconds[k] += v
-        timeline = (timer.spans, stage.timeline(), main.spans)
         if staged is not None:   # the table and the preview count in the run's time; summary.json cannot
             # defects.csv is formatted on a thread of its own (C++, without the GIL) while the
             # preview is drawn: for the ~500k rows of a random network both take a few tenths of a second
@@ -592,7 +592,7 @@ class Segmenter:
             summary["outputs"] = list(OUTPUTS)
         # last, as it is long (one line per span in the file): every span of the stages (the host threads',
         # the device streams'), then the main thread's ("main ..."), in seconds since the run began
-        summary["timeline"] = _timeline(t_start, *timeline, prefix=("", "", "main "))
+        summary["timeline"] = _timeline(t_start, timer.spans + stage.timeline(), main.spans)
         if staged is not None:
             with staged.write("summary.json") as tmp:
                 write_json(tmp, summary, rows_key="timeline")

@@ -618,8 +618,7 @@ class GpuStage:
         """The stage spans (host perf_counter seconds) of the device streams, or of the host where the
         stage runs on the CPU, and the compute stream's idle spans between slabs ("compute_idle")."""
         self.clock.finish()
-        if self.cuda:
-            self.gaps.finish()
+        self.gaps.finish()
         return self.clock.spans + self.gaps.spans
 
     def table_surface(self) -> dict:

@@ -91,8 +91,7 @@ class XctSam(nn.Module):
 
     def decode(self, emb: torch.Tensor, size: int) -> torch.Tensor:
         """Image embedding -> mask logits (N, K, size, size), one channel per head."""
-        return F.interpolate(self.low_res_logits(emb).float(), size=(size, size), mode="bilinear",
-                             align_corners=False)
+        return upsample_logits(self.low_res_logits(emb), size)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) in [0, 1] -> the backbone's 3-channel input, in the image's dtype."""
@@ -113,6 +112,11 @@ class XctSam(nn.Module):
 
 
 # ---------------------------------------------------------------------- K classes from one or more XctSam
+
+def upsample_logits(low: torch.Tensor, size: int) -> torch.Tensor:
+    """Low-res mask logits (N, K, 4h, 4w) -> (N, K, size, size) float32, bilinear, per channel."""
+    return F.interpolate(low.float(), size=(size, size), mode="bilinear", align_corners=False)
+
 
 class ClassNet(nn.Module):
     """K class channels from XctSam models: paper mode = one single-head model per class (K encoder
@@ -138,7 +142,7 @@ class ClassNet(nn.Module):
         by side, then one upsampling and the sigmoid in place (upsampling works per channel, so the
         same numbers as each model's decode, without copying the full-size logits together)."""
         low = torch.cat([m.low_res_logits(e) for m, e in zip(self.models, embeddings)], dim=1)
-        return torch.sigmoid_(F.interpolate(low.float(), size=(size, size), mode="bilinear", align_corners=False))
+        return torch.sigmoid_(upsample_logits(low, size))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(image), image.shape[-1])
@@ -251,9 +255,9 @@ def accelerate(net: nn.Module, attention_impl: str = "auto", parts=FAST_PARTS) -
     PyTorch's fused kernels apply), every PatchEmbed for one matrix product over the unfolded
     patches, every MLPBlock's first linear and activation for one GEMM with the activation in its
     epilogue, the mask decoders' stride-2 transposed convs for one GEMM each (channels-last out), every
-    LayerNorm2d given a channels-last tensor (the decoders', the neck's) for one layer_norm, every two-way attention block for one
-    that adds the image's positional encoding once, and every encoder Block's LayerNorms, window layout
-    copies and first residual add for two fused kernels. `parts` names which of these swaps to make
+    LayerNorm2d given a channels-last tensor (the decoders', the neck's) for one layer_norm, every
+    two-way attention block for one that adds the image's positional encoding once, and every encoder
+    Block's LayerNorms, window layout copies and first residual add for two fused kernels. `parts` names which of these swaps to make
     (FAST_PARTS: all; fast_swaps lists them). In place; the weights, and any wrapped qkv (Conv-LoRA),
     stay as they are."""
     unknown = set(parts) - set(FAST_PARTS)

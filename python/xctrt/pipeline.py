@@ -14,9 +14,7 @@ import platform
 import queue
 import threading
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +30,7 @@ from .io import (ArraySource, SliceFolderSource, StagedOutputs, TiffSource, Volu
                  write_json, write_volume_tiff)
 from .model import ModelPackage, load_package
 from .preview import ENCLOSED, mark_enclosed_air, write_preview
+from .timing import TABLE_SURFACE_KEYS, StageTimer
 
 DEVICES = ("cpu", "cuda", "host-arrays")
 OUTPUTS = ("labels.tif", "defects.csv", "preview.png", "summary.json")  # summary.json last: it marks a finished run
@@ -44,31 +43,6 @@ class SegmentResult:
     defects: dict[str, np.ndarray]       # per-defect columns (see defects.csv)
     summary: dict
     outputs: dict[str, Path] = field(default_factory=dict)
-
-
-class _Timer:
-    """Busy seconds per stage, and each span of them (perf_counter start and end) for the timeline."""
-
-    def __init__(self):
-        self.seconds = defaultdict(float)
-        self.spans: list[tuple[str, float, float]] = []
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            t1 = time.perf_counter()
-            with self._lock:
-                self.seconds[stage] += t1 - t0
-                self.spans.append((stage, t0, t1))
-
-    def add_span(self, stage: str, t0: float, t1: float) -> None:
-        """A span for the timeline only (its seconds are counted some other way)."""
-        with self._lock:
-            self.spans.append((stage, t0, t1))
 
 
 def _timeline(origin: float, stage_spans, main_spans) -> list[list]:
@@ -253,10 +227,10 @@ class Segmenter:
             hi = lo + 1.0
         return lo, hi
 
-    def labels_for_slab(self, slab: np.ndarray, window: tuple[float, float], timer: _Timer | None = None
+    def labels_for_slab(self, slab: np.ndarray, window: tuple[float, float], timer: StageTimer | None = None
                         ) -> np.ndarray:
         """Class labels for consecutive slices (z, Y, X) of a kernel dtype."""
-        timer = timer or _Timer()
+        timer = timer or StageTimer()
         pkg, eng = self.package, self.engine
         size, ov = pkg.input_size, pkg.overlap
         lo, hi = window
@@ -380,7 +354,7 @@ class Segmenter:
 
     def _segment(self, source, staged, voxel_size, on_slab, keep_labels) -> SegmentResult:
         t_start = time.perf_counter()
-        timer = _Timer()
+        timer = StageTimer()
         Z, Y, X = source.shape
         vs, vs_from = voxel_size
         unit = "vox" if vs_from.startswith("unknown") else "mm"
@@ -479,7 +453,7 @@ class Segmenter:
         for t in threads:
             t.start()
         ok = False
-        main = _Timer()   # where this thread's time goes: waiting for the reader, in the stage, for the writer
+        main = StageTimer()   # where this thread's time goes: waiting for the reader, in the stage, for the writer
         try:
             while True:
                 item = None
@@ -612,9 +586,9 @@ class _CpuStage:
 
     @staticmethod
     def table_surface():   # the C++ labeller's search is not timed or counted apart from the table
-        return dict.fromkeys(("table_parts_s", "table_surface_runs", "gpu_surface_search_not_used_because"))
+        return dict.fromkeys(TABLE_SURFACE_KEYS)
 
-    def __init__(self, seg: Segmenter, counter: DefectCounter, timer: _Timer):
+    def __init__(self, seg: Segmenter, counter: DefectCounter, timer: StageTimer):
         self.seg, self.counter, self.timer = seg, counter, timer
 
     def submit(self, z0, slab, window):

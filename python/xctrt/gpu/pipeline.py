@@ -19,13 +19,14 @@ import queue
 import threading
 import time
 import weakref
-from collections import defaultdict, deque
+from collections import deque
 from contextlib import nullcontext
 
 import numpy as np
 
 from ..defects import DefectCounter
 from ..errors import XctrtError
+from ..timing import TABLE_SURFACE_KEYS, StageTimer
 from . import cuda_array_module, post, resample
 
 # where the GPU path labels the components: on the device (CuPy) or on the host (C++)
@@ -64,18 +65,16 @@ def kept_graphs(model, key, stage, capture):
     return entry, steps
 
 
-class _Clock:
+class _Clock(StageTimer):
     """Per-stage busy time: CUDA events on the stage's stream (read once the slab is finished), or
     the host clock on the CPU, where every call has finished when it returns. Each span is kept too,
     in host perf_counter seconds (`spans`, for the run's timeline): on CUDA placed by its start event's
     time after an origin event that was waited for, so device and host spans share one clock."""
 
     def __init__(self, torch, cuda: bool):
+        super().__init__()   # its lock: marked by the main thread and by the components thread
         self.torch, self.cuda = torch, cuda
-        self.seconds = defaultdict(float)
-        self.spans: list[tuple[str, float, float]] = []
         self._pending: list[tuple[str, object, object]] = []
-        self._lock = threading.Lock()   # marked by the main thread and by the components thread
         if cuda:
             self._origin = torch.cuda.Event(enable_timing=True)
             self._origin.record()
@@ -90,26 +89,22 @@ class _Clock:
         return ev
 
     def span(self, stage: str, start, end) -> None:
+        if not self.cuda:
+            self.record(stage, start, end)
+            return
         with self._lock:
-            if self.cuda:
-                self._pending.append((stage, start, end))
-            else:
-                self.seconds[stage] += end - start
-                self.spans.append((stage, start, end))
+            self._pending.append((stage, start, end))
 
     def collect(self) -> None:
         """Add the spans whose end events have completed."""
+        done = []
         with self._lock:
-            keep = []
-            for stage, a, b in self._pending:
-                if b.query():
-                    dt = a.elapsed_time(b) / 1000.0
-                    self.seconds[stage] += dt
-                    t = self._origin_host + self._origin.elapsed_time(a) / 1000.0
-                    self.spans.append((stage, t, t + dt))
-                else:
-                    keep.append((stage, a, b))
-            self._pending = keep
+            pending, self._pending = self._pending, []
+            for p in pending:
+                (done if p[2].query() else self._pending).append(p)
+        for stage, a, b in done:
+            t = self._origin_host + self._origin.elapsed_time(a) / 1000.0
+            self.record(stage, t, t + a.elapsed_time(b) / 1000.0)
 
     def finish(self) -> dict[str, float]:
         with self._lock:
@@ -630,7 +625,7 @@ class GpuStage:
         if lb is None:   # components on the host: the search of their table, if it has run
             t = self._search_times
             if not t:
-                return dict.fromkeys(("table_parts_s", "table_surface_runs", "gpu_surface_search_not_used_because"))
+                return dict.fromkeys(TABLE_SURFACE_KEYS)
             return {"table_parts_s": {k: round(t[k], 4) for k in ("surface_distance", "surface_tree")},
                     "table_surface_runs": dict(t["runs"]), "gpu_surface_search_not_used_because": why}
         return {"table_parts_s": {"surface_distance": round(lb.surface_distance_s, 4),

@@ -1,7 +1,7 @@
 """What the air a model's labels enclose (summary.json's enclosed_air_voxels) is in truth.
 
     PYTHONPATH=python:. python benchmarks/enclosed_air.py MODEL DATA_DIR [--sets test1 test4 test5]
-        [--z 40 60] [--json OUT]
+        [--z 40 60] [--json OUT] [--pred RUN_DIR]
 
 Segments a contiguous run of slices (enclosure is 3D, so no --every here) of each set with the
 package MODEL ("default": the shipped one), finds the air not connected (6-neighbours) to the
@@ -9,11 +9,15 @@ view's y/x sides, as xctrt's labeller does, and reports its size and what the re
 call those voxels; also the IoU if that air were relabelled material or pore. In the released
 labels themselves almost no air is enclosed (the parts are solid), so enclosed air in a
 prediction is a model error; this says which kind.
+
+--pred RUN_DIR scores a finished `xctrt segment` run of the one set given (its labels.tif, slices
+--z of it) instead of segmenting again; MODEL then only names the model in the output.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import platform
 import sys
 import time
@@ -43,20 +47,34 @@ def main(argv=None) -> int:
     ap.add_argument("--z", nargs=2, type=int, default=[40, 60], metavar=("FIRST", "END"),
                     help="slices FIRST..END-1 of each set (default 40 60)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--pred", type=Path, metavar="RUN_DIR",
+                    help="an xctrt segment output folder of the one set: score its labels.tif, do not segment")
     a = ap.parse_args(argv)
     z0, z1 = a.z
     if not 0 <= z0 < z1:
         ap.error("--z needs 0 <= FIRST < END")
-    seg = Segmenter(a.model, progress=False)
+    if a.pred and len(a.sets) != 1:
+        ap.error("--pred takes one set")
+    seg = None if a.pred else Segmenter(a.model, progress=False)
+    model = seg.package.name if seg else a.model
     results = {}
     for s in a.sets:
         image = tifffile.imread(a.data_dir / s / "image.tif")[z0:z1]
         truth = tifffile.imread(a.data_dir / s / "labels.tif")[z0:z1]
         t0 = time.perf_counter()
-        res = seg.segment(image, keep_labels=True)
-        pred = res.labels
+        if seg:
+            res = seg.segment(image, keep_labels=True)
+            pred, reported = res.labels, res.summary["result"]["enclosed_air_voxels"]
+        else:
+            pred = tifffile.imread(a.pred / "labels.tif")[z0:z1]
+            whole = (z0, z1) == (0, len(tifffile.TiffFile(a.pred / "labels.tif").pages))
+            reported = json.loads((a.pred / "summary.json").read_text())["result"]["enclosed_air_voxels"] \
+                if whole else None
+        if pred.shape != truth.shape:
+            raise SystemExit(f"{s}: prediction {pred.shape} and labels {truth.shape} differ")
         enclosed = (pred == 0) & ~outside_air(pred)
-        assert int(enclosed.sum()) == res.summary["result"]["enclosed_air_voxels"]   # as the run reports it
+        if reported is not None:   # as the run reports it
+            assert int(enclosed.sum()) == reported, (int(enclosed.sum()), reported)
         as_material, as_pore = pred.copy(), pred.copy()
         as_material[enclosed], as_pore[enclosed] = 1, 2
         counts = np.bincount(truth[enclosed], minlength=4)
@@ -76,7 +94,7 @@ def main(argv=None) -> int:
               f"{r['iou_enclosed_as_material'][1]:.4f}/{r['iou_enclosed_as_material'][2]:.4f}, as pore "
               f"{r['iou_enclosed_as_pore'][1]:.4f}/{r['iou_enclosed_as_pore'][2]:.4f}", flush=True)
         if a.json:   # after every set: a long run stopped part way keeps the sets it finished
-            doc = {"model": seg.package.name, "sets": results,
+            doc = {"model": model, "sets": results, "pred": str(a.pred) if a.pred else None,
                    "command": " ".join(["benchmarks/enclosed_air.py", *sys.argv[1:]]),
                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node()}
             a.json.parent.mkdir(parents=True, exist_ok=True)

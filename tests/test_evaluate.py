@@ -111,3 +111,71 @@ def test_domain_shift_refuses_slices_smaller_than_a_patch(tmp_path, capsys, shap
     assert main(["domain-shift", str(big), str(small)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(small) in err[0] and "smaller than the 32x32 patches" in err[0], err
+
+
+def _finished_run(tmp_path, name="sim", hole=True, reported=None):
+    """A simulate folder, a segment run of it whose labels enclose a 2x3x3 pocket of air in the part (the
+    truth has material there), and its evaluation: what benchmarks/simulate_recovery.sh leaves."""
+    from conftest import load_benchmark
+    truth = np.zeros((4, 24, 24), np.uint8)
+    truth[:, 4:20, 4:20] = 1
+    truth[1, 6, 6] = 2
+    pred = truth.copy()
+    if hole:
+        pred[1:3, 10:13, 10:13] = 0     # 18 voxels of enclosed air
+    image = np.where(truth > 0, 3000, 500).astype(np.uint16)
+    sim, run = tmp_path / name, tmp_path / f"seg-{name}"
+    sim.mkdir()
+    run.mkdir()
+    _write(sim / "image.tif", image)
+    _write(sim / "labels.tif", truth)
+    (sim / "simulate.json").write_text(json.dumps({"config": {"views": 60, "beam_filter": ["Cu", 0.5]}}))
+    _write(run / "labels.tif", pred)
+    enclosed = 18 if hole else 0
+    (run / "summary.json").write_text(json.dumps({"run": {"intensity_window": [500, 3000]}, "result": {
+        "enclosed_air_voxels": enclosed if reported is None else reported}}))
+    (tmp_path / f"eval-{name}.json").write_text(json.dumps(evaluate_volumes(run / "labels.tif", sim / "labels.tif")))
+    return load_benchmark("enclosed_air"), run
+
+
+def test_enclosed_air_scores_a_finished_run(tmp_path):
+    enclosed_air, run = _finished_run(tmp_path)
+    out = tmp_path / "enclosed.json"
+    assert enclosed_air.main(["default", str(tmp_path), "--sets", "sim", "--z", "0", "4", "--pred", str(run),
+                              "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["sets"]["sim"]
+    assert r["enclosed_voxels"] == 18
+    assert r["truth_of_enclosed"] == {"air": 0, "material": 18, "pore": 0, "inclusion": 0}
+    assert r["iou"]["1"] < 1.0 and r["iou_enclosed_as_material"]["1"] == 1.0   # filled, the labels are the truth
+    # part of the run: not checked against its summary, and still scored
+    assert enclosed_air.main(["default", str(tmp_path), "--sets", "sim", "--z", "1", "3", "--pred", str(run),
+                              "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["sets"]["sim"]["enclosed_voxels"] == 18
+
+
+def test_enclosed_air_refuses_a_run_whose_summary_disagrees(tmp_path):
+    enclosed_air, run = _finished_run(tmp_path, reported=5)
+    with pytest.raises(AssertionError):
+        enclosed_air.main(["default", str(tmp_path), "--sets", "sim", "--z", "0", "4", "--pred", str(run)])
+    with pytest.raises(SystemExit):   # --pred is for one set
+        enclosed_air.main(["default", str(tmp_path), "--sets", "sim", "other", "--pred", str(run)])
+
+
+def test_simulate_recovery_figure_draws_truth_and_the_enclosed_air(tmp_path):
+    from PIL import Image
+
+    from conftest import load_benchmark
+    from xctrt.preview import ENCLOSED, _blend
+    _finished_run(tmp_path, "a")
+    _finished_run(tmp_path, "b", hole=False)
+    fig = load_benchmark("simulate_recovery_figure")
+    out = tmp_path / "fig.png"
+    assert fig.main([str(tmp_path), "a", "b", "-o", str(out)]) == 0
+    px = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert px.shape[1] == 2 * fig.PANEL + 3 * 8
+    magenta = _blend(np.full(3, 255.0, np.float32), ENCLOSED).astype(int)   # over the part's grey, at the window's top
+    hit = np.all(np.abs(px - magenta) <= 1, axis=2)
+    row = 8 + 34 + fig.PANEL   # the first row's panels end here
+    assert hit[:row, fig.PANEL + 16:].any()                 # the run's pocket, in the first row's right panel
+    assert not hit[:row, :fig.PANEL + 8].any()              # never in the truth panel
+    assert not hit[row:row + 34 + fig.PANEL].any()          # nor in the second run, which encloses nothing

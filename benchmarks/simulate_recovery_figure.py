@@ -1,11 +1,12 @@
 """Simulated scans next to what `xctrt segment` made of them: the figure of simulate_recovery.sh.
 
-    PYTHONPATH=python:. python benchmarks/simulate_recovery_figure.py WORK NAME [NAME ...] -o OUT.png
+    PYTHONPATH=python:. python benchmarks/simulate_recovery_figure.py WORK NAME [NAME ...] -o OUT.png [--palette 256]
 
 One row per NAME (WORK/NAME: an `xctrt simulate` folder; WORK/seg-NAME: the segment run; WORK/eval-NAME.json:
 `xctrt evaluate`), the middle slice: the simulation's labels, then the run's, both over the simulated grey
 values in the run's intensity window, with the air the run's labels enclose (3D, as summary.json counts it)
-in magenta.
+in magenta. --palette N saves N colours (a third of the bytes, for docs/; the colours then approximate).
+docs/simulate_segment.png: `... /tmp/simseg v360 v60 cu8 -o docs/simulate_segment.png --palette 256`.
 """
 from __future__ import annotations
 
@@ -51,7 +52,10 @@ def main(argv=None) -> int:
     ap.add_argument("work", type=Path)
     ap.add_argument("names", nargs="+")
     ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--palette", type=int, metavar="N", help="an N-colour palette PNG (2..256)")
     a = ap.parse_args(argv)
+    if a.palette is not None and not 2 <= a.palette <= 256:
+        ap.error("--palette takes 2..256 colours")
     rows = [row(a.work, n) for n in a.names]
     pad, head, legend_h = 8, 34, 26
     width = 2 * PANEL + 3 * pad
@@ -75,6 +79,8 @@ def main(argv=None) -> int:
         draw.text((x + 20, y + 5), label, fill=(230, 230, 230))
         x += 20 + round(draw.textlength(label)) + 18
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    if a.palette:
+        canvas = canvas.quantize(a.palette, method=Image.Quantize.MAXCOVERAGE)   # keeps rare colours (inclusions)
     canvas.save(a.out, format="PNG", optimize=True)
     print(f"wrote {a.out} ({a.out.stat().st_size // 1024} KiB)")
     return 0

@@ -179,3 +179,30 @@ def test_simulate_recovery_figure_draws_truth_and_the_enclosed_air(tmp_path):
     assert hit[:row, fig.PANEL + 16:].any()                 # the run's pocket, in the first row's right panel
     assert not hit[:row, :fig.PANEL + 8].any()              # never in the truth panel
     assert not hit[row:row + 34 + fig.PANEL].any()          # nor in the second run, which encloses nothing
+
+
+def test_simulate_recovery_script_end_to_end(tmp_path):
+    """benchmarks/simulate_recovery.sh on one tiny volume: every step runs and leaves its output."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, xctrt_env
+    pytest.importorskip("skimage")
+    pytest.importorskip("scipy")
+    env = {**xctrt_env(), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "simulate_recovery.sh"), str(tmp_path),
+                        "t=--shape 2 48 48 --views 24 --pores-per-mm3 2000"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "wrote" in r.stdout.split("== t")[0]   # simulate and segment ran
+    ev = json.loads((tmp_path / "eval-t.json").read_text())
+    assert ev["slices"] == 2 and set(ev["classes"]) == {"material", "pore", "inclusion"}
+    enc = json.loads((tmp_path / "enclosed-t.json").read_text())["sets"]["t"]
+    assert enc["slices"] == [0, 2] and enc["enclosed_voxels"] >= 0
+    assert "t" in json.loads((tmp_path / "classical.json").read_text())["sets"]
+    assert (tmp_path / "simulate_segment.png").stat().st_size > 0
+    # a second call finds every volume and run made, and only scores again
+    r2 = subprocess.run(["bash", str(REPO / "benchmarks" / "simulate_recovery.sh"), str(tmp_path),
+                         "t=--shape 2 48 48 --views 24 --pores-per-mm3 2000"],
+                        env=env, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0 and "wrote" not in r2.stdout.split("== t")[0]

@@ -66,10 +66,10 @@ def main(argv=None) -> int:
             res = seg.segment(image, keep_labels=True)
             pred, reported = res.labels, res.summary["result"]["enclosed_air_voxels"]
         else:
-            pred = tifffile.imread(a.pred / "labels.tif")[z0:z1]
-            whole = (z0, z1) == (0, len(tifffile.TiffFile(a.pred / "labels.tif").pages))
+            run = tifffile.imread(a.pred / "labels.tif")
+            pred = run[z0:z1]
             reported = json.loads((a.pred / "summary.json").read_text())["result"]["enclosed_air_voxels"] \
-                if whole else None
+                if (z0, z1) == (0, len(run)) else None   # the whole run: its summary counted the same air
         if pred.shape != truth.shape:
             raise SystemExit(f"{s}: prediction {pred.shape} and labels {truth.shape} differ")
         enclosed = (pred == 0) & ~outside_air(pred)

@@ -240,7 +240,7 @@ class GpuStage:
                 # warm-up runs (first kernel compiles, a compiled model's compile) and the capture: start-up
                 # time inside the run's total, reported apart from the per-slab stages
                 self.capture_s = time.perf_counter() - t0
-                self.clock.spans.append(("capture", t0, t0 + self.capture_s))   # for the timeline
+                self.clock.add_span("capture", t0, t0 + self.capture_s)   # for the timeline
 
     def _check_fused(self, grey_dtype=None) -> str | None:
         """The mode's two fused kernels once on small random slabs against the step-by-step functions

@@ -168,7 +168,8 @@ def main(out: Path) -> str:
                              f"max |Δ| {_f(o.get('prob_max_abs_diff_vs_naive'), '.3g')}, mean |Δ| "
                              f"{_f(o.get('prob_mean_abs_diff_vs_naive'), '.3g')}; defects {o.get('defects')}; "
                              f"setup+run wall {_f(o.get('wall_s_with_setup'))} s; the engine's first run in the process "
-                             f"captured its graphs in {_f(o.get('first_run_capture_s'))} s"
+                             f"captured its graphs in {_f(o.get('first_run_capture_s'))} s, the untimed run over two "
+                             f"slabs after it took {_f(o.get('warm_up_run_s'))} s"
                              + (f"; the anchor's torch.compile({res.get('compile_mode')}) took "
                                 f"{_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else "")
                              + "".join(f"; {why.replace('_', ' ')}: {o[why]}" for why in
@@ -214,7 +215,9 @@ def main(out: Path) -> str:
                      f"{post.get('failed')} failed; full size {post.get('shape')}: aggregate {_f(med.get('aggregate'), '.3f')} s"
                      f" + components {_f(med.get('components'), '.3f')} s + table {_f(med.get('finish'), '.3f')} s"
                      f" (of which surface distance {_f(med.get('finish_surface_distance'), '.3f')} s, before its"
-                     f" search (outside air, host kd-tree) {_f(med.get('finish_surface_tree'), '.3f')} s) = "
+                     f" search (outside air, host kd-tree) {_f(med.get('finish_surface_tree'), '.3f')} s,"
+                     f" the outside air alone {_f(med.get('finish_outside_air'), '.3f')} s; components merged"
+                     f" {_f(med.get('finish_resolve'), '.3f')} s, columns {_f(med.get('finish_columns'), '.3f')} s) = "
                      f"{_f(med.get('total'), '.3f')} s; components {full.get('components')} (C++ {full.get('components_cpp')}),"
                      f" defect fraction {_f(full.get('defect_fraction'), '.4f')}, pool peak "
                      f"{_f((full.get('gpu_peak_pool_bytes') or 0) / 2 ** 30, '.2f')} GiB"

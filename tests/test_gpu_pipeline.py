@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import tifffile
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -274,7 +275,10 @@ def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, ba
     assert {"encoder", "decoder", "aggregate"} <= {name for name, _, _ in b.summary["timeline"]}
     # the GPU path's table says how much of it was the distance to the surface (the C++ one does not)
     tp, tb = b.summary["timing"]["table_parts_s"], b.summary["timing"]["main_thread_s"]["table"]
-    assert set(tp) == {"surface_distance", "surface_tree"} and 0 <= tp["surface_tree"] <= tp["surface_distance"] <= tb
+    assert set(tp) == {"surface_distance", "surface_tree", "surface_outside_air", "resolve_components", "table_columns"}
+    assert 0 <= tp["surface_outside_air"] <= tp["surface_tree"] <= tp["surface_distance"] <= tb
+    assert tp["resolve_components"] > 0 and tp["table_columns"] > 0
+    assert tp["resolve_components"] + tp["surface_distance"] + tp["table_columns"] <= tb
     assert a.summary["timing"]["table_parts_s"] is None and a.summary["timing"]["table_surface_runs"] is None
     runs = b.summary["timing"]["table_surface_runs"]
     assert set(runs) == {"outside_air", "defect"} and runs["outside_air"] > 0 and runs["defect"] >= len(b.defects["id"])
@@ -790,6 +794,11 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
         assert r["encoder_passes_per_slice"] == (3 if mode == "paper" else 1)
         assert r["encoder_tflop_per_image"] == 2160640 / 1e12
         assert (work / f"ours-{mode}" / "labels.tif").is_file()
+        # the untimed run over two slabs before the timed ones (the labeller's cross-slab kernels compile there)
+        assert (work / f"warm-up-{mode}" / "labels.tif").is_file()
+        with tifffile.TiffFile(work / f"warm-up-{mode}" / "labels.tif") as t:
+            assert len(t.pages) == 6
+        assert r["ours"]["warm_up_run_s"] > 0 and r["ours-host"]["warm_up_run_s"] == r["ours"]["warm_up_run_s"]
     last = p.stdout.strip().splitlines()[-6:]
     assert [line.split()[:2] for line in last] == [["paper", "naive"], ["paper", "ours"], ["paper", "ours-host"],
                                                    ["shared", "naive"], ["shared", "ours"], ["shared", "ours-host"]], \
@@ -806,6 +815,7 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
         assert f"- bench/{mode}/ours-host (components on the host), where the wall goes: " in md
         assert md.count("; timeline: first model work at ") == 4   # ours and ours-host of both modes
         assert f"- bench/{mode}: ours vs naive on the same slices: labels agree 100.000 %" in md
+        assert f"the untimed run over two slabs after it took {r['ours']['warm_up_run_s']:.1f} s" in md
         assert f"- bench/{mode}, where our encoder time goes (one batch, torch.compile default): " in md
     assert "post-processing: no results" in md and "attention: no results" in md
     assert "bench: no results" not in md
@@ -848,6 +858,18 @@ def test_gpu_summary_targets_from_a_recorded_call():
     assert any(r.startswith("| encoder ≥ 38 %") and r.endswith("| 45 % | met |") for r in rows)
     assert any(r.startswith("| post-processing ≤ 1 s") and "1.635 s, 0 failed checks | not met |" in r for r in rows)
     assert any(r.startswith("| GPU memory in use ≤ 16 GiB") and r.endswith("| met |") for r in rows)
+
+
+def test_gpu_summary_targets_from_the_evening_call():
+    """The targets judged from the 2026-11-27 22:20 UTC H200 bench call: paper mode met, shared not."""
+    from pathlib import Path
+    out = (Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+           / "gpu_throughput_h200_2026-11-27_2220_bench")
+    rows = load_benchmark("gpu_summary").targets(out)
+    assert "| paper ≥ 100 slices/s (bench step) | 100.1, components on the host 97.8 | met (ours) |" in rows
+    assert "| shared ≥ 250 slices/s (bench step) | 206.7, components on the host 115.4 | not met (ours) |" in rows
+    assert any(r.startswith("| encoder ≥ 38 %") and r.endswith("| 52 % | met |") for r in rows)
+    assert any(r.startswith("| post-processing ≤ 1 s") and "not measured" in r for r in rows)
 
 
 def test_gpu_summary_judges_the_faster_of_ours_and_ours_host(tmp_path):

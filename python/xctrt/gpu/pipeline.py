@@ -619,8 +619,9 @@ class GpuStage:
     def table_surface(self) -> dict:
         """For summary.json's timing, the last table's distance-to-surface search: its seconds in all
         and before the search on the device (outside air to the host, kd-tree built there and sent
-        back), the outside-air runs (the tree) and defect runs (the searches) it worked on, and why it
-        ran on the host if it did."""
+        back; with the device labeller also the outside air's own part, and the merge of the slabs'
+        components and the table's columns before and after it), the outside-air runs (the tree) and
+        defect runs (the searches) it worked on, and why it ran on the host if it did."""
         lb, why = self.labeller, post.air_search_error() if self.cuda else None
         if lb is None:   # components on the host: the search of their table, if it has run
             t = self._search_times
@@ -629,7 +630,10 @@ class GpuStage:
             return {"table_parts_s": {k: round(t[k], 4) for k in ("surface_distance", "surface_tree")},
                     "table_surface_runs": dict(t["runs"]), "gpu_surface_search_not_used_because": why}
         return {"table_parts_s": {"surface_distance": round(lb.surface_distance_s, 4),
-                                  "surface_tree": round(lb.surface_tree_s, 4)},
+                                  "surface_tree": round(lb.surface_tree_s, 4),
+                                  "surface_outside_air": round(lb.outside_air_s, 4),
+                                  "resolve_components": round(lb.resolve_s, 4),
+                                  "table_columns": round(lb.columns_s, 4)},
                 "table_surface_runs": dict(lb.surface_runs), "gpu_surface_search_not_used_because": why}
 
     def compute_idle_s(self) -> float | None:

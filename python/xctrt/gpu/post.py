@@ -442,6 +442,9 @@ class ComponentLabeller:
         self._air_last = None
         self.surface_distance_s = 0.0  # time of the last finish()'s surface distances, in all
         self.surface_tree_s = 0.0  # the part before the search: outside air to the host, kd-tree built and sent back
+        self.outside_air_s = 0.0   # of that: the outside air resolved here (union-find of the air) and on the host
+        self.resolve_s = 0.0   # the last finish()'s merge of the slabs' components and their columns, on the host
+        self.columns_s = 0.0   # ... and its table's columns made from them (_core.component_table)
         self.surface_runs = {"outside_air": 0, "defect": 0}   # what the last finish()'s search worked on
         self.outside_air_voxels = None  # air voxels outside the part, after finish()
         self._outside_runs = None  # their (m, 4) host x-runs, kept by finish() for outside_air_runs()
@@ -691,6 +694,7 @@ class ComponentLabeller:
         xp = self._xp
         t0 = time.perf_counter()
         air = self._outside_runs = np.ascontiguousarray(to_host(self._outside_air().T), dtype=np.int32)
+        self.outside_air_s = time.perf_counter() - t0
         self.outside_air_voxels = int((air[:, 3].astype(np.int64) - air[:, 2] + 1).sum())
         self.surface_runs = {"outside_air": len(air), "defect": sum(int(r.shape[1]) for r in self._runs)}
         if not len(air) or not self._runs:
@@ -741,17 +745,22 @@ class ComponentLabeller:
             raise ValueError(f"finish() before all slices arrived: {self._z} of {self.shape[0]}")
         if min_voxels < 0:
             raise ValueError("min_voxels must be >= 0")
+        t0 = time.perf_counter()
         m, final = self._resolve(int(min_voxels))
         h = {k: to_host(v) for k, v in m.items()}
+        self.resolve_s = time.perf_counter() - t0
         if "gsum" not in h:
             raise ValueError("finish() needs the grey images: use add_slab(labels, image)")
         t0 = time.perf_counter()
         dist = self._surface_distance(final, len(h["voxels"]))
         self.surface_distance_s = time.perf_counter() - t0
-        return _core.component_table(
+        t0 = time.perf_counter()
+        table = _core.component_table(
             h["voxels"], h["sz"], h["sy"], h["sx"], np.stack([h[k] for k in _CROSSING_COLS], 1),
             h["gsum"], h["gmin"], h["gmax"], h["z0"], h["y0"], h["x0"], h["z1"], h["y1"], h["x1"],
             h["cls"], h["edge"], dist, self.voxel_size)
+        self.columns_s = time.perf_counter() - t0
+        return table
 
 
 def label_volume(labels, classes=(2, 3), connectivity=26):

@@ -191,7 +191,10 @@ def main(out: Path) -> str:
                                      + (("; of the table: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in
                                                                        o["table_parts_s"].items()))
                                         if o.get("table_parts_s") else "")
-                                     + _search_sizes(o.get("table_surface_runs")) + _phases_text(o))
+                                     + _search_sizes(o.get("table_surface_runs"))
+                                     + (f"; the device labeller took {o['gpu_labeller_calls']['slabs']} slabs in "
+                                        f"{o['gpu_labeller_calls']['calls']} calls" if o.get("gpu_labeller_calls") else "")
+                                     + _phases_text(o))
         if ref.get("attention_check"):
             lines.append(f"- attention check in the bench: {ref['attention_check']}")
         if ref.get("attention_launches"):

@@ -556,6 +556,9 @@ class Segmenter:
                                          **({"stage_components": round(stage.main_components_s, 4)}
                                             if stage.main_components_s is not None else {})},
                        "gpu_compute_idle_s": stage.compute_idle_s(),
+                       # the device labeller's calls and the slabs they took (more slabs than calls: it fell behind)
+                       "gpu_labeller_calls": {"calls": len(stage.label_calls), "slabs": sum(stage.label_calls)}
+                       if stage.label_calls else None,
                        **stage.table_surface(),
                        "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
             "result": {**summarise(table, class_voxels, vs, unit, {**self.class_names}, counter.outside_air_voxels),
@@ -578,7 +581,7 @@ class _CpuStage:
     """Labels slab by slab on the host (C++ kernels); components run later, on the components thread."""
 
     memory_used_max = cupy_pool_bytes = None   # what the GPU stage also reports: nothing to say on the host
-    graph_error = fused_error = main_components_s = None
+    graph_error = fused_error = main_components_s = label_calls = None
 
     @staticmethod
     def compute_idle_s():

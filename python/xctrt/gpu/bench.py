@@ -208,7 +208,8 @@ def _stage_row(summary: dict) -> dict:
     return {"slices": summary["input"]["shape"][0], "total_s": t["total_s"], "slices_per_s": t["slices_per_s"],
             "stage_busy_s": t["stage_busy_s"], "main_thread_s": t["main_thread_s"],
             "gpu_compute_idle_s": t["gpu_compute_idle_s"], "table_parts_s": t.get("table_parts_s"),
-            "table_surface_runs": t.get("table_surface_runs"), "timeline": summary.get("timeline")}
+            "table_surface_runs": t.get("table_surface_runs"), "gpu_labeller_calls": t.get("gpu_labeller_calls"),
+            "timeline": summary.get("timeline")}
 
 
 def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shared"), batch: int = 8,

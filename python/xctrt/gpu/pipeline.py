@@ -31,6 +31,9 @@ from . import cuda_array_module, post, resample
 
 # where the GPU path labels the components: on the device (CuPy) or on the host (C++)
 COMPONENTS = ("device", "host")
+# At most this many planes per call of the device labeller (slabs waiting for it are joined up to it):
+# the post check's whole-volume timing labels 64-plane slabs (RESULTS.md), memory measured there.
+LABEL_PLANES = 64
 
 
 # model -> {(batch, input size, device): {"steps": captured GraphedSteps, "user": weakref to the stage
@@ -212,6 +215,7 @@ class GpuStage:
         # would otherwise hold up the main thread, which then queues no model work meanwhile. At most
         # two slabs wait for it (their labels and grey values stay on the device until labelled).
         self._to_label: queue.Queue = queue.Queue(maxsize=2)
+        self.label_calls: list[int] = []   # slabs per labeller call (more than one when it fell behind)
         self._labelled: queue.Queue = queue.Queue()
         self._label_error: BaseException | None = None
         self._labeller_thread: threading.Thread | None = None
@@ -507,31 +511,60 @@ class GpuStage:
         self.main_components_s += time.perf_counter() - t0
 
     def _label_slabs(self) -> None:
+        """The components thread. When it falls behind, the slabs waiting for it are labelled in one
+        call of at most LABEL_PLANES planes: each call costs kernel launches and host syncs that wait
+        behind the model's kernels whatever its size (on an H200 a 32-plane slab took 0.05-0.16 s beside
+        the encoder; 1000 planes alone, 0.48 s)."""
         torch, xp, clock = self.torch, self.xp, self.clock
+        nothing = object()
+        pending = nothing   # a slab taken from the queue that did not fit the last call (or the end, None)
         try:
             while True:
-                item = self._to_label.get()
+                item = self._to_label.get() if pending is nothing else pending
+                pending = nothing
                 if item is None:
                     return
-                z0, slab, out, copied, labels, img, ready = item
-                if ready is not None:
-                    # the components wait for this slab's labels only, never for later model work
-                    self.postproc.wait_event(ready)
+                items, planes = [item], item[4].shape[0]
+                limit = min(LABEL_PLANES, post.max_slab_planes(*item[4].shape[1:]))
+                while True:
+                    try:
+                        nxt = self._to_label.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None or planes + nxt[4].shape[0] > limit:
+                        pending = nxt
+                        break
+                    items.append(nxt)
+                    planes += nxt[4].shape[0]
                 with (torch.cuda.stream(self.postproc) if self.cuda else nullcontext()), \
                         _xp_stream(xp, self.postproc if self.cuda else None):
+                    for it in items:
+                        if it[6] is not None:
+                            # the components wait for these slabs' labels only, never for later model work
+                            self.postproc.wait_event(it[6])
                     t0 = clock.mark(self.postproc if self.cuda else None)
+                    if len(items) == 1:
+                        labels, img = item[4], item[5]
+                    else:
+                        labels = xp.concatenate([it[4] for it in items])
+                        img = xp.concatenate([it[5] for it in items])
                     self.labeller.add_slab(labels, img)
                     clock.span("components", t0, clock.mark(self.postproc if self.cuda else None))
+                self.label_calls.append(len(items))
                 if self.cuda:
                     # CuPy's pool may hand labels/img memory to the compute stream once they are dropped below
                     self.postproc.synchronize()
-                    copied.synchronize()
-                    out = out.numpy()
-                else:
-                    out = np.asarray(out)
-                del item, labels, img
+                del labels, img
+                for it in items:
+                    z0, slab, out, copied = it[:4]
+                    if self.cuda:
+                        copied.synchronize()
+                        out = out.numpy()
+                    else:
+                        out = np.asarray(out)
+                    self._labelled.put((z0, slab, out))
+                del item, items, it
                 clock.collect()
-                self._labelled.put((z0, slab, out))
         except BaseException as exc:   # handed to the main thread at its next submit or flush
             self._label_error = exc
 

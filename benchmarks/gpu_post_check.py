@@ -406,7 +406,7 @@ def full_run(xp, shape, slab, repeats, checks: Checks, seed: int):
         sync()
         t["finish"] = time.perf_counter() - t0
         t["finish_surface_distance"] = lb.surface_distance_s  # part of finish
-        t["finish_surface_tree"] = lb.surface_tree_s          # part of that: outside air, host kd-tree
+        t["finish_surface_tree"] = lb.surface_tree_s          # part of that: outside air, wait for the host kd-tree
         t["finish_outside_air"] = lb.outside_air_s            # part of that: the outside air alone
         t["finish_resolve"] = lb.resolve_s                    # part of finish: the slabs' components merged
         t["finish_columns"] = lb.columns_s                    # ... and the table's columns made

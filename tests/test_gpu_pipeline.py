@@ -240,20 +240,25 @@ def test_device_labeller_joins_the_slabs_waiting_for_it(nets, packages, volume, 
     """When the components fall behind, the slabs queued for them are labelled in one call (up to
     LABEL_PLANES planes): the same labels and table as the C++ pipeline's, and the summary counts them."""
     import threading
-    import time as _time
 
     from xctrt.gpu import pipeline as gpu_pipeline
     from xctrt.gpu.post import ComponentLabeller
-    calls, first = [], threading.Event()
-    add_slab = ComponentLabeller.add_slab
+    calls, handed, queued = [], [], threading.Event()
+    add_slab, hand_over = ComponentLabeller.add_slab, gpu_pipeline.GpuStage._hand_over
+
+    def counted_hand_over(self, item):
+        hand_over(self, item)
+        handed.append(item is not None)
+        if len(handed) >= 3:   # the first slab is with the labeller, two more wait in its queue
+            queued.set()
 
     def slow_first(self, labels, image):   # the first call holds the labeller until two more slabs wait
         calls.append(labels.shape[0])
-        if not first.is_set():
-            first.set()
-            _time.sleep(1.0)
+        if len(calls) == 1:
+            assert queued.wait(60)
         return add_slab(self, labels, image)
 
+    monkeypatch.setattr(gpu_pipeline.GpuStage, "_hand_over", counted_hand_over)
     monkeypatch.setattr(ComponentLabeller, "add_slab", slow_first)
     monkeypatch.setattr(gpu_pipeline, "LABEL_PLANES", 5)   # two 2-plane slabs at most, not three
     cpu, host = segment_both(nets["paper"], packages["paper"], volume, slab=2, batch_size=2)

@@ -43,6 +43,7 @@ x-runs are kept as compact lists until finish().
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -123,13 +124,15 @@ def search_air_runs(nodes, air, runs, comp, best2, voxel_size) -> None:
            (runs, np.int64(n), comp, nodes, air, *map(np.float64, voxel_size), best2))
 
 
-def surface_distances(xp, air, runs, comp, n: int, voxel_size) -> tuple[np.ndarray, float]:
+def surface_distances(xp, air, runs, comp, n: int, voxel_size, tree=None) -> tuple[np.ndarray, float]:
     """Each of n components' distance to the part surface, from the (m, 4) host air runs outside the
     part and the defect runs (6, n_runs) with their components (n_runs,) (-1: left out), on xp's
-    device: the kd-tree built on the host (_core.air_tree) and sent there, then search_air_runs.
-    Returns the (n,) float64 distances on the host and the seconds until the search began."""
+    device: the kd-tree built on the host (_core.air_tree, or `tree`: a future of it being built
+    elsewhere) and sent there, then search_air_runs. Returns the (n,) float64 distances on the host
+    and the seconds until the search began."""
     t0 = time.perf_counter()
-    nodes, tree_air = (xp.asarray(a) for a in _core.air_tree(air, voxel_size))
+    built = tree.result() if tree is not None else _core.air_tree(air, voxel_size)
+    nodes, tree_air = (xp.asarray(a) for a in built)
     tree_s = time.perf_counter() - t0
     best2 = xp.full(n, np.inf).view(np.uint64)
     search_air_runs(nodes, tree_air, xp.asarray(runs), xp.asarray(comp), best2, voxel_size)
@@ -441,9 +444,10 @@ class ComponentLabeller:
         self._air_n = 0
         self._air_last = None
         self.surface_distance_s = 0.0  # time of the last finish()'s surface distances, in all
-        self.surface_tree_s = 0.0  # the part before the search: outside air to the host, kd-tree built and sent back
+        self.surface_tree_s = 0.0  # the part before the search: outside air to the host, the wait for its kd-tree
+        #                            (built on a host thread while the components are merged) and its upload
         self.outside_air_s = 0.0   # of that: the outside air resolved here (union-find of the air) and on the host
-        self.resolve_s = 0.0   # the last finish()'s merge of the slabs' components and their columns, on the host
+        self.resolve_s = 0.0   # the last finish()'s merge of the slabs' components, their columns to the host
         self.columns_s = 0.0   # ... and its table's columns made from them (_core.component_table)
         self.surface_runs = {"outside_air": 0, "defect": 0}   # what the last finish()'s search worked on
         self.outside_air_voxels = None  # air voxels outside the part, after finish()
@@ -687,24 +691,29 @@ class ComponentLabeller:
             raise RuntimeError("outside_air_runs() comes after finish()")
         return self._outside_runs
 
-    def _surface_distance(self, final, n_kept: int) -> np.ndarray:
-        """Distance of each kept component to the part surface: to the nearest voxel of the air
-        outside the part. The kd-tree over that air is built on the host (_core.air_tree), the
-        search runs where the defect runs are (search_air_runs), exact to _core.distance_to_surface."""
-        xp = self._xp
+    def _outside_air_to_host(self) -> np.ndarray:
+        """The (m, 4) host runs of the air outside the part (kept for outside_air_runs()), counted."""
         t0 = time.perf_counter()
         air = self._outside_runs = np.ascontiguousarray(to_host(self._outside_air().T), dtype=np.int32)
         self.outside_air_s = time.perf_counter() - t0
         self.outside_air_voxels = int((air[:, 3].astype(np.int64) - air[:, 2] + 1).sum())
         self.surface_runs = {"outside_air": len(air), "defect": sum(int(r.shape[1]) for r in self._runs)}
-        if not len(air) or not self._runs:
-            self.surface_tree_s = time.perf_counter() - t0
+        return air
+
+    def _surface_distance(self, air, tree, final, n_kept: int) -> np.ndarray:
+        """Distance of each kept component to the part surface: to the nearest voxel of the air
+        outside the part. The kd-tree over that air (`tree`: a future of _core.air_tree, None when
+        there is nothing to search) is built on the host, the search runs where the defect runs are
+        (search_air_runs), exact to _core.distance_to_surface. surface_tree_s: the outside air and
+        the wait for the tree and its upload, the parts of the finish before the search."""
+        xp = self._xp
+        if tree is None:
+            self.surface_tree_s = self.outside_air_s
             return np.full(n_kept, np.nan)
-        before = time.perf_counter() - t0
         runs = xp.concatenate(self._runs, axis=1)
         comp = final[runs[4]] - np.int32(1)   # -1: a run of a component min_voxels dropped
-        d, tree_s = surface_distances(xp, air, runs, comp, n_kept, self.voxel_size)
-        self.surface_tree_s = before + tree_s
+        d, tree_s = surface_distances(xp, air, runs, comp, n_kept, self.voxel_size, tree=tree)
+        self.surface_tree_s = self.outside_air_s + tree_s
         return d
 
     def _resolve(self, min_voxels: int):
@@ -745,15 +754,22 @@ class ComponentLabeller:
             raise ValueError(f"finish() before all slices arrived: {self._z} of {self.shape[0]}")
         if min_voxels < 0:
             raise ValueError("min_voxels must be >= 0")
+        # The outside air first: its kd-tree is built on a host thread (C++, without the GIL) while the
+        # slabs' components are merged here, on the device (mostly waits on host syncs).
         t0 = time.perf_counter()
-        m, final = self._resolve(int(min_voxels))
-        h = {k: to_host(v) for k, v in m.items()}
-        self.resolve_s = time.perf_counter() - t0
-        if "gsum" not in h:
-            raise ValueError("finish() needs the grey images: use add_slab(labels, image)")
-        t0 = time.perf_counter()
-        dist = self._surface_distance(final, len(h["voxels"]))
-        self.surface_distance_s = time.perf_counter() - t0
+        air = self._outside_air_to_host()
+        with ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree") as pool:
+            tree = pool.submit(_core.air_tree, air, self.voxel_size) if len(air) and self._runs else None
+            t1 = time.perf_counter()
+            m, final = self._resolve(int(min_voxels))
+            h = {k: to_host(v) for k, v in m.items()}
+            self.resolve_s = time.perf_counter() - t1
+            if "gsum" not in h:
+                raise ValueError("finish() needs the grey images: use add_slab(labels, image)")
+            t2 = time.perf_counter()
+            dist = self._surface_distance(air, tree, final, len(h["voxels"]))
+            # in the finish's time: the outside air, then what the tree and search took beyond the merge
+            self.surface_distance_s = (t1 - t0) + (time.perf_counter() - t2)
         t0 = time.perf_counter()
         table = _core.component_table(
             h["voxels"], h["sz"], h["sy"], h["sx"], np.stack([h[k] for k in _CROSSING_COLS], 1),

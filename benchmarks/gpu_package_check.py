@@ -8,6 +8,10 @@ device, so the model computes the same numbers; only the stages around it move: 
 tiles, stitches, aggregates and labels components in C++, `--device cuda` does all of that in CuPy
 on the GPU. Labels and defect tables must be identical; the speeds say what moving them is worth.
 A third run, `--device cuda --precision bf16`, reports its speed and how many labels it changes.
+A fourth runs the Conv-LoRA experts routed on the GPU (graph_rewrites.route_experts, as ONNX Runtime
+runs them on a CPU: each expert only on the windows its gate chose): data-dependent shapes, so no
+CUDA graphs and no folded shapes, against 1/8 of the experts' work; its speed and label agreement
+say whether `--device cuda` should route them.
 JSON goes to DIR/gpu_package.json; a short table is printed last.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+from xctrt.backends import TorchEngine  # noqa: E402
 from xctrt.phantom import write_phantom  # noqa: E402
 from xctrt.pipeline import Segmenter  # noqa: E402
 
@@ -44,9 +49,14 @@ def main() -> int:
         write_phantom(vol, tuple(args.shape), seed=0, voxel_size=(0.01,) * 3)
         write_phantom(warm, (2,) + tuple(args.shape[1:]), seed=1, voxel_size=(0.01,) * 3)
         labels = {}
-        for name, device, precision in (("host", "cpu", "fp32"), ("gpu", gpu, "fp32"), ("gpu-bf16", gpu, "bf16")):
+        for name, device, precision in (("host", "cpu", "fp32"), ("gpu", gpu, "fp32"), ("gpu-bf16", gpu, "bf16"),
+                                        ("gpu-routed", gpu, "fp32")):
+            engine = None
+            if name == "gpu-routed":   # the experts routed: a module with dynamic shapes (static_batch off)
+                engine = TorchEngine(Segmenter(args.model, backend="onnxruntime").package, precision=precision,
+                                     device="cpu" if args.host_arrays else "cuda", static_batch=False)
             seg = Segmenter(args.model, backend="torch", batch_size=args.batch_size, slab=args.slab,
-                            progress=False, device=device, precision=precision)
+                            progress=False, device=device, precision=precision, engine=engine)
             seg.segment(warm, keep_labels=False)         # warm-up: module load, kernel choice, allocations
             t0 = time.perf_counter()
             r = seg.segment(vol, out_dir=Path(tmp) / name, keep_labels=True)
@@ -60,6 +70,7 @@ def main() -> int:
                                  "cuda_graphs_not_used_because": r.summary["timing"].get("cuda_graphs_not_used_because"),
                                  "fused_kernels_not_used_because":
                                      r.summary["timing"].get("fused_kernels_not_used_because"),
+                                 "routed_adapters": seg.engine.routed_adapters,
                                  "defects": {k: v["count"] for k, v in r.summary["result"]["defects"].items()}}
     (lh, th), (lg, tg) = labels["host"], labels["gpu"]
     res["labels_identical"] = bool(np.array_equal(lh, lg))
@@ -67,16 +78,19 @@ def main() -> int:
     res["table_identical"] = set(th) == set(tg) and all(
         th[k].dtype == tg[k].dtype and np.array_equal(th[k], tg[k], equal_nan=th[k].dtype.kind == "f") for k in th)
     res["bf16_label_agreement"] = float((labels["gpu-bf16"][0] == lg).mean())
+    res["routed_label_agreement"] = float((labels["gpu-routed"][0] == lg).mean())
     (args.out / "gpu_package.json").write_text(json.dumps(res, indent=2))
-    h, g, b = res["runs"]["host"], res["runs"]["gpu"], res["runs"]["gpu-bf16"]
+    h, g, b, rt = (res["runs"][k] for k in ("host", "gpu", "gpu-bf16", "gpu-routed"))
     print(f"model {args.model}, volume {args.shape}, batch {args.batch_size}, engine {h['engine']}")
     print(f"{'pipeline':<16}{'slices/s':>10}   busy s per stage")
-    for name, r in (("host (C++)", h), (f"{gpu}", g), (f"{gpu} bf16", b)):
+    for name, r in (("host (C++)", h), (f"{gpu}", g), (f"{gpu} bf16", b), (f"{gpu} routed", rt)):
         print(f"{name:<16}{r['slices_per_s']:>10.2f}   "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_busy_s"].items() if v >= 0.005))
     print(f"labels identical: {res['labels_identical']} ({100 * res['label_agreement']:.4f} %), "
           f"defect table identical: {res['table_identical']}; bf16 vs float32 labels agree "
-          f"{100 * res['bf16_label_agreement']:.4f} %")
+          f"{100 * res['bf16_label_agreement']:.4f} %; experts routed ({rt['routed_adapters']} adapters, "
+          f"CUDA graphs not used because: {rt['cuda_graphs_not_used_because']}) vs static labels agree "
+          f"{100 * res['routed_label_agreement']:.4f} %")
     return 0 if res["labels_identical"] and res["table_identical"] else 1
 
 

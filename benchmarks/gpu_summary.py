@@ -259,7 +259,10 @@ def main(out: Path) -> str:
                      f" slices/s, {g['pipeline']} {_f(g['slices_per_s'], '.2f')} slices/s; labels identical "
                      f"{pkg['labels_identical']}, table identical {pkg['table_identical']}; bf16 "
                      f"{_f(b.get('slices_per_s'), '.2f')} slices/s, labels agree "
-                     f"{_f(100 * pkg.get('bf16_label_agreement', float('nan')), '.3f')} % with float32")
+                     f"{_f(100 * pkg.get('bf16_label_agreement', float('nan')), '.3f')} % with float32"
+                     + (f"; experts routed {_f(pkg['runs']['gpu-routed']['slices_per_s'], '.2f')} slices/s, labels "
+                        f"agree {_f(100 * pkg.get('routed_label_agreement', float('nan')), '.3f')} % with static"
+                        if "gpu-routed" in pkg["runs"] else ""))
     else:
         lines.append(_missing("package"))
     att = _load(out, "gpu_attention.json")

@@ -34,7 +34,8 @@
 #              $COMPILE_MODE): naive, compiled and ours again (components on the GPU), in one process, on
 #              the same volume
 #   package    benchmarks/gpu_package_check.py: the shipped model (torch backend) with --device cuda vs the
-#              host C++ pipeline around the same GPU engine, 16x768x768 phantom: identical labels/table, speed
+#              host C++ pipeline around the same GPU engine, 16x768x768 phantom: identical labels/table, speed;
+#              then bf16, and the Conv-LoRA experts routed (eager, dynamic shapes) against static in CUDA graphs
 #   attention  benchmarks/gpu_attention_check.py: fused kernel vs SDPA vs float32 reference, launch sweep
 #   parts      benchmarks/gpu_parts_check.py: encoder and decoder time per batch with each part of the fast
 #              forward (attention, decoder attention, patch embedding, MLP epilogue, upscaling) left out in turn;

@@ -98,3 +98,15 @@ def test_panels_drawn_small_are_the_full_overlay_resized(shape, size, dtype):
     got = np.asarray(_panel(grey, labels, 1000.0, 60000.0, size))
     assert got.shape == (size[1], size[0], 3)
     np.testing.assert_array_equal(got, want)
+
+
+def test_preview_cost_benchmark_checks_its_pixels(capsys, monkeypatch):
+    """benchmarks/preview_cost.py on a small run: the int32 marking and the int64 reference mark the same
+    pixels, and the PNG levels decode to the same picture (it exits 1 otherwise)."""
+    from conftest import load_benchmark
+    monkeypatch.setattr("sys.argv", ["preview_cost.py", "--runs", "20000", "--shape", "40", "90", "70",
+                                     "--repeat", "1"])
+    assert load_benchmark("preview_cost").main() == 0
+    out = capsys.readouterr().out
+    assert "20,000 outside-air runs, mid-planes of 40x90x70" in out and "same marks: True" in out
+    assert "zlib level 1" in out and "level 6" in out

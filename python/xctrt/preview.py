@@ -108,6 +108,6 @@ def write_preview(path: Path, planes: dict[str, tuple[np.ndarray, np.ndarray]], 
         draw.rectangle([x, y + 4, x + 14, y + 18], fill=swatch)
         draw.text((x + 20, y + 5), label, fill=(230, 230, 230))
         x += 20 + round(measure.textlength(label)) + 24
-    # zlib level 1: 2-2.3x faster than PIL's default 6 and no larger on these pictures (1184x462: the
-    # demo's preview 168 vs 186 kB, a random network's 0.70 vs 1.06 MB)
+    # zlib level 1: 2-3x faster than PIL's default 6 and no larger on these pictures (the demo's preview
+    # 168 vs 186 kB; a random network's 0.70 vs 1.06 MB: benchmarks/preview_cost.py)
     canvas.save(path, format="PNG", compress_level=1)

@@ -173,6 +173,31 @@ def test_host_components_match_cpu_pipeline(nets, packages, volume, mode, slab, 
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "host" / "labels.tif"), a.labels)
 
 
+def test_device_components_draw_the_preview_while_the_table_is_made(nets, packages, volume, tmp_path, monkeypatch):
+    """With the device labeller the preview is drawn on a thread as soon as the outside air is known
+    (the "preview" stage), to the same pixels as the C++ pipeline's; its failure fails the run whole."""
+    from PIL import Image
+
+    import xctrt.pipeline as pipeline_module
+    cpu, host = segment_both(nets["paper"], packages["paper"], volume, slab=3, batch_size=2)
+    a = cpu.segment(volume, out_dir=tmp_path / "cpu")
+    b = host.segment(volume, out_dir=tmp_path / "gpu")
+    assert "preview" in b.summary["timing"]["stage_busy_s"] and "preview" not in a.summary["timing"]["stage_busy_s"]
+    assert b.summary["timing"]["stage_busy_s"]["preview"] > 0
+    assert any(name == "preview" for name, _, _ in b.summary["timeline"])
+    with Image.open(tmp_path / "cpu" / "preview.png") as pa, Image.open(tmp_path / "gpu" / "preview.png") as pb:
+        assert pa.size == pb.size and np.array_equal(np.asarray(pa), np.asarray(pb))
+
+    def broken(*args, **kwargs):
+        raise XctrtError("preview.png: cannot write (No space left on device)")
+
+    monkeypatch.setattr(pipeline_module, "write_preview", broken)
+    with pytest.raises(XctrtError, match="No space left"):
+        host.segment(volume, out_dir=tmp_path / "failed")
+    failed = tmp_path / "failed"
+    assert not failed.exists() or not any(failed.iterdir())   # no output, not even a partial file
+
+
 def host_outside_air(result) -> np.ndarray:
     """The x-runs of the air outside the part in a result's labels, as the C++ labeller finds them."""
     lb = _core.ComponentLabeller(shape=result.labels.shape)

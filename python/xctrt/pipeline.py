@@ -447,6 +447,32 @@ class Segmenter:
             s = timer.seconds
             s["write"] = time.perf_counter() - t0 - s.pop("write_wait", 0.0)
 
+        def draw_preview(outside):
+            """preview.png: the mid-planes, with the air the part encloses in its own colour (or as the
+            material it became). Needs every slab through the components thread."""
+            pz = planes["z"]
+            py_ = (np.concatenate(planes["y"][0]), np.concatenate(planes["y"][1]))
+            px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
+            mid = mark_enclosed_air({"z": pz, "y": py_, "x": px}, outside, (Z, Y, X),
+                                    1 if self.fill_enclosed_air else ENCLOSED)
+            with staged.write("preview.png") as tmp:
+                write_preview(tmp, mid, window, vs,
+                              self.class_names, f"{source.path.name}  {Z}x{Y}x{X}  model {self.package.name}"
+                              + ("" if self.package.trained else " (UNTRAINED)"))
+
+        # Where the stage makes the table (the device labeller), the preview is drawn on a thread of its
+        # own while the table is made: it needs only the outside air, which the table finds first.
+        preview_pool = ThreadPoolExecutor(1, thread_name_prefix="xctrt-preview")
+        early_preview = []
+
+        def start_preview(outside):
+            def job():
+                threads[1].join()   # the components thread, done with the mid-planes
+                if not failed.is_set():
+                    with timer("preview"):
+                        draw_preview(outside)
+            early_preview.append(preview_pool.submit(job))
+
         threads = [threading.Thread(target=reader, name="xctrt-read", daemon=True),
                    threading.Thread(target=components, name="xctrt-host-components", daemon=True),
                    threading.Thread(target=writer, name="xctrt-write", daemon=True)]
@@ -474,7 +500,8 @@ class Segmenter:
                         _put(q_out, _END, failed)
                     if counter.counts_in_stage:   # every slab is counted: the table while labels.tif is written
                         with timer("table"), main("table"):
-                            made["table"] = counter.finish(self.min_voxels)
+                            made["table"] = counter.finish(self.min_voxels, on_outside_air=start_preview
+                                                           if staged is not None else None)
                     break
                 z0, slab = item
                 with main("stage"):
@@ -493,6 +520,7 @@ class Segmenter:
                 stage.close()
             for t in threads:
                 t.join()
+            preview_pool.shutdown(wait=True)   # a preview job returns at once after a failure
             bar.close()
         if errors:
             raise errors[0]
@@ -519,16 +547,10 @@ class Segmenter:
             # preview is drawn: for the ~500k rows of a random network both take a few tenths of a second
             with timer("report"), ThreadPoolExecutor(1, thread_name_prefix="xctrt-csv") as pool:
                 csv_text = pool.submit(table_to_csv, table, unit)
-                pz = planes["z"]
-                py_ = (np.concatenate(planes["y"][0]), np.concatenate(planes["y"][1]))
-                px = (np.concatenate(planes["x"][0]), np.concatenate(planes["x"][1]))
-                # the air the part encloses in its own colour, or as the material it became
-                mid = mark_enclosed_air({"z": pz, "y": py_, "x": px}, outside, (Z, Y, X),
-                                        1 if self.fill_enclosed_air else ENCLOSED)
-                with staged.write("preview.png") as tmp:
-                    write_preview(tmp, mid, window, vs,
-                                  self.class_names, f"{source.path.name}  {Z}x{Y}x{X}  model {self.package.name}"
-                                  + ("" if self.package.trained else " (UNTRAINED)"))
+                if early_preview:
+                    early_preview[0].result()   # drawn while the table was made (its error, if any, here)
+                else:
+                    draw_preview(outside)
                 with staged.write("defects.csv") as tmp:
                     tmp.write_bytes(csv_text.result())
         elapsed = time.perf_counter() - t_start

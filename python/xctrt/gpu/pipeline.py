@@ -135,8 +135,10 @@ class GpuCounter:
     def class_voxels(self) -> np.ndarray:
         return self.stage.host_class_voxels()
 
-    def finish(self, min_voxels: int = 1) -> dict:
-        return self.stage.finish(max(0, int(min_voxels)))
+    def finish(self, min_voxels: int = 1, on_outside_air=None) -> dict:
+        """on_outside_air(runs): called with the outside air's (m, 4) runs as soon as they are known,
+        before the rest of the table (the pipeline draws the preview meanwhile)."""
+        return self.stage.finish(max(0, int(min_voxels)), on_outside_air)
 
     @property
     def outside_air_voxels(self) -> int | None:
@@ -611,12 +613,12 @@ class GpuStage:
         self.main_components_s += time.perf_counter() - t0
         return self._collect()
 
-    def finish(self, min_voxels: int = 0) -> dict:
+    def finish(self, min_voxels: int = 0, on_outside_air=None) -> dict:
         """The defect table (same columns and values as the C++ labeller's)."""
         if self.cuda:
             self.torch.cuda.synchronize()
         with _xp_stream(self.xp, self.postproc if self.cuda else None):   # timed by the pipeline ("table")
-            table = self.labeller.finish(min_voxels=min_voxels)
+            table = self.labeller.finish(min_voxels=min_voxels, on_outside_air=on_outside_air)
         self._release()
         return table
 

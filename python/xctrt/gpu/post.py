@@ -748,8 +748,10 @@ class ComponentLabeller:
         kept = xp.flatnonzero(keep)   # one host sync, not one per column
         return {k: v[kept] for k, v in m.items()}, new_id[comp]
 
-    def finish(self, min_voxels: int = 0) -> dict:
-        """The table (dict of NumPy columns), identical to _core.ComponentLabeller.finish."""
+    def finish(self, min_voxels: int = 0, on_outside_air=None) -> dict:
+        """The table (dict of NumPy columns), identical to _core.ComponentLabeller.finish.
+        on_outside_air(runs): called with outside_air_runs() as soon as they are known, before the
+        components are merged (work that needs only the outside air may start meanwhile)."""
         if self._z != self.shape[0]:
             raise ValueError(f"finish() before all slices arrived: {self._z} of {self.shape[0]}")
         if min_voxels < 0:
@@ -758,6 +760,8 @@ class ComponentLabeller:
         # slabs' components are merged here, on the device (mostly waits on host syncs).
         t0 = time.perf_counter()
         air = self._outside_air_to_host()
+        if on_outside_air is not None:
+            on_outside_air(air)
         with ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree") as pool:
             tree = pool.submit(_core.air_tree, air, self.voxel_size) if len(air) and self._runs else None
             t1 = time.perf_counter()

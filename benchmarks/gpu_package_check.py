@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from xctrt.backends import TorchEngine  # noqa: E402
+from xctrt.model import load_package  # noqa: E402
 from xctrt.phantom import write_phantom  # noqa: E402
 from xctrt.pipeline import Segmenter  # noqa: E402
 
@@ -63,7 +64,7 @@ def main() -> int:
                                         ("gpu-routed", gpu, "fp32")):
             engine = None
             if name == "gpu-routed":   # the experts routed: a module with dynamic shapes (static_batch off)
-                engine = TorchEngine(Segmenter(args.model, backend="onnxruntime").package, precision=precision,
+                engine = TorchEngine(load_package(args.model), precision=precision,
                                      device="cpu" if args.host_arrays else "cuda", static_batch=False)
             seg = Segmenter(args.model, backend="torch", batch_size=args.batch_size, slab=args.slab,
                             progress=False, device=device, precision=precision, engine=engine)

@@ -51,12 +51,13 @@ def main() -> int:
     t_new, new = best(lambda: mark_enclosed_air(planes, runs, shape), args.repeat)
     # the previous form read the run columns as int64 copies: the same marking on int64 runs, copy included
     t_old, old = best(lambda: mark_enclosed_air(planes, runs.astype(np.int64), shape), args.repeat)
-    same_marks = all(np.array_equal(new[k][1], old[k][1]) for k in planes)
+    same = all(np.array_equal(new[k][1], old[k][1]) for k in planes)   # marks, then PNG pixels
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "preview.png"
         write_preview(path, new, (0, 65535), (1.0, 1.0, 1.0), {1: "material", 2: "pore", 3: "inclusion"}, "cost")
         with Image.open(path) as im:
             img = im.convert("RGB")
+
     def encode(level):
         buf = io.BytesIO()
         img.save(buf, format="PNG", compress_level=level)
@@ -69,13 +70,13 @@ def main() -> int:
         buf.seek(0)
         with Image.open(buf) as back:
             if not np.array_equal(np.asarray(back.convert("RGB")), np.asarray(img)):
-                same_marks = False
+                same = False
     print(f"{m:,} outside-air runs, mid-planes of {Z}x{Y}x{X}, best of {args.repeat}")
     print(f"enclosed-air marking: int32 views {t_new:.3f} s, int64 copies {t_old:.3f} s "
-          f"({t_old / t_new:.1f}x); same marks: {same_marks}")
+          f"({t_old / t_new:.1f}x); same marks and PNG pixels: {same}")
     print(f"preview PNG {img.width}x{img.height}: zlib level 1 {secs[1]:.3f} s, {sizes[1] / 1e3:.0f} kB; "
           f"level 6 {secs[6]:.3f} s, {sizes[6] / 1e3:.0f} kB ({secs[6] / secs[1]:.1f}x)")
-    return 0 if same_marks else 1
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from enclosed_air import outside_air  # noqa: E402
 from xctrt.metrics import fmt_value  # noqa: E402
-from xctrt.preview import ALPHA, COLOURS, ENCLOSED, ENCLOSED_NAME, _overlay  # noqa: E402
+from xctrt.preview import ENCLOSED, ENCLOSED_NAME, _blend, _overlay  # noqa: E402
 
 PANEL = 300   # pixels per panel side
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         y += head + PANEL + pad
     x = pad
     for cid, label in ((1, "material"), (2, "pore"), (3, "inclusion"), (ENCLOSED, ENCLOSED_NAME)):
-        swatch = tuple(int(v) for v in (1 - ALPHA[cid]) * 128 + ALPHA[cid] * np.array(COLOURS[cid], np.float32))
+        swatch = tuple(int(v) for v in _blend(np.full(3, 128, np.float32), cid))   # as drawn over mid grey
         draw.rectangle([x, y + 4, x + 14, y + 18], fill=swatch)
         draw.text((x + 20, y + 5), label, fill=(230, 230, 230))
         x += 20 + round(draw.textlength(label)) + 18

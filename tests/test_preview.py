@@ -108,5 +108,5 @@ def test_preview_cost_benchmark_checks_its_pixels(capsys, monkeypatch):
                                      "--repeat", "1"])
     assert load_benchmark("preview_cost").main() == 0
     out = capsys.readouterr().out
-    assert "20,000 outside-air runs, mid-planes of 40x90x70" in out and "same marks: True" in out
+    assert "20,000 outside-air runs, mid-planes of 40x90x70" in out and "same marks and PNG pixels: True" in out
     assert "zlib level 1" in out and "level 6" in out

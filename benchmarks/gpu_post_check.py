@@ -425,7 +425,8 @@ def full_run(xp, shape, slab, repeats, checks: Checks, seed: int):
               ", ".join(f"{k} {v:.3f} s" for k, v in t.items()), flush=True)
     med = {k: float(np.median([t[k] for t in times])) for k in times[0]} if times else {}
     out = {"times_s": times, "median_s": med, "components": int(len(table["id"])),
-           "surface_search_on_host_because": post.air_search_error(), "surface_runs": dict(surface_runs)}
+           "surface_search_on_host_because": post.air_search_error(),
+           "labeller_kernels_on_host_because": post.kernel_error(post.LABELLER), "surface_runs": dict(surface_runs)}
 
     def compare():
         t, got, ref, label_bad, defect_voxels = one_pass(compare=True)

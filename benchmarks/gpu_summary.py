@@ -174,6 +174,7 @@ def main(out: Path) -> str:
                                 f"{_f(r['compiled_compile_s'], '.0f')} s" if "compiled_compile_s" in r else "")
                              + "".join(f"; {why.replace('_', ' ')}: {o[why]}" for why in
                                        ("cuda_graphs_not_used_because", "fused_kernels_not_used_because",
+                                        "gpu_labeller_kernels_not_used_because",
                                         "gpu_surface_search_not_used_because") if o.get(why))
                              + (f"; left out of the fast forward: {r['fast_parts_dropped']}"
                                 if r.get("fast_parts_dropped") else ""))

@@ -34,6 +34,7 @@
 #include "bindings.hpp"
 #include "crofton.hpp"
 #include "surface_distance.hpp"
+#include "labeller_kernels.h"
 
 namespace py = pybind11;
 
@@ -1166,6 +1167,153 @@ void search_air_runs(py::array_t<uint8_t, py::array::c_style> nodes, RunArray ai
 }
 
 
+// The GPU labeller's per-voxel kernels (labeller_kernels.h) on the host, for NumPy arrays: what
+// xctrt.gpu.post.ComponentLabeller needs of each defect voxel of a slab (see defect_voxel()).
+// ext: the previous slab's last plane (goff = plane values, or none: goff = 0) and the slab's
+// planes; e: the defect voxels' indices in ext. Returns nbr (k, n) int64, stats (n, 18) float64,
+// zyx (n, 3) int32, flags (n,) uint8.
+py::tuple defect_voxels_host(py::array_t<uint8_t, py::array::c_style | py::array::forcecast> ext,
+                        py::array_t<int64_t, py::array::c_style | py::array::forcecast> e, int64_t goff,
+                        int Y, int X, int Z, int z0, bool last, int connectivity) {
+  if (connectivity != 6 && connectivity != 18 && connectivity != 26)
+    throw std::invalid_argument("connectivity must be 6, 18 or 26");
+  if (Y <= 0 || X <= 0 || Z <= 0 || z0 < 0 || z0 >= Z) throw std::invalid_argument("bad volume shape or slab start");
+  const int64_t plane = int64_t{Y} * X;
+  if (ext.ndim() != 1 || e.ndim() != 1) throw std::invalid_argument("ext and e must be 1-D");
+  const int64_t len = ext.shape(0), n = e.shape(0);
+  if ((goff != 0 && goff != plane) || len % plane != 0 || len <= goff ||
+      z0 + (len - goff) / plane > Z)
+    throw std::invalid_argument("ext must hold whole planes of the volume: the previous one (goff) and the slab's");
+  const int64_t* ei = e.data();
+  for (int64_t i = 0; i < n; ++i)
+    if (ei[i] < goff || ei[i] >= len) throw std::invalid_argument("e must index the slab's voxels in ext");
+  const int rank = connectivity == 6 ? 1 : connectivity == 18 ? 2 : 3;
+  const int k = rank == 1 ? 3 : rank == 2 ? 9 : 13;
+  py::array_t<int64_t> nbr({static_cast<py::ssize_t>(k), static_cast<py::ssize_t>(n)});
+  py::array_t<double> stats({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(kStatCols)});
+  py::array_t<int32_t> zyx({static_cast<py::ssize_t>(n), py::ssize_t{3}});
+  py::array_t<uint8_t> flags(static_cast<py::ssize_t>(n));
+  const Slab s{plane, len, goff, Y, X, Z, z0, last ? 1 : 0, rank};
+  const uint8_t* lab = ext.data();
+  int64_t* nb = nbr.mutable_data();
+  double* st = stats.mutable_data();
+  int32_t* c = zyx.mutable_data();
+  uint8_t* f = flags.mutable_data();
+  {
+    py::gil_scoped_release release;
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for if (n > 65536)
+#endif
+    for (int64_t i = 0; i < n; ++i)
+      defect_voxel(i, n, lab, reinterpret_cast<const i64*>(ei), s, reinterpret_cast<i64*>(nb), st, c, f);
+  }
+  return py::make_tuple(nbr, stats, zyx, flags);
+}
+
+// ... and the deferred crossings of the previous slab's last plane (p_lab, Y x X) once the next
+// plane (lab's first) has come, for its defect voxels p_idx: (m, 18) float64 rows.
+py::array_t<double> plane_crossings_host(py::array_t<uint8_t, py::array::c_style | py::array::forcecast> p_lab,
+                                    py::array_t<int64_t, py::array::c_style | py::array::forcecast> p_idx,
+                                    py::array_t<uint8_t, py::array::c_style | py::array::forcecast> lab, int Y,
+                                    int X) {
+  if (Y <= 0 || X <= 0) throw std::invalid_argument("bad plane shape");
+  const int64_t plane = int64_t{Y} * X;
+  if (p_lab.ndim() != 1 || p_lab.shape(0) != plane || lab.ndim() != 1 || lab.shape(0) < plane || p_idx.ndim() != 1)
+    throw std::invalid_argument("p_lab must be one plane and lab at least one");
+  const int64_t m = p_idx.shape(0);
+  const int64_t* pi = p_idx.data();
+  for (int64_t j = 0; j < m; ++j)
+    if (pi[j] < 0 || pi[j] >= plane) throw std::invalid_argument("p_idx must index the plane");
+  py::array_t<double> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(kStatCols)});
+  double* o = out.mutable_data();
+  const uint8_t *pl = p_lab.data(), *l = lab.data();
+  {
+    py::gil_scoped_release release;
+    for (int64_t j = 0; j < m; ++j) plane_crossings(j, pl, reinterpret_cast<const i64*>(pi), l, Y, X, o);
+  }
+  return out;
+}
+
+// The labeller's run kernels (labeller_kernels.h) on the host, one call per kernel, checked.
+using I64Vec = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using I32Arr = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using U8Arr = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
+static void check_indices(const I64Vec& a, int64_t n, const char* what) {
+  if (a.ndim() != 1) throw std::invalid_argument(std::string(what) + " must be 1-D");
+  for (int64_t i = 0; i < a.shape(0); ++i)
+    if (a.data()[i] < 0 || a.data()[i] >= n) throw std::invalid_argument(std::string(what) + " out of range");
+}
+
+static const i64* as_i64(const I64Vec& a) { return reinterpret_cast<const i64*>(a.data()); }
+
+// Defect x-runs from their first voxels s in a slab's defect list: (6, nr) int32.
+I32Arr defect_runs_host(I64Vec s, I32Arr zyx, I32Arr pid, U8Arr flags) {
+  const int64_t n = flags.ndim() == 1 ? flags.shape(0) : -1;
+  if (n < 0 || zyx.ndim() != 2 || zyx.shape(0) != n || zyx.shape(1) != 3 || pid.ndim() != 1 || pid.shape(0) != n)
+    throw std::invalid_argument("zyx (n, 3), pid (n,) and flags (n,) must describe the same voxels");
+  check_indices(s, n, "s");
+  const int64_t nr = s.shape(0);
+  // every run must end (a voxel flagged kFlagRunEnd at or after its start) inside the list
+  int64_t last_end = -1;
+  for (int64_t i = n - 1; i >= 0 && last_end < 0; --i)
+    if (flags.data()[i] & kFlagRunEnd) last_end = i;
+  for (int64_t r = 0; r < nr; ++r)
+    if (s.data()[r] > last_end) throw std::invalid_argument("a run must end inside the defect list");
+  I32Arr runs({py::ssize_t{6}, static_cast<py::ssize_t>(nr)});
+  for (int64_t r = 0; r < nr; ++r)
+    defect_run(r, nr, as_i64(s), zyx.data(), pid.data(), flags.data(), runs.mutable_data());
+  return runs;
+}
+
+static void check_comp(const I32Arr& comp) {
+  if (comp.ndim() != 3 || comp.shape(1) <= 0 || comp.shape(2) <= 0)
+    throw std::invalid_argument("comp must be a (z, Y, X) array of air components");
+}
+
+U8Arr air_run_starts_host(I32Arr comp) {
+  check_comp(comp);
+  const int64_t n = comp.size();
+  U8Arr out(static_cast<py::ssize_t>(n));
+  for (int64_t v = 0; v < n; ++v) out.mutable_data()[v] = air_run_start(v, comp.data(), static_cast<i32>(comp.shape(2)));
+  return out;
+}
+
+py::tuple air_runs_host(I64Vec s, I32Arr comp, int z0, int64_t base) {
+  check_comp(comp);
+  check_indices(s, comp.size(), "s");
+  for (int64_t r = 0; r < s.shape(0); ++r)
+    if (comp.data()[s.data()[r]] <= 0) throw std::invalid_argument("s must start air runs");
+  const int64_t nr = s.shape(0);
+  I32Arr runs({static_cast<py::ssize_t>(nr), py::ssize_t{4}});
+  I64Vec id(static_cast<py::ssize_t>(nr));
+  for (int64_t r = 0; r < nr; ++r)
+    air_run(r, as_i64(s), comp.data(), static_cast<i32>(comp.shape(1)), static_cast<i32>(comp.shape(2)), z0,
+            base, runs.mutable_data(), reinterpret_cast<i64*>(id.mutable_data()));
+  return py::make_tuple(runs, id);
+}
+
+U8Arr air_sides_host(I32Arr comp, int64_t n_comp) {
+  check_comp(comp);
+  for (int64_t v = 0; v < comp.size(); ++v)
+    if (comp.data()[v] < 0 || comp.data()[v] > n_comp) throw std::invalid_argument("comp must be in 0..n_comp");
+  U8Arr edge(static_cast<py::ssize_t>(n_comp + 1));
+  std::fill(edge.mutable_data(), edge.mutable_data() + n_comp + 1, uint8_t{0});
+  const i32 Y = static_cast<i32>(comp.shape(1)), X = static_cast<i32>(comp.shape(2));
+  const int64_t n_sides = comp.shape(0) * (2 * int64_t{X} + 2 * int64_t{Y});
+  for (int64_t j = 0; j < n_sides; ++j) air_side(j, comp.data(), Y, X, edge.mutable_data());
+  return edge;
+}
+
+I64Vec air_pairs_host(I32Arr last, int64_t last_base, I32Arr first, int64_t first_base) {
+  if (last.size() != first.size()) throw std::invalid_argument("last and first must be planes of one size");
+  const int64_t plane = last.size();
+  I64Vec key(static_cast<py::ssize_t>(plane));
+  for (int64_t p = 0; p < plane; ++p)
+    key.mutable_data()[p] = air_pair(p, last.data(), last_base, first.data(), first_base);
+  return key;
+}
+
 // defects.csv's bytes (UTF-8): `header`, then one row per component, one column per kind character:
 // 'd' int64, 'g' float64 as %.6g, 'f' float64 as %.3f, 'G' %.6g or empty where not finite (no
 // surface in view), 's' strings by code: a pair (int64 codes, list of strings), each row the string
@@ -1308,6 +1456,23 @@ void bind_components(py::module_& m) {
         py::arg("comp"), py::arg("best2"), py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
         "The GPU kernel's nearest-air search on the host: lowers best2 (uint64 bits of each\n"
         "component's smallest squared distance) in place for runs (6, n) int32 and comp (n,) int32.");
+  m.def("defect_voxels", &defect_voxels_host, py::arg("ext"), py::arg("e"), py::arg("goff"), py::arg("Y"),
+        py::arg("X"), py::arg("Z"), py::arg("z0"), py::arg("last"), py::arg("connectivity") = 26,
+        "The GPU labeller's per-voxel kernel on the host (labeller_kernels.h): for the defect voxels e of\n"
+        "a slab in ext, (nbr (k, n) int64, stats (n, 18) float64, zyx (n, 3) int32, flags (n,) uint8).");
+  m.def("plane_crossings", &plane_crossings_host, py::arg("p_lab"), py::arg("p_idx"), py::arg("lab"), py::arg("Y"),
+        py::arg("X"),
+        "The deferred +z crossings of a slab's last plane's defect voxels, once the next plane came: (m, 18).");
+  m.def("defect_runs", &defect_runs_host, py::arg("s"), py::arg("zyx"), py::arg("pid"), py::arg("flags"),
+        "The GPU labeller's defect-run kernel on the host: (6, nr) int32 z, y, x0, x1, component, exposed.");
+  m.def("air_run_starts", &air_run_starts_host, py::arg("comp"),
+        "The GPU labeller's kernel on the host: 1 where an air x-run starts in comp (z, Y, X), flat uint8.");
+  m.def("air_runs", &air_runs_host, py::arg("s"), py::arg("comp"), py::arg("z0"), py::arg("base"),
+        "The GPU labeller's kernel on the host: air x-runs from their starts s, ((nr, 4) int32, (nr,) int64 ids).");
+  m.def("air_sides", &air_sides_host, py::arg("comp"), py::arg("n_comp"),
+        "The GPU labeller's kernel on the host: (n_comp + 1,) uint8, 1 for air components on the y/x sides.");
+  m.def("air_pairs", &air_pairs_host, py::arg("last"), py::arg("last_base"), py::arg("first"), py::arg("first_base"),
+        "The GPU labeller's kernel on the host: int64 keys a * 2**31 + b of air meeting across a slab boundary (0: none).");
   m.def("component_table", &component_table, py::arg("voxels"), py::arg("sz"), py::arg("sy"),
         py::arg("sx"), py::arg("crossings"), py::arg("gsum"),
         py::arg("gmin"), py::arg("gmax"), py::arg("z0"), py::arg("y0"), py::arg("x0"),

@@ -4,7 +4,9 @@ It refuses what CuPy refuses and NumPy allows, so CPU tests catch code that woul
 device: implicit conversion of a device array to NumPy (np.asarray, passing it to C++), host
 arrays mixed into device expressions, and NumPy functions CuPy lacks. It also counts the points
 where CuPy waits for the device (int()/bool() of an array, boolean-mask indexing, flatnonzero,
-unique, labelling), so a test can bound the host syncs per slab.
+unique, labelling), so a test can bound the host syncs per slab, and the device operations (each
+about one kernel launch on CuPy; the air labelling counts one though CuPy's takes a few), so a test
+can bound those too.
 
 install(monkeypatch) makes xctrt.gpu.post treat these arrays as CuPy arrays.
 """
@@ -17,11 +19,17 @@ import numpy as np
 import scipy.ndimage
 
 syncs = 0   # host syncs so far; tests reset it
+ops = 0   # device operations so far (kernel launches, roughly); tests reset it
 
 
 def _sync() -> None:
     global syncs
     syncs += 1
+
+
+def _op() -> None:
+    global ops
+    ops += 1
 
 
 def _unwrap(x, strict: bool = True):
@@ -64,6 +72,7 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):   # noqa: N801 - CuPy's name
         raise TypeError("Implicit conversion to a NumPy array is not allowed (CuPy): use .get()")
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _op()
         if "out" in kwargs:
             kwargs["out"] = tuple(_unwrap(o) for o in kwargs["out"])
         return _wrap(getattr(ufunc, method)(*(_unwrap(x) for x in inputs), **kwargs))
@@ -107,9 +116,13 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):   # noqa: N801 - CuPy's name
         return tuple(out)
 
     def __getitem__(self, key):
-        return ndarray(np.asarray(self._a[self._key(key)]))
+        key = self._key(key)
+        if any(isinstance(k, np.ndarray) for k in key):   # a gather (basic slicing is a view)
+            _op()
+        return ndarray(np.asarray(self._a[key]))
 
     def __setitem__(self, key, value):
+        _op()
         self._a[self._key(key)] = _unwrap(value, strict=False)
 
     def get(self) -> np.ndarray:
@@ -125,6 +138,8 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):   # noqa: N801 - CuPy's name
             raise AttributeError(name)
 
         def call(*args, **kwargs):
+            if name in _LAUNCHING_METHODS:
+                _op()
             return _wrap(method(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
         return call
 
@@ -132,10 +147,15 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):   # noqa: N801 - CuPy's name
         return f"fake_cupy.ndarray({self._a!r})"
 
 
+_LAUNCHING_METHODS = {"astype", "copy", "sum", "any", "all", "max", "min", "cumsum", "fill"}
+
+
 def _device_function(name: str, syncs_: bool = False):
     host = getattr(np, name)
 
     def f(*args, **kwargs):
+        if name != "empty":
+            _op()
         if syncs_:
             _sync()
         return _wrap(host(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
@@ -181,6 +201,7 @@ def _scatter(ufunc):
     def f(a, idx, v):
         if not isinstance(a, ndarray):
             raise TypeError("cupyx.scatter_* takes a cupy.ndarray")
+        _op()
         ufunc.at(a._a, _unwrap(idx), _unwrap(v))
     return f
 
@@ -194,6 +215,7 @@ def _label(mask):
     if not isinstance(mask, ndarray):
         raise TypeError("cupyx.scipy.ndimage.label takes a cupy.ndarray")
     _sync()   # returns the count as a Python int
+    _op()
     lab, n = scipy.ndimage.label(mask._a)
     return ndarray(lab.astype(np.int32)), int(n)
 
@@ -220,7 +242,95 @@ def _search_air_runs(grid, block, args):
     _core.search_air_runs(nodes._a, air._a, runs._a, comp._a, best2._a, (float(wz), float(wy), float(wx)))
 
 
-_TWINS = {"xctrt_search_air_runs": _search_air_runs}
+def _check_launch(name, grid, block, args, want, n):
+    if not all(type(a) is t for a, t in zip(args, want)) or len(args) != len(want):   # CuPy passes Python
+        raise TypeError(f"{name} arguments: {[type(a).__name__ for a in args]}")    # scalars with other widths
+    if grid[0] * block[0] < n:
+        raise ValueError(f"a launch of {grid[0]} x {block[0]} threads for {n} items")
+
+
+def _defect_voxels(grid, block, args):
+    I64, I32 = np.int64, np.int32
+    _check_launch("xctrt_defect_voxels", grid, block, args,
+                  (ndarray, ndarray, I64, I64, I64, I64, I32, I32, I32, I32, I32, I32, ndarray, ndarray, ndarray, ndarray),
+                  int(args[2]))
+    ext, e, n, plane, ext_len, goff, Y, X, Z, z0, last, rank, nbr, stats, zyx, flags = args
+    if (ext.dtype, e.dtype, nbr.dtype, stats.dtype, zyx.dtype, flags.dtype) != (
+            np.uint8, np.int64, np.int64, np.float64, np.int32, np.uint8) or e.shape != (n,) \
+            or plane != Y * X or ext_len != ext.size or not ext.flags.c_contiguous or not e.flags.c_contiguous:
+        raise TypeError("xctrt_defect_voxels: wrong array types, shapes or sizes")
+    from xctrt import _core
+    out = _core.defect_voxels(ext._a, e._a, int(goff), int(Y), int(X), int(Z), int(z0), bool(last),
+                              {1: 6, 2: 18, 3: 26}[int(rank)])
+    for dst, src in zip((nbr, stats, zyx, flags), out):
+        if dst.shape != src.shape:
+            raise ValueError(f"xctrt_defect_voxels: output {dst.shape} for {src.shape}")
+        dst._a[...] = src
+
+
+def _plane_crossings(grid, block, args):
+    _check_launch("xctrt_plane_crossings", grid, block, args,
+                  (ndarray, ndarray, np.int64, ndarray, np.int32, np.int32, ndarray), int(args[2]))
+    p_lab, p_idx, m, lab, Y, X, out = args
+    if (p_lab.dtype, p_idx.dtype, lab.dtype, out.dtype) != (np.uint8, np.int64, np.uint8, np.float64) \
+            or p_idx.shape != (m,) or out.shape != (m, 18) or p_lab.size != Y * X:
+        raise TypeError("xctrt_plane_crossings: wrong array types or shapes")
+    from xctrt import _core
+    out._a[...] = _core.plane_crossings(p_lab._a, p_idx._a, lab._a[:int(Y) * int(X)], int(Y), int(X))
+
+
+def _runs_twin(name, types, twin, outputs, dtypes, n_at=None):
+    """A launch of one of the labeller's run kernels: checks the arguments as the kernel reads them (types,
+    thread count args[n_at], by default the first int64, array dtypes), then writes its _core twin's
+    outputs into `outputs` (positions); the twin returns None where the sizes passed do not fit the arrays."""
+    n_at = types.index(np.int64) if n_at is None else n_at
+
+    def launch(grid, block, args):
+        _check_launch(name, grid, block, args, types, int(args[n_at]))
+        arrays = [a for a in args if isinstance(a, ndarray)]
+        if [a.dtype for a in arrays] != [np.dtype(d) for d in dtypes] or not all(a.flags.c_contiguous for a in arrays):
+            raise TypeError(f"{name}: array dtypes {[str(a.dtype) for a in arrays]}, want {dtypes}")
+        out = twin(*args)
+        if out is None:
+            raise ValueError(f"{name}: the sizes passed do not fit the arrays")
+        out = out if isinstance(out, tuple) else (out,)
+        for pos, src in zip(outputs, out):
+            if args[pos].shape != src.shape:
+                raise ValueError(f"{name}: output {args[pos].shape} for {src.shape}")
+            args[pos]._a[...] = src
+    return launch
+
+
+def _core_fn(name):
+    def f(*args):
+        from xctrt import _core
+        return getattr(_core, name)(*args)
+    return f
+
+
+I64, I32, U8 = np.int64, np.int32, "uint8"
+_TWINS = {"xctrt_search_air_runs": _search_air_runs, "xctrt_defect_voxels": _defect_voxels,
+          "xctrt_plane_crossings": _plane_crossings,
+          "xctrt_defect_runs": _runs_twin(
+              "xctrt_defect_runs", (ndarray, I64, ndarray, ndarray, ndarray, ndarray),
+              lambda s, nr, zyx, pid, flags, runs: _core_fn("defect_runs")(s._a, zyx._a, pid._a, flags._a),
+              (5,), ("int64", "int32", "int32", U8, "int32")),
+          "xctrt_air_run_starts": _runs_twin(
+              "xctrt_air_run_starts", (ndarray, I64, I32, ndarray),
+              lambda comp, n, X, out: _core_fn("air_run_starts")(comp._a) if comp.shape[2] == X else None,
+              (3,), ("int32", U8)),
+          "xctrt_air_runs": _runs_twin(
+              "xctrt_air_runs", (ndarray, I64, ndarray, I32, I32, I32, I64, ndarray, ndarray),
+              lambda s, nr, comp, Y, X, z0, base, runs, ids: _core_fn("air_runs")(s._a, comp._a, int(z0), int(base))
+              if comp.shape[1:] == (Y, X) else None, (7, 8), ("int64", "int32", "int32", "int64")),
+          "xctrt_air_sides": _runs_twin(
+              "xctrt_air_sides", (ndarray, I64, I32, I32, ndarray),
+              lambda comp, ns, Y, X, edge: _core_fn("air_sides")(comp._a, edge.size - 1)
+              if comp.shape[1:] == (Y, X) and ns == comp.shape[0] * (2 * X + 2 * Y) else None, (4,), ("int32", U8)),
+          "xctrt_air_pairs": _runs_twin(
+              "xctrt_air_pairs", (ndarray, I64, ndarray, I64, I64, ndarray),
+              lambda last, lb, first, fb, plane, key: _core_fn("air_pairs")(last._a, int(lb), first._a, int(fb))
+              if last.size == first.size == plane else None, (5,), ("int32", "int32", "int64"), n_at=4)}
 
 
 class RawModule:
@@ -234,6 +344,7 @@ class RawModule:
             raise KeyError(f"no kernel {name} in this module")
 
         def launch(grid, block, args):
+            _op()
             launches[name] = launches.get(name, 0) + 1
             _TWINS[name](grid, block, args)
         return launch

@@ -476,8 +476,28 @@ def test_search_air_runs_refuses_what_would_send_it_out_of_bounds():
         _core.air_tree(np.array([[0, 0, 3, 2]], np.int32))
 
 
-def test_air_search_kernel_compiles_for_hopper(tmp_path):
-    """The kernel source as xctrt.gpu.post hands it to NVRTC, compiled by nvcc for sm_90 with the
+def test_defect_voxels_host_twin_refuses_bad_input():
+    """The host twin of the labeller's per-voxel kernel checks what the kernel takes on trust."""
+    ext = np.zeros(2 * 4 * 5, np.uint8)
+    ext[[0, 39]] = 2, 3
+    e = np.array([0, 39], np.int64)
+    nbr, stats, zyx, flags = _core.defect_voxels(ext, e, 0, 4, 5, 2, 0, True, 26)
+    assert nbr.shape == (13, 2) and stats.shape == (2, 18) and zyx.tolist() == [[0, 0, 0], [1, 3, 4]]
+    assert flags.dtype == np.uint8 and (flags & 48).tolist() == [48, 48]   # one-voxel runs: start and end
+    for bad, match in (((ext, np.array([40]), 0, 4, 5, 2, 0, True, 26), "index the slab"),
+                       ((ext, e, 0, 4, 5, 2, 0, True, 8), "connectivity"),
+                       ((ext, e, 3, 4, 5, 2, 0, True, 26), "whole planes"),
+                       ((ext, e, 0, 4, 5, 1, 0, True, 26), "whole planes"),
+                       ((ext[:-1], e[:1], 0, 4, 5, 2, 0, True, 26), "whole planes")):
+        with pytest.raises(ValueError, match=match):
+            _core.defect_voxels(*bad)
+    with pytest.raises(ValueError, match="index the plane"):
+        _core.plane_crossings(ext[:20], np.array([20]), ext, 4, 5)
+
+
+@pytest.mark.parametrize("source", sorted(post.NVRTC_SOURCES))
+def test_kernels_compile_for_hopper(tmp_path, source):
+    """Each kernel source as xctrt.gpu.post hands it to NVRTC, compiled by nvcc for sm_90 with the
     same options (no GPU needed to compile)."""
     import shutil
     import subprocess
@@ -485,12 +505,13 @@ def test_air_search_kernel_compiles_for_hopper(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("no nvcc on this machine")
-    src = Path(post.__file__).with_name("air_search.h")
-    out = tmp_path / "air_search.cubin"
-    cmd = [nvcc, "-x", "cu", "-arch=sm_90", "-cubin", *post.AIR_SEARCH_OPTIONS, "-o", str(out), str(src)]
+    options, kernels = post.NVRTC_SOURCES[source]
+    out = tmp_path / "kernels.cubin"
+    cmd = [nvcc, "-x", "cu", "-arch=sm_90", "-cubin", *options, "-o", str(out),
+           str(Path(post.__file__).with_name(source))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert b"xctrt_search_air_runs" in out.read_bytes()
+    assert all(k.encode() in out.read_bytes() for k in kernels)
 
 
 # ---------------------------------------------------------------- on a CuPy stand-in (tests/fake_cupy.py)
@@ -543,26 +564,34 @@ def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
     img = image(rng, shape, np.uint16)
     got = post.ComponentLabeller(shape, (2, 3), conn, (0.5, 1.0, 2.0))
     ref = _core.ComponentLabeller(shape, [2, 3], conn, (0.5, 1.0, 2.0))
-    fake_cupy.syncs, fake_cupy.launches, z = 0, {}, 0
+    fake_cupy.syncs, fake_cupy.ops, fake_cupy.launches, z = 0, 0, {}, 0
     for d in slabs:
         got.add_slab(fc.asarray(lab[z:z + d]), fc.asarray(img[z:z + d]))
         ref.add_slab(lab[z:z + d], img[z:z + d])
         z += d
-    per_slab = fake_cupy.syncs / sum(1 for d in slabs if d)
-    assert per_slab <= 28, f"{per_slab:.1f} host syncs per slab"   # 19-26 measured (23-33 before two jumps per check)
+    nonempty = sum(1 for d in slabs if d)
+    per_slab = fake_cupy.syncs / nonempty
+    # 16-23 measured (19-26 before labeller_kernels.h, 23-33 before two jumps per check)
+    assert per_slab <= 26, f"{per_slab:.1f} host syncs per slab"
+    # device operations (kernel launches, roughly): 108-145 measured; ~700 when each neighbour, crossing and
+    # run was an array operation of its own, before labeller_kernels.h
+    assert fake_cupy.ops / nonempty <= 180, f"{fake_cupy.ops / nonempty:.0f} device operations per slab"
     assert_table_same(got.finish(2), ref.finish(2))
-    assert fake_cupy.launches == {"xctrt_search_air_runs": 1}   # the distances came from the kernel's path
+    k = nonempty   # the kernels' paths: per slab and per boundary between slabs
+    each_slab = ("xctrt_defect_voxels", "xctrt_defect_runs", "xctrt_air_sides", "xctrt_air_run_starts", "xctrt_air_runs")
+    assert fake_cupy.launches == {"xctrt_search_air_runs": 1, **dict.fromkeys(each_slab, k),
+                                  **(dict.fromkeys(("xctrt_plane_crossings", "xctrt_air_pairs"), k - 1) if k > 1 else {})}
     assert got.outside_air_voxels == ref.outside_air_voxels == int(outside_air_reference(lab).sum())
     assert_same(on_device(fc, post.label_volume, lab, (2, 3), conn), _core.label_volume(lab, [2, 3], conn))
 
 
-def test_surface_search_falls_back_to_the_host_when_nvrtc_refuses(monkeypatch):
-    """A toolchain that cannot build the kernel: the host twin searches instead (same table), once
-    tried, and air_search_error() says why, for the run's summary."""
+def test_kernels_fall_back_to_the_host_when_nvrtc_refuses(monkeypatch):
+    """A toolchain that cannot build the kernels: their host twins run instead (same table), once
+    tried, and kernel_error() says why, for the run's summary."""
     import fake_cupy
     fc = fake_cupy.install(monkeypatch)
     monkeypatch.setattr(fake_cupy, "refuse_kernels", True)
-    monkeypatch.setattr(post, "_air_search", {"kernel": None, "error": None})
+    monkeypatch.setattr(post, "_kernels", {})
     rng = np.random.default_rng(8)
     shape = (6, 24, 26)
     lab = noise(rng, shape)
@@ -577,9 +606,12 @@ def test_surface_search_falls_back_to_the_host_when_nvrtc_refuses(monkeypatch):
         assert_table_same(got.finish(), ref.finish())
         assert fake_cupy.launches == {}
         assert "NVRTC_ERROR_COMPILATION" in post.air_search_error()
+        assert "NVRTC_ERROR_COMPILATION" in post.kernel_error(post.LABELLER)
     from xctrt.cli import gpu_fallback_notes
-    note = gpu_fallback_notes({"timing": {"gpu_surface_search_not_used_because": post.air_search_error()}})
-    assert len(note) == 1 and note[0].startswith("the distances to the surface were searched on the host")
+    note = gpu_fallback_notes({"timing": {"gpu_surface_search_not_used_because": post.air_search_error(),
+                                          "gpu_labeller_kernels_not_used_because": post.kernel_error(post.LABELLER)}})
+    assert len(note) == 2 and note[0].startswith("the components' per-voxel kernels ran on the host")
+    assert note[1].startswith("the distances to the surface were searched on the host")
 
 
 @pytest.mark.parametrize("fill", [0, 1, 2])
@@ -606,7 +638,7 @@ def test_host_components_search_on_a_cupy_stand_in(monkeypatch):
     from xctrt.defects import DefectCounter
     from xctrt.gpu.pipeline import GpuStage
     fc = fake_cupy.install(monkeypatch)
-    monkeypatch.setattr(post, "_air_search", {"kernel": None, "error": None})
+    monkeypatch.setattr(post, "_kernels", {})
     rng = np.random.default_rng(11)
     shape, vs = (8, 26, 30), (0.5, 1.0, 2.0)
     lab = noise(rng, shape)

@@ -147,6 +147,8 @@ def gpu_fallback_notes(summary: dict) -> list[str]:
     notes = {"cuda_graphs_not_used_because": "the model ran without CUDA graphs (slower): {}",
              "fused_kernels_not_used_because": "the step-by-step GPU pre/post-processing ran instead of the fused "
                                                "kernels (slower, same labels): {}",
+             "gpu_labeller_kernels_not_used_because": "the components' per-voxel kernels ran on the host "
+                                                      "(slower, same table): {}",
              "gpu_surface_search_not_used_because": "the distances to the surface were searched on the host "
                                                     "(slower, same values): {}"}
     return [text.format(t[key]) for key, text in notes.items() if t.get(key)]

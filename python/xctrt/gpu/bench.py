@@ -339,7 +339,7 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
             o["warm_up_run_s"] = warm_up_s   # the untimed run over two slabs above (kernel compiles, if any)
             o["defects"] = {k: v["count"] for k, v in s.summary["result"]["defects"].items()}
             for k in ("gpu_memory_used_max_gib", "cuda_graphs_not_used_because", "fused_kernels_not_used_because",
-                      "gpu_surface_search_not_used_because"):
+                      "gpu_labeller_kernels_not_used_because", "gpu_surface_search_not_used_because"):
                 o[k] = s.summary["timing"][k]
             if cuda:
                 o["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30

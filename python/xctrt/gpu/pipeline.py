@@ -671,6 +671,11 @@ class GpuStage:
                                   "table_columns": round(lb.columns_s, 4)},
                 "table_surface_runs": dict(lb.surface_runs), "gpu_surface_search_not_used_because": why}
 
+    @property
+    def labeller_kernels_error(self) -> str | None:
+        """Why the device labeller's per-voxel kernels ran on the host instead (None: on the GPU, or unused)."""
+        return post.kernel_error(post.LABELLER) if self.cuda and self.labeller is not None else None
+
     def compute_idle_s(self) -> float | None:
         """Seconds the compute stream sat idle between slabs, waiting for the host to queue the next slab
         or for its copy to the device (None on the CPU)."""

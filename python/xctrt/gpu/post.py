@@ -2,7 +2,9 @@
 
 Every function takes its array module from its input (`array_module`): NumPy arrays run on the
 CPU, CuPy arrays on the GPU, with the same code. The only CuPy-specific lines are the shims
-`array_module`, `scatter_min`, `scatter_max`, `segment_sum`, `label_6` and `to_host` below.
+`array_module`, `scatter_min`, `scatter_max`, `scatter_add`, `segment_sum`, `label_6` and `to_host`
+below, and the kernels compiled from C++ that _core is built from too (NVRTC_SOURCES: the labeller's
+per-voxel kernel, the surface-distance search), which run as their _core twins on NumPy.
 
 Exactness. _core is built with -ffp-contract=off, so each float32 operation rounds on its own.
 Here every float32 step is a separate ufunc call writing a float32 array (on CuPy: one kernel
@@ -20,16 +22,19 @@ slab on CT parts), bytes moved on the device:
   - foreground: LUT gather of the labels + flatnonzero (a scan)     ~ 6 B/voxel of the slab
   - slab plus the carried previous plane (ext): one copy            ~ 2 B/voxel; the dense
     local index map is written only at defect voxels and read only at matching neighbours
-  - everything else works on the n compact defect voxels: coordinates, 13/9/3 backward
-    neighbour gathers (edges), 26 gathers for the surface area's line crossings (13 Crofton
-    directions, both signs), union-find by hook (scatter-min) and pointer jumping, segment
-    sums, scatter min/max                                          ~ 2-3 kB per defect voxel
+  - everything else works on the n compact defect voxels: one kernel (labeller_kernels.h) reads
+    each one's neighbourhood: 13/9/3 backward neighbours (edges), 26 for the surface area's line
+    crossings (13 Crofton directions, both signs), exposed sides and x-run ends; then union-find
+    by hook (scatter-min) and pointer jumping, segment sums of the statistics rows, scatter
+    min/max                                                        ~ 0.5 kB per defect voxel
   - the part's outside, for the surface distance: air components (a 6-connected CuPy/SciPy
     labelling of the slab, joined across slab boundaries in finish) and their x-runs
                                                                     ~ 20-30 B/voxel of the slab
-So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~60-90 GB
+So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~15 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
-synchronisations (one flatnonzero per slab, a few per union-find round) dominate, hence slabs
+synchronisations (one flatnonzero per slab, a few per union-find round) dominate, all the more
+beside the encoder, whose long GEMM kernels each launch waits behind (~130-200 array operations
+per slab, benchmarks/labeller_launches.py; ~700 when every neighbour was one of its own), hence slabs
 of 32-128 planes (below 2**31 voxels each: CuPy's labelling and scatter kernels index with 32-bit
 ints). aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
 finish() copies the outside air's runs to the host, builds the kd-tree there (_core.air_tree, all
@@ -80,15 +85,30 @@ def scatter_max(a, idx, v) -> None:
         _cupyx.scatter_max(a, idx, v)
 
 
+def scatter_add(a, idx, v) -> None:
+    """a[idx] += v with repeated indices, in place (numpy.add.at)."""
+    if isinstance(a, np.ndarray):
+        np.add.at(a, idx, v)
+    else:
+        _cupyx.scatter_add(a, idx, v)
+
+
 def segment_sum(ids, n: int, weights=None):
-    """float64 sums of `weights` (1 without) per id in 0..n-1.
+    """float64 sums of `weights` (1 without; one value or one row per id) per id in 0..n-1: (n,) or (n, k).
 
     cupy.bincount syncs twice (a sign check and a max) and refuses empty input; a scatter-add
-    into n zeros does neither. Exact for integer sums below 2**53 in any order.
+    into n zeros does neither, and takes rows in one kernel. Exact for integer sums below 2**53
+    in any order.
     """
+    rows = weights is not None and weights.ndim == 2
     if isinstance(ids, np.ndarray):
+        if rows:
+            out = np.empty((n, weights.shape[1]))
+            for c in range(weights.shape[1]):
+                out[:, c] = np.bincount(ids, weights[:, c], minlength=n)
+            return out
         return np.bincount(ids, weights, minlength=n).astype(np.float64, copy=False)
-    out = _cupy.zeros(n, np.float64)
+    out = _cupy.zeros((n, weights.shape[1]) if rows else n, np.float64)
     _cupyx.scatter_add(out, ids, 1.0 if weights is None else weights)
     return out
 
@@ -113,15 +133,14 @@ def search_air_runs(nodes, air, runs, comp, best2, voxel_size) -> None:
     n = runs.shape[1]
     if not n:
         return
-    kernel = _air_search_kernel()
-    if kernel is None:   # NVRTC refused the kernel: the host twin, same bits, slower (air_search_error says why)
+    kernels = _nvrtc("air_search.h")
+    if kernels is None:   # NVRTC refused the kernel: the host twin, same bits, slower (air_search_error says why)
         host = to_host(best2)
         _core.search_air_runs(to_host(nodes), to_host(air), to_host(runs), to_host(comp), host, voxel_size)
         best2[...] = _cupy.asarray(host)
         return
-    block = 128
-    kernel(((n + block - 1) // block,), (block,),
-           (runs, np.int64(n), comp, nodes, air, *map(np.float64, voxel_size), best2))
+    kernels["xctrt_search_air_runs"](*_blocks(n), (runs, np.int64(n), comp, nodes, air, *map(np.float64, voxel_size),
+                                                    best2))
 
 
 def surface_distances(xp, air, runs, comp, n: int, voxel_size, tree=None) -> tuple[np.ndarray, float]:
@@ -141,25 +160,162 @@ def surface_distances(xp, air, runs, comp, n: int, voxel_size, tree=None) -> tup
 
 # Compiled as _core is built: every double operation rounded on its own (no FMA contraction).
 AIR_SEARCH_OPTIONS = ("--fmad=false", "-DXCTRT_AIR_SEARCH_KERNEL")   # the source is C++11: any default dialect
-_air_search = {"kernel": None, "error": None}
+LABELLER = "labeller_kernels.h"
+LABELLER_OPTIONS = ("-DXCTRT_LABELLER_KERNELS",)   # integers only: no rounding to agree on
+# The C++ sources in this package that NVRTC compiles (and _core is built from): options, kernels.
+NVRTC_SOURCES = {"air_search.h": (AIR_SEARCH_OPTIONS, ("xctrt_search_air_runs",)),
+                 LABELLER: (LABELLER_OPTIONS, ("xctrt_defect_voxels", "xctrt_plane_crossings", "xctrt_defect_runs",
+                                               "xctrt_air_run_starts", "xctrt_air_runs", "xctrt_air_sides",
+                                               "xctrt_air_pairs"))}
+_kernels = {}   # source -> {"functions": {name: kernel} or None, "error": why NVRTC refused it, or None}
+
+
+def kernel_error(source: str) -> str | None:
+    """Why `source`'s kernels run on the host instead of the GPU (None while they run on the GPU)."""
+    return _kernels.get(source, {}).get("error")
 
 
 def air_search_error() -> str | None:
     """Why the surface-distance search runs on the host instead of the GPU (None while it runs on the GPU)."""
-    return _air_search["error"]
+    return kernel_error("air_search.h")
 
 
-def _air_search_kernel():
-    """The CUDA kernel of air_search.h, compiled by NVRTC on first use; None for good once that failed."""
-    if _air_search["kernel"] is None and _air_search["error"] is None:
+def _nvrtc(source: str) -> dict | None:
+    """`source`'s CUDA kernels by name, compiled by NVRTC on first use; None for good once that failed
+    (a toolchain that will not build them: their host twins in _core instead, same values, slower)."""
+    k = _kernels.setdefault(source, {"functions": None, "error": None})
+    if k["functions"] is None and k["error"] is None:
         from pathlib import Path
-        code = (Path(__file__).with_name("air_search.h")).read_text()
+        options, names = NVRTC_SOURCES[source]
         try:
-            _air_search["kernel"] = _cupy.RawModule(code=code, options=AIR_SEARCH_OPTIONS).get_function(
-                "xctrt_search_air_runs")
-        except Exception as exc:  # noqa: BLE001 - a toolchain that will not build it: the host search instead
-            _air_search["error"] = f"{type(exc).__name__}: {exc}"[:300]
-    return _air_search["kernel"]
+            module = _cupy.RawModule(code=Path(__file__).with_name(source).read_text(), options=options)
+            k["functions"] = {name: module.get_function(name) for name in names}
+        except Exception as exc:  # noqa: BLE001 - any refusal: the host twins
+            k["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return k["functions"]
+
+
+def _blocks(n: int, block: int = 128) -> tuple[tuple[int], tuple[int]]:
+    return ((n + block - 1) // block,), (block,)
+
+
+def _labeller_kernels(a) -> dict | None:
+    """The labeller's CUDA kernels for device array `a`; None for NumPy arrays, or where NVRTC refused them."""
+    return None if isinstance(a, np.ndarray) else _nvrtc(LABELLER)
+
+
+def _host_twin(fn, *args):
+    """fn (a kernel's twin in _core) on host copies of the arguments; its arrays back where they came from."""
+    device = _cupy is not None and any(isinstance(a, _cupy.ndarray) for a in args)
+    out = fn(*(to_host(a) if device and isinstance(a, _cupy.ndarray) else a for a in args))
+    if not device:
+        return out
+    return tuple(map(_cupy.asarray, out)) if isinstance(out, tuple) else _cupy.asarray(out)
+
+
+# The labeller's kernels (labeller_kernels.h), one thread per item; on NumPy, or where NVRTC refused
+# them, their twins in _core (kernel_error(LABELLER) says why).
+
+def defect_voxels(ext, e, goff: int, shape, z0: int, last: bool, connectivity: int):
+    """What the labeller needs of each defect voxel of a slab: ext is the previous slab's last plane (goff
+    values, or none) and the slab's labels, e (n,) int64 the defect voxels' indices in it. Returns nbr
+    (k, n) int64 (its k earlier neighbours' ext indices where they have its label value, else -1), stats
+    (n, 18) float64 rows, zyx (n, 3) int32, flags (n,) uint8."""
+    Z, Y, X = shape
+    k = _labeller_kernels(ext)
+    if k is None:
+        return _host_twin(_core.defect_voxels, ext, e, goff, Y, X, Z, z0, bool(last), connectivity)
+    n = int(e.size)
+    rank = {6: 1, 18: 2, 26: 3}[connectivity]
+    nbr = _cupy.empty(({1: 3, 2: 9, 3: 13}[rank], n), np.int64)
+    stats = _cupy.empty((n, _STAT_COLS), np.float64)
+    zyx = _cupy.empty((n, 3), np.int32)
+    flags = _cupy.empty(n, np.uint8)
+    if n:
+        k["xctrt_defect_voxels"](*_blocks(n), (
+            ext, e, np.int64(n), np.int64(Y * X), np.int64(ext.size), np.int64(goff), np.int32(Y), np.int32(X),
+            np.int32(Z), np.int32(z0), np.int32(bool(last)), np.int32(rank), nbr, stats, zyx, flags))
+    return nbr, stats, zyx, flags
+
+
+def plane_crossings(p_lab, p_idx, lab, Y: int, X: int):
+    """The deferred +z line crossings of the previous slab's last plane (p_lab) at its defect voxels
+    p_idx (m,) int64, now that the next plane (lab's first) has come: (m, 18) float64 statistics rows."""
+    k = _labeller_kernels(p_lab)
+    if k is None:
+        return _host_twin(_core.plane_crossings, p_lab, p_idx, lab[:Y * X], Y, X)
+    m = int(p_idx.size)
+    out = _cupy.empty((m, _STAT_COLS), np.float64)
+    if m:
+        k["xctrt_plane_crossings"](*_blocks(m), (p_lab, p_idx, np.int64(m), lab, np.int32(Y), np.int32(X), out))
+    return out
+
+
+def defect_runs(s, zyx, pid, flags):
+    """The slab's defect x-runs from their first voxels s in its defect list (each ends at the next voxel
+    flagged as a run's end): (6, nr) int32 z, y, x0, x1, provisional component, exposed sides (any of
+    its voxels')."""
+    k = _labeller_kernels(s)
+    if k is None:
+        return _host_twin(_core.defect_runs, s, zyx, pid, flags)
+    nr = int(s.size)
+    runs = _cupy.empty((6, nr), np.int32)
+    if nr:
+        k["xctrt_defect_runs"](*_blocks(nr), (s, np.int64(nr), zyx, pid, flags, runs))
+    return runs
+
+
+def air_run_starts(comp):
+    """Flat uint8, 1 where an air x-run starts in comp (z, Y, X), a slab's air components (1.., 0 not air)."""
+    k = _labeller_kernels(comp)
+    if k is None:
+        return _host_twin(_core.air_run_starts, comp)
+    n = int(comp.size)
+    out = _cupy.empty(n, np.uint8)
+    if n:
+        k["xctrt_air_run_starts"](*_blocks(n), (comp, np.int64(n), np.int32(comp.shape[2]), out))
+    return out
+
+
+def air_runs(s, comp, z0: int, base: int):
+    """The air x-runs starting at flat voxels s of comp: ((nr, 4) int32 z (+ z0), y, x0, x1, (nr,) int64
+    their components' ids + base)."""
+    k = _labeller_kernels(s)
+    if k is None:
+        return _host_twin(_core.air_runs, s, comp, z0, base)
+    nr = int(s.size)
+    runs, ids = _cupy.empty((nr, 4), np.int32), _cupy.empty(nr, np.int64)
+    if nr:
+        k["xctrt_air_runs"](*_blocks(nr), (s, np.int64(nr), comp, np.int32(comp.shape[1]), np.int32(comp.shape[2]),
+                                           np.int32(z0), np.int64(base), runs, ids))
+    return runs, ids
+
+
+def air_sides(comp, n: int):
+    """(n + 1,) uint8: 1 for the air components of comp (1..n) on the volume's y/x sides."""
+    k = _labeller_kernels(comp)
+    if k is None:
+        return _host_twin(_core.air_sides, comp, n)
+    nz, Y, X = comp.shape
+    edge = _cupy.zeros(n + 1, np.uint8)
+    sides = nz * (2 * X + 2 * Y)
+    if sides:
+        k["xctrt_air_sides"](*_blocks(sides), (comp, np.int64(sides), np.int32(Y), np.int32(X), edge))
+    return edge
+
+
+def air_pairs(last, last_base: int, first, first_base: int):
+    """Per plane position, the air components meeting across a slab boundary as keys a * 2**31 + b (ids
+    + bases; a from `last`, the previous slab's last plane of components, b from `first`), 0 where none."""
+    k = _labeller_kernels(last)
+    if k is None:
+        return _host_twin(_core.air_pairs, last, last_base, first, first_base)
+    plane = int(last.size)
+    key = _cupy.empty(plane, np.int64)
+    if plane:
+        k["xctrt_air_pairs"](*_blocks(plane), (last, np.int64(last_base), first, np.int64(first_base),
+                                               np.int64(plane), key))
+    return key
 
 
 def to_host(a) -> np.ndarray:
@@ -370,29 +526,12 @@ def _rank_roots(xp, parent):
     return rank[parent], roots, int(roots.size)
 
 
-def _in_bounds(y, x, dy: int, dx: int, Y: int, X: int):
-    """Whether (y + dy, x + dx) lies in the plane, per voxel."""
-    ok = array_module(y).ones(y.shape, bool)
-    if dy:
-        ok &= (y > 0) if dy < 0 else (y < Y - 1)
-    if dx:
-        ok &= (x > 0) if dx < 0 else (x < X - 1)
-    return ok
-
-
-def _count(ids, n: int, weights=None):
-    """Exact integer sums per id (float64 sums of integers < 2**53, see __init__)."""
-    return segment_sum(ids, n, weights).astype(np.int64)
-
-
 _I32_MAX = np.iinfo(np.int32).max
-# Line crossings per Crofton direction (the surface area, see cpp/crofton.hpp): the C++ list of
-# the 13 directions (dz, dy, dx), and a statistics column for each.
-_DIRS = tuple(tuple(d) for d in _core.crofton_directions().tolist())
-_CROSSING_COLS = tuple(f"cross{k}" for k in range(len(_DIRS)))
-_SUM_COLS = ("voxels", "sz", "sy", "sx") + _CROSSING_COLS
-_MIN_COLS = ("z0", "y0", "x0")
-_MAX_COLS = ("z1", "y1", "x1")
+# A defect voxel's statistics row (labeller_kernels.h, kStatCols): 1, z, y, x, the line crossings per
+# Crofton direction (the surface area, see cpp/crofton.hpp), edge; and its flags' bit for a voxel that
+# starts an x-run (kFlagRunStart; the run ends at the next voxel flagged kFlagRunEnd).
+_STAT_COLS, _STAT_CROSS, _STAT_EDGE = 18, slice(4, 17), 17
+_RUN_START = 16
 
 
 def max_slab_planes(Y: int, X: int) -> int:
@@ -439,7 +578,8 @@ class ComponentLabeller:
         self._runs = []  # (z, y, x0, x1, provisional id, exposed sides) of every defect x-run, per slab
         # Air, for the part's outside (_add_air): per slab its x-runs (z, y, x0, x1), their air
         # component (global ids 1..), the components on the volume's edge, and the pairs joined
-        # across the slab boundary; the last plane's component ids for the next slab.
+        # across the slab boundary (keys a * 2**31 + b; 0 joins nothing); the last plane's
+        # components (slab numbering) and their base for the next slab.
         self._air_runs, self._air_id, self._air_edge, self._air_pairs = [], [], [], []
         self._air_n = 0
         self._air_last = None
@@ -501,29 +641,13 @@ class ComponentLabeller:
         n = int(idx.size)
         e = idx + goff  # index into ext
         L = lab[idx]
-        zl = idx // plane
-        r = idx - zl * plane
-        y = r // X
-        x = r - y * X
-        zl, y, x = (v.astype(np.int32) for v in (zl, y, x))
+        # Per voxel, one kernel (labeller_kernels.h): its matching earlier neighbours, its statistics row
+        # (1, z, y, x, crossings per Crofton direction, edge), coordinates, exposed sides and run ends.
+        nbr, stats, zyx, flags = defect_voxels(ext, e, goff, self.shape, z0, last, self.connectivity)
 
         # Edges to earlier neighbours with the same label value.
-        ok_y = {-1: y > 0, 0: None, 1: y < Y - 1}
-        ok_x = {-1: x > 0, 0: None, 1: x < X - 1}
-        has_below = e >= plane  # a plane before in ext: the previous slab or this one
-        nbs, oks = [], []
-        for dz, dy, dx in self._offsets:
-            ok = None
-            for cond in (has_below if dz else None, ok_y[dy], ok_x[dx]):
-                if cond is not None:
-                    ok = cond if ok is None else ok & cond
-            nb = e + (dz * plane + dy * X + dx)
-            nbs.append(xp.where(ok, nb, e) if ok is not None else nb)
-            oks.append(ok if ok is not None else xp.ones(n, bool))
-        nb = xp.stack(nbs) if nbs else xp.zeros((0, n), np.int64)
-        match = xp.stack(oks) & (ext[nb] == L[None, :])
-        sel = xp.flatnonzero(match.reshape(-1))
-        nb = nb.reshape(-1)[sel]
+        sel = xp.flatnonzero((nbr >= 0).reshape(-1))
+        nb = nbr.reshape(-1)[sel]
         me = (sel % n).astype(np.int32) if n else sel.astype(np.int32)
         ghost = nb < goff
         inner = xp.flatnonzero(~ghost)
@@ -548,49 +672,15 @@ class ComponentLabeller:
             # Crossings of the previous plane along +(1, dy, dx), deferred until its next plane
             # (this one) arrived.
             if p_idx.size:
-                p_y, p_x = p_idx // X, p_idx % X
-                p_L = p_lab[p_idx]
-                p_local = p_ids - np.int32(p_st["first"])
-                for k, (dz, dy, dx) in enumerate(_DIRS):
-                    if dz:
-                        ok = _in_bounds(p_y, p_x, dy, dx, Y, X)
-                        c = ~ok | (lab[xp.where(ok, p_idx + (dy * X + dx), p_idx)] != p_L)
-                        p_st[_CROSSING_COLS[k]] += _count(p_local, p_st["n"], c.astype(np.float64))
+                scatter_add(p_st["sums"], p_ids - np.int32(p_st["first"]), plane_crossings(p_lab, p_idx, lab, Y, X))
 
-        # Crossings (cpp/crofton.hpp): the neighbour one step along -v or +v is outside the
-        # volume or has another label value. +v with dz = 1 from the slab's last plane reaches
-        # the next slab: counted when it arrives (above), or here as outside at the volume's end.
-        def crosses(dz, dy, dx):
-            ok = _in_bounds(y, x, dy, dx, Y, X)
-            if dz < 0:
-                ok = ok & has_below
-            if dz > 0:
-                inside = ok & up
-                c = ~ok | (ext[xp.where(inside, e + (dz * plane + dy * X + dx), e)] != L)
-                return xp.where(up, c, last)
-            return ~ok | (ext[xp.where(ok, e + (dz * plane + dy * X + dx), e)] != L)
-
-        up = e + plane < ext.shape[0]
-        c = {}
-        for d in _DIRS:
-            c[d], c[tuple(-v for v in d)] = crosses(*d), crosses(*(-v for v in d))
-        cross = [c[d].astype(np.int8) + c[tuple(-v for v in d)] for d in _DIRS]
-        my, py, mz, pz = c[(0, -1, 0)], c[(0, 1, 0)], c[(-1, 0, 0)], c[(1, 0, 0)]
-
-        zg = zl + np.int32(z0)
         st = {"first": first, "n": nloc}
-        st["voxels"] = _count(pid, nloc)
-        for name, v in (("sz", zg), ("sy", y), ("sx", x)) + tuple(zip(_CROSSING_COLS, cross)):
-            st[name] = _count(pid, nloc, v.astype(np.float64))
-        for name, v in (("z0", zg), ("y0", y), ("x0", x)):
-            st[name] = xp.full(nloc, _I32_MAX, np.int32)
-            scatter_min(st[name], pid, v)
-        for name, v in (("z1", zg), ("y1", y), ("x1", x)):
-            st[name] = xp.full(nloc, -1, np.int32)
-            scatter_max(st[name], pid, v)
+        st["sums"] = segment_sum(pid, nloc, stats)   # (nloc, 18): exact integer sums (see __init__)
+        st["min"] = xp.full((nloc, 3), _I32_MAX, np.int32)
+        scatter_min(st["min"], pid, zyx)
+        st["max"] = xp.full((nloc, 3), -1, np.int32)
+        scatter_max(st["max"], pid, zyx)
         st["cls"] = L[roots]
-        edge = (zg == 0) | (zg == Z - 1) | (y == 0) | (y == Y - 1) | (x == 0) | (x == X - 1)
-        st["edge"] = _count(pid, nloc, edge.astype(np.float64)) > 0
         if image is not None:
             # Min/max in float32: every image dtype taken (_SLICE_DTYPES) is exact in it, and CuPy's
             # float64 atomic min/max round through float32. The sums are float64.
@@ -604,11 +694,7 @@ class ComponentLabeller:
             scatter_max(st["gmax"], pid, xp.where(nan, np.float32(-np.inf), g))
         self._slabs.append(st)
         if self._surface:
-            # Exposed sides per voxel (bits as _core.distance_to_surface); +z of the slab's last
-            # plane is not known yet and is set, which is always allowed.
-            sides = (mz.astype(np.uint8) | (xp.where(up, pz, True).astype(np.uint8) << 1)
-                     | (my.astype(np.uint8) << 2) | (py.astype(np.uint8) << 3))
-            self._collect_runs(ext, e, L, x, y, zg, pid + np.int32(first), sides)
+            self._collect_runs(flags, zyx, pid + np.int32(first))
             self._add_air(lab.reshape(nz, Y, X), z0, last)
         if self._keep is not None:
             self._keep.append((idx + z0 * plane, pid + np.int32(first)))
@@ -622,68 +708,41 @@ class ComponentLabeller:
         else:
             self._prev = None
 
-    def _collect_runs(self, ext, e, L, x, y, zg, pid, sides) -> None:
+    def _collect_runs(self, flags, zyx, pid) -> None:
         """The slab's x-runs with their exposed sides, the same list as the C++ labeller keeps."""
         xp = self._xp
-        X = self.shape[2]
-        # x-runs: maximal stretches of one label value along a row.
-        start = (x == 0) | (ext[xp.where(x > 0, e - 1, e)] != L)
-        end = (x == X - 1) | (ext[xp.where(x < X - 1, e + 1, e)] != L)
-        s, t = xp.flatnonzero(start), xp.flatnonzero(end)
-        # A run's exposed sides: any of its voxels' (bit by bit, segment sums over the run).
-        run = xp.cumsum(start, dtype=np.int32) - 1
-        exposed = xp.zeros(s.size, np.int32)
-        for bit in range(4):
-            b = ((sides >> bit) & 1).astype(np.float64)
-            exposed |= (_count(run, s.size, b) > 0).astype(np.int32) << bit
-        self._runs.append(xp.stack([zg[s], y[s], x[s], x[t], pid[s], exposed]))
+        # x-runs: maximal stretches of one label value along a row, their ends flagged per voxel
+        self._runs.append(defect_runs(xp.flatnonzero(flags & _RUN_START), zyx, pid, flags))
 
     def _add_air(self, lab, z0: int, last: bool) -> None:
         """The slab's air runs and their components, as the C++ labeller's add_air(): the part's
         outside is the air connected (6-neighbours) to the volume's sides (y or x at the edge),
         decided in finish()."""
         xp = self._xp
-        nz, Y, X = lab.shape
         comp, n = label_6(lab == 0)
-        n, base = int(n), self._air_n
-
-        def global_id(c):  # slab labels 1..n -> ids base + 1.. (int64; 0 stays 0), one plane at most
-            return xp.where(c > 0, c.astype(np.int64) + base, 0)
-
-        sides = [comp[:, 0], comp[:, -1], comp[:, :, 0], comp[:, :, -1]]  # not the first/last plane
-        edge = xp.unique(xp.concatenate([f.ravel() for f in sides]))
-        self._air_edge.append(edge[edge > 0].astype(np.int64) + base)
+        n, base = int(n), self._air_n   # this slab's components 1..n are ids base + 1.. of the volume
+        self._air_edge.append(xp.flatnonzero(air_sides(comp, n)) + base)
         if self._air_last is not None:  # air meeting across the slab boundary
-            a, b = self._air_last, global_id(comp[0])
-            a, b = a.reshape(-1), b.reshape(-1)
-            both = xp.flatnonzero((a > 0) & (b > 0))   # indices, not a mask (see _connect)
-            self._air_pairs.append(xp.unique(a[both] * 2 ** 31 + b[both]))
-        self._air_last = None if last else global_id(comp[-1])
-        air = comp > 0
-        left = xp.zeros_like(air)
-        left[:, :, 1:] = air[:, :, :-1]
-        right = xp.zeros_like(air)
-        right[:, :, :-1] = air[:, :, 1:]
-        s = xp.flatnonzero(air & ~left)
-        t = xp.flatnonzero(air & ~right)
-        z, r = s // (Y * X), s % (Y * X)
-        self._air_runs.append(xp.stack([z + z0, r // X, r % X, t % X]).astype(np.int32))
-        self._air_id.append(comp.reshape(-1)[s].astype(np.int64) + base)
+            self._air_pairs.append(xp.unique(air_pairs(*self._air_last, comp[0], base)))
+        self._air_last = None if last else (comp[-1].copy(), base)
+        runs, ids = air_runs(xp.flatnonzero(air_run_starts(comp)), comp, z0, base)
+        self._air_runs.append(runs)
+        self._air_id.append(ids)
         self._air_n += n
 
     def _outside_air(self):
-        """(4, m) z, y, x0, x1 of the air runs outside the part: those whose component joins one
+        """(m, 4) z, y, x0, x1 of the air runs outside the part: those whose component joins one
         on the volume's sides."""
         xp = self._xp
         if not self._air_n:
-            return xp.zeros((4, 0), np.int32)
+            return xp.zeros((0, 4), np.int32)
         n = self._air_n + 1  # ids 1..air_n; 0 unused
         pairs = xp.concatenate(self._air_pairs) if self._air_pairs else xp.zeros(0, np.int64)
         root = _connect(xp, n, pairs >> 31, pairs & _I32_MAX)
         outside = xp.zeros(n, bool)
         outside[root[xp.concatenate(self._air_edge)]] = True
         keep = outside[root[xp.concatenate(self._air_id)]]
-        return xp.concatenate(self._air_runs, axis=1)[:, keep]
+        return xp.concatenate(self._air_runs)[keep]
 
     def outside_air_runs(self) -> np.ndarray:
         """After finish(): (m, 4) int32 x-runs z, y, x0, x1 of the air outside the part (as the C++ labeller's)."""
@@ -694,7 +753,8 @@ class ComponentLabeller:
     def _outside_air_to_host(self) -> np.ndarray:
         """The (m, 4) host runs of the air outside the part (kept for outside_air_runs()), counted."""
         t0 = time.perf_counter()
-        air = self._outside_runs = np.ascontiguousarray(to_host(self._outside_air().T), dtype=np.int32)
+        # rows as the kd-tree takes them, made on the device: no transposing copy of ~5 M runs on the host
+        air = self._outside_runs = np.ascontiguousarray(to_host(self._outside_air()), dtype=np.int32)
         self.outside_air_s = time.perf_counter() - t0
         self.outside_air_voxels = int((air[:, 3].astype(np.int64) - air[:, 2] + 1).sum())
         self.surface_runs = {"outside_air": len(air), "defect": sum(int(r.shape[1]) for r in self._runs)}
@@ -729,14 +789,14 @@ class ComponentLabeller:
         comp, roots, nc = _rank_roots(xp, root)
         cols = {k: xp.concatenate([s[k] for s in self._slabs]) for k in self._slabs[0]
                 if k not in ("first", "n")}
-        m = {}
-        for k in _SUM_COLS:
-            m[k] = _count(comp, nc, cols[k].astype(np.float64))
-        for k in _MIN_COLS + _MAX_COLS:
-            m[k] = xp.full(nc, _I32_MAX if k in _MIN_COLS else -1, np.int32)
-            (scatter_min if k in _MIN_COLS else scatter_max)(m[k], comp, cols[k])
+        sums = segment_sum(comp, nc, cols["sums"]).astype(np.int64)   # exact: integers below 2**53
+        m = {"voxels": sums[:, 0], "sz": sums[:, 1], "sy": sums[:, 2], "sx": sums[:, 3],
+             "cross": sums[:, _STAT_CROSS], "edge": sums[:, _STAT_EDGE] > 0}
+        m["min"] = xp.full((nc, 3), _I32_MAX, np.int32)
+        scatter_min(m["min"], comp, cols["min"])
+        m["max"] = xp.full((nc, 3), -1, np.int32)
+        scatter_max(m["max"], comp, cols["max"])
         m["cls"] = cols["cls"][roots]
-        m["edge"] = _count(comp, nc, cols["edge"].astype(np.float64)) > 0
         if "gsum" in cols:
             m["gsum"] = segment_sum(comp, nc, cols["gsum"])
             m["gmin"] = xp.full(nc, np.inf, np.float32)
@@ -775,10 +835,10 @@ class ComponentLabeller:
             # in the finish's time: the outside air, then what the tree and search took beyond the merge
             self.surface_distance_s = (t1 - t0) + (time.perf_counter() - t2)
         t0 = time.perf_counter()
+        lo, hi = h["min"], h["max"]
         table = _core.component_table(
-            h["voxels"], h["sz"], h["sy"], h["sx"], np.stack([h[k] for k in _CROSSING_COLS], 1),
-            h["gsum"], h["gmin"], h["gmax"], h["z0"], h["y0"], h["x0"], h["z1"], h["y1"], h["x1"],
-            h["cls"], h["edge"], dist, self.voxel_size)
+            h["voxels"], h["sz"], h["sy"], h["sx"], h["cross"], h["gsum"], h["gmin"], h["gmax"],
+            lo[:, 0], lo[:, 1], lo[:, 2], hi[:, 0], hi[:, 1], hi[:, 2], h["cls"], h["edge"], dist, self.voxel_size)
         self.columns_s = time.perf_counter() - t0
         return table
 

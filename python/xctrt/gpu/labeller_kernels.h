@@ -1,0 +1,236 @@
+// The GPU slab labeller's kernels, written once for the host and the GPU.
+//
+// xctrt.gpu.post.ComponentLabeller labels a slab from the compact list of its defect voxels. Per
+// voxel it needs: which earlier neighbours (in raster order) have the same label value (the edges
+// of the union-find), the line crossings along the 13 Crofton directions (the surface area, see
+// cpp/crofton.hpp), the exposed sides (the surface-distance search, air_search.h), whether its
+// x-run starts or ends there, and whether it lies on the volume's edge; then the defect x-runs, and
+// for the part's outside the air's x-runs, its components on the volume's sides and those meeting
+// across slab boundaries. Written as array operations that was some 700 small kernels per slab;
+// on the GPU, beside the encoder's long GEMM kernels, each of them waits for SMs to free, so the
+// labeller's time there grows with its kernel count, not its bytes. Here each is one thread per
+// voxel, run or plane position. _core runs the same functions on the host (defect_voxels,
+// plane_crossings, defect_runs, air_*: the NumPy path, the tests) and NVRTC compiles this file for
+// the GPU; only integers, so both give the same values.
+#pragma once
+
+namespace xctrt {
+
+using i32 = int;
+using i64 = long long;
+using u8 = unsigned char;
+
+#ifndef XCTRT_HD
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define XCTRT_HD __host__ __device__
+#else
+#define XCTRT_HD
+#endif
+#endif
+
+// A voxel's statistics row, summed per component: 1, z, y, x, the 13 directions' crossings, edge.
+constexpr int kStatCols = 18;
+constexpr int kStatCross = 4;   // the first crossing column
+constexpr int kStatEdge = 17;
+// flags: the exposed sides (air_search.h's kExp* bits: -z, +z, -y, +y), then the x-run's ends
+enum : u8 { kFlagRunStart = 16, kFlagRunEnd = 32 };
+
+// Crofton direction k (0..12) as crofton.hpp orders them: in-plane (0,0,1) (0,1,-1) (0,1,0)
+// (0,1,1), then (1, dy, dx) at 4 + 3 (dy + 1) + (dx + 1).
+XCTRT_HD inline void crofton_dir(int k, int& dz, int& dy, int& dx) {
+  if (k < 4) {
+    dz = 0, dy = k == 0 ? 0 : 1, dx = k == 0 ? 1 : k - 2;
+  } else {
+    dz = 1, dy = (k - 4) / 3 - 1, dx = (k - 4) % 3 - 1;
+  }
+}
+
+// The slab as the labeller holds it: ext is the previous slab's last plane (when there is one,
+// goff = plane values) followed by the slab's planes, ext_len values in all; the slab's first
+// plane is plane z0 of a volume of Z planes of Y x X; last: the slab ends the volume. rank: 1, 2
+// or 3 for 6-, 18- or 26-connectivity.
+struct Slab {
+  i64 plane, ext_len, goff;
+  i32 Y, X, Z, z0, last, rank;
+};
+
+// Does the line from the voxel at ext index e (label L, plane coordinates y, x) cross the
+// defect's surface one step along (dz, dy, dx)? Outside the volume counts as crossing. +z from the
+// slab's last plane is not known yet: counted when the next slab comes (plane_crossings), or here
+// at the volume's end.
+XCTRT_HD inline bool crosses(const u8* ext, i64 e, u8 L, i32 y, i32 x, int dz, int dy, int dx, const Slab& s) {
+  if (dz > 0 && e + s.plane >= s.ext_len) return s.last != 0;
+  const i32 yy = y + dy, xx = x + dx;
+  if (yy < 0 || yy >= s.Y || xx < 0 || xx >= s.X || (dz < 0 && e < s.plane)) return true;
+  return ext[e + dz * s.plane + static_cast<i64>(dy) * s.X + dx] != L;
+}
+
+// Defect voxel i of n, at ext index e[i]. Writes:
+//   nbr[k * n + i]  the ext index of its k-th earlier neighbour (the order of post._backward_offsets)
+//                   if that has the same label value, else -1 (k < 3, 9 or 13 by rank)
+//   stats[i * kStatCols + c]  its statistics row (kStatCols)
+//   zyx[3 i ..]     its volume coordinates z, y, x
+//   flags[i]        exposed sides (the slab's last plane: +z set, always allowed) and run ends
+XCTRT_HD inline void defect_voxel(i64 i, i64 n, const u8* ext, const i64* e_of, const Slab& s, i64* nbr,
+                                  double* stats, i32* zyx, u8* flags) {
+  const i64 e = e_of[i];
+  const u8 L = ext[e];
+  const i64 g = e - s.goff;
+  const i64 zl = g / s.plane, r = g - zl * s.plane;
+  const i32 z = static_cast<i32>(zl) + s.z0, y = static_cast<i32>(r / s.X), x = static_cast<i32>(r % s.X);
+  int k = 0;
+  for (int dz = -1; dz <= 1; ++dz)
+    for (int dy = -1; dy <= 1; ++dy)
+      for (int dx = -1; dx <= 1; ++dx) {
+        const bool earlier = dz < 0 || (dz == 0 && (dy < 0 || (dy == 0 && dx < 0)));
+        const int steps = (dz != 0) + (dy != 0) + (dx != 0);
+        if (!earlier || steps > s.rank) continue;
+        const i32 yy = y + dy, xx = x + dx;
+        const i64 nb = e + dz * s.plane + static_cast<i64>(dy) * s.X + dx;
+        const bool ok = yy >= 0 && yy < s.Y && xx >= 0 && xx < s.X && (dz == 0 || e >= s.plane);
+        nbr[k * n + i] = ok && ext[nb] == L ? nb : -1;
+        ++k;
+      }
+  double* row = stats + i * kStatCols;
+  row[0] = 1, row[1] = z, row[2] = y, row[3] = x;
+  for (int d = 0; d < 13; ++d) {
+    int dz, dy, dx;
+    crofton_dir(d, dz, dy, dx);
+    row[kStatCross + d] = static_cast<int>(crosses(ext, e, L, y, x, dz, dy, dx, s)) +
+                          static_cast<int>(crosses(ext, e, L, y, x, -dz, -dy, -dx, s));
+  }
+  row[kStatEdge] = z == 0 || z == s.Z - 1 || y == 0 || y == s.Y - 1 || x == 0 || x == s.X - 1;
+  zyx[3 * i] = z, zyx[3 * i + 1] = y, zyx[3 * i + 2] = x;
+  const bool up = e + s.plane < s.ext_len;
+  u8 f = static_cast<u8>(crosses(ext, e, L, y, x, -1, 0, 0, s)) |
+         static_cast<u8>((up ? crosses(ext, e, L, y, x, 1, 0, 0, s) : true) << 1) |
+         static_cast<u8>(crosses(ext, e, L, y, x, 0, -1, 0, s) << 2) |
+         static_cast<u8>(crosses(ext, e, L, y, x, 0, 1, 0, s) << 3);
+  if (x == 0 || ext[e - 1] != L) f |= kFlagRunStart;
+  if (x == s.X - 1 || ext[e + 1] != L) f |= kFlagRunEnd;
+  flags[i] = f;
+}
+
+// Voxel j of the previous slab's last plane (p_lab its labels, p_idx[j] the voxel's index in it):
+// its crossings along the directions with dz = 1, now that the next plane (lab, this slab's
+// first) has come. Row j of out (kStatCols) gets them in the crossing columns, zeros elsewhere.
+XCTRT_HD inline void plane_crossings(i64 j, const u8* p_lab, const i64* p_idx, const u8* lab, i32 Y, i32 X,
+                                     double* out) {
+  const i64 p = p_idx[j];
+  const u8 L = p_lab[p];
+  const i32 y = static_cast<i32>(p / X), x = static_cast<i32>(p % X);
+  double* row = out + j * kStatCols;
+  for (int c = 0; c < kStatCols; ++c) row[c] = 0;
+  for (int d = 0; d < 13; ++d) {
+    int dz, dy, dx;
+    crofton_dir(d, dz, dy, dx);
+    if (!dz) continue;
+    const i32 yy = y + dy, xx = x + dx;
+    row[kStatCross + d] = yy < 0 || yy >= Y || xx < 0 || xx >= X || lab[p + static_cast<i64>(dy) * X + dx] != L;
+  }
+}
+
+// Defect x-run r of nr, from its first voxel s[r] in the slab's defect list to the next voxel
+// flagged kFlagRunEnd: the labeller's run record (6, nr) int32 z, y, x0, x1, provisional component,
+// exposed sides (any of its voxels').
+XCTRT_HD inline void defect_run(i64 r, i64 nr, const i64* s, const i32* zyx, const i32* pid, const u8* flags,
+                                i32* runs) {
+  const i64 a = s[r];
+  i64 b = a;
+  i32 exposed = flags[a] & 15;
+  while (!(flags[b] & kFlagRunEnd)) exposed |= flags[++b] & 15;
+  runs[r] = zyx[3 * a], runs[nr + r] = zyx[3 * a + 1], runs[2 * nr + r] = zyx[3 * a + 2];
+  runs[3 * nr + r] = zyx[3 * b + 2], runs[4 * nr + r] = pid[a], runs[5 * nr + r] = exposed;
+}
+
+// Air: comp holds a slab's 6-connected air components (1.., 0 elsewhere), nz planes of Y x X.
+// Voxel v starts an air x-run?
+XCTRT_HD inline u8 air_run_start(i64 v, const i32* comp, i32 X) {
+  return comp[v] > 0 && (v % X == 0 || comp[v - 1] == 0);
+}
+
+// Air x-run r starting at voxel s[r]: its row of runs (nr, 4) int32 z (+ z0), y, x0, x1 (the
+// layout the kd-tree over the outside air takes) and its air component's id (comp + base: numbered
+// across the volume).
+XCTRT_HD inline void air_run(i64 r, const i64* s, const i32* comp, i32 Y, i32 X, i32 z0, i64 base, i32* runs,
+                             i64* id) {
+  const i64 v = s[r], row = v / X;
+  const i32 x0 = static_cast<i32>(v - row * X);
+  i32 x1 = x0;
+  while (x1 + 1 < X && comp[v + (x1 - x0) + 1] > 0) ++x1;
+  i32* out = runs + 4 * r;
+  out[0] = static_cast<i32>(row / Y) + z0, out[1] = static_cast<i32>(row % Y), out[2] = x0, out[3] = x1;
+  id[r] = comp[v] + base;
+}
+
+// Side position j of the slab's planes (per plane: rows y = 0 and Y - 1, columns x = 0 and X - 1,
+// 2 X + 2 Y positions): marks its air component, if any, as on the volume's y/x sides (edge[c] = 1).
+XCTRT_HD inline void air_side(i64 j, const i32* comp, i32 Y, i32 X, u8* edge) {
+  const i64 per = 2 * static_cast<i64>(X) + 2 * static_cast<i64>(Y);
+  const i64 z = j / per;
+  i64 k = j - z * per, y, x;
+  if (k < X) y = 0, x = k;
+  else if ((k -= X) < X) y = Y - 1, x = k;
+  else if ((k -= X) < Y) y = k, x = 0;
+  else y = k - Y, x = X - 1;
+  const i32 c = comp[(z * Y + y) * X + x];
+  if (c > 0) edge[c] = 1;
+}
+
+// Plane position p: the pair of air components meeting across a slab boundary, as one key
+// a * 2**31 + b (a: the previous slab's last plane, b: this slab's first, both numbered across the
+// volume), or 0 where either is not air (0 is no component: the pair (0, 0) joins nothing).
+XCTRT_HD inline i64 air_pair(i64 p, const i32* last, i64 last_base, const i32* first, i64 first_base) {
+  const i32 a = last[p], b = first[p];
+  return a > 0 && b > 0 ? (a + last_base) * 2147483648LL + (b + first_base) : 0;
+}
+
+}  // namespace xctrt
+
+#ifdef XCTRT_LABELLER_KERNELS
+// The GPU kernels (xctrt.gpu.post.defect_voxels, plane_crossings, defect_runs, air_*): one thread per item.
+extern "C" __global__ void xctrt_defect_voxels(const unsigned char* ext, const long long* e, long long n,
+                                               long long plane, long long ext_len, long long goff, int Y, int X,
+                                               int Z, int z0, int last, int rank, long long* nbr, double* stats,
+                                               int* zyx, unsigned char* flags) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const xctrt::Slab s{plane, ext_len, goff, Y, X, Z, z0, last, rank};
+  xctrt::defect_voxel(i, n, ext, e, s, nbr, stats, zyx, flags);
+}
+
+extern "C" __global__ void xctrt_plane_crossings(const unsigned char* p_lab, const long long* p_idx, long long m,
+                                                 const unsigned char* lab, int Y, int X, double* out) {
+  const long long j = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= m) return;
+  xctrt::plane_crossings(j, p_lab, p_idx, lab, Y, X, out);
+}
+
+extern "C" __global__ void xctrt_defect_runs(const long long* s, long long nr, const int* zyx, const int* pid,
+                                             const unsigned char* flags, int* runs) {
+  const long long r = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r < nr) xctrt::defect_run(r, nr, s, zyx, pid, flags, runs);
+}
+
+extern "C" __global__ void xctrt_air_run_starts(const int* comp, long long n, int X, unsigned char* start) {
+  const long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v < n) start[v] = xctrt::air_run_start(v, comp, X);
+}
+
+extern "C" __global__ void xctrt_air_runs(const long long* s, long long nr, const int* comp, int Y, int X, int z0,
+                                          long long base, int* runs, long long* id) {
+  const long long r = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r < nr) xctrt::air_run(r, s, comp, Y, X, z0, base, runs, id);
+}
+
+extern "C" __global__ void xctrt_air_sides(const int* comp, long long n_sides, int Y, int X, unsigned char* edge) {
+  const long long j = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j < n_sides) xctrt::air_side(j, comp, Y, X, edge);
+}
+
+extern "C" __global__ void xctrt_air_pairs(const int* last, long long last_base, const int* first,
+                                           long long first_base, long long plane, long long* key) {
+  const long long p = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p < plane) key[p] = xctrt::air_pair(p, last, last_base, first, first_base);
+}
+#endif

@@ -1108,13 +1108,20 @@ py::tuple air_tree(RunArray air, std::array<double, 3> voxel_size) {
   return py::make_tuple(n_out, r_out);
 }
 
+using I64Vec = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using I32Arr = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using U8Arr = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
 // The GPU kernel's search (air_search.h: search_run, one per defect run) on the host, for
 // NumPy arrays: lowers best2 (n_comp,) uint64, the bits of each component's smallest squared
 // distance, in place. runs is (6, n) int32 (z, y, x0, x1, -, exposed bits), comp (n,) int32
-// (-1: left out); nodes and air as air_tree returns them.
+// (-1: left out); nodes and air as air_tree returns them, or a forest of such trees one after the
+// other: tree t is nodes[node_start[t]:node_start[t + 1]] over air[air_start[t]:air_start[t + 1]]
+// (node_start, air_start: (T + 1,) int64; None: one tree).
 void search_air_runs(py::array_t<uint8_t, py::array::c_style> nodes, RunArray air, RunArray runs,
-                     py::array_t<int32_t, py::array::c_style> comp,
-                     py::array best2_in, std::array<double, 3> voxel_size) {
+                     py::array_t<int32_t, py::array::c_style> comp, py::array best2_in,
+                     std::array<double, 3> voxel_size, std::optional<I64Vec> node_start_in,
+                     std::optional<I64Vec> air_start_in) {
   check_voxel_size(voxel_size);
   // Written in place, so never a converted copy.
   if (!py::isinstance<py::array_t<uint64_t>>(best2_in) || !(best2_in.flags() & py::array::c_style) ||
@@ -1131,16 +1138,32 @@ void search_air_runs(py::array_t<uint8_t, py::array::c_style> nodes, RunArray ai
   if (nodes.ndim() != 2 || nodes.shape(1) != static_cast<py::ssize_t>(sizeof(AirNode)))
     throw std::invalid_argument("nodes must be a (k, 40) uint8 array of tree nodes (air_tree)");
   const int64_t k = nodes.shape(0);
+  if (node_start_in.has_value() != air_start_in.has_value())
+    throw std::invalid_argument("a forest needs both node_start and air_start");
+  std::vector<i64> ns{0, k}, as{0, m};
+  if (node_start_in) {
+    const I64Vec &a = *node_start_in, &b = *air_start_in;
+    if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0) || a.shape(0) < 1)
+      throw std::invalid_argument("node_start and air_start must be (T + 1,) int64");
+    ns.assign(a.data(), a.data() + a.shape(0)), as.assign(b.data(), b.data() + b.shape(0));
+  }
+  const int64_t trees = static_cast<int64_t>(ns.size()) - 1;
+  if (ns.front() != 0 || as.front() != 0 || ns.back() != k || as.back() != m)
+    throw std::invalid_argument("node_start and air_start must run from 0 to the nodes' and runs' counts");
   std::vector<AirNode> tree(static_cast<size_t>(k));
   if (k) std::memcpy(tree.data(), nodes.data(), tree.size() * sizeof(AirNode));
   // Nodes from elsewhere than air_tree must not send the search out of bounds.
-  for (int64_t i = 0; i < k; ++i) {
-    const AirNode& t = tree[i];
-    const bool leaf = t.hi - t.lo <= kAirLeaf;
-    if (t.lo < 0 || t.lo > t.hi || t.hi > m || (!leaf && 2 * i + 2 >= k))
+  for (int64_t t = 0; t < trees; ++t) {
+    const int64_t k0 = ns[t], kt = ns[t + 1] - ns[t], mt = as[t + 1] - as[t];
+    if (kt < 0 || mt < 0 || (kt == 0) != (mt == 0))
       throw std::invalid_argument("nodes do not describe a tree over these air runs (air_tree)");
+    for (int64_t i = 0; i < kt; ++i) {
+      const AirNode& nd = tree[k0 + i];
+      const bool leaf = nd.hi - nd.lo <= kAirLeaf;
+      if (nd.lo < 0 || nd.lo > nd.hi || nd.hi > mt || (!leaf && 2 * i + 2 >= kt))
+        throw std::invalid_argument("nodes do not describe a tree over these air runs (air_tree)");
+    }
   }
-  if ((k == 0) != (m == 0)) throw std::invalid_argument("nodes do not describe a tree over these air runs (air_tree)");
   const int32_t* r = runs.data();
   const int32_t* c = comp.data();
   int bad = 0;
@@ -1162,7 +1185,8 @@ void search_air_runs(py::array_t<uint8_t, py::array::c_style> nodes, RunArray ai
 #pragma omp parallel for schedule(dynamic, 256)
 #endif
     for (int64_t i = 0; i < n; ++i)
-      search_run(i, n, r, c, tree.data(), s.data(), voxel_size.data(), reinterpret_cast<u64*>(b));
+      search_run(i, n, r, c, tree.data(), ns.data(), s.data(), as.data(), static_cast<i32>(trees),
+                 voxel_size.data(), reinterpret_cast<u64*>(b));
   }
 }
 
@@ -1235,9 +1259,6 @@ py::array_t<double> plane_crossings_host(py::array_t<uint8_t, py::array::c_style
 }
 
 // The labeller's run kernels (labeller_kernels.h) on the host, one call per kernel, checked.
-using I64Vec = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-using I32Arr = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-using U8Arr = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 
 static void check_indices(const I64Vec& a, int64_t n, const char* what) {
   if (a.ndim() != 1) throw std::invalid_argument(std::string(what) + " must be 1-D");
@@ -1454,8 +1475,10 @@ void bind_components(py::module_& m) {
         "(nodes (k, 40) uint8 records, air runs (m, 4) int32 in the tree's order).");
   m.def("search_air_runs", &search_air_runs, py::arg("nodes"), py::arg("air"), py::arg("runs"),
         py::arg("comp"), py::arg("best2"), py::arg("voxel_size") = std::array<double, 3>{1.0, 1.0, 1.0},
+        py::arg("node_start") = py::none(), py::arg("air_start") = py::none(),
         "The GPU kernel's nearest-air search on the host: lowers best2 (uint64 bits of each\n"
-        "component's smallest squared distance) in place for runs (6, n) int32 and comp (n,) int32.");
+        "component's smallest squared distance) in place for runs (6, n) int32 and comp (n,) int32,\n"
+        "over one air_tree, or a forest of them (node_start, air_start: (T + 1,) int64 offsets).");
   m.def("defect_voxels", &defect_voxels_host, py::arg("ext"), py::arg("e"), py::arg("goff"), py::arg("Y"),
         py::arg("X"), py::arg("Z"), py::arg("z0"), py::arg("last"), py::arg("connectivity") = 26,
         "The GPU labeller's per-voxel kernel on the host (labeller_kernels.h): for the defect voxels e of\n"

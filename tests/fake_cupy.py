@@ -230,16 +230,20 @@ refuse_kernels = False   # True: RawModule refuses to build, as NVRTC does on a 
 
 
 def _search_air_runs(grid, block, args):
-    runs, n, comp, nodes, air, wz, wy, wx, best2 = args
-    want = (ndarray, np.int64, ndarray, ndarray, ndarray, np.float64, np.float64, np.float64, ndarray)
+    runs, n, comp, nodes, node_start, air, air_start, trees, wz, wy, wx, best2 = args
+    want = (ndarray, np.int64, ndarray, ndarray, ndarray, ndarray, ndarray, np.int32, np.float64, np.float64,
+            np.float64, ndarray)
     if not all(type(a) is t for a, t in zip(args, want)):   # CuPy passes Python scalars with other widths
         raise TypeError(f"xctrt_search_air_runs arguments: {[type(a).__name__ for a in args]}")
-    if (runs.dtype, comp.dtype, best2.dtype) != (np.int32, np.int32, np.uint64) or runs.shape != (6, n):
-        raise TypeError("xctrt_search_air_runs needs runs (6, n) int32, comp int32, best2 uint64")
+    if (runs.dtype, comp.dtype, best2.dtype, node_start.dtype, air_start.dtype) != (
+            np.int32, np.int32, np.uint64, np.int64, np.int64) or runs.shape != (6, n) \
+            or node_start.shape != (trees + 1,) or air_start.shape != (trees + 1,):
+        raise TypeError("xctrt_search_air_runs needs runs (6, n) int32, comp int32, best2 uint64, starts (T + 1,) int64")
     if grid[0] * block[0] < n:
         raise ValueError(f"a launch of {grid[0]} x {block[0]} threads for {n} runs")
     from xctrt import _core
-    _core.search_air_runs(nodes._a, air._a, runs._a, comp._a, best2._a, (float(wz), float(wy), float(wx)))
+    _core.search_air_runs(nodes._a, air._a, runs._a, comp._a, best2._a, (float(wz), float(wy), float(wx)),
+                          node_start._a, air_start._a)
 
 
 def _check_launch(name, grid, block, args, want, n):

@@ -416,6 +416,71 @@ def test_per_run_search_gives_the_labellers_distances_bit_for_bit(seed):
     assert ref.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_search_over_a_forest_gives_one_trees_bits(seed):
+    """The outside air split into several trees (as the GPU labeller builds them slab by slab, with empty
+    ones among them): the same distances, bit for bit, as one tree over all of it."""
+    rng = np.random.default_rng(300 + seed)
+    shape = (int(rng.integers(8, 24)), 26, 30)
+    lab = blobs(rng, shape)
+    lab[:, :2] = 0
+    lab[rng.random(shape) < 0.05] = 0
+    vs = tuple(rng.uniform(0.2, 2.5, 3))
+    lb = _core.ComponentLabeller(shape, voxel_size=vs)
+    lb.add_slab(lab, image(rng, shape, np.uint16))
+    want = lb.finish()["surface_distance"]
+    air = lb.outside_air_runs()
+    ids = _core.label_volume(lab, [2, 3], 26)
+    z, y, x = np.nonzero(ids)
+    r6 = np.zeros((6, len(z)), np.int32)
+    r6[:4], r6[5] = np.stack([z, y, x, x]), 15
+    comp = (ids[z, y, x] - 1).astype(np.int32)
+    cuts = np.sort(rng.integers(0, len(air), 4))
+    parts = np.split(air[rng.permutation(len(air))], cuts)   # some may be empty
+    forest = post.air_forest([_core.air_tree(p, vs) for p in parts])
+    assert len(forest[1]) - 1 == sum(1 for p in parts if len(p)) >= 3
+    best2 = np.full(len(want), np.inf).view(np.uint64)
+    post.search_air_runs(forest, r6, comp, best2, vs)
+    assert np.sqrt(best2.view(np.float64)).tobytes() == want.tobytes()
+    nodes, node_start, tree_air, air_start = forest
+    bad = [((nodes, tree_air, r6, comp, best2, vs, node_start, None), "both node_start and air_start"),
+           ((nodes, tree_air, r6, comp, best2, vs, node_start[:-1], air_start[:-1]), "from 0 to"),
+           ((nodes, tree_air, r6, comp, best2, vs, node_start[::-1].copy(), air_start), "from 0 to"),
+           ((nodes, tree_air, r6, comp, best2, vs, node_start, air_start[:-1]), r"\(T \+ 1,\)")]
+    swapped = air_start.copy()
+    swapped[1] += 1   # tree 0 claims a run of tree 1: its nodes no longer describe it
+    bad.append(((nodes, tree_air, r6, comp, best2, vs, node_start, swapped), "tree over these air runs"))
+    for args, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            _core.search_air_runs(*args)
+
+
+def test_outside_air_known_only_later_gets_its_own_tree():
+    """Air that reaches the volume's sides only through a later slab is outside too: the labeller's
+    slab trees hold the air on the sides slab by slab, finish() adds a tree of the rest, and the table
+    and outside air are the C++ labeller's."""
+    rng = np.random.default_rng(5)
+    shape = (12, 24, 24)
+    lab = np.ones(shape, np.uint8)
+    lab[:, :2] = 0                               # outside air on one side, in every slab
+    lab[2:6, 10:14, 10:14] = 0                   # a pocket in slabs 0-1 ...
+    lab[5:9, 12, 12:] = 0                        # ... that reaches the x side through slabs 1-2 only
+    lab[rng.random(shape) < 0.02] = 2
+    lab[rng.random(shape) < 0.02] = 3
+    img = image(rng, shape, np.uint16)
+    got, ref = post.ComponentLabeller(shape, voxel_size=(0.5, 1.0, 1.5)), _core.ComponentLabeller(shape, voxel_size=(0.5, 1.0, 1.5))
+    for z0 in range(0, 12, 4):
+        got.add_slab(lab[z0:z0 + 4], img[z0:z0 + 4])
+        ref.add_slab(lab[z0:z0 + 4], img[z0:z0 + 4])
+    assert len(got._early_trees) == 3
+    early = sum(len(r) for r in got._early_runs)
+    assert_table_same(got.finish(1), ref.finish(1))
+    air = got.outside_air_runs()
+    assert got.surface_runs["outside_air"] == len(air) > early   # the pocket came later
+    assert {tuple(r) for r in air} == {tuple(r) for r in ref.outside_air_runs()}
+    assert got.outside_air_voxels == ref.outside_air_voxels
+
+
 def test_large_air_tree_splits_its_top_on_all_cores():
     """Over 2**18 outside-air runs: the tree's top nodes split with the parallel partition. Distances
     as SciPy's exact transform gives them, and the per-run search over air_tree agrees bit for bit."""

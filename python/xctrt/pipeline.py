@@ -465,12 +465,12 @@ class Segmenter:
         preview_pool = ThreadPoolExecutor(1, thread_name_prefix="xctrt-preview")
         early_preview = []
 
-        def start_preview(outside):
+        def start_preview():
             def job():
                 threads[1].join()   # the components thread, done with the mid-planes
                 if not failed.is_set():
                     with timer("preview"):
-                        draw_preview(outside)
+                        draw_preview(counter.outside_air_runs())   # joined here, off the table's path
             early_preview.append(preview_pool.submit(job))
 
         threads = [threading.Thread(target=reader, name="xctrt-read", daemon=True),

@@ -161,14 +161,39 @@ XCTRT_HD inline double nearest_air2(const AirNode* nodes, const AirRun* air, con
 // its component (-1: left out). best2 holds each component's smallest squared distance so far,
 // as the bits of a non-negative double, +inf at the start; the search starts from it, lowers it
 // atomically and prunes with what the component's other runs have found (nearest_air2's `shared`).
+// The air may be a forest: tree t is nodes[node_start[t] .. node_start[t + 1]) over the runs
+// air[air_start[t] .. air_start[t + 1]) (each as air_tree builds it; an empty tree has no nodes),
+// the GPU labeller's trees of the air it knew to be outside slab by slab, and of the rest at the end.
+// The tree whose root box is nearest is searched first, then each other whose box could still beat
+// the best: the minimum over the same air, so the same bits as one tree over all of it.
 // The GPU kernel calls this per thread, _core.search_air_runs per run on the host.
 XCTRT_HD inline void search_run(i64 i, i64 n, const i32* runs, const i32* comp, const AirNode* nodes,
-                                const AirRun* air, const double* w, u64* best2) {
+                                const i64* node_start, const AirRun* air, const i64* air_start, i32 trees,
+                                const double* w, u64* best2) {
   const i32 c = comp[i];
   if (c < 0) return;
   const DefectRun r{runs[i], runs[n + i], runs[2 * n + i], runs[3 * n + i], static_cast<u32>(c),
                     static_cast<u8>(runs[5 * n + i] & kExpAll)};
-  nearest_air2(nodes, air, w, r, load_best(best2 + c), best2 + c);
+  u64* slot = best2 + c;
+  const double inf = bits_double(0x7ff0000000000000ULL);
+  i32 first = -1;
+  double first_bound = inf;
+  for (i32 t = 0; t < trees; ++t) {
+    if (node_start[t + 1] == node_start[t]) continue;
+    const double b = node_bound2(nodes[node_start[t]], r, w, inf);
+    if (b < first_bound) first_bound = b, first = t;
+  }
+  if (first < 0) return;   // no air this run could pair with
+  double best = load_best(slot);
+  if (first_bound < best)
+    best = nearest_air2(nodes + node_start[first], air + air_start[first], w, r, best, slot);
+  for (i32 t = 0; t < trees; ++t) {
+    if (t == first || node_start[t + 1] == node_start[t]) continue;
+    const double now = load_best(slot);
+    if (now < best) best = now;
+    if (node_bound2(nodes[node_start[t]], r, w, best) < best)
+      best = nearest_air2(nodes + node_start[t], air + air_start[t], w, r, best, slot);
+  }
 }
 
 }  // namespace xctrt
@@ -176,11 +201,12 @@ XCTRT_HD inline void search_run(i64 i, i64 n, const i32* runs, const i32* comp, 
 #ifdef XCTRT_AIR_SEARCH_KERNEL
 // The GPU kernel (xctrt.gpu.post.search_air_runs): one thread per defect run.
 extern "C" __global__ void xctrt_search_air_runs(const int* runs, long long n, const int* comp,
-                                                 const xctrt::AirNode* nodes, const xctrt::AirRun* air,
+                                                 const xctrt::AirNode* nodes, const long long* node_start,
+                                                 const xctrt::AirRun* air, const long long* air_start, int trees,
                                                  double wz, double wy, double wx, unsigned long long* best2) {
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const double w[3] = {wz, wy, wx};
-  xctrt::search_run(i, n, runs, comp, nodes, air, w, best2);
+  xctrt::search_run(i, n, runs, comp, nodes, node_start, air, air_start, trees, w, best2);
 }
 #endif

@@ -24,6 +24,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
+from .. import _core
 from ..defects import DefectCounter
 from ..errors import XctrtError
 from ..timing import TABLE_SURFACE_KEYS, StageTimer
@@ -136,8 +137,8 @@ class GpuCounter:
         return self.stage.host_class_voxels()
 
     def finish(self, min_voxels: int = 1, on_outside_air=None) -> dict:
-        """on_outside_air(runs): called with the outside air's (m, 4) runs as soon as they are known,
-        before the rest of the table (the pipeline draws the preview meanwhile)."""
+        """on_outside_air(): called as soon as outside_air_runs() are known, before the rest of the table
+        (the pipeline draws the preview meanwhile)."""
         return self.stage.finish(max(0, int(min_voxels)), on_outside_air)
 
     @property
@@ -469,8 +470,11 @@ class GpuStage:
         them: the kd-tree of the outside air built on the host, one CUDA thread per defect run on the
         device (post.search_air_runs; NumPy: its host twin). The same bits as the labeller's own search."""
         t0 = time.perf_counter()
+        tree = _core.air_tree(air, self.voxel_size)   # air: not empty (DefectCounter.finish)
+        built_s = time.perf_counter() - t0
         with _xp_stream(self.xp, self.postproc if self.cuda else None):
-            d, tree_s = post.surface_distances(self.xp, air, runs, comp, n, self.voxel_size)
+            d, tree_s = post.surface_distances(self.xp, [tree], runs, comp, n, self.voxel_size)
+        tree_s += built_s
         self._search_times = {"surface_distance": time.perf_counter() - t0, "surface_tree": tree_s,
                               "runs": {"outside_air": len(air), "defect": int(runs.shape[1])}}
         if self.cuda:   # after the stage gave its pool back (flush): the search's blocks too, for the next volume

@@ -37,16 +37,21 @@ beside the encoder, whose long GEMM kernels each launch waits behind (~130-200 a
 per slab, benchmarks/labeller_launches.py; ~700 when every neighbour was one of its own), hence slabs
 of 32-128 planes (below 2**31 voxels each: CuPy's labelling and scatter kernels index with 32-bit
 ints). aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
-finish() copies the outside air's runs to the host, builds the kd-tree there (_core.air_tree, all
-cores) and searches it on the device: one thread per defect run, each starting from its
-component's best so far and lowering it atomically (search_air_runs). A search is slower for a
-pore near the centre of a round part, where most of the surface is almost equally far.
+The distance to the part surface is searched in kd-trees over the air outside the part, built on the
+host (_core.air_tree): the air whose component is on the volume's y/x sides in its own slab is outside
+whatever comes later, so each slab's such runs go to the host at once and get their tree on a host
+thread while later slabs are labelled; finish() finds the rest of the outside air (components joined
+to those across slabs), builds its tree while the components are merged, and searches the forest on
+the device: one thread per defect run, each starting from its component's best so far and lowering
+it atomically (search_air_runs). A search is slower for a pore near the centre of a round part,
+where most of the surface is almost equally far.
 Only the previous slab's last plane (labels, provisional ids) and per-provisional-component
-statistics are carried between slabs; finish() merges provisional components. The defect and air
-x-runs are kept as compact lists until finish().
+statistics are carried between slabs; finish() merges provisional components. The defect runs and
+the air not yet known to be outside are kept as compact lists on the device until finish().
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -122,13 +127,14 @@ def label_6(mask):
     return cupyx.scipy.ndimage.label(mask)
 
 
-def search_air_runs(nodes, air, runs, comp, best2, voxel_size) -> None:
+def search_air_runs(forest, runs, comp, best2, voxel_size) -> None:
     """Lower best2 (uint64 bits of each component's smallest squared distance to the outside air)
-    in place from the defect runs (6, n) int32 and their components comp (n,) int32, over the tree
-    of _core.air_tree: on the host _core.search_air_runs, on the GPU the CUDA kernel compiled from
+    in place from the defect runs (6, n) int32 and their components comp (n,) int32, over a forest of
+    kd-trees (air_forest): on the host _core.search_air_runs, on the GPU the CUDA kernel compiled from
     the same C++ (air_search.h), one thread per run."""
+    nodes, node_start, air, air_start = forest
     if isinstance(best2, np.ndarray):
-        _core.search_air_runs(nodes, air, runs, comp, best2, voxel_size)
+        _core.search_air_runs(nodes, air, runs, comp, best2, voxel_size, node_start, air_start)
         return
     n = runs.shape[1]
     if not n:
@@ -136,25 +142,38 @@ def search_air_runs(nodes, air, runs, comp, best2, voxel_size) -> None:
     kernels = _nvrtc("air_search.h")
     if kernels is None:   # NVRTC refused the kernel: the host twin, same bits, slower (air_search_error says why)
         host = to_host(best2)
-        _core.search_air_runs(to_host(nodes), to_host(air), to_host(runs), to_host(comp), host, voxel_size)
+        _core.search_air_runs(to_host(nodes), to_host(air), to_host(runs), to_host(comp), host, voxel_size,
+                              to_host(node_start), to_host(air_start))
         best2[...] = _cupy.asarray(host)
         return
-    kernels["xctrt_search_air_runs"](*_blocks(n), (runs, np.int64(n), comp, nodes, air, *map(np.float64, voxel_size),
+    kernels["xctrt_search_air_runs"](*_blocks(n), (runs, np.int64(n), comp, nodes, node_start, air, air_start,
+                                                    np.int32(node_start.size - 1), *map(np.float64, voxel_size),
                                                     best2))
 
 
-def surface_distances(xp, air, runs, comp, n: int, voxel_size, tree=None) -> tuple[np.ndarray, float]:
-    """Each of n components' distance to the part surface, from the (m, 4) host air runs outside the
-    part and the defect runs (6, n_runs) with their components (n_runs,) (-1: left out), on xp's
-    device: the kd-tree built on the host (_core.air_tree, or `tree`: a future of it being built
-    elsewhere) and sent there, then search_air_runs. Returns the (n,) float64 distances on the host
-    and the seconds until the search began."""
+def air_forest(trees) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """kd-trees over air runs (each (nodes, air) as _core.air_tree returns them) one after the other, as
+    the search takes them: (nodes (k, 40) uint8, node_start (T + 1,) int64, air (m, 4) int32, air_start)."""
+    trees = [t for t in trees if len(t[1])]
+    node_start = np.cumsum([0] + [len(t[0]) for t in trees], dtype=np.int64)
+    air_start = np.cumsum([0] + [len(t[1]) for t in trees], dtype=np.int64)
+    nodes = np.concatenate([t[0] for t in trees]) if trees else np.zeros((0, 40), np.uint8)
+    air = np.concatenate([t[1] for t in trees]) if trees else np.zeros((0, 4), np.int32)
+    return nodes, node_start, air, air_start
+
+
+def surface_distances(xp, trees, runs, comp, n: int, voxel_size) -> tuple[np.ndarray, float]:
+    """Each of n components' distance to the part surface, from kd-trees over the air outside the part
+    (each (nodes, air) as _core.air_tree builds them on the host, or a future of one being built
+    elsewhere) and the defect runs (6, n_runs) with their components (n_runs,) (-1: left out), on
+    xp's device: the trees sent there, then search_air_runs. Returns the (n,) float64 distances on
+    the host and the seconds until the search began (the wait for the trees and their upload)."""
     t0 = time.perf_counter()
-    built = tree.result() if tree is not None else _core.air_tree(air, voxel_size)
-    nodes, tree_air = (xp.asarray(a) for a in built)
+    forest = tuple(xp.asarray(a) for a in air_forest([t.result() if hasattr(t, "result") else t for t in trees]))
     tree_s = time.perf_counter() - t0
     best2 = xp.full(n, np.inf).view(np.uint64)
-    search_air_runs(nodes, tree_air, xp.asarray(runs), xp.asarray(comp), best2, voxel_size)
+    if len(forest[2]):
+        search_air_runs(forest, xp.asarray(runs), xp.asarray(comp), best2, voxel_size)
     return np.sqrt(to_host(best2).view(np.float64)), tree_s
 
 
@@ -583,6 +602,11 @@ class ComponentLabeller:
         self._air_runs, self._air_id, self._air_edge, self._air_pairs = [], [], [], []
         self._air_n = 0
         self._air_last = None
+        # The air known to be outside as its slab arrives (its component is on the volume's sides there):
+        # its host runs per slab, and their kd-trees, built on a host thread while later slabs are labelled
+        # (the rest of the air stays in _air_runs until finish() knows which of it is outside too).
+        self._early_runs, self._early_trees = [], []
+        self._tree_pool = None
         self.surface_distance_s = 0.0  # time of the last finish()'s surface distances, in all
         self.surface_tree_s = 0.0  # the part before the search: outside air to the host, the wait for its kd-tree
         #                            (built on a host thread while the components are merged) and its upload
@@ -591,7 +615,9 @@ class ComponentLabeller:
         self.columns_s = 0.0   # ... and its table's columns made from them (_core.component_table)
         self.surface_runs = {"outside_air": 0, "defect": 0}   # what the last finish()'s search worked on
         self.outside_air_voxels = None  # air voxels outside the part, after finish()
-        self._outside_runs = None  # their (m, 4) host x-runs, kept by finish() for outside_air_runs()
+        self._outside_parts = None  # their (m, 4) host x-runs in parts, kept by finish() for outside_air_runs()
+        self._outside_runs = None   # ... joined on the first outside_air_runs()
+        self._outside_lock = threading.Lock()
 
     @property
     def slices_received(self) -> int:
@@ -721,18 +747,27 @@ class ComponentLabeller:
         xp = self._xp
         comp, n = label_6(lab == 0)
         n, base = int(n), self._air_n   # this slab's components 1..n are ids base + 1.. of the volume
-        self._air_edge.append(xp.flatnonzero(air_sides(comp, n)) + base)
+        edge = air_sides(comp, n)
+        self._air_edge.append(xp.flatnonzero(edge) + base)
         if self._air_last is not None:  # air meeting across the slab boundary
             self._air_pairs.append(xp.unique(air_pairs(*self._air_last, comp[0], base)))
         self._air_last = None if last else (comp[-1].copy(), base)
         runs, ids = air_runs(xp.flatnonzero(air_run_starts(comp)), comp, z0, base)
-        self._air_runs.append(runs)
-        self._air_id.append(ids)
+        on_sides = edge[ids - base] != 0   # outside for good, whatever later slabs join to it
+        early, rest = xp.flatnonzero(on_sides), xp.flatnonzero(~on_sides)
+        if early.size:
+            host = np.ascontiguousarray(to_host(runs[early]))
+            if self._tree_pool is None:
+                self._tree_pool = ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree")
+            self._early_runs.append(host)
+            self._early_trees.append(self._tree_pool.submit(_core.air_tree, host, self.voxel_size))
+        self._air_runs.append(runs[rest])
+        self._air_id.append(ids[rest])
         self._air_n += n
 
     def _outside_air(self):
-        """(m, 4) z, y, x0, x1 of the air runs outside the part: those whose component joins one
-        on the volume's sides."""
+        """(m, 4) z, y, x0, x1 of the air runs outside the part that were not on the volume's sides
+        in their own slab (those are in _early_runs): the runs whose component joins one that was."""
         xp = self._xp
         if not self._air_n:
             return xp.zeros((0, 4), np.int32)
@@ -745,34 +780,43 @@ class ComponentLabeller:
         return xp.concatenate(self._air_runs)[keep]
 
     def outside_air_runs(self) -> np.ndarray:
-        """After finish(): (m, 4) int32 x-runs z, y, x0, x1 of the air outside the part (as the C++ labeller's)."""
-        if self._outside_runs is None:
-            raise RuntimeError("outside_air_runs() comes after finish()")
-        return self._outside_runs
+        """After finish(): (m, 4) int32 x-runs z, y, x0, x1 of the air outside the part (as the C++ labeller's,
+        in another order). Joined from their parts on the first call (any thread)."""
+        with self._outside_lock:
+            if self._outside_parts is None:
+                raise RuntimeError("outside_air_runs() comes after finish()")
+            if self._outside_runs is None:
+                self._outside_runs = np.concatenate(self._outside_parts) if self._outside_parts \
+                    else np.zeros((0, 4), np.int32)
+            return self._outside_runs
 
-    def _outside_air_to_host(self) -> np.ndarray:
-        """The (m, 4) host runs of the air outside the part (kept for outside_air_runs()), counted."""
+    def _outside_air_late(self) -> np.ndarray:
+        """The outside air found in finish(): (m, 4) host runs; with those of the slabs, counted."""
         t0 = time.perf_counter()
-        # rows as the kd-tree takes them, made on the device: no transposing copy of ~5 M runs on the host
-        air = self._outside_runs = np.ascontiguousarray(to_host(self._outside_air()), dtype=np.int32)
+        late = np.ascontiguousarray(to_host(self._outside_air()), dtype=np.int32)
         self.outside_air_s = time.perf_counter() - t0
-        self.outside_air_voxels = int((air[:, 3].astype(np.int64) - air[:, 2] + 1).sum())
-        self.surface_runs = {"outside_air": len(air), "defect": sum(int(r.shape[1]) for r in self._runs)}
-        return air
+        parts = self._early_runs + ([late] if len(late) else [])
+        self._outside_parts, self._outside_runs = parts, None
+        self.outside_air_voxels = sum(int((a[:, 3].astype(np.int64) - a[:, 2] + 1).sum()) for a in parts)
+        self.surface_runs = {"outside_air": sum(len(a) for a in parts),
+                             "defect": sum(int(r.shape[1]) for r in self._runs)}
+        return late
 
-    def _surface_distance(self, air, tree, final, n_kept: int) -> np.ndarray:
+    def _surface_distance(self, late_tree, final, n_kept: int) -> np.ndarray:
         """Distance of each kept component to the part surface: to the nearest voxel of the air
-        outside the part. The kd-tree over that air (`tree`: a future of _core.air_tree, None when
-        there is nothing to search) is built on the host, the search runs where the defect runs are
-        (search_air_runs), exact to _core.distance_to_surface. surface_tree_s: the outside air and
-        the wait for the tree and its upload, the parts of the finish before the search."""
+        outside the part. The kd-trees over that air (built on the host thread: one per slab for the air
+        on the volume's sides there, `late_tree` for the rest; futures of _core.air_tree) are searched
+        where the defect runs are (search_air_runs), exact to _core.distance_to_surface. surface_tree_s:
+        the outside air and the wait for the trees and their upload, the parts of the finish before the
+        search."""
         xp = self._xp
-        if tree is None:
+        trees = self._early_trees + ([late_tree] if late_tree is not None else [])
+        if not trees or not self._runs:
             self.surface_tree_s = self.outside_air_s
             return np.full(n_kept, np.nan)
         runs = xp.concatenate(self._runs, axis=1)
         comp = final[runs[4]] - np.int32(1)   # -1: a run of a component min_voxels dropped
-        d, tree_s = surface_distances(xp, air, runs, comp, n_kept, self.voxel_size, tree=tree)
+        d, tree_s = surface_distances(xp, trees, runs, comp, n_kept, self.voxel_size)
         self.surface_tree_s = self.outside_air_s + tree_s
         return d
 
@@ -810,20 +854,22 @@ class ComponentLabeller:
 
     def finish(self, min_voxels: int = 0, on_outside_air=None) -> dict:
         """The table (dict of NumPy columns), identical to _core.ComponentLabeller.finish.
-        on_outside_air(runs): called with outside_air_runs() as soon as they are known, before the
-        components are merged (work that needs only the outside air may start meanwhile)."""
+        on_outside_air(): called as soon as outside_air_runs() are known, before the components are
+        merged (work that needs only the outside air may start meanwhile, on a thread of its own)."""
         if self._z != self.shape[0]:
             raise ValueError(f"finish() before all slices arrived: {self._z} of {self.shape[0]}")
         if min_voxels < 0:
             raise ValueError("min_voxels must be >= 0")
-        # The outside air first: its kd-tree is built on a host thread (C++, without the GIL) while the
-        # slabs' components are merged here, on the device (mostly waits on host syncs).
+        # The outside air first: what of it was not known slab by slab gets its kd-tree on the host
+        # thread (C++, without the GIL) while the slabs' components are merged here, on the device
+        # (mostly waits on host syncs).
         t0 = time.perf_counter()
-        air = self._outside_air_to_host()
+        late = self._outside_air_late()
         if on_outside_air is not None:
-            on_outside_air(air)
-        with ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree") as pool:
-            tree = pool.submit(_core.air_tree, air, self.voxel_size) if len(air) and self._runs else None
+            on_outside_air()
+        pool = self._tree_pool or ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree")
+        try:
+            late_tree = pool.submit(_core.air_tree, late, self.voxel_size) if len(late) else None
             t1 = time.perf_counter()
             m, final = self._resolve(int(min_voxels))
             h = {k: to_host(v) for k, v in m.items()}
@@ -831,9 +877,12 @@ class ComponentLabeller:
             if "gsum" not in h:
                 raise ValueError("finish() needs the grey images: use add_slab(labels, image)")
             t2 = time.perf_counter()
-            dist = self._surface_distance(air, tree, final, len(h["voxels"]))
-            # in the finish's time: the outside air, then what the tree and search took beyond the merge
+            dist = self._surface_distance(late_tree, final, len(h["voxels"]))
+            # in the finish's time: the outside air, then what the trees and search took beyond the merge
             self.surface_distance_s = (t1 - t0) + (time.perf_counter() - t2)
+        finally:
+            pool.shutdown(wait=True)
+            self._tree_pool = None
         t0 = time.perf_counter()
         lo, hi = h["min"], h["max"]
         table = _core.component_table(

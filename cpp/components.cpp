@@ -1300,17 +1300,21 @@ U8Arr air_run_starts_host(I32Arr comp) {
   return out;
 }
 
-py::tuple air_runs_host(I64Vec s, I32Arr comp, int z0, int64_t base) {
+py::tuple air_runs_host(I64Vec s, I32Arr comp, U8Arr edge, int z0, int64_t base) {
   check_comp(comp);
   check_indices(s, comp.size(), "s");
-  for (int64_t r = 0; r < s.shape(0); ++r)
-    if (comp.data()[s.data()[r]] <= 0) throw std::invalid_argument("s must start air runs");
+  if (edge.ndim() != 1) throw std::invalid_argument("edge must be 1-D, one flag per air component and 0");
+  for (int64_t r = 0; r < s.shape(0); ++r) {
+    const int32_t c = comp.data()[s.data()[r]];
+    if (c <= 0) throw std::invalid_argument("s must start air runs");
+    if (c >= edge.shape(0)) throw std::invalid_argument("edge must flag every air component of comp");
+  }
   const int64_t nr = s.shape(0);
-  I32Arr runs({static_cast<py::ssize_t>(nr), py::ssize_t{4}});
+  I32Arr runs({static_cast<py::ssize_t>(nr), py::ssize_t{5}});
   I64Vec id(static_cast<py::ssize_t>(nr));
   for (int64_t r = 0; r < nr; ++r)
-    air_run(r, as_i64(s), comp.data(), static_cast<i32>(comp.shape(1)), static_cast<i32>(comp.shape(2)), z0,
-            base, runs.mutable_data(), reinterpret_cast<i64*>(id.mutable_data()));
+    air_run(r, as_i64(s), comp.data(), edge.data(), static_cast<i32>(comp.shape(1)), static_cast<i32>(comp.shape(2)),
+            z0, base, runs.mutable_data(), reinterpret_cast<i64*>(id.mutable_data()));
   return py::make_tuple(runs, id);
 }
 
@@ -1490,8 +1494,9 @@ void bind_components(py::module_& m) {
         "The GPU labeller's defect-run kernel on the host: (6, nr) int32 z, y, x0, x1, component, exposed.");
   m.def("air_run_starts", &air_run_starts_host, py::arg("comp"),
         "The GPU labeller's kernel on the host: 1 where an air x-run starts in comp (z, Y, X), flat uint8.");
-  m.def("air_runs", &air_runs_host, py::arg("s"), py::arg("comp"), py::arg("z0"), py::arg("base"),
-        "The GPU labeller's kernel on the host: air x-runs from their starts s, ((nr, 4) int32, (nr,) int64 ids).");
+  m.def("air_runs", &air_runs_host, py::arg("s"), py::arg("comp"), py::arg("edge"), py::arg("z0"), py::arg("base"),
+        "The GPU labeller's kernel on the host: air x-runs from their starts s, ((nr, 5) int32 z, y, x0, x1,\n"
+        "on the sides (edge[comp]), (nr,) int64 ids).");
   m.def("air_sides", &air_sides_host, py::arg("comp"), py::arg("n_comp"),
         "The GPU labeller's kernel on the host: (n_comp + 1,) uint8, 1 for air components on the y/x sides.");
   m.def("air_pairs", &air_pairs_host, py::arg("last"), py::arg("last_base"), py::arg("first"), py::arg("first_base"),

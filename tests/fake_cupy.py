@@ -4,7 +4,7 @@ It refuses what CuPy refuses and NumPy allows, so CPU tests catch code that woul
 device: implicit conversion of a device array to NumPy (np.asarray, passing it to C++), host
 arrays mixed into device expressions, and NumPy functions CuPy lacks. It also counts the points
 where CuPy waits for the device (int()/bool() of an array, boolean-mask indexing, flatnonzero,
-unique, labelling), so a test can bound the host syncs per slab, and the device operations (each
+unique, labelling, copies to the host), so a test can bound the host syncs per slab, and the device operations (each
 about one kernel launch on CuPy; the air labelling counts one though CuPy's takes a few), so a test
 can bound those too.
 
@@ -126,6 +126,7 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):   # noqa: N801 - CuPy's name
         self._a[self._key(key)] = _unwrap(value, strict=False)
 
     def get(self) -> np.ndarray:
+        _sync()   # a copy to the host waits for the device
         return self._a.copy()
 
     def item(self):
@@ -186,7 +187,10 @@ array = asarray
 
 
 def asnumpy(a) -> np.ndarray:
-    return a._a.copy() if isinstance(a, ndarray) else np.asarray(a)
+    if isinstance(a, ndarray):
+        _sync()   # a copy to the host waits for the device
+        return a._a.copy()
+    return np.asarray(a)
 
 
 int8, uint8, int16, uint16, int32, uint32, int64, float32, float64 = (
@@ -230,6 +234,10 @@ refuse_kernels = False   # True: RawModule refuses to build, as NVRTC does on a 
 
 
 def _search_air_runs(grid, block, args):
+    if len(args) == 9:   # the one-tree launch of post.py before 589589e (benchmarks/labeller_launches.py --source)
+        runs, n, comp, nodes, air, wz, wy, wx, best2 = args
+        args = (runs, n, comp, nodes, ndarray(np.array([0, len(nodes)], np.int64)), air,
+                ndarray(np.array([0, len(air)], np.int64)), np.int32(1), wz, wy, wx, best2)
     runs, n, comp, nodes, node_start, air, air_start, trees, wz, wy, wx, best2 = args
     want = (ndarray, np.int64, ndarray, ndarray, ndarray, ndarray, ndarray, np.int32, np.float64, np.float64,
             np.float64, ndarray)
@@ -324,9 +332,10 @@ _TWINS = {"xctrt_search_air_runs": _search_air_runs, "xctrt_defect_voxels": _def
               lambda comp, n, X, out: _core_fn("air_run_starts")(comp._a) if comp.shape[2] == X else None,
               (3,), ("int32", U8)),
           "xctrt_air_runs": _runs_twin(
-              "xctrt_air_runs", (ndarray, I64, ndarray, I32, I32, I32, I64, ndarray, ndarray),
-              lambda s, nr, comp, Y, X, z0, base, runs, ids: _core_fn("air_runs")(s._a, comp._a, int(z0), int(base))
-              if comp.shape[1:] == (Y, X) else None, (7, 8), ("int64", "int32", "int32", "int64")),
+              "xctrt_air_runs", (ndarray, I64, ndarray, ndarray, I32, I32, I32, I64, ndarray, ndarray),
+              lambda s, nr, comp, edge, Y, X, z0, base, runs, ids: _core_fn("air_runs")(
+                  s._a, comp._a, edge._a, int(z0), int(base)) if comp.shape[1:] == (Y, X) else None,
+              (8, 9), ("int64", "int32", U8, "int32", "int64")),
           "xctrt_air_sides": _runs_twin(
               "xctrt_air_sides", (ndarray, I64, I32, I32, ndarray),
               lambda comp, ns, Y, X, edge: _core_fn("air_sides")(comp._a, edge.size - 1)

@@ -66,8 +66,9 @@ XCTRT_HD inline bool crosses(const u8* ext, i64 e, u8 L, i32 y, i32 x, int dz, i
 }
 
 // Defect voxel i of n, at ext index e[i]. Writes:
-//   nbr[k * n + i]  the ext index of its k-th earlier neighbour (the order of post._backward_offsets)
-//                   if that has the same label value, else -1 (k < 3, 9 or 13 by rank)
+//   nbr[k * n + i]  the ext index of its k-th earlier neighbour if that has the same label value, else
+//                   -1: the neighbours (dz, dy, dx) before (0, 0, 0) in raster order, at most `rank`
+//                   steps non-zero, in the loops' order below (k < 3, 9 or 13)
 //   stats[i * kStatCols + c]  its statistics row (kStatCols)
 //   zyx[3 i ..]     its volume coordinates z, y, x
 //   flags[i]        exposed sides (the slab's last plane: +z set, always allowed) and run ends
@@ -149,17 +150,19 @@ XCTRT_HD inline u8 air_run_start(i64 v, const i32* comp, i32 X) {
   return comp[v] > 0 && (v % X == 0 || comp[v - 1] == 0);
 }
 
-// Air x-run r starting at voxel s[r]: its row of runs (nr, 4) int32 z (+ z0), y, x0, x1 (the
-// layout the kd-tree over the outside air takes) and its air component's id (comp + base: numbered
-// across the volume).
-XCTRT_HD inline void air_run(i64 r, const i64* s, const i32* comp, i32 Y, i32 X, i32 z0, i64 base, i32* runs,
-                             i64* id) {
+// Air x-run r starting at voxel s[r]: its row of runs (nr, 5) int32 z (+ z0), y, x0, x1 (the
+// layout the kd-tree over the outside air takes), and 1 if its component is on the volume's sides
+// (edge, as air_side marks them: outside air for good), else 0; and its air component's id (comp +
+// base: numbered across the volume).
+XCTRT_HD inline void air_run(i64 r, const i64* s, const i32* comp, const u8* edge, i32 Y, i32 X, i32 z0, i64 base,
+                             i32* runs, i64* id) {
   const i64 v = s[r], row = v / X;
   const i32 x0 = static_cast<i32>(v - row * X);
   i32 x1 = x0;
   while (x1 + 1 < X && comp[v + (x1 - x0) + 1] > 0) ++x1;
-  i32* out = runs + 4 * r;
+  i32* out = runs + 5 * r;
   out[0] = static_cast<i32>(row / Y) + z0, out[1] = static_cast<i32>(row % Y), out[2] = x0, out[3] = x1;
+  out[4] = edge[comp[v]] != 0;
   id[r] = comp[v] + base;
 }
 
@@ -217,10 +220,11 @@ extern "C" __global__ void xctrt_air_run_starts(const int* comp, long long n, in
   if (v < n) start[v] = xctrt::air_run_start(v, comp, X);
 }
 
-extern "C" __global__ void xctrt_air_runs(const long long* s, long long nr, const int* comp, int Y, int X, int z0,
-                                          long long base, int* runs, long long* id) {
+extern "C" __global__ void xctrt_air_runs(const long long* s, long long nr, const int* comp,
+                                          const unsigned char* edge, int Y, int X, int z0, long long base, int* runs,
+                                          long long* id) {
   const long long r = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r < nr) xctrt::air_run(r, s, comp, Y, X, z0, base, runs, id);
+  if (r < nr) xctrt::air_run(r, s, comp, edge, Y, X, z0, base, runs, id);
 }
 
 extern "C" __global__ void xctrt_air_sides(const int* comp, long long n_sides, int Y, int X, unsigned char* edge) {

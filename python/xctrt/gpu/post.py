@@ -4,7 +4,7 @@ Every function takes its array module from its input (`array_module`): NumPy arr
 CPU, CuPy arrays on the GPU, with the same code. The only CuPy-specific lines are the shims
 `array_module`, `scatter_min`, `scatter_max`, `scatter_add`, `segment_sum`, `label_6` and `to_host`
 below, and the kernels compiled from C++ that _core is built from too (NVRTC_SOURCES: the labeller's
-per-voxel kernel, the surface-distance search), which run as their _core twins on NumPy.
+per-voxel and per-run kernels, the surface-distance search), which run as their _core twins on NumPy.
 
 Exactness. _core is built with -ffp-contract=off, so each float32 operation rounds on its own.
 Here every float32 step is a separate ufunc call writing a float32 array (on CuPy: one kernel
@@ -33,7 +33,7 @@ slab on CT parts), bytes moved on the device:
 So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~15 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
 synchronisations (one flatnonzero per slab, a few per union-find round) dominate, all the more
-beside the encoder, whose long GEMM kernels each launch waits behind (~130-200 array operations
+beside the encoder, whose long GEMM kernels each launch waits behind (~80-125 array operations
 per slab, benchmarks/labeller_launches.py; ~700 when every neighbour was one of its own), hence slabs
 of 32-128 planes (below 2**31 voxels each: CuPy's labelling and scatter kernels index with 32-bit
 ints). aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
@@ -296,17 +296,18 @@ def air_run_starts(comp):
     return out
 
 
-def air_runs(s, comp, z0: int, base: int):
-    """The air x-runs starting at flat voxels s of comp: ((nr, 4) int32 z (+ z0), y, x0, x1, (nr,) int64
-    their components' ids + base)."""
+def air_runs(s, comp, edge, z0: int, base: int):
+    """The air x-runs starting at flat voxels s of comp: ((nr, 5) int32 z (+ z0), y, x0, x1, 1 where their
+    component is on the volume's sides (edge, as air_sides gives it), (nr,) int64 their components' ids
+    + base)."""
     k = _labeller_kernels(s)
     if k is None:
-        return _host_twin(_core.air_runs, s, comp, z0, base)
+        return _host_twin(_core.air_runs, s, comp, edge, z0, base)
     nr = int(s.size)
-    runs, ids = _cupy.empty((nr, 4), np.int32), _cupy.empty(nr, np.int64)
+    runs, ids = _cupy.empty((nr, 5), np.int32), _cupy.empty(nr, np.int64)
     if nr:
-        k["xctrt_air_runs"](*_blocks(nr), (s, np.int64(nr), comp, np.int32(comp.shape[1]), np.int32(comp.shape[2]),
-                                           np.int32(z0), np.int64(base), runs, ids))
+        k["xctrt_air_runs"](*_blocks(nr), (s, np.int64(nr), comp, edge, np.int32(comp.shape[1]),
+                                           np.int32(comp.shape[2]), np.int32(z0), np.int64(base), runs, ids))
     return runs, ids
 
 
@@ -504,13 +505,6 @@ def stitch_tiles(tiles, height: int, width: int, overlap: int, blend: str = "con
 
 # ------------------------------------------------------------------ 3D components
 
-def _backward_offsets(connectivity: int):
-    """Neighbour offsets (dz, dy, dx) that come earlier in raster order, for the connectivity."""
-    rank = {6: 1, 18: 2, 26: 3}[connectivity]
-    return [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-            if (dz, dy, dx) < (0, 0, 0) and abs(dz) + abs(dy) + abs(dx) <= rank]
-
-
 def _connect(xp, n: int, a, b):
     """Union-find over n nodes joined by edges (a, b): returns each node's root, the smallest
     node of its component. Hook every edge's larger root to its smaller one (scatter-min keeps
@@ -585,7 +579,6 @@ class ComponentLabeller:
         if nvox * max(max(shape), 65535) >= 2 ** 53:
             raise ValueError("volume too large for exact float64 sums")
         self.shape, self.connectivity, self.voxel_size = shape, connectivity, vs
-        self._offsets = _backward_offsets(connectivity)
         self._z = 0
         self._xp = None
         self._nprov = 0
@@ -595,7 +588,7 @@ class ComponentLabeller:
         self._keep = None  # label_volume: (flat voxel index, provisional id) per slab
         self._surface = True  # find the distance to the part surface (defect runs, outside air)
         self._runs = []  # (z, y, x0, x1, provisional id, exposed sides) of every defect x-run, per slab
-        # Air, for the part's outside (_add_air): per slab its x-runs (z, y, x0, x1), their air
+        # Air, for the part's outside (_add_air): per slab its x-runs (z, y, x0, x1, on the sides), their air
         # component (global ids 1..), the components on the volume's edge, and the pairs joined
         # across the slab boundary (keys a * 2**31 + b; 0 joins nothing); the last plane's
         # components (slab numbering) and their base for the next slab.
@@ -604,7 +597,7 @@ class ComponentLabeller:
         self._air_last = None
         # The air known to be outside as its slab arrives (its component is on the volume's sides there):
         # its host runs per slab, and their kd-trees, built on a host thread while later slabs are labelled
-        # (the rest of the air stays in _air_runs until finish() knows which of it is outside too).
+        # (_air_runs flags those runs, and finish() finds which of the rest is outside too).
         self._early_runs, self._early_trees = [], []
         self._tree_pool = None
         self.surface_distance_s = 0.0  # time of the last finish()'s surface distances, in all
@@ -752,17 +745,18 @@ class ComponentLabeller:
         if self._air_last is not None:  # air meeting across the slab boundary
             self._air_pairs.append(xp.unique(air_pairs(*self._air_last, comp[0], base)))
         self._air_last = None if last else (comp[-1].copy(), base)
-        runs, ids = air_runs(xp.flatnonzero(air_run_starts(comp)), comp, z0, base)
-        on_sides = edge[ids - base] != 0   # outside for good, whatever later slabs join to it
-        early, rest = xp.flatnonzero(on_sides), xp.flatnonzero(~on_sides)
-        if early.size:
-            host = np.ascontiguousarray(to_host(runs[early]))
+        runs, ids = air_runs(xp.flatnonzero(air_run_starts(comp)), comp, edge, z0, base)
+        # runs on the volume's sides here are outside for good, whatever later slabs join to them:
+        # to the host at once (one copy, selected there), their tree built while later slabs come
+        host = to_host(runs)
+        early = np.ascontiguousarray(host[host[:, 4] != 0, :4])
+        if len(early):
             if self._tree_pool is None:
                 self._tree_pool = ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree")
-            self._early_runs.append(host)
-            self._early_trees.append(self._tree_pool.submit(_core.air_tree, host, self.voxel_size))
-        self._air_runs.append(runs[rest])
-        self._air_id.append(ids[rest])
+            self._early_runs.append(early)
+            self._early_trees.append(self._tree_pool.submit(_core.air_tree, early, self.voxel_size))
+        self._air_runs.append(runs)
+        self._air_id.append(ids)
         self._air_n += n
 
     def _outside_air(self):
@@ -776,8 +770,9 @@ class ComponentLabeller:
         root = _connect(xp, n, pairs >> 31, pairs & _I32_MAX)
         outside = xp.zeros(n, bool)
         outside[root[xp.concatenate(self._air_edge)]] = True
-        keep = outside[root[xp.concatenate(self._air_id)]]
-        return xp.concatenate(self._air_runs)[keep]
+        runs = xp.concatenate(self._air_runs)
+        keep = xp.flatnonzero(outside[root[xp.concatenate(self._air_id)]] & (runs[:, 4] == 0))   # not in _early_runs
+        return runs[keep, :4]
 
     def outside_air_runs(self) -> np.ndarray:
         """After finish(): (m, 4) int32 x-runs z, y, x0, x1 of the air outside the part (as the C++ labeller's,

@@ -579,6 +579,31 @@ def test_kernels_compile_for_hopper(tmp_path, source):
     assert all(k.encode() in out.read_bytes() for k in kernels)
 
 
+@pytest.mark.parametrize("source", sorted(post.NVRTC_SOURCES))
+def test_kernels_compile_with_nvrtc(source):
+    """Each kernel source through NVRTC itself, as CuPy's RawModule compiles it on the GPU machine, with
+    the same options, for sm_90 (NVRTC needs no GPU): it compiles without a warning and has every kernel."""
+    from pathlib import Path
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+    options, kernels = post.NVRTC_SOURCES[source]
+    err, prog = nvrtc.nvrtcCreateProgram(Path(post.__file__).with_name(source).read_bytes(), source.encode(), 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    args = [o.encode() for o in options] + [b"--gpu-architecture=compute_90"]
+    try:
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(args), args)
+    except RuntimeError as exc:   # the bindings are there but libnvrtc is not
+        pytest.skip(f"NVRTC not usable here: {exc}")
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode()
+    assert log.strip(b" \x00\n") == b"", log.decode()
+    _, size = nvrtc.nvrtcGetPTXSize(prog)
+    ptx = b" " * size
+    nvrtc.nvrtcGetPTX(prog, ptx)
+    assert all(f".entry {k}(".encode() in ptx for k in kernels)
+
+
 # ---------------------------------------------------------------- on a CuPy stand-in (tests/fake_cupy.py)
 # The same functions with device arrays that refuse what CuPy refuses (implicit host conversion,
 # host arrays in device expressions) and count host syncs: what would only fail on the GPU fails here.

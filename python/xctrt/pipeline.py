@@ -527,10 +527,11 @@ class Segmenter:
 
         table = made["table"]
         with timer("table"):
-            # the air outside the part, for the fill and for the preview's enclosed air
+            # the air outside the part, for the fill and for the preview's enclosed air (unless the preview
+            # was drawn during the table: then its thread joined the runs, and the fill alone wants them)
             has_labels = labels_all is not None or staged is not None
-            outside = counter.outside_air_runs() if staged is not None or self.fill_enclosed_air and has_labels \
-                else None
+            wanted = staged is not None and not early_preview or self.fill_enclosed_air and has_labels
+            outside = counter.outside_air_runs() if wanted else None
         class_voxels, filled = counter.class_voxels, None
         if self.fill_enclosed_air:
             filled = int(class_voxels[0]) - int(counter.outside_air_voxels)   # all the air the part encloses

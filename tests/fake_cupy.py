@@ -233,27 +233,6 @@ launches = {}   # kernel name -> launches so far; tests reset it
 refuse_kernels = False   # True: RawModule refuses to build, as NVRTC does on a toolchain that cannot
 
 
-def _search_air_runs(grid, block, args):
-    if len(args) == 9:   # the one-tree launch of post.py before 589589e (benchmarks/labeller_launches.py --source)
-        runs, n, comp, nodes, air, wz, wy, wx, best2 = args
-        args = (runs, n, comp, nodes, ndarray(np.array([0, len(nodes)], np.int64)), air,
-                ndarray(np.array([0, len(air)], np.int64)), np.int32(1), wz, wy, wx, best2)
-    runs, n, comp, nodes, node_start, air, air_start, trees, wz, wy, wx, best2 = args
-    want = (ndarray, np.int64, ndarray, ndarray, ndarray, ndarray, ndarray, np.int32, np.float64, np.float64,
-            np.float64, ndarray)
-    if not all(type(a) is t for a, t in zip(args, want)):   # CuPy passes Python scalars with other widths
-        raise TypeError(f"xctrt_search_air_runs arguments: {[type(a).__name__ for a in args]}")
-    if (runs.dtype, comp.dtype, best2.dtype, node_start.dtype, air_start.dtype) != (
-            np.int32, np.int32, np.uint64, np.int64, np.int64) or runs.shape != (6, n) \
-            or node_start.shape != (trees + 1,) or air_start.shape != (trees + 1,):
-        raise TypeError("xctrt_search_air_runs needs runs (6, n) int32, comp int32, best2 uint64, starts (T + 1,) int64")
-    if grid[0] * block[0] < n:
-        raise ValueError(f"a launch of {grid[0]} x {block[0]} threads for {n} runs")
-    from xctrt import _core
-    _core.search_air_runs(nodes._a, air._a, runs._a, comp._a, best2._a, (float(wz), float(wy), float(wx)),
-                          node_start._a, air_start._a)
-
-
 def _check_launch(name, grid, block, args, want, n):
     if not all(type(a) is t for a, t in zip(args, want)) or len(args) != len(want):   # CuPy passes Python
         raise TypeError(f"{name} arguments: {[type(a).__name__ for a in args]}")    # scalars with other widths
@@ -261,38 +240,26 @@ def _check_launch(name, grid, block, args, want, n):
         raise ValueError(f"a launch of {grid[0]} x {block[0]} threads for {n} items")
 
 
-def _defect_voxels(grid, block, args):
-    I64, I32 = np.int64, np.int32
-    _check_launch("xctrt_defect_voxels", grid, block, args,
-                  (ndarray, ndarray, I64, I64, I64, I64, I32, I32, I32, I32, I32, I32, ndarray, ndarray, ndarray, ndarray),
-                  int(args[2]))
-    ext, e, n, plane, ext_len, goff, Y, X, Z, z0, last, rank, nbr, stats, zyx, flags = args
-    if (ext.dtype, e.dtype, nbr.dtype, stats.dtype, zyx.dtype, flags.dtype) != (
-            np.uint8, np.int64, np.int64, np.float64, np.int32, np.uint8) or e.shape != (n,) \
-            or plane != Y * X or ext_len != ext.size or not ext.flags.c_contiguous or not e.flags.c_contiguous:
-        raise TypeError("xctrt_defect_voxels: wrong array types, shapes or sizes")
+def _search_air_runs(grid, block, args):
+    if len(args) == 9:   # the one-tree launch of post.py before 589589e (benchmarks/labeller_launches.py --source)
+        runs, n, comp, nodes, air, wz, wy, wx, best2 = args
+        args = (runs, n, comp, nodes, ndarray(np.array([0, len(nodes)], np.int64)), air,
+                ndarray(np.array([0, len(air)], np.int64)), np.int32(1), wz, wy, wx, best2)
+    _check_launch("xctrt_search_air_runs", grid, block, args,
+                  (ndarray, np.int64, ndarray, ndarray, ndarray, ndarray, ndarray, np.int32, np.float64, np.float64,
+                   np.float64, ndarray), int(args[1]))
+    runs, n, comp, nodes, node_start, air, air_start, trees, wz, wy, wx, best2 = args
+    if (runs.dtype, comp.dtype, best2.dtype, node_start.dtype, air_start.dtype) != (
+            np.int32, np.int32, np.uint64, np.int64, np.int64) or runs.shape != (6, n) \
+            or node_start.shape != (trees + 1,) or air_start.shape != (trees + 1,):
+        raise TypeError("xctrt_search_air_runs needs runs (6, n) int32, comp int32, best2 uint64, starts (T + 1,) int64")
     from xctrt import _core
-    out = _core.defect_voxels(ext._a, e._a, int(goff), int(Y), int(X), int(Z), int(z0), bool(last),
-                              {1: 6, 2: 18, 3: 26}[int(rank)])
-    for dst, src in zip((nbr, stats, zyx, flags), out):
-        if dst.shape != src.shape:
-            raise ValueError(f"xctrt_defect_voxels: output {dst.shape} for {src.shape}")
-        dst._a[...] = src
+    _core.search_air_runs(nodes._a, air._a, runs._a, comp._a, best2._a, (float(wz), float(wy), float(wx)),
+                          node_start._a, air_start._a)
 
 
-def _plane_crossings(grid, block, args):
-    _check_launch("xctrt_plane_crossings", grid, block, args,
-                  (ndarray, ndarray, np.int64, ndarray, np.int32, np.int32, ndarray), int(args[2]))
-    p_lab, p_idx, m, lab, Y, X, out = args
-    if (p_lab.dtype, p_idx.dtype, lab.dtype, out.dtype) != (np.uint8, np.int64, np.uint8, np.float64) \
-            or p_idx.shape != (m,) or out.shape != (m, 18) or p_lab.size != Y * X:
-        raise TypeError("xctrt_plane_crossings: wrong array types or shapes")
-    from xctrt import _core
-    out._a[...] = _core.plane_crossings(p_lab._a, p_idx._a, lab._a[:int(Y) * int(X)], int(Y), int(X))
-
-
-def _runs_twin(name, types, twin, outputs, dtypes, n_at=None):
-    """A launch of one of the labeller's run kernels: checks the arguments as the kernel reads them (types,
+def _kernel_twin(name, types, twin, outputs, dtypes, n_at=None):
+    """A launch of one of the labeller's kernels: checks the arguments as the kernel reads them (types,
     thread count args[n_at], by default the first int64, array dtypes), then writes its _core twin's
     outputs into `outputs` (positions); the twin returns None where the sizes passed do not fit the arrays."""
     n_at = types.index(np.int64) if n_at is None else n_at
@@ -321,26 +288,38 @@ def _core_fn(name):
 
 
 I64, I32, U8 = np.int64, np.int32, "uint8"
-_TWINS = {"xctrt_search_air_runs": _search_air_runs, "xctrt_defect_voxels": _defect_voxels,
-          "xctrt_plane_crossings": _plane_crossings,
-          "xctrt_defect_runs": _runs_twin(
+_TWINS = {"xctrt_search_air_runs": _search_air_runs,
+          "xctrt_defect_voxels": _kernel_twin(
+              "xctrt_defect_voxels",
+              (ndarray, ndarray, I64, I64, I64, I64, I32, I32, I32, I32, I32, I32, ndarray, ndarray, ndarray, ndarray),
+              lambda ext, e, n, plane, ext_len, goff, Y, X, Z, z0, last, rank, *out: _core_fn("defect_voxels")(
+                  ext._a, e._a, int(goff), int(Y), int(X), int(Z), int(z0), bool(last), {1: 6, 2: 18, 3: 26}[int(rank)])
+              if e.shape == (n,) and plane == Y * X and ext_len == ext.size else None,
+              (12, 13, 14, 15), (U8, "int64", "int64", "float64", "int32", U8)),
+          "xctrt_plane_crossings": _kernel_twin(
+              "xctrt_plane_crossings", (ndarray, ndarray, I64, ndarray, I32, I32, ndarray),
+              lambda p_lab, p_idx, m, lab, Y, X, out: _core_fn("plane_crossings")(
+                  p_lab._a, p_idx._a, lab._a[:int(Y) * int(X)], int(Y), int(X))
+              if p_idx.shape == (m,) and p_lab.size == Y * X else None,
+              (6,), (U8, "int64", U8, "float64")),
+          "xctrt_defect_runs": _kernel_twin(
               "xctrt_defect_runs", (ndarray, I64, ndarray, ndarray, ndarray, ndarray),
               lambda s, nr, zyx, pid, flags, runs: _core_fn("defect_runs")(s._a, zyx._a, pid._a, flags._a),
               (5,), ("int64", "int32", "int32", U8, "int32")),
-          "xctrt_air_run_starts": _runs_twin(
+          "xctrt_air_run_starts": _kernel_twin(
               "xctrt_air_run_starts", (ndarray, I64, I32, ndarray),
               lambda comp, n, X, out: _core_fn("air_run_starts")(comp._a) if comp.shape[2] == X else None,
               (3,), ("int32", U8)),
-          "xctrt_air_runs": _runs_twin(
+          "xctrt_air_runs": _kernel_twin(
               "xctrt_air_runs", (ndarray, I64, ndarray, ndarray, I32, I32, I32, I64, ndarray, ndarray),
               lambda s, nr, comp, edge, Y, X, z0, base, runs, ids: _core_fn("air_runs")(
                   s._a, comp._a, edge._a, int(z0), int(base)) if comp.shape[1:] == (Y, X) else None,
               (8, 9), ("int64", "int32", U8, "int32", "int64")),
-          "xctrt_air_sides": _runs_twin(
+          "xctrt_air_sides": _kernel_twin(
               "xctrt_air_sides", (ndarray, I64, I32, I32, ndarray),
               lambda comp, ns, Y, X, edge: _core_fn("air_sides")(comp._a, edge.size - 1)
               if comp.shape[1:] == (Y, X) and ns == comp.shape[0] * (2 * X + 2 * Y) else None, (4,), ("int32", U8)),
-          "xctrt_air_pairs": _runs_twin(
+          "xctrt_air_pairs": _kernel_twin(
               "xctrt_air_pairs", (ndarray, I64, ndarray, I64, I64, ndarray),
               lambda last, lb, first, fb, plane, key: _core_fn("air_pairs")(last._a, int(lb), first._a, int(fb))
               if last.size == first.size == plane else None, (5,), ("int32", "int32", "int64"), n_at=4)}

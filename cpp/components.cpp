@@ -1108,9 +1108,11 @@ py::tuple air_tree(RunArray air, std::array<double, 3> voxel_size) {
   return py::make_tuple(n_out, r_out);
 }
 
+// Array types of the GPU kernels' host twins (their int64 data as the kernels' i64).
 using I64Vec = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 using I32Arr = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 using U8Arr = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+static const i64* as_i64(const I64Vec& a) { return reinterpret_cast<const i64*>(a.data()); }
 
 // The GPU kernel's search (air_search.h: search_run, one per defect run) on the host, for
 // NumPy arrays: lowers best2 (n_comp,) uint64, the bits of each component's smallest squared
@@ -1196,8 +1198,7 @@ void search_air_runs(py::array_t<uint8_t, py::array::c_style> nodes, RunArray ai
 // ext: the previous slab's last plane (goff = plane values, or none: goff = 0) and the slab's
 // planes; e: the defect voxels' indices in ext. Returns nbr (k, n) int64, stats (n, 18) float64,
 // zyx (n, 3) int32, flags (n,) uint8.
-py::tuple defect_voxels_host(py::array_t<uint8_t, py::array::c_style | py::array::forcecast> ext,
-                        py::array_t<int64_t, py::array::c_style | py::array::forcecast> e, int64_t goff,
+py::tuple defect_voxels_host(U8Arr ext, I64Vec e, int64_t goff,
                         int Y, int X, int Z, int z0, bool last, int connectivity) {
   if (connectivity != 6 && connectivity != 18 && connectivity != 26)
     throw std::invalid_argument("connectivity must be 6, 18 or 26");
@@ -1229,17 +1230,14 @@ py::tuple defect_voxels_host(py::array_t<uint8_t, py::array::c_style | py::array
 #pragma omp parallel for if (n > 65536)
 #endif
     for (int64_t i = 0; i < n; ++i)
-      defect_voxel(i, n, lab, reinterpret_cast<const i64*>(ei), s, reinterpret_cast<i64*>(nb), st, c, f);
+      defect_voxel(i, n, lab, as_i64(e), s, reinterpret_cast<i64*>(nb), st, c, f);
   }
   return py::make_tuple(nbr, stats, zyx, flags);
 }
 
 // ... and the deferred crossings of the previous slab's last plane (p_lab, Y x X) once the next
 // plane (lab's first) has come, for its defect voxels p_idx: (m, 18) float64 rows.
-py::array_t<double> plane_crossings_host(py::array_t<uint8_t, py::array::c_style | py::array::forcecast> p_lab,
-                                    py::array_t<int64_t, py::array::c_style | py::array::forcecast> p_idx,
-                                    py::array_t<uint8_t, py::array::c_style | py::array::forcecast> lab, int Y,
-                                    int X) {
+py::array_t<double> plane_crossings_host(U8Arr p_lab, I64Vec p_idx, U8Arr lab, int Y, int X) {
   if (Y <= 0 || X <= 0) throw std::invalid_argument("bad plane shape");
   const int64_t plane = int64_t{Y} * X;
   if (p_lab.ndim() != 1 || p_lab.shape(0) != plane || lab.ndim() != 1 || lab.shape(0) < plane || p_idx.ndim() != 1)
@@ -1253,7 +1251,7 @@ py::array_t<double> plane_crossings_host(py::array_t<uint8_t, py::array::c_style
   const uint8_t *pl = p_lab.data(), *l = lab.data();
   {
     py::gil_scoped_release release;
-    for (int64_t j = 0; j < m; ++j) plane_crossings(j, pl, reinterpret_cast<const i64*>(pi), l, Y, X, o);
+    for (int64_t j = 0; j < m; ++j) plane_crossings(j, pl, as_i64(p_idx), l, Y, X, o);
   }
   return out;
 }
@@ -1265,8 +1263,6 @@ static void check_indices(const I64Vec& a, int64_t n, const char* what) {
   for (int64_t i = 0; i < a.shape(0); ++i)
     if (a.data()[i] < 0 || a.data()[i] >= n) throw std::invalid_argument(std::string(what) + " out of range");
 }
-
-static const i64* as_i64(const I64Vec& a) { return reinterpret_cast<const i64*>(a.data()); }
 
 // Defect x-runs from their first voxels s in a slab's defect list: (6, nr) int32.
 I32Arr defect_runs_host(I64Vec s, I32Arr zyx, I32Arr pid, U8Arr flags) {

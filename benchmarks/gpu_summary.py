@@ -193,6 +193,7 @@ def main(out: Path) -> str:
                                                                        o["table_parts_s"].items()))
                                         if o.get("table_parts_s") else "")
                                      + _search_sizes(o.get("table_surface_runs"))
+                                     + (f"; its outside air: {o['outside_air_detail']}" if o.get("outside_air_detail") else "")
                                      + (f"; the device labeller took {o['gpu_labeller_calls']['slabs']} slabs in "
                                         f"{o['gpu_labeller_calls']['calls']} calls" if o.get("gpu_labeller_calls") else "")
                                      + _phases_text(o))

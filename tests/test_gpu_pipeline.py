@@ -191,11 +191,25 @@ def test_device_components_draw_the_preview_while_the_table_is_made(nets, packag
     def broken(*args, **kwargs):
         raise XctrtError("preview.png: cannot write (No space left on device)")
 
+    # defects.csv: formatted and written on a thread of its own as soon as the table is made, the same bytes
+    assert b.summary["timing"]["stage_busy_s"]["csv"] > 0 and "csv" in a.summary["timing"]["stage_busy_s"]
+    assert (tmp_path / "gpu" / "defects.csv").read_bytes() == (tmp_path / "cpu" / "defects.csv").read_bytes()
+
     monkeypatch.setattr(pipeline_module, "write_preview", broken)
     with pytest.raises(XctrtError, match="No space left"):
         host.segment(volume, out_dir=tmp_path / "failed")
     failed = tmp_path / "failed"
     assert not failed.exists() or not any(failed.iterdir())   # no output, not even a partial file
+
+    def broken_csv(*args, **kwargs):
+        raise XctrtError("defects.csv: cannot write (No space left on device)")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline_module, "table_to_csv", broken_csv)
+    for seg, name in ((host, "failed_csv_gpu"), (cpu, "failed_csv_cpu")):
+        with pytest.raises(XctrtError, match="defects.csv: cannot write"):
+            seg.segment(volume, out_dir=tmp_path / name)
+        assert not (tmp_path / name).exists() or not any((tmp_path / name).iterdir())
 
 
 def host_outside_air(result) -> np.ndarray:
@@ -342,6 +356,13 @@ def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, ba
     assert a.summary["timing"]["table_parts_s"] is None and a.summary["timing"]["table_surface_runs"] is None
     runs = b.summary["timing"]["table_surface_runs"]
     assert set(runs) == {"outside_air", "defect"} and runs["outside_air"] > 0 and runs["defect"] >= len(b.defects["id"])
+    # the outside air's parts: union-find, selection (each ends in a host sync) and the copy, within its time
+    d = b.summary["timing"]["outside_air_detail"]
+    assert a.summary["timing"]["outside_air_detail"] is None
+    assert {"connect_s", "select_s", "to_host_s", "air_components", "air_pairs", "connect_rounds", "air_runs",
+            "late_runs"} == set(d)
+    assert d["connect_s"] + d["select_s"] + d["to_host_s"] <= tp["surface_outside_air"] + 3e-4
+    assert 0 <= d["late_runs"] <= runs["outside_air"] <= d["air_runs"] and d["air_components"] > 0
 
 
 def test_compiled_anchor_compiles_a_copy_of_the_encoders(nets):

@@ -6,6 +6,7 @@ import pytest
 from conftest import outside_air_reference, surface_distance_reference
 from xctrt import _core
 from xctrt.gpu import post
+from xctrt.defects import mid_plane_runs
 
 DTYPES = (np.uint8, np.uint16, np.float32)
 
@@ -479,6 +480,27 @@ def test_outside_air_known_only_later_gets_its_own_tree():
     assert got.surface_runs["outside_air"] == len(air) > early   # the pocket came later
     assert {tuple(r) for r in air} == {tuple(r) for r in ref.outside_air_runs()}
     assert got.outside_air_voxels == ref.outside_air_voxels
+    # the preview's runs, picked slab by slab on the tree thread and from the late air: the C++ labeller's
+    mid = got.outside_air_mid_runs()
+    assert len(mid) == len({tuple(r) for r in mid})
+    assert {tuple(r) for r in mid} == {tuple(r) for r in mid_plane_runs(ref.outside_air_runs(), shape)}
+    assert any(r[0] in (2, 3) and r[2] <= 12 <= r[3] for r in mid)   # the pocket's late air, across x = 12
+    detail = got.outside_air_detail
+    assert detail["late_runs"] == len(air) - early and detail["air_components"] > 0
+    assert detail["connect_rounds"] and all(a > b for a, b in zip(detail["connect_rounds"], detail["connect_rounds"][1:]))
+
+
+def test_mid_plane_runs_picks_the_runs_on_the_mid_planes():
+    rng = np.random.default_rng(8)
+    shape = (9, 10, 11)
+    x0 = rng.integers(0, 11, 400)
+    runs = np.stack([rng.integers(0, 9, 400), rng.integers(0, 10, 400), x0,
+                     np.minimum(x0 + rng.integers(0, 4, 400), 10)], 1).astype(np.int32)
+    want = [r for r in runs if r[0] == 4 or r[1] == 5 or r[2] <= 5 <= r[3]]
+    got = mid_plane_runs(runs, shape)
+    assert got.dtype == np.int32 and 0 < len(got) < len(runs)
+    np.testing.assert_array_equal(got, np.array(want))
+    assert mid_plane_runs(np.zeros((0, 4), np.int32), shape).shape == (0, 4)
 
 
 def test_large_air_tree_splits_its_top_on_all_cores():

@@ -22,6 +22,7 @@ class DefectCounter:
         if connectivity not in (6, 18, 26):
             raise ValueError("connectivity must be 6, 18 or 26")
         self.surface_search = surface_search
+        self.shape = tuple(int(s) for s in shape)
         self.voxel_size = tuple(float(v) for v in voxel_size)
         self.labeller = _core.ComponentLabeller(shape=tuple(shape), classes=list(classes),
                                                 connectivity=connectivity, voxel_size=self.voxel_size)
@@ -55,6 +56,10 @@ class DefectCounter:
         """Their x-runs, (m, 4) int32 z, y, x0, x1, after finish()."""
         return self.labeller.outside_air_runs()
 
+    def outside_air_mid_runs(self) -> np.ndarray:
+        """Those of them on the volume's mid-planes (mid_plane_runs), for the preview."""
+        return mid_plane_runs(self.labeller.outside_air_runs(), self.shape)
+
 
 def runs_mask(rows, c0, c1, shape) -> np.ndarray:
     """bool (rows, columns) set on every [row, c0..c1] of these x-runs (a difference array)."""
@@ -62,6 +67,15 @@ def runs_mask(rows, c0, c1, shape) -> np.ndarray:
     np.add.at(d, (rows, c0), 1)
     np.add.at(d, (rows, c1 + 1), -1)
     return np.cumsum(d[:, :-1], axis=1) > 0
+
+
+def mid_plane_runs(runs: np.ndarray, shape) -> np.ndarray:
+    """The x-runs of (m, 4) z, y, x0, x1 `runs` that touch the volume's mid-planes (z = Z // 2, y = Y // 2,
+    or x0 <= X // 2 <= x1): all the preview's enclosed-air marking reads of them."""
+    Z, Y, X = shape
+    runs = np.asarray(runs).reshape(-1, 4)
+    z, y, x0, x1 = runs.T   # column views: no copies of millions of runs
+    return runs[(z == Z // 2) | (y == Y // 2) | ((x0 <= X // 2) & (x1 >= X // 2))]
 
 
 def outside_air_masks(runs: np.ndarray, shape):

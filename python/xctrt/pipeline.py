@@ -461,17 +461,30 @@ class Segmenter:
                               + ("" if self.package.trained else " (UNTRAINED)"))
 
         # Where the stage makes the table (the device labeller), the preview is drawn on a thread of its
-        # own while the table is made: it needs only the outside air, which the table finds first.
+        # own while the table is made: it needs only the outside air on the mid-planes, which the table
+        # finds first. defects.csv is formatted (C++, without the GIL) and written on another as soon as
+        # the table is made, while the preview may still be drawn. Both threads are waited for before
+        # the run returns or fails, so a failed run leaves no file written after its outputs were discarded.
         preview_pool = ThreadPoolExecutor(1, thread_name_prefix="xctrt-preview")
-        early_preview = []
+        csv_pool = ThreadPoolExecutor(1, thread_name_prefix="xctrt-csv")
+        early_preview, csv_written = [], []
 
         def start_preview():
             def job():
                 threads[1].join()   # the components thread, done with the mid-planes
                 if not failed.is_set():
                     with timer("preview"):
-                        draw_preview(counter.outside_air_runs())   # joined here, off the table's path
+                        draw_preview(counter.outside_air_mid_runs())
             early_preview.append(preview_pool.submit(job))
+
+        def start_csv(table):
+            def job():
+                if not failed.is_set():
+                    with timer("csv"):
+                        text = table_to_csv(table, unit)
+                        with staged.write("defects.csv") as tmp:
+                            tmp.write_bytes(text)
+            csv_written.append(csv_pool.submit(job))
 
         threads = [threading.Thread(target=reader, name="xctrt-read", daemon=True),
                    threading.Thread(target=components, name="xctrt-host-components", daemon=True),
@@ -502,6 +515,8 @@ class Segmenter:
                         with timer("table"), main("table"):
                             made["table"] = counter.finish(self.min_voxels, on_outside_air=start_preview
                                                            if staged is not None else None)
+                        if staged is not None:
+                            start_csv(made["table"])
                     break
                 z0, slab = item
                 with main("stage"):
@@ -520,86 +535,88 @@ class Segmenter:
                 stage.close()
             for t in threads:
                 t.join()
-            preview_pool.shutdown(wait=True)   # a preview job returns at once after a failure
             bar.close()
-        if errors:
-            raise errors[0]
+        try:
+            if errors:
+                raise errors[0]
 
-        table = made["table"]
-        with timer("table"):
-            # the air outside the part, for the fill and for the preview's enclosed air (unless the preview
-            # was drawn during the table: then its thread joined the runs, and the fill alone wants them)
-            has_labels = labels_all is not None or staged is not None
-            wanted = staged is not None and not early_preview or self.fill_enclosed_air and has_labels
-            outside = counter.outside_air_runs() if wanted else None
-        class_voxels, filled = counter.class_voxels, None
-        if self.fill_enclosed_air:
-            filled = int(class_voxels[0]) - int(counter.outside_air_voxels)   # all the air the part encloses
-            if has_labels:   # with none kept or written, only the counts change
-                with timer("fill"):
-                    self._fill_enclosed_air(outside, (Z, Y, X), labels_all, staged, vs if unit == "mm" else None)
-            class_voxels = class_voxels.copy()
-            class_voxels[0] -= filled
-            class_voxels[1] += filled
-        for k, v in stage.stage_seconds().items():
-            timer.seconds[k] += v
-        if staged is not None:   # the table and the preview count in the run's time; summary.json cannot
-            # defects.csv is formatted on a thread of its own (C++, without the GIL) while the
-            # preview is drawn: for the ~500k rows of a random network both take a few tenths of a second
-            with timer("report"), ThreadPoolExecutor(1, thread_name_prefix="xctrt-csv") as pool:
-                csv_text = pool.submit(table_to_csv, table, unit)
-                if early_preview:
-                    early_preview[0].result()   # drawn while the table was made (its error, if any, here)
-                else:
-                    draw_preview(outside)
-                with staged.write("defects.csv") as tmp:
-                    tmp.write_bytes(csv_text.result())
-        elapsed = time.perf_counter() - t_start
-        summary = {
-            "input": {"path": _where(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),
-                      "voxel_size_mm": list(vs) if unit == "mm" else None, "voxel_size_from": vs_from},
-            "model": {"name": self.package.name, "path": _where(self.package.path), "trained": self.package.trained,
-                      "manifest_sha256": self.package.manifest_sha256,
-                      "files_sha256": self.package.manifest.get("files", {})},
-            "run": {"backend": self.engine.name, "device": self.engine.device, "pipeline": self.device,
-                    "routed_adapters": getattr(self.engine, "routed_adapters", None),
-                    "matmul_resizes": getattr(self.engine, "matmul_resizes", None),
-                    "batch_size": self.batch_size, "components": self.components,
-                    "threads": self.threads, "slab": self.slab, "connectivity": self.connectivity,
-                    "min_voxels": self.min_voxels, "fill_enclosed_air": self.fill_enclosed_air,
-                    "intensity_window": list(window),
-                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "host": platform.node(), "versions": _versions()},
-            "timing": {"total_s": elapsed, "slices_per_s": Z / elapsed if elapsed > 0 else None,
-                       "gpu_memory_used_max_gib": stage.memory_used_max / 2 ** 30 if stage.memory_used_max else None,
-                       "gpu_cupy_pool_gib": stage.cupy_pool_bytes / 2 ** 30 if stage.cupy_pool_bytes else None,
-                       "cuda_graphs_not_used_because": stage.graph_error,
-                       "fused_kernels_not_used_because": stage.fused_error,
-                       "gpu_labeller_kernels_not_used_because": stage.labeller_kernels_error,
-                       "main_thread_s": {**{k: round(v, 4) for k, v in main.seconds.items()},
-                                         **({"stage_components": round(stage.main_components_s, 4)}
-                                            if stage.main_components_s is not None else {})},
-                       "gpu_compute_idle_s": stage.compute_idle_s(),
-                       # the device labeller's calls and the slabs they took (more slabs than calls: it fell behind)
-                       "gpu_labeller_calls": {"calls": len(stage.label_calls), "slabs": sum(stage.label_calls)}
-                       if stage.label_calls else None,
-                       **stage.table_surface(),
-                       "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
-            "result": {**summarise(table, class_voxels, vs, unit, {**self.class_names}, counter.outside_air_voxels),
-                       "enclosed_air_filled_voxels": filled},
-        }
-        outputs = {}
-        if staged is not None:
-            summary["outputs"] = list(OUTPUTS)
-        # last, as it is long (one line per span in the file): every span of the stages (the host threads',
-        # the device streams'), then the main thread's ("main ..."), in seconds since the run began
-        summary["timeline"] = _timeline(t_start, timer.spans + stage.timeline(), main.spans)
-        if staged is not None:
-            with staged.write("summary.json") as tmp:
-                write_json(tmp, summary, rows_key="timeline")
-            outputs = staged.commit()
-        return SegmentResult(labels_all, table, summary, outputs)
+            table = made["table"]
+            with timer("table"):
+                # the air outside the part, for the fill (the preview wants only its runs on the mid-planes)
+                has_labels = labels_all is not None or staged is not None
+                outside = counter.outside_air_runs() if self.fill_enclosed_air and has_labels else None
+            class_voxels, filled = counter.class_voxels, None
+            if self.fill_enclosed_air:
+                filled = int(class_voxels[0]) - int(counter.outside_air_voxels)   # all the air the part encloses
+                if has_labels:   # with none kept or written, only the counts change
+                    with timer("fill"):
+                        self._fill_enclosed_air(outside, (Z, Y, X), labels_all, staged, vs if unit == "mm" else None)
+                class_voxels = class_voxels.copy()
+                class_voxels[0] -= filled
+                class_voxels[1] += filled
+            for k, v in stage.stage_seconds().items():
+                timer.seconds[k] += v
+            if staged is not None:   # the table, the preview and defects.csv count in the run's time
+                with timer("report"):
+                    if not csv_written:
+                        start_csv(table)
+                    if early_preview:
+                        early_preview[0].result()   # drawn while the table was made (its error, if any, here)
+                    else:
+                        draw_preview(outside if outside is not None else counter.outside_air_mid_runs())
+                    csv_written[0].result()   # its error, if any, here
+            elapsed = time.perf_counter() - t_start
+            summary = {
+                "input": {"path": _where(source.path), "shape": [Z, Y, X], "dtype": str(source.file_dtype),
+                          "voxel_size_mm": list(vs) if unit == "mm" else None, "voxel_size_from": vs_from},
+                "model": {"name": self.package.name, "path": _where(self.package.path), "trained": self.package.trained,
+                          "manifest_sha256": self.package.manifest_sha256,
+                          "files_sha256": self.package.manifest.get("files", {})},
+                "run": {"backend": self.engine.name, "device": self.engine.device, "pipeline": self.device,
+                        "routed_adapters": getattr(self.engine, "routed_adapters", None),
+                        "matmul_resizes": getattr(self.engine, "matmul_resizes", None),
+                        "batch_size": self.batch_size, "components": self.components,
+                        "threads": self.threads, "slab": self.slab, "connectivity": self.connectivity,
+                        "min_voxels": self.min_voxels, "fill_enclosed_air": self.fill_enclosed_air,
+                        "intensity_window": list(window),
+                        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        "host": platform.node(), "versions": _versions()},
+                "timing": {"total_s": elapsed, "slices_per_s": Z / elapsed if elapsed > 0 else None,
+                           "gpu_memory_used_max_gib": stage.memory_used_max / 2 ** 30 if stage.memory_used_max else None,
+                           "gpu_cupy_pool_gib": stage.cupy_pool_bytes / 2 ** 30 if stage.cupy_pool_bytes else None,
+                           "cuda_graphs_not_used_because": stage.graph_error,
+                           "fused_kernels_not_used_because": stage.fused_error,
+                           "gpu_labeller_kernels_not_used_because": stage.labeller_kernels_error,
+                           "main_thread_s": {**{k: round(v, 4) for k, v in main.seconds.items()},
+                                             **({"stage_components": round(stage.main_components_s, 4)}
+                                                if stage.main_components_s is not None else {})},
+                           "gpu_compute_idle_s": stage.compute_idle_s(),
+                           # the device labeller's calls and the slabs they took (more slabs than calls: it fell behind)
+                           "gpu_labeller_calls": {"calls": len(stage.label_calls), "slabs": sum(stage.label_calls)}
+                           if stage.label_calls else None,
+                           **stage.table_surface(),
+                           "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
+                "result": {**summarise(table, class_voxels, vs, unit, {**self.class_names}, counter.outside_air_voxels),
+                           "enclosed_air_filled_voxels": filled},
+            }
+            outputs = {}
+            if staged is not None:
+                summary["outputs"] = list(OUTPUTS)
+            # last, as it is long (one line per span in the file): every span of the stages (the host threads',
+            # the device streams'), then the main thread's ("main ..."), in seconds since the run began
+            summary["timeline"] = _timeline(t_start, timer.spans + stage.timeline(), main.spans)
+            if staged is not None:
+                with staged.write("summary.json") as tmp:
+                    write_json(tmp, summary, rows_key="timeline")
+                outputs = staged.commit()
+            return SegmentResult(labels_all, table, summary, outputs)
 
+        except BaseException:
+            failed.set()   # a preview or CSV job not yet begun returns at once
+            raise
+        finally:
+            preview_pool.shutdown(wait=True)
+            csv_pool.shutdown(wait=True)
 
 class _CpuStage:
     """Labels slab by slab on the host (C++ kernels); components run later, on the components thread."""

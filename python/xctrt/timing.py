@@ -7,8 +7,9 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 # summary.json's timing keys for the defect table's distance-to-surface search (None where it was not
-# timed apart from the table: the C++ labeller's)
-TABLE_SURFACE_KEYS = ("table_parts_s", "table_surface_runs", "gpu_surface_search_not_used_because")
+# timed apart from the table: the C++ labeller's), and the device labeller's outside-air parts
+TABLE_SURFACE_KEYS = ("table_parts_s", "table_surface_runs", "gpu_surface_search_not_used_because",
+                      "outside_air_detail")
 
 
 class StageTimer:

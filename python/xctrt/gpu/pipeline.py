@@ -148,6 +148,9 @@ class GpuCounter:
     def outside_air_runs(self) -> np.ndarray:
         return self.stage.labeller.outside_air_runs()
 
+    def outside_air_mid_runs(self) -> np.ndarray:
+        return self.stage.labeller.outside_air_mid_runs()
+
 
 class GpuStage:
     """Labels for slabs on a CUDA device (or, without one, the CPU), components included.
@@ -667,13 +670,15 @@ class GpuStage:
             if not t:
                 return dict.fromkeys(TABLE_SURFACE_KEYS)
             return {"table_parts_s": {k: round(t[k], 4) for k in ("surface_distance", "surface_tree")},
-                    "table_surface_runs": dict(t["runs"]), "gpu_surface_search_not_used_because": why}
+                    "table_surface_runs": dict(t["runs"]), "gpu_surface_search_not_used_because": why,
+                    "outside_air_detail": None}
         return {"table_parts_s": {"surface_distance": round(lb.surface_distance_s, 4),
                                   "surface_tree": round(lb.surface_tree_s, 4),
                                   "surface_outside_air": round(lb.outside_air_s, 4),
                                   "resolve_components": round(lb.resolve_s, 4),
                                   "table_columns": round(lb.columns_s, 4)},
-                "table_surface_runs": dict(lb.surface_runs), "gpu_surface_search_not_used_because": why}
+                "table_surface_runs": dict(lb.surface_runs), "gpu_surface_search_not_used_because": why,
+                "outside_air_detail": dict(lb.outside_air_detail)}
 
     @property
     def labeller_kernels_error(self) -> str | None:

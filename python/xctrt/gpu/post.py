@@ -58,6 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .. import _core
+from ..defects import mid_plane_runs
 
 try:  # CuPy is optional: without it everything runs on NumPy.
     import cupy as _cupy
@@ -505,16 +506,19 @@ def stitch_tiles(tiles, height: int, width: int, overlap: int, blend: str = "con
 
 # ------------------------------------------------------------------ 3D components
 
-def _connect(xp, n: int, a, b):
+def _connect(xp, n: int, a, b, rounds: list | None = None):
     """Union-find over n nodes joined by edges (a, b): returns each node's root, the smallest
     node of its component. Hook every edge's larger root to its smaller one (scatter-min keeps
     parent[i] <= i, so no cycles), then jump pointers until every parent is a root; repeat
     with the edges whose ends still have different roots. The trees at least halve per round.
+    rounds: if given, the edges left at the start of each round are appended to it.
     """
     parent = xp.arange(n, dtype=np.int32)
     a = a.astype(np.int32, copy=False)
     b = b.astype(np.int32, copy=False)
     while a.size:
+        if rounds is not None:
+            rounds.append(int(a.size))
         # Both ends are roots here (parent == arange, or after the jumps below), so hooking
         # never cuts a node from its old parent.
         scatter_min(parent, xp.maximum(a, b), xp.minimum(a, b))
@@ -599,11 +603,14 @@ class ComponentLabeller:
         # its host runs per slab, and their kd-trees, built on a host thread while later slabs are labelled
         # (_air_runs flags those runs, and finish() finds which of the rest is outside too).
         self._early_runs, self._early_trees = [], []
+        self._early_mid = []   # ... and those of them on the mid-planes (for the preview), picked there too
+        self._late_runs = None  # the rest of the outside air, found by finish()
         self._tree_pool = None
         self.surface_distance_s = 0.0  # time of the last finish()'s surface distances, in all
         self.surface_tree_s = 0.0  # the part before the search: outside air to the host, the wait for its kd-tree
         #                            (built on a host thread while the components are merged) and its upload
         self.outside_air_s = 0.0   # of that: the outside air resolved here (union-find of the air) and on the host
+        self.outside_air_detail = {}   # ... its parts: seconds of the union-find, the selection, the copy; sizes
         self.resolve_s = 0.0   # the last finish()'s merge of the slabs' components, their columns to the host
         self.columns_s = 0.0   # ... and its table's columns made from them (_core.component_table)
         self.surface_runs = {"outside_air": 0, "defect": 0}   # what the last finish()'s search worked on
@@ -755,24 +762,33 @@ class ComponentLabeller:
                 self._tree_pool = ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree")
             self._early_runs.append(early)
             self._early_trees.append(self._tree_pool.submit(_core.air_tree, early, self.voxel_size))
+            self._early_mid.append(self._tree_pool.submit(mid_plane_runs, early, self.shape))
         self._air_runs.append(runs)
         self._air_id.append(ids)
         self._air_n += n
 
     def _outside_air(self):
         """(m, 4) z, y, x0, x1 of the air runs outside the part that were not on the volume's sides
-        in their own slab (those are in _early_runs): the runs whose component joins one that was."""
+        in their own slab (those are in _early_runs): the runs whose component joins one that was.
+        Its parts' seconds (each ends in a host sync) and sizes go to outside_air_detail."""
         xp = self._xp
         if not self._air_n:
             return xp.zeros((0, 4), np.int32)
+        t0 = time.perf_counter()
         n = self._air_n + 1  # ids 1..air_n; 0 unused
         pairs = xp.concatenate(self._air_pairs) if self._air_pairs else xp.zeros(0, np.int64)
-        root = _connect(xp, n, pairs >> 31, pairs & _I32_MAX)
+        rounds = []
+        root = _connect(xp, n, pairs >> 31, pairs & _I32_MAX, rounds)   # ends in a host sync
+        t1 = time.perf_counter()
         outside = xp.zeros(n, bool)
         outside[root[xp.concatenate(self._air_edge)]] = True
         runs = xp.concatenate(self._air_runs)
         keep = xp.flatnonzero(outside[root[xp.concatenate(self._air_id)]] & (runs[:, 4] == 0))   # not in _early_runs
-        return runs[keep, :4]
+        late = runs[keep, :4]   # its gather is in the copy's time: flatnonzero synced before it
+        self.outside_air_detail = {"connect_s": round(t1 - t0, 4), "select_s": round(time.perf_counter() - t1, 4),
+                                   "air_components": n - 1, "air_pairs": int(pairs.size),
+                                   "connect_rounds": rounds, "air_runs": int(runs.shape[0])}
+        return late
 
     def outside_air_runs(self) -> np.ndarray:
         """After finish(): (m, 4) int32 x-runs z, y, x0, x1 of the air outside the part (as the C++ labeller's,
@@ -785,11 +801,22 @@ class ComponentLabeller:
                     else np.zeros((0, 4), np.int32)
             return self._outside_runs
 
+    def outside_air_mid_runs(self) -> np.ndarray:
+        """After finish(): those of outside_air_runs() on the volume's mid-planes (defects.mid_plane_runs),
+        all the preview reads; picked slab by slab on the host thread, so no join of millions of runs."""
+        if self._late_runs is None:
+            raise RuntimeError("outside_air_mid_runs() comes after finish()")
+        return np.concatenate([f.result() for f in self._early_mid] + [mid_plane_runs(self._late_runs, self.shape)])
+
     def _outside_air_late(self) -> np.ndarray:
         """The outside air found in finish(): (m, 4) host runs; with those of the slabs, counted."""
         t0 = time.perf_counter()
-        late = np.ascontiguousarray(to_host(self._outside_air()), dtype=np.int32)
+        late = self._outside_air()
+        t1 = time.perf_counter()
+        late = np.ascontiguousarray(to_host(late), dtype=np.int32)
         self.outside_air_s = time.perf_counter() - t0
+        self.outside_air_detail.update(to_host_s=round(self.outside_air_s - (t1 - t0), 4), late_runs=len(late))
+        self._late_runs = late
         parts = self._early_runs + ([late] if len(late) else [])
         self._outside_parts, self._outside_runs = parts, None
         self.outside_air_voxels = sum(int((a[:, 3].astype(np.int64) - a[:, 2] + 1).sum()) for a in parts)

@@ -46,7 +46,8 @@
 #   warm       benchmarks/compile_warm.py: compiles the anchor with max-autotune, whatever time the call has
 #              left, for a later call (not timed)
 # Knobs (environment): SAMPLE (1: the bench step under benchmarks/sample_threads.py, thread_samples.json),
-# STEPS ("bench post compiled package attention parts warm"), SHAPE
+# STEPS ("bench post compiled package attention parts warm"), BENCH_MODES (the bench step's modes: "paper
+# shared"; "shared" alone takes about half its time), SHAPE
 # ("1000 1200 1200"), BATCH (8), COMPILE_MODE (max-autotune when a carried compile cache holds a finished
 # max-autotune warm-up, else default), OURS_COMPILE (default), WORK (/tmp/xctrt_gpu), PYTHON (python3), OUT (set by the device tool;
 # default $WORK/out), LIMIT (560: seconds the steps may use in all), MEASURE_LIMIT (470: set-up and the
@@ -104,6 +105,7 @@ if want bench; then
   # SAMPLE=1: under benchmarks/sample_threads.py, which notes where each thread's time goes
   [ "${SAMPLE:-0}" = 1 ] && RUN_BENCH="benchmarks/sample_threads.py --out $OUT -m xctrt" || RUN_BENCH="-m xctrt"
   timeout 200 $PY $RUN_BENCH bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --compile-mode none --profile \
+    --modes ${BENCH_MODES:-paper shared} \
     --work "$WORK/bench" --json "$OUT/bench.json"
   rc=$?
   if [ "$rc" = 124 ]; then echo "bench step ran out of its 200 s: bench.json keeps the modes it finished; going on"

@@ -194,6 +194,8 @@ def main(out: Path) -> str:
                                         if o.get("table_parts_s") else "")
                                      + _search_sizes(o.get("table_surface_runs"))
                                      + (f"; its outside air: {o['outside_air_detail']}" if o.get("outside_air_detail") else "")
+                                     + (f"; Python's garbage collector: {o['garbage_collector']}"
+                                        if o.get("garbage_collector") else "")
                                      + (f"; the device labeller took {o['gpu_labeller_calls']['slabs']} slabs in "
                                         f"{o['gpu_labeller_calls']['calls']} calls" if o.get("gpu_labeller_calls") else "")
                                      + _phases_text(o))

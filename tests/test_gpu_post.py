@@ -677,6 +677,27 @@ def test_pointwise_steps_on_a_cupy_stand_in(monkeypatch):
         np.asarray(fc.asarray(img))
 
 
+def test_concatenate_copies_many_arrays_one_by_one_on_the_device(monkeypatch):
+    """More than 8 device arrays (a table over many slabs) are joined by copies, not by CuPy's own
+    many-array kernel, which each process compiles per dtype and rank when its first table needs it."""
+    import fake_cupy
+    fc = fake_cupy.install(monkeypatch)
+    rng = np.random.default_rng(2)
+    for parts, axis in (([rng.integers(0, 9, int(n)) for n in rng.integers(0, 5, 12)], 0),
+                        ([rng.random((3, int(n))).astype(np.float32) for n in rng.integers(1, 5, 9)], 1),
+                        ([rng.integers(0, 9, (int(n), 4)).astype(np.int32) for n in rng.integers(0, 5, 3)], 0)):
+        want = np.concatenate(parts, axis)
+        joined = fc.concatenate
+        if len(parts) > 8:
+            monkeypatch.setattr(fc, "concatenate", lambda *a, **k: pytest.fail("CuPy's own concatenate"))
+        got = post.concatenate([fc.asarray(p) for p in parts], axis)
+        monkeypatch.setattr(fc, "concatenate", joined)
+        assert isinstance(got, fc.ndarray) and got.dtype == want.dtype
+        np.testing.assert_array_equal(post.to_host(got), want)
+    with pytest.raises(ValueError, match="one dtype"):
+        post.concatenate([fc.asarray(np.zeros(2, np.int32))] * 8 + [fc.asarray(np.zeros(2, np.int64))])
+
+
 @pytest.mark.parametrize("conn", [6, 18, 26])
 @pytest.mark.parametrize("slabs", [[12], [5, 0, 4, 3], [1] * 12], ids=["whole", "mixed", "ones"])
 def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):

@@ -339,6 +339,45 @@ def test_summary_timeline_and_its_figure(rich, phantom_path, tmp_path):
         fig.runs_of({k: v for k, v in summary.items() if k != "timeline"})
 
 
+def test_runs_freeze_what_came_before_out_of_the_garbage_collector(rich, phantom_volume, tmp_path, monkeypatch):
+    """During a run the objects that existed before it are frozen out of the collector's passes (a full
+    pass over torch's objects stalls a thread for tenths of a second); each full pass that still
+    happens is a "gc" span of the timeline; the freeze ends with the run, also when it fails."""
+    import gc
+
+    from xctrt.defects import DefectCounter
+    from xctrt.timing import CollectorWatch
+
+    assert gc.get_freeze_count() == 0
+    callbacks, seen = list(gc.callbacks), []
+
+    def on_slab(z0, img, lab):
+        seen.append(gc.get_freeze_count())
+        if z0 == 0:
+            gc.collect()   # a full pass, as the collector's own thresholds would set off
+
+    res = rich.segment(phantom_volume, on_slab=on_slab)
+    assert min(seen) > 1000 and gc.get_freeze_count() == 0
+    info = res.summary["timing"]["garbage_collector"]   # frozen at the start (frozen objects may be freed since)
+    assert info["frozen_objects"] >= max(seen) and info["passes"][2] >= 1 and info["seconds"][2] > 0
+    spans = [(a, b) for name, a, b in res.summary["timeline"] if name == "gc"]
+    assert len(spans) == info["passes"][2] and all(0 <= a <= b for a, b in spans)
+
+    with CollectorWatch():   # runs in parallel share one freeze: the last to end lifts it
+        frozen = gc.get_freeze_count()
+        assert rich.segment(phantom_volume).summary["timing"]["garbage_collector"]["frozen_objects"] >= frozen
+        assert gc.get_freeze_count() >= frozen
+    assert gc.get_freeze_count() == 0
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("components broke")
+
+    monkeypatch.setattr(DefectCounter, "add_slab", broken)
+    with pytest.raises(RuntimeError, match="components broke"):
+        rich.segment(phantom_volume, out_dir=tmp_path / "out")
+    assert gc.get_freeze_count() == 0 and gc.callbacks == callbacks
+
+
 def test_out_dir_writes_exactly_the_four_outputs(rich, phantom_path, reference, tmp_path):
     out = tmp_path / "out"
     res = rich.segment(phantom_path, out_dir=out)

@@ -30,7 +30,7 @@ from .io import (ArraySource, SliceFolderSource, StagedOutputs, TiffSource, Volu
                  write_json, write_volume_tiff)
 from .model import ModelPackage, load_package
 from .preview import ENCLOSED, mark_enclosed_air, write_preview
-from .timing import TABLE_SURFACE_KEYS, StageTimer
+from .timing import TABLE_SURFACE_KEYS, CollectorWatch, StageTimer
 
 DEVICES = ("cpu", "cuda", "host-arrays")
 OUTPUTS = ("labels.tif", "defects.csv", "preview.png", "summary.json")  # summary.json last: it marks a finished run
@@ -342,8 +342,9 @@ class Segmenter:
                 # labels.tif and preview.png there would be read as slices by the next run
                 raise XctrtError(f"{out}: is the input slice folder; write the outputs to another folder (-o)")
             staged = StagedOutputs(out, OUTPUTS, create=True) if out is not None else None
-            return self._segment(source, staged, vs, on_slab,
-                                 keep_labels if keep_labels is not None else out is None)
+            with CollectorWatch() as collector:
+                return self._segment(source, staged, vs, on_slab,
+                                     keep_labels if keep_labels is not None else out is None, collector)
         except BaseException:
             if staged:
                 staged.discard()
@@ -352,7 +353,7 @@ class Segmenter:
             if own:
                 source.close()
 
-    def _segment(self, source, staged, voxel_size, on_slab, keep_labels) -> SegmentResult:
+    def _segment(self, source, staged, voxel_size, on_slab, keep_labels, collector: CollectorWatch) -> SegmentResult:
         t_start = time.perf_counter()
         timer = StageTimer()
         Z, Y, X = source.shape
@@ -595,7 +596,9 @@ class Segmenter:
                            "gpu_labeller_calls": {"calls": len(stage.label_calls), "slabs": sum(stage.label_calls)}
                            if stage.label_calls else None,
                            **stage.table_surface(),
-                           "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()}},
+                           "stage_busy_s": {k: round(v, 4) for k, v in timer.seconds.items()},
+                           # Python's garbage collector during the run (its full passes are "gc" in the timeline)
+                           "garbage_collector": collector.summary()},
                 "result": {**summarise(table, class_voxels, vs, unit, {**self.class_names}, counter.outside_air_voxels),
                            "enclosed_air_filled_voxels": filled},
             }
@@ -604,7 +607,7 @@ class Segmenter:
                 summary["outputs"] = list(OUTPUTS)
             # last, as it is long (one line per span in the file): every span of the stages (the host threads',
             # the device streams'), then the main thread's ("main ..."), in seconds since the run began
-            summary["timeline"] = _timeline(t_start, timer.spans + stage.timeline(), main.spans)
+            summary["timeline"] = _timeline(t_start, timer.spans + stage.timeline() + collector.spans, main.spans)
             if staged is not None:
                 with staged.write("summary.json") as tmp:
                     write_json(tmp, summary, rows_key="timeline")

@@ -209,7 +209,7 @@ def _stage_row(summary: dict) -> dict:
             "stage_busy_s": t["stage_busy_s"], "main_thread_s": t["main_thread_s"],
             "gpu_compute_idle_s": t["gpu_compute_idle_s"], "table_parts_s": t.get("table_parts_s"),
             "table_surface_runs": t.get("table_surface_runs"), "gpu_labeller_calls": t.get("gpu_labeller_calls"),
-            "outside_air_detail": t.get("outside_air_detail"),
+            "outside_air_detail": t.get("outside_air_detail"), "garbage_collector": t.get("garbage_collector"),
             "timeline": summary.get("timeline")}
 
 

@@ -76,6 +76,28 @@ def array_module(a):
     return np
 
 
+def concatenate(arrays, axis: int = 0):
+    """xp.concatenate of a list of arrays of one dtype. On CuPy, more than 8 arrays are copied one by one:
+    CuPy joins more than 8 small arrays in a kernel of its own, compiled per dtype and rank when first
+    used, so a process's first table over more slabs than its warm-up had compiled several (the
+    bench's first timed run on an H200: 0.4-0.6 s in each of the outside air and the components' merge).
+    The copies use the kernel every run has compiled already."""
+    xp = array_module(arrays[0])
+    if xp is np or len(arrays) <= 8:
+        return xp.concatenate(arrays, axis)
+    if len({a.dtype for a in arrays}) != 1:
+        raise ValueError("concatenate takes arrays of one dtype")
+    shape = list(arrays[0].shape)
+    shape[axis] = sum(int(a.shape[axis]) for a in arrays)
+    out = xp.empty(tuple(shape), arrays[0].dtype)
+    at, where = 0, [slice(None)] * len(shape)
+    for a in arrays:
+        where[axis] = slice(at, at + int(a.shape[axis]))
+        out[tuple(where)] = a
+        at += int(a.shape[axis])
+    return out
+
+
 def scatter_min(a, idx, v) -> None:
     """a[idx] = min(a[idx], v) with repeated indices, in place (numpy.minimum.at)."""
     if isinstance(a, np.ndarray):
@@ -776,14 +798,14 @@ class ComponentLabeller:
             return xp.zeros((0, 4), np.int32)
         t0 = time.perf_counter()
         n = self._air_n + 1  # ids 1..air_n; 0 unused
-        pairs = xp.concatenate(self._air_pairs) if self._air_pairs else xp.zeros(0, np.int64)
+        pairs = concatenate(self._air_pairs) if self._air_pairs else xp.zeros(0, np.int64)
         rounds = []
         root = _connect(xp, n, pairs >> 31, pairs & _I32_MAX, rounds)   # ends in a host sync
         t1 = time.perf_counter()
         outside = xp.zeros(n, bool)
-        outside[root[xp.concatenate(self._air_edge)]] = True
-        runs = xp.concatenate(self._air_runs)
-        keep = xp.flatnonzero(outside[root[xp.concatenate(self._air_id)]] & (runs[:, 4] == 0))   # not in _early_runs
+        outside[root[concatenate(self._air_edge)]] = True
+        runs = concatenate(self._air_runs)
+        keep = xp.flatnonzero(outside[root[concatenate(self._air_id)]] & (runs[:, 4] == 0))   # not in _early_runs
         late = runs[keep, :4]   # its gather is in the copy's time: flatnonzero synced before it
         self.outside_air_detail = {"connect_s": round(t1 - t0, 4), "select_s": round(time.perf_counter() - t1, 4),
                                    "air_components": n - 1, "air_pairs": int(pairs.size),
@@ -836,7 +858,7 @@ class ComponentLabeller:
         if not trees or not self._runs:
             self.surface_tree_s = self.outside_air_s
             return np.full(n_kept, np.nan)
-        runs = xp.concatenate(self._runs, axis=1)
+        runs = concatenate(self._runs, axis=1)
         comp = final[runs[4]] - np.int32(1)   # -1: a run of a component min_voxels dropped
         d, tree_s = surface_distances(xp, trees, runs, comp, n_kept, self.voxel_size)
         self.surface_tree_s = self.outside_air_s + tree_s
@@ -848,12 +870,12 @@ class ComponentLabeller:
         xp = self._xp
         n = self._nprov
         if self._cross:
-            pairs = xp.concatenate(self._cross)
+            pairs = concatenate(self._cross)
             root = _connect(xp, n, (pairs >> 31).astype(np.int32), (pairs & _I32_MAX).astype(np.int32))
         else:
             root = xp.arange(n, dtype=np.int32)
         comp, roots, nc = _rank_roots(xp, root)
-        cols = {k: xp.concatenate([s[k] for s in self._slabs]) for k in self._slabs[0]
+        cols = {k: concatenate([s[k] for s in self._slabs]) for k in self._slabs[0]
                 if k not in ("first", "n")}
         sums = segment_sum(comp, nc, cols["sums"]).astype(np.int64)   # exact: integers below 2**53
         m = {"voxels": sums[:, 0], "sz": sums[:, 1], "sy": sums[:, 2], "sx": sums[:, 3],

@@ -26,7 +26,8 @@ STAGES = [("read", (120, 120, 120)), ("capture", (200, 160, 60)), ("tile", (90, 
           ("stitch", (70, 170, 120)), ("aggregate", (70, 170, 120)), ("compute_idle", (220, 50, 50)),
           ("components", (230, 140, 40)), ("d2h", (150, 110, 60)), ("write", (150, 110, 60)),
           ("write_wait", (215, 215, 215)),   # the writer thread waiting for labels
-          ("table", (180, 60, 150)), ("fill", (180, 60, 150)), ("preview", (120, 60, 160)),
+          ("table", (180, 60, 150)), ("table outside air", (200, 90, 170)), ("table merge", (200, 90, 170)),
+          ("table surface", (200, 90, 170)), ("table columns", (200, 90, 170)), ("fill", (180, 60, 150)), ("preview", (120, 60, 160)),
           ("csv", (120, 60, 160)), ("report", (120, 60, 160)),
           ("gc", (220, 50, 50))]   # Python's garbage collector's full passes (they stall the thread that set them off)
 MAIN = (170, 170, 170)   # the main thread's rows

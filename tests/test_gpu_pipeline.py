@@ -363,6 +363,13 @@ def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, ba
             "late_runs"} == set(d)
     assert d["connect_s"] + d["select_s"] + d["to_host_s"] <= tp["surface_outside_air"] + 3e-4
     assert 0 <= d["late_runs"] <= runs["outside_air"] <= d["air_runs"] and d["air_components"] > 0
+    # ... and the table's parts are spans of the timeline, in order, inside the table's own span
+    _, t0, t1 = next(r for r in b.summary["timeline"] if r[0] == "table")   # the labeller's (then the fill's)
+    parts = [r for r in b.summary["timeline"] if r[0].startswith("table ")]
+    assert [p[0] for p in parts] == ["table outside air", "table merge", "table surface", "table columns"]
+    assert all(t0 - 1e-4 <= a <= e <= t1 + 1e-4 for _, a, e in parts)
+    assert all(p[2] <= q[1] + 1e-4 for p, q in zip(parts, parts[1:]))
+    assert parts[0][2] - parts[0][1] == pytest.approx(tp["surface_outside_air"], abs=3e-4)   # each rounded
 
 
 def test_compiled_anchor_compiles_a_copy_of_the_encoders(nets):

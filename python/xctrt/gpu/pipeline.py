@@ -653,10 +653,11 @@ class GpuStage:
 
     def timeline(self) -> list[tuple[str, float, float]]:
         """The stage spans (host perf_counter seconds) of the device streams, or of the host where the
-        stage runs on the CPU, and the compute stream's idle spans between slabs ("compute_idle")."""
+        stage runs on the CPU, the compute stream's idle spans between slabs ("compute_idle"), and the
+        parts of the device labeller's table ("table outside air", "table merge", ...)."""
         self.clock.finish()
         self.gaps.finish()
-        return self.clock.spans + self.gaps.spans
+        return self.clock.spans + self.gaps.spans + (list(self.labeller.table_spans) if self.labeller is not None else [])
 
     def table_surface(self) -> dict:
         """For summary.json's timing, the last table's distance-to-surface search: its seconds in all

@@ -636,6 +636,7 @@ class ComponentLabeller:
         self.resolve_s = 0.0   # the last finish()'s merge of the slabs' components, their columns to the host
         self.columns_s = 0.0   # ... and its table's columns made from them (_core.component_table)
         self.surface_runs = {"outside_air": 0, "defect": 0}   # what the last finish()'s search worked on
+        self.table_spans = []   # the last finish()'s parts: (name, start, end), perf_counter seconds
         self.outside_air_voxels = None  # air voxels outside the part, after finish()
         self._outside_parts = None  # their (m, 4) host x-runs in parts, kept by finish() for outside_air_runs()
         self._outside_runs = None   # ... joined on the first outside_air_runs()
@@ -907,8 +908,10 @@ class ComponentLabeller:
         # The outside air first: what of it was not known slab by slab gets its kd-tree on the host
         # thread (C++, without the GIL) while the slabs' components are merged here, on the device
         # (mostly waits on host syncs).
+        spans = self.table_spans = []   # (part, start, end) in perf_counter seconds, for the run's timeline
         t0 = time.perf_counter()
         late = self._outside_air_late()
+        spans.append(("table outside air", t0, t0 + self.outside_air_s))
         if on_outside_air is not None:
             on_outside_air()
         pool = self._tree_pool or ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree")
@@ -918,12 +921,14 @@ class ComponentLabeller:
             m, final = self._resolve(int(min_voxels))
             h = {k: to_host(v) for k, v in m.items()}
             self.resolve_s = time.perf_counter() - t1
+            spans.append(("table merge", t1, t1 + self.resolve_s))
             if "gsum" not in h:
                 raise ValueError("finish() needs the grey images: use add_slab(labels, image)")
             t2 = time.perf_counter()
             dist = self._surface_distance(late_tree, final, len(h["voxels"]))
+            spans.append(("table surface", t2, time.perf_counter()))
             # in the finish's time: the outside air, then what the trees and search took beyond the merge
-            self.surface_distance_s = (t1 - t0) + (time.perf_counter() - t2)
+            self.surface_distance_s = (t1 - t0) + (spans[-1][2] - t2)
         finally:
             pool.shutdown(wait=True)
             self._tree_pool = None
@@ -933,6 +938,7 @@ class ComponentLabeller:
             h["voxels"], h["sz"], h["sy"], h["sx"], h["cross"], h["gsum"], h["gmin"], h["gmax"],
             lo[:, 0], lo[:, 1], lo[:, 2], hi[:, 0], hi[:, 1], hi[:, 2], h["cls"], h["edge"], dist, self.voxel_size)
         self.columns_s = time.perf_counter() - t0
+        spans.append(("table columns", t0, t0 + self.columns_s))
         return table
 
 

@@ -28,7 +28,7 @@ STAGES = [("read", (120, 120, 120)), ("capture", (200, 160, 60)), ("tile", (90, 
           ("write_wait", (215, 215, 215)),   # the writer thread waiting for labels
           ("table", (180, 60, 150)), ("table outside air", (200, 90, 170)), ("table merge", (200, 90, 170)),
           ("table surface", (200, 90, 170)), ("table columns", (200, 90, 170)), ("fill", (180, 60, 150)), ("preview", (120, 60, 160)),
-          ("csv", (120, 60, 160)), ("report", (120, 60, 160)),
+          ("csv", (120, 60, 160)), ("csv_write", (150, 110, 60)), ("report", (120, 60, 160)),
           ("gc", (220, 50, 50))]   # Python's garbage collector's full passes (they stall the thread that set them off)
 MAIN = (170, 170, 170)   # the main thread's rows
 OTHER = (110, 110, 110)

@@ -483,8 +483,8 @@ class Segmenter:
                 if not failed.is_set():
                     with timer("csv"):
                         text = table_to_csv(table, unit)
-                        with staged.write("defects.csv") as tmp:
-                            tmp.write_bytes(text)
+                    with timer("csv_write"), staged.write("defects.csv") as tmp:   # apart: a disk behind on
+                        tmp.write_bytes(text)   # labels.tif's writes may hold this one back
             csv_written.append(csv_pool.submit(job))
 
         threads = [threading.Thread(target=reader, name="xctrt-read", daemon=True),

@@ -69,7 +69,8 @@ class CollectorWatch:
         return self
 
     def __exit__(self, *exc) -> None:
-        gc.callbacks.remove(self._pass)
+        if self._pass in gc.callbacks:   # (unless other code cleared the list meanwhile)
+            gc.callbacks.remove(self._pass)
         with CollectorWatch._lock:
             CollectorWatch._runs -= 1
             if CollectorWatch._runs == 0:

@@ -490,6 +490,20 @@ def test_outside_air_known_only_later_gets_its_own_tree():
     assert detail["connect_rounds"] and all(a > b for a, b in zip(detail["connect_rounds"], detail["connect_rounds"][1:]))
 
 
+def test_outside_air_detail_has_the_same_keys_without_air():
+    rng = np.random.default_rng(9)
+    shape = (6, 10, 12)
+    details = []
+    for lab in (np.ones(shape, np.uint8), rng.choice(np.array([0, 1, 2], np.uint8), shape)):   # no air; air
+        lb = post.ComponentLabeller(shape)
+        lb.add_slab(lab[:3], image(rng, (3,) + shape[1:], np.uint16))
+        lb.add_slab(lab[3:], image(rng, (3,) + shape[1:], np.uint16))
+        lb.finish()
+        details.append(lb.outside_air_detail)
+    assert set(details[0]) == set(details[1]) and details[0]["air_runs"] == details[0]["late_runs"] == 0
+    assert details[1]["air_runs"] > 0
+
+
 def test_mid_plane_runs_picks_the_runs_on_the_mid_planes():
     rng = np.random.default_rng(8)
     shape = (9, 10, 11)

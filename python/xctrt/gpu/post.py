@@ -797,7 +797,9 @@ class ComponentLabeller:
         in their own slab (those are in _early_runs): the runs whose component joins one that was.
         Its parts' seconds (each ends in a host sync) and sizes go to outside_air_detail."""
         xp = self._xp
-        if not self._air_n:
+        if not self._air_n:   # the same keys as with air, for summary.json
+            self.outside_air_detail = {"connect_s": 0.0, "select_s": 0.0, "air_components": 0, "air_pairs": 0,
+                                       "connect_rounds": [], "air_runs": 0}
             return xp.zeros((0, 4), np.int32)
         t0 = time.perf_counter()
         n = self._air_n + 1  # ids 1..air_n; 0 unused

@@ -46,8 +46,8 @@ class CollectorWatch:
     """Python's cyclic garbage collector during a run (a context manager). The objects that exist when
     the run begins (torch, the model, CuPy, the caller's) are frozen out of the collector's passes
     (gc.freeze) until the last run in the process ends: a full pass over a process holding torch walks
-    ~0.2-0.5 M objects, 0.13-0.25 s on a 2-core VM, and stalls whichever thread triggers it, mid-table
-    or mid-stage. Each full pass that still happens is kept as a "gc" span for the timeline; summary()
+    hundreds of thousands of objects (0.13 s on a 2-core VM: benchmarks/host_tail_costs.py) and stalls
+    whichever thread triggers it, mid-table or mid-stage. Each full pass that still happens is kept as a "gc" span for the timeline; summary()
     gives the passes and seconds per generation."""
 
     _lock = threading.Lock()

@@ -779,8 +779,8 @@ class ComponentLabeller:
         # runs on the volume's sides here are outside for good, whatever later slabs join to them:
         # picked here and copied to the host at once, their tree built there while later slabs come.
         # (Not all runs to the host and picked there: for a random network's ~2.7 M air runs per slab,
-        # ~6 % of them early, that copied 54 MB and NumPy's selection took 30-46 ms of this thread on
-        # the 2-core VM.)
+        # ~6 % of them early, that copied 54 MB and NumPy's selection took 26 ms of this thread on the
+        # 2-core VM: benchmarks/host_tail_costs.py.)
         early = np.ascontiguousarray(to_host(runs[xp.flatnonzero(runs[:, 4])][:, :4]))
         if len(early):
             if self._tree_pool is None:

@@ -409,7 +409,7 @@ def full_run(xp, shape, slab, repeats, checks: Checks, seed: int):
         t["finish_surface_tree"] = lb.surface_tree_s          # part of that: outside air, wait for the host kd-tree
         t["finish_outside_air"] = lb.outside_air_s            # part of that: the outside air alone
         t["finish_resolve"] = lb.resolve_s                    # part of finish: the slabs' components merged
-        t["finish_columns"] = lb.columns_s                    # ... and the table's columns made
+        t["finish_columns"] = lb.columns_s                    # ... and the table's columns made (beside the search)
         surface_runs.update(lb.surface_runs)                  # the tree's and the searches' sizes
         t["total"] = t["aggregate"] + t["components"] + t["finish"]
         if compare:

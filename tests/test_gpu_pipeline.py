@@ -353,7 +353,9 @@ def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, ba
     assert set(tp) == {"surface_distance", "surface_tree", "surface_outside_air", "resolve_components", "table_columns"}
     assert 0 <= tp["surface_outside_air"] <= tp["surface_tree"] <= tp["surface_distance"] <= tb
     assert tp["resolve_components"] > 0 and tp["table_columns"] > 0
-    assert tp["resolve_components"] + tp["surface_distance"] + tp["table_columns"] <= tb + 3e-4   # each rounded
+    # the columns are made on a thread while the distances are searched: beside the search, not after it
+    assert tp["resolve_components"] + tp["surface_distance"] <= tb + 3e-4   # each rounded
+    assert tp["surface_outside_air"] + tp["resolve_components"] + tp["table_columns"] <= tb + 3e-4
     assert a.summary["timing"]["table_parts_s"] is None and a.summary["timing"]["table_surface_runs"] is None
     runs = b.summary["timing"]["table_surface_runs"]
     assert set(runs) == {"outside_air", "defect"} and runs["outside_air"] > 0 and runs["defect"] >= len(b.defects["id"])
@@ -367,9 +369,12 @@ def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, ba
     # ... and the table's parts are spans of the timeline, in order, inside the table's own span
     _, t0, t1 = next(r for r in b.summary["timeline"] if r[0] == "table")   # the labeller's (then the fill's)
     parts = [r for r in b.summary["timeline"] if r[0].startswith("table ")]
-    assert [p[0] for p in parts] == ["table outside air", "table merge", "table surface", "table columns"]
+    # the outside air, then the merge, then the surface search with the columns made beside it (either
+    # may start first: the timeline is in order of start)
+    assert [p[0] for p in parts[:2]] == ["table outside air", "table merge"]
+    assert sorted(p[0] for p in parts[2:]) == ["table columns", "table surface"]
     assert all(t0 - 1e-4 <= a <= e <= t1 + 1e-4 for _, a, e in parts)
-    assert all(p[2] <= q[1] + 1e-4 for p, q in zip(parts, parts[1:]))
+    assert parts[0][2] <= parts[1][1] + 1e-4 and all(parts[1][2] <= p[1] + 1e-4 for p in parts[2:])
     assert parts[0][2] - parts[0][1] == pytest.approx(tp["surface_outside_air"], abs=3e-4)   # each rounded
 
 

@@ -1,5 +1,7 @@
 """xctrt.gpu.post (array code for NumPy and CuPy) against the C++ kernels, on NumPy, bit for bit."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -488,6 +490,36 @@ def test_outside_air_known_only_later_gets_its_own_tree():
     detail = got.outside_air_detail
     assert detail["late_runs"] == len(air) - early and detail["air_components"] > 0
     assert detail["connect_rounds"] and all(a > b for a, b in zip(detail["connect_rounds"], detail["connect_rounds"][1:]))
+
+
+def test_table_columns_are_made_while_the_distances_are_searched(monkeypatch):
+    """finish() makes the table's columns on a thread beside the surface search, not after it: here the
+    search waits until the columns have begun (it would time out if they came after it), and the table,
+    its distances filled in last, is still the C++ labeller's."""
+    rng = np.random.default_rng(3)
+    shape = (8, 16, 16)
+    lab = rng.choice(np.array([0, 1, 2, 3], np.uint8), shape, p=[0.3, 0.5, 0.1, 0.1])
+    img = image(rng, shape, np.uint16)
+    got, ref = post.ComponentLabeller(shape, voxel_size=(0.5, 1.0, 2.0)), _core.ComponentLabeller(shape, voxel_size=(0.5, 1.0, 2.0))
+    for z0 in (0, 4):
+        got.add_slab(lab[z0:z0 + 4], img[z0:z0 + 4])
+        ref.add_slab(lab[z0:z0 + 4], img[z0:z0 + 4])
+    begun, component_table, search = threading.Event(), post._core.component_table, got._surface_distance
+
+    def columns(*args):
+        begun.set()
+        return component_table(*args)
+
+    def searched_beside_the_columns(*args):
+        assert begun.wait(10), "the columns were not made while the distances were searched"
+        return search(*args)
+
+    monkeypatch.setattr(post._core, "component_table", columns)
+    monkeypatch.setattr(got, "_surface_distance", searched_beside_the_columns)
+    table = got.finish(1)
+    assert_table_same(table, ref.finish(1))
+    assert np.isfinite(table["surface_distance"]).any()
+    assert [p[0] for p in got.table_spans] == ["table outside air", "table merge", "table surface", "table columns"]
 
 
 def test_outside_air_detail_has_the_same_keys_without_air():

@@ -901,6 +901,19 @@ class ComponentLabeller:
         kept = xp.flatnonzero(keep)   # one host sync, not one per column
         return {k: v[kept] for k, v in m.items()}, new_id[comp]
 
+    def _columns(self, h: dict) -> dict:
+        """The table from the merged columns on the host (_core.component_table), its surface distances
+        left NaN; columns_s and _columns_span: its time."""
+        t0 = time.perf_counter()
+        lo, hi = h["min"], h["max"]
+        table = _core.component_table(
+            h["voxels"], h["sz"], h["sy"], h["sx"], h["cross"], h["gsum"], h["gmin"], h["gmax"],
+            lo[:, 0], lo[:, 1], lo[:, 2], hi[:, 0], hi[:, 1], hi[:, 2], h["cls"], h["edge"],
+            np.full(len(h["voxels"]), np.nan), self.voxel_size)
+        t1 = time.perf_counter()
+        self.columns_s, self._columns_span = t1 - t0, (t0, t1)
+        return table
+
     def finish(self, min_voxels: int = 0, on_outside_air=None) -> dict:
         """The table (dict of NumPy columns), identical to _core.ComponentLabeller.finish.
         on_outside_air(): called as soon as outside_air_runs() are known, before the components are
@@ -919,6 +932,7 @@ class ComponentLabeller:
         if on_outside_air is not None:
             on_outside_air()
         pool = self._tree_pool or ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree")
+        columns_pool = ThreadPoolExecutor(1, thread_name_prefix="xctrt-table-columns")
         try:
             late_tree = pool.submit(_core.air_tree, late, self.voxel_size) if len(late) else None
             t1 = time.perf_counter()
@@ -928,21 +942,21 @@ class ComponentLabeller:
             spans.append(("table merge", t1, t1 + self.resolve_s))
             if "gsum" not in h:
                 raise ValueError("finish() needs the grey images: use add_slab(labels, image)")
+            # The table's columns (C++, without the GIL) are made on a thread while the surface distances are
+            # searched on the device; the distances, their last column, are filled in after.
+            columns = columns_pool.submit(self._columns, h)
             t2 = time.perf_counter()
             dist = self._surface_distance(late_tree, final, len(h["voxels"]))
             spans.append(("table surface", t2, time.perf_counter()))
             # in the finish's time: the outside air, then what the trees and search took beyond the merge
             self.surface_distance_s = (t1 - t0) + (spans[-1][2] - t2)
+            table = columns.result()
         finally:
             pool.shutdown(wait=True)
+            columns_pool.shutdown(wait=True)
             self._tree_pool = None
-        t0 = time.perf_counter()
-        lo, hi = h["min"], h["max"]
-        table = _core.component_table(
-            h["voxels"], h["sz"], h["sy"], h["sx"], h["cross"], h["gsum"], h["gmin"], h["gmax"],
-            lo[:, 0], lo[:, 1], lo[:, 2], hi[:, 0], hi[:, 1], hi[:, 2], h["cls"], h["edge"], dist, self.voxel_size)
-        self.columns_s = time.perf_counter() - t0
-        spans.append(("table columns", t0, t0 + self.columns_s))
+        spans.append(("table columns", *self._columns_span))
+        table["surface_distance"][:] = dist
         return table
 
 

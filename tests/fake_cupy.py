@@ -13,6 +13,7 @@ install(monkeypatch) makes xctrt.gpu.post treat these arrays as CuPy arrays.
 from __future__ import annotations
 
 import sys
+import threading
 import types
 
 import numpy as np
@@ -20,6 +21,7 @@ import scipy.ndimage
 
 syncs = 0   # host syncs so far; tests reset it
 ops = 0   # device operations so far (kernel launches, roughly); tests reset it
+stream_syncs = 0   # waits for one stream of cuda.Stream's (not counted in syncs)
 
 
 def _sync() -> None:
@@ -67,6 +69,8 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):   # noqa: N801 - CuPy's name
     strides = property(lambda self: self._a.strides)
     flags = property(lambda self: self._a.flags)
     T = property(lambda self: ndarray(self._a.T))
+    device = property(lambda self: _Device())
+    stream = None   # the stream current where it was made (asarray of host data), None: the default one
 
     def __array__(self, *args, **kwargs):
         raise TypeError("Implicit conversion to a NumPy array is not allowed (CuPy): use .get()")
@@ -180,7 +184,10 @@ def argsort(a, axis=-1, kind=None):
 def asarray(a, dtype=None):
     if isinstance(a, ndarray) and dtype is None:
         return a
-    return ndarray(np.array(_unwrap(a, strict=False), dtype=dtype))
+    out = ndarray(np.array(_unwrap(a, strict=False), dtype=dtype))
+    if not isinstance(a, ndarray):   # a copy to the device: queued on this thread's current stream
+        out.stream = getattr(_current, "stream", None)
+    return out
 
 
 array = asarray
@@ -191,6 +198,46 @@ def asnumpy(a) -> np.ndarray:
         _sync()   # a copy to the host waits for the device
         return a._a.copy()
     return np.asarray(a)
+
+
+_current = threading.local()   # this thread's current stream (cuda.Stream as a context)
+
+
+class _Device:
+    """cupy.cuda.Device: the one device here; as a context, made current (nothing to do)."""
+    id = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Stream:
+    """cupy.cuda.Stream: work queued on it runs at once here; as a context it is the thread's current
+    stream (device copies made meanwhile note it, ndarray.stream); synchronize() waits for it alone, which
+    stream_syncs counts apart from syncs (the labeller's host thread syncs its own stream, off its path)."""
+
+    def __init__(self, null: bool = False, non_blocking: bool = False, ptds: bool = False):
+        self.non_blocking = non_blocking
+        self._outer = []
+
+    def __enter__(self):
+        self._outer.append(getattr(_current, "stream", None))
+        _current.stream = self
+        return self
+
+    def __exit__(self, *exc):
+        _current.stream = self._outer.pop()
+        return False
+
+    def synchronize(self) -> None:
+        global stream_syncs
+        stream_syncs += 1
+
+
+cuda = types.SimpleNamespace(Device=lambda device=None: _Device(), Stream=_Stream)
 
 
 int8, uint8, int16, uint16, int32, uint32, int64, float32, float64 = (

@@ -758,7 +758,7 @@ def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
     img = image(rng, shape, np.uint16)
     got = post.ComponentLabeller(shape, (2, 3), conn, (0.5, 1.0, 2.0))
     ref = _core.ComponentLabeller(shape, [2, 3], conn, (0.5, 1.0, 2.0))
-    fake_cupy.syncs, fake_cupy.ops, fake_cupy.launches, z = 0, 0, {}, 0
+    fake_cupy.syncs, fake_cupy.ops, fake_cupy.launches, fake_cupy.stream_syncs, z = 0, 0, {}, 0, 0
     for d in slabs:
         got.add_slab(fc.asarray(lab[z:z + d]), fc.asarray(img[z:z + d]))
         ref.add_slab(lab[z:z + d], img[z:z + d])
@@ -770,6 +770,12 @@ def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
     # device operations (kernel launches, roughly): 108-145 measured; ~700 when each neighbour, crossing and
     # run was an array operation of its own, before labeller_kernels.h
     assert fake_cupy.ops / nonempty <= 180, f"{fake_cupy.ops / nonempty:.0f} device operations per slab"
+    # the slabs' outside-air trees went to the device on the host thread, on a stream of their own, so finish()
+    # sends only the late air's tree
+    trees = [f.result() for f in got._early_trees]
+    assert len(trees) == nonempty
+    assert all(isinstance(a, fc.ndarray) and a.stream is not None and a.stream.non_blocking for t in trees for a in t)
+    assert fake_cupy.stream_syncs == nonempty   # each waited for there, before its future was done
     assert_table_same(got.finish(2), ref.finish(2))
     k = nonempty   # the kernels' paths: per slab and per boundary between slabs
     each_slab = ("xctrt_defect_voxels", "xctrt_defect_runs", "xctrt_air_sides", "xctrt_air_run_starts", "xctrt_air_runs")

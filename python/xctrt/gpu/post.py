@@ -174,14 +174,15 @@ def search_air_runs(forest, runs, comp, best2, voxel_size) -> None:
                                                     best2))
 
 
-def air_forest(trees) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """kd-trees over air runs (each (nodes, air) as _core.air_tree returns them) one after the other, as
-    the search takes them: (nodes (k, 40) uint8, node_start (T + 1,) int64, air (m, 4) int32, air_start)."""
+def air_forest(trees, xp=np) -> tuple:
+    """kd-trees over air runs (each (nodes, air) as _core.air_tree returns them, on the host or already on
+    xp's device) one after the other, as the search takes them, on xp's device: (nodes (k, 40) uint8,
+    node_start (T + 1,) int64, air (m, 4) int32, air_start)."""
     trees = [t for t in trees if len(t[1])]
-    node_start = np.cumsum([0] + [len(t[0]) for t in trees], dtype=np.int64)
-    air_start = np.cumsum([0] + [len(t[1]) for t in trees], dtype=np.int64)
-    nodes = np.concatenate([t[0] for t in trees]) if trees else np.zeros((0, 40), np.uint8)
-    air = np.concatenate([t[1] for t in trees]) if trees else np.zeros((0, 4), np.int32)
+    node_start = xp.asarray(np.cumsum([0] + [len(t[0]) for t in trees], dtype=np.int64))
+    air_start = xp.asarray(np.cumsum([0] + [len(t[1]) for t in trees], dtype=np.int64))
+    nodes = concatenate([xp.asarray(t[0]) for t in trees]) if trees else xp.zeros((0, 40), np.uint8)
+    air = concatenate([xp.asarray(t[1]) for t in trees]) if trees else xp.zeros((0, 4), np.int32)
     return nodes, node_start, air, air_start
 
 
@@ -192,7 +193,7 @@ def surface_distances(xp, trees, runs, comp, n: int, voxel_size) -> tuple[np.nda
     xp's device: the trees sent there, then search_air_runs. Returns the (n,) float64 distances on
     the host and the seconds until the search began (the wait for the trees and their upload)."""
     t0 = time.perf_counter()
-    forest = tuple(xp.asarray(a) for a in air_forest([t.result() if hasattr(t, "result") else t for t in trees]))
+    forest = air_forest([t.result() if hasattr(t, "result") else t for t in trees], xp)
     tree_s = time.perf_counter() - t0
     best2 = xp.full(n, np.inf).view(np.uint64)
     if len(forest[2]):
@@ -623,11 +624,13 @@ class ComponentLabeller:
         self._air_last = None
         # The air known to be outside as its slab arrives (its component is on the volume's sides there):
         # its host runs per slab, and their kd-trees, built on a host thread while later slabs are labelled
-        # (_air_runs flags those runs, and finish() finds which of the rest is outside too).
+        # (and sent to the device there, on CuPy: _air_tree); _air_runs flags those runs, and finish() finds
+        # which of the rest is outside too.
         self._early_runs, self._early_trees = [], []
         self._early_mid = []   # ... and those of them on the mid-planes (for the preview), picked there too
         self._late_runs = None  # the rest of the outside air, found by finish()
         self._tree_pool = None
+        self._device = self._tree_stream = None   # CuPy: the slabs' device; the host thread's stream there
         self.surface_distance_s = 0.0  # time of the last finish()'s surface distances, in all
         self.surface_tree_s = 0.0  # the part before the search: outside air to the host, the wait for its kd-tree
         #                            (built on a host thread while the components are merged) and its upload
@@ -671,6 +674,8 @@ class ComponentLabeller:
         if self._xp is None:
             self._xp = xp
             self._lut = xp.asarray(self._lut)
+            if xp is not np:
+                self._device = labels.device
         elif xp is not self._xp:
             raise ValueError("every slab must live on the same device (NumPy or CuPy) as the first")
         if nz == 0:
@@ -786,11 +791,29 @@ class ComponentLabeller:
             if self._tree_pool is None:
                 self._tree_pool = ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree")
             self._early_runs.append(early)
-            self._early_trees.append(self._tree_pool.submit(_core.air_tree, early, self.voxel_size))
+            self._early_trees.append(self._tree_pool.submit(self._air_tree, early))
             self._early_mid.append(self._tree_pool.submit(mid_plane_runs, early, self.shape))
         self._air_runs.append(runs)
         self._air_id.append(ids)
         self._air_n += n
+
+    def _air_tree(self, air: np.ndarray) -> tuple:
+        """The kd-tree (nodes, air) over a slab's early outside-air runs (_core.air_tree), built on the host
+        thread. On CuPy it is sent to the device there as well, on a stream of its own, while later slabs
+        come: finish() then sends only the late air's tree. (It joined and sent all of them: ~5 M runs and
+        their nodes for a random network, within the 0.05 s between the outside air and the search on the
+        H200, benchmarks/RESULTS.md, 2026-11-28.)"""
+        tree = _core.air_tree(air, self.voxel_size)
+        xp = self._xp
+        if xp is np:
+            return tree
+        with self._device:
+            if self._tree_stream is None:
+                self._tree_stream = xp.cuda.Stream(non_blocking=True)
+            with self._tree_stream:
+                tree = tuple(xp.asarray(a) for a in tree)
+            self._tree_stream.synchronize()   # done before the future is: any stream may read it then
+        return tree
 
     def _outside_air(self):
         """(m, 4) z, y, x0, x1 of the air runs outside the part that were not on the volume's sides

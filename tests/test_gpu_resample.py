@@ -218,6 +218,9 @@ def test_triton_gpu_stage_self_check_turns_off_wrong_or_failing_kernels(monkeypa
     monkeypatch.setattr(resample, "resize_aggregate", off_by_one)
     stage = _stage((4, 37, 53), True, monkeypatch)
     assert not stage.fused and "fused aggregation differs" in stage.fused_error
+    # the check runs in every run's time: a span of the timeline, before any slab
+    (_, t0, t1), = [s for s in stage.timeline() if s[0] == "fused_check"]
+    assert 0 < t0 < t1 and not any(s[0] == "fused_check" for s in _stage((4, 37, 53), False, monkeypatch).timeline())
     assert _stage((4, 37, 53), True, monkeypatch, **TILE_MODE).fused   # tile mode does not use it
     real_tiles = resample.extract_tiles
     monkeypatch.setattr(resample, "extract_tiles", lambda *a, **k: real_tiles(*a, **k) * 0.5)

@@ -211,6 +211,14 @@ def main(out: Path) -> str:
                 if r.get("ours_profile"):
                     lines.append(f"- {label}/{mode}, where our encoder time goes (one batch, {how}): " + "; ".join(
                         f"{p['name'][:60]} {p['ms']:.2f} ms x{p['calls']}" for p in r["ours_profile"][:8]))
+                lp = r.get("ours", {}).get("labeller_profile")
+                if lp:
+                    lines.append(f"- {label}/{mode}, the device labeller alone on ours' first {lp['planes']} planes in "
+                                 f"slabs of {lp['slab']}: add_slab {lp['add_slab_s']} s, finish {lp['finish_s']} s"
+                                 + (f"; kernels of one pass, {sum(k['ms'] for k in lp['kernels']):.1f} ms in the top "
+                                    f"{len(lp['kernels'])}: " + "; ".join(f"{k['name'][:50]} {k['ms']:.2f} ms x{k['calls']}"
+                                                                         for k in lp["kernels"][:10])
+                                    if lp["kernels"] else ""))
     else:
         lines.append(_missing("bench"))
     lines.append("")

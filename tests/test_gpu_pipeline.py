@@ -888,6 +888,12 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
         assert r["encoder_passes_per_slice"] == (3 if mode == "paper" else 1)
         assert r["encoder_tflop_per_image"] == 2160640 / 1e12
         assert (work / f"ours-{mode}" / "labels.tif").is_file()
+        # the device labeller alone on ours' labels (here its NumPy path: 6 planes, slabs of 3)
+        lp = r["ours"]["labeller_profile"]
+        assert lp["planes"] == 6 and lp["slab"] == 3 and len(lp["add_slab_s"]) == 2
+        assert all(v > 0 for v in lp["add_slab_s"]) and lp["finish_s"] > 0
+        assert lp["kernels"] == []   # no device here: the times only
+        assert "labeller_profile" not in r["ours-host"]
         # the untimed run over two slabs before the timed ones (the labeller's cross-slab kernels compile there)
         assert (work / f"warm-up-{mode}" / "labels.tif").is_file()
         with tifffile.TiffFile(work / f"warm-up-{mode}" / "labels.tif") as t:
@@ -911,6 +917,7 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
         assert f"- bench/{mode}: ours vs naive on the same slices: labels agree 100.000 %" in md
         assert f"the untimed run over two slabs after it took {r['ours']['warm_up_run_s']:.1f} s" in md
         assert f"- bench/{mode}, where our encoder time goes (one batch, torch.compile default): " in md
+        assert f"- bench/{mode}, the device labeller alone on ours' first 6 planes in slabs of 3: add_slab [" in md
     assert "post-processing: no results" in md and "attention: no results" in md
     assert "bench: no results" not in md
     # a small volume on the CPU: its numbers shown, the issue's targets not judged by them
@@ -1109,3 +1116,13 @@ def test_sample_threads_counts_each_thread_and_keeps_the_exit_status(tmp_path):
     assert during["MainThread"]["samples"] < threads["MainThread"]["samples"]
     assert any("threading.py" in where for where, _ in during["MainThread"]["leaf"])   # waits in join()
     assert "thread samples every 5.0 ms" in r.stdout and "while the GPU stage streamed slabs" in r.stdout
+
+
+def test_host_tail_costs_benchmark_runs(tmp_path):
+    """benchmarks/host_tail_costs.py at a small size: every figure it reports, the CSV written where asked."""
+    out = load_benchmark("host_tail_costs").main(["--runs", "5000", "--csv-rows", "300", "--repeat", "1",
+                                                  "--dir", str(tmp_path), "--json", str(tmp_path / "costs.json")])
+    assert json.loads((tmp_path / "costs.json").read_text()) == out
+    assert out["gc_objects"] > 0 and out["gc_full_pass_s"] > 0 and out["gc_full_pass_frozen_s"] >= 0
+    assert out["host_pick_s"] > 0 and out["csv_rows"] == 300 and out["csv_bytes"] > 300 * 50
+    assert out["csv_format_s"] > 0 and out["csv_write_s"] > 0 and out["check_probs_on_host_s"] > 0 and list(tmp_path.iterdir()) == [tmp_path / "costs.json"]

@@ -213,6 +213,52 @@ def _stage_row(summary: dict) -> dict:
             "timeline": summary.get("timeline")}
 
 
+def profile_labeller(torch, labels_path: Path, volume_path: Path, planes: int, slab: int, cuda: bool,
+                     top: int = 30) -> dict:
+    """Where the device labeller's time goes on a run's own labels, alone on the device: the first `planes`
+    planes of its labels.tif and of the volume, added in slabs of `slab` planes, then finish(). Each
+    add_slab and the finish timed (device synced after each, best of three passes), and the kernels of one
+    more pass by total device time (profile_call). Wall time well above the kernels' sum: the labeller
+    waits on the host (syncs, launches), not on the device. On the host (NumPy) the times only: no kernels."""
+    from ..defects import DEFECT_CLASSES
+    from ..io import open_volume
+    from . import post
+
+    xp = np
+    if cuda:
+        import cupy as xp
+    parts = []
+    for path in (labels_path, volume_path):
+        src = open_volume(path)
+        try:
+            parts.append(src.read(0, min(planes, src.shape[0])))
+        finally:
+            src.close()
+    labels, grey = parts
+    slabs = [(xp.asarray(labels[z:z + slab]), xp.asarray(grey[z:z + slab])) for z in range(0, len(labels), slab)]
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()   # the whole device: CuPy's stream too
+
+    def one_pass() -> list[float]:
+        sync()
+        t = [time.perf_counter()]
+        lb = post.ComponentLabeller(labels.shape, tuple(DEFECT_CLASSES))
+        for lab, img in slabs:
+            lb.add_slab(lab, img)
+            sync()
+            t.append(time.perf_counter())
+        lb.finish(1)
+        sync()
+        t.append(time.perf_counter())
+        return list(np.diff(t))
+
+    times = np.array([one_pass() for _ in range(3)]).min(axis=0)
+    return {"planes": len(labels), "slab": slab, "add_slab_s": [round(float(v), 4) for v in times[:-1]],
+            "finish_s": round(float(times[-1]), 4), "kernels": profile_call(torch, one_pass, cuda, top) if cuda else []}
+
+
 def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shared"), batch: int = 8,
         slab: int = 32, naive_slices: int = 16, compiled_slices: int = 96, compile_mode: str | None = "max-autotune",
         attention_impl: str = "auto", volume: str | None = None, work: str | None = None,
@@ -351,6 +397,13 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
             log(f"[{mode}] {run_name} (components on the {where}): {o['slices_per_s']:.1f} slices/s end to end, "
                 f"stages { {k: round(v, 2) for k, v in o['stage_busy_s'].items()} }")
             s = None
+        if profile and components[0] == "device":   # the labeller alone on ours' labels: kernels, host waits
+            lp = r["ours"]["labeller_profile"] = profile_labeller(
+                torch, tmp / f"ours-{mode}" / "labels.tif", vol, 3 * slab, slab, cuda)
+            log(f"[{mode}] device labeller alone, {lp['planes']} planes of ours' labels: add_slab "
+                f"{lp['add_slab_s']} s, finish {lp['finish_s']} s; top kernels:")
+            for row in lp["kernels"][:10]:
+                log(f"    {row['ms']:8.3f} ms  {row['calls']:5d}x  {row['name'][:90]}")
         r["ours"]["label_agreement_vs_naive"] = agreement
         with torch.inference_mode():   # in batches of the run's size: a compiled encoder (dynamic=False)
             xt = torch.from_numpy(x).to(device)   # would compile again for any other batch size

@@ -278,7 +278,7 @@ class GpuStage:
                     return f"the fused preprocessing ({raw.dtype}) differs from the step-by-step functions (post.py)"
             # K channels in [0, 1) of the model's output size, a third of them on the quarter steps (ties and
             # values on a threshold), whatever the grey dtype checked above. Drawn on the device: the check
-            # runs in every run's time, and NumPy took ~50 ms on the 2-core VM to draw 2 x 3 x 1024 x 1024 of
+            # runs in every run's time, and NumPy took 24 ms (best of 3) on the 2-core VM to draw 2 x 3 x 1024 x 1024 of
             # them (benchmarks/host_tail_costs.py).
             g = torch.Generator(device=self.device).manual_seed(0)
             probs = torch.rand((x.shape[0], len(self.ids)) + tuple(x.shape[2:]), generator=g, device=self.device)

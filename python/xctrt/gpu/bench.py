@@ -401,7 +401,7 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
             lp = r["ours"]["labeller_profile"] = profile_labeller(
                 torch, tmp / f"ours-{mode}" / "labels.tif", vol, 3 * slab, slab, cuda)
             log(f"[{mode}] device labeller alone, {lp['planes']} planes of ours' labels: add_slab "
-                f"{lp['add_slab_s']} s, finish {lp['finish_s']} s; top kernels:")
+                f"{lp['add_slab_s']} s, finish {lp['finish_s']} s" + ("; top kernels:" if lp["kernels"] else ""))
             for row in lp["kernels"][:10]:
                 log(f"    {row['ms']:8.3f} ms  {row['calls']:5d}x  {row['name'][:90]}")
         r["ours"]["label_agreement_vs_naive"] = agreement

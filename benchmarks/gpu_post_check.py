@@ -135,6 +135,19 @@ def small_checks(xp, checks: Checks, seed: int):
                        lambda: same(post.stitch_tiles(dev(t), h, w, ov, blend),
                                     _core.stitch_tiles(t, h, w, ov, blend)))
 
+    # the labeller's air labelling (union-find kernels on the GPU) against SciPy's numbering, on noise
+    # (fragmented air, long union chains) and on a slab the size the bench hands it
+    from scipy import ndimage
+    for shape, air in [((1, 1, 1), 1.0), ((3, 7, 5), 0.5), ((16, 300, 280), 0.38), ((8, 1200, 1200), 0.6)]:
+        lab = np.where(rng.random(shape) < air, 0, 1).astype(np.uint8)
+
+        def air_label():
+            comp, n = post.air_label(dev(lab))
+            want, n_want = ndimage.label(lab == 0)
+            ok, detail = same(comp, want.astype(np.int32))
+            return ok and n == n_want, detail if not ok else f"{n} components (SciPy {n_want})"
+        checks.run(f"air_label {shape} air {air}", air_label)
+
     def blobs(shape, n):
         lab = np.ones(shape, np.uint8)
         for _ in range(n):

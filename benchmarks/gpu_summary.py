@@ -214,7 +214,10 @@ def main(out: Path) -> str:
                 lp = r.get("ours", {}).get("labeller_profile")
                 if lp:
                     lines.append(f"- {label}/{mode}, the device labeller alone on ours' first {lp['planes']} planes in "
-                                 f"slabs of {lp['slab']}: add_slab {lp['add_slab_s']} s, finish {lp['finish_s']} s"
+                                 f"slabs of {lp['slab']}: add_slab {lp['add_slab_s']} s"
+                                 + (f" (with CuPy's air labelling {lp['add_slab_s_cupyx_air_label']} s)"
+                                    if lp.get("add_slab_s_cupyx_air_label") else "")
+                                 + f", finish {lp['finish_s']} s"
                                  + (f"; kernels of one pass, {sum(k['ms'] for k in lp['kernels']):.1f} ms in the top "
                                     f"{len(lp['kernels'])}: " + "; ".join(f"{k['name'][:50]} {k['ms']:.2f} ms x{k['calls']}"
                                                                          for k in lp["kernels"][:10])

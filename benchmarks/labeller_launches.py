@@ -45,7 +45,7 @@ def count(mod, data, shape) -> dict:
     """The labeller of module `mod` over the slabs on the stand-in: operations and syncs per slab, and
     in finish(); the table (host arrays)."""
     mod._cupy, mod._cupyx = fake_cupy, fake_cupy.cupyx
-    cx = fake_cupy.cupyx   # what label_6 imports
+    cx = fake_cupy.cupyx   # what air_label imports where it falls back to CuPy's labelling
     sys.modules.update({"cupyx": cx, "cupyx.scipy": cx.scipy, "cupyx.scipy.ndimage": cx.scipy.ndimage})
     for name in ("_kernels", "_air_search"):   # compile (here: look up) the kernels afresh
         if isinstance(getattr(mod, name, None), dict):

@@ -1335,6 +1335,48 @@ I64Vec air_pairs_host(I32Arr last, int64_t last_base, I32Arr first, int64_t firs
   return key;
 }
 
+// The air labelling kernels (labeller_kernels.h) on the host, one call per kernel: p is the slab's flat
+// int32 forest, each value -1 (not air) or an index at or below its own, as the kernels keep it.
+static void check_forest(const I32Arr& p) {
+  if (p.ndim() != 1) throw std::invalid_argument("p must be a flat int32 array, one value per voxel");
+  for (int64_t v = 0; v < p.size(); ++v)
+    if (p.data()[v] < -1 || p.data()[v] > v) throw std::invalid_argument("p must hold -1 or an index <= its own");
+}
+
+I32Arr air_label_init_host(U8Arr lab) {
+  const int64_t n = lab.size();
+  if (n > std::numeric_limits<int32_t>::max()) throw std::invalid_argument("a slab must have fewer than 2**31 voxels");
+  I32Arr p(static_cast<py::ssize_t>(n));
+  for (int64_t v = 0; v < n; ++v) p.mutable_data()[v] = air_label_init(v, lab.data());
+  return p;
+}
+
+I32Arr air_label_merge_host(I32Arr p, int Y, int X) {
+  check_forest(p);
+  if (Y <= 0 || X <= 0 || p.size() % (int64_t{Y} * X) != 0) throw std::invalid_argument("p must hold whole planes of Y x X");
+  I32Arr out(p.size());
+  std::copy(p.data(), p.data() + p.size(), out.mutable_data());
+  for (int64_t v = 0; v < p.size(); ++v) air_label_merge(v, out.mutable_data(), Y, X);
+  return out;
+}
+
+py::tuple air_label_flatten_host(I32Arr p) {
+  check_forest(p);
+  I32Arr out(p.size());
+  U8Arr root(p.size());
+  std::copy(p.data(), p.data() + p.size(), out.mutable_data());
+  for (int64_t v = 0; v < p.size(); ++v) air_label_flatten(v, out.mutable_data(), root.mutable_data());
+  return py::make_tuple(out, root);
+}
+
+I32Arr air_label_number_host(I32Arr p, I32Arr rank) {
+  check_forest(p);
+  if (rank.ndim() != 1 || rank.size() != p.size()) throw std::invalid_argument("rank must have one value per voxel");
+  I32Arr comp(p.size());
+  for (int64_t v = 0; v < p.size(); ++v) comp.mutable_data()[v] = air_label_number(v, p.data(), rank.data());
+  return comp;
+}
+
 // defects.csv's bytes (UTF-8): `header`, then one row per component, one column per kind character:
 // 'd' int64, 'g' float64 as %.6g, 'f' float64 as %.3f, 'G' %.6g or empty where not finite (no
 // surface in view), 's' strings by code: a pair (int64 codes, list of strings), each row the string
@@ -1497,6 +1539,15 @@ void bind_components(py::module_& m) {
         "The GPU labeller's kernel on the host: (n_comp + 1,) uint8, 1 for air components on the y/x sides.");
   m.def("air_pairs", &air_pairs_host, py::arg("last"), py::arg("last_base"), py::arg("first"), py::arg("first_base"),
         "The GPU labeller's kernel on the host: int64 keys a * 2**31 + b of air meeting across a slab boundary (0: none).");
+  m.def("air_label_init", &air_label_init_host, py::arg("lab"),
+        "The GPU labeller's air labelling kernels on the host (labeller_kernels.h), one call each: the flat int32\n"
+        "forest of a slab's labels, each air voxel (label 0) its own root, -1 elsewhere.");
+  m.def("air_label_merge", &air_label_merge_host, py::arg("p"), py::arg("Y"), py::arg("X"),
+        "... each air voxel joined to its air neighbours at x - 1, y - 1, z - 1 (a new forest).");
+  m.def("air_label_flatten", &air_label_flatten_host, py::arg("p"),
+        "... each voxel pointed at its root: (forest, uint8 1 at the roots).");
+  m.def("air_label_number", &air_label_number_host, py::arg("p"), py::arg("rank"),
+        "... the components numbered 1.. from the roots' running count rank (int32 per voxel): 0 outside the air.");
   m.def("component_table", &component_table, py::arg("voxels"), py::arg("sz"), py::arg("sy"),
         py::arg("sx"), py::arg("crossings"), py::arg("gsum"),
         py::arg("gmin"), py::arg("gmax"), py::arg("z0"), py::arg("y0"), py::arg("x0"),

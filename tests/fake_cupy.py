@@ -335,7 +335,19 @@ def _core_fn(name):
 
 
 I64, I32, U8 = np.int64, np.int32, "uint8"
-_TWINS = {"xctrt_search_air_runs": _search_air_runs,
+_AIR_LABEL_TWINS = {   # the air labelling's kernels: types, twin, outputs, array dtypes
+    "xctrt_air_label_init": ((ndarray, I64, ndarray), lambda lab, n, p: _core_fn("air_label_init")(lab._a)
+                             if lab.shape == p.shape == (n,) else None, (2,), (U8, "int32")),
+    "xctrt_air_label_merge": ((ndarray, I64, I32, I32), lambda p, n, Y, X: _core_fn("air_label_merge")(
+        p._a, int(Y), int(X)) if p.shape == (n,) else None, (0,), ("int32",)),
+    "xctrt_air_label_flatten": ((ndarray, I64, ndarray), lambda p, n, root: _core_fn("air_label_flatten")(p._a)
+                                if p.shape == root.shape == (n,) else None, (0, 2), ("int32", U8)),
+    "xctrt_air_label_number": ((ndarray, ndarray, I64, ndarray), lambda p, rank, n, comp: _core_fn(
+        "air_label_number")(p._a, rank._a) if p.shape == rank.shape == comp.shape == (n,) else None, (3,),
+                               ("int32", "int32", "int32")),
+}
+_TWINS = {**{name: _kernel_twin(name, *how) for name, how in _AIR_LABEL_TWINS.items()},
+          "xctrt_search_air_runs": _search_air_runs,
           "xctrt_defect_voxels": _kernel_twin(
               "xctrt_defect_voxels",
               (ndarray, ndarray, I64, I64, I64, I64, I32, I32, I32, I32, I32, I32, ndarray, ndarray, ndarray, ndarray),

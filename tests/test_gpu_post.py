@@ -778,11 +778,55 @@ def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
     assert fake_cupy.stream_syncs == nonempty   # each waited for there, before its future was done
     assert_table_same(got.finish(2), ref.finish(2))
     k = nonempty   # the kernels' paths: per slab and per boundary between slabs
-    each_slab = ("xctrt_defect_voxels", "xctrt_defect_runs", "xctrt_air_sides", "xctrt_air_run_starts", "xctrt_air_runs")
+    each_slab = ("xctrt_defect_voxels", "xctrt_defect_runs", "xctrt_air_sides", "xctrt_air_run_starts", "xctrt_air_runs",
+                 "xctrt_air_label_init", "xctrt_air_label_merge", "xctrt_air_label_flatten", "xctrt_air_label_number")
     assert fake_cupy.launches == {"xctrt_search_air_runs": 1, **dict.fromkeys(each_slab, k),
                                   **(dict.fromkeys(("xctrt_plane_crossings", "xctrt_air_pairs"), k - 1) if k > 1 else {})}
     assert got.outside_air_voxels == ref.outside_air_voxels == int(outside_air_reference(lab).sum())
     assert_same(on_device(fc, post.label_volume, lab, (2, 3), conn), _core.label_volume(lab, [2, 3], conn))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_air_label_kernels_number_the_air_as_scipy(monkeypatch, seed):
+    """The GPU labeller's air labelling (union-find kernels, here their _core twins on the CuPy stand-in):
+    the components and numbers scipy.ndimage.label gives, for slabs of every kind (all air, none, one
+    plane, one row, long thin air); with AIR_LABEL = "cupyx", CuPy's own labelling (the stand-in's: SciPy)."""
+    import fake_cupy
+    from scipy import ndimage
+    fc = fake_cupy.install(monkeypatch)
+    rng = np.random.default_rng(seed)
+    shape = [(1, 1, 1), (1, 1, 17), (1, 9, 1), (6, 1, 1), (3, 7, 5)][seed] if seed < 5 else \
+        tuple(int(v) for v in rng.integers(1, 16, 3))
+    air = rng.random(shape) < rng.uniform(0.05, 0.95)
+    lab = np.where(air, 0, rng.integers(1, 4, shape)).astype(np.uint8) if seed % 9 else \
+        np.full(shape, seed % 2, np.uint8)   # all air, or none
+    if seed % 5 == 1:   # thin winding air: long paths through the union-find
+        lab[...] = 1
+        lab[:, ::2, :] = 0
+        lab[:, 1::4, -1] = 0
+        lab[:, 3::4, 0] = 0
+    want, n_want = ndimage.label(lab == 0)
+    for how in ("kernels", "cupyx"):
+        monkeypatch.setattr(post, "AIR_LABEL", how)
+        fake_cupy.launches = {}
+        comp, n = post.air_label(fc.asarray(lab))
+        assert isinstance(comp, fc.ndarray) and comp.dtype == np.int32 and comp.shape == shape
+        assert_same(post.to_host(comp), want.astype(np.int32))
+        assert n == n_want and isinstance(n, int)
+        assert ("xctrt_air_label_merge" in fake_cupy.launches) == (how == "kernels")
+
+
+def test_air_label_host_twins_refuse_what_would_send_them_out_of_bounds():
+    p = _core.air_label_init(np.array([0, 1, 0, 0], np.uint8))
+    assert_same(p, np.array([0, -1, 2, 3], np.int32))
+    with pytest.raises(ValueError, match="index <= its own"):
+        _core.air_label_merge(np.array([0, 3, 2, 3], np.int32), 1, 4)   # a parent above its child
+    with pytest.raises(ValueError, match="index <= its own"):
+        _core.air_label_flatten(np.array([0, -2, 2, 3], np.int32))
+    with pytest.raises(ValueError, match="whole planes"):
+        _core.air_label_merge(p, 3, 1)
+    with pytest.raises(ValueError, match="one value per voxel"):
+        _core.air_label_number(p, np.zeros(3, np.int32))
 
 
 def test_kernels_fall_back_to_the_host_when_nvrtc_refuses(monkeypatch):

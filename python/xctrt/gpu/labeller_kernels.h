@@ -188,6 +188,72 @@ XCTRT_HD inline i64 air_pair(i64 p, const i32* last, i64 last_base, const i32* f
   return a > 0 && b > 0 ? (a + last_base) * 2147483648LL + (b + first_base) : 0;
 }
 
+// The air's 6-connected components in a slab (z, Y, X) of n voxels, on one int32 per voxel p: air_label_init
+// makes each air voxel its own root (-1 elsewhere); air_label_merge joins each air voxel to its air
+// neighbours at x - 1, y - 1 and z - 1 (union-find); air_label_flatten points each at its root and marks
+// the roots; air_label_number numbers the components 1.. in the raster order of their roots from the
+// roots' running count. A union hooks the larger root under the smaller, so every p[v] <= v and a root is
+// its component's smallest voxel index, whatever order the threads ran in: the numbers are those of
+// scipy.ndimage.label. (CuPy's own label walks every voxel to its root without shortening the path.)
+
+XCTRT_HD inline i32 atomic_min_i32(volatile i32* a, i32 v) {
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+  return atomicMin(const_cast<i32*>(a), v);
+#else
+  const i32 old = *a;   // the host twins run one voxel at a time
+  if (v < old) *a = v;
+  return old;
+#endif
+}
+
+// v's root, halving the path on the way: each step points v at its grandparent, an ancestor (any thread
+// may write that), so the trees stay shallow.
+XCTRT_HD inline i32 air_find(volatile i32* p, i32 v) {
+  for (i32 u = p[v]; u != v; u = p[v]) {
+    const i32 w = p[u];
+    p[v] = w;
+    v = w;
+  }
+  return v;
+}
+
+XCTRT_HD inline void air_union(volatile i32* p, i32 a, i32 b) {
+  while (true) {
+    a = air_find(p, a), b = air_find(p, b);
+    if (a == b) return;
+    if (a < b) {
+      const i32 t = a;
+      a = b, b = t;
+    }
+    const i32 old = atomic_min_i32(p + a, b);
+    if (old == a) return;
+    a = old;   // a was no longer a root, and may have left its parent old: join old and b instead
+  }
+}
+
+XCTRT_HD inline i32 air_label_init(i64 v, const u8* lab) { return lab[v] == 0 ? static_cast<i32>(v) : -1; }
+
+XCTRT_HD inline void air_label_merge(i64 v, volatile i32* p, i32 Y, i32 X) {
+  if (p[v] < 0) return;
+  const i64 plane = static_cast<i64>(Y) * X;
+  const i32 me = static_cast<i32>(v);
+  if (v % X > 0 && p[v - 1] >= 0) air_union(p, me, me - 1);
+  if ((v / X) % Y > 0 && p[v - X] >= 0) air_union(p, me, static_cast<i32>(v - X));
+  if (v >= plane && p[v - plane] >= 0) air_union(p, me, static_cast<i32>(v - plane));
+}
+
+XCTRT_HD inline void air_label_flatten(i64 v, volatile i32* p, u8* root) {
+  if (p[v] < 0) {
+    root[v] = 0;
+    return;
+  }
+  const i32 r = air_find(p, static_cast<i32>(v));
+  root[v] = r == v;
+  p[v] = r;
+}
+
+XCTRT_HD inline i32 air_label_number(i64 v, const i32* p, const i32* rank) { return p[v] < 0 ? 0 : rank[p[v]]; }
+
 }  // namespace xctrt
 
 #ifdef XCTRT_LABELLER_KERNELS
@@ -236,5 +302,25 @@ extern "C" __global__ void xctrt_air_pairs(const int* last, long long last_base,
                                            long long first_base, long long plane, long long* key) {
   const long long p = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p < plane) key[p] = xctrt::air_pair(p, last, last_base, first, first_base);
+}
+
+extern "C" __global__ void xctrt_air_label_init(const unsigned char* lab, long long n, int* p) {
+  const long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v < n) p[v] = xctrt::air_label_init(v, lab);
+}
+
+extern "C" __global__ void xctrt_air_label_merge(int* p, long long n, int Y, int X) {
+  const long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v < n) xctrt::air_label_merge(v, p, Y, X);
+}
+
+extern "C" __global__ void xctrt_air_label_flatten(int* p, long long n, unsigned char* root) {
+  const long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v < n) xctrt::air_label_flatten(v, p, root);
+}
+
+extern "C" __global__ void xctrt_air_label_number(const int* p, const int* rank, long long n, int* comp) {
+  const long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v < n) comp[v] = xctrt::air_label_number(v, p, rank);
 }
 #endif

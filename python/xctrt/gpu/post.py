@@ -2,7 +2,7 @@
 
 Every function takes its array module from its input (`array_module`): NumPy arrays run on the
 CPU, CuPy arrays on the GPU, with the same code. The only CuPy-specific lines are the shims
-`array_module`, `scatter_min`, `scatter_max`, `scatter_add`, `segment_sum`, `label_6` and `to_host`
+`array_module`, `scatter_min`, `scatter_max`, `scatter_add`, `segment_sum`, `air_label` and `to_host`
 below, and the kernels compiled from C++ that _core is built from too (NVRTC_SOURCES: the labeller's
 per-voxel and per-run kernels, the surface-distance search), which run as their _core twins on NumPy.
 
@@ -27,8 +27,9 @@ slab on CT parts), bytes moved on the device:
     crossings (13 Crofton directions, both signs), exposed sides and x-run ends; then union-find
     by hook (scatter-min) and pointer jumping, segment sums of the statistics rows, scatter
     min/max                                                        ~ 0.5 kB per defect voxel
-  - the part's outside, for the surface distance: air components (a 6-connected CuPy/SciPy
-    labelling of the slab, joined across slab boundaries in finish) and their x-runs
+  - the part's outside, for the surface distance: air components (a 6-connected labelling of the
+    slab: union-find kernels on the GPU, SciPy on NumPy; joined across slab boundaries in finish)
+    and their x-runs
                                                                     ~ 20-30 B/voxel of the slab
 So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~15 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
@@ -141,13 +142,33 @@ def segment_sum(ids, n: int, weights=None):
     return out
 
 
-def label_6(mask):
-    """Components of a (z, Y, X) bool mask, 6-connected: (int32 labels 1..count, 0 outside; count)."""
-    if isinstance(mask, np.ndarray):
+AIR_LABEL = "kernels"   # how air_label labels on the GPU: "kernels" (labeller_kernels.h) or "cupyx" (CuPy's)
+
+
+def air_label(lab):
+    """The air's components in a C-contiguous (z, Y, X) uint8 slab of labels (air: 0), 6-connected: (int32
+    labels 1..count, in the raster order of each component's first voxel as scipy.ndimage.label numbers
+    them, 0 elsewhere; count). On the GPU the labeller's union-find kernels (labeller_kernels.h); CuPy's
+    cupyx.scipy.ndimage.label where NVRTC refused them, or where AIR_LABEL says "cupyx" (benchmarks)."""
+    if isinstance(lab, np.ndarray):
         from scipy import ndimage
-        return ndimage.label(mask)  # its default structure: the 6 face neighbours
-    import cupyx.scipy.ndimage
-    return cupyx.scipy.ndimage.label(mask)
+        return ndimage.label(lab == 0)  # its default structure: the 6 face neighbours
+    k = _labeller_kernels(lab) if AIR_LABEL == "kernels" else None
+    if k is None:
+        import cupyx.scipy.ndimage
+        return cupyx.scipy.ndimage.label(lab == 0)
+    n = int(lab.size)
+    comp = _cupy.zeros(n, np.int32)
+    if not n:
+        return comp.reshape(lab.shape), 0
+    forest, root = _cupy.empty(n, np.int32), _cupy.empty(n, np.uint8)
+    grid, Y, X = _blocks(n), np.int32(lab.shape[1]), np.int32(lab.shape[2])
+    k["xctrt_air_label_init"](*grid, (lab.reshape(-1), np.int64(n), forest))
+    k["xctrt_air_label_merge"](*grid, (forest, np.int64(n), Y, X))
+    k["xctrt_air_label_flatten"](*grid, (forest, np.int64(n), root))
+    rank = _cupy.cumsum(root, dtype=np.int32)   # each root's number (1..) at its index
+    k["xctrt_air_label_number"](*grid, (forest, rank, np.int64(n), comp))
+    return comp.reshape(lab.shape), int(rank[-1])   # the count: a host sync
 
 
 def search_air_runs(forest, runs, comp, best2, voxel_size) -> None:
@@ -209,7 +230,8 @@ LABELLER_OPTIONS = ("-DXCTRT_LABELLER_KERNELS",)   # integers only: no rounding 
 NVRTC_SOURCES = {"air_search.h": (AIR_SEARCH_OPTIONS, ("xctrt_search_air_runs",)),
                  LABELLER: (LABELLER_OPTIONS, ("xctrt_defect_voxels", "xctrt_plane_crossings", "xctrt_defect_runs",
                                                "xctrt_air_run_starts", "xctrt_air_runs", "xctrt_air_sides",
-                                               "xctrt_air_pairs"))}
+                                               "xctrt_air_pairs", "xctrt_air_label_init", "xctrt_air_label_merge",
+                                               "xctrt_air_label_flatten", "xctrt_air_label_number"))}
 _kernels = {}   # source -> {"functions": {name: kernel} or None, "error": why NVRTC refused it, or None}
 
 
@@ -773,7 +795,7 @@ class ComponentLabeller:
         outside is the air connected (6-neighbours) to the volume's sides (y or x at the edge),
         decided in finish()."""
         xp = self._xp
-        comp, n = label_6(lab == 0)
+        comp, n = air_label(lab)
         n, base = int(n), self._air_n   # this slab's components 1..n are ids base + 1.. of the volume
         edge = air_sides(comp, n)
         self._air_edge.append(xp.flatnonzero(edge) + base)

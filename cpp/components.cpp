@@ -1362,18 +1362,18 @@ I32Arr air_label_merge_host(I32Arr p, int Y, int X) {
 
 py::tuple air_label_flatten_host(I32Arr p) {
   check_forest(p);
-  I32Arr out(p.size());
+  I32Arr out(p.size()), q(p.size());
   U8Arr root(p.size());
   std::copy(p.data(), p.data() + p.size(), out.mutable_data());
-  for (int64_t v = 0; v < p.size(); ++v) air_label_flatten(v, out.mutable_data(), root.mutable_data());
-  return py::make_tuple(out, root);
+  for (int64_t v = 0; v < p.size(); ++v) q.mutable_data()[v] = air_label_flatten(v, out.mutable_data(), root.mutable_data());
+  return py::make_tuple(out, root, q);
 }
 
-I32Arr air_label_number_host(I32Arr p, I32Arr rank) {
-  check_forest(p);
-  if (rank.ndim() != 1 || rank.size() != p.size()) throw std::invalid_argument("rank must have one value per voxel");
-  I32Arr comp(p.size());
-  for (int64_t v = 0; v < p.size(); ++v) comp.mutable_data()[v] = air_label_number(v, p.data(), rank.data());
+I32Arr air_label_number_host(I32Arr q, I32Arr rank) {
+  check_forest(q);
+  if (rank.ndim() != 1 || rank.size() != q.size()) throw std::invalid_argument("rank must have one value per voxel");
+  I32Arr comp(q.size());
+  for (int64_t v = 0; v < q.size(); ++v) comp.mutable_data()[v] = air_label_number(v, q.data(), rank.data());
   return comp;
 }
 
@@ -1545,9 +1545,10 @@ void bind_components(py::module_& m) {
   m.def("air_label_merge", &air_label_merge_host, py::arg("p"), py::arg("Y"), py::arg("X"),
         "... each air voxel joined to its air neighbours at x - 1, y - 1, z - 1 (a new forest).");
   m.def("air_label_flatten", &air_label_flatten_host, py::arg("p"),
-        "... each voxel pointed at its root: (forest, uint8 1 at the roots).");
-  m.def("air_label_number", &air_label_number_host, py::arg("p"), py::arg("rank"),
-        "... the components numbered 1.. from the roots' running count rank (int32 per voxel): 0 outside the air.");
+        "... each voxel's root found: (forest, uint8 1 at the roots, int32 root per voxel or -1).");
+  m.def("air_label_number", &air_label_number_host, py::arg("q"), py::arg("rank"),
+        "... the components numbered 1.. from their roots q and the roots' running count rank (int32 per\n"
+        "voxel): 0 outside the air.");
   m.def("component_table", &component_table, py::arg("voxels"), py::arg("sz"), py::arg("sy"),
         py::arg("sx"), py::arg("crossings"), py::arg("gsum"),
         py::arg("gmin"), py::arg("gmax"), py::arg("z0"), py::arg("y0"), py::arg("x0"),

@@ -340,8 +340,8 @@ _AIR_LABEL_TWINS = {   # the air labelling's kernels: types, twin, outputs, arra
                              if lab.shape == p.shape == (n,) else None, (2,), (U8, "int32")),
     "xctrt_air_label_merge": ((ndarray, I64, I32, I32), lambda p, n, Y, X: _core_fn("air_label_merge")(
         p._a, int(Y), int(X)) if p.shape == (n,) else None, (0,), ("int32",)),
-    "xctrt_air_label_flatten": ((ndarray, I64, ndarray), lambda p, n, root: _core_fn("air_label_flatten")(p._a)
-                                if p.shape == root.shape == (n,) else None, (0, 2), ("int32", U8)),
+    "xctrt_air_label_flatten": ((ndarray, I64, ndarray, ndarray), lambda p, n, root, q: _core_fn("air_label_flatten")(
+        p._a) if p.shape == root.shape == q.shape == (n,) else None, (0, 2, 3), ("int32", U8, "int32")),
     "xctrt_air_label_number": ((ndarray, ndarray, I64, ndarray), lambda p, rank, n, comp: _core_fn(
         "air_label_number")(p._a, rank._a) if p.shape == rank.shape == comp.shape == (n,) else None, (3,),
                                ("int32", "int32", "int32")),

@@ -816,6 +816,81 @@ def test_air_label_kernels_number_the_air_as_scipy(monkeypatch, seed):
         assert ("xctrt_air_label_merge" in fake_cupy.launches) == (how == "kernels")
 
 
+def _air_label_interleaved(lab: np.ndarray, rng) -> np.ndarray:
+    """labeller_kernels.h's air labelling as GPU threads may run it: one generator per voxel and kernel, each
+    step a read, a write or an atomicMin of the shared forest, the threads stepped in random order (the
+    most hostile schedule; a kernel ends before the next starts). Labels as air_label returns them."""
+    n, (Y, X) = lab.size, lab.shape[1:]
+    p = np.where(lab.reshape(-1) == 0, np.arange(n), -1)   # air_label_init
+
+    def find(v):
+        u = p[v]
+        yield
+        while u != v:
+            w = p[u]
+            yield
+            p[v] = w
+            yield
+            v = w
+            u = p[v]
+            yield
+        return v
+
+    def union(a, b):
+        while True:
+            a = yield from find(a)
+            b = yield from find(b)
+            if a == b:
+                return
+            a, b = max(a, b), min(a, b)
+            old = p[a]
+            p[a] = min(old, b)   # atomicMin: one step
+            yield
+            if old == a:
+                return
+            a = old
+
+    def merge(v):
+        for nb, ok in ((v - 1, v % X > 0), (v - X, (v // X) % Y > 0), (v - Y * X, v >= Y * X)):
+            if p[v] >= 0 and ok:
+                yield
+                if p[nb] >= 0:
+                    yield from union(v, nb)
+
+    q, root = np.full(n, -1), np.zeros(n, np.int32)
+
+    def flatten(v):
+        if p[v] >= 0:
+            q[v] = yield from find(v)
+            root[v] = q[v] == v
+
+    for kernel in (merge, flatten):
+        threads = [kernel(v) for v in range(n)]
+        while threads:
+            i = int(rng.integers(len(threads)))
+            try:
+                next(threads[i])
+            except StopIteration:
+                threads[i] = threads[-1]
+                threads.pop()
+    rank = np.cumsum(root)
+    return np.where(q >= 0, rank[q], 0).reshape(lab.shape)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_air_label_kernels_give_scipy_under_any_thread_order(seed):
+    """The air labelling's union-find is lock-free: threads find, halve paths and hook roots while others
+    do. Under random interleavings of its steps its labels are still SciPy's (a root is its component's
+    smallest index, however the hooks raced)."""
+    from scipy import ndimage
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in rng.integers(1, 6, 3))
+    lab = np.where(rng.random(shape) < rng.uniform(0.3, 0.9), 0, 1).astype(np.uint8)
+    want = ndimage.label(lab == 0)[0]
+    for _ in range(5):
+        np.testing.assert_array_equal(_air_label_interleaved(lab, rng), want)
+
+
 def test_air_label_host_twins_refuse_what_would_send_them_out_of_bounds():
     p = _core.air_label_init(np.array([0, 1, 0, 0], np.uint8))
     assert_same(p, np.array([0, -1, 2, 3], np.int32))

@@ -219,8 +219,9 @@ def profile_labeller(torch, labels_path: Path, volume_path: Path, planes: int, s
     planes of its labels.tif and of the volume, added in slabs of `slab` planes, then finish(). Each
     add_slab and the finish timed (device synced after each, best of three passes), and the kernels of one
     more pass by total device time (profile_call); on the GPU the add_slab times again with CuPy's own air
-    labelling (post.AIR_LABEL = "cupyx") in place of the labeller's kernels. Wall time well above the kernels' sum: the labeller
-    waits on the host (syncs, launches), not on the device. On the host (NumPy) the times only: no kernels."""
+    labelling (post.AIR_LABEL = "cupyx") in place of the labeller's kernels. Wall time well above the
+    kernels' sum: the labeller waits on the host (syncs, launches), not on the device. On the host
+    (NumPy) the times only: no kernels."""
     from ..defects import DEFECT_CLASSES
     from ..io import open_volume
     from . import post

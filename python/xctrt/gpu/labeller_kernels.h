@@ -190,8 +190,9 @@ XCTRT_HD inline i64 air_pair(i64 p, const i32* last, i64 last_base, const i32* f
 
 // The air's 6-connected components in a slab (z, Y, X) of n voxels, on one int32 per voxel p: air_label_init
 // makes each air voxel its own root (-1 elsewhere); air_label_merge joins each air voxel to its air
-// neighbours at x - 1, y - 1 and z - 1 (union-find); air_label_flatten points each at its root and marks
-// the roots; air_label_number numbers the components 1.. in the raster order of their roots from the
+// neighbours at x - 1, y - 1 and z - 1 (union-find); air_label_flatten finds each one's root (into an
+// array of its own: other threads' path halving may still rewrite p[v] with an ancestor meanwhile) and
+// marks the roots; air_label_number numbers the components 1.. in the raster order of their roots from the
 // roots' running count. A union hooks the larger root under the smaller, so every p[v] <= v and a root is
 // its component's smallest voxel index, whatever order the threads ran in: the numbers are those of
 // scipy.ndimage.label. (CuPy's own label walks every voxel to its root without shortening the path.)
@@ -242,17 +243,18 @@ XCTRT_HD inline void air_label_merge(i64 v, volatile i32* p, i32 Y, i32 X) {
   if (v >= plane && p[v - plane] >= 0) air_union(p, me, static_cast<i32>(v - plane));
 }
 
-XCTRT_HD inline void air_label_flatten(i64 v, volatile i32* p, u8* root) {
+XCTRT_HD inline i32 air_label_flatten(i64 v, volatile i32* p, u8* root) {
   if (p[v] < 0) {
     root[v] = 0;
-    return;
+    return -1;
   }
   const i32 r = air_find(p, static_cast<i32>(v));
   root[v] = r == v;
-  p[v] = r;
+  return r;
 }
 
-XCTRT_HD inline i32 air_label_number(i64 v, const i32* p, const i32* rank) { return p[v] < 0 ? 0 : rank[p[v]]; }
+// q: each voxel's root (air_label_flatten), -1 outside the air; the kernel may write its number over it.
+XCTRT_HD inline i32 air_label_number(i64 v, const i32* q, const i32* rank) { return q[v] < 0 ? 0 : rank[q[v]]; }
 
 }  // namespace xctrt
 
@@ -314,13 +316,14 @@ extern "C" __global__ void xctrt_air_label_merge(int* p, long long n, int Y, int
   if (v < n) xctrt::air_label_merge(v, p, Y, X);
 }
 
-extern "C" __global__ void xctrt_air_label_flatten(int* p, long long n, unsigned char* root) {
+extern "C" __global__ void xctrt_air_label_flatten(int* p, long long n, unsigned char* root, int* q) {
   const long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (v < n) xctrt::air_label_flatten(v, p, root);
+  if (v < n) q[v] = xctrt::air_label_flatten(v, p, root);
 }
 
-extern "C" __global__ void xctrt_air_label_number(const int* p, const int* rank, long long n, int* comp) {
+// comp may be q itself: each thread reads and writes its own voxel only.
+extern "C" __global__ void xctrt_air_label_number(const int* q, const int* rank, long long n, int* comp) {
   const long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (v < n) comp[v] = xctrt::air_label_number(v, p, rank);
+  if (v < n) comp[v] = xctrt::air_label_number(v, q, rank);
 }
 #endif

@@ -158,16 +158,16 @@ def air_label(lab):
         import cupyx.scipy.ndimage
         return cupyx.scipy.ndimage.label(lab == 0)
     n = int(lab.size)
-    comp = _cupy.zeros(n, np.int32)
+    comp = _cupy.empty(n, np.int32)
     if not n:
         return comp.reshape(lab.shape), 0
     forest, root = _cupy.empty(n, np.int32), _cupy.empty(n, np.uint8)
     grid, Y, X = _blocks(n), np.int32(lab.shape[1]), np.int32(lab.shape[2])
     k["xctrt_air_label_init"](*grid, (lab.reshape(-1), np.int64(n), forest))
     k["xctrt_air_label_merge"](*grid, (forest, np.int64(n), Y, X))
-    k["xctrt_air_label_flatten"](*grid, (forest, np.int64(n), root))
+    k["xctrt_air_label_flatten"](*grid, (forest, np.int64(n), root, comp))   # comp: each voxel's root first
     rank = _cupy.cumsum(root, dtype=np.int32)   # each root's number (1..) at its index
-    k["xctrt_air_label_number"](*grid, (forest, rank, np.int64(n), comp))
+    k["xctrt_air_label_number"](*grid, (comp, rank, np.int64(n), comp))
     return comp.reshape(lab.shape), int(rank[-1])   # the count: a host sync
 
 

@@ -851,11 +851,14 @@ def _air_label_interleaved(lab: np.ndarray, rng) -> np.ndarray:
             a = old
 
     def merge(v):
-        for nb, ok in ((v - 1, v % X > 0), (v - X, (v // X) % Y > 0), (v - Y * X, v >= Y * X)):
-            if p[v] >= 0 and ok:
+        if p[v] < 0:
+            return
+        left = v % X > 0 and p[v - 1] >= 0
+        yield
+        for nb, ok in ((v - 1, left), (v - X, (v // X) % Y > 0), (v - Y * X, v >= Y * X)):
+            if ok and p[nb] >= 0 and not (nb != v - 1 and left and p[nb - 1] >= 0):   # the kernel's skip
                 yield
-                if p[nb] >= 0:
-                    yield from union(v, nb)
+                yield from union(v, nb)
 
     q, root = np.full(n, -1), np.zeros(n, np.int32)
 

@@ -413,8 +413,10 @@ def run(shape=(1000, 1200, 1200), backbone: str = "vit_b", modes=("paper", "shar
             lp = r["ours"]["labeller_profile"] = profile_labeller(
                 torch, tmp / f"ours-{mode}" / "labels.tif", vol, 3 * slab, slab, cuda)
             log(f"[{mode}] device labeller alone, {lp['planes']} planes of ours' labels: add_slab "
-                f"{lp['add_slab_s']} s (with CuPy's air labelling {lp.get('add_slab_s_cupyx_air_label')} s), "
-                f"finish {lp['finish_s']} s" + ("; top kernels:" if lp["kernels"] else ""))
+                f"{lp['add_slab_s']} s"
+                + (f" (with CuPy's air labelling {lp['add_slab_s_cupyx_air_label']} s)" if lp.get(
+                    "add_slab_s_cupyx_air_label") else "")
+                + f", finish {lp['finish_s']} s" + ("; top kernels:" if lp["kernels"] else ""))
             for row in lp["kernels"][:10]:
                 log(f"    {row['ms']:8.3f} ms  {row['calls']:5d}x  {row['name'][:90]}")
         r["ours"]["label_agreement_vs_naive"] = agreement

@@ -47,8 +47,8 @@ class CollectorWatch:
     the run begins (torch, the model, CuPy, the caller's) are frozen out of the collector's passes
     (gc.freeze) until the last run in the process ends: a full pass over a process holding torch walks
     hundreds of thousands of objects (0.13 s on a 2-core VM: benchmarks/host_tail_costs.py) and stalls
-    whichever thread triggers it, mid-table or mid-stage. Each full pass that still happens is kept as a "gc" span for the timeline; summary()
-    gives the passes and seconds per generation."""
+    whichever thread triggers it, mid-table or mid-stage. Each full pass that still happens is kept as a
+    "gc" span for the timeline; summary() gives the passes and seconds per generation."""
 
     _lock = threading.Lock()
     _runs = 0   # runs in progress in this process: the first freezes, the last unfreezes

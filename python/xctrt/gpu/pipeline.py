@@ -200,16 +200,18 @@ class GpuStage:
         # extraction; resize or stitching + aggregation), after a self-check against the step-by-step
         # functions; fused_error says why they are not used
         self.fused = (self.cuda or self.FUSED_ON_CPU) and resample.triton is not None
-        checked = time.perf_counter()
-        self.fused_error = self._check_fused(grey_dtype) if self.fused else None
-        checked = (checked, time.perf_counter())
+        self.fused_error, checked = None, None   # checked: when the self-check began and ended
+        if self.fused:
+            t0 = time.perf_counter()
+            self.fused_error = self._check_fused(grey_dtype)
+            checked = (t0, time.perf_counter())
         self.fused = self.fused and self.fused_error is None
         self.class_voxels = torch.zeros(256, dtype=torch.int64, device=self.device) if self.fused else \
             self.xp.zeros(256, self.xp.int64)
         if self.cuda:   # zeroed on the default stream, added to on the compute stream
             torch.cuda.synchronize()
         self.clock = _Clock(torch, self.cuda)
-        if self.fused or self.fused_error:   # in every run's time, before its first slab: in the timeline
+        if checked:   # in every run's time, before its first slab: in the timeline
             self.clock.add_span("fused_check", *checked)
         self.gaps = _Clock(torch, self.cuda)   # compute stream idle between slabs (waiting for the host or the copy in)
         self._last_end = None                  # event at the end of the previous slab's compute work
@@ -278,8 +280,8 @@ class GpuStage:
                     return f"the fused preprocessing ({raw.dtype}) differs from the step-by-step functions (post.py)"
             # K channels in [0, 1) of the model's output size, a third of them on the quarter steps (ties and
             # values on a threshold), whatever the grey dtype checked above. Drawn on the device: the check
-            # runs in every run's time, and NumPy took 24 ms (best of 3) on the 2-core VM to draw 2 x 3 x 1024 x 1024 of
-            # them (benchmarks/host_tail_costs.py).
+            # runs in every run's time, and NumPy took 24 ms (best of 3) on the 2-core VM to draw
+            # 2 x 3 x 1024 x 1024 of them (benchmarks/host_tail_costs.py).
             g = torch.Generator(device=self.device).manual_seed(0)
             probs = torch.rand((x.shape[0], len(self.ids)) + tuple(x.shape[2:]), generator=g, device=self.device)
             probs[..., ::3] = torch.floor(probs[..., ::3] * 4) / 4

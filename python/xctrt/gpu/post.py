@@ -946,18 +946,16 @@ class ComponentLabeller:
         kept = xp.flatnonzero(keep)   # one host sync, not one per column
         return {k: v[kept] for k, v in m.items()}, new_id[comp]
 
-    def _columns(self, h: dict) -> dict:
+    def _columns(self, h: dict) -> tuple[dict, float, float]:
         """The table from the merged columns on the host (_core.component_table), its surface distances
-        left NaN; columns_s and _columns_span: its time."""
+        left NaN, and when it began and ended (perf_counter seconds)."""
         t0 = time.perf_counter()
         lo, hi = h["min"], h["max"]
         table = _core.component_table(
             h["voxels"], h["sz"], h["sy"], h["sx"], h["cross"], h["gsum"], h["gmin"], h["gmax"],
             lo[:, 0], lo[:, 1], lo[:, 2], hi[:, 0], hi[:, 1], hi[:, 2], h["cls"], h["edge"],
             np.full(len(h["voxels"]), np.nan), self.voxel_size)
-        t1 = time.perf_counter()
-        self.columns_s, self._columns_span = t1 - t0, (t0, t1)
-        return table
+        return table, t0, time.perf_counter()
 
     def finish(self, min_voxels: int = 0, on_outside_air=None) -> dict:
         """The table (dict of NumPy columns), identical to _core.ComponentLabeller.finish.
@@ -995,12 +993,13 @@ class ComponentLabeller:
             spans.append(("table surface", t2, time.perf_counter()))
             # in the finish's time: the outside air, then what the trees and search took beyond the merge
             self.surface_distance_s = (t1 - t0) + (spans[-1][2] - t2)
-            table = columns.result()
+            table, c0, c1 = columns.result()
         finally:
             pool.shutdown(wait=True)
             columns_pool.shutdown(wait=True)
             self._tree_pool = None
-        spans.append(("table columns", *self._columns_span))
+        self.columns_s = c1 - c0
+        spans.append(("table columns", c0, c1))
         table["surface_distance"][:] = dist
         return table
 

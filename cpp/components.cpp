@@ -19,7 +19,10 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cerrno>
 #include <charconv>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,6 +33,7 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+#include <unistd.h>
 
 #include "bindings.hpp"
 #include "crofton.hpp"
@@ -1377,83 +1381,104 @@ I32Arr air_label_number_host(I32Arr q, I32Arr rank) {
   return comp;
 }
 
-// defects.csv's bytes (UTF-8): `header`, then one row per component, one column per kind character:
+// defects.csv (UTF-8): `header`, then one row per component, one column per kind character:
 // 'd' int64, 'g' float64 as %.6g, 'f' float64 as %.3f, 'G' %.6g or empty where not finite (no
 // surface in view), 's' strings by code: a pair (int64 codes, list of strings), each row the string
 // its code picks (class names). The same text as Python's %-format (defects.table_to_csv's
 // reference): std::to_chars writes what printf would, correctly rounded as Python's digits are; only
 // NaN is spelt here, since it may write "-nan".
-py::bytes table_csv(const py::list& columns, const std::string& kinds, const std::string& header) {
-  const size_t k = kinds.size();
-  if (columns.size() != k) throw std::invalid_argument("table_csv needs one kind per column");
-  std::vector<py::array_t<int64_t, py::array::c_style | py::array::forcecast>> ints(k);
-  std::vector<py::array_t<double, py::array::c_style | py::array::forcecast>> reals(k);
-  std::vector<std::vector<std::string>> strings(k);
-  py::ssize_t n = -1;
-  for (size_t c = 0; c < k; ++c) {
-    py::ssize_t len;
-    switch (kinds[c]) {
-      case 'd': ints[c] = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(columns[c]);
-                if (!ints[c] || ints[c].ndim() != 1) throw std::invalid_argument("table_csv: 1-D columns only");
-                len = ints[c].shape(0); break;
-      case 'g': case 'f': case 'G':
-                reals[c] = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(columns[c]);
-                if (!reals[c] || reals[c].ndim() != 1) throw std::invalid_argument("table_csv: 1-D columns only");
-                len = reals[c].shape(0); break;
-      case 's': {
-        const auto pair = columns[c].cast<py::tuple>();
-        if (pair.size() != 2) throw std::invalid_argument("table_csv: a string column is (codes, strings)");
-        ints[c] = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(pair[0]);
-        if (!ints[c] || ints[c].ndim() != 1) throw std::invalid_argument("table_csv: 1-D columns only");
-        strings[c] = pair[1].cast<std::vector<std::string>>();
-        len = ints[c].shape(0);
-        const int64_t* code = ints[c].data();
-        for (py::ssize_t i = 0; i < len; ++i)
-          if (code[i] < 0 || code[i] >= static_cast<int64_t>(strings[c].size()))
-            throw std::invalid_argument("table_csv: a string code out of range");
-        break;
+class CsvTable {
+ public:
+  static constexpr py::ssize_t kRows = 2048;   // rows per block: the unit of work of one core
+
+  CsvTable(const py::list& columns, const std::string& kinds) : kinds_(kinds) {
+    const size_t k = kinds.size();
+    if (columns.size() != k) throw std::invalid_argument("table_csv needs one kind per column");
+    ints_.resize(k);
+    reals_.resize(k);
+    strings_.resize(k);
+    for (size_t c = 0; c < k; ++c) {
+      py::ssize_t len;
+      switch (kinds[c]) {
+        case 'd': ints_[c] = Ints::ensure(columns[c]);
+                  if (!ints_[c] || ints_[c].ndim() != 1) throw std::invalid_argument("table_csv: 1-D columns only");
+                  len = ints_[c].shape(0); break;
+        case 'g': case 'f': case 'G':
+                  reals_[c] = Reals::ensure(columns[c]);
+                  if (!reals_[c] || reals_[c].ndim() != 1) throw std::invalid_argument("table_csv: 1-D columns only");
+                  len = reals_[c].shape(0); break;
+        case 's': {
+          const auto pair = columns[c].cast<py::tuple>();
+          if (pair.size() != 2) throw std::invalid_argument("table_csv: a string column is (codes, strings)");
+          ints_[c] = Ints::ensure(pair[0]);
+          if (!ints_[c] || ints_[c].ndim() != 1) throw std::invalid_argument("table_csv: 1-D columns only");
+          strings_[c] = pair[1].cast<std::vector<std::string>>();
+          len = ints_[c].shape(0);
+          const int64_t* code = ints_[c].data();
+          for (py::ssize_t i = 0; i < len; ++i)
+            if (code[i] < 0 || code[i] >= static_cast<int64_t>(strings_[c].size()))
+              throw std::invalid_argument("table_csv: a string code out of range");
+          break;
+        }
+        default: throw std::invalid_argument(std::string("table_csv: unknown column kind '") + kinds[c] + "'");
       }
-      default: throw std::invalid_argument(std::string("table_csv: unknown column kind '") + kinds[c] + "'");
+      if (rows_ >= 0 && len != rows_) throw std::invalid_argument("table_csv needs columns of one length");
+      rows_ = len;
     }
-    if (n >= 0 && len != n) throw std::invalid_argument("table_csv needs columns of one length");
-    n = len;
   }
-  // Blocks of rows formatted on all cores, each into its own string, then copied in order into the
-  // bytes object itself: no joined string, and no text object that the file would encode again
-  // (for the random network's ~500k rows each of those passes took ~0.05 s).
-  constexpr py::ssize_t kRows = 2048;
-  const py::ssize_t n_blocks = (std::max<py::ssize_t>(n, 0) + kRows - 1) / kRows;
+
+  py::ssize_t blocks() const { return (std::max<py::ssize_t>(rows_, 0) + kRows - 1) / kRows; }
+
+  // Block b's rows into `text` (cleared first). Reads only: any number of threads, without the GIL.
+  void format(py::ssize_t b, std::string& text) const {
+    const size_t k = kinds_.size();
+    text.clear();
+    text.reserve(static_cast<size_t>(kRows) * k * 10);
+    char buf[512];   // %.3f of the largest double: 309 digits, sign and 4 more
+    // std::to_chars with a format and precision writes what printf would, several times faster
+    auto real = [&](double v, std::chars_format fmt, int precision) {
+      if (std::isnan(v)) { text += "nan"; return; }
+      const auto r = std::to_chars(buf, buf + sizeof buf, v, fmt, precision);
+      text.append(buf, static_cast<size_t>(r.ptr - buf));
+    };
+    for (py::ssize_t i = b * kRows; i < std::min(rows_, (b + 1) * kRows); ++i) {
+      for (size_t c = 0; c < k; ++c) {
+        if (c) text += ',';
+        switch (kinds_[c]) {
+          case 'd': { const auto r = std::to_chars(buf, buf + sizeof buf, ints_[c].data()[i]);
+                      text.append(buf, static_cast<size_t>(r.ptr - buf)); break; }
+          case 'g': real(reals_[c].data()[i], std::chars_format::general, 6); break;
+          case 'f': real(reals_[c].data()[i], std::chars_format::fixed, 3); break;
+          case 'G': if (std::isfinite(reals_[c].data()[i])) real(reals_[c].data()[i], std::chars_format::general, 6); break;
+          default: text += strings_[c][static_cast<size_t>(ints_[c].data()[i])];
+        }
+      }
+      text += '\n';
+    }
+  }
+
+ private:
+  using Ints = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  using Reals = py::array_t<double, py::array::c_style | py::array::forcecast>;
+  std::string kinds_;
+  std::vector<Ints> ints_;
+  std::vector<Reals> reals_;
+  std::vector<std::vector<std::string>> strings_;
+  py::ssize_t rows_ = -1;
+};
+
+// defects.csv's bytes. Blocks of rows formatted on all cores, each into its own string, then copied in
+// order into the bytes object itself: no joined string, and no text object that a file would encode again.
+py::bytes table_csv(const py::list& columns, const std::string& kinds, const std::string& header) {
+  const CsvTable table(columns, kinds);
+  const py::ssize_t n_blocks = table.blocks();
   std::vector<std::string> blocks(static_cast<size_t>(n_blocks));
   {
     py::gil_scoped_release release;
 #ifdef XCTRT_OPENMP
 #pragma omp parallel for schedule(dynamic, 1) if (n_blocks > 1)
 #endif
-    for (py::ssize_t b = 0; b < n_blocks; ++b) {
-      std::string& text = blocks[static_cast<size_t>(b)];
-      text.reserve(static_cast<size_t>(kRows) * k * 10);
-      char buf[512];   // %.3f of the largest double: 309 digits, sign and 4 more
-      // std::to_chars with a format and precision writes what printf would, several times faster
-      auto real = [&](double v, std::chars_format fmt, int precision) {
-        if (std::isnan(v)) { text += "nan"; return; }
-        const auto r = std::to_chars(buf, buf + sizeof buf, v, fmt, precision);
-        text.append(buf, static_cast<size_t>(r.ptr - buf));
-      };
-      for (py::ssize_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i) {
-        for (size_t c = 0; c < k; ++c) {
-          if (c) text += ',';
-          switch (kinds[c]) {
-            case 'd': { const auto r = std::to_chars(buf, buf + sizeof buf, ints[c].data()[i]);
-                        text.append(buf, static_cast<size_t>(r.ptr - buf)); break; }
-            case 'g': real(reals[c].data()[i], std::chars_format::general, 6); break;
-            case 'f': real(reals[c].data()[i], std::chars_format::fixed, 3); break;
-            case 'G': if (std::isfinite(reals[c].data()[i])) real(reals[c].data()[i], std::chars_format::general, 6); break;
-            default: text += strings[c][static_cast<size_t>(ints[c].data()[i])];
-          }
-        }
-        text += '\n';
-      }
-    }
+    for (py::ssize_t b = 0; b < n_blocks; ++b) table.format(b, blocks[static_cast<size_t>(b)]);
   }
   size_t total = header.size();
   for (const std::string& t : blocks) total += t.size();
@@ -1468,6 +1493,57 @@ py::bytes table_csv(const py::list& columns, const std::string& kinds, const std
     dst += t.size();
   }
   return out;
+}
+
+// All of n bytes to the file descriptor: 0, or the errno of the write that failed (ENOSPC: a full disk).
+static int write_all(int fd, const char* p, size_t n) {
+  while (n) {
+    const ssize_t w = ::write(fd, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return 0;
+}
+
+// defects.csv written to an open file descriptor as its blocks are formatted: each core formats a block,
+// then writes it in its turn (the blocks in order), so the disk writes overlap the formatting of later
+// blocks instead of following all of it, and no block is kept once written. Returns (bytes written, errno
+// of the first failed write or 0, seconds inside the writes); after a failed write nothing more is
+// written, and the caller must not keep the file.
+py::tuple table_csv_write(int fd, const py::list& columns, const std::string& kinds, const std::string& header) {
+  const CsvTable table(columns, kinds);
+  const py::ssize_t n_blocks = table.blocks();
+  int64_t written = 0;
+  std::atomic<int> err{0};   // read by the formatting cores, set in a write's turn
+  double write_s = 0.0;
+  {
+    py::gil_scoped_release release;
+    auto put = [&](const std::string& text) {   // called in block order, one call at a time
+      if (err.load() || text.empty()) return;
+      const auto t0 = std::chrono::steady_clock::now();
+      const int e = write_all(fd, text.data(), text.size());
+      write_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (e) err.store(e);
+      else written += static_cast<int64_t>(text.size());
+    };
+    put(header);
+#ifdef XCTRT_OPENMP
+#pragma omp parallel for ordered schedule(dynamic, 1) if (n_blocks > 1)
+#endif
+    for (py::ssize_t b = 0; b < n_blocks; ++b) {
+      std::string text;
+      if (!err.load()) table.format(b, text);   // after a failed write, the rest are not formatted either
+#ifdef XCTRT_OPENMP
+#pragma omp ordered
+#endif
+      put(text);
+    }
+  }
+  return py::make_tuple(written, err.load(), write_s);
 }
 
 }  // namespace
@@ -1561,6 +1637,10 @@ void bind_components(py::module_& m) {
   m.def("table_csv", &table_csv, py::arg("columns"), py::arg("kinds"), py::arg("header") = std::string(),
         "defects.csv's bytes: header, then the rows of the table's columns; kinds: one of d (int64), g (%.6g),\n"
         "f (%.3f), G (%.6g, empty where not finite), s (strings: a pair of int64 codes and the strings they pick) per column.");
+  m.def("table_csv_write", &table_csv_write, py::arg("fd"), py::arg("columns"), py::arg("kinds"),
+        py::arg("header") = std::string(),
+        "table_csv's text written to the open file descriptor fd as its blocks are formatted (in order, on all\n"
+        "cores): (bytes written, errno of the first failed write or 0, seconds inside the writes).");
   m.def("crofton_directions", [] {
         py::array_t<int32_t> d({kDirs, 3});
         for (int k = 0; k < kDirs; ++k)

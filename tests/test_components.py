@@ -1,6 +1,7 @@
 """Streamed 3D connected components (xctrt._core.ComponentLabeller) against NumPy/SciPy and cc3d."""
 
 import math
+from pathlib import Path
 
 import cc3d
 import numpy as np
@@ -784,6 +785,31 @@ def test_table_csv_matches_a_cell_by_cell_reference():
     for codes in ([0, 2], [-1, 0]):
         with pytest.raises(ValueError, match="code out of range"):
             _core.table_csv([(np.array(codes), ["a", "b"])], "s")
+
+
+def test_table_csv_write_streams_the_same_bytes_and_reports_a_failed_write(tmp_path):
+    # write_table_csv writes each block of rows as it is formatted, in order: the file holds table_to_csv's
+    # bytes exactly, for one block, many, and none; a full disk (/dev/full) is an OSError naming the file
+    import errno
+    import os
+
+    from conftest import load_benchmark
+    from xctrt.defects import table_to_csv, write_table_csv
+    bench = load_benchmark("table_csv")
+    t = bench.random_table(9000)    # five blocks of 2048 rows, the last one short
+    for rows in (9000, 2048, 1, 0):
+        part = {k: v[:rows] for k, v in t.items()}
+        path = tmp_path / f"{rows}.csv"
+        write_s = write_table_csv(path, part, "mm")
+        assert path.read_bytes() == table_to_csv(part, "mm") and write_s >= 0.0
+    if os.path.exists("/dev/full"):
+        with pytest.raises(OSError, match="No space left") as info:
+            write_table_csv(Path("/dev/full"), t, "mm")
+        assert info.value.errno == errno.ENOSPC and info.value.filename == "/dev/full"
+    written, err, _ = _core.table_csv_write(-1, [np.arange(3)], "d", "n\n")   # not a file: EBADF, nothing written
+    assert (written, err) == (0, errno.EBADF)
+    with pytest.raises(ValueError, match="one length"):   # the columns are checked before anything is written
+        _core.table_csv_write(-1, [np.zeros(2), np.zeros(3)], "gg")
 
 
 @pytest.mark.parametrize("labels", ["phantom", "speckle"])

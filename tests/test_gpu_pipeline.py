@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import tifffile
@@ -191,9 +192,11 @@ def test_device_components_draw_the_preview_while_the_table_is_made(nets, packag
     def broken(*args, **kwargs):
         raise XctrtError("preview.png: cannot write (No space left on device)")
 
-    # defects.csv: formatted and written on a thread of its own as soon as the table is made, the same bytes
-    for stage in ("csv", "csv_write"):   # formatted, then written
-        assert b.summary["timing"]["stage_busy_s"][stage] > 0 and stage in a.summary["timing"]["stage_busy_s"]
+    # defects.csv: formatted and written on a thread of its own as soon as the table is made, the same bytes;
+    # "csv_write" is the part of "csv" inside its writes (a few microseconds for this small table)
+    for r in (a, b):
+        busy = r.summary["timing"]["stage_busy_s"]
+        assert busy["csv"] > 0 and 0 <= busy["csv_write"] <= busy["csv"]
     assert (tmp_path / "gpu" / "defects.csv").read_bytes() == (tmp_path / "cpu" / "defects.csv").read_bytes()
 
     monkeypatch.setattr(pipeline_module, "write_preview", broken)
@@ -202,11 +205,13 @@ def test_device_components_draw_the_preview_while_the_table_is_made(nets, packag
     failed = tmp_path / "failed"
     assert not failed.exists() or not any(failed.iterdir())   # no output, not even a partial file
 
-    def broken_csv(*args, **kwargs):
-        raise XctrtError("defects.csv: cannot write (No space left on device)")
+    write_table_csv = pipeline_module.write_table_csv
+
+    def full_disk_csv(path, *args):   # the real writer, on a disk with no room left (its ENOSPC)
+        write_table_csv(Path("/dev/full"), *args)
 
     monkeypatch.undo()
-    monkeypatch.setattr(pipeline_module, "table_to_csv", broken_csv)
+    monkeypatch.setattr(pipeline_module, "write_table_csv", full_disk_csv)
     for seg, name in ((host, "failed_csv_gpu"), (cpu, "failed_csv_cpu")):
         with pytest.raises(XctrtError, match="defects.csv: cannot write"):
             seg.segment(volume, out_dir=tmp_path / name)
@@ -1125,4 +1130,4 @@ def test_host_tail_costs_benchmark_runs(tmp_path):
     assert json.loads((tmp_path / "costs.json").read_text()) == out
     assert out["gc_objects"] > 0 and out["gc_full_pass_s"] > 0 and out["gc_full_pass_frozen_s"] >= 0
     assert out["host_pick_s"] > 0 and out["csv_rows"] == 300 and out["csv_bytes"] > 300 * 50
-    assert out["csv_format_s"] > 0 and out["csv_write_s"] > 0 and out["check_probs_on_host_s"] > 0 and list(tmp_path.iterdir()) == [tmp_path / "costs.json"]
+    assert out["csv_format_s"] > 0 and out["csv_write_s"] > 0 and out["csv_streamed_s"] > 0 and out["check_probs_on_host_s"] > 0 and list(tmp_path.iterdir()) == [tmp_path / "costs.json"]

@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__, _core
 from .backends import make_engine
 from .cpus import usable_cpus
-from .defects import DefectCounter, outside_air_masks, summarise, table_to_csv
+from .defects import DefectCounter, outside_air_masks, summarise, write_table_csv
 from .errors import XctrtError
 from .io import (ArraySource, SliceFolderSource, StagedOutputs, TiffSource, VolumeSource, open_volume,
                  write_json, write_volume_tiff)
@@ -481,10 +481,10 @@ class Segmenter:
         def start_csv(table):
             def job():
                 if not failed.is_set():
-                    with timer("csv"):
-                        text = table_to_csv(table, unit)
-                    with timer("csv_write"), staged.write("defects.csv") as tmp:   # apart: a disk behind on
-                        tmp.write_bytes(text)   # labels.tif's writes may hold this one back
+                    # formatted and written together ("csv"); "csv_write": the seconds inside its writes
+                    # (a disk behind on labels.tif's writes may hold them back)
+                    with timer("csv"), staged.write("defects.csv") as tmp:
+                        timer.add_seconds("csv_write", write_table_csv(tmp, table, unit))
             csv_written.append(csv_pool.submit(job))
 
         threads = [threading.Thread(target=reader, name="xctrt-read", daemon=True),

@@ -36,6 +36,11 @@ class StageTimer:
             self.seconds[stage] += t1 - t0
             self.spans.append((stage, t0, t1))
 
+    def add_seconds(self, stage: str, seconds: float) -> None:
+        """Busy seconds without a span of their own (work inside another span, as defects.csv's writes)."""
+        with self._lock:
+            self.seconds[stage] += seconds
+
     def add_span(self, stage: str, t0: float, t1: float) -> None:
         """A span for the timeline only (its seconds are counted some other way)."""
         with self._lock:

@@ -148,6 +148,24 @@ def small_checks(xp, checks: Checks, seed: int):
             return ok and n == n_want, detail if not ok else f"{n} components (SciPy {n_want})"
         checks.run(f"air_label {shape} air {air}", air_label)
 
+    # the components' union-find (post._connect: kernels on the GPU, their _core twins on the host), on random
+    # graphs and on a chain of shuffled nodes (deep trees), against each node's smallest connected node
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    for n, m, chain in [(1, 0, False), (50, 80, False), (200_000, 150_000, False), (2_000_000, 1_999_999, True)]:
+        if chain:
+            order = rng.permutation(n).astype(np.int32)
+            a, b = order[:-1], order[1:]
+        else:
+            a, b = rng.integers(0, n, m).astype(np.int32), rng.integers(0, n, m).astype(np.int32)
+
+        def connect():
+            _, comp = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
+            first = np.full(int(comp.max()) + 1, n, np.int64)
+            np.minimum.at(first, comp, np.arange(n))
+            return same(post._connect(n, dev(a), dev(b)), first[comp].astype(np.int32))
+        checks.run(f"union-find {n} nodes {len(a)} edges{' chain' if chain else ''}", connect)
+
     def blobs(shape, n):
         lab = np.ones(shape, np.uint8)
         for _ in range(n):

@@ -1381,6 +1381,34 @@ I32Arr air_label_number_host(I32Arr q, I32Arr rank) {
   return comp;
 }
 
+// post._connect's kernels (union_edge, find_root) on the host: p a forest of nodes 0..n-1 (every p[v] in
+// 0..v), edges (a[i], b[i]) between nodes. One edge at a time, the roots they give are the kernels'.
+static void check_nodes(const I32Arr& p) {
+  if (p.ndim() != 1) throw std::invalid_argument("p must be a flat int32 array, one value per node");
+  for (int64_t v = 0; v < p.size(); ++v)
+    if (p.data()[v] < 0 || p.data()[v] > v) throw std::invalid_argument("p must hold a node at or below each node");
+}
+
+I32Arr union_edges_host(I32Arr p, I32Arr a, I32Arr b) {
+  check_nodes(p);
+  if (a.ndim() != 1 || b.ndim() != 1 || a.size() != b.size()) throw std::invalid_argument("a and b must be edges: two flat arrays of one length");
+  for (int64_t i = 0; i < a.size(); ++i)
+    if (a.data()[i] < 0 || a.data()[i] >= p.size() || b.data()[i] < 0 || b.data()[i] >= p.size())
+      throw std::invalid_argument("an edge joins a node out of range");
+  I32Arr out(p.size());
+  std::copy(p.data(), p.data() + p.size(), out.mutable_data());
+  for (int64_t i = 0; i < a.size(); ++i) union_edge(i, out.mutable_data(), a.data(), b.data());
+  return out;
+}
+
+py::tuple find_roots_host(I32Arr p) {
+  check_nodes(p);
+  I32Arr out(p.size()), q(p.size());
+  std::copy(p.data(), p.data() + p.size(), out.mutable_data());
+  for (int64_t v = 0; v < p.size(); ++v) q.mutable_data()[v] = find_root(v, out.mutable_data());
+  return py::make_tuple(out, q);
+}
+
 // defects.csv (UTF-8): `header`, then one row per component, one column per kind character:
 // 'd' int64, 'g' float64 as %.6g, 'f' float64 as %.3f, 'G' %.6g or empty where not finite (no
 // surface in view), 's' strings by code: a pair (int64 codes, list of strings), each row the string
@@ -1625,6 +1653,11 @@ void bind_components(py::module_& m) {
   m.def("air_label_number", &air_label_number_host, py::arg("q"), py::arg("rank"),
         "... the components numbered 1.. from their roots q and the roots' running count rank (int32 per\n"
         "voxel): 0 outside the air.");
+  m.def("union_edges", &union_edges_host, py::arg("p"), py::arg("a"), py::arg("b"),
+        "The GPU union-find's xctrt_union_edges on the host: forest p (int32, p[v] in 0..v) with each edge\n"
+        "(a[i], b[i]) joined, the larger root under the smaller.");
+  m.def("find_roots", &find_roots_host, py::arg("p"),
+        "... then xctrt_find_roots: (p with its paths halved, each node's root: its component's smallest node).");
   m.def("component_table", &component_table, py::arg("voxels"), py::arg("sz"), py::arg("sy"),
         py::arg("sx"), py::arg("crossings"), py::arg("gsum"),
         py::arg("gmin"), py::arg("gmax"), py::arg("z0"), py::arg("y0"), py::arg("x0"),

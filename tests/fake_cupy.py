@@ -348,6 +348,14 @@ _AIR_LABEL_TWINS = {   # the air labelling's kernels: types, twin, outputs, arra
 }
 _TWINS = {**{name: _kernel_twin(name, *how) for name, how in _AIR_LABEL_TWINS.items()},
           "xctrt_search_air_runs": _search_air_runs,
+          "xctrt_union_edges": _kernel_twin(
+              "xctrt_union_edges", (ndarray, ndarray, ndarray, I64),
+              lambda p, a, b, m: _core_fn("union_edges")(p._a, a._a, b._a) if a.shape == b.shape == (m,) else None,
+              (0,), ("int32", "int32", "int32")),
+          "xctrt_find_roots": _kernel_twin(
+              "xctrt_find_roots", (ndarray, I64, ndarray),
+              lambda p, n, q: _core_fn("find_roots")(p._a) if p.shape == q.shape == (n,) else None,
+              (0, 2), ("int32", "int32")),
           "xctrt_defect_voxels": _kernel_twin(
               "xctrt_defect_voxels",
               (ndarray, ndarray, I64, I64, I64, I64, I32, I32, I32, I32, I32, I32, ndarray, ndarray, ndarray, ndarray),

@@ -489,7 +489,7 @@ def test_outside_air_known_only_later_gets_its_own_tree():
     assert any(r[0] in (2, 3) and r[2] <= 12 <= r[3] for r in mid)   # the pocket's late air, across x = 12
     detail = got.outside_air_detail
     assert detail["late_runs"] == len(air) - early and detail["air_components"] > 0
-    assert detail["connect_rounds"] and all(a > b for a, b in zip(detail["connect_rounds"], detail["connect_rounds"][1:]))
+    assert detail["air_pairs"] > 0 and detail["air_runs"] >= len(air)   # the pocket joined across slabs
 
 
 def test_table_columns_are_made_while_the_distances_are_searched(monkeypatch):
@@ -747,8 +747,8 @@ def test_concatenate_copies_many_arrays_one_by_one_on_the_device(monkeypatch):
 @pytest.mark.parametrize("conn", [6, 18, 26])
 @pytest.mark.parametrize("slabs", [[12], [5, 0, 4, 3], [1] * 12], ids=["whole", "mixed", "ones"])
 def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
-    """Tables, outside air and label volume as on NumPy; host syncs stay a few dozen per slab (union-find
-    rounds and output sizes), never one per component or voxel."""
+    """Tables, outside air and label volume as on NumPy; host syncs stay a few dozen per slab (output
+    sizes), never one per component or voxel."""
     import fake_cupy
     fc = fake_cupy.install(monkeypatch)
     rng = np.random.default_rng(conn)
@@ -780,7 +780,10 @@ def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
     k = nonempty   # the kernels' paths: per slab and per boundary between slabs
     each_slab = ("xctrt_defect_voxels", "xctrt_defect_runs", "xctrt_air_sides", "xctrt_air_run_starts", "xctrt_air_runs",
                  "xctrt_air_label_init", "xctrt_air_label_merge", "xctrt_air_label_flatten", "xctrt_air_label_number")
+    # the union-find (post._connect): once per slab over its defect voxels, once more in finish() over the
+    # components joined across slab boundaries; the air's across slabs is joined on the host
     assert fake_cupy.launches == {"xctrt_search_air_runs": 1, **dict.fromkeys(each_slab, k),
+                                  **dict.fromkeys(("xctrt_union_edges", "xctrt_find_roots"), k + (k > 1)),
                                   **(dict.fromkeys(("xctrt_plane_crossings", "xctrt_air_pairs"), k - 1) if k > 1 else {})}
     assert got.outside_air_voxels == ref.outside_air_voxels == int(outside_air_reference(lab).sum())
     assert_same(on_device(fc, post.label_volume, lab, (2, 3), conn), _core.label_volume(lab, [2, 3], conn))
@@ -816,39 +819,55 @@ def test_air_label_kernels_number_the_air_as_scipy(monkeypatch, seed):
         assert ("xctrt_air_label_merge" in fake_cupy.launches) == (how == "kernels")
 
 
-def _air_label_interleaved(lab: np.ndarray, rng) -> np.ndarray:
-    """labeller_kernels.h's air labelling as GPU threads may run it: one generator per voxel and kernel, each
-    step a read, a write or an atomicMin of the shared forest, the threads stepped in random order (the
-    most hostile schedule; a kernel ends before the next starts). Labels as air_label returns them."""
-    n, (Y, X) = lab.size, lab.shape[1:]
-    p = np.where(lab.reshape(-1) == 0, np.arange(n), -1)   # air_label_init
-
-    def find(v):
+def _find_steps(p, v):
+    """labeller_kernels.h's forest_find as a GPU thread runs it on the shared forest p: a step per read or write."""
+    u = p[v]
+    yield
+    while u != v:
+        w = p[u]
+        yield
+        p[v] = w
+        yield
+        v = w
         u = p[v]
         yield
-        while u != v:
-            w = p[u]
-            yield
-            p[v] = w
-            yield
-            v = w
-            u = p[v]
-            yield
-        return v
+    return v
 
-    def union(a, b):
-        while True:
-            a = yield from find(a)
-            b = yield from find(b)
-            if a == b:
-                return
-            a, b = max(a, b), min(a, b)
-            old = p[a]
-            p[a] = min(old, b)   # atomicMin: one step
-            yield
-            if old == a:
-                return
-            a = old
+
+def _union_steps(p, a, b):
+    """... and forest_union: the atomicMin is one step."""
+    while True:
+        a = yield from _find_steps(p, a)
+        b = yield from _find_steps(p, b)
+        if a == b:
+            return
+        a, b = max(a, b), min(a, b)
+        old = p[a]
+        p[a] = min(old, b)
+        yield
+        if old == a:
+            return
+        a = old
+
+
+def _interleave(threads, rng) -> None:
+    """One kernel's threads (generators), stepped in random order until all have ended (the most hostile
+    schedule; a kernel ends before the next starts)."""
+    threads = list(threads)
+    while threads:
+        i = int(rng.integers(len(threads)))
+        try:
+            next(threads[i])
+        except StopIteration:
+            threads[i] = threads[-1]
+            threads.pop()
+
+
+def _air_label_interleaved(lab: np.ndarray, rng) -> np.ndarray:
+    """labeller_kernels.h's air labelling as GPU threads may run it: one generator per voxel and kernel, each
+    step a read, a write or an atomicMin of the shared forest. Labels as air_label returns them."""
+    n, (Y, X) = lab.size, lab.shape[1:]
+    p = np.where(lab.reshape(-1) == 0, np.arange(n), -1)   # air_label_init
 
     def merge(v):
         if p[v] < 0:
@@ -858,24 +877,17 @@ def _air_label_interleaved(lab: np.ndarray, rng) -> np.ndarray:
         for nb, ok in ((v - 1, left), (v - X, (v // X) % Y > 0), (v - Y * X, v >= Y * X)):
             if ok and p[nb] >= 0 and not (nb != v - 1 and left and p[nb - 1] >= 0):   # the kernel's skip
                 yield
-                yield from union(v, nb)
+                yield from _union_steps(p, v, nb)
 
     q, root = np.full(n, -1), np.zeros(n, np.int32)
 
     def flatten(v):
         if p[v] >= 0:
-            q[v] = yield from find(v)
+            q[v] = yield from _find_steps(p, v)
             root[v] = q[v] == v
 
     for kernel in (merge, flatten):
-        threads = [kernel(v) for v in range(n)]
-        while threads:
-            i = int(rng.integers(len(threads)))
-            try:
-                next(threads[i])
-            except StopIteration:
-                threads[i] = threads[-1]
-                threads.pop()
+        _interleave((kernel(v) for v in range(n)), rng)
     rank = np.cumsum(root)
     return np.where(q >= 0, rank[q], 0).reshape(lab.shape)
 
@@ -892,6 +904,57 @@ def test_air_label_kernels_give_scipy_under_any_thread_order(seed):
     want = ndimage.label(lab == 0)[0]
     for _ in range(5):
         np.testing.assert_array_equal(_air_label_interleaved(lab, rng), want)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_union_find_kernels_give_each_node_its_smallest_connected_node(monkeypatch, seed):
+    """post._connect: the union-find kernels (every edge joined, then every node's root found), under
+    random interleavings of their threads' steps and as their _core twins run them (on NumPy, and launched
+    on the CuPy stand-in), give each node the smallest node of its component, as SciPy's components say."""
+    import fake_cupy
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+    m = int(rng.integers(0, 3 * n))
+    a, b = rng.integers(0, n, m).astype(np.int32), rng.integers(0, n, m).astype(np.int32)
+    if seed % 4 == 1:   # a long chain in shuffled order: deep trees for the finds to halve
+        order = rng.permutation(n).astype(np.int32)
+        a, b = order[:-1], order[1:]
+    _, comp = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
+    want = np.array([np.flatnonzero(comp == c).min() for c in comp], np.int32)
+    for _ in range(5):
+        p, q = np.arange(n), np.full(n, -1)
+        _interleave((_union_steps(p, int(x), int(y)) for x, y in zip(a, b)), rng)
+
+        def find(v):
+            q[v] = yield from _find_steps(p, v)
+        _interleave((find(v) for v in range(n)), rng)
+        np.testing.assert_array_equal(q, want)
+    assert_same(post._connect(n, a, b), want)   # NumPy: the twins
+    fc = fake_cupy.install(monkeypatch)
+    fake_cupy.launches, fake_cupy.syncs = {}, 0
+    got = post._connect(n, fc.asarray(a), fc.asarray(b))
+    assert isinstance(got, fc.ndarray) and fake_cupy.syncs == 0   # no host sync on the device path
+    assert_same(post.to_host(got), want)
+    assert fake_cupy.launches == {"xctrt_find_roots": 1, **({"xctrt_union_edges": 1} if m else {})}
+
+
+def test_union_find_host_twins_refuse_what_would_send_them_out_of_bounds():
+    p = np.arange(4, dtype=np.int32)
+    assert_same(_core.union_edges(p, np.array([3, 1], np.int32), np.array([1, 0], np.int32)),
+                np.array([0, 0, 2, 1], np.int32))
+    with pytest.raises(ValueError, match="out of range"):
+        _core.union_edges(p, np.array([4], np.int32), np.array([0], np.int32))
+    with pytest.raises(ValueError, match="out of range"):
+        _core.union_edges(p, np.array([0], np.int32), np.array([-1], np.int32))
+    with pytest.raises(ValueError, match="one length"):
+        _core.union_edges(p, np.array([0, 1], np.int32), np.array([0], np.int32))
+    for bad in (np.array([0, 2, 2, 3], np.int32), np.array([0, -1, 2, 3], np.int32)):   # above itself, or none
+        with pytest.raises(ValueError, match="at or below"):
+            _core.union_edges(bad, np.zeros(0, np.int32), np.zeros(0, np.int32))
+        with pytest.raises(ValueError, match="at or below"):
+            _core.find_roots(bad)
 
 
 def test_air_label_host_twins_refuse_what_would_send_them_out_of_bounds():

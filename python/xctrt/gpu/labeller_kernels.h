@@ -207,9 +207,10 @@ XCTRT_HD inline i32 atomic_min_i32(volatile i32* a, i32 v) {
 #endif
 }
 
+// The union-find of the air labelling below and of post._connect: a forest p with every p[v] <= v.
 // v's root, halving the path on the way: each step points v at its grandparent, an ancestor (any thread
 // may write that), so the trees stay shallow.
-XCTRT_HD inline i32 air_find(volatile i32* p, i32 v) {
+XCTRT_HD inline i32 forest_find(volatile i32* p, i32 v) {
   for (i32 u = p[v]; u != v; u = p[v]) {
     const i32 w = p[u];
     p[v] = w;
@@ -218,9 +219,11 @@ XCTRT_HD inline i32 air_find(volatile i32* p, i32 v) {
   return v;
 }
 
-XCTRT_HD inline void air_union(volatile i32* p, i32 a, i32 b) {
+// Joins a's and b's trees: the larger root under the smaller (atomicMin), retried where a's root was hooked
+// elsewhere meanwhile. Whatever order the threads run in, each root stays its tree's smallest index.
+XCTRT_HD inline void forest_union(volatile i32* p, i32 a, i32 b) {
   while (true) {
-    a = air_find(p, a), b = air_find(p, b);
+    a = forest_find(p, a), b = forest_find(p, b);
     if (a == b) return;
     if (a < b) {
       const i32 t = a;
@@ -242,10 +245,10 @@ XCTRT_HD inline void air_label_merge(i64 v, volatile i32* p, i32 Y, i32 X) {
   const i64 plane = static_cast<i64>(Y) * X;
   const i32 me = static_cast<i32>(v);
   const bool left = v % X > 0 && p[v - 1] >= 0;
-  if (left) air_union(p, me, me - 1);
-  if ((v / X) % Y > 0 && p[v - X] >= 0 && !(left && p[v - X - 1] >= 0)) air_union(p, me, static_cast<i32>(v - X));
+  if (left) forest_union(p, me, me - 1);
+  if ((v / X) % Y > 0 && p[v - X] >= 0 && !(left && p[v - X - 1] >= 0)) forest_union(p, me, static_cast<i32>(v - X));
   if (v >= plane && p[v - plane] >= 0 && !(left && p[v - plane - 1] >= 0))
-    air_union(p, me, static_cast<i32>(v - plane));
+    forest_union(p, me, static_cast<i32>(v - plane));
 }
 
 XCTRT_HD inline i32 air_label_flatten(i64 v, volatile i32* p, u8* root) {
@@ -253,13 +256,19 @@ XCTRT_HD inline i32 air_label_flatten(i64 v, volatile i32* p, u8* root) {
     root[v] = 0;
     return -1;
   }
-  const i32 r = air_find(p, static_cast<i32>(v));
+  const i32 r = forest_find(p, static_cast<i32>(v));
   root[v] = r == v;
   return r;
 }
 
 // q: each voxel's root (air_label_flatten), -1 outside the air; the kernel may write its number over it.
 XCTRT_HD inline i32 air_label_number(i64 v, const i32* q, const i32* rank) { return q[v] < 0 ? 0 : rank[q[v]]; }
+
+// post._connect: nodes 0..n-1 joined by edges (a[i], b[i]), p starting as 0..n-1. union_edge joins edge i's
+// ends; find_root then gives node v its root (into an array of its own, as air_label_flatten does), its
+// component's smallest node, in one pass each instead of rounds of pointer jumping that each end in a host sync.
+XCTRT_HD inline void union_edge(i64 i, volatile i32* p, const i32* a, const i32* b) { forest_union(p, a[i], b[i]); }
+XCTRT_HD inline i32 find_root(i64 v, volatile i32* p) { return forest_find(p, static_cast<i32>(v)); }
 
 }  // namespace xctrt
 
@@ -330,5 +339,15 @@ extern "C" __global__ void xctrt_air_label_flatten(int* p, long long n, unsigned
 extern "C" __global__ void xctrt_air_label_number(const int* q, const int* rank, long long n, int* comp) {
   const long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (v < n) comp[v] = xctrt::air_label_number(v, q, rank);
+}
+
+extern "C" __global__ void xctrt_union_edges(int* p, const int* a, const int* b, long long m) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < m) xctrt::union_edge(i, p, a, b);
+}
+
+extern "C" __global__ void xctrt_find_roots(int* p, long long n, int* q) {
+  const long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v < n) q[v] = xctrt::find_root(v, p);
 }
 #endif

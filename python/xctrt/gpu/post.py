@@ -25,7 +25,7 @@ slab on CT parts), bytes moved on the device:
   - everything else works on the n compact defect voxels: one kernel (labeller_kernels.h) reads
     each one's neighbourhood: 13/9/3 backward neighbours (edges), 26 for the surface area's line
     crossings (13 Crofton directions, both signs), exposed sides and x-run ends; then union-find
-    by hook (scatter-min) and pointer jumping, segment sums of the statistics rows, scatter
+    (two kernels: every edge joined, every root found), segment sums of the statistics rows, scatter
     min/max                                                        ~ 0.5 kB per defect voxel
   - the part's outside, for the surface distance: air components (a 6-connected labelling of the
     slab: union-find kernels on the GPU, SciPy on NumPy; joined across slab boundaries in finish)
@@ -33,7 +33,7 @@ slab on CT parts), bytes moved on the device:
                                                                     ~ 20-30 B/voxel of the slab
 So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~15 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
-synchronisations (one flatnonzero per slab, a few per union-find round) dominate, all the more
+synchronisations (a flatnonzero or a count per step that sizes an array) dominate, all the more
 beside the encoder, whose long GEMM kernels each launch waits behind (~80-125 array operations
 per slab, benchmarks/labeller_launches.py; ~700 when every neighbour was one of its own), hence slabs
 of 32-128 planes (below 2**31 voxels each: CuPy's labelling and scatter kernels index with 32-bit
@@ -231,7 +231,8 @@ NVRTC_SOURCES = {"air_search.h": (AIR_SEARCH_OPTIONS, ("xctrt_search_air_runs",)
                  LABELLER: (LABELLER_OPTIONS, ("xctrt_defect_voxels", "xctrt_plane_crossings", "xctrt_defect_runs",
                                                "xctrt_air_run_starts", "xctrt_air_runs", "xctrt_air_sides",
                                                "xctrt_air_pairs", "xctrt_air_label_init", "xctrt_air_label_merge",
-                                               "xctrt_air_label_flatten", "xctrt_air_label_number"))}
+                                               "xctrt_air_label_flatten", "xctrt_air_label_number", "xctrt_union_edges",
+                                               "xctrt_find_roots"))}
 _kernels = {}   # source -> {"functions": {name: kernel} or None, "error": why NVRTC refused it, or None}
 
 
@@ -551,32 +552,25 @@ def stitch_tiles(tiles, height: int, width: int, overlap: int, blend: str = "con
 
 # ------------------------------------------------------------------ 3D components
 
-def _connect(xp, n: int, a, b, rounds: list | None = None):
-    """Union-find over n nodes joined by edges (a, b): returns each node's root, the smallest
-    node of its component. Hook every edge's larger root to its smaller one (scatter-min keeps
-    parent[i] <= i, so no cycles), then jump pointers until every parent is a root; repeat
-    with the edges whose ends still have different roots. The trees at least halve per round.
-    rounds: if given, the edges left at the start of each round are appended to it.
-    """
-    parent = xp.arange(n, dtype=np.int32)
+def _connect(n: int, a, b):
+    """Union-find over n nodes joined by edges (a, b) (device or host arrays): each node's root, the
+    smallest node of its component. On the GPU two kernels (labeller_kernels.h: every edge joined, the
+    larger root hooked under the smaller; then every node's root found), with no host sync; elsewhere
+    their _core twins. (Rounds of hooking and pointer jumping ended each check in a host sync: 5 or more
+    per call, each waiting behind whatever the device was doing.)"""
     a = a.astype(np.int32, copy=False)
     b = b.astype(np.int32, copy=False)
-    while a.size:
-        if rounds is not None:
-            rounds.append(int(a.size))
-        # Both ends are roots here (parent == arange, or after the jumps below), so hooking
-        # never cuts a node from its old parent.
-        scatter_min(parent, xp.maximum(a, b), xp.minimum(a, b))
-        while True:   # two jumps per check: each check is a host sync, a jump is one gather
-            pp = parent[parent]
-            ppp = pp[pp]
-            parent = ppp
-            if not bool((ppp != pp).any()):   # every node of pp points at a root: ppp is all roots
-                break
-        a, b = parent[a], parent[b]
-        keep = xp.flatnonzero(a != b)   # indices, not a mask: CuPy syncs once per boolean index
-        a, b = a[keep], b[keep]
-    return parent
+    k = _labeller_kernels(a)
+    if k is None:
+        p = _host_twin(_core.union_edges, np.arange(n, dtype=np.int32), a, b)
+        return _host_twin(_core.find_roots, p)[1]
+    p, root = _cupy.arange(n, dtype=np.int32), _cupy.empty(n, np.int32)
+    m = int(a.size)
+    if m:
+        k["xctrt_union_edges"](*_blocks(m), (p, a, b, np.int64(m)))
+    if n:
+        k["xctrt_find_roots"](*_blocks(n), (p, np.int64(n), root))
+    return root
 
 
 def _rank_roots(xp, parent):
@@ -637,10 +631,10 @@ class ComponentLabeller:
         self._keep = None  # label_volume: (flat voxel index, provisional id) per slab
         self._surface = True  # find the distance to the part surface (defect runs, outside air)
         self._runs = []  # (z, y, x0, x1, provisional id, exposed sides) of every defect x-run, per slab
-        # Air, for the part's outside (_add_air): per slab its x-runs (z, y, x0, x1, on the sides), their air
-        # component (global ids 1..), the components on the volume's edge, and the pairs joined
-        # across the slab boundary (keys a * 2**31 + b; 0 joins nothing); the last plane's
-        # components (slab numbering) and their base for the next slab.
+        # Air, for the part's outside (_add_air): per slab its x-runs (z, y, x0, x1, on the sides) and their air
+        # component (global ids 1..), where the slabs are; the components on the volume's edge and the pairs
+        # joined across the slab boundary (keys a * 2**31 + b; 0 joins nothing), on the host; the last
+        # plane's components (slab numbering) and their base for the next slab.
         self._air_runs, self._air_id, self._air_edge, self._air_pairs = [], [], [], []
         self._air_n = 0
         self._air_last = None
@@ -731,7 +725,7 @@ class ComponentLabeller:
         local[idx] = xp.arange(n, dtype=np.int32)
         a = me[inner]
         b = local[nb[inner] - goff]
-        root = _connect(xp, n, a, b)
+        root = _connect(n, a, b)
         pid, roots, nloc = _rank_roots(xp, root)
         first = self._nprov
         if first + nloc > _I32_MAX:
@@ -798,9 +792,7 @@ class ComponentLabeller:
         comp, n = air_label(lab)
         n, base = int(n), self._air_n   # this slab's components 1..n are ids base + 1.. of the volume
         edge = air_sides(comp, n)
-        self._air_edge.append(xp.flatnonzero(edge) + base)
-        if self._air_last is not None:  # air meeting across the slab boundary
-            self._air_pairs.append(xp.unique(air_pairs(*self._air_last, comp[0], base)))
+        pairs = xp.unique(air_pairs(*self._air_last, comp[0], base)) if self._air_last is not None else None
         self._air_last = None if last else (comp[-1].copy(), base)
         runs, ids = air_runs(xp.flatnonzero(air_run_starts(comp)), comp, edge, z0, base)
         # runs on the volume's sides here are outside for good, whatever later slabs join to them:
@@ -809,6 +801,12 @@ class ComponentLabeller:
         # ~6 % of them early, that copied 54 MB and NumPy's selection took 26 ms of this thread on the
         # 2-core VM: benchmarks/host_tail_costs.py.)
         early = np.ascontiguousarray(to_host(runs[xp.flatnonzero(runs[:, 4])][:, :4]))
+        # The components on the sides and the pairs joined across the slab boundary (air meeting there) go to
+        # the host too, copies after the sync above: finish() joins the air's components there, in one NumPy
+        # union-find of ~100k components (a random network's), not on the device, where it ends in syncs.
+        self._air_edge.append(np.flatnonzero(to_host(edge)) + base)
+        if pairs is not None:
+            self._air_pairs.append(to_host(pairs))
         if len(early):
             if self._tree_pool is None:
                 self._tree_pool = ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree")
@@ -840,26 +838,28 @@ class ComponentLabeller:
     def _outside_air(self):
         """(m, 4) z, y, x0, x1 of the air runs outside the part that were not on the volume's sides
         in their own slab (those are in _early_runs): the runs whose component joins one that was.
-        Its parts' seconds (each ends in a host sync) and sizes go to outside_air_detail."""
+        Its parts' seconds (connect_s: the components joined on the host and the verdict per component sent
+        to the device; select_s: the runs picked there, ending in a host sync) and sizes go to
+        outside_air_detail."""
         xp = self._xp
         if not self._air_n:   # the same keys as with air, for summary.json
             self.outside_air_detail = {"connect_s": 0.0, "select_s": 0.0, "air_components": 0, "air_pairs": 0,
-                                       "connect_rounds": [], "air_runs": 0}
+                                       "air_runs": 0}
             return xp.zeros((0, 4), np.int32)
         t0 = time.perf_counter()
         n = self._air_n + 1  # ids 1..air_n; 0 unused
-        pairs = concatenate(self._air_pairs) if self._air_pairs else xp.zeros(0, np.int64)
-        rounds = []
-        root = _connect(xp, n, pairs >> 31, pairs & _I32_MAX, rounds)   # ends in a host sync
+        pairs = np.concatenate(self._air_pairs) if self._air_pairs else np.zeros(0, np.int64)
+        root = _connect(n, pairs >> 31, pairs & _I32_MAX)   # host arrays: on the host, no device syncs
+        outside = np.zeros(n, bool)
+        outside[root[np.concatenate(self._air_edge)]] = True
+        outside = xp.asarray(outside[root])   # per component: is it outside the part
         t1 = time.perf_counter()
-        outside = xp.zeros(n, bool)
-        outside[root[concatenate(self._air_edge)]] = True
         runs = concatenate(self._air_runs)
-        keep = xp.flatnonzero(outside[root[concatenate(self._air_id)]] & (runs[:, 4] == 0))   # not in _early_runs
+        keep = xp.flatnonzero(outside[concatenate(self._air_id)] & (runs[:, 4] == 0))   # not in _early_runs
         late = runs[keep, :4]   # its gather is in the copy's time: flatnonzero synced before it
         self.outside_air_detail = {"connect_s": round(t1 - t0, 4), "select_s": round(time.perf_counter() - t1, 4),
                                    "air_components": n - 1, "air_pairs": int(pairs.size),
-                                   "connect_rounds": rounds, "air_runs": int(runs.shape[0])}
+                                   "air_runs": int(runs.shape[0])}
         return late
 
     def outside_air_runs(self) -> np.ndarray:
@@ -921,7 +921,7 @@ class ComponentLabeller:
         n = self._nprov
         if self._cross:
             pairs = concatenate(self._cross)
-            root = _connect(xp, n, (pairs >> 31).astype(np.int32), (pairs & _I32_MAX).astype(np.int32))
+            root = _connect(n, pairs >> 31, pairs & _I32_MAX)
         else:
             root = xp.arange(n, dtype=np.int32)
         comp, roots, nc = _rank_roots(xp, root)

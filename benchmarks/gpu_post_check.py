@@ -12,7 +12,9 @@
    table are timed over all slices (warm-up first, median of --repeats); generation is not.
    Then one more pass compares against _core (aggregate per slab and ComponentLabeller
    streamed, on host copies).
-3. On the GPU, last: the GPU stage's fused Triton kernels (xctrt.gpu.resample), exact against _core,
+3. The device labeller's union-find and component statistics against the way each was done before (scatter
+   and pointer-jumping rounds), on a slab-sized percolating graph: same results, median seconds.
+4. On the GPU, last: the GPU stage's fused Triton kernels (xctrt.gpu.resample), exact against _core,
    and their time per slice against the step-by-step ones. JSON goes to DIR/gpu_post.json.
 """
 from __future__ import annotations
@@ -472,6 +474,97 @@ def full_run(xp, shape, slab, repeats, checks: Checks, seed: int):
     return out
 
 
+def _connect_rounds(xp, n, a, b):
+    """The device labeller's union-find before 0ec3887 (the baseline of labeller_ab): scatter-min hooking and
+    pointer jumping in rounds, each check a host sync."""
+    parent = xp.arange(n, dtype=np.int32)
+    while a.size:
+        post.scatter_min(parent, xp.maximum(a, b), xp.minimum(a, b))
+        while True:
+            pp = parent[parent]
+            ppp = pp[pp]
+            parent = ppp
+            if not bool((ppp != pp).any()):
+                break
+        a, b = parent[a], parent[b]
+        keep = xp.flatnonzero(a != b)
+        a, b = a[keep], b[keep]
+    return parent
+
+
+def _stats_scatter(xp, pid, stats, zyx, g, nloc):
+    """The device labeller's component statistics before its kernel (the baseline of labeller_ab): one
+    atomic per voxel and column, CuPy's scatter kernels."""
+    nan = xp.isnan(g)
+    out = {"sums": post.segment_sum(pid, nloc, stats), "min": xp.full((nloc, 3), 2 ** 31 - 1, np.int32),
+           "max": xp.full((nloc, 3), -1, np.int32), "gsum": post.segment_sum(pid, nloc, g.astype(np.float64)),
+           "gmin": xp.full(nloc, np.inf, np.float32), "gmax": xp.full(nloc, -np.inf, np.float32)}
+    post.scatter_min(out["min"], pid, zyx)
+    post.scatter_max(out["max"], pid, zyx)
+    post.scatter_min(out["gmin"], pid, xp.where(nan, np.float32(np.inf), g))
+    post.scatter_max(out["gmax"], pid, xp.where(nan, np.float32(-np.inf), g))
+    return out
+
+
+def labeller_ab(xp, checks: Checks, seed: int, shape=(16, 600, 600), repeats: int = 3) -> dict:
+    """The device labeller's union-find and component statistics, each against the way it was done before
+    (same inputs, same results checked, median seconds of `repeats` after a warm-up): the defect voxels of
+    a noise slab whose bonds percolate (a giant component, as a random network's labels have), joined to
+    their x-1, y-1 and z-1 neighbours with probability 0.6; then their statistics rows summed per
+    component."""
+    rng = np.random.default_rng(seed + 7)
+    nz, ny, nx = shape
+    n = nz * ny * nx
+    v = np.arange(n, dtype=np.int64)
+    a_parts, b_parts = [], []
+    for step, ok in ((1, v % nx > 0), (nx, (v // nx) % ny > 0), (ny * nx, v >= ny * nx)):
+        keep = ok & (rng.random(n) < 0.6)
+        a_parts.append(v[keep].astype(np.int32))
+        b_parts.append((v[keep] - step).astype(np.int32))
+    order = rng.permutation(sum(len(x) for x in a_parts))   # edges in no particular order
+    a, b = xp.asarray(np.concatenate(a_parts)[order]), xp.asarray(np.concatenate(b_parts)[order])
+
+    def sync():
+        if xp is not np:
+            xp.cuda.Device().synchronize()
+
+    def timed(fn):
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times)), out
+
+    t_kernels, root = timed(lambda: post._connect(n, a, b))
+    t_rounds, root_rounds = timed(lambda: _connect_rounds(xp, n, a, b))
+    checks.run(f"labeller_ab union-find {n} nodes {int(a.size)} edges: kernels as rounds",
+               lambda: same(root, post.to_host(root_rounds)))
+    comp, roots, nloc = post._rank_roots(xp, root)
+    stats = xp.asarray(rng.integers(0, 3, (n, 18)).astype(np.float64))
+    zyx = xp.asarray(np.stack(np.unravel_index(np.arange(n), shape), 1).astype(np.int32))
+    g = xp.asarray(rng.integers(0, 65536, n).astype(np.float32))
+    t_stats, got = timed(lambda: post.component_stats(comp, stats, zyx, g, nloc))
+    t_scatter, want = timed(lambda: _stats_scatter(xp, comp, stats, zyx, g, nloc))
+
+    def same_stats():
+        bad = [k for k in want if not same(got[k], post.to_host(want[k]))[0]]
+        return not bad, f"{nloc} components; differ: {bad}" if bad else f"{nloc} components, all columns equal"
+    checks.run("labeller_ab component statistics: kernel as scatters", same_stats)
+    sizes = np.bincount(post.to_host(comp))
+    out = {"shape": list(shape), "nodes": n, "edges": int(a.size), "components": int(nloc),
+           "largest_component": int(sizes.max()), "repeats": repeats,
+           "union_find_s": {"kernels": round(t_kernels, 5), "rounds": round(t_rounds, 5)},
+           "component_stats_s": {"kernel": round(t_stats, 5), "scatter": round(t_scatter, 5)}}
+    print(f"labeller A/B on {n:,} defect voxels ({nloc:,} components, the largest {out['largest_component']:,}): "
+          f"union-find kernels {t_kernels * 1e3:.2f} ms vs rounds {t_rounds * 1e3:.2f} ms; statistics kernel "
+          f"{t_stats * 1e3:.2f} ms vs scatters {t_scatter * 1e3:.2f} ms", flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -499,11 +592,11 @@ def main(argv=None):
     checks = Checks()
     shape = (args.z, args.y, args.x)
     args.slab = args.slab or (64 if args.z >= 192 else max(1, args.z // 3))  # small runs still cross slabs
-    full, fused = {}, {}
+    full, fused, ab = {}, {}, {}
 
     def save() -> dict:   # after each part, renamed into place: a step stopped by its time limit keeps the rest
         n_pass = sum(r["pass"] for r in checks.results.values())
-        result = {"info": info, "shape": shape, "slab": args.slab, "full": full, "fused": fused,
+        result = {"info": info, "shape": shape, "slab": args.slab, "full": full, "fused": fused, "labeller_ab": ab,
                   "checks": checks.results, "passed": n_pass, "failed": len(checks.results) - n_pass,
                   "wall_s": time.perf_counter() - t_start}
         commit_json(output_file(args.out / "gpu_post.json"), result)
@@ -513,6 +606,14 @@ def main(argv=None):
         t0 = time.perf_counter()
         small_checks(xp, checks, args.seed)
         info["small_checks_s"] = time.perf_counter() - t0
+        save()
+    if not args.skip_small:
+        try:
+            ab = labeller_ab(xp, checks, args.seed, shape=(16, 600, 600) if xp is not np else (4, 64, 64))
+        except Exception as exc:
+            traceback.print_exc()
+            checks.results["labeller_ab"] = {"pass": False, "detail": f"{type(exc).__name__}: {exc}"}
+            print(f"FAIL  labeller_ab  {type(exc).__name__}: {exc}")
         save()
     print(f"full size {shape}, slabs of {args.slab}", flush=True)
     try:

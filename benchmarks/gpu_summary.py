@@ -242,6 +242,13 @@ def main(out: Path) -> str:
                      + (f"; surface distances searched on the host because: {full['surface_search_on_host_because']}"
                         if full.get("surface_search_on_host_because") else "")
                      + _search_sizes(full.get("surface_runs")))
+        ab = post.get("labeller_ab") or {}
+        if ab:
+            uf, st = ab["union_find_s"], ab["component_stats_s"]
+            lines.append(f"device labeller A/B on {ab['nodes']:,} defect voxels ({ab['components']:,} components, the "
+                         f"largest {ab['largest_component']:,}; median of {ab['repeats']}): union-find kernels "
+                         f"{uf['kernels'] * 1e3:.2f} ms vs rounds {uf['rounds'] * 1e3:.2f} ms; statistics kernel "
+                         f"{st['kernel'] * 1e3:.2f} ms vs scatters {st['scatter'] * 1e3:.2f} ms")
         fused = post.get("fused", {}).get("ms_per_slice", {})
         if fused:
             lines.append("GPU stage kernels, ms per 1200x1200 slice (32 slices): "

@@ -1381,6 +1381,39 @@ I32Arr air_label_number_host(I32Arr q, I32Arr rank) {
   return comp;
 }
 
+// The components' statistics kernel (component_stats_add) on the host, voxel by voxel: pid (n,) int32 in
+// 0..nloc-1, stats (n, kStatCols) float64, zyx (n, 3) int32, g (n,) float32 or None. Returns (sums (nloc,
+// kStatCols) float64, min and max (nloc, 3) int32 (INT32_MAX and -1 where none), gsum (nloc,) float64, gmin and
+// gmax (nloc,) float32 (+inf and -inf where none); without g, the last three all zero, +inf and -inf).
+py::tuple component_stats_host(I32Arr pid, py::array_t<double, py::array::c_style | py::array::forcecast> stats,
+                               I32Arr zyx, std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>> g,
+                               int64_t nloc) {
+  const int64_t n = pid.size();
+  if (pid.ndim() != 1 || nloc < 0) throw std::invalid_argument("pid must be a flat int32 array, nloc >= 0");
+  if (stats.ndim() != 2 || stats.shape(0) != n || stats.shape(1) != kStatCols)
+    throw std::invalid_argument("stats must be (n, 18) float64, one row per voxel");
+  if (zyx.ndim() != 2 || zyx.shape(0) != n || zyx.shape(1) != 3) throw std::invalid_argument("zyx must be (n, 3) int32");
+  if (g && (g->ndim() != 1 || g->size() != n)) throw std::invalid_argument("g must hold one value per voxel");
+  for (int64_t i = 0; i < n; ++i)
+    if (pid.data()[i] < 0 || pid.data()[i] >= nloc) throw std::invalid_argument("a component id out of range");
+  py::array_t<double> sums({static_cast<py::ssize_t>(nloc), static_cast<py::ssize_t>(kStatCols)});
+  I32Arr mn({static_cast<py::ssize_t>(nloc), py::ssize_t{3}}), mx({static_cast<py::ssize_t>(nloc), py::ssize_t{3}});
+  py::array_t<double> gsum(nloc);
+  py::array_t<float> gmin(nloc), gmax(nloc);
+  std::fill_n(sums.mutable_data(), nloc * kStatCols, 0.0);
+  std::fill_n(mn.mutable_data(), nloc * 3, std::numeric_limits<int32_t>::max());
+  std::fill_n(mx.mutable_data(), nloc * 3, -1);
+  std::fill_n(gsum.mutable_data(), nloc, 0.0);
+  std::fill_n(gmin.mutable_data(), nloc, std::numeric_limits<float>::infinity());
+  std::fill_n(gmax.mutable_data(), nloc, -std::numeric_limits<float>::infinity());
+  const float* gd = g ? g->data() : nullptr;
+  for (int64_t i = 0; i < n; ++i)
+    component_stats_add(i, pid.data(), stats.data(), zyx.data(), gd, gd != nullptr, sums.mutable_data(),
+                        mn.mutable_data(), mx.mutable_data(), gsum.mutable_data(), gmin.mutable_data(),
+                        gmax.mutable_data());
+  return py::make_tuple(sums, mn, mx, gsum, gmin, gmax);
+}
+
 // post._connect's kernels (union_edge, find_root) on the host: p a forest of nodes 0..n-1 (every p[v] in
 // 0..v), edges (a[i], b[i]) between nodes. One edge at a time, the roots they give are the kernels'.
 static void check_nodes(const I32Arr& p) {
@@ -1653,6 +1686,11 @@ void bind_components(py::module_& m) {
   m.def("air_label_number", &air_label_number_host, py::arg("q"), py::arg("rank"),
         "... the components numbered 1.. from their roots q and the roots' running count rank (int32 per\n"
         "voxel): 0 outside the air.");
+  m.def("component_stats", &component_stats_host, py::arg("pid"), py::arg("stats"), py::arg("zyx"), py::arg("g"),
+        py::arg("nloc"),
+        "The GPU labeller's xctrt_component_stats on the host: per component (pid 0..nloc-1) the sums of its voxels'\n"
+        "statistics rows, min/max of their coordinates, and the sum/min/max of their grey values g (NaN left out of\n"
+        "min/max; g None: no grey values).");
   m.def("union_edges", &union_edges_host, py::arg("p"), py::arg("a"), py::arg("b"),
         "The GPU union-find's xctrt_union_edges on the host: forest p (int32, p[v] in 0..v) with each edge\n"
         "(a[i], b[i]) joined, the larger root under the smaller.");

@@ -348,6 +348,13 @@ _AIR_LABEL_TWINS = {   # the air labelling's kernels: types, twin, outputs, arra
 }
 _TWINS = {**{name: _kernel_twin(name, *how) for name, how in _AIR_LABEL_TWINS.items()},
           "xctrt_search_air_runs": _search_air_runs,
+          "xctrt_component_stats": _kernel_twin(
+              "xctrt_component_stats",
+              (ndarray, ndarray, ndarray, ndarray, I32, I64, ndarray, ndarray, ndarray, ndarray, ndarray, ndarray),
+              lambda pid, stats, zyx, g, has_g, n, sums, *out: _core_fn("component_stats")(
+                  pid._a, stats._a, zyx._a, g._a if has_g else None, sums.shape[0]) if pid.shape == (n,) else None,
+              tuple(range(6, 12)),
+              ("int32", "float64", "int32", "float32", "float64", "int32", "int32", "float64", "float32", "float32")),
           "xctrt_union_edges": _kernel_twin(
               "xctrt_union_edges", (ndarray, ndarray, ndarray, I64),
               lambda p, a, b, m: _core_fn("union_edges")(p._a, a._a, b._a) if a.shape == b.shape == (m,) else None,

@@ -779,7 +779,8 @@ def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
     assert_table_same(got.finish(2), ref.finish(2))
     k = nonempty   # the kernels' paths: per slab and per boundary between slabs
     each_slab = ("xctrt_defect_voxels", "xctrt_defect_runs", "xctrt_air_sides", "xctrt_air_run_starts", "xctrt_air_runs",
-                 "xctrt_air_label_init", "xctrt_air_label_merge", "xctrt_air_label_flatten", "xctrt_air_label_number")
+                 "xctrt_air_label_init", "xctrt_air_label_merge", "xctrt_air_label_flatten", "xctrt_air_label_number",
+                 "xctrt_component_stats")
     # the union-find (post._connect): once per slab over its defect voxels, once more in finish() over the
     # components joined across slab boundaries; the air's across slabs is joined on the host
     assert fake_cupy.launches == {"xctrt_search_air_runs": 1, **dict.fromkeys(each_slab, k),
@@ -938,6 +939,92 @@ def test_union_find_kernels_give_each_node_its_smallest_connected_node(monkeypat
     assert isinstance(got, fc.ndarray) and fake_cupy.syncs == 0   # no host sync on the device path
     assert_same(post.to_host(got), want)
     assert fake_cupy.launches == {"xctrt_find_roots": 1, **({"xctrt_union_edges": 1} if m else {})}
+
+
+def _component_stats_warps(pid, stats, zyx, g, nloc, rng):
+    """labeller_kernels.h's xctrt_component_stats as its warps run it: per warp of 32 voxels the lanes'
+    shuffles (a lane reading past the warp's ends reads its own value), the run heads from the ballot, the
+    segmented scans, and the atomics of each run's last lane; warps in random order."""
+    n = len(pid)
+    sums, mn, mx = np.zeros((nloc, 18)), np.full((nloc, 3), 2 ** 31 - 1, np.int32), np.full((nloc, 3), -1, np.int32)
+    gsum, gmin, gmax = np.zeros(nloc), np.full(nloc, np.inf, np.float32), np.full(nloc, -np.inf, np.float32)
+    lanes = np.arange(32)
+
+    def up(v, d):   # __shfl_up_sync
+        return np.where(lanes >= d, np.roll(v, d, axis=0), v) if v.ndim == 1 else \
+            np.where((lanes >= d)[:, None], np.roll(v, d, axis=0), v)
+
+    for w in rng.permutation((n + 31) // 32):
+        i = w * 32 + lanes
+        on = i < n
+        c = np.where(on, pid[np.minimum(i, n - 1)], -1)
+        before, after = up(c, 1), np.where(lanes < 31, np.roll(c, -1), c)
+        heads = (lanes == 0) | (before != c)
+        head = np.array([max(j for j in range(lane + 1) if heads[j]) for lane in lanes])
+        tail = on & ((lanes == 31) | (after != c))
+
+        def scan(v, op):
+            for d in (1, 2, 4, 8, 16):
+                take = lanes - d >= head
+                v = np.where(take if v.ndim == 1 else take[:, None], op(v, up(v, d)), v)
+            return v
+        k = np.minimum(i, n - 1)
+        srow = scan(np.where(on[:, None], stats[k], 0.0), np.add)
+        lo = scan(np.where(on[:, None], zyx[k], 0), np.minimum)
+        hi = scan(np.where(on[:, None], zyx[k], 0), np.maximum)
+        for lane in np.flatnonzero(tail):
+            sums[c[lane]] += srow[lane]
+            mn[c[lane]] = np.minimum(mn[c[lane]], lo[lane])
+            mx[c[lane]] = np.maximum(mx[c[lane]], hi[lane])
+        if g is None:
+            continue
+        v = np.where(on, g[k], np.float32(0))
+        s = scan(v.astype(np.float64), np.add)
+        glo = scan(np.where(np.isnan(v), np.float32(np.inf), v), np.minimum)
+        ghi = scan(np.where(np.isnan(v), np.float32(-np.inf), v), np.maximum)
+        for lane in np.flatnonzero(tail):
+            gsum[c[lane]] += s[lane]
+            gmin[c[lane]] = min(gmin[c[lane]], glo[lane])
+            gmax[c[lane]] = max(gmax[c[lane]], ghi[lane])
+    return sums, mn, mx, gsum, gmin, gmax
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_component_stats_kernel_adds_each_run_once_in_its_warp(monkeypatch, seed):
+    """The statistics kernel's warp reduction (runs of one component summed in the warp, one atomic per run)
+    gives what adding voxel by voxel gives (its _core twin): sums, coordinate min/max, grey sum and min/max
+    with NaN left out; for long runs, runs across warps, one component throughout, and a component's
+    voxels apart (A A B A); on the stand-in post.component_stats launches the kernel once."""
+    import fake_cupy
+    rng = np.random.default_rng(seed)
+    n, nloc = int(rng.integers(1, 300)), int(rng.integers(1, 12))
+    pid = np.sort(rng.integers(0, nloc, n)).astype(np.int32) if seed % 3 == 0 else \
+        np.repeat(rng.integers(0, nloc, n), rng.integers(1, 40, n))[:n].astype(np.int32)   # runs, and runs again
+    if seed == 1:
+        pid[:] = 0   # one component throughout: a run per warp
+    n = len(pid)
+    stats = rng.integers(0, 3, (n, 18)).astype(np.float64)
+    zyx = rng.integers(0, 1000, (n, 3)).astype(np.int32)
+    g = rng.integers(0, 65536, n).astype(np.float32)
+    g[rng.random(n) < 0.1] = np.nan
+    want = _core.component_stats(pid, stats, zyx, g, nloc)
+    ref_sums = np.zeros((nloc, 18))
+    np.add.at(ref_sums, pid, stats)
+    assert_same(want[0], ref_sums)
+    ok = ~np.isnan(g)
+    assert_same(want[4][np.unique(pid[ok])], np.array([g[ok & (pid == c)].min() for c in np.unique(pid[ok])],
+                                                       np.float32))
+    for grey in (g, None):
+        got = _component_stats_warps(pid, stats, zyx, grey, nloc, rng)
+        ref = _core.component_stats(pid, stats, zyx, grey, nloc)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b)
+    fc = fake_cupy.install(monkeypatch)
+    fake_cupy.launches = {}
+    out = post.component_stats(fc.asarray(pid), fc.asarray(stats), fc.asarray(zyx), fc.asarray(g), nloc)
+    assert fake_cupy.launches == {"xctrt_component_stats": 1}
+    for key, b in zip(("sums", "min", "max", "gsum", "gmin", "gmax"), want):
+        np.testing.assert_array_equal(post.to_host(out[key]), b)
 
 
 def test_union_find_host_twins_refuse_what_would_send_them_out_of_bounds():

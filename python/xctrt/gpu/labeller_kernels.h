@@ -11,7 +11,7 @@
 // labeller's time there grows with its kernel count, not its bytes. Here each is one thread per
 // voxel, run or plane position. _core runs the same functions on the host (defect_voxels,
 // plane_crossings, defect_runs, air_*: the NumPy path, the tests) and NVRTC compiles this file for
-// the GPU; only integers, so both give the same values.
+// the GPU; integers, and float64 sums of integers (exact in any order), so both give the same values.
 #pragma once
 
 namespace xctrt {
@@ -264,6 +264,29 @@ XCTRT_HD inline i32 air_label_flatten(i64 v, volatile i32* p, u8* root) {
 // q: each voxel's root (air_label_flatten), -1 outside the air; the kernel may write its number over it.
 XCTRT_HD inline i32 air_label_number(i64 v, const i32* q, const i32* rank) { return q[v] < 0 ? 0 : rank[q[v]]; }
 
+// A slab's components' statistics (post.component_stats), from its n defect voxels: voxel i of component
+// pid[i] adds its statistics row stats[i] to sums[pid] (kStatCols float64, exact: integers), its coordinates
+// zyx[i] to the int32 minimum mn and maximum mx of pid's (3 each), and, with grey values g (has_g), g[i] to
+// gsum (float64), gmin and gmax (float32; NaN left out of both, as the C++ labeller's comparisons leave it).
+// The host twin adds voxel by voxel; the kernel first adds up runs of one component within a warp, so a
+// component of millions of voxels takes ~32x fewer atomics on its few addresses (they serialise there).
+XCTRT_HD inline void component_stats_add(i64 i, const i32* pid, const double* stats, const i32* zyx, const float* g,
+                                         int has_g, double* sums, i32* mn, i32* mx, double* gsum, float* gmin,
+                                         float* gmax) {
+  const i64 c = pid[i];
+  for (int k = 0; k < kStatCols; ++k) sums[c * kStatCols + k] += stats[i * kStatCols + k];
+  for (int a = 0; a < 3; ++a) {
+    const i32 v = zyx[3 * i + a];
+    if (v < mn[3 * c + a]) mn[3 * c + a] = v;
+    if (v > mx[3 * c + a]) mx[3 * c + a] = v;
+  }
+  if (!has_g) return;
+  const float v = g[i];
+  gsum[c] += static_cast<double>(v);
+  if (v < gmin[c]) gmin[c] = v;
+  if (v > gmax[c]) gmax[c] = v;
+}
+
 // post._connect: nodes 0..n-1 joined by edges (a[i], b[i]), p starting as 0..n-1. union_edge joins edge i's
 // ends; find_root then gives node v its root (into an array of its own, as air_label_flatten does), its
 // component's smallest node, in one pass each instead of rounds of pointer jumping that each end in a host sync.
@@ -339,6 +362,76 @@ extern "C" __global__ void xctrt_air_label_flatten(int* p, long long n, unsigned
 extern "C" __global__ void xctrt_air_label_number(const int* q, const int* rank, long long n, int* comp) {
   const long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (v < n) comp[v] = xctrt::air_label_number(v, q, rank);
+}
+
+// Lane `lane`'s value combined (op) with those of the lanes from `head` (where its run of one component
+// begins in the warp) up to it: a segmented inclusive scan, all 32 lanes taking part.
+template <class T, class Op>
+__device__ inline T warp_run_scan(T v, int lane, int head, Op op) {
+  for (int d = 1; d < 32; d <<= 1) {
+    const T o = __shfl_up_sync(0xffffffffu, v, d);
+    if (lane - d >= head) v = op(v, o);
+  }
+  return v;
+}
+
+__device__ inline void atomic_min_f32(float* a, float v) {
+  int* ai = reinterpret_cast<int*>(a);
+  int old = *ai;   // a stale value is only larger: the exchange below then fails and reads the real one
+  while (v < __int_as_float(old)) {
+    const int seen = atomicCAS(ai, old, __float_as_int(v));
+    if (seen == old) return;
+    old = seen;
+  }
+}
+
+__device__ inline void atomic_max_f32(float* a, float v) {
+  int* ai = reinterpret_cast<int*>(a);
+  int old = *ai;
+  while (v > __int_as_float(old)) {
+    const int seen = atomicCAS(ai, old, __float_as_int(v));
+    if (seen == old) return;
+    old = seen;
+  }
+}
+
+// One thread per defect voxel, in blocks of whole warps: the lanes of a run of one component (consecutive
+// voxels of the list, mostly an x-run) add up first, and the run's last lane does the atomics.
+extern "C" __global__ void xctrt_component_stats(const int* pid, const double* stats, const int* zyx, const float* g,
+                                                 int has_g, long long n, double* sums, int* mn, int* mx,
+                                                 double* gsum, float* gmin, float* gmax) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int lane = threadIdx.x & 31;
+  const bool on = i < n;
+  const int c = on ? pid[i] : -1;   // lanes past the end: runs of their own that add nothing
+  const int before = __shfl_up_sync(0xffffffffu, c, 1), after = __shfl_down_sync(0xffffffffu, c, 1);
+  const unsigned heads = __ballot_sync(0xffffffffu, lane == 0 || before != c);
+  const int head = 31 - __clz(heads & (0xffffffffu >> (31 - lane)));
+  const bool tail = on && (lane == 31 || after != c);
+  const long long cc = c;
+  auto add = [](double a, double b) { return a + b; };
+  for (int k = 0; k < xctrt::kStatCols; ++k) {
+    const double v = warp_run_scan(on ? stats[i * xctrt::kStatCols + k] : 0.0, lane, head, add);
+    if (tail) atomicAdd(sums + cc * xctrt::kStatCols + k, v);
+  }
+  for (int a = 0; a < 3; ++a) {
+    const int v = on ? zyx[3 * i + a] : 0;
+    const int lo = warp_run_scan(v, lane, head, [](int x, int y) { return min(x, y); });
+    const int hi = warp_run_scan(v, lane, head, [](int x, int y) { return max(x, y); });
+    if (tail) atomicMin(mn + 3 * cc + a, lo), atomicMax(mx + 3 * cc + a, hi);
+  }
+  if (!has_g) return;   // the same for every thread: no lane leaves the shuffles below
+  const float v = on ? g[i] : 0.0f;
+  const double s = warp_run_scan(static_cast<double>(v), lane, head, add);
+  const float lo = warp_run_scan(v != v ? __int_as_float(0x7f800000) : v, lane, head,
+                                 [](float x, float y) { return x < y ? x : y; });
+  const float hi = warp_run_scan(v != v ? __int_as_float(static_cast<int>(0xff800000u)) : v, lane, head,
+                                 [](float x, float y) { return x > y ? x : y; });
+  if (tail) {
+    atomicAdd(gsum + cc, s);
+    atomic_min_f32(gmin + cc, lo);
+    atomic_max_f32(gmax + cc, hi);
+  }
 }
 
 extern "C" __global__ void xctrt_union_edges(int* p, const int* a, const int* b, long long m) {

@@ -232,7 +232,7 @@ NVRTC_SOURCES = {"air_search.h": (AIR_SEARCH_OPTIONS, ("xctrt_search_air_runs",)
                                                "xctrt_air_run_starts", "xctrt_air_runs", "xctrt_air_sides",
                                                "xctrt_air_pairs", "xctrt_air_label_init", "xctrt_air_label_merge",
                                                "xctrt_air_label_flatten", "xctrt_air_label_number", "xctrt_union_edges",
-                                               "xctrt_find_roots"))}
+                                               "xctrt_find_roots", "xctrt_component_stats"))}
 _kernels = {}   # source -> {"functions": {name: kernel} or None, "error": why NVRTC refused it, or None}
 
 
@@ -302,6 +302,27 @@ def defect_voxels(ext, e, goff: int, shape, z0: int, last: bool, connectivity: i
             ext, e, np.int64(n), np.int64(Y * X), np.int64(ext.size), np.int64(goff), np.int32(Y), np.int32(X),
             np.int32(Z), np.int32(z0), np.int32(bool(last)), np.int32(rank), nbr, stats, zyx, flags))
     return nbr, stats, zyx, flags
+
+
+def component_stats(pid, stats, zyx, g, nloc: int) -> dict:
+    """A slab's components' statistics from its defect voxels (pid (n,) int32 0..nloc-1, their statistics
+    rows, coordinates and grey values g, or None): sums (nloc, 18) float64, min and max (nloc, 3) int32,
+    and with g gsum (nloc,) float64, gmin and gmax float32 (NaN left out, as the C++ labeller leaves it).
+    One kernel: the voxels of a run of one component add up within their warp before their atomics, which
+    for a component of millions of voxels would otherwise serialise on its few addresses."""
+    k = _labeller_kernels(pid)
+    if k is None:
+        out = _host_twin(_core.component_stats, pid, stats, zyx, g, nloc)
+    else:
+        n = int(pid.size)
+        out = (_cupy.zeros((nloc, _STAT_COLS), np.float64), _cupy.full((nloc, 3), _I32_MAX, np.int32),
+               _cupy.full((nloc, 3), -1, np.int32), _cupy.zeros(nloc, np.float64),
+               _cupy.full(nloc, np.inf, np.float32), _cupy.full(nloc, -np.inf, np.float32))
+        if n:
+            gg = g if g is not None else _cupy.zeros(1, np.float32)
+            k["xctrt_component_stats"](*_blocks(n), (pid, stats, zyx, gg, np.int32(g is not None), np.int64(n), *out))
+    keys = ("sums", "min", "max") + (("gsum", "gmin", "gmax") if g is not None else ())
+    return dict(zip(keys, out))
 
 
 def plane_crossings(p_lab, p_idx, lab, Y: int, X: int):
@@ -744,24 +765,10 @@ class ComponentLabeller:
             if p_idx.size:
                 scatter_add(p_st["sums"], p_ids - np.int32(p_st["first"]), plane_crossings(p_lab, p_idx, lab, Y, X))
 
-        st = {"first": first, "n": nloc}
-        st["sums"] = segment_sum(pid, nloc, stats)   # (nloc, 18): exact integer sums (see __init__)
-        st["min"] = xp.full((nloc, 3), _I32_MAX, np.int32)
-        scatter_min(st["min"], pid, zyx)
-        st["max"] = xp.full((nloc, 3), -1, np.int32)
-        scatter_max(st["max"], pid, zyx)
-        st["cls"] = L[roots]
-        if image is not None:
-            # Min/max in float32: every image dtype taken (_SLICE_DTYPES) is exact in it, and CuPy's
-            # float64 atomic min/max round through float32. The sums are float64.
-            g = xp.asarray(image).reshape(-1)[idx].astype(np.float32)
-            st["gsum"] = segment_sum(pid, nloc, g.astype(np.float64))
-            # The C++ min/max skip NaN (a comparison with NaN is false).
-            nan = xp.isnan(g)
-            st["gmin"] = xp.full(nloc, np.inf, np.float32)
-            scatter_min(st["gmin"], pid, xp.where(nan, np.float32(np.inf), g))
-            st["gmax"] = xp.full(nloc, -np.inf, np.float32)
-            scatter_max(st["gmax"], pid, xp.where(nan, np.float32(-np.inf), g))
+        # Grey min/max in float32: every image dtype taken (_SLICE_DTYPES) is exact in it; sums (the
+        # statistics rows: exact integers, see __init__) in float64.
+        g = xp.asarray(image).reshape(-1)[idx].astype(np.float32) if image is not None else None
+        st = {"first": first, "n": nloc, **component_stats(pid, stats, zyx, g, nloc), "cls": L[roots]}
         self._slabs.append(st)
         if self._surface:
             self._collect_runs(flags, zyx, pid + np.int32(first))

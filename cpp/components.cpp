@@ -1434,6 +1434,21 @@ I32Arr union_edges_host(I32Arr p, I32Arr a, I32Arr b) {
   return out;
 }
 
+I32Arr union_neighbours_host(I32Arr p, I64Vec nbr, int64_t goff, I32Arr local) {
+  check_nodes(p);
+  const int64_t n = p.size();
+  if (nbr.ndim() != 2 || nbr.shape(1) != n) throw std::invalid_argument("nbr must be (k, n) int64, n the nodes in p");
+  if (goff < 0 || local.ndim() != 1) throw std::invalid_argument("goff must be >= 0 and local a flat int32 array");
+  const i64* nb = as_i64(nbr);
+  for (int64_t t = 0; t < nbr.size(); ++t)
+    if (nb[t] >= goff && (nb[t] - goff >= local.size() || local.data()[nb[t] - goff] < 0 || local.data()[nb[t] - goff] >= n))
+      throw std::invalid_argument("a neighbour outside the slab, or not in the defect list");
+  I32Arr out(n);
+  std::copy(p.data(), p.data() + n, out.mutable_data());
+  for (int64_t t = 0; t < nbr.size(); ++t) union_neighbour(t, n, out.mutable_data(), nb, goff, local.data());
+  return out;
+}
+
 py::tuple find_roots_host(I32Arr p) {
   check_nodes(p);
   I32Arr out(p.size()), q(p.size());
@@ -1694,6 +1709,9 @@ void bind_components(py::module_& m) {
   m.def("union_edges", &union_edges_host, py::arg("p"), py::arg("a"), py::arg("b"),
         "The GPU union-find's xctrt_union_edges on the host: forest p (int32, p[v] in 0..v) with each edge\n"
         "(a[i], b[i]) joined, the larger root under the smaller.");
+  m.def("union_neighbours", &union_neighbours_host, py::arg("p"), py::arg("nbr"), py::arg("goff"), py::arg("local"),
+        "... xctrt_union_neighbours: forest p of a slab's n defect voxels with each joined to its earlier neighbours\n"
+        "in the slab (nbr (k, n) int64 ext indices as defect_voxels gives them, those >= goff; local: their places).");
   m.def("find_roots", &find_roots_host, py::arg("p"),
         "... then xctrt_find_roots: (p with its paths halved, each node's root: its component's smallest node).");
   m.def("component_table", &component_table, py::arg("voxels"), py::arg("sz"), py::arg("sy"),

@@ -359,6 +359,11 @@ _TWINS = {**{name: _kernel_twin(name, *how) for name, how in _AIR_LABEL_TWINS.it
               "xctrt_union_edges", (ndarray, ndarray, ndarray, I64),
               lambda p, a, b, m: _core_fn("union_edges")(p._a, a._a, b._a) if a.shape == b.shape == (m,) else None,
               (0,), ("int32", "int32", "int32")),
+          "xctrt_union_neighbours": _kernel_twin(
+              "xctrt_union_neighbours", (ndarray, ndarray, I64, I64, I64, ndarray),
+              lambda p, nbr, m, n, goff, local: _core_fn("union_neighbours")(p._a, nbr._a, int(goff), local._a)
+              if nbr.size == m and nbr.ndim == 2 and p.shape == (n,) == nbr.shape[1:] else None,
+              (0,), ("int32", "int64", "int32")),
           "xctrt_find_roots": _kernel_twin(
               "xctrt_find_roots", (ndarray, I64, ndarray),
               lambda p, n, q: _core_fn("find_roots")(p._a) if p.shape == q.shape == (n,) else None,

@@ -781,10 +781,11 @@ def test_components_on_a_cupy_stand_in(monkeypatch, conn, slabs):
     each_slab = ("xctrt_defect_voxels", "xctrt_defect_runs", "xctrt_air_sides", "xctrt_air_run_starts", "xctrt_air_runs",
                  "xctrt_air_label_init", "xctrt_air_label_merge", "xctrt_air_label_flatten", "xctrt_air_label_number",
                  "xctrt_component_stats")
-    # the union-find (post._connect): once per slab over its defect voxels, once more in finish() over the
-    # components joined across slab boundaries; the air's across slabs is joined on the host
+    # the union-find: once per slab over its defect voxels and their neighbours, once more in finish() over the
+    # components joined across slab boundaries (post._connect); the air's across slabs is joined on the host
     assert fake_cupy.launches == {"xctrt_search_air_runs": 1, **dict.fromkeys(each_slab, k),
-                                  **dict.fromkeys(("xctrt_union_edges", "xctrt_find_roots"), k + (k > 1)),
+                                  "xctrt_union_neighbours": k, "xctrt_find_roots": k + (k > 1),
+                                  **({"xctrt_union_edges": 1} if k > 1 else {}),
                                   **(dict.fromkeys(("xctrt_plane_crossings", "xctrt_air_pairs"), k - 1) if k > 1 else {})}
     assert got.outside_air_voxels == ref.outside_air_voxels == int(outside_air_reference(lab).sum())
     assert_same(on_device(fc, post.label_volume, lab, (2, 3), conn), _core.label_volume(lab, [2, 3], conn))
@@ -1027,7 +1028,52 @@ def test_component_stats_kernel_adds_each_run_once_in_its_warp(monkeypatch, seed
         np.testing.assert_array_equal(post.to_host(out[key]), b)
 
 
+def test_union_neighbours_joins_what_the_edge_list_would(monkeypatch):
+    """post._connect_neighbours reads the edges from defect_voxels' neighbour table itself: the same roots as
+    _connect over the edges listed from it (those in the slab, through the local index), on NumPy and on the
+    CuPy stand-in, where it is one launch and no host sync; its twin refuses neighbours it cannot place."""
+    import fake_cupy
+    rng = np.random.default_rng(5)
+    shape = (5, 9, 11)
+    lab = noise(rng, shape)
+    lab[0, :4] = 2   # runs and blocks of one label
+    plane = shape[1] * shape[2]
+    prev = noise(rng, shape[1:]).reshape(-1)
+    for goff in (0, plane):   # the first slab, then one behind a previous slab's last plane
+        ext = np.concatenate([prev, lab.reshape(-1)]) if goff else lab.reshape(-1)
+        idx = np.flatnonzero(np.isin(lab.reshape(-1), (2, 3)))
+        n = len(idx)
+        nbr = _core.defect_voxels(ext, idx + goff, goff, shape[1], shape[2], shape[0], 0, False, 26)[0]
+        local = np.full(lab.size, -1, np.int32)
+        local[idx] = np.arange(n, dtype=np.int32)
+        t = np.flatnonzero(nbr.reshape(-1) >= goff)
+        want = post._connect(n, (t % n).astype(np.int32), local[nbr.reshape(-1)[t] - goff])
+        assert len(np.unique(want)) < n   # some joined
+        assert_same(post._connect_neighbours(n, nbr, goff, local), want)
+        fc = fake_cupy.install(monkeypatch)
+        fake_cupy.launches, fake_cupy.syncs = {}, 0
+        got = post._connect_neighbours(n, fc.asarray(nbr), goff, fc.asarray(local))
+        assert fake_cupy.syncs == 0 and fake_cupy.launches == {"xctrt_union_neighbours": 1, "xctrt_find_roots": 1}
+        assert_same(post.to_host(got), want)
+        monkeypatch.undo()
+    with pytest.raises(ValueError, match="not in the defect list"):   # a neighbour whose place is unset
+        _core.union_neighbours(np.arange(2, dtype=np.int32), np.array([[-1, 0]], np.int64), 0,
+                               np.array([-1, 0], np.int32))
+    with pytest.raises(ValueError, match="not in the defect list"):   # beyond the slab
+        _core.union_neighbours(np.arange(2, dtype=np.int32), np.array([[-1, 9]], np.int64), 0,
+                               np.array([1, 0], np.int32))
+    with pytest.raises(ValueError, match=r"\(k, n\)"):
+        _core.union_neighbours(np.arange(2, dtype=np.int32), np.zeros((1, 3), np.int64), 0, np.zeros(2, np.int32))
+
+
 def test_union_find_host_twins_refuse_what_would_send_them_out_of_bounds():
+    with pytest.raises(ValueError, match="out of range"):
+        _core.component_stats(np.array([0, 2], np.int32), np.zeros((2, 18)), np.zeros((2, 3), np.int32), None, 2)
+    with pytest.raises(ValueError, match="one row per voxel"):
+        _core.component_stats(np.array([0, 1], np.int32), np.zeros((2, 17)), np.zeros((2, 3), np.int32), None, 2)
+    with pytest.raises(ValueError, match="one value per voxel"):
+        _core.component_stats(np.array([0, 1], np.int32), np.zeros((2, 18)), np.zeros((2, 3), np.int32),
+                              np.zeros(3, np.float32), 2)
     p = np.arange(4, dtype=np.int32)
     assert_same(_core.union_edges(p, np.array([3, 1], np.int32), np.array([1, 0], np.int32)),
                 np.array([0, 0, 2, 1], np.int32))

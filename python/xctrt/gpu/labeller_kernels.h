@@ -293,6 +293,15 @@ XCTRT_HD inline void component_stats_add(i64 i, const i32* pid, const double* st
 XCTRT_HD inline void union_edge(i64 i, volatile i32* p, const i32* a, const i32* b) { forest_union(p, a[i], b[i]); }
 XCTRT_HD inline i32 find_root(i64 v, volatile i32* p) { return forest_find(p, static_cast<i32>(v)); }
 
+// A slab's defect voxels joined to their earlier neighbours of the same label: entry t of nbr (k, n), as
+// defect_voxel writes it, is voxel t % n's neighbour's ext index, or -1; one in the slab (index >= goff; those
+// in the previous slab's last plane join across slabs instead) is joined to it through local, the slab's
+// voxel indices' places in the defect list. The edges straight from nbr: no list of them made first.
+XCTRT_HD inline void union_neighbour(i64 t, i64 n, volatile i32* p, const i64* nbr, i64 goff, const i32* local) {
+  const i64 nb = nbr[t];
+  if (nb >= goff) forest_union(p, static_cast<i32>(t % n), local[nb - goff]);
+}
+
 }  // namespace xctrt
 
 #ifdef XCTRT_LABELLER_KERNELS
@@ -437,6 +446,12 @@ extern "C" __global__ void xctrt_component_stats(const int* pid, const double* s
 extern "C" __global__ void xctrt_union_edges(int* p, const int* a, const int* b, long long m) {
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < m) xctrt::union_edge(i, p, a, b);
+}
+
+extern "C" __global__ void xctrt_union_neighbours(int* p, const long long* nbr, long long m, long long n,
+                                                  long long goff, const int* local) {
+  const long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t < m) xctrt::union_neighbour(t, n, p, nbr, goff, local);
 }
 
 extern "C" __global__ void xctrt_find_roots(int* p, long long n, int* q) {

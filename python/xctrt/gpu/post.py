@@ -232,7 +232,7 @@ NVRTC_SOURCES = {"air_search.h": (AIR_SEARCH_OPTIONS, ("xctrt_search_air_runs",)
                                                "xctrt_air_run_starts", "xctrt_air_runs", "xctrt_air_sides",
                                                "xctrt_air_pairs", "xctrt_air_label_init", "xctrt_air_label_merge",
                                                "xctrt_air_label_flatten", "xctrt_air_label_number", "xctrt_union_edges",
-                                               "xctrt_find_roots", "xctrt_component_stats"))}
+                                               "xctrt_find_roots", "xctrt_union_neighbours", "xctrt_component_stats"))}
 _kernels = {}   # source -> {"functions": {name: kernel} or None, "error": why NVRTC refused it, or None}
 
 
@@ -583,12 +583,34 @@ def _connect(n: int, a, b):
     b = b.astype(np.int32, copy=False)
     k = _labeller_kernels(a)
     if k is None:
-        p = _host_twin(_core.union_edges, np.arange(n, dtype=np.int32), a, b)
-        return _host_twin(_core.find_roots, p)[1]
-    p, root = _cupy.arange(n, dtype=np.int32), _cupy.empty(n, np.int32)
-    m = int(a.size)
+        return _host_roots(_host_twin(_core.union_edges, np.arange(n, dtype=np.int32), a, b))
+    p, m = _cupy.arange(n, dtype=np.int32), int(a.size)
     if m:
         k["xctrt_union_edges"](*_blocks(m), (p, a, b, np.int64(m)))
+    return _device_roots(k, p)
+
+
+def _connect_neighbours(n: int, nbr, goff: int, local):
+    """_connect over a slab's n defect voxels, each joined to its earlier neighbours in the slab: nbr (k, n)
+    as defect_voxels gives it (ext indices, >= goff in the slab), local the voxel indices' places in the
+    defect list. The kernel reads the edges from nbr itself: no list of them is made (two host syncs and
+    a few passes over k x n values fewer per slab)."""
+    k = _labeller_kernels(nbr)
+    if k is None:
+        return _host_roots(_host_twin(_core.union_neighbours, np.arange(n, dtype=np.int32), nbr, goff, local))
+    p, m = _cupy.arange(n, dtype=np.int32), int(nbr.size)
+    if m:
+        k["xctrt_union_neighbours"](*_blocks(m), (p, nbr, np.int64(m), np.int64(n), np.int64(goff), local))
+    return _device_roots(k, p)
+
+
+def _host_roots(p):
+    return _host_twin(_core.find_roots, p)[1]
+
+
+def _device_roots(k, p):
+    n = int(p.size)
+    root = _cupy.empty(n, np.int32)
     if n:
         k["xctrt_find_roots"](*_blocks(n), (p, np.int64(n), root))
     return root
@@ -736,18 +758,10 @@ class ComponentLabeller:
         # (1, z, y, x, crossings per Crofton direction, edge), coordinates, exposed sides and run ends.
         nbr, stats, zyx, flags = defect_voxels(ext, e, goff, self.shape, z0, last, self.connectivity)
 
-        # Edges to earlier neighbours with the same label value.
-        sel = xp.flatnonzero((nbr >= 0).reshape(-1))
-        nb = nbr.reshape(-1)[sel]
-        me = (sel % n).astype(np.int32) if n else sel.astype(np.int32)
-        ghost = nb < goff
-        inner = xp.flatnonzero(~ghost)
+        # Joined to their earlier neighbours with the same label value, in the slab.
         local = xp.empty(nz * plane, np.int32)  # dense local index, read only at defects
         local[idx] = xp.arange(n, dtype=np.int32)
-        a = me[inner]
-        b = local[nb[inner] - goff]
-        root = _connect(n, a, b)
-        pid, roots, nloc = _rank_roots(xp, root)
+        pid, roots, nloc = _rank_roots(xp, _connect_neighbours(n, nbr, goff, local))
         first = self._nprov
         if first + nloc > _I32_MAX:
             raise ValueError("too many provisional components for 32-bit ids")
@@ -756,9 +770,10 @@ class ComponentLabeller:
             p_lab, p_idx, p_ids, p_st = prev
             p_map = xp.empty(plane, np.int32)
             p_map[p_idx] = p_ids
-            across = xp.flatnonzero(ghost)   # neighbours in the previous plane
+            flat = nbr.reshape(-1)
+            across = xp.flatnonzero((flat >= 0) & (flat < goff))   # neighbours in the previous plane
             if across.size:
-                pairs = xp.stack([p_map[nb[across]], pid[me[across]] + np.int32(first)])
+                pairs = xp.stack([p_map[flat[across]], pid[across % n] + np.int32(first)])
                 self._cross.append(xp.unique(pairs.astype(np.int64)[0] * 2 ** 31 + pairs[1]))
             # Crossings of the previous plane along +(1, dy, dx), deferred until its next plane
             # (this one) arrived.

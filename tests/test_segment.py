@@ -237,6 +237,41 @@ def test_a_components_thread_failure_is_the_runs_error(rich, phantom_volume, tmp
         assert not t.name.startswith("xctrt-"), t.name
 
 
+def test_the_first_slabs_are_read_while_the_stage_is_made(rich, phantom_volume, tmp_path, monkeypatch):
+    """The reader starts before the compute stage is made (on the GPU that takes its kernels' self-check),
+    so the first slab is read meanwhile; a stage that cannot be made is the run's error, stops the reader
+    and leaves no output folder and no thread behind."""
+    import threading
+
+    first_read = threading.Event()
+    slabs = ArraySource.slabs
+
+    def watched(self, n):
+        for item in slabs(self, n):
+            first_read.set()
+            yield item
+    monkeypatch.setattr(ArraySource, "slabs", watched)
+    make_stage = Segmenter._compute_stage
+
+    def waits_for_the_reader(self, *args, **kwargs):
+        assert first_read.wait(timeout=30), "no slab read while the stage was made"
+        return make_stage(self, *args, **kwargs)
+    monkeypatch.setattr(Segmenter, "_compute_stage", waits_for_the_reader)
+    res = rich.segment(phantom_volume, keep_labels=True)
+    assert res.labels.shape == phantom_volume.shape and first_read.is_set()
+
+    def broken(self, *args, **kwargs):
+        assert first_read.wait(timeout=30)
+        raise XctrtError("no stage today")
+    first_read.clear()
+    monkeypatch.setattr(Segmenter, "_compute_stage", broken)
+    with pytest.raises(XctrtError, match="no stage today"):
+        rich.segment(phantom_volume, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    for t in threading.enumerate():
+        assert not t.name.startswith("xctrt-"), t.name
+
+
 def test_segment_and_segmenter_refuse_wrong_argument_types(phantom_volume):
     seg = make_segmenter()
     for bad in ([[[1]]], 5, None):

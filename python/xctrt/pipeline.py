@@ -361,17 +361,11 @@ class Segmenter:
         unit = "vox" if vs_from.startswith("unknown") else "mm"
         with timer("read"):
             window = self.intensity_window(source)
-        stage = self._compute_stage(source.shape, vs, timer, source.dtype)
-        counter = stage.counter
         labels_all = np.empty(source.shape, np.uint8) if keep_labels else None
         planes = {"z": None, "y": ([], []), "x": ([], [])}
         failed = threading.Event()
         errors: list[BaseException] = []
         q_in: queue.Queue = queue.Queue(maxsize=2)
-        q_out: queue.Queue = queue.Queue(maxsize=2)     # labelled slabs, to the components thread
-        q_write: queue.Queue = queue.Queue(maxsize=2)   # their labels, to the writer thread
-        made = {}   # the table, when the components thread makes it
-        bar = _progress(Z, self.progress)
 
         def guarded(work):
             """A thread's body: its failure is the run's error and stops the other threads."""
@@ -394,6 +388,22 @@ class Segmenter:
                 _put(q_in, item, failed)
                 if item is _END:
                     return
+
+        # The first slabs are read while the stage is made (on the GPU its kernels' self-check and its
+        # graphs: 0.06 s before the first read in the H200's shared-mode run, benchmarks/RESULTS.md).
+        read_thread = threading.Thread(target=reader, name="xctrt-read", daemon=True)
+        read_thread.start()
+        try:
+            stage = self._compute_stage(source.shape, vs, timer, source.dtype)
+        except BaseException:
+            failed.set()   # the reader stops at its next slab
+            read_thread.join()
+            raise
+        counter = stage.counter
+        q_out: queue.Queue = queue.Queue(maxsize=2)     # labelled slabs, to the components thread
+        q_write: queue.Queue = queue.Queue(maxsize=2)   # their labels, to the writer thread
+        made = {}   # the table, when the components thread makes it
+        bar = _progress(Z, self.progress)
 
         @guarded
         def components():
@@ -487,10 +497,10 @@ class Segmenter:
                         timer.add_seconds("csv_write", write_table_csv(tmp, table, unit))
             csv_written.append(csv_pool.submit(job))
 
-        threads = [threading.Thread(target=reader, name="xctrt-read", daemon=True),
+        threads = [read_thread,
                    threading.Thread(target=components, name="xctrt-host-components", daemon=True),
                    threading.Thread(target=writer, name="xctrt-write", daemon=True)]
-        for t in threads:
+        for t in threads[1:]:
             t.start()
         ok = False
         main = StageTimer()   # where this thread's time goes: waiting for the reader, in the stage, for the writer

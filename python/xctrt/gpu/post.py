@@ -413,6 +413,22 @@ def to_host(a) -> np.ndarray:
     return np.asarray(a)
 
 
+def to_host_all(arrays: dict) -> dict:
+    """to_host of each array of a dict, device arrays in one copy: one host sync instead of one per array
+    (each, in a run's tail, may also wait for the GIL held by the run's other threads). The widest
+    items go first, so every array's bytes stay aligned in the shared host buffer."""
+    if _cupy is None or not any(isinstance(v, _cupy.ndarray) for v in arrays.values()):
+        return {k: np.asarray(v) for k, v in arrays.items()}
+    order = sorted(arrays, key=lambda k: -arrays[k].dtype.itemsize)
+    flat = [_cupy.ascontiguousarray(arrays[k]).reshape(-1).view(np.uint8) for k in order]
+    host = _cupy.asnumpy(concatenate(flat))
+    out, at = {}, 0
+    for k, f in zip(order, flat):
+        out[k] = host[at:at + f.size].view(arrays[k].dtype).reshape(arrays[k].shape)
+        at += f.size
+    return {k: out[k] for k in arrays}
+
+
 # ------------------------------------------------------------------ window / resize / aggregate
 
 _SLICE_DTYPES = (np.uint8, np.uint16, np.float32)
@@ -1002,7 +1018,7 @@ class ComponentLabeller:
             late_tree = pool.submit(_core.air_tree, late, self.voxel_size) if len(late) else None
             t1 = time.perf_counter()
             m, final = self._resolve(int(min_voxels))
-            h = {k: to_host(v) for k, v in m.items()}
+            h = to_host_all(m)
             self.resolve_s = time.perf_counter() - t1
             spans.append(("table merge", t1, t1 + self.resolve_s))
             if "gsum" not in h:

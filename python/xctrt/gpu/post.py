@@ -838,13 +838,15 @@ class ComponentLabeller:
         # (Not all runs to the host and picked there: for a random network's ~2.7 M air runs per slab,
         # ~6 % of them early, that copied 54 MB and NumPy's selection took 26 ms of this thread on the
         # 2-core VM: benchmarks/host_tail_costs.py.)
-        early = np.ascontiguousarray(to_host(runs[xp.flatnonzero(runs[:, 4])][:, :4]))
-        # The components on the sides and the pairs joined across the slab boundary (air meeting there) go to
-        # the host too, copies after the sync above: finish() joins the air's components there, in one NumPy
-        # union-find of ~100k components (a random network's), not on the device, where it ends in syncs.
-        self._air_edge.append(np.flatnonzero(to_host(edge)) + base)
+        # With them, in the same copy, the components on the sides and the pairs joined across the slab
+        # boundary (air meeting there): finish() joins the air's components on the host, in one union-find
+        # of ~100k components (a random network's), not on the device, where it ends in syncs.
+        parts = {"early": runs[xp.flatnonzero(runs[:, 4])][:, :4], "edge": edge}
+        host = to_host_all(parts if pairs is None else {**parts, "pairs": pairs})
+        early = np.ascontiguousarray(host["early"])
+        self._air_edge.append(np.flatnonzero(host["edge"]) + base)
         if pairs is not None:
-            self._air_pairs.append(to_host(pairs))
+            self._air_pairs.append(host["pairs"])
         if len(early):
             if self._tree_pool is None:
                 self._tree_pool = ThreadPoolExecutor(1, thread_name_prefix="xctrt-air-tree")

@@ -25,8 +25,8 @@ slab on CT parts), bytes moved on the device:
   - everything else works on the n compact defect voxels: one kernel (labeller_kernels.h) reads
     each one's neighbourhood: 13/9/3 backward neighbours (edges), 26 for the surface area's line
     crossings (13 Crofton directions, both signs), exposed sides and x-run ends; then union-find
-    (two kernels: every edge joined, every root found), segment sums of the statistics rows, scatter
-    min/max                                                        ~ 0.5 kB per defect voxel
+    (two kernels: every edge joined, every root found) and the statistics rows summed per component
+    (one kernel, runs of a component added up in their warp first) ~ 0.5 kB per defect voxel
   - the part's outside, for the surface distance: air components (a 6-connected labelling of the
     slab: union-find kernels on the GPU, SciPy on NumPy; joined across slab boundaries in finish)
     and their x-runs
@@ -34,8 +34,8 @@ slab on CT parts), bytes moved on the device:
 So a 1000x1200x1200 volume with 2 % defects moves ~12 GB over the label volume and ~15 GB
 over the compact lists: a few tens of ms at H200 bandwidth; launch overhead and the host
 synchronisations (a flatnonzero or a count per step that sizes an array) dominate, all the more
-beside the encoder, whose long GEMM kernels each launch waits behind (~80-125 array operations
-per slab, benchmarks/labeller_launches.py; ~700 when every neighbour was one of its own), hence slabs
+beside the encoder, whose long GEMM kernels each launch waits behind (~60-65 array operations and
+~10 host syncs per slab, benchmarks/labeller_launches.py; ~700 when every neighbour was one of its own), hence slabs
 of 32-128 planes (below 2**31 voxels each: CuPy's labelling and scatter kernels index with 32-bit
 ints). aggregate: per channel a compare and a select, ~8 B/voxel (~25 for K=3).
 The distance to the part surface is searched in kd-trees over the air outside the part, built on the
@@ -621,10 +621,12 @@ def _connect_neighbours(n: int, nbr, goff: int, local):
 
 
 def _host_roots(p):
+    """Each node's root in forest p, by the find_roots kernel's _core twin."""
     return _host_twin(_core.find_roots, p)[1]
 
 
 def _device_roots(k, p):
+    """Each node's root in device forest p, by the find_roots kernel."""
     n = int(p.size)
     root = _cupy.empty(n, np.int32)
     if n:

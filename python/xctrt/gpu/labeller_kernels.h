@@ -384,20 +384,13 @@ __device__ inline T warp_run_scan(T v, int lane, int head, Op op) {
   return v;
 }
 
-__device__ inline void atomic_min_f32(float* a, float v) {
-  int* ai = reinterpret_cast<int*>(a);
-  int old = *ai;   // a stale value is only larger: the exchange below then fails and reads the real one
-  while (v < __int_as_float(old)) {
-    const int seen = atomicCAS(ai, old, __float_as_int(v));
-    if (seen == old) return;
-    old = seen;
-  }
-}
-
-__device__ inline void atomic_max_f32(float* a, float v) {
+// *a = v where better(v, *a) (float min or max: CUDA has no float atomicMin/Max). A stale first read
+// only makes the exchange fail and read the current value.
+template <class Better>
+__device__ inline void atomic_better_f32(float* a, float v, Better better) {
   int* ai = reinterpret_cast<int*>(a);
   int old = *ai;
-  while (v > __int_as_float(old)) {
+  while (better(v, __int_as_float(old))) {
     const int seen = atomicCAS(ai, old, __float_as_int(v));
     if (seen == old) return;
     old = seen;
@@ -438,8 +431,8 @@ extern "C" __global__ void xctrt_component_stats(const int* pid, const double* s
                                  [](float x, float y) { return x > y ? x : y; });
   if (tail) {
     atomicAdd(gsum + cc, s);
-    atomic_min_f32(gmin + cc, lo);
-    atomic_max_f32(gmax + cc, hi);
+    atomic_better_f32(gmin + cc, lo, [](float x, float y) { return x < y; });
+    atomic_better_f32(gmax + cc, hi, [](float x, float y) { return x > y; });
   }
 }
 

@@ -203,6 +203,7 @@ def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
                 oh, ow = relative_offset_terms(qq, rel_pos_h, rel_pos_w, hw)
                 return attention_triton(qq, kk, vv, oh, ow, hw, scale)
             variant(f"qkv {layout.replace('_', '-')}", from_projection)
+        res["heads_major_copy"] = copy_ab(qkv, device, warmup, reps)
         for cfg in sweep:
             if cfg == base:
                 continue
@@ -229,6 +230,22 @@ def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
     return res
 
 
+def copy_ab(qkv, device, warmup, reps):
+    """The heads-major copy of the projection two ways: torch's permute().contiguous() (element by
+    element) and permuted_copy (8-byte words); ms, GB/s (read + written) and whether the bits agree."""
+    dims, moved = (2, 3, 0, 1, 4), 2 * qkv.numel() * qkv.element_size()
+    ways = {"torch": lambda: qkv.permute(dims).contiguous(), "words": lambda: _att.permuted_copy(qkv, dims)}
+    res = {}
+    try:
+        res["same_bits"] = bool(torch.equal(ways["torch"]().view(torch.uint8), ways["words"]().view(torch.uint8)))
+        for name, fn in ways.items():
+            ms = time_ms(fn, device, warmup, reps)
+            res[name] = {"ms": ms, "GB_per_s": moved / (ms * 1e-3) / 1e9}
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        res["error"] = short_error(exc)
+    return res
+
+
 def fmt(x, spec):
     return format(x, spec) if isinstance(x, (int, float)) and math.isfinite(x) else "-"
 
@@ -243,6 +260,12 @@ def print_table(report):
             print(f"{name:9} {r['variant']:16} {r.get('config', ''):20} {fmt(r.get('ms'), '9.3f')} "
                   f"{fmt(r.get('tflops'), '8.4g')} {fmt(r.get('rel_err'), '9.2e')}  {r.get('check', '')}"
                   + (f"  {r['error']}" if r.get("error") else ""))
+        cp = res.get("heads_major_copy", {})
+        if "torch" in cp and "words" in cp:
+            print(f"{name:9} heads-major copy: torch {cp['torch']['ms']:.3f} ms ({cp['torch']['GB_per_s']:.0f} GB/s), "
+                  f"words {cp['words']['ms']:.3f} ms ({cp['words']['GB_per_s']:.0f} GB/s), same bits {cp['same_bits']}")
+        elif cp.get("error"):
+            print(f"{name:9} heads-major copy: {cp['error']}")
         if "best_triton" in res:
             b = res["best_triton"]
             print(f"{name:9} best triton: {b['config']} {b['ms']:.3f} ms {b['tflops']:.4g} TFLOP/s")

@@ -298,6 +298,11 @@ def main(out: Path) -> str:
             lines.append(f"attention {shape} {s.get('hw')} x{s.get('B')}x{s.get('heads', 1)}: " + "; ".join(
                 f"{k} {v.get('config', '')} {_f(v['tflops'], '.0f')} TFLOP/s ({v.get('check', '-')})"
                 for k, v in best.items()))
+            cp = s.get("heads_major_copy") or {}
+            if "torch" in cp and "words" in cp:
+                lines.append(f"heads-major q/k/v copy, {shape}: permute().contiguous() {_f(cp['torch']['ms'], '.3f')} ms "
+                             f"({_f(cp['torch']['GB_per_s'], '.0f')} GB/s), permuted_copy {_f(cp['words']['ms'], '.3f')} ms "
+                             f"({_f(cp['words']['GB_per_s'], '.0f')} GB/s), same bits {cp.get('same_bits')}")
     else:
         lines.append(_missing("attention"))
     return "\n".join(lines)

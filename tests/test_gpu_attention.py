@@ -7,6 +7,8 @@ others) imports triton, so when another test module got there first, the kernel 
 child pytest instead (test_triton_tests_in_fresh_process); exactly one of the two routes runs.
 """
 
+from unittest import mock
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -28,6 +30,7 @@ from xctrt.gpu.attention import (
     choose_qkv_layout,
     qkv_layout_choices,
     rel_pos_attention,
+    permuted_copy,
     relative_bias_terms,
     relative_offset_terms,
     split_qkv,
@@ -260,6 +263,47 @@ def test_split_qkv_layouts_hold_the_same_values():
     tab_h, tab_w = torch.randn(5, d, generator=g), torch.randn(7, d, generator=g)
     for x, y in zip(relative_offset_terms(a[0], tab_h, tab_w, (3, 4)), relative_offset_terms(b[0], tab_h, tab_w, (3, 4))):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int32, torch.int16])
+def test_permuted_copy_moves_the_same_bits(dtype):
+    """Wide words or not, the copy is permute().contiguous() bit for bit: NaN payloads, signed zeros and
+    subnormals included (the bits are drawn at random, never computed on)."""
+    g = torch.Generator().manual_seed(11)
+    size = torch.empty((), dtype=dtype).element_size()
+    bits = torch.randint(-2 ** 15, 2 ** 15, (2, 5, 3, 4, 8 * 4 // size), generator=g, dtype=torch.int32)
+    t = bits.to(torch.int16).view(dtype) if size == 2 else bits.view(dtype) if dtype == torch.float32 else bits
+    for dims in [(2, 3, 0, 1, 4), (0, 2, 1, 3, 4), (0, 1, 2, 3, 4), (3, 2, 1, 0, 4)]:
+        out = permuted_copy(t, dims)
+        ref = t.permute(dims).contiguous()
+        assert out.dtype == t.dtype and out.shape == ref.shape and out.is_contiguous()
+        assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
+    # and these are moved as words (a copy of int64 elements), not by the fallback
+    views, view = [], torch.Tensor.view
+    with mock.patch.object(torch.Tensor, "view", lambda self, *a: views.append(a) or view(self, *a)):
+        permuted_copy(t, (2, 3, 0, 1, 4))
+    assert views == [(torch.int64,), (dtype,)]
+
+
+def test_permuted_copy_takes_the_plain_copy_where_words_do_not_fit():
+    """The last dimension moved, odd or strided, a misaligned start, a tensor recording gradients: each
+    still gets permute().contiguous()'s values (and gradients)."""
+    g = torch.Generator().manual_seed(12)
+    t = torch.randn(3, 4, 6, 10, generator=g).to(torch.bfloat16)
+    cases = [(t, (0, 1, 3, 2)),                      # the last dimension moves
+             (t[..., :7], (1, 0, 2, 3)),             # 7 elements: not whole words
+             (t[..., ::2], (1, 0, 2, 3)),            # strided last dimension
+             (t.reshape(-1)[1:1 + 3 * 4 * 6 * 8].reshape(3, 4, 6, 8), (2, 1, 0, 3)),   # starts off a word
+             (t[:, :, :, 1:9], (1, 0, 2, 3)),        # ... through a slice's offset
+             (torch.tensor(1.5), ())]
+    for x, dims in cases:
+        out = permuted_copy(x, dims)
+        assert torch.equal(out, x.permute(dims).contiguous()) and out.is_contiguous()
+    w = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    out = permuted_copy(w, (1, 0, 2))
+    assert out.requires_grad
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
 
 
 def test_choose_qkv_layout_times_each_once_and_remembers(monkeypatch):

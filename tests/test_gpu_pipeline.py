@@ -790,6 +790,25 @@ def test_fast_layer_norm_2d_and_two_way_block_match_segment_anything():
         assert torch.equal(q0, q1) and torch.equal(k0, k1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_prepare_gives_segment_anythings_normalisation_bit_for_bit(nets, dtype):
+    """prepare(image, dtype): (x * 255 - mean) / std on the image expanded to 3 channels, then .to(dtype),
+    the same bits though made in fewer passes; the "unit" input (LiteMedSAM) is the image as is."""
+    sam = nets["shared"].models[0]
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(3, 1, 16, 16, generator=g)
+    image[0, 0, :2] = torch.tensor([0.0, 1.0])[:, None]
+    x = image.expand(-1, 3, -1, -1)
+    ref = ((x * 255.0 - sam.pixel_mean) / sam.pixel_std).to(dtype)
+    out = sam.prepare(image, dtype)
+    assert out.dtype == dtype and out.shape == (3, 3, 16, 16)
+    assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
+    assert sam.prepare(image).dtype == torch.float32
+    unit = copy.copy(sam)
+    unit.input_norm = "unit"
+    assert torch.equal(unit.prepare(image, dtype), x.to(dtype))
+
+
 @pytest.mark.parametrize("kernel,stride,padding,size", [(16, 16, 0, 64), (4, 4, 0, 12), (4, 4, 1, 12), (4, 2, 0, 12)])
 def test_fast_patch_embed_matches_the_conv(kernel, stride, padding, size):
     """One GEMM over unfolded patches where the conv is a plain patchify (stride = kernel, no padding);

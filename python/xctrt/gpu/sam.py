@@ -93,15 +93,25 @@ class XctSam(nn.Module):
         """Image embedding -> mask logits (N, K, size, size), one channel per head."""
         return upsample_logits(self.low_res_logits(emb), size)
 
-    def prepare(self, image: torch.Tensor) -> torch.Tensor:
-        """(N, 1, S, S) in [0, 1] -> the backbone's 3-channel input, in the image's dtype."""
+    def prepare(self, image: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(N, 1, S, S) in [0, 1] -> the backbone's 3-channel input, computed in the image's precision and
+        rounded once to `dtype` (the image's by default): the values of (x * 255 - mean) / std on the
+        image expanded to 3 channels, then .to(dtype), in fewer passes: the scaling on the one channel,
+        the division written straight in `dtype` (it rounds its float32 result as .to() does). For a
+        batch of 8 at 1024² that is about 0.35 GB of traffic instead of 0.58."""
+        dtype = image.dtype if dtype is None else dtype
         x = image.expand(-1, 3, -1, -1)
-        return x if self.input_norm == "unit" else (x * 255.0 - self.pixel_mean) / self.pixel_std
+        if self.input_norm == "unit":
+            return x.to(dtype)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():   # ONNX export, torch.compile: plain ops
+            return ((x * 255.0 - self.pixel_mean) / self.pixel_std).to(dtype)
+        centred = image * 255.0 - self.pixel_mean   # (N, 3, S, S) by broadcasting
+        return torch.div(centred, self.pixel_std, out=torch.empty(centred.shape, dtype=dtype, device=centred.device))
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) in [0, 1] -> image embedding (N, c, h, w), in the encoder's dtype (the
         normalisation stays in the image's precision: the pixel mean/std buffers are float32)."""
-        return self.image_encoder(self.prepare(image).to(next(self.image_encoder.parameters()).dtype))
+        return self.image_encoder(self.prepare(image, next(self.image_encoder.parameters()).dtype))
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) in [0, 1] -> mask logits (N, K, S, S)."""
@@ -435,6 +445,8 @@ def _make_fast_mlp() -> type:
 def _make_fast_patch_embed() -> type:
     from segment_anything.modeling.image_encoder import PatchEmbed
 
+    from .attention import permuted_copy
+
     class FastPatchEmbed(PatchEmbed):
         """segment-anything's patch embedding (a conv whose stride equals its kernel) as one GEMM over the
         unfolded patches: cuDNN ran the 3 -> 768 channel, 16x16-stride conv of a batch of 8 at 2.1 ms on an
@@ -447,8 +459,8 @@ def _make_fast_patch_embed() -> type:
             if (tuple(conv.stride) != (ph, pw) or tuple(conv.padding) != (0, 0) or conv.groups != 1
                     or tuple(conv.dilation) != (1, 1) or hh % ph or ww % pw):
                 return super().forward(x)   # not a plain patchify: the conv itself
-            patches = (x.reshape(b, c, hh // ph, ph, ww // pw, pw).permute(0, 2, 4, 1, 3, 5)
-                       .reshape(b, hh // ph, ww // pw, c * ph * pw))
+            patches = permuted_copy(x.reshape(b, c, hh // ph, ph, ww // pw, pw), (0, 2, 4, 1, 3, 5)).reshape(
+                b, hh // ph, ww // pw, c * ph * pw)
             return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
     FastPatchEmbed.__module__ = __name__

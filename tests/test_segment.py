@@ -399,9 +399,10 @@ def test_runs_freeze_what_came_before_out_of_the_garbage_collector(rich, phantom
     assert len(spans) == info["passes"][2] and all(0 <= a <= b for a, b in spans)
 
     with CollectorWatch():   # runs in parallel share one freeze: the last to end lifts it
+        # (frozen objects may still be freed meanwhile, a few at most; a lifted freeze would leave none)
         frozen = gc.get_freeze_count()
-        assert rich.segment(phantom_volume).summary["timing"]["garbage_collector"]["frozen_objects"] >= frozen
-        assert gc.get_freeze_count() >= frozen
+        assert rich.segment(phantom_volume).summary["timing"]["garbage_collector"]["frozen_objects"] > frozen * 0.99
+        assert gc.get_freeze_count() > frozen * 0.99
     assert gc.get_freeze_count() == 0
 
     def broken(*args, **kwargs):

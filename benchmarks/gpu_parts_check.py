@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from xctrt.gpu.bench import CLASSES, profile_call, time_cuda
+    from xctrt.gpu.bench import CLASSES, profile_call, profile_ops, time_cuda
     from xctrt.gpu.sam import FAST_PARTS, GraphedStep, accelerate, build_random_class_net, encoder_flops
 
     cuda = args.device == "cuda"
@@ -98,14 +98,21 @@ def main(argv=None) -> int:
         rows[name] = row
         print(f"{name}: {row}", flush=True)
 
-    decoder_profile, sweep = [], {}
+    decoder_profile, ops, sweep = [], {}, {}
     if fast_all is not None:
         with torch.inference_mode():
             emb = fast_all.encode(x)
         decoder_profile = profile_call(torch, lambda: fast_all.decode(emb, size), cuda, top=15)
+        # the same passes by operator and input shape, eager (no graph): which layer_norm, copy or add costs
+        for part, fn in (("decoder", lambda: fast_all.decode(emb, size)), ("encoder", lambda: fast_all.encode(x))):
+            try:
+                ops[part] = profile_ops(torch, fn, cuda, top=20)
+            except Exception as exc:   # noqa: BLE001 - a profile is for reading; the timings above stand
+                ops[part] = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "backbone": backbone, "batch": args.batch, "dtype": str(dtype).replace("torch.", ""),
-              "variants": rows, "decoder_profile_all_parts": decoder_profile, "encoder_batch_sweep": sweep}
+              "variants": rows, "decoder_profile_all_parts": decoder_profile, "ops_by_shape_all_parts": ops,
+              "encoder_batch_sweep": sweep}
     args.out.mkdir(parents=True, exist_ok=True)
     save = lambda: commit_json(output_file(args.out / "gpu_parts.json"), result)  # noqa: E731 - renamed into place
     save()   # the variants are kept should the sweep below run out of the step's time
@@ -147,6 +154,10 @@ def main(argv=None) -> int:
         print(f"| {name}{eager} | {r['encoder_ms']:.2f} | {r['decoder_ms']:.2f} | {rel} | {diff} |")
     for p in decoder_profile[:8]:
         print(f"    decoder {p['ms']:8.3f} ms {p['calls']:4d}x  {p['name'][:90]}")
+    for part, rows_ in ops.items():
+        for p in rows_[:12]:
+            print(f"    {part} op {p['ms']:8.3f} ms {p['calls']:4d}x  {p['op']} {p['shapes']}" if "error" not in p
+                  else f"    {part} ops: {p['error']}")
     print("\n| batch | encoder ms per image | TFLOP/s | torch peak GiB |\n|---|---|---|---|")
     for b, r in sweep.items():
         print(f"| {b} | failed: {r['error']} | | |" if "error" in r else

@@ -272,6 +272,10 @@ def main(out: Path) -> str:
                  for b, r in parts.get("encoder_batch_sweep", {}).items()]
         if sweep:
             lines.append("encoder with every part, per image by batch: " + "; ".join(sweep))
+        for part, rows in (parts.get("ops_by_shape_all_parts") or {}).items():
+            lines.append(f"{part} operators by input shape (eager, ms of their own kernels): " + "; ".join(
+                r["error"] if "error" in r else f"{r['op']} {r['shapes']} {r['ms']:.3f} ms x{r['calls']}"
+                for r in rows[:8]))
     else:
         lines.append(_missing("parts"))
     pkg = _load(out, "gpu_package.json")

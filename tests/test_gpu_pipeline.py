@@ -1024,12 +1024,18 @@ def test_gpu_parts_check_dry_run(tmp_path):
         assert r["encoder_ms"] > 0 and r["decoder_ms"] > 0, name
         assert r["max_abs_diff_vs_none"] < 1e-5, name   # float32 on the CPU: the same maths
     assert res["decoder_profile_all_parts"] and res["backbone"] == "tiny"
+    ops = res["ops_by_shape_all_parts"]   # operators with their input shapes, each pass
+    assert set(ops) == {"decoder", "encoder"}
+    for part, rows in ops.items():
+        assert rows and all(r["ms"] > 0 and r["calls"] >= 1 and "::" in r["op"] for r in rows), part
+    assert any(r["op"] == "aten::native_layer_norm" and r["shapes"].startswith("[[") for r in ops["decoder"])
     assert sorted(res["encoder_batch_sweep"], key=int) == ["2", "4", "16"]   # the run's batch and --sweep's
     for b, r in res["encoder_batch_sweep"].items():
         assert r["encoder_ms_per_image"] > 0 and r["encoder_tflops"] > 0, b
     md = load_benchmark("gpu_summary").main(tmp_path)
     assert "fast-forward parts (cpu, tiny, batch 2," in md and "all but upscale" in md
     assert "encoder with every part, per image by batch: batch 2 " in md
+    assert "decoder operators by input shape (eager, ms of their own kernels): aten::" in md
 
 
 # ---------------------------------------------------------------- 7. errors

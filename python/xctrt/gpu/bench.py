@@ -149,6 +149,32 @@ def profile_call(torch, fn, cuda: bool, top: int = 30) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
+def profile_ops(torch, fn, cuda: bool, top: int = 20) -> list[dict]:
+    """The operators of one fn() call with their input shapes, by the device time of the kernels each
+    launched itself (CPU time on the CPU), after two warm-up calls: which call of a kernel name costs what
+    (profile_call sums a name over all its shapes: one layer_norm kernel serves rows of 5 tokens and of
+    131,072 pixels alike)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        for _ in range(2):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts, record_shapes=True) as prof:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+    attr = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        t = next((getattr(e, a) for a in attr if hasattr(e, a)), 0.0)
+        if t > 0 and not e.key.startswith("Memcpy") and not e.key.startswith("Memset"):
+            rows.append({"op": e.key, "shapes": str(e.input_shapes)[:160], "ms": t / 1000.0, "calls": int(e.count)})
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
 def fast_net(net, attention_impl: str, xb, dtype):
     """(our fast copy of `net` in `dtype`, {part: error} left out). Each part of accelerate() must run one
     batch here: a part that fails on this machine (a kernel its toolchain will not build, say) is left

@@ -93,6 +93,111 @@ def test_triton_fast_block_equals_segment_anything(window):
 
 
 @interpreted
+@pytest.mark.parametrize("shape", [(3, 5, 7, 64), (2, 9, 20), (130, 24), (1, 3, 96)])
+def test_triton_layer_norm_equals_torch(shape):
+    """Several rows per program, the last program part-full (130 rows of 24: 128 to a program)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x, norm = torch.randn(*shape, generator=g) * 2 - 1, _norm(shape[-1], g)
+    got = layout.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    assert got.shape == x.shape and got.is_contiguous()
+    torch.testing.assert_close(got, torch.nn.functional.layer_norm(x, shape[-1:], norm.weight, norm.bias, norm.eps),
+                               rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+def test_triton_layer_norm_in_the_fast_decoder_parts():
+    """The mask decoder's LayerNorm2d on a channels-last tensor and the two-way block's norm4 run
+    layout.layer_norm (and give segment-anything's numbers); a tensor recording gradients keeps torch's."""
+    from segment_anything.modeling.common import LayerNorm2d
+    from segment_anything.modeling.transformer import TwoWayAttentionBlock
+    from xctrt.gpu.sam import fast_swaps
+
+    fast = {base: cls for _, base, cls in fast_swaps()}
+    g = torch.Generator().manual_seed(31)
+    ln2d = LayerNorm2d(16)
+    with torch.no_grad():
+        ln2d.weight.copy_(torch.randn(16, generator=g))
+        ln2d.bias.copy_(torch.randn(16, generator=g))
+    block = TwoWayAttentionBlock(embedding_dim=16, num_heads=2, mlp_dim=32)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    fast_ln2d, fast_block = copy.deepcopy(ln2d), copy.deepcopy(block)
+    fast_ln2d.__class__, fast_block.__class__ = fast[LayerNorm2d], fast[TwoWayAttentionBlock]
+    x = torch.randn(2, 16, 5, 6, generator=g).to(memory_format=torch.channels_last)
+    args = (torch.randn(2, 5, 16, generator=g), torch.randn(2, 30, 16, generator=g),
+            torch.randn(2, 5, 16, generator=g), torch.randn(2, 30, 16, generator=g))
+    calls, real = [], layout.layer_norm
+    layout.layer_norm = lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(fast_ln2d(x), ln2d(x), rtol=1e-5, atol=1e-5)
+            (q0, k0), (q1, k1) = block(*args), fast_block(*args)
+        assert calls == [(2, 5, 6, 16), (2, 30, 16)]
+        torch.testing.assert_close(q1, q0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
+        fast_ln2d(x.requires_grad_())   # recording gradients: torch's layer_norm, with them
+        assert len(calls) == 2
+    finally:
+        layout.layer_norm = real
+
+
+@interpreted
+@pytest.mark.parametrize("n,h,w", [(2, 3, 4), (1, 5, 5)])
+def test_triton_upscale_logits_equal_the_decoders_layers(n, h, w):
+    """segment-anything's upscaling (conv, LayerNorm2d, GELU, conv, GELU) and hypernetwork product, layer
+    by layer, against the two kernels reading the convs' GEMM rows."""
+    from segment_anything.modeling.common import LayerNorm2d
+
+    g = torch.Generator().manual_seed(n * 100 + h * 10 + w)
+    c = 32
+    seq = torch.nn.Sequential(torch.nn.ConvTranspose2d(c, c // 4, 2, 2), LayerNorm2d(c // 4), torch.nn.GELU(),
+                              torch.nn.ConvTranspose2d(c // 4, c // 8, 2, 2), torch.nn.GELU())
+    with torch.no_grad():
+        for p in seq.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x = torch.randn(n, h, w, c, generator=g)
+    hyper = torch.randn(n, c // 8, generator=g)
+    up = seq(x.permute(0, 3, 1, 2))
+    want = (hyper[:, None, :] @ up.flatten(2)).view(n, 1, 4 * h, 4 * w)
+    with torch.inference_mode():
+        got = layout.upscale_logits(x, seq[0], seq[1], seq[3], hyper)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="hyper"):
+        layout.upscale_logits(x, seq[0], seq[1], seq[3], hyper[:, :2])
+
+
+@interpreted
+def test_triton_fast_decoder_takes_the_fused_upscaling():
+    """XctSam's decode with the fast parts: the fused upscaling runs and gives segment-anything's logits;
+    with the upscale part left out, or while recording gradients, the layers run one by one."""
+    from xctrt.gpu.sam import FAST_PARTS, accelerate, build_random_class_net
+
+    net = build_random_class_net("tiny", 3, "shared", seed=2)
+    sam = net.models[0]
+    emb = torch.randn(2, 32, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        want = sam.low_res_logits(emb)
+    calls, real = [], layout.upscale_logits
+    layout.upscale_logits = lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
+    try:
+        for parts, fused in ((FAST_PARTS, 3), (tuple(p for p in FAST_PARTS if p != "upscale"), 0)):
+            calls.clear()
+            fast = accelerate(copy.deepcopy(net), "sdpa", parts).models[0]
+            with torch.inference_mode():
+                got = fast.low_res_logits(emb)
+            assert len(calls) == fused, parts
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        calls.clear()
+        fast = accelerate(copy.deepcopy(net), "sdpa").models[0]
+        fast.requires_grad_(True)
+        assert fast.low_res_logits(emb).grad_fn is not None and calls == []
+    finally:
+        layout.upscale_logits = real
+
+
+@interpreted
 def test_triton_layout_refuses_bad_arguments():
     norm = torch.nn.LayerNorm(8)
     with pytest.raises(ValueError, match="contiguous"):
@@ -101,6 +206,10 @@ def test_triton_layout_refuses_bad_arguments():
         layout.ln_window_partition(torch.zeros(1, 4, 4, 6), norm, 2)
     with pytest.raises(ValueError, match="rows of 8"):
         layout.add_layer_norm(torch.zeros(1, 4, 4, 8), torch.zeros(1, 4, 4, 8), norm, 3, (6, 6))
+    with pytest.raises(ValueError, match="channels last"):
+        layout.layer_norm(torch.zeros(2, 8, 4).transpose(1, 2), norm.weight, norm.bias, norm.eps)
+    with pytest.raises(ValueError, match="affine"):
+        layout.layer_norm(torch.zeros(2, 4, 6), norm.weight, norm.bias, norm.eps)
 
 
 @pytest.mark.skipif(layout.triton is None or INTERPRETER_HERE, reason="the kernel tests ran in this process")
@@ -125,6 +234,28 @@ for name, fn, ptrs in (("ln_window_partition", L._ln_window_partition_kernel, {"
             report[f"{name} ws={ws}"] = kern; continue
         m = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump_of(kern, "-res-usage") or "")
         report[f"{name} ws={ws}"] = {"ptx": len(kern.asm.get("ptx", "")), "stack": int(m.group(2)) if m else 0}
+for c in (64, 256, 768):   # layer_norm at the decoders' upscaling, their image tokens and ViT-B's blocks
+    block_c = 1 << (c - 1).bit_length()
+    const = dict(BLOCK_T=L.ROW_ELEMENTS // block_c, BLOCK_C=block_c)
+    fn = L._layer_norm_kernel
+    sig = {nm: "constexpr" if nm in const else "*bf16" if nm in ("X", "Y", "W_P", "B_P") else
+           "fp32" if nm == "eps" else "i32" for nm in fn.arg_names}
+    kern = compile(fn, sig, const, num_warps=4)
+    if isinstance(kern, dict):
+        report[f"layer_norm C={c}"] = kern; continue
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump_of(kern, "-res-usage") or "")
+    report[f"layer_norm C={c}"] = {"ptx": len(kern.asm.get("ptx", "")), "stack": int(m.group(2)) if m else 0}
+# the mask decoders' upscaling (ViT-B: 64 channels after the first conv, 32 after the second, 2 x 2)
+for name, fn, c in (("upscale_norm_gelu", L._upscale_norm_gelu_kernel, 64),
+                    ("upscale_gelu_logits", L._upscale_gelu_logits_kernel, 32)):
+    const = dict(S=2, BLOCK_R=L.ROW_ELEMENTS // (c * 4), BLOCK_C=c)
+    sig = {nm: "constexpr" if nm in const else "*bf16" if nm in ("Y", "OUT", "W_P", "B_P", "HYP") else
+           "fp32" if nm == "eps" else "i32" for nm in fn.arg_names}
+    kern = compile(fn, sig, const, num_warps=4)
+    if isinstance(kern, dict):
+        report[name] = kern; continue
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump_of(kern, "-res-usage") or "")
+    report[name] = {"ptx": len(kern.asm.get("ptx", "")), "stack": int(m.group(2)) if m else 0}
 print(json.dumps(report))
 '''
 
@@ -134,5 +265,5 @@ def test_layout_kernels_compile_for_sm90():
     from conftest import sm90_compile_report
 
     report = sm90_compile_report(_SM90_SCRIPT, timeout=300)
-    assert len(report) == 4 and all(row["ptx"] > 0 for row in report.values())
+    assert len(report) == 9 and all(row["ptx"] > 0 for row in report.values()), report
     assert all(row["stack"] == 0 for row in report.values()), report   # no register spills

@@ -10,6 +10,10 @@ about 0.8 GB per windowed ViT-B block for a batch of 8. Two kernels do the same 
     add_layer_norm        shortcut + y (y in window layout for a windowed block, then read back to the
                           grid and cropped) -> (that sum, LayerNorm of it)
 
+and layer_norm is a plain LayerNorm over the last dimension with several rows per program, for the
+norms with short rows or many of them (a global block's norm1, the neck's and the mask decoders'), and
+upscale_logits the mask decoder's upscaling after its transformer, its convs' GEMMs read in place.
+
 Every element is computed as torch does it for a bf16 tensor: the sum in float32 rounded to the
 tensor's dtype, the norm's statistics in float32 over the rounded values, the result rounded once;
 the statistics' summation order differs from torch's kernel, so results agree to a rounding, not bit
@@ -30,7 +34,7 @@ except Exception:  # noqa: BLE001 - any failure to import means "no Triton"
     triton = None
     tl = types.SimpleNamespace(constexpr=int)  # only so the kernels' annotations evaluate
 
-__all__ = ["add_layer_norm", "available", "ln_window_partition"]
+__all__ = ["add_layer_norm", "available", "layer_norm", "ln_window_partition", "plain_layer_norm", "upscale_logits"]
 
 
 def _norm_rows(v, cmask, W_P, B_P, cols, C, eps):
@@ -92,7 +96,69 @@ def _add_layer_norm_kernel(S_P, A_P, OUT_P, N_P, W_P, B_P, NTOK, H, W, HP, WP, C
     tl.store(N_P + at, n.to(N_P.dtype.element_ty), mask=m)
 
 
+def _layer_norm_kernel(X, Y, W_P, B_P, NROW, C, eps, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    m = (row < NROW)[:, None] & cmask[None, :]
+    at = row.to(tl.int64)[:, None] * C + cols[None, :]
+    v = tl.load(X + at, mask=m, other=0).to(tl.float32)
+    tl.store(Y + at, _norm_rows(v, cmask, W_P, B_P, cols, C, eps).to(Y.dtype.element_ty), mask=m)
+
+
+def _gelu(x):
+    """The exact (erf) GELU, as torch computes it for a float32 value."""
+    return 0.5 * x * (1 + tl.math.erf(x * 0.7071067811865476))
+
+
+def _upscale_norm_gelu_kernel(Y, OUT, W_P, B_P, NPIX, H, W, C, eps, S: tl.constexpr, BLOCK_R: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+    """GELU(LayerNorm2d(.)) of a stride-S transposed conv's output, read from its GEMM's rows: row r is
+    input pixel (n, i, j), column c*S*S + a*S + b its output (n, c, i*S + a, j*S + b). Written channels
+    last, each sub-position's LayerNorm over the C channels."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < NPIX
+    n, rem = r // (H * W), r % (H * W)
+    i, j = rem // W, rem % W
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    m = live[:, None] & cmask[None, :]
+    src = r.to(tl.int64)[:, None] * (C * S * S) + (cols * (S * S))[None, :]
+    for a in tl.static_range(S):
+        for b in tl.static_range(S):
+            v = tl.load(Y + src + (a * S + b), mask=m, other=0).to(tl.float32)
+            y = _norm_rows(v, cmask, W_P, B_P, cols, C, eps).to(OUT.dtype.element_ty).to(tl.float32)
+            dst = ((n * (H * S) + i * S + a) * (W * S) + j * S + b).to(tl.int64) * C
+            tl.store(OUT + dst[:, None] + cols[None, :], _gelu(y).to(OUT.dtype.element_ty), mask=m)
+
+
+def _upscale_gelu_logits_kernel(Y, HYP, OUT, NPIX, H, W, C, S: tl.constexpr, BLOCK_R: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
+    """The mask logits from the last transposed conv's GEMM rows (as above): per output pixel, its C
+    channels through GELU, dotted with its image's hypernetwork vector HYP[n]."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < NPIX
+    n, rem = r // (H * W), r % (H * W)
+    i, j = rem // W, rem % W
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    m = live[:, None] & cmask[None, :]
+    hyp = tl.load(HYP + n.to(tl.int64)[:, None] * C + cols[None, :], mask=m, other=0).to(tl.float32)
+    src = r.to(tl.int64)[:, None] * (C * S * S) + (cols * (S * S))[None, :]
+    for a in tl.static_range(S):
+        for b in tl.static_range(S):
+            v = tl.load(Y + src + (a * S + b), mask=m, other=0).to(tl.float32)
+            g = _gelu(v).to(OUT.dtype.element_ty).to(tl.float32)   # the activation as torch stores it
+            logit = tl.sum(tl.where(m, g * hyp, 0.0), axis=1)
+            dst = ((n * (H * S) + i * S + a) * (W * S) + j * S + b).to(tl.int64)
+            tl.store(OUT + dst, logit.to(OUT.dtype.element_ty), mask=live)
+
+
 if triton is not None:
+    _layer_norm_kernel = triton.jit(_layer_norm_kernel)
+    _upscale_norm_gelu_kernel = triton.jit(_upscale_norm_gelu_kernel)
+    _upscale_gelu_logits_kernel = triton.jit(_upscale_gelu_logits_kernel)
+    _gelu = triton.jit(_gelu)
     _norm_rows = triton.jit(_norm_rows)
     _ln_window_partition_kernel = triton.jit(_ln_window_partition_kernel)
     _add_layer_norm_kernel = triton.jit(_add_layer_norm_kernel)
@@ -128,6 +194,87 @@ def ln_window_partition(x: torch.Tensor, norm: torch.nn.LayerNorm, ws: int) -> t
             x, y, norm.weight, norm.bias, ntok, h, w, hp, wp, c, float(norm.eps), WS=ws, BLOCK_T=TOKENS,
             BLOCK_C=triton.next_power_of_2(c))
     return y, (hp, wp)
+
+
+# Elements per program of layer_norm: rows of 64 channels (the mask decoders' upscaling) go 64 to a
+# program, ViT-B's 768 four. torch's layer_norm kernel launches a block per row, which for short rows
+# is mostly waiting: the decoders' 30 layer_norm calls (131,072 rows of 64 channels three times, 32,768
+# of 256 six times, the rest a few tokens) took 0.76 ms of a 3.2 ms batch of 8 in the H200 profile of
+# 2026-11-28 (benchmarks/results/gpu_throughput_h200_2026-11-28/gpu_parts.json), where moving their
+# bytes once takes about 0.1 ms.
+ROW_ELEMENTS = 4096
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.layer_norm(x, (C,), weight, bias, eps) over x's last dimension C, several rows per program; x's
+    rows must lie one after the other (x.view(-1, C) possible), as for a channels-last tensor's
+    permute(0, 2, 3, 1). The result is contiguous, in x's dtype, agreeing with torch's to a rounding."""
+    c = x.shape[-1]
+    if x.stride(-1) != 1 or not x.is_contiguous():
+        raise ValueError(f"x must be contiguous with its channels last, got strides {tuple(x.stride())}")
+    if weight is None or bias is None or tuple(weight.shape) != (c,) or tuple(bias.shape) != (c,):
+        raise ValueError("layer_norm needs an affine weight and bias of the last dimension's size")
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    rows = x.numel() // c if c else 0
+    if rows:
+        block_c = triton.next_power_of_2(c)
+        block_t = max(1, ROW_ELEMENTS // block_c)
+        _layer_norm_kernel[(triton.cdiv(rows, block_t),)](x, y, weight, bias, rows, c, float(eps),
+                                                            BLOCK_T=block_t, BLOCK_C=block_c)
+    return y
+
+
+def plain_layer_norm(norm, x: torch.Tensor) -> bool:
+    """Whether layer_norm may stand in for `norm` (an nn.LayerNorm, or segment-anything's LayerNorm2d
+    given a channels-last tensor) on x: an affine norm over the last dimension of a contiguous x in x's
+    dtype, eager (not under torch.compile, which fuses norms itself, nor traced for an export), not
+    recording gradients (the kernel has none), and the kernels available."""
+    w, b = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    shape = getattr(norm, "normalized_shape", (x.shape[-1],))
+    return (w is not None and b is not None and tuple(shape) == (x.shape[-1],) and w.dtype == x.dtype
+            and x.is_contiguous()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.is_autocast_enabled()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad))
+            and available(x))
+
+
+def upscale_logits(x: torch.Tensor, conv1, norm, conv2, hyper: torch.Tensor) -> torch.Tensor:
+    """segment-anything's mask-decoder upscaling (transposed conv, LayerNorm2d, GELU, transposed conv, GELU;
+    each conv's stride its kernel, S x S, with a bias) and the product with the hypernetwork vector, from
+    the image tokens x (N, h, w, c), contiguous, and hyper (N, c2): the low-res mask logits
+    (N, 1, h*S*S, w*S*S) in x's dtype.
+
+    The convs stay torch GEMMs, as FastConvTranspose2d makes them; the rest is two kernels that read each
+    GEMM's rows where they are, instead of a copy into channels-last pixels, a norm, a GELU, another copy,
+    a GELU and a batched product, each a pass of its own (for a batch of 8 per head: ~17 MB after the first
+    conv, ~34 MB after the second). Every value is rounded to x's dtype where torch's layers store it; the
+    norm's statistics and the final dot product are summed in another order, so the logits agree with the
+    layers' to a rounding."""
+    n, h, w, c = x.shape
+    s = conv1.kernel_size[0]
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    if not x.is_contiguous() or tuple(hyper.shape) != (n, c2):
+        raise ValueError(f"x must be a contiguous (N, h, w, c) tensor and hyper ({n}, {c2})")
+
+    def gemm(conv, rows):   # FastConvTranspose2d's product: columns in (C_out, S, S) order
+        return torch.addmm(conv.bias.repeat_interleave(s * s), rows, conv.weight.reshape(conv.in_channels, -1))
+
+    mid = torch.empty((n, h * s, w * s, c1), dtype=x.dtype, device=x.device)   # channels last
+    out = torch.empty((n, 1, h * s * s, w * s * s), dtype=x.dtype, device=x.device)
+    if not out.numel():
+        return out
+    y1 = gemm(conv1, x.reshape(n * h * w, c))
+    block_c = triton.next_power_of_2(c1)
+    rows = max(1, ROW_ELEMENTS // (block_c * s * s))
+    _upscale_norm_gelu_kernel[(triton.cdiv(n * h * w, rows),)](
+        y1, mid, norm.weight, norm.bias, n * h * w, h, w, c1, float(norm.eps), S=s, BLOCK_R=rows, BLOCK_C=block_c)
+    y2 = gemm(conv2, mid.view(-1, c1))
+    block_c = triton.next_power_of_2(c2)
+    rows = max(1, ROW_ELEMENTS // (block_c * s * s))
+    npix = n * h * s * w * s
+    _upscale_gelu_logits_kernel[(triton.cdiv(npix, rows),)](
+        y2, hyper.contiguous(), out, npix, h * s, w * s, c2, S=s, BLOCK_R=rows, BLOCK_C=block_c)
+    return out
 
 
 def add_layer_norm(shortcut: torch.Tensor, a: torch.Tensor, norm: torch.nn.LayerNorm, ws: int = 0,

@@ -73,8 +73,12 @@ class XctSam(nn.Module):
         tokens = tokens.unsqueeze(0).expand(n, -1, -1)
         hs, out = dec.transformer(src.permute(0, 3, 1, 2), pe.permute(0, 3, 1, 2), tokens)   # pe broadcasts over N
         mask_token = hs[:, 1, :]                               # the single-mask token
-        up = dec.output_upscaling(out.view(n, h, w, c).permute(0, 3, 1, 2))
         hyper = dec.output_hypernetworks_mlps[0](mask_token)   # (N, c/8)
+        fused = _fused_upscaling(dec.output_upscaling, out)
+        if fused is not None:   # the upscaling's convs as GEMMs, the rest read from their rows (layout)
+            from . import layout
+            return layout.upscale_logits(out.view(n, h, w, c), *fused, hyper)
+        up = dec.output_upscaling(out.view(n, h, w, c).permute(0, 3, 1, 2))
         _, cu, hu, wu = up.shape
         if up.is_contiguous(memory_format=torch.channels_last):   # (N, hu*wu, cu) rows: no copy
             return (up.permute(0, 2, 3, 1).reshape(n, hu * wu, cu) @ hyper.unsqueeze(-1)).view(n, 1, hu, wu)
@@ -122,6 +126,33 @@ class XctSam(nn.Module):
 
 
 # ---------------------------------------------------------------------- K classes from one or more XctSam
+
+def _fused_upscaling(seq: nn.Module, tokens: torch.Tensor):
+    """(conv1, norm, conv2) when `seq` is segment-anything's mask-decoder upscaling with the fast parts
+    swapped in (FastConvTranspose2d with stride = kernel and a bias, FastLayerNorm2d, exact GELUs) and
+    layout.upscale_logits can run on these image tokens (eager, no gradients, weights in their dtype,
+    the kernels available); None otherwise: the layers run one by one."""
+    from . import layout
+
+    if not isinstance(seq, nn.Sequential) or len(seq) != 5:
+        return None
+    conv1, norm, act1, conv2, act2 = seq
+    fast_norm = {fast for part, _, fast in fast_swaps() if part == "upscale" and fast is not FastConvTranspose2d}
+    convs_ok = all(type(cv) is FastConvTranspose2d and cv.bias is not None and cv.groups == 1
+                   and cv.kernel_size[0] == cv.kernel_size[1] and tuple(cv.stride) == tuple(cv.kernel_size)
+                   and tuple(cv.padding) == (0, 0) and tuple(cv.output_padding) == (0, 0)
+                   and tuple(cv.dilation) == (1, 1) and cv.padding_mode == "zeros" and cv.weight.dtype == tokens.dtype
+                   for cv in (conv1, conv2))
+    if not (convs_ok and conv1.kernel_size == conv2.kernel_size and type(norm) in fast_norm
+            and all(type(a) is nn.GELU and a.approximate == "none" for a in (act1, act2))
+            and conv1.in_channels == tokens.shape[-1] and conv2.in_channels == conv1.out_channels
+            and tuple(norm.weight.shape) == (conv1.out_channels,)):
+        return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in seq.parameters()):
+        return None
+    probe = tokens.new_empty((0, conv1.out_channels))   # what the norm will see: rows of conv1's channels
+    return (conv1, norm, conv2) if layout.plain_layer_norm(norm, probe) else None
+
 
 def upsample_logits(low: torch.Tensor, size: int) -> torch.Tensor:
     """Low-res mask logits (N, K, 4h, 4w) -> (N, K, size, size) float32, bilinear, per channel."""
@@ -324,7 +355,7 @@ def _make_fast_block() -> type:
     class FastBlock(Block):
         """segment-anything's encoder Block with norm1 + window partition and the first residual add +
         unpartition + norm2 as two fused kernels (xctrt.gpu.layout): ~0.5 GB less traffic per windowed
-        ViT-B block for a batch of 8. Under torch.compile (which fuses the same chain itself), on the
+        ViT-B block for a batch of 8; a global block's norm1 is layout.layer_norm. Under torch.compile (which fuses the same chain itself), on the
         CPU, while recording gradients (the kernels have none), under autocast, or with norms that are
         not plain affine LayerNorms in x's dtype, it runs as the original."""
 
@@ -341,7 +372,7 @@ def _make_fast_block() -> type:
             if ws > 0:
                 x, pad_hw = layout.ln_window_partition(x, self.norm1, ws)
             else:
-                x, pad_hw = self.norm1(x), None
+                x, pad_hw = layout.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps), None
             x, normed = layout.add_layer_norm(shortcut, self.attn(x).contiguous(), self.norm2, ws, pad_hw)
             return x + self.mlp(normed)
 
@@ -375,17 +406,22 @@ class FastConvTranspose2d(nn.ConvTranspose2d):
 def _make_fast_layer_norm_2d() -> type:
     from segment_anything.modeling.common import LayerNorm2d
 
+    from . import layout
+
     class FastLayerNorm2d(LayerNorm2d):
         """segment-anything's LayerNorm2d (over the channels of an NCHW tensor, written as eight
-        pointwise passes) as one torch layer_norm where the tensor is channels-last in memory: one pass,
-        the statistics in float32 whatever the dtype. The mask decoders' upscaling gives it such
+        pointwise passes) as one layer_norm where the tensor is channels-last in memory: one pass, the
+        statistics in float32 whatever the dtype; layout.layer_norm's kernel where it can run (several
+        short rows per program), torch's elsewhere. The mask decoders' upscaling gives it such
         tensors, and so does the encoder's neck where its convs keep the blocks' channels-last layout
         (CPU and cuDNN do; the meta device does not). Other tensors as before."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-                return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias,
-                                    self.eps).permute(0, 3, 1, 2)
+                rows = x.permute(0, 2, 3, 1)
+                if layout.plain_layer_norm(self, rows):   # several rows per program (layout.layer_norm)
+                    return layout.layer_norm(rows, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+                return F.layer_norm(rows, (x.shape[1],), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
             return super().forward(x)
 
     FastLayerNorm2d.__module__ = __name__
@@ -395,10 +431,13 @@ def _make_fast_layer_norm_2d() -> type:
 def _make_fast_two_way_block() -> type:
     from segment_anything.modeling.transformer import TwoWayAttentionBlock
 
+    from . import layout
+
     class FastTwoWayBlock(TwoWayAttentionBlock):
         """segment-anything's two-way attention block with the image tokens' keys + key_pe made once:
         both cross attentions read it, and the image tokens do not change between them. One pass over
-        the (N, hw, c) image tokens less per block; the same numbers."""
+        the (N, hw, c) image tokens less per block; the same numbers. Its norm4, over those tokens, is
+        layout.layer_norm where that can run (eager, no gradients), agreeing with torch's to a rounding."""
 
         def forward(self, queries, keys, query_pe, key_pe):
             if self.skip_first_layer_pe:
@@ -411,6 +450,8 @@ def _make_fast_two_way_block() -> type:
             queries = self.norm2(queries + self.cross_attn_token_to_image(q=queries + query_pe, k=keys_pe, v=keys))
             queries = self.norm3(queries + self.mlp(queries))
             keys = keys + self.cross_attn_image_to_token(q=keys_pe, k=queries + query_pe, v=queries)
+            if layout.plain_layer_norm(self.norm4, keys):   # the image tokens: 4096 rows per image
+                return queries, layout.layer_norm(keys, self.norm4.weight, self.norm4.bias, self.norm4.eps)
             return queries, self.norm4(keys)
 
     FastTwoWayBlock.__module__ = __name__

@@ -114,13 +114,9 @@ def test_triton_layer_norm_in_the_fast_decoder_parts():
 
     fast = {base: cls for _, base, cls in fast_swaps()}
     g = torch.Generator().manual_seed(31)
-    ln2d = LayerNorm2d(16)
+    ln2d, block = LayerNorm2d(16), TwoWayAttentionBlock(embedding_dim=16, num_heads=2, mlp_dim=32)
     with torch.no_grad():
-        ln2d.weight.copy_(torch.randn(16, generator=g))
-        ln2d.bias.copy_(torch.randn(16, generator=g))
-    block = TwoWayAttentionBlock(embedding_dim=16, num_heads=2, mlp_dim=32)
-    with torch.no_grad():
-        for p in block.parameters():
+        for p in [*ln2d.parameters(), *block.parameters()]:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     fast_ln2d, fast_block = copy.deepcopy(ln2d), copy.deepcopy(block)
     fast_ln2d.__class__, fast_block.__class__ = fast[LayerNorm2d], fast[TwoWayAttentionBlock]

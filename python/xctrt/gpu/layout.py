@@ -111,19 +111,26 @@ def _gelu(x):
     return 0.5 * x * (1 + tl.math.erf(x * 0.7071067811865476))
 
 
+def _gemm_rows(NPIX, H, W, C, S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A program's BLOCK_R rows of a stride-S transposed conv's GEMM (row r: input pixel (n, i, j) of an
+    H x W grid; column c*S*S + a*S + b: channel c of output pixel (n, i*S + a, j*S + b)): which rows are
+    live, their n, i, j, the channel columns and mask, the (row, channel) mask, and where sub-position 0
+    of each (row, channel) is."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < NPIX
+    n, rem = r // (H * W), r % (H * W)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    src = r.to(tl.int64)[:, None] * (C * S * S) + (cols * (S * S))[None, :]
+    return live, n, rem // W, rem % W, cols, cmask, live[:, None] & cmask[None, :], src
+
+
 def _upscale_norm_gelu_kernel(Y, OUT, W_P, B_P, NPIX, H, W, C, eps, S: tl.constexpr, BLOCK_R: tl.constexpr,
                               BLOCK_C: tl.constexpr):
     """GELU(LayerNorm2d(.)) of a stride-S transposed conv's output, read from its GEMM's rows: row r is
     input pixel (n, i, j), column c*S*S + a*S + b its output (n, c, i*S + a, j*S + b). Written channels
     last, each sub-position's LayerNorm over the C channels."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    live = r < NPIX
-    n, rem = r // (H * W), r % (H * W)
-    i, j = rem // W, rem % W
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    m = live[:, None] & cmask[None, :]
-    src = r.to(tl.int64)[:, None] * (C * S * S) + (cols * (S * S))[None, :]
+    live, n, i, j, cols, cmask, m, src = _gemm_rows(NPIX, H, W, C, S, BLOCK_R, BLOCK_C)
     for a in tl.static_range(S):
         for b in tl.static_range(S):
             v = tl.load(Y + src + (a * S + b), mask=m, other=0).to(tl.float32)
@@ -136,15 +143,8 @@ def _upscale_gelu_logits_kernel(Y, HYP, OUT, NPIX, H, W, C, S: tl.constexpr, BLO
                                 BLOCK_C: tl.constexpr):
     """The mask logits from the last transposed conv's GEMM rows (as above): per output pixel, its C
     channels through GELU, dotted with its image's hypernetwork vector HYP[n]."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    live = r < NPIX
-    n, rem = r // (H * W), r % (H * W)
-    i, j = rem // W, rem % W
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    m = live[:, None] & cmask[None, :]
+    live, n, i, j, cols, cmask, m, src = _gemm_rows(NPIX, H, W, C, S, BLOCK_R, BLOCK_C)
     hyp = tl.load(HYP + n.to(tl.int64)[:, None] * C + cols[None, :], mask=m, other=0).to(tl.float32)
-    src = r.to(tl.int64)[:, None] * (C * S * S) + (cols * (S * S))[None, :]
     for a in tl.static_range(S):
         for b in tl.static_range(S):
             v = tl.load(Y + src + (a * S + b), mask=m, other=0).to(tl.float32)
@@ -159,6 +159,7 @@ if triton is not None:
     _upscale_norm_gelu_kernel = triton.jit(_upscale_norm_gelu_kernel)
     _upscale_gelu_logits_kernel = triton.jit(_upscale_gelu_logits_kernel)
     _gelu = triton.jit(_gelu)
+    _gemm_rows = triton.jit(_gemm_rows)
     _norm_rows = triton.jit(_norm_rows)
     _ln_window_partition_kernel = triton.jit(_ln_window_partition_kernel)
     _add_layer_norm_kernel = triton.jit(_add_layer_norm_kernel)

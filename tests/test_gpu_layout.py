@@ -168,7 +168,8 @@ def test_triton_upscale_logits_equal_the_decoders_layers(n, h, w, dtype):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     else:   # against the float32 layers
         mine = (got.float() - want).abs().max()
-        theirs = ((hyper[:, None, :] @ seq(x.permute(0, 3, 1, 2)).flatten(2)).view(want.shape).float() - want).abs().max()
+        layers = (hyper[:, None, :] @ seq(x.permute(0, 3, 1, 2)).flatten(2)).view(want.shape)
+        theirs = (layers.float() - want).abs().max()
         assert mine <= 2 * theirs + 1e-2, (mine, theirs)
     with pytest.raises(ValueError, match="hyper"):
         layout.upscale_logits(x, seq[0], seq[1], seq[3], hyper[:, :2])

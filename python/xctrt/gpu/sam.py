@@ -355,9 +355,10 @@ def _make_fast_block() -> type:
     class FastBlock(Block):
         """segment-anything's encoder Block with norm1 + window partition and the first residual add +
         unpartition + norm2 as two fused kernels (xctrt.gpu.layout): ~0.5 GB less traffic per windowed
-        ViT-B block for a batch of 8; a global block's norm1 is layout.layer_norm. Under torch.compile (which fuses the same chain itself), on the
-        CPU, while recording gradients (the kernels have none), under autocast, or with norms that are
-        not plain affine LayerNorms in x's dtype, it runs as the original."""
+        ViT-B block for a batch of 8; a global block's norm1 is layout.layer_norm. Under torch.compile
+        (which fuses the same chain itself), on the CPU, while recording gradients (the kernels have
+        none), under autocast, or with norms that are not plain affine LayerNorms in x's dtype, it runs
+        as the original."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             plain = all(type(n) is nn.LayerNorm and n.weight is not None and n.bias is not None

@@ -98,7 +98,7 @@ def test_triton_layer_norm_equals_torch(shape):
     """Several rows per program, the last program part-full (130 rows of 24: 128 to a program)."""
     g = torch.Generator().manual_seed(sum(shape))
     x, norm = torch.randn(*shape, generator=g) * 2 - 1, _norm(shape[-1], g)
-    got = layout.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    got = layout.layer_norm(x, norm)
     assert got.shape == x.shape and got.is_contiguous()
     torch.testing.assert_close(got, torch.nn.functional.layer_norm(x, shape[-1:], norm.weight, norm.bias, norm.eps),
                                rtol=1e-5, atol=1e-5)
@@ -148,6 +148,7 @@ def test_triton_upscale_logits_equal_the_decoders_layers(n, h, w, dtype):
     by truncation where the GPU rounds to nearest: here the kernels stay within twice the bf16 layers'
     own error against float32 (truncation's ulp against rounding's half)."""
     from segment_anything.modeling.common import LayerNorm2d
+    from xctrt.gpu.sam import FastConvTranspose2d
 
     g = torch.Generator().manual_seed(n * 100 + h * 10 + w)
     c = 32
@@ -161,8 +162,10 @@ def test_triton_upscale_logits_equal_the_decoders_layers(n, h, w, dtype):
     up = seq(x.permute(0, 3, 1, 2))
     want = (hyper[:, None, :] @ up.flatten(2)).view(n, 1, 4 * h, 4 * w)
     seq, x, hyper = seq.to(dtype), x.to(dtype), hyper.to(dtype)
+    conv1, conv2 = copy.deepcopy(seq[0]), copy.deepcopy(seq[3])   # the fast part's convs: their GEMMs
+    conv1.__class__ = conv2.__class__ = FastConvTranspose2d
     with torch.inference_mode():
-        got = layout.upscale_logits(x, seq[0], seq[1], seq[3], hyper)
+        got = layout.upscale_logits(x, conv1, seq[1], conv2, hyper)
     assert got.shape == want.shape and got.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -172,7 +175,7 @@ def test_triton_upscale_logits_equal_the_decoders_layers(n, h, w, dtype):
         theirs = (layers.float() - want).abs().max()
         assert mine <= 2 * theirs + 1e-2, (mine, theirs)
     with pytest.raises(ValueError, match="hyper"):
-        layout.upscale_logits(x, seq[0], seq[1], seq[3], hyper[:, :2])
+        layout.upscale_logits(x, conv1, seq[1], conv2, hyper[:, :2])
 
 
 @interpreted
@@ -214,9 +217,9 @@ def test_triton_layout_refuses_bad_arguments():
     with pytest.raises(ValueError, match="rows of 8"):
         layout.add_layer_norm(torch.zeros(1, 4, 4, 8), torch.zeros(1, 4, 4, 8), norm, 3, (6, 6))
     with pytest.raises(ValueError, match="channels last"):
-        layout.layer_norm(torch.zeros(2, 8, 4).transpose(1, 2), norm.weight, norm.bias, norm.eps)
+        layout.layer_norm(torch.zeros(2, 8, 4).transpose(1, 2), norm)
     with pytest.raises(ValueError, match="affine"):
-        layout.layer_norm(torch.zeros(2, 4, 6), norm.weight, norm.bias, norm.eps)
+        layout.layer_norm(torch.zeros(2, 4, 6), norm)
 
 
 @pytest.mark.skipif(layout.triton is None or INTERPRETER_HERE, reason="the kernel tests ran in this process")

@@ -127,19 +127,27 @@ def profile_encoder(torch, net, x, top: int = 30) -> list[dict]:
     return profile_call(torch, lambda: net.encode(x), x.is_cuda, top)
 
 
-def profile_call(torch, fn, cuda: bool, top: int = 30) -> list[dict]:
-    """Kernels (CUDA) or operators (CPU) of one fn() call by total time, after two warm-up calls."""
+def _profiled(torch, fn, cuda: bool, operators: bool = False):
+    """torch.profiler's record of one fn() call after two warm-up calls: the device's kernels (CUDA) or
+    the operators (CPU); with `operators` the operators and their input shapes on CUDA too."""
     from torch.profiler import ProfilerActivity, profile
 
+    acts = [ProfilerActivity.CPU] * (operators or not cuda) + [ProfilerActivity.CUDA] * cuda
     with torch.inference_mode():
         for _ in range(2):
             fn()
         if cuda:
             torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        with profile(activities=acts, record_shapes=operators) as prof:
             fn()
             if cuda:
                 torch.cuda.synchronize()
+    return prof
+
+
+def profile_call(torch, fn, cuda: bool, top: int = 30) -> list[dict]:
+    """Kernels (CUDA) or operators (CPU) of one fn() call by total time, after two warm-up calls."""
+    prof = _profiled(torch, fn, cuda)
     attr = ("device_time_total", "cuda_time_total") if cuda else ("cpu_time_total",)
     rows = []
     for e in prof.key_averages():
@@ -154,18 +162,7 @@ def profile_ops(torch, fn, cuda: bool, top: int = 20) -> list[dict]:
     launched itself (CPU time on the CPU), after two warm-up calls: which call of a kernel name costs what
     (profile_call sums a name over all its shapes: one layer_norm kernel serves rows of 5 tokens and of
     131,072 pixels alike)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode():
-        for _ in range(2):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=acts, record_shapes=True) as prof:
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
+    prof = _profiled(torch, fn, cuda, operators=True)
     attr = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
     rows = []
     for e in prof.key_averages(group_by_input_shape=True):

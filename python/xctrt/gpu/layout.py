@@ -125,6 +125,11 @@ def _gemm_rows(NPIX, H, W, C, S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: t
     return live, n, rem // W, rem % W, cols, cmask, live[:, None] & cmask[None, :], src
 
 
+def _out_pixel(n, i, j, a, b, H, W, S: tl.constexpr):
+    """Where output pixel (n, i*S + a, j*S + b) of an (H*S) x (W*S) grid is, in pixels (int64)."""
+    return ((n * (H * S) + i * S + a) * (W * S) + j * S + b).to(tl.int64)
+
+
 def _upscale_norm_gelu_kernel(Y, OUT, W_P, B_P, NPIX, H, W, C, eps, S: tl.constexpr, BLOCK_R: tl.constexpr,
                               BLOCK_C: tl.constexpr):
     """GELU(LayerNorm2d(.)) of a stride-S transposed conv's output, read from its GEMM's rows: row r is
@@ -135,7 +140,7 @@ def _upscale_norm_gelu_kernel(Y, OUT, W_P, B_P, NPIX, H, W, C, eps, S: tl.conste
         for b in tl.static_range(S):
             v = tl.load(Y + src + (a * S + b), mask=m, other=0).to(tl.float32)
             y = _norm_rows(v, cmask, W_P, B_P, cols, C, eps).to(OUT.dtype.element_ty).to(tl.float32)
-            dst = ((n * (H * S) + i * S + a) * (W * S) + j * S + b).to(tl.int64) * C
+            dst = _out_pixel(n, i, j, a, b, H, W, S) * C
             tl.store(OUT + dst[:, None] + cols[None, :], _gelu(y).to(OUT.dtype.element_ty), mask=m)
 
 
@@ -150,8 +155,7 @@ def _upscale_gelu_logits_kernel(Y, HYP, OUT, NPIX, H, W, C, S: tl.constexpr, BLO
             v = tl.load(Y + src + (a * S + b), mask=m, other=0).to(tl.float32)
             g = _gelu(v).to(OUT.dtype.element_ty).to(tl.float32)   # the activation as torch stores it
             logit = tl.sum(tl.where(m, g * hyp, 0.0), axis=1)
-            dst = ((n * (H * S) + i * S + a) * (W * S) + j * S + b).to(tl.int64)
-            tl.store(OUT + dst, logit.to(OUT.dtype.element_ty), mask=live)
+            tl.store(OUT + _out_pixel(n, i, j, a, b, H, W, S), logit.to(OUT.dtype.element_ty), mask=live)
 
 
 if triton is not None:
@@ -160,6 +164,7 @@ if triton is not None:
     _upscale_gelu_logits_kernel = triton.jit(_upscale_gelu_logits_kernel)
     _gelu = triton.jit(_gelu)
     _gemm_rows = triton.jit(_gemm_rows)
+    _out_pixel = triton.jit(_out_pixel)
     _norm_rows = triton.jit(_norm_rows)
     _ln_window_partition_kernel = triton.jit(_ln_window_partition_kernel)
     _add_layer_norm_kernel = triton.jit(_add_layer_norm_kernel)
@@ -206,21 +211,27 @@ def ln_window_partition(x: torch.Tensor, norm: torch.nn.LayerNorm, ws: int) -> t
 ROW_ELEMENTS = 4096
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """F.layer_norm(x, (C,), weight, bias, eps) over x's last dimension C, several rows per program; x's
-    rows must lie one after the other (x.view(-1, C) possible), as for a channels-last tensor's
-    permute(0, 2, 3, 1). The result is contiguous, in x's dtype, agreeing with torch's to a rounding."""
+def _row_tiles(c: int, per_row: int = 1) -> tuple[int, int]:
+    """(BLOCK_C, rows per program) for rows of c channels, each read per_row times: ROW_ELEMENTS a program."""
+    block_c = triton.next_power_of_2(c)
+    return block_c, max(1, ROW_ELEMENTS // (block_c * per_row))
+
+
+def layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """`norm` (an affine LayerNorm over x's last dimension C, or segment-anything's LayerNorm2d) of x,
+    several rows per program; x contiguous, its rows one after the other (as a channels-last tensor's
+    permute(0, 2, 3, 1)). The result is contiguous, in x's dtype, agreeing with torch's to a rounding."""
     c = x.shape[-1]
-    if x.stride(-1) != 1 or not x.is_contiguous():
+    if not x.is_contiguous():
         raise ValueError(f"x must be contiguous with its channels last, got strides {tuple(x.stride())}")
-    if weight is None or bias is None or tuple(weight.shape) != (c,) or tuple(bias.shape) != (c,):
+    w, b = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if w is None or b is None or tuple(w.shape) != (c,) or tuple(b.shape) != (c,):
         raise ValueError("layer_norm needs an affine weight and bias of the last dimension's size")
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     rows = x.numel() // c if c else 0
     if rows:
-        block_c = triton.next_power_of_2(c)
-        block_t = max(1, ROW_ELEMENTS // block_c)
-        _layer_norm_kernel[(triton.cdiv(rows, block_t),)](x, y, weight, bias, rows, c, float(eps),
+        block_c, block_t = _row_tiles(c)
+        _layer_norm_kernel[(triton.cdiv(rows, block_t),)](x, y, w, b, rows, c, float(norm.eps),
                                                             BLOCK_T=block_t, BLOCK_C=block_c)
     return y
 
@@ -245,7 +256,7 @@ def upscale_logits(x: torch.Tensor, conv1, norm, conv2, hyper: torch.Tensor) -> 
     the image tokens x (N, h, w, c), contiguous, and hyper (N, c2): the low-res mask logits
     (N, 1, h*S*S, w*S*S) in x's dtype.
 
-    The convs stay torch GEMMs, as FastConvTranspose2d makes them; the rest is two kernels that read each
+    The convs (FastConvTranspose2d) stay their own GEMMs (FastConvTranspose2d.gemm); the rest is two kernels that read each
     GEMM's rows where they are, instead of a copy into channels-last pixels, a norm, a GELU, another copy,
     a GELU and a batched product, each a pass of its own (for a batch of 8 per head: ~17 MB after the first
     conv, ~34 MB after the second). Every value is rounded to x's dtype where torch's layers store it; the
@@ -257,21 +268,16 @@ def upscale_logits(x: torch.Tensor, conv1, norm, conv2, hyper: torch.Tensor) -> 
     if not x.is_contiguous() or tuple(hyper.shape) != (n, c2):
         raise ValueError(f"x must be a contiguous (N, h, w, c) tensor and hyper ({n}, {c2})")
 
-    def gemm(conv, rows):   # FastConvTranspose2d's product: columns in (C_out, S, S) order
-        return torch.addmm(conv.bias.repeat_interleave(s * s), rows, conv.weight.reshape(conv.in_channels, -1))
-
     mid = torch.empty((n, h * s, w * s, c1), dtype=x.dtype, device=x.device)   # channels last
     out = torch.empty((n, 1, h * s * s, w * s * s), dtype=x.dtype, device=x.device)
     if not out.numel():
         return out
-    y1 = gemm(conv1, x.reshape(n * h * w, c))
-    block_c = triton.next_power_of_2(c1)
-    rows = max(1, ROW_ELEMENTS // (block_c * s * s))
+    y1 = conv1.gemm(x.reshape(n * h * w, c))   # FastConvTranspose2d's GEMM: columns in (C_out, S, S) order
+    block_c, rows = _row_tiles(c1, s * s)
     _upscale_norm_gelu_kernel[(triton.cdiv(n * h * w, rows),)](
         y1, mid, norm.weight, norm.bias, n * h * w, h, w, c1, float(norm.eps), S=s, BLOCK_R=rows, BLOCK_C=block_c)
-    y2 = gemm(conv2, mid.view(-1, c1))
-    block_c = triton.next_power_of_2(c2)
-    rows = max(1, ROW_ELEMENTS // (block_c * s * s))
+    y2 = conv2.gemm(mid.view(-1, c1))
+    block_c, rows = _row_tiles(c2, s * s)
     npix = n * h * s * w * s
     _upscale_gelu_logits_kernel[(triton.cdiv(npix, rows),)](
         y2, hyper.contiguous(), out, npix, h * s, w * s, c2, S=s, BLOCK_R=rows, BLOCK_C=block_c)

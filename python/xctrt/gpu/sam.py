@@ -138,10 +138,8 @@ def _fused_upscaling(seq: nn.Module, tokens: torch.Tensor):
         return None
     conv1, norm, act1, conv2, act2 = seq
     fast_norm = {fast for part, _, fast in fast_swaps() if part == "upscale" and fast is not FastConvTranspose2d}
-    convs_ok = all(type(cv) is FastConvTranspose2d and cv.bias is not None and cv.groups == 1
-                   and cv.kernel_size[0] == cv.kernel_size[1] and tuple(cv.stride) == tuple(cv.kernel_size)
-                   and tuple(cv.padding) == (0, 0) and tuple(cv.output_padding) == (0, 0)
-                   and tuple(cv.dilation) == (1, 1) and cv.padding_mode == "zeros" and cv.weight.dtype == tokens.dtype
+    convs_ok = all(type(cv) is FastConvTranspose2d and cv.is_one_gemm() and cv.bias is not None
+                   and cv.kernel_size[0] == cv.kernel_size[1] and cv.weight.dtype == tokens.dtype
                    for cv in (conv1, conv2))
     if not (convs_ok and conv1.kernel_size == conv2.kernel_size and type(norm) in fast_norm
             and all(type(a) is nn.GELU and a.approximate == "none" for a in (act1, act2))
@@ -373,7 +371,7 @@ def _make_fast_block() -> type:
             if ws > 0:
                 x, pad_hw = layout.ln_window_partition(x, self.norm1, ws)
             else:
-                x, pad_hw = layout.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps), None
+                x, pad_hw = layout.layer_norm(x, self.norm1), None
             x, normed = layout.add_layer_norm(shortcut, self.attn(x).contiguous(), self.norm2, ws, pad_hw)
             return x + self.mlp(normed)
 
@@ -388,17 +386,26 @@ class FastConvTranspose2d(nn.ConvTranspose2d):
     patchify conv, the same kind of layer the other way round, 20x slower than the GEMM of its FLOPs on
     an H200. Any other conv runs as before."""
 
-    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+    def is_one_gemm(self) -> bool:
+        """Whether this conv is one GEMM: stride = kernel, no padding, dilation or groups."""
         kh, kw = self.kernel_size
-        if (output_size is not None or tuple(self.stride) != (kh, kw) or tuple(self.padding) != (0, 0)
-                or tuple(self.output_padding) != (0, 0) or tuple(self.dilation) != (1, 1) or self.groups != 1
-                or x.dim() != 4 or self.padding_mode != "zeros"):
+        return (tuple(self.stride) == (kh, kw) and tuple(self.padding) == (0, 0)
+                and tuple(self.output_padding) == (0, 0) and tuple(self.dilation) == (1, 1) and self.groups == 1
+                and self.padding_mode == "zeros")
+
+    def gemm(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(P, C_in) input pixels -> (P, C_out*kh*kw), columns in (C_out, kh, kw) order: the bias repeats
+        per kernel position."""
+        kh, kw = self.kernel_size
+        weight = self.weight.reshape(self.in_channels, -1)
+        return pixels @ weight if self.bias is None else torch.addmm(self.bias.repeat_interleave(kh * kw), pixels, weight)
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        if output_size is not None or x.dim() != 4 or not self.is_one_gemm():
             return super().forward(x, output_size)
-        n, c, h, w = x.shape
+        (kh, kw), (n, c, h, w) = self.kernel_size, x.shape
         # a view where x is channels-last in memory (the mask decoders give it so), a copy otherwise
-        pixels, weight = x.permute(0, 2, 3, 1).reshape(n * h * w, c), self.weight.reshape(c, -1)
-        # (nhw, C_out*kh*kw), columns in (C_out, kh, kw) order: the bias repeats per kernel position
-        y = pixels @ weight if self.bias is None else torch.addmm(self.bias.repeat_interleave(kh * kw), pixels, weight)
+        y = self.gemm(x.permute(0, 2, 3, 1).reshape(n * h * w, c))
         # each pixel's kh x kw block put in place, channels last: one copy; NCHW as a view of it
         return y.view(n, h, w, self.out_channels, kh, kw).permute(0, 1, 4, 2, 5, 3).reshape(
             n, h * kh, w * kw, self.out_channels).permute(0, 3, 1, 2)
@@ -421,7 +428,7 @@ def _make_fast_layer_norm_2d() -> type:
             if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
                 rows = x.permute(0, 2, 3, 1)
                 if layout.plain_layer_norm(self, rows):   # several rows per program (layout.layer_norm)
-                    return layout.layer_norm(rows, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+                    return layout.layer_norm(rows, self).permute(0, 3, 1, 2)
                 return F.layer_norm(rows, (x.shape[1],), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
             return super().forward(x)
 
@@ -452,7 +459,7 @@ def _make_fast_two_way_block() -> type:
             queries = self.norm3(queries + self.mlp(queries))
             keys = keys + self.cross_attn_image_to_token(q=keys_pe, k=queries + query_pe, v=queries)
             if layout.plain_layer_norm(self.norm4, keys):   # the image tokens: 4096 rows per image
-                return queries, layout.layer_norm(keys, self.norm4.weight, self.norm4.bias, self.norm4.eps)
+                return queries, layout.layer_norm(keys, self.norm4)
             return queries, self.norm4(keys)
 
     FastTwoWayBlock.__module__ = __name__

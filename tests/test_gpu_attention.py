@@ -344,6 +344,82 @@ def test_choose_qkv_layout_times_each_once_and_remembers(monkeypatch):
         assert choose_qkv_layout("k3", run) == "in_place" and "k3" not in A._LAYOUT and calls == []
 
 
+class _SimulatedStream:
+    """torch.cuda as device_ms uses it, on one simulated stream: every launch costs the host launch_ms,
+    and the device runs what was queued in order, each piece from when it was queued and the device was
+    free. An event is reached once the work queued before it is done."""
+
+    def __init__(self, launch_ms: float, cycles_per_ms: float = 2e6):
+        self.launch_ms, self.cycles_per_ms = launch_ms, cycles_per_ms
+        self.host = self.device_free = 0.0
+        self.sleeps = []
+        stream = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self):
+                self.at = max(stream.host, stream.device_free)
+
+            def query(self):
+                return self.at <= stream.host
+
+            def synchronize(self):
+                stream.host = max(stream.host, self.at)
+
+            def elapsed_time(self, other):
+                return other.at - self.at
+
+        self.Event = Event
+
+    def launch(self, device_ms: float) -> None:
+        self.host += self.launch_ms
+        self.device_free = max(self.host, self.device_free) + device_ms
+
+    def _sleep(self, cycles: int) -> None:
+        self.sleeps.append(cycles)
+        self.launch(cycles / self.cycles_per_ms)
+
+    def synchronised_ms(self, fn) -> float:
+        """One call between two events, waited for: the way the layouts were timed before device_ms."""
+        start, end = self.Event(), self.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+def test_device_ms_times_the_device_not_the_launches(monkeypatch):
+    from xctrt.gpu import attention as A
+
+    # a layout whose launches take the host longer than its work takes the device, and one the other way
+    work = {"in_place": (0.5, 0.25), "heads_major": (0.2, 0.35)}   # (host launch ms, device ms)
+    sim = {lay: _SimulatedStream(host) for lay, (host, _) in work.items()}
+    for lay, (_, dev) in work.items():
+        s = sim[lay]
+        assert s.synchronised_ms(lambda: s.launch(dev)) == pytest.approx(s.launch_ms + dev)
+        assert A.device_ms(lambda: s.launch(dev), runs=3, cuda=s) == pytest.approx(dev)
+    # in_place queued 3 x 0.5 ms of launches: longer than the first sleep (~1 ms), so it slept again, longer
+    assert sim["in_place"].sleeps[-2:] == [1 << 21, 1 << 23]
+
+    # the choice follows the device: synchronised single calls would have picked heads_major (0.55 vs 0.75 ms)
+    monkeypatch.setattr(A, "_LAYOUT", {})
+    cur = {}
+    def run(layout):
+        cur["layout"] = layout
+        sim[layout].launch(work[layout][1])
+    timer = lambda fn: A.device_ms(fn, cuda=sim[cur["layout"]])
+    assert choose_qkv_layout("sim", run, timer, repeats=3) == "in_place"
+    assert qkv_layout_choices()["sim"]["ms"] == pytest.approx({"in_place": 0.25, "heads_major": 0.35})
+
+    # a host slower than every sleep: six tries, then the figure with the launches in it
+    slow = _SimulatedStream(launch_ms=2000.0)
+    ms = A.device_ms(lambda: slow.launch(0.1), runs=3, cuda=slow)
+    assert len(slow.sleeps) == 6 and ms > 0.1
+
+
 def _sam_attention_case(impl):
     ie = pytest.importorskip("segment_anything.modeling.image_encoder")
     dim, nh, (h, w), bsz = 32, 2, (4, 5), 2

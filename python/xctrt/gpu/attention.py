@@ -52,6 +52,7 @@ __all__ = [
     "attention_triton",
     "choose_qkv_layout",
     "default_config",
+    "device_ms",
     "empty_output",
     "launch_of",
     "permuted_copy",
@@ -540,7 +541,8 @@ _LAYOUT = {}   # key -> {"chosen": layout, "ms": {layout: median ms}}
 def choose_qkv_layout(key, run, timer=None, repeats: int = 5) -> str:
     """The faster of QKV_LAYOUTS for `run(layout)` (the whole attention from the projection), timed on
     the first call per key and remembered; "in_place" wherever nothing can be timed (CPU, a CUDA graph
-    being captured, torch.compile tracing). timer(fn) -> milliseconds of one call (CUDA events when None)."""
+    being captured, torch.compile tracing). timer(fn) -> milliseconds of one call (device_ms when None:
+    the device's time, as the pipeline's CUDA graphs replay it, not the host's launches)."""
     if torch.compiler.is_compiling():   # torch.compile lays out its own graph
         return "in_place"
     if key in _LAYOUT:
@@ -548,7 +550,7 @@ def choose_qkv_layout(key, run, timer=None, repeats: int = 5) -> str:
     if timer is None:
         if not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
             return "in_place"
-        timer = _cuda_ms
+        timer = device_ms
     ms, errors = {}, {}
     for layout in QKV_LAYOUTS:
         try:
@@ -562,13 +564,33 @@ def choose_qkv_layout(key, run, timer=None, repeats: int = 5) -> str:
     return _LAYOUT[key]["chosen"]
 
 
-def _cuda_ms(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+def device_ms(fn, runs: int = 3, cuda=None) -> float:
+    """Device milliseconds per call of fn() on the current CUDA stream, the host's launch time left out.
+
+    A sleep kernel holds the stream while `runs` calls are queued behind it, so the events around them
+    time only the device's work, back to back. The sleep is made longer until the device was still in it
+    when the last call had been queued (its start event not yet reached). Timing one synchronised call
+    instead measures, where the device's work is short, mostly the Python that launches it: the
+    windowed blocks' attention from the projection (offset products and kernel, ~0.25 ms of device
+    work by the kernel's own timing) took 0.61-0.62 ms either way in the H200 runs of 2026-11-28, so
+    their layout was picked on noise; in the pipeline the blocks run as replayed CUDA graphs, device
+    time only. `cuda`: torch.cuda or a stand-in with the same Event, _sleep and synchronize."""
+    cuda = torch.cuda if cuda is None else cuda
+    cycles, ms = 1 << 21, None   # ~1 ms at an H200's ~2 GHz; x4 per try
+    for _ in range(6):
+        start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+        cuda._sleep(cycles)
+        start.record()
+        for _ in range(runs):
+            fn()
+        end.record()
+        ahead = not start.query()   # the device still asleep: every call queued before it began them
+        end.synchronize()
+        ms = start.elapsed_time(end) / runs
+        if ahead:
+            return ms
+        cycles *= 4
+    return ms   # the host outran every sleep (~1 s): the launches' time is in this figure
 
 
 def qkv_layout_choices() -> dict:

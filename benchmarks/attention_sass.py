@@ -40,25 +40,31 @@ KINDS = {"fp32": ("FADD", "FFMA", "FMUL", "FMNMX", "FSEL"), "exp2": ("MUFU",), "
 SHAPES = (((64, 64), 64), ((14, 14), 64))   # ViT-B's global and windowed attention
 
 
-def encoder_signature(names, hw, d, dtype="bf16", heads=12, batch=8, launch=None):
+def encoder_signature(names, hw, d, dtype="bf16", heads=12, batch=8, launch=None, grid=None):
     """(signature, constexprs, attrs) for Triton's ahead-of-time compile of the kernel (argument names
     `names`) as the encoder launches it: q, k, v views of a (B, N, 3, NH, D) projection, the offset
     terms off_h (NH, 2H-1, B*N) and off_w (NH, B*N, L) underneath with L = 2W-1 padded to 8 (see
-    attention.relative_offset_terms), the output (B, N, NH, D) underneath.
+    attention.relative_offset_terms), the output (B, N, NH, D) underneath. grid=(IH, IW): the windows
+    hw read in place from an IH x IW grid's projection (attention.image_window_attention), N = IH*IW.
     Pointers are 16-byte aligned and integers divisible by 16 marked so, as the launcher specialises
     them at run time. launch = (BLOCK_M, BLOCK_N) or None for the tile sizes' constexprs left out."""
     from xctrt.gpu import attention as A
     h, w = hw
-    n = h * w
+    n = h * w if grid is None else grid[0] * grid[1]
     const = dict(SQD=1, SKD=1, SVD=1, SOD=1, SGWK=1, KH=h, KW=w, KWP=A._next_pow2(w), HEAD_D=d,
-                 BLOCK_D=max(16, A._next_pow2(d)))
+                 BLOCK_D=max(16, A._next_pow2(d)), WINDOWS=grid is not None)
     if launch is not None:
         const.update(BLOCK_M=launch[0], BLOCK_N=launch[1])
     c = heads * d
     lh, lw = 2 * h - 1, (2 * w - 1) + (-(2 * w - 1) % 8)
     ints = dict(sqb=n * 3 * c, sqh=d, sqn=3 * c, skb=n * 3 * c, skh=d, skn=3 * c, svb=n * 3 * c, svh=d,
                 svn=3 * c, sghb=n, sghh=lh * batch * n, sghn=1, sghk=batch * n, sgwb=n * lw, sgwh=batch * n * lw,
-                sgwn=lw, sob=n * c, soh=d, son=c, N=n, NH=heads)
+                sgwn=lw, sob=n * c, soh=d, son=c, N=h * w, NH=heads)
+    if grid is None:
+        ints.update(IH=0, IW=0, NWX=0, NWIN=0, PADTOK=0)
+    else:
+        nwx = -(-grid[1] // w)
+        ints.update(IH=grid[0], IW=grid[1], NWX=nwx, NWIN=-(-grid[0] // h) * nwx, PADTOK=batch * n)
     pointers = ("Q", "K", "V", "GH", "GW", "O")
     expected = set(const) | set(ints) | set(pointers) | {"qk_scale", "bias_scale", "BLOCK_M", "BLOCK_N"}
     if set(names) != expected:
@@ -75,12 +81,12 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_sm90(fn, hw, d, launch, dtype="bf16"):
+def compile_sm90(fn, hw, d, launch, dtype="bf16", grid=None):
     """fn (a triton.jit kernel) compiled for sm_90 at launch = (BLOCK_M, BLOCK_N, warps, stages[, maxnreg])."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    sig, const, attrs = encoder_signature(fn.arg_names, hw, d, dtype, launch=launch[:2])
+    sig, const, attrs = encoder_signature(fn.arg_names, hw, d, dtype, launch=launch[:2], grid=grid)
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
                     attrs=attrs)
     cap = launch[4] if len(launch) > 4 else None

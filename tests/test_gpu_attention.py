@@ -448,6 +448,47 @@ def test_sam_attention_module_triton():
     _sam_attention_case("triton")
 
 
+@interpreted
+@pytest.mark.parametrize("grid,ws,bias", [((7, 9), 4, True), ((8, 8), 4, True), ((5, 6), 4, False), ((3, 3), 4, True)])
+def test_image_window_attention_equals_segment_anything_on_padded_windows(grid, ws, bias):
+    """The grid's tokens only, the windows read where they lie and the padding tokens' keys from the
+    projection's extra row: the same as segment-anything's Attention on window_partition's padded copies
+    (windows past the grid's right, bottom or both; a grid of whole windows; one smaller than a window;
+    a qkv without a bias, whose padding keys are zeros), and the same as when the launch is tuned per
+    shape in other block sizes."""
+    ie = pytest.importorskip("segment_anything.modeling.image_encoder")
+    from xctrt.gpu.attention import image_window_attention
+
+    dim, nh, bsz = 24, 2, 2
+    g = torch.Generator().manual_seed(sum(grid) + ws)
+    mod = ie.Attention(dim, num_heads=nh, qkv_bias=bias, use_rel_pos=True, input_size=(ws, ws)).eval()
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        x = torch.randn(bsz, *grid, dim, generator=g)
+        windows, pad_hw = ie.window_partition(x, ws)
+        expected = ie.window_unpartition(mod(windows), ws, pad_hw, grid)
+        for launch in ({"block_m": 16, "block_n": 16}, {"block_m": 32, "block_n": 32}):
+            o = image_window_attention(x, mod.qkv, nh, mod.rel_pos_h, mod.rel_pos_w, ws, mod.scale, **launch)
+            assert o.shape == x.shape
+            assert_close(mod.proj(o), expected, atol=1e-4, rtol_norm=1e-5)
+
+
+def test_image_window_attention_refuses_what_it_cannot_read():
+    from xctrt.gpu.attention import image_window_attention
+
+    x, lin = torch.zeros(1, 4, 4, 8), torch.nn.Linear(8, 24)
+    ph = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        image_window_attention(x.transpose(1, 2), lin, 2, ph, ph, 2, 0.5)
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        image_window_attention(x, torch.nn.Sequential(lin), 2, ph, ph, 2, 0.5)
+    q = torch.zeros(1, 2, 16, 4)   # not views of a projection with a padding row after them
+    off = torch.zeros(1, 2, 16, 3)
+    with pytest.raises(ValueError, match="padding row"):
+        attention_triton(q, q, q, off, off, (2, 2), 0.5, grid=(4, 4))
+
+
 # ------------------------------------------------------------------ the operator torch.compile sees
 
 @pytest.mark.parametrize("impl", ["sdpa", "reference"])
@@ -540,13 +581,15 @@ report = {}
 cases = []
 for (h, w), d in [((64, 64), 64), ((14, 14), 64), ((64, 64), 80), ((14, 14), 80)]:
     launches = {A.launch_of(A.default_config((h, w), d))} | set(A.tuned_launches_for((h, w), d))
-    cases += [((h, w), d, "bf16", launch) for launch in sorted(launches, key=str)]
+    cases += [((h, w), d, "bf16", launch, None) for launch in sorted(launches, key=str)]
     # float32 takes its default launch only
-    cases.append(((h, w), d, "fp32", A.launch_of(A.default_config((h, w), d, torch.float32))))
-for (h, w), d, dt, (bm, bn, warps, stages, reg) in cases:
-    name = f"{h}x{w}/{d} {dt} {bm}x{bn} w{warps} s{stages}" + (f" r{reg}" if reg else "")
+    cases.append(((h, w), d, "fp32", A.launch_of(A.default_config((h, w), d, torch.float32)), None))
+    if (h, w) == (14, 14) and d == 64:   # the windows read in place from ViT-B's 64x64 grid
+        cases += [((h, w), d, "bf16", launch, (64, 64)) for launch in sorted(launches, key=str)]
+for (h, w), d, dt, (bm, bn, warps, stages, reg), grid in cases:
+    name = f"{h}x{w}/{d} {dt} {bm}x{bn} w{warps} s{stages}" + (f" r{reg}" if reg else "") + (" in grid" if grid else "")
     # bf16 (or float32) q, k, v, out and float32 offset terms, laid out as the ViT-B encoder passes them
-    sig, const, attrs = sass.encoder_signature(names, (h, w), d, dt, launch=(bm, bn))
+    sig, const, attrs = sass.encoder_signature(names, (h, w), d, dt, launch=(bm, bn), grid=grid)
     kern = compile(fn, sig, const, attrs, num_warps=warps, num_stages=stages, **({"maxnreg": reg} if reg else {}))
     if isinstance(kern, dict):
         report[name] = kern; continue
@@ -554,7 +597,7 @@ for (h, w), d, dt, (bm, bn, warps, stages, reg) in cases:
     m = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump_of(kern, "-res-usage") or "")
     if m:
         row.update(regs=int(m.group(1)), stack=int(m.group(2)))
-    if dt == "bf16" and d == 64 and (bm, bn, warps, stages, reg) == A.launch_of(A.default_config((h, w), d)):
+    if dt == "bf16" and d == 64 and not grid and (bm, bn, warps, stages, reg) == A.launch_of(A.default_config((h, w), d)):
         # what benchmarks/attention_sass.py reads from the machine code of ViT-B's default launches
         tile = sass.tile_report(kern, (bm, bn, warps, stages, reg))
         row["key_loop"] = {k: tile[k] for k in ("instructions", "scores_per_thread", "exp2", "tensor", "fp32")}
@@ -567,6 +610,7 @@ print(json.dumps(report))
 def test_triton_compiles_for_sm90_without_spills():
     report = sm90_compile_report(_SM90_SCRIPT)
     assert len(report) >= 14   # the defaults (bf16, float32) and the tuning's launches of all four shapes
+    assert sum(name.endswith("in grid") for name in report) >= 5   # and the windows read in the grid
     for shape, row in report.items():
         assert row["wgmma"] or row["dtype"] == "fp32", f"{shape}: expected Hopper wgmma instructions"
         # uncapped launches never spill; a register cap may cost a value or two (16 bytes of stack)

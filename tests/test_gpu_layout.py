@@ -93,6 +93,38 @@ def test_triton_fast_block_equals_segment_anything(window):
 
 
 @interpreted
+@pytest.mark.parametrize("grid", [(7, 8), (6, 6)])
+def test_triton_fast_block_reads_windows_in_the_grid(grid):
+    """A windowed block with the fast attention, both ways (attention.WINDOW_LAYOUTS): windows partitioned
+    with padding, and read where they lie in the grid (projections of the grid's tokens only, no
+    partition): segment-anything's outputs either way; "auto" on the CPU (nothing to time) partitions."""
+    from segment_anything.modeling.image_encoder import Block
+    from xctrt.gpu.sam import accelerate
+
+    g = torch.Generator().manual_seed(sum(grid))
+    ref = Block(dim=24, num_heads=2, use_rel_pos=True, window_size=3, input_size=(3, 3))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    fast = accelerate(copy.deepcopy(ref), "triton", ("attention", "block_layout"))
+    x = torch.randn(2, 24, *grid, generator=g).permute(0, 2, 3, 1)
+    calls = []
+    real = fast.attn.image_windows
+    fast.attn.image_windows = lambda *a: calls.append(1) or real(*a)
+    with torch.inference_mode():
+        want = ref(x)
+        for way, grid_calls in (("grid", 1), ("partitioned", 1), ("auto", 1)):
+            fast.window_layout = way
+            torch.testing.assert_close(fast(x), want, rtol=1e-4, atol=1e-4)
+            assert len(calls) == grid_calls, way
+    # no fast attention (its part left out): partitioned, whatever window_layout says
+    plain = accelerate(copy.deepcopy(ref), "triton", ("block_layout",))
+    plain.window_layout = "grid"
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), want, rtol=1e-4, atol=1e-4)
+
+
+@interpreted
 @pytest.mark.parametrize("shape", [(3, 5, 7, 64), (2, 9, 20), (130, 24), (1, 3, 96)])
 def test_triton_layer_norm_equals_torch(shape):
     """Several rows per program, the last program part-full (130 rows of 24: 128 to a program)."""

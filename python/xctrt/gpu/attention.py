@@ -23,6 +23,8 @@ are read out of them by offset (relative_bias_terms); the fused kernel does that
                        score tile from the offset terms
   attention            dispatch (triton on CUDA when available, sdpa otherwise) from q, k, v and the
                        rel_pos tables
+  image_window_attention  a windowed block's attention from its unpartitioned input: the projection of
+                       the grid's tokens only (no padding to whole windows), the windows read in place
   rel_pos_attention    the dispatch registered as one torch operator (xctrt::rel_pos_attention), what
                        the SAM encoders call, so torch.compile treats it as a single opaque node
 
@@ -54,12 +56,14 @@ __all__ = [
     "default_config",
     "device_ms",
     "empty_output",
+    "image_window_attention",
     "launch_of",
     "permuted_copy",
     "rel_pos_attention",
     "relative_bias_terms",
     "relative_offset_terms",
     "qkv_layout_choices",
+    "WINDOW_LAYOUTS",
     "split_qkv",
     "triton_available",
     "tuned_choices",
@@ -152,14 +156,15 @@ def _full_bias(off_h: torch.Tensor, off_w: torch.Tensor, hw: tuple[int, int], dt
     return (rel_h.to(dtype)[..., :, None] + rel_w.to(dtype)[..., None, :]).flatten(-2)
 
 
-def _check_shapes(q, k, v, off_h, off_w, hw):
+def _check_shapes(q, k, v, off_h, off_w, hw, tokens: int | None = None):
+    """tokens: N when q, k, v hold more tokens than one h x w grid (attention_triton's grid)."""
     h, w = hw
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share one (B, NH, N, D) shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     b, nh, n, _ = q.shape
-    if n != h * w:
-        raise ValueError(f"N={n} tokens do not match hw={tuple(hw)}")
+    if n != (h * w if tokens is None else tokens):
+        raise ValueError(f"N={n} tokens do not match hw={tuple(hw)}" + (f" and {tokens} tokens" if tokens else ""))
     if tuple(off_h.shape) != (b, nh, n, 2 * h - 1) or tuple(off_w.shape) != (b, nh, n, 2 * w - 1):
         raise ValueError(f"off_h {tuple(off_h.shape)} / off_w {tuple(off_w.shape)} must be "
                          f"({b}, {nh}, {n}, {2 * h - 1}) / ({b}, {nh}, {n}, {2 * w - 1})")
@@ -197,11 +202,11 @@ def attention_sdpa(q, k, v, off_h, off_w, hw, scale: float | None = None) -> tor
 
 def _attn_fwd(Q, K, V, GH, GW, O,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sghb, sghh, sghn, sghk, sgwb, sgwh, sgwn, sob, soh, son,
-              N, NH, qk_scale, bias_scale,
+              N, NH, qk_scale, bias_scale, IH, IW, NWX, NWIN, PADTOK,
               SQD: tl.constexpr, SKD: tl.constexpr, SVD: tl.constexpr, SOD: tl.constexpr,
               SGWK: tl.constexpr,
               KH: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              WINDOWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program = one (batch, head) and BLOCK_M queries (consecutive tokens); loops over the keys.
     Every tensor is addressed through its batch, head and token strides (s*b, s*h, s*n).
 
@@ -225,6 +230,15 @@ def _attn_fwd(Q, K, V, GH, GW, O,
     The innermost strides (S*D, SGWK) are constexpr: usually 1, and a compile-time 1 is what lets the
     loads vectorise whatever the Triton version specialises on its own. off_h's offset stride (sghk,
     B*N tokens) is not: a constexpr there would compile the kernel again for every batch size.
+
+    WINDOWS: the KH x KW windows of an IH x IW token grid, read where they lie in it (every tensor
+    (B, NH, IH*IW, .) in the grid's token order, as the qkv projection of the unpartitioned block
+    input makes them), instead of a partitioned copy padded to whole windows. Program axis 1 numbers
+    (image, window, head); window wi of an image starts at grid row (wi // NWX) * KH, column
+    (wi % NWX) * KW. Where a window runs past the grid its keys are segment-anything's padding: zero
+    tokens after the norm, so their k and v are the projection's bias. The projection holds that
+    bias in a row after its last token (PADTOK tokens after the first image's start), and the padding
+    keys are read from there; padding queries read it too and are not stored.
     """
     ROWS: tl.constexpr = BLOCK_N // KWP
     pid_m = tl.program_id(0)
@@ -237,19 +251,31 @@ def _attn_fwd(Q, K, V, GH, GW, O,
     rows = tl.minimum(offs_m, N - 1)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
-
-    q_ptrs = Q + bi * sqb + hi * sqh + rows[:, None] * sqn + offs_d[None, :] * SQD
-    k_base = K + bi * skb + hi * skh + offs_d[:, None] * SKD   # K loaded transposed: (BLOCK_D, BLOCK_N)
-    v_base = V + bi * svb + hi * svh + offs_d[None, :] * SVD
     qh = rows // KW                                   # the query's grid row and column
     qw = rows % KW
+    if WINDOWS:   # bi numbers (image, window): the tokens' places in the image's grid
+        wi = (bi % NWIN).to(tl.int32)
+        bi = bi // NWIN
+        y0 = (wi // NWX) * KH
+        x0 = (wi % NWX) * KW
+        pad = (PADTOK - bi * IH * IW).to(tl.int32)   # the bias row, counted from this image's first token
+        q_ok = (y0 + qh < IH) & (x0 + qw < IW)
+        tok = tl.where(q_ok, (y0 + qh) * IW + x0 + qw, pad)
+        gtok = tl.where(q_ok, tok, 0)                 # the offset terms have no bias row
+    else:
+        tok = rows
+        gtok = rows
+
+    q_ptrs = Q + bi * sqb + hi * sqh + tok[:, None] * sqn + offs_d[None, :] * SQD
+    k_base = K + bi * skb + hi * skh + offs_d[:, None] * SKD   # K loaded transposed: (BLOCK_D, BLOCK_N)
+    v_base = V + bi * svb + hi * svh + offs_d[None, :] * SVD
     # per query: where its offset terms for key row 0 / key column 0 sit (offset qh + KH - 1, qw + KW - 1);
     # key row kh is then kh places before
     # off_h's offset axis: B*N tokens apart (relative_offset_terms), a run-time argument, so that a new
     # batch size needs no new compile; in int64, as offsets times B*N may pass 2**31
     sghk = tl.zeros([], tl.int64) + sghk
-    gh_0 = GH + bi * sghb + hi * sghh + rows * sghn + (qh + (KH - 1)) * sghk
-    gw_0 = GW + bi * sgwb + hi * sgwh + rows * sgwn + (qw + (KW - 1)) * SGWK
+    gh_0 = GH + bi * sghb + hi * sghh + gtok * sghn + (qh + (KH - 1)) * sghk
+    gw_0 = GW + bi * sgwb + hi * sgwh + gtok * sgwn + (qw + (KW - 1)) * SGWK
 
     if BLOCK_D == HEAD_D:
         q = tl.load(q_ptrs)
@@ -272,7 +298,12 @@ def _attn_fwd(Q, K, V, GH, GW, O,
 
     for row0 in range(0, KH, ROWS):
         kh = row0 + slot // KWP
-        cols = tl.minimum(kh, KH - 1) * KW + kw_c
+        if WINDOWS:   # keys past the grid: the bias row
+            ky = y0 + tl.minimum(kh, KH - 1)
+            kx = x0 + kw_c
+            cols = tl.where((ky < IH) & (kx < IW), ky * IW + kx, pad)
+        else:
+            cols = tl.minimum(kh, KH - 1) * KW + kw_c
 
         if BLOCK_D == HEAD_D:
             kt = tl.load(k_base + cols[None, :] * skn)
@@ -305,8 +336,12 @@ def _attn_fwd(Q, K, V, GH, GW, O,
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_ptrs = O + bi * sob + hi * soh + offs_m[:, None] * son + offs_d[None, :] * SOD
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m < N)[:, None] & d_ok[None, :])
+    if WINDOWS:
+        o_ptrs = O + bi * sob + hi * soh + tok[:, None] * son + offs_d[None, :] * SOD
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=((offs_m < N) & q_ok)[:, None] & d_ok[None, :])
+    else:
+        o_ptrs = O + bi * sob + hi * soh + offs_m[:, None] * son + offs_d[None, :] * SOD
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m < N)[:, None] & d_ok[None, :])
 
 
 _KERNELS: dict = {}
@@ -387,7 +422,7 @@ def _tuned_kernel():
     if "tuned" not in _KERNELS:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns, maxnreg=reg)
                    for bm, bn, nw, ns, reg in TUNED_LAUNCHES]
-        _KERNELS["tuned"] = triton.autotune(configs=configs, key=["N", "KW", "HEAD_D"],
+        _KERNELS["tuned"] = triton.autotune(configs=configs, key=["N", "KW", "HEAD_D", "WINDOWS"],
                                             prune_configs_by={"early_config_prune": _prune_launches})(
             triton.jit(_attn_fwd))
     return _KERNELS["tuned"]
@@ -426,23 +461,36 @@ def default_config(hw: tuple[int, int], d: int, dtype: torch.dtype = torch.bfloa
 def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
                      block_m: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     maxnreg: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     maxnreg: int | None = None, out: torch.Tensor | None = None,
+                     grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Fused attention; q, k, v (B, NH, N, D) with any strides (e.g. views of the qkv projection), the
     offset terms off_h (B, NH, N, 2H-1), off_w (B, NH, N, 2W-1). bf16/fp16 (fp32 accumulation) or float32.
     Returns (B, NH, N, D) in q's dtype, laid out as empty_output makes it or written into `out` (any
     strides) when given. CPU tensors run under the Triton interpreter.
+    grid=(IH, IW): attention within each H x W window (hw) of an IH x IW token grid, the windows read
+    where they lie: q, k, v, off_h, off_w and the result hold the grid's N = IH*IW tokens (the kernel's
+    WINDOWS), q, k, v as views of one projection whose images follow each other and whose row after
+    the last image holds the projection of a zero token (image_window_attention makes it so).
     On CUDA without overrides the launch is tuned: the first call per shape times the TUNED_LAUNCHES
     that fit it and keeps the fastest. Overrides (fixed launch, also on CPU; default_config fills the
     rest): block_m, block_n (powers of two >= 16; block_n also >= W rounded up to a power of two, one
     padded key row), num_warps, num_stages, maxnreg (a register cap per thread, e.g. 168 keeps three
     4-warp programs per Hopper SM)."""
-    _check_shapes(q, k, v, off_h, off_w, hw)
+    h, w = hw
+    ih, iw = (h, w) if grid is None else grid
+    _check_shapes(q, k, v, off_h, off_w, hw, None if grid is None else ih * iw)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError("q, k, v must share one dtype")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {q.dtype}")
-    h, w = hw
     b, nh, n, d = q.shape
+    nwy, nwx = -(-ih // h), -(-iw // w)
+    if grid is not None:
+        for t in (q, k, v):   # the zero token's row right after the last image's last token
+            last = t.storage_offset() + b * n * t.stride(2) + (nh - 1) * t.stride(1) + (d - 1) * t.stride(3)
+            if t.stride(0) != n * t.stride(2) or t.untyped_storage().nbytes() < (last + 1) * t.element_size():
+                raise ValueError("with grid, q, k, v must be views of one projection of B*N tokens and a "
+                                 "padding row after them (image_window_attention)")
     scale = d ** -0.5 if scale is None else scale
     if not (math.isfinite(scale) and scale > 0):   # the kernel takes row maxima before scaling
         raise ValueError(f"scale must be a positive finite number, got {scale}")
@@ -472,24 +520,31 @@ def attention_triton(q, k, v, off_h, off_w, hw, scale: float | None = None, *,
     strides[12:12] = [off_h.stride(3)]                          # and off_h's offset axis
     shape_args = dict(SQD=q.stride(3), SKD=k.stride(3), SVD=v.stride(3), SOD=out.stride(3),
                       SGWK=off_w.stride(3),
-                      KH=h, KW=w, KWP=_next_pow2(w), HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)))
+                      KH=h, KW=w, KWP=_next_pow2(w), HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)),
+                      WINDOWS=grid is not None)
+    # programs per image and head: its windows (one with grid=None); a window's queries are h*w tokens
+    nwin, nq = (1, n) if grid is None else (nwy * nwx, h * w)
     # grid axis 1 holds at most 65535 programs: very large batches go in slices (views, same strides);
     # a head's query blocks run side by side, so its K and V stay in L2
-    step = max(1, _MAX_GRID_Y // nh)
-    parts = [[t[b0:b0 + step] for t in tensors] for b0 in range(0, b, step)]
+    step = max(1, _MAX_GRID_Y // (nh * nwin))
+    parts = [(b0, [t[b0:b0 + step] for t in tensors]) for b0 in range(0, b, step)]
+
+    def args(b0):   # the grid's and (in tokens from the slice's first image) the padding row's; zeros unused
+        where = (ih, iw, nwx, nwin, (b - b0) * n) if grid is not None else (0,) * 5
+        return (nq, nh, float(scale) * LOG2E, LOG2E) + where
     if not fixed:
         try:
             kernel = _tuned_kernel()
-            for part in parts:
-                kernel[lambda meta, nb=part[0].shape[0] * nh: (math.ceil(n / meta["BLOCK_M"]), nb)](
-                    *part, *strides, n, nh, float(scale) * LOG2E, LOG2E, **shape_args)
+            for b0, part in parts:
+                kernel[lambda meta, nb=part[0].shape[0] * nwin * nh: (math.ceil(nq / meta["BLOCK_M"]), nb)](
+                    *part, *strides, *args(b0), **shape_args)
             return out
         except Exception as exc:   # noqa: BLE001 - tuning is an optimisation: fall back to the default launch
             _TUNE["error"] = f"{type(exc).__name__}: {exc}"[:300]
     kernel = _kernel(interpret)
-    for part in parts:
-        kernel[(math.ceil(n / bm), part[0].shape[0] * nh)](
-            *part, *strides, n, nh, float(scale) * LOG2E, LOG2E, **shape_args, BLOCK_M=bm, BLOCK_N=bn,
+    for b0, part in parts:
+        kernel[(math.ceil(nq / bm), part[0].shape[0] * nwin * nh)](
+            *part, *strides, *args(b0), **shape_args, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out
@@ -535,6 +590,36 @@ def permuted_copy(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return t.permute(dims).contiguous()
 
 
+def image_window_attention(x: torch.Tensor, qkv: torch.nn.Linear, num_heads: int, rel_pos_h: torch.Tensor,
+                           rel_pos_w: torch.Tensor, ws: int, scale: float, **triton_kw) -> torch.Tensor:
+    """segment-anything's windowed Attention (ws x ws windows, relative positions) up to its output
+    projection, from the block's unpartitioned normed input x (B, H, W, C), contiguous: (B, H, W, C),
+    as window_unpartition would give it back.
+
+    segment-anything pads norm1(x) with zero tokens to whole windows and projects every token. Here only
+    the grid's tokens are projected, into a buffer with one more row: the projection of a zero token
+    (qkv's bias, or zeros), which is what every padding token's q, k and v are, bit for bit. The fused
+    kernel reads each window where it lies in the grid, and that row where the window runs past it
+    (attention_triton's grid). For ViT-B at 1024x1024 that projects 32,768 tokens for a batch of 8
+    instead of 39,200, and the output projection likewise."""
+    b, h, w, c = x.shape
+    if not x.is_contiguous() or type(qkv) is not torch.nn.Linear:
+        raise ValueError("image_window_attention needs a contiguous (B, H, W, C) x and a plain nn.Linear qkv")
+    rows, d = x.view(-1, c), qkv.out_features // (3 * num_heads)
+    proj = torch.empty((rows.shape[0] + 1, qkv.out_features), dtype=x.dtype, device=x.device)
+    if qkv.bias is not None:
+        torch.addmm(qkv.bias, rows, qkv.weight.t(), out=proj[:-1])
+        proj[-1] = qkv.bias
+    else:
+        torch.mm(rows, qkv.weight.t(), out=proj[:-1])
+        proj[-1] = 0
+    q, k, v = proj[:-1].view(b, h * w, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    off_h = _products(q, _offset_table(rel_pos_h, ws), offsets_outer=True)
+    off_w = _products(q, _offset_table(rel_pos_w, ws))
+    o = attention_triton(q, k, v, off_h, off_w, (ws, ws), scale, grid=(h, w), **triton_kw)
+    return o.transpose(1, 2).reshape(b, h, w, c)   # laid out (B, N, NH, D) by the kernel: a view
+
+
 _LAYOUT = {}   # key -> {"chosen": layout, "ms": {layout: median ms}}
 
 
@@ -543,23 +628,37 @@ def choose_qkv_layout(key, run, timer=None, repeats: int = 5) -> str:
     the first call per key and remembered; "in_place" wherever nothing can be timed (CPU, a CUDA graph
     being captured, torch.compile tracing). timer(fn) -> milliseconds of one call (device_ms when None:
     the device's time, as the pipeline's CUDA graphs replay it, not the host's launches)."""
+    return choose_fastest(key, QKV_LAYOUTS, run, timer, repeats)
+
+
+# A windowed encoder block's two ways: segment-anything's (norm1 and the window partition padded to
+# whole windows, attention on the copies, unpartition; the qkv and output projections on the padding
+# too: 39,200 tokens for a batch of 8 at 1024x1024 where the grid has 32,768) or the grid's tokens only
+# (image_window_attention), whichever FastBlock times faster per shape.
+WINDOW_LAYOUTS = ("partitioned", "grid")
+
+
+def choose_fastest(key, options, run, timer=None, repeats: int = 5) -> str:
+    """The option of `options` whose run(option) is fastest, timed on the first call per key and
+    remembered; options[0] wherever nothing can be timed (CPU, a CUDA graph being captured,
+    torch.compile tracing), and where another fails (its error kept; options[0]'s failure is raised)."""
     if torch.compiler.is_compiling():   # torch.compile lays out its own graph
-        return "in_place"
+        return options[0]
     if key in _LAYOUT:
         return _LAYOUT[key]["chosen"]
     if timer is None:
         if not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
-            return "in_place"
+            return options[0]
         timer = device_ms
     ms, errors = {}, {}
-    for layout in QKV_LAYOUTS:
+    for option in options:
         try:
-            run(layout)   # first call: the kernel's launch tuning, allocations
-            ms[layout] = sorted(timer(lambda lay=layout: run(lay)) for _ in range(repeats))[repeats // 2]
-        except Exception as exc:   # noqa: BLE001 - the copy is an option: views remain (their failure is real)
-            if layout == "in_place":
+            run(option)   # first call: the kernel's launch tuning, allocations
+            ms[option] = sorted(timer(lambda opt=option: run(opt)) for _ in range(repeats))[repeats // 2]
+        except Exception as exc:   # noqa: BLE001 - the others are options: the first remains (its failure is real)
+            if option == options[0]:
                 raise
-            errors[layout] = f"{type(exc).__name__}: {exc}"[:200]
+            errors[option] = f"{type(exc).__name__}: {exc}"[:200]
     _LAYOUT[key] = {"chosen": min(ms, key=ms.get), "ms": ms, **({"errors": errors} if errors else {})}
     return _LAYOUT[key]["chosen"]
 
@@ -594,7 +693,8 @@ def device_ms(fn, runs: int = 3, cuda=None) -> float:
 
 
 def qkv_layout_choices() -> dict:
-    """What choose_qkv_layout chose per key, with the median ms of each layout."""
+    """What choose_qkv_layout (and FastBlock's window layout, by choose_fastest) chose per key, with the
+    median ms of each layout."""
     return {str(k): {"chosen": v["chosen"], "ms": {lay: round(t, 4) for lay, t in v["ms"].items()},
                      **({"errors": v["errors"]} if "errors" in v else {})}
             for k, v in _LAYOUT.items()}

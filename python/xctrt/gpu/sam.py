@@ -349,6 +349,7 @@ def _make_fast_block() -> type:
     from segment_anything.modeling.image_encoder import Block
 
     from . import layout
+    from .attention import WINDOW_LAYOUTS, choose_fastest
 
     class FastBlock(Block):
         """segment-anything's encoder Block with norm1 + window partition and the first residual add +
@@ -356,7 +357,15 @@ def _make_fast_block() -> type:
         ViT-B block for a batch of 8; a global block's norm1 is layout.layer_norm. Under torch.compile
         (which fuses the same chain itself), on the CPU, while recording gradients (the kernels have
         none), under autocast, or with norms that are not plain affine LayerNorms in x's dtype, it runs
-        as the original."""
+        as the original.
+
+        A windowed block with the fast attention (FastAttention, fused kernel, plain qkv) has a second
+        way (attention.WINDOW_LAYOUTS): no partition at all, its windows read where they lie in the grid
+        (FastAttention.image_windows), so its projections skip the padding. window_layout "auto" takes
+        the faster per shape, timed on the device on the first call (choose_fastest); "partitioned" or
+        "grid" fixes it."""
+
+        window_layout = "auto"
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             plain = all(type(n) is nn.LayerNorm and n.weight is not None and n.bias is not None
@@ -366,13 +375,31 @@ def _make_fast_block() -> type:
                     or not layout.available(x)):
                 return super().forward(x)
             # segment-anything's patch embedding hands over a permuted view: one copy, in the first block
-            shortcut, ws = x.contiguous(), self.window_size
-            x = shortcut
-            if ws > 0:
-                x, pad_hw = layout.ln_window_partition(x, self.norm1, ws)
+            shortcut = x.contiguous()
+            return self._fused(shortcut, self._window_way(shortcut) if self.window_size > 0 else None)
+
+        def _window_way(self, x: torch.Tensor) -> str:
+            reads_grid = getattr(self.attn, "reads_grid", None)   # FastAttention's (the "attention" part)
+            if reads_grid is None or not reads_grid(x):
+                return "partitioned"
+            if self.window_layout != "auto":
+                return self.window_layout
+            if not x.is_cuda:
+                return "partitioned"
+            key = ("window layout", tuple(x.shape), x.dtype, str(x.device))
+            return choose_fastest(key, WINDOW_LAYOUTS, lambda way: self._fused(x, way))
+
+        def _fused(self, shortcut: torch.Tensor, way: str | None) -> torch.Tensor:
+            ws = self.window_size
+            if way == "grid":
+                a = self.attn.image_windows(layout.layer_norm(shortcut, self.norm1), ws)
+                x, normed = layout.add_layer_norm(shortcut, a, self.norm2)
             else:
-                x, pad_hw = layout.layer_norm(x, self.norm1), None
-            x, normed = layout.add_layer_norm(shortcut, self.attn(x).contiguous(), self.norm2, ws, pad_hw)
+                if ws > 0:
+                    x, pad_hw = layout.ln_window_partition(shortcut, self.norm1, ws)
+                else:
+                    x, pad_hw = layout.layer_norm(shortcut, self.norm1), None
+                x, normed = layout.add_layer_norm(shortcut, self.attn(x).contiguous(), self.norm2, ws, pad_hw)
             return x + self.mlp(normed)
 
     FastBlock.__module__ = __name__
@@ -536,7 +563,7 @@ def _make_fast_decoder_attention() -> type:
 def _make_fast_attention() -> type:
     from segment_anything.modeling.image_encoder import Attention
 
-    from .attention import choose_qkv_layout, rel_pos_attention, split_qkv
+    from .attention import _resolve_impl, choose_qkv_layout, image_window_attention, rel_pos_attention, split_qkv
 
     class FastAttention(Attention):
         """segment-anything's Attention, computed by one fused kernel (no N×N matrix in memory)."""
@@ -556,6 +583,16 @@ def _make_fast_attention() -> type:
                 o = self._attend(proj, layout, h, w)
             # o laid out as (B, N, NH, D) by the operator: a view here, not a copy
             return self.proj(o.transpose(1, 2).reshape(b, h, w, -1))
+
+        def reads_grid(self, x: torch.Tensor) -> bool:
+            """Whether image_windows can run on x: relative positions, a plain qkv, the fused kernel."""
+            return self.use_rel_pos and type(self.qkv) is nn.Linear and _resolve_impl(self.attention_impl, x) == "triton"
+
+        def image_windows(self, x: torch.Tensor, ws: int) -> torch.Tensor:
+            """The block's windowed attention and output projection from its unpartitioned normed input
+            x (B, H, W, C), contiguous: (B, H, W, C), as window_unpartition of forward() on the windows."""
+            return self.proj(image_window_attention(x, self.qkv, self.num_heads, self.rel_pos_h, self.rel_pos_w,
+                                                    ws, self.scale))
 
         def _attend(self, proj: torch.Tensor, layout: str, h: int, w: int) -> torch.Tensor:
             # the bias terms are made in float32 inside: bf16 would round a bias of ~10 to ±0.03 before

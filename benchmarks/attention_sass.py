@@ -1,6 +1,6 @@
 """The fused attention kernel's work per key tile, read from its sm_90 machine code: no GPU needed.
 
-    python benchmarks/attention_sass.py [--source FILE] [--json OUT]
+    python benchmarks/attention_sass.py [--source FILE] [--json OUT] [--grid] [--launch M N WARPS STAGES ...]
 
 Compiles xctrt.gpu.attention's kernel for sm_90 (H100/H200) with the local Triton and its bundled ptxas,
 for the ViT-B encoder's two shapes as the encoder calls them (global 64x64 and windowed 14x14 grids,
@@ -15,7 +15,10 @@ instructions per score is what this script measures; whether it turns into time 
 (benchmarks/gpu_attention_check.py).
 
 --source FILE takes the kernel from another copy of attention.py (e.g. an older commit's, written out
-with `git show REV:python/xctrt/gpu/attention.py > FILE`) for a before/after comparison.
+with `git show REV:python/xctrt/gpu/attention.py > FILE`) for a before/after comparison. --grid also
+compiles the windowed launches as they read the windows in place from the 64x64 grid (the kernel's
+WINDOWS mode, attention.image_window_attention). --launch adds a launch (BLOCK_M BLOCK_N warps stages)
+the tuning does not try, for every shape whose key rows it fits.
 """
 from __future__ import annotations
 
@@ -165,6 +168,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", help="attention.py to take the kernel from (default: this checkout's)")
     ap.add_argument("--json", help="write the report here too")
+    ap.add_argument("--grid", action="store_true", help="also the windowed launches reading the 64x64 grid in place")
+    ap.add_argument("--launch", nargs=4, type=int, action="append", default=[], metavar=("M", "N", "WARPS", "STAGES"),
+                    help="another launch to compile (repeatable)")
     args = ap.parse_args(argv)
     import triton
     A = load_attention(args.source)
@@ -178,11 +184,13 @@ def main(argv=None) -> dict:
         cfg = A.default_config(hw, d)
         first = (cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg"))
         # (an older attention.py's launches are 4-tuples, without the register cap)
-        launches = sorted({tuple(t) + (None,) * (5 - len(t)) for t in (first, *A.tuned_launches_for(hw, d))},
+        extra = [tuple(t) + (None,) for t in args.launch if t[1] >= A._next_pow2(hw[1])]
+        launches = sorted({tuple(t) + (None,) * (5 - len(t)) for t in (first, *A.tuned_launches_for(hw, d), *extra)},
                           key=lambda t: tuple(x or 0 for x in t))
-        for launch in launches:
-            row = tile_report(compile_sm90(fn, hw, d, launch), launch)
-            name = f"{hw[0]}x{hw[1]}/{d}"
+        grids = (None, (64, 64)) if args.grid and hw == (14, 14) else (None,)
+        for launch, grid in ((t, g) for t in launches for g in grids):
+            row = tile_report(compile_sm90(fn, hw, d, launch, grid=grid), launch)
+            name = f"{hw[0]}x{hw[1]}/{d}" + (" grid" if grid else "")
             report["launches"][f"{name} {launch}"] = row
             if not row["instructions"]:   # one key tile covers the grid: straight-line code, no loop
                 print(f"{name:<12} {str(launch):<30} {'one key tile, no loop':>40} {row.get('registers', '?'):>35}")

@@ -58,6 +58,10 @@ def test_triton_add_layer_norm_equals_segment_anything(shape, ws):
     x, n = layout.add_layer_norm(shortcut, a.contiguous(), norm, ws, pad_hw)
     torch.testing.assert_close(x, want_x, rtol=0, atol=0)
     torch.testing.assert_close(n, norm(want_x), rtol=1e-5, atol=1e-5)
+    bias = torch.randn(shape[-1], generator=g)   # handed on with a bias added; the norm is of the sum alone
+    xb, nb = layout.add_layer_norm(shortcut, a.contiguous(), norm, ws, pad_hw, x_bias=bias)
+    torch.testing.assert_close(xb, want_x + bias, rtol=0, atol=0)
+    torch.testing.assert_close(nb, n, rtol=0, atol=0)
 
 
 @interpreted
@@ -66,7 +70,7 @@ def test_triton_fast_block_equals_segment_anything(window):
     """A windowed (padded grid) and a global block with relative positions: the same outputs, and the
     fused path really ran."""
     from segment_anything.modeling.image_encoder import Block
-    from xctrt.gpu.sam import fast_classes
+    from xctrt.gpu.sam import accelerate, fast_classes
 
     g = torch.Generator().manual_seed(23 + window)
     ref = Block(dim=24, num_heads=2, use_rel_pos=True, window_size=window, input_size=(7, 8) if not window else (3, 3))
@@ -88,6 +92,11 @@ def test_triton_fast_block_equals_segment_anything(window):
         trained = fast(x.detach().requires_grad_())   # recording gradients: the original path, with them
         assert calls == [1] and trained.grad_fn is not None
         torch.testing.assert_close(trained.detach(), a, rtol=1e-4, atol=1e-4)
+        # the MLP's second GEMM adding onto the residual (FastMLPBlock.add_onto, the "mlp" part)
+        onto = accelerate(copy.deepcopy(ref), "triton", ("block_layout", "mlp"))
+        with torch.inference_mode():
+            torch.testing.assert_close(onto(x), a, rtol=1e-4, atol=1e-4)
+        assert len(calls) == 2 and onto.mlp.adds_onto(x)
     finally:
         layout.add_layer_norm = real
 
@@ -117,6 +126,16 @@ def test_triton_fast_block_reads_windows_in_the_grid(grid):
             fast.window_layout = way
             torch.testing.assert_close(fast(x), want, rtol=1e-4, atol=1e-4)
             assert len(calls) == grid_calls, way
+    # with the MLP's second GEMM adding onto the residual (the "mlp" part), both ways
+    onto = accelerate(copy.deepcopy(ref), "triton", ("attention", "block_layout", "mlp"))
+    added = []
+    real_onto = onto.mlp.add_onto
+    onto.mlp.add_onto = lambda *a: added.append(1) or real_onto(*a)
+    with torch.inference_mode():
+        for way in ("grid", "partitioned"):
+            onto.window_layout = way
+            torch.testing.assert_close(onto(x), want, rtol=1e-4, atol=1e-4)
+        assert len(added) == 2
     # no fast attention (its part left out): partitioned, whatever window_layout says
     plain = accelerate(copy.deepcopy(ref), "triton", ("block_layout",))
     plain.window_layout = "grid"
@@ -267,15 +286,18 @@ report = {}
 for name, fn, ptrs in (("ln_window_partition", L._ln_window_partition_kernel, {"X": "*bf16", "Y": "*bf16"}),
                        ("add_layer_norm", L._add_layer_norm_kernel,
                         {"S_P": "*bf16", "A_P": "*bf16", "OUT_P": "*bf16", "N_P": "*bf16"})):
-    for ws in (14, 0):
-        const = dict(WS=ws, BLOCK_T=L.TOKENS, BLOCK_C=1024)
-        sig = {nm: "constexpr" if nm in const else ptrs.get(nm) or ("*bf16" if nm in ("W_P", "B_P") else
+    for ws, xb in ((14, False), (0, False), (14, True), (0, True)):
+        if xb and name != "add_layer_norm":
+            continue
+        const = dict(WS=ws, BLOCK_T=L.TOKENS, BLOCK_C=1024, **({"HAS_XB": xb} if name == "add_layer_norm" else {}))
+        sig = {nm: "constexpr" if nm in const else ptrs.get(nm) or ("*bf16" if nm in ("W_P", "B_P", "XB_P") else
                "fp32" if nm == "eps" else "i32") for nm in fn.arg_names}
         kern = compile(fn, sig, const, num_warps=4)
+        key = f"{name} ws={ws}" + (" x_bias" if xb else "")
         if isinstance(kern, dict):
-            report[f"{name} ws={ws}"] = kern; continue
+            report[key] = kern; continue
         m = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump_of(kern, "-res-usage") or "")
-        report[f"{name} ws={ws}"] = {"ptx": len(kern.asm.get("ptx", "")), "stack": int(m.group(2)) if m else 0}
+        report[key] = {"ptx": len(kern.asm.get("ptx", "")), "stack": int(m.group(2)) if m else 0}
 for c in (64, 256, 768):   # layer_norm at the decoders' upscaling, their image tokens and ViT-B's blocks
     block_c = 1 << (c - 1).bit_length()
     const = dict(BLOCK_T=L.ROW_ELEMENTS // block_c, BLOCK_C=block_c)
@@ -307,5 +329,5 @@ def test_layout_kernels_compile_for_sm90():
     from conftest import sm90_compile_report
 
     report = sm90_compile_report(_SM90_SCRIPT, timeout=300)
-    assert len(report) == 9 and all(row["ptx"] > 0 for row in report.values()), report
+    assert len(report) == 11 and all(row["ptx"] > 0 for row in report.values()), report
     assert all(row["stack"] == 0 for row in report.values()), report   # no register spills

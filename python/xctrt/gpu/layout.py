@@ -73,8 +73,8 @@ def _ln_window_partition_kernel(X, Y, W_P, B_P, NTOK, H, W, HP, WP, C, eps, WS: 
     tl.store(Y + dst[:, None] + cols[None, :], out.to(Y.dtype.element_ty), mask=live[:, None] & cmask[None, :])
 
 
-def _add_layer_norm_kernel(S_P, A_P, OUT_P, N_P, W_P, B_P, NTOK, H, W, HP, WP, C, eps, WS: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _add_layer_norm_kernel(S_P, A_P, OUT_P, N_P, W_P, B_P, XB_P, NTOK, H, W, HP, WP, C, eps, WS: tl.constexpr,
+                           HAS_XB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)   # tokens of the grid (B, H, W)
     live = tok < NTOK
     cols = tl.arange(0, BLOCK_C)
@@ -91,7 +91,11 @@ def _add_layer_norm_kernel(S_P, A_P, OUT_P, N_P, W_P, B_P, NTOK, H, W, HP, WP, C
     s = tl.load(S_P + at, mask=m, other=0)
     a = tl.load(A_P + a_row.to(tl.int64)[:, None] * C + cols[None, :], mask=m, other=0)
     x = (s.to(tl.float32) + a.to(tl.float32)).to(OUT_P.dtype.element_ty)   # rounded as torch's add
-    tl.store(OUT_P + at, x, mask=m)
+    if HAS_XB:   # the sum handed on with a bias added (rounded again); the norm is of the sum itself
+        xb = tl.load(XB_P + cols, mask=cmask, other=0).to(tl.float32)
+        tl.store(OUT_P + at, (x.to(tl.float32) + xb[None, :]).to(OUT_P.dtype.element_ty), mask=m)
+    else:
+        tl.store(OUT_P + at, x, mask=m)
     n = _norm_rows(tl.where(m, x.to(tl.float32), 0.0), cmask, W_P, B_P, cols, C, eps)
     tl.store(N_P + at, n.to(N_P.dtype.element_ty), mask=m)
 
@@ -285,19 +289,25 @@ def upscale_logits(x: torch.Tensor, conv1, norm, conv2, hyper: torch.Tensor) -> 
 
 
 def add_layer_norm(shortcut: torch.Tensor, a: torch.Tensor, norm: torch.nn.LayerNorm, ws: int = 0,
-                   pad_hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   pad_hw: tuple[int, int] | None = None, x_bias: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, norm(x)) for x = shortcut + a, with a (B, H, W, C), or for ws > 0 in the window layout of
-    ln_window_partition: segment-anything's shortcut + window_unpartition(a, ws, pad_hw, (H, W))."""
+    ln_window_partition: segment-anything's shortcut + window_unpartition(a, ws, pad_hw, (H, W)).
+    x_bias (C,): the first result is x + x_bias instead (norm(x) unchanged), the base the block's MLP
+    output is added onto in its second GEMM (FastMLPBlock.add_onto)."""
     c = _check(shortcut, norm)
     b, h, w, _ = shortcut.shape
     hp, wp = pad_hw if ws > 0 else (h, w)
     rows = b * hp * wp
     if not a.is_contiguous() or a.numel() != rows * c or a.dtype != shortcut.dtype:
         raise ValueError(f"a must be a contiguous {shortcut.dtype} tensor of {rows} rows of {c}")
+    if x_bias is not None and (tuple(x_bias.shape) != (c,) or x_bias.dtype != shortcut.dtype):
+        raise ValueError(f"x_bias must be a {shortcut.dtype} vector of {c}")
     x, n = torch.empty_like(shortcut), torch.empty_like(shortcut)
     if x.numel():
         ntok = b * h * w
         _add_layer_norm_kernel[(triton.cdiv(ntok, TOKENS),)](
-            shortcut, a, x, n, norm.weight, norm.bias, ntok, h, w, hp, wp, c, float(norm.eps), WS=ws,
-            BLOCK_T=TOKENS, BLOCK_C=triton.next_power_of_2(c))
+            shortcut, a, x, n, norm.weight, norm.bias, norm.bias if x_bias is None else x_bias, ntok, h, w, hp,
+            wp, c, float(norm.eps), WS=ws, HAS_XB=x_bias is not None, BLOCK_T=TOKENS,
+            BLOCK_C=triton.next_power_of_2(c))
     return x, n

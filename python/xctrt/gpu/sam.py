@@ -391,16 +391,20 @@ def _make_fast_block() -> type:
 
         def _fused(self, shortcut: torch.Tensor, way: str | None) -> torch.Tensor:
             ws = self.window_size
+            # the MLP's second GEMM adds onto the residual where it can (FastMLPBlock, the "mlp" part)
+            onto = getattr(self.mlp, "adds_onto", None)
+            x_bias = self.mlp.lin2.bias if onto is not None and onto(shortcut) else None
             if way == "grid":
                 a = self.attn.image_windows(layout.layer_norm(shortcut, self.norm1), ws)
-                x, normed = layout.add_layer_norm(shortcut, a, self.norm2)
+                x, normed = layout.add_layer_norm(shortcut, a, self.norm2, x_bias=x_bias)
             else:
                 if ws > 0:
                     x, pad_hw = layout.ln_window_partition(shortcut, self.norm1, ws)
                 else:
                     x, pad_hw = layout.layer_norm(shortcut, self.norm1), None
-                x, normed = layout.add_layer_norm(shortcut, self.attn(x).contiguous(), self.norm2, ws, pad_hw)
-            return x + self.mlp(normed)
+                x, normed = layout.add_layer_norm(shortcut, self.attn(x).contiguous(), self.norm2, ws, pad_hw,
+                                                  x_bias=x_bias)
+            return self.mlp.add_onto(normed, x) if x_bias is not None else x + self.mlp(normed)
 
     FastBlock.__module__ = __name__
     return FastBlock
@@ -504,15 +508,37 @@ def _make_fast_mlp() -> type:
         (at most 4.7e-4 from the exact erf GELU, below the bf16 rounding of the activations); on the CPU
         torch computes the exact GELU. Anything but a plain Linear, GELU or ReLU runs as before."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def _fused_act(self) -> bool:
             act = self.act
-            gelu = type(act) is nn.GELU and act.approximate == "none"
-            if not (gelu or type(act) is nn.ReLU) or type(self.lin1) is not nn.Linear or self.lin1.bias is None:
+            return ((type(act) is nn.GELU and act.approximate == "none") or type(act) is nn.ReLU) \
+                and type(self.lin1) is nn.Linear and self.lin1.bias is not None
+
+        def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+            return torch._addmm_activation(self.lin1.bias, x.reshape(-1, x.shape[-1]), self.lin1.weight.t(),
+                                           use_gelu=type(self.act) is nn.GELU)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self._fused_act():
                 return super().forward(x)
-            lead = x.shape[:-1]
-            h = torch._addmm_activation(self.lin1.bias, x.reshape(-1, x.shape[-1]), self.lin1.weight.t(),
-                                        use_gelu=gelu)
-            return self.lin2(h.reshape(*lead, h.shape[-1]))
+            h = self._hidden(x)
+            return self.lin2(h.reshape(*x.shape[:-1], h.shape[-1]))
+
+        def adds_onto(self, x: torch.Tensor) -> bool:
+            """Whether add_onto can run for x: the fused first GEMM, a plain lin2 with a bias, x's dtype."""
+            return (self._fused_act() and type(self.lin2) is nn.Linear and self.lin2.bias is not None
+                    and self.lin2.weight.dtype == x.dtype)
+
+        def add_onto(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+            """base + self(x) - lin2.bias, in place in base (contiguous, x's shape with lin2's width; an
+            encoder block passes its residual with lin2's bias already added, add_layer_norm's x_bias):
+            the second GEMM adds onto the residual (beta = 1) instead of writing its output for a
+            pass of its own to add, ~100 MB less traffic per ViT-B block for a batch of 8 at 1024².
+            The residual is rounded once more (after lin2's bias, before the product) and the
+            product's sum is rounded once, after the residual is in it, where torch's layers round
+            the product and then the sum: results agree to a rounding."""
+            h = self._hidden(x)
+            base.view(-1, base.shape[-1]).addmm_(h, self.lin2.weight.t())
+            return base
 
     FastMLPBlock.__module__ = __name__
     return FastMLPBlock

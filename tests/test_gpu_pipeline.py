@@ -760,6 +760,7 @@ def test_fast_layer_norm_2d_and_two_way_block_match_segment_anything():
     segment-anything's modules."""
     from segment_anything.modeling.common import LayerNorm2d
     from segment_anything.modeling.transformer import TwoWayAttentionBlock
+    from xctrt.gpu import layout
     from xctrt.gpu.sam import fast_swaps
 
     swapped = {base: cls for _, base, cls in fast_swaps()}
@@ -787,7 +788,10 @@ def test_fast_layer_norm_2d_and_two_way_block_match_segment_anything():
         args = [torch.randn(shape, generator=g) for shape in ((3, 5, 16), (3, 12, 16), (3, 5, 16), (1, 12, 16))]
         with torch.inference_mode():
             (q0, k0), (q1, k1) = block(*args), fast_block(*args)
-        assert torch.equal(q0, q1) and torch.equal(k0, k1)
+        if layout.available(args[0]):   # a process under the Triton interpreter: its norms are layout.layer_norm's
+            torch.testing.assert_close((q1, k1), (q0, k0), rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(q0, q1) and torch.equal(k0, k1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

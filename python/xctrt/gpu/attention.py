@@ -52,6 +52,7 @@ __all__ = [
     "attention_reference",
     "attention_sdpa",
     "attention_triton",
+    "choose_fastest",
     "choose_qkv_layout",
     "default_config",
     "device_ms",
@@ -63,10 +64,10 @@ __all__ = [
     "relative_bias_terms",
     "relative_offset_terms",
     "qkv_layout_choices",
-    "WINDOW_LAYOUTS",
     "split_qkv",
     "triton_available",
     "tuned_choices",
+    "WINDOW_LAYOUTS",
 ]
 
 LOG2E = 1.4426950408889634
@@ -671,9 +672,10 @@ def device_ms(fn, runs: int = 3, cuda=None) -> float:
     when the last call had been queued (its start event not yet reached). Timing one synchronised call
     instead measures, where the device's work is short, mostly the Python that launches it: the
     windowed blocks' attention from the projection (offset products and kernel, ~0.25 ms of device
-    work by the kernel's own timing) took 0.61-0.62 ms either way in the H200 runs of 2026-11-28, so
-    their layout was picked on noise; in the pipeline the blocks run as replayed CUDA graphs, device
-    time only. `cuda`: torch.cuda or a stand-in with the same Event, _sleep and synchronize."""
+    work by the kernel's own timing) took 0.45 to 0.76 ms a call in the four H200 runs of 2026-11-27/28,
+    which picked its layout one way twice and the other way twice; in the pipeline the blocks run as
+    replayed CUDA graphs, device time only. `cuda`: torch.cuda or a stand-in with the same Event,
+    _sleep and synchronize."""
     cuda = torch.cuda if cuda is None else cuda
     cycles, ms = 1 << 21, None   # ~1 ms at an H200's ~2 GHz; x4 per try
     for _ in range(6):

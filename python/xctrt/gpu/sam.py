@@ -363,7 +363,8 @@ def _make_fast_block() -> type:
         way (attention.WINDOW_LAYOUTS): no partition at all, its windows read where they lie in the grid
         (FastAttention.image_windows), so its projections skip the padding. window_layout "auto" takes
         the faster per shape, timed on the device on the first call (choose_fastest); "partitioned" or
-        "grid" fixes it."""
+        "grid" fixes it. With the fast MLP (FastMLPBlock, the "mlp" part) the block's last residual add
+        is its second GEMM's (add_onto), onto the sum add_layer_norm hands on with lin2's bias in it."""
 
         window_layout = "auto"
 
@@ -612,7 +613,8 @@ def _make_fast_attention() -> type:
 
         def reads_grid(self, x: torch.Tensor) -> bool:
             """Whether image_windows can run on x: relative positions, a plain qkv, the fused kernel."""
-            return self.use_rel_pos and type(self.qkv) is nn.Linear and _resolve_impl(self.attention_impl, x) == "triton"
+            return (self.use_rel_pos and type(self.qkv) is nn.Linear
+                    and _resolve_impl(self.attention_impl, x) == "triton")
 
         def image_windows(self, x: torch.Tensor, ws: int) -> torch.Tensor:
             """The block's windowed attention and output projection from its unpartitioned normed input

@@ -9,6 +9,9 @@ Shapes (batch 8, 12 heads, D = 64): global blocks B = 8, 64x64 tokens (N = 4096)
 B = 8*25 windows, 14x14 tokens (N = 196). FLOPs = 4 * B * heads * N^2 * D (two matmuls). q, k, v are
 views of one (B, N, 3, heads, D) projection and the output is laid out (B, N, heads, D), as in the
 encoder.
+The windowed shape also runs as a windowed block reading its windows in place from the 64x64 grid
+(8 images, `grid in-place`: attention.image_window_attention's kernel mode), checked against the
+reference on the padded windows. Times are the device's (attention.device_ms).
 Every variant is run inside its own try/except: a failure is reported, not fatal. Writes
 DIR/gpu_attention.json and prints a table last.
 """
@@ -69,6 +72,9 @@ TINY_SHAPES = {
     "global": (2, 2, (8, 8), 16, 2),
     "windowed": (3, 2, (5, 3), 16, 3),
 }
+# the windowed shape read in place from the grid it tiles (attention.image_window_attention): images and
+# their token grid; ViT-B at 1024x1024: 8 images of 64x64 tokens, 25 windows of 14x14 each (200, as above)
+GRID_OF = {"full": (8, (64, 64)), "tiny": (2, (7, 5))}
 
 
 def _cfg(bm, bn, nw, ns, maxnreg=None):
@@ -199,6 +205,9 @@ def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
                 return attention_triton(qq, kk, vv, oh, ow, hw, scale)
             variant(f"qkv {layout.replace('_', '-')}", from_projection)
         res["heads_major_copy"] = copy_ab(qkv, device, warmup, reps)
+        if name == "windowed":
+            res["variants"].append(grid_variant(GRID_OF["tiny" if args.tiny or device == "cpu" else "full"],
+                                                nh, hw, d, dtype, device, tol, warmup, reps, seed))
         for cfg in sweep:
             if cfg == base:
                 continue
@@ -223,6 +232,47 @@ def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
         res["best_triton"] = {"config": best["config"], "launch": best["launch"], "ms": best["ms"],
                               "tflops": best["tflops"]}
     return res
+
+
+def grid_variant(images_grid, nh, hw, d, dtype, device, tol, warmup, reps, seed):
+    """The windows read where they lie in their grid (the kernel's WINDOWS mode, what a windowed block
+    runs when FastBlock picks "grid"): from a random projection of the grid's tokens and its padding row,
+    offset terms and kernel (tuned on CUDA), against the float32 reference on window_partition's copies of
+    the same projection, the padding row standing in for every padding token. A row like the others."""
+    images, (ih, iw) = images_grid
+    wh, ww = hw
+    nwy, nwx = -(-ih // wh), -(-iw // ww)
+    n, c3 = wh * ww, 3 * nh * d
+    row = {"variant": "grid in-place", "config": f"{images}x{ih}x{iw} grid", "launch": None}
+    try:
+        g = torch.Generator(device="cpu").manual_seed(seed + 7)
+        proj = torch.randn(images * ih * iw + 1, c3, generator=g).to(device=device, dtype=dtype)
+        rel_pos_h, rel_pos_w = ((0.2 * torch.randn(2 * s - 1, d, generator=g)).to(device) for s in hw)
+        scale = d ** -0.5
+
+        def run():
+            q, k, v = proj[:-1].view(images, ih * iw, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)
+            off_h = _att._products(q, _att._offset_table(rel_pos_h, wh), offsets_outer=True)
+            off_w = _att._products(q, _att._offset_table(rel_pos_w, ww))
+            return attention_triton(q, k, v, off_h, off_w, hw, scale, grid=(ih, iw))
+
+        out = run().transpose(1, 2).float()   # (images, IH*IW, NH, D)
+        # the reference: the padded grid's windows, every padding token the padding row
+        full = proj[-1].float().expand(images, nwy * wh, nwx * ww, c3).clone()
+        full[:, :ih, :iw] = proj[:-1].float().view(images, ih, iw, c3)
+        win = full.view(images, nwy, wh, nwx, ww, c3).permute(0, 1, 3, 2, 4, 5).reshape(-1, n, 3, nh, d)
+        q, k, v = win.permute(2, 0, 3, 1, 4).unbind(0)
+        ref = attention_reference(q, k, v, *relative_offset_terms(q, rel_pos_h, rel_pos_w, hw), hw, scale)
+        ref = ref.transpose(1, 2).reshape(images, nwy, nwx, wh, ww, nh, d).permute(0, 1, 3, 2, 4, 5, 6)
+        ref = ref.reshape(images, nwy * wh, nwx * ww, nh, d)[:, :ih, :iw].reshape(images, ih * iw, nh, d)
+        rel, mx = errors(out, ref)
+        row.update(rel_err=rel, max_abs_err=mx, check="PASS" if rel < tol else "FAIL")
+        del out, ref, full, win
+        ms = time_ms(run, device, warmup, reps)
+        row.update(ms=ms, tflops=4.0 * images * nwy * nwx * nh * n * n * d / (ms * 1e-3) / 1e12)
+    except Exception as exc:  # noqa: BLE001
+        row.update(error=short_error(exc), check="ERROR")
+    return row
 
 
 def copy_ab(qkv, device, warmup, reps):
@@ -300,9 +350,10 @@ def main(args):
     report["elapsed_s"] = time.perf_counter() - t0
     (args.out / "gpu_attention.json").write_text(json.dumps(report, indent=2))
     print_table(report)
-    # the step passes on our kernel's checks; SDPA's (bf16 with a materialised bias) are in the JSON only
+    # the step passes on our kernel's checks (its windows read in the grid among them); SDPA's (bf16 with a
+    # materialised bias) are in the JSON only
     checks = [r.get("check") for res in report["shapes"].values() for r in res["variants"]
-              if r["variant"] == "triton"]
+              if r["variant"] in ("triton", "grid in-place")]
     return 0 if checks and all(c == "PASS" for c in checks) else 1
 
 

@@ -474,6 +474,27 @@ def test_image_window_attention_equals_segment_anything_on_padded_windows(grid, 
             assert_close(mod.proj(o), expected, atol=1e-4, rtol_norm=1e-5)
 
 
+@interpreted
+def test_image_window_attention_split_over_the_grid_limit(monkeypatch):
+    """Three images of 2 x 3 windows and 2 heads, launched two images and then one (24 programs a
+    launch at most): each launch finds the padding row counted from its own first image."""
+    ie = pytest.importorskip("segment_anything.modeling.image_encoder")
+    import xctrt.gpu.attention as att
+
+    g = torch.Generator().manual_seed(41)
+    mod = ie.Attention(24, num_heads=2, qkv_bias=True, use_rel_pos=True, input_size=(4, 4)).eval()
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        x = torch.randn(3, 7, 9, 24, generator=g)
+        windows, pad_hw = ie.window_partition(x, 4)
+        expected = ie.window_unpartition(mod(windows), 4, pad_hw, (7, 9))
+        monkeypatch.setattr(att, "_MAX_GRID_Y", 24)
+        o = att.image_window_attention(x, mod.qkv, 2, mod.rel_pos_h, mod.rel_pos_w, 4, mod.scale,
+                                       block_m=16, block_n=16)
+        assert_close(mod.proj(o), expected, atol=1e-4, rtol_norm=1e-5)
+
+
 def test_image_window_attention_refuses_what_it_cannot_read():
     from xctrt.gpu.attention import image_window_attention
 

@@ -204,7 +204,7 @@ def main(out: Path) -> str:
         if ref.get("attention_launches"):
             lines.append(f"- attention launches chosen: {ref['attention_launches']}")
         if ref.get("attention_qkv_layouts"):
-            lines.append(f"- attention q/k/v layouts chosen (median ms of each): {ref['attention_qkv_layouts']}")
+            lines.append(f"- layouts chosen, q/k/v and window (median device ms of each): {ref['attention_qkv_layouts']}")
         for res, label in calls:
             how = f"torch.compile {res['compile_ours']}" if (res or {}).get("compile_ours") else "eager"
             for mode, r in (res or {}).get("modes", {}).items():

@@ -57,13 +57,13 @@
 # the summary names the mode) and warms max-autotune's cache with the time left. torch.compile keeps its
 # autotuning results and kernels in TORCHINDUCTOR_CACHE_DIR as they are made; after a `warm` or
 # `compiled` step the cache comes back as $OUT/inductor_cache.tar.xz.00, .01 (xz, 12 MiB parts, 24 MiB at
-# most: a later call carries 64 MiB in all and the checkout takes ~37; the other results but the log and
+# most: a later call carries 64 MiB in all and the checkout takes ~42 (2026-11-28); the other results but the log and
 # summary.md are then packed into $OUT/results.tar.gz, since at most 8 files come back).
 # Here: cat inductor_cache.tar.xz.* > .inductor-cache.tar.xz (add /.inductor-cache.tar.xz to
 # .git/info/exclude) and carry it with a later call on the same kind of machine: it is unpacked first,
 # or, since every session starts from a fresh checkout (2026-11-28: the fourth measurement's 18 MiB
 # cache, kept outside git, was gone by the next session), commit it as benchmarks/cache/inductor_cache.tar.xz,
-# which the script reads when nothing is carried;
+# which the script reads when nothing is carried (it then travels with the checkout, within the 64 MiB);
 # compiles that hit it skip their autotuning and code generation, and once a warm step has finished
 # max-autotune's compile (it marks the cache so; a stopped one keeps its tuning for the next warm step)
 # the compiled step measures the max-autotune anchor. What is timed is the compiled program either way.

@@ -5,7 +5,8 @@
 
 One random-weight network in shared mode (one encoder, three decoder heads, as `xctrt bench`).
 Variants: segment-anything as it is ("none", same weights dtype), every part of xctrt.gpu.sam.accelerate
-("all"), and every part but one, for each of FAST_PARTS. On CUDA each variant's encoder and decoders are
+("all"), every part but one, for each of FAST_PARTS, and every part with the per-shape choices fixed one
+way (the windowed blocks partitioned or read in the grid, q/k/v in place or heads-major). On CUDA each variant's encoder and decoders are
 replayed as CUDA graphs, as the runtime does, and timed by CUDA events (median of --reps); max |Δ| of
 its probabilities against "none". Then the top kernels of the decoders with every part (the bench's
 --profile lists the encoder's), and the encoder with every part at other batch sizes (--sweep): time per
@@ -48,8 +49,16 @@ def main(argv=None) -> int:
     net = build_random_class_net(backbone, len(CLASSES), "shared", seed=0, device=args.device)
     size = net.image_size
     x = torch.rand(args.batch, 1, size, size, generator=torch.Generator().manual_seed(0)).to(args.device)
-    variants = {"none": None, "all": FAST_PARTS}
-    variants.update({f"all but {p}": tuple(q for q in FAST_PARTS if q != p) for p in FAST_PARTS})
+    # (parts, choices fixed on the modules that make them: FastBlock.window_layout, FastAttention.qkv_layout)
+    variants = {"none": (None, {}), "all": (FAST_PARTS, {})}
+    variants.update({f"all but {p}": (tuple(q for q in FAST_PARTS if q != p), {}) for p in FAST_PARTS})
+    variants.update({   # what each per-shape choice gives the whole encoder, replayed as graphs
+        "all, windows in grid": (FAST_PARTS, {"window_layout": "grid"}),
+        "all, windows partitioned": (FAST_PARTS, {"window_layout": "partitioned"}),
+        "all, windows partitioned, q/k/v in place": (FAST_PARTS, {"window_layout": "partitioned",
+                                                                  "qkv_layout": "in_place"}),
+        "all, windows partitioned, q/k/v heads-major": (FAST_PARTS, {"window_layout": "partitioned",
+                                                                     "qkv_layout": "heads_major"})})
 
     def timed(fn) -> float:
         if cuda:
@@ -62,11 +71,15 @@ def main(argv=None) -> int:
         return float(np.median(times))
 
     rows, ref, fast_all = {}, None, None
-    for name, parts in variants.items():
+    for name, (parts, fixed) in variants.items():
         try:
             m = copy.deepcopy(net).cast_weights(dtype)
             if parts is not None:
                 m = accelerate(m, "auto", parts)
+            for mod in m.modules():
+                for attr, value in fixed.items():
+                    if hasattr(type(mod), attr):
+                        setattr(mod, attr, value)
             graphs_error = None
             with torch.inference_mode():
                 if cuda:
@@ -90,7 +103,7 @@ def main(argv=None) -> int:
             if parts is None:
                 ref = probs
             row["max_abs_diff_vs_none"] = float((probs - ref).abs().max()) if ref is not None else None
-            if parts == FAST_PARTS:
+            if name == "all":
                 fast_all = m
         except Exception as exc:   # report and go on: one broken variant must not hide the others
             traceback.print_exc(limit=4)

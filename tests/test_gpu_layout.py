@@ -136,6 +136,18 @@ def test_triton_fast_block_reads_windows_in_the_grid(grid):
             onto.window_layout = way
             torch.testing.assert_close(onto(x), want, rtol=1e-4, atol=1e-4)
         assert len(added) == 2
+    # q, k, v copied heads-major when qkv_layout says so (on the CPU "auto" takes views)
+    from xctrt.gpu import attention as A
+    copies = []
+    real_copy = A.permuted_copy
+    A.permuted_copy = lambda *a: copies.append(1) or real_copy(*a)
+    try:
+        fast.window_layout, fast.attn.qkv_layout = "partitioned", "heads_major"
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x), want, rtol=1e-4, atol=1e-4)
+        assert copies == [1]
+    finally:
+        A.permuted_copy = real_copy
     # no fast attention (its part left out): partitioned, whatever window_layout says
     plain = accelerate(copy.deepcopy(ref), "triton", ("block_layout",))
     plain.window_layout = "grid"

@@ -1023,7 +1023,9 @@ def test_gpu_parts_check_dry_run(tmp_path):
 
     assert load_benchmark("gpu_parts_check").main(["--out", str(tmp_path), "--device", "cpu", "--batch", "2"]) == 0
     res = json.loads((tmp_path / "gpu_parts.json").read_text())
-    assert list(res["variants"]) == ["none", "all"] + [f"all but {p}" for p in FAST_PARTS]
+    assert list(res["variants"]) == ["none", "all"] + [f"all but {p}" for p in FAST_PARTS] + [
+        "all, windows in grid", "all, windows partitioned", "all, windows partitioned, q/k/v in place",
+        "all, windows partitioned, q/k/v heads-major"]
     for name, r in res["variants"].items():
         assert r["encoder_ms"] > 0 and r["decoder_ms"] > 0, name
         assert r["max_abs_diff_vs_none"] < 1e-5, name   # float32 on the CPU: the same maths

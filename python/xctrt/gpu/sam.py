@@ -593,8 +593,11 @@ def _make_fast_attention() -> type:
     from .attention import _resolve_impl, choose_qkv_layout, image_window_attention, rel_pos_attention, split_qkv
 
     class FastAttention(Attention):
-        """segment-anything's Attention, computed by one fused kernel (no N×N matrix in memory)."""
+        """segment-anything's Attention, computed by one fused kernel (no N×N matrix in memory).
+        qkv_layout "auto" takes q, k, v in place or copied heads-major, whichever the first call per
+        shape timed faster on the device (views where nothing is timed); one of QKV_LAYOUTS fixes it."""
         attention_impl = "auto"
+        qkv_layout = "auto"
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, h, w, _ = x.shape
@@ -603,10 +606,10 @@ def _make_fast_attention() -> type:
                 o = F.scaled_dot_product_attention(*split_qkv(proj, "in_place"), scale=self.scale)
             else:
                 # q, k, v as views of the projection, or copied heads-major first: whichever the first
-                # call per shape timed faster (on CUDA; views elsewhere)
+                # call per shape timed faster (on CUDA; views elsewhere), unless qkv_layout says
                 key = (tuple(proj.shape), proj.dtype, str(proj.device), self.attention_impl)
-                layout = choose_qkv_layout(key, lambda lay: self._attend(proj, lay, h, w)) if proj.is_cuda \
-                    else "in_place"
+                layout = self.qkv_layout if self.qkv_layout != "auto" else \
+                    choose_qkv_layout(key, lambda lay: self._attend(proj, lay, h, w)) if proj.is_cuda else "in_place"
                 o = self._attend(proj, layout, h, w)
             # o laid out as (B, N, NH, D) by the operator: a view here, not a copy
             return self.proj(o.transpose(1, 2).reshape(b, h, w, -1))

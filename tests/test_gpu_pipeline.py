@@ -729,6 +729,42 @@ def test_fast_mlp_matches_segment_anything(act, shape, monkeypatch):
         assert len(fused) == (1 if epilogue else 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_mlp_adds_onto_the_residual(dtype):
+    """add_onto(x, residual + lin2.bias) is residual + mlp(x), its second GEMM adding onto the base in
+    place: float32 to a rounding of the sums; bf16 to one rounding of the operands' magnitude (the base is
+    rounded after the bias, the product's sum once with it in). Not offered without the fused first
+    GEMM or with a lin2 that is not a plain Linear with a bias."""
+    from segment_anything.modeling.common import MLPBlock
+    from xctrt.gpu.sam import fast_classes
+
+    g = torch.Generator().manual_seed(29)
+    ref = MLPBlock(64, 256)
+    with torch.no_grad():
+        for prm in ref.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.3)
+    ref = ref.to(dtype)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = fast_classes()[3]
+    x = torch.randn(4, 10, 64, generator=g).to(dtype)
+    residual = (torch.randn(4, 10, 64, generator=g) * 3).to(dtype)
+    with torch.inference_mode():
+        want = (residual + ref(x)).float()
+        base = residual + fast.lin2.bias
+        got = fast.add_onto(x, base)
+        assert got is base and fast.adds_onto(x)
+        scale = max(want.abs().max().item(), residual.float().abs().max().item())
+        tol = 1e-5 * scale if dtype == torch.float32 else 2 ** -7 * scale   # bf16: 8 significant bits
+        assert (got.float() - want).abs().max().item() <= tol
+    assert not fast.adds_onto(x.double())
+    plain = copy.deepcopy(fast)
+    plain.lin2.bias = None
+    assert not plain.adds_onto(x)
+    plain = copy.deepcopy(fast)
+    plain.act = torch.nn.SiLU()
+    assert not plain.adds_onto(x)
+
+
 @pytest.mark.parametrize("kernel,stride,padding,bias", [(2, 2, 0, True), (3, 3, 0, False), (2, 2, 1, True),
                                                      (3, 2, 0, True)])
 def test_fast_conv_transpose_matches_the_conv(kernel, stride, padding, bias):

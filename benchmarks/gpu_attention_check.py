@@ -252,8 +252,7 @@ def grid_variant(images_grid, nh, hw, d, dtype, device, tol, warmup, reps, seed)
 
         def run():
             q, k, v = proj[:-1].view(images, ih * iw, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)
-            off_h = _att._products(q, _att._offset_table(rel_pos_h, wh), offsets_outer=True)
-            off_w = _att._products(q, _att._offset_table(rel_pos_w, ww))
+            off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw, grid=(ih, iw))
             return attention_triton(q, k, v, off_h, off_w, hw, scale, grid=(ih, iw))
 
         out = run().transpose(1, 2).float()   # (images, IH*IW, NH, D)

@@ -127,15 +127,18 @@ def _products(q: torch.Tensor, table: torch.Tensor, offsets_outer: bool = False)
     return out[..., :length].view(nh, b, n, length).transpose(0, 1)
 
 
-def relative_offset_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                          hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def relative_offset_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int],
+                          grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(off_h (B, NH, N, 2H-1), off_w (B, NH, N, 2W-1)) in float32 (float64 for float64 q) from q
     (B, NH, N, D): off_h[..., i, t] = q[..., i, :] . Ph[t], off_w likewise. off_h is laid out offsets
     outermost (see _products): per key tile the kernel reads one rel_h value per query, at one offset
-    for a whole query row; off_w token by token, since a query reads its whole row of them once."""
+    for a whole query row; off_w token by token, since a query reads its whole row of them once.
+    grid=(IH, IW): q holds an IH x IW grid's tokens, whose H x W windows attend (attention_triton's grid)."""
     h, w = hw
-    if q.dim() != 4 or q.shape[2] != h * w:
-        raise ValueError(f"q must be (B, NH, N={h * w}, D) for hw={tuple(hw)}, got {tuple(q.shape)}")
+    n = h * w if grid is None else grid[0] * grid[1]
+    if q.dim() != 4 or q.shape[2] != n:
+        raise ValueError(f"q must be (B, NH, N={n}, D) for hw={tuple(hw)}"
+                         + (f" in a {tuple(grid)} grid" if grid else "") + f", got {tuple(q.shape)}")
     return (_products(q, _offset_table(rel_pos_h, h), offsets_outer=True),
             _products(q, _offset_table(rel_pos_w, w)))
 
@@ -615,8 +618,7 @@ def image_window_attention(x: torch.Tensor, qkv: torch.nn.Linear, num_heads: int
         torch.mm(rows, qkv.weight.t(), out=proj[:-1])
         proj[-1] = 0
     q, k, v = proj[:-1].view(b, h * w, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-    off_h = _products(q, _offset_table(rel_pos_h, ws), offsets_outer=True)
-    off_w = _products(q, _offset_table(rel_pos_w, ws))
+    off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, (ws, ws), grid=(h, w))
     o = attention_triton(q, k, v, off_h, off_w, (ws, ws), scale, grid=(h, w), **triton_kw)
     return o.transpose(1, 2).reshape(b, h, w, c)   # laid out (B, N, NH, D) by the kernel: a view
 

@@ -9,10 +9,11 @@
 #          command:   bash benchmarks/gpu_throughput.sh
 #          carry:     [".whl-sam"]
 #          timeout_s: 590
-#      results under $OUT: gpu_throughput.log, gpu_post.json, bench.json, bench_compiled.json,
-#      gpu_attention.json, gpu_parts.json, gpu_package.json, summary.md (the table, printed last),
-#      timeline.png (benchmarks/timeline_figure.py: when each stage of ours and ours-host worked);
-#      with the compile cache (below) all but summary.md, timeline.png and the log packed in results.tar.gz
+#      results under $OUT: gpu_throughput.log, summary.md (the table, printed last), timeline.png
+#      (benchmarks/timeline_figure.py: when each stage of ours and ours-host worked), results.tar.gz
+#      (gpu_post.json, bench.json, bench_compiled.json, gpu_attention.json, gpu_parts.json,
+#      gpu_package.json) and torch.compile's tuning and cache (below)
+#   3. here: commit the tuning the call brought back (cp inductor_tuning.tar.xz benchmarks/cache/)
 #   Afterwards, here, other runs' timelines as a picture (timeline.png has ours and ours-host):
 #          python benchmarks/timeline_figure.py bench.json timeline.png [--runs naive ours ...]
 #   Dry run here, on CPU (the same code with NumPy and torch CPU, tiny network and volume):
@@ -32,46 +33,50 @@
 #              2026-11-26: a regression check), then the fused Triton pre/post kernels vs C++ and timed
 #   compiled   xctrt bench --gpu --modes paper with the torch.compile anchor (bf16, bs 8, mode
 #              $COMPILE_MODE): naive, compiled and ours again (components on the GPU), in one process, on
-#              the same volume
-#   package    benchmarks/gpu_package_check.py: the shipped model (torch backend) with --device cuda vs the
-#              host C++ pipeline around the same GPU engine, 16x768x768 phantom: identical labels/table, speed;
-#              then bf16, and the Conv-LoRA experts routed (eager, dynamic shapes) against static in CUDA graphs
+#              the same volume. Compiled from max-autotune's tuning alone (no kernels cached), the anchor
+#              may take this step some 60-90 s longer (an estimate): the two short checks after it come
+#              before the package step, which is the one that then runs short.
 #   attention  benchmarks/gpu_attention_check.py: fused kernel vs SDPA vs float32 reference, launch sweep
 #   parts      benchmarks/gpu_parts_check.py: encoder and decoder time per batch with each part of the fast
 #              forward (attention, decoder attention, patch embedding, MLP epilogue, upscaling) left out in turn;
 #              then the encoder with every part at batch 4 and 16 too (time per image, peak memory)
+#   package    benchmarks/gpu_package_check.py: the shipped model (torch backend) with --device cuda vs the
+#              host C++ pipeline around the same GPU engine, 16x768x768 phantom: identical labels/table, speed;
+#              then bf16, and the Conv-LoRA experts routed (eager, dynamic shapes) against static in CUDA graphs
 #   ours-compiled  (only when STEPS names it) the bench in shared mode with --compile-ours $OURS_COMPILE:
 #              our encoder through torch.compile as well (pointwise fusion around the fused attention, one
 #              operator), profiled; it gained nothing on 2026-11-27 (H200: 357 vs 349 TFLOP/s), bench_ours_compiled.json
 #   warm       benchmarks/compile_warm.py: compiles the anchor with max-autotune, whatever time the call has
 #              left, for a later call (not timed)
 # Knobs (environment): SAMPLE (1: the bench step under benchmarks/sample_threads.py, thread_samples.json),
-# STEPS ("bench post compiled package attention parts warm"), BENCH_MODES (the bench step's modes: "paper
+# STEPS ("bench post compiled attention parts package warm"), BENCH_MODES (the bench step's modes: "paper
 # shared"; "shared" alone takes about half its time), SHAPE
-# ("1000 1200 1200"), BATCH (8), COMPILE_MODE (max-autotune when a carried compile cache holds a finished
+# ("1000 1200 1200"), BATCH (8), COMPILE_MODE (max-autotune when the tuning or a carried cache holds a finished
 # max-autotune warm-up, else default), OURS_COMPILE (default), WORK (/tmp/xctrt_gpu), PYTHON (python3), OUT (set by the device tool;
 # default $WORK/out), LIMIT (560: seconds the steps may use in all), MEASURE_LIMIT (470: set-up and the
 # steps before warm stop by then, so the issue's "one call of <= 8 minutes" holds for them).
 # The max-autotune anchor (the issue's) did not finish compiling in 305 s on an H200 (2026-11-26), so a
-# call without its cache measures the anchor compiled in torch.compile's default mode (no autotuning;
-# the summary names the mode) and warms max-autotune's cache with the time left. torch.compile keeps its
-# autotuning results and kernels in TORCHINDUCTOR_CACHE_DIR as they are made; after a `warm` or
-# `compiled` step the cache comes back as $OUT/inductor_cache.tar.xz.00, .01 (xz, 12 MiB parts, 24 MiB at
-# most: a later call carries 64 MiB in all and the checkout takes ~42 (2026-11-28); the other results but the log and
-# summary.md are then packed into $OUT/results.tar.gz, since at most 8 files come back).
-# Here: cat inductor_cache.tar.xz.* > .inductor-cache.tar.xz (add /.inductor-cache.tar.xz to
-# .git/info/exclude) and carry it with a later call on the same kind of machine: it is unpacked first,
-# or, since every session starts from a fresh checkout (2026-11-28: the fourth measurement's 18 MiB
-# cache, kept outside git, was gone by the next session), commit it as benchmarks/cache/inductor_cache.tar.xz,
-# which the script reads when nothing is carried (it then travels with the checkout, within the 64 MiB);
-# compiles that hit it skip their autotuning and code generation, and once a warm step has finished
-# max-autotune's compile (it marks the cache so; a stopped one keeps its tuning for the next warm step)
-# the compiled step measures the max-autotune anchor. What is timed is the compiled program either way.
-# 2026-11-27's call ran out of time before `warm`: its cache holds default-mode kernels only.
+# call without its tuning measures the anchor compiled in torch.compile's default mode (no autotuning;
+# the summary names the mode) and warms max-autotune's cache with the time left. torch.compile writes
+# each GEMM's and convolution's autotuning timings to TORCHINDUCTOR_CACHE_DIR/cache/ as they are measured
+# (a compile stopped by its time limit keeps those it finished), and the pointwise kernels' best launch
+# configs beside their code (*.best_config). Those files (KiB, $OUT/inductor_tuning.tar.xz) are what
+# spares a later compile its benchmarking: with every choice's timing cached inductor neither
+# precompiles nor benchmarks the choices, it compiles the winner. Commit the file as
+# benchmarks/cache/inductor_tuning.tar.xz (each session starts from a fresh checkout: the fourth
+# measurement's 18 MiB full cache, kept outside git, was gone by the next session, and a full cache
+# does not fit beside the ~42 MB checkout in the 64 MiB a call carries); every call unpacks it first,
+# so each warm step goes on from where the last one stopped, and once one has finished max-autotune's
+# compile (it marks the tuning so) the compiled step measures the max-autotune anchor. The full cache
+# (kernels and graphs too) also comes back, as $OUT/inductor_cache.tar.xz.00, .01 (xz, 12 MiB parts,
+# 24 MiB at most), for a later call of the same session: here, cat inductor_cache.tar.xz.* >
+# .inductor-cache.tar.xz (in .git/info/exclude) and carry it; it is unpacked over the tuning.
+# What is timed is the compiled program either way. Since at most 8 files come back, every result but
+# summary.md, timeline.png, the log and the caches is packed into $OUT/results.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=${DRY_RUN:-0}
-STEPS=${STEPS:-bench post compiled package attention parts warm}
+STEPS=${STEPS:-bench post compiled attention parts package warm}
 OURS_COMPILE=${OURS_COMPILE:-default}
 WORK=${WORK:-/tmp/xctrt_gpu} LOG=gpu_throughput.log
 left() { echo $(( ${LIMIT:-560} - SECONDS )); }   # seconds left of the call's budget
@@ -79,13 +84,14 @@ main_left() { echo $(( ${MEASURE_LIMIT:-470} - SECONDS )); }   # ... for set-up 
 WHEELS=.whl-sam . benchmarks/device_env.sh "import segment_anything, onnx2torch"
 export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor-cache
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
-# a carried cache, else one committed (a session's checkout is fresh: only what git holds outlives it)
-for CACHE in .inductor-cache.tar.xz benchmarks/cache/inductor_cache.tar.xz; do
+# the committed tuning (a session's checkout is fresh: only what git holds outlives it), then a full
+# cache carried from an earlier call of this session over it
+for CACHE in benchmarks/cache/inductor_tuning.tar.xz .inductor-cache.tar.xz; do
   [ -f "$CACHE" ] || continue
   tar -xJf "$CACHE" -C "$TORCHINDUCTOR_CACHE_DIR" \
     && echo "torch.compile cache from $CACHE: $(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1)"
-  break
 done
+$PY benchmarks/inductor_tuning.py "$TORCHINDUCTOR_CACHE_DIR" --label "tuning at the start"
 $PY -c "import torch, xctrt._core, segment_anything, onnx2torch; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
 
@@ -98,7 +104,7 @@ if [ "$DRY_RUN" = 1 ]; then
 else
   SHAPE=${SHAPE:-"1000 1200 1200"}; BATCH=${BATCH:-8}
   POST=""; ATTN=""; PARTS=""; PKG=""; BENCH="--slab 32"
-  # max-autotune only where a carried cache holds a finished warm-up of it (else its tuning outruns the call)
+  # max-autotune only where the tuning holds a finished warm-up of it (else its benchmarking outruns the call)
   [ -f "$TORCHINDUCTOR_CACHE_DIR/xctrt-warmed-max-autotune" ] && COMPILE_MODE=${COMPILE_MODE:-max-autotune} \
     || COMPILE_MODE=${COMPILE_MODE:-default}
   WARM_MODE=max-autotune
@@ -138,11 +144,6 @@ if want compiled; then
     --components device --compile-mode "$COMPILE_MODE" --work "$WORK/bench" --json "$OUT/bench_compiled.json"
 fi
 
-if want package; then
-  stage "package: the shipped model, --device cuda vs the host pipeline"
-  run_step package 120 $PY benchmarks/gpu_package_check.py --out "$OUT" $PKG
-fi
-
 if want attention; then
   stage "attention: fused kernel vs SDPA vs reference"
   run_step attention 70 $PY benchmarks/gpu_attention_check.py --out "$OUT" $ATTN
@@ -153,13 +154,20 @@ if want parts; then
   run_step parts 90 $PY benchmarks/gpu_parts_check.py --out "$OUT" $PARTS
 fi
 
+if want package; then
+  stage "package: the shipped model, --device cuda vs the host pipeline"
+  run_step package 120 $PY benchmarks/gpu_package_check.py --out "$OUT" $PKG
+fi
+
 if want ours-compiled; then
   stage "ours-compiled: our encoder through torch.compile($OURS_COMPILE) too, shared mode ($(main_left) s left)"
   run_step ours-compiled 200 $PY -m xctrt bench --gpu --shape $SHAPE --batch-size $BATCH $BENCH --modes shared \
     --components device --compile-mode none --compile-ours "$OURS_COMPILE" --profile --work "$WORK/bench" --json "$OUT/bench_ours_compiled.json"
 fi
 
-if want warm && [ "$(left)" -gt 80 ]; then
+if want warm && [ -f "$TORCHINDUCTOR_CACHE_DIR/xctrt-warmed-$WARM_MODE" ]; then
+  echo "warm step skipped: the tuning holds a finished torch.compile($WARM_MODE) of the anchor"
+elif want warm && [ "$(left)" -gt 80 ]; then
   stage "warm: torch.compile($WARM_MODE) of the anchor, for a later call, until $(( $(left) - 40 )) s from now"
   WARM=""; [ "$DRY_RUN" = 1 ] && WARM="--backbone tiny --device cpu"
   # a finished compile leaves a mark in the cache: only then does a call that carries it time max-autotune
@@ -175,19 +183,22 @@ if [ -f "$OUT/bench.json" ]; then   # the bench's timelines as a picture: the fi
     || echo "timeline figure failed (rc $?): draw it from bench.json afterwards"
 fi
 
-if want compiled || want warm; then   # the compile cache back through $OUT: at most 8 files of 16 MiB come back
-  stage "keeping torch.compile's cache"
+stage "keeping torch.compile's tuning and cache"
+if want compiled || want warm; then
+  $PY benchmarks/inductor_tuning.py "$TORCHINDUCTOR_CACHE_DIR" --label "tuning at the end" --pack "$OUT/inductor_tuning.tar.xz"
   rm -f "$WORK"/inductor_cache.tar.xz*
   if tar -C "$TORCHINDUCTOR_CACHE_DIR" -cf - . | xz -T0 -6 > "$WORK/inductor_cache.tar.xz"; then
     size=$(stat -c %s "$WORK/inductor_cache.tar.xz")
-    # what a later call may carry: 64 MiB in all, of which the checkout takes ~37 MiB (the shipped model)
+    # what a later call may carry: 64 MiB in all, of which the checkout takes ~42 MB (the shipped model)
     if [ "$size" -le $((24 * 1024 * 1024)) ]; then
-      (cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.md ! -name "$LOG" ! -name timeline.png ! -name results.tar.gz -printf '%P\n' \
-        | tar -czf results.tar.gz -T - --remove-files)
       split -b 12M -d -a 2 "$WORK/inductor_cache.tar.xz" "$OUT/inductor_cache.tar.xz."
-      echo "cache kept: $(du -h "$WORK/inductor_cache.tar.xz" | cut -f1) in $(ls "$OUT"/inductor_cache.tar.xz.* | wc -l) parts; other results in results.tar.gz"
+      echo "cache kept: $(du -h "$WORK/inductor_cache.tar.xz" | cut -f1) in $(ls "$OUT"/inductor_cache.tar.xz.* | wc -l) parts"
     else
       echo "cache $(du -h "$WORK/inductor_cache.tar.xz" | cut -f1) xz: over the 24 MiB a later call can carry, not kept"
     fi
   fi
 fi
+# at most 8 files come back: the rest goes in one archive
+(cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.md ! -name "$LOG" ! -name timeline.png \
+   ! -name results.tar.gz ! -name 'inductor_*' -printf '%P\n' | tar -czf results.tar.gz -T - --remove-files) \
+  && echo "results packed: $OUT/results.tar.gz"

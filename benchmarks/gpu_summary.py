@@ -196,6 +196,8 @@ def main(out: Path) -> str:
                                      + (f"; its outside air: {o['outside_air_detail']}" if o.get("outside_air_detail") else "")
                                      + (f"; Python's garbage collector: {o['garbage_collector']}"
                                         if o.get("garbage_collector") else "")
+                                     + (f"; the decoders beside the next batch's encoders or after them: "
+                                        f"{o['decoder_overlap']}" if o.get("decoder_overlap") else "")
                                      + (f"; the device labeller took {o['gpu_labeller_calls']['slabs']} slabs in "
                                         f"{o['gpu_labeller_calls']['calls']} calls" if o.get("gpu_labeller_calls") else "")
                                      + _phases_text(o))
@@ -272,6 +274,9 @@ def main(out: Path) -> str:
                  for b, r in parts.get("encoder_batch_sweep", {}).items()]
         if sweep:
             lines.append("encoder with every part, per image by batch: " + "; ".join(sweep))
+        if parts.get("decoder_overlap"):
+            lines.append(f"decoders beside the next batch's encoders (4 batches, device ms each way; probabilities "
+                          f"against one after the other): {parts['decoder_overlap']}")
         for part, rows in (parts.get("ops_by_shape_all_parts") or {}).items():
             lines.append(f"{part} operators by input shape (eager, ms of their own kernels): " + "; ".join(
                 r["error"] if "error" in r else f"{r['op']} {r['shapes']} {r['ms']:.3f} ms x{r['calls']}"

@@ -205,6 +205,78 @@ def test_triton_gpu_stage_fused_equals_step_by_step(monkeypatch, mode, batch, sl
     assert {"preprocess", "model", "aggregate"} <= set(b[3])
 
 
+class _SplitModel:
+    """A split model (encode -> embeddings, decode -> probabilities), as XctSam's ClassNet: three smooth
+    channels of the windowed input, through two embeddings."""
+
+    def encode(self, x):
+        return [x * 0.5, 1 - x]
+
+    def decode(self, emb, size):
+        a, b = emb
+        return torch.cat([2 * a, b, (a * 14).frac()], 1)
+
+
+@interpreted
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("tiling", [{}, TILE_MODE])
+def test_triton_gpu_stage_decoders_overlapped_give_the_same_result(monkeypatch, fused, tiling):
+    """A split model's decoders run a batch behind its encoders (sam.OverlappedSteps, as on CUDA where it
+    measures faster): each batch's probabilities still land in their own slices and tiles, the slab's
+    last batch (a short one here) included: the same labels, counts and table as one after the other."""
+    from xctrt.gpu.pipeline import GpuStage
+
+    rng = np.random.default_rng(11)
+    volume = rng.integers(0, 65535, (7, 45, 38), endpoint=True).astype(np.uint16)
+    monkeypatch.setattr(GpuStage, "FUSED_ON_CPU", fused)
+    runs = {}
+    for overlap in ("off", "on"):
+        monkeypatch.setattr(GpuStage, "DECODER_OVERLAP", overlap)
+        stage = GpuStage(_SplitModel(), 32, [0.55, 0.7, 0.8], [1, 2, 3], [1, 2, 0], "priority", volume.shape,
+                         (1.0, 1.0, 1.0), batch_size=3, device="cpu", **tiling)
+        assert stage.fused == fused and stage.decoder_overlap == {
+            "chosen": "overlapped" if overlap == "on" else "serial"}
+        done = []
+        for z in range(0, 7, 4):   # slabs of 4 and 3 slices: batches of 3 and a short one (tile mode: 4 tiles a slice)
+            done += stage.submit(z, volume[z:z + 4], (300, 52000))
+        done += stage.flush()
+        labels = np.concatenate([lab for _, _, lab in sorted(done, key=lambda d: d[0])])
+        runs[overlap] = labels, stage.host_class_voxels(), stage.finish(), stage.stage_seconds()
+    (a_lab, a_cnt, a_tab, a_sec), (b_lab, b_cnt, b_tab, b_sec) = runs["off"], runs["on"]
+    np.testing.assert_array_equal(b_lab, a_lab)
+    assert set(np.unique(a_lab)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(b_cnt, a_cnt)
+    for col in a_tab:
+        np.testing.assert_array_equal(b_tab[col], a_tab[col], err_msg=col)
+    # one after the other: encoder and decoder spans; overlapped: each slab's first batch encoded alone,
+    # the next ones beside the decoders before them ("model"), the last batch decoded alone
+    assert {"encoder", "decoder"} <= set(a_sec) and "model" not in a_sec
+    assert {"encoder", "decoder", "model"} <= set(b_sec)
+
+
+def test_overlapped_steps_decode_each_batch_before_encoding_the_one_after_the_next():
+    """The eager order of OverlappedSteps is its graph's: next(x) decodes the batch held, then encodes x;
+    each returned result is its own batch's."""
+    from xctrt.gpu.sam import OverlappedSteps
+
+    calls = []
+
+    def encode(x):
+        calls.append(("encode", int(x)))
+        return (x * 10,)
+
+    def decode(e):
+        calls.append(("decode", int(e) // 10))
+        return e + 1
+
+    steps = OverlappedSteps(encode, decode)
+    steps.first(torch.tensor(1))
+    got = [int(steps.next(torch.tensor(i))) for i in (2, 3)] + [int(steps.last())]
+    assert got == [11, 21, 31]
+    assert calls == [("encode", 1), ("decode", 1), ("encode", 2), ("decode", 2), ("encode", 3), ("decode", 3)]
+    assert steps.held is None
+
+
 @interpreted
 def test_triton_gpu_stage_self_check_turns_off_wrong_or_failing_kernels(monkeypatch):
     """The stage checks the fused kernels against the step-by-step functions first: a kernel that

@@ -161,6 +161,9 @@ class GpuStage:
     """
 
     FUSED_ON_CPU = False   # the fused kernels on CPU tensors: only under the Triton interpreter (tests)
+    # a split model's decoders beside the next batch's encoders (sam.OverlappedSteps): "auto" where
+    # timing at capture says it is faster (CUDA graphs); "on" also runs the order eagerly (tests); "off"
+    DECODER_OVERLAP = "auto"
 
     def __init__(self, model, input_size: int, thresholds, label_ids, priority, aggregation: str,
                  shape, voxel_size, connectivity: int = 26, classes=(2, 3), *, batch_size: int,
@@ -257,6 +260,7 @@ class GpuStage:
                 # time inside the run's total, reported apart from the per-slab stages
                 self.capture_s = time.perf_counter() - t0
                 self.clock.add_span("capture", t0, t0 + self.capture_s)   # for the timeline
+        self._overlap = self._overlapped()
 
     def _check_fused(self, grey_dtype=None) -> str | None:
         """The mode's two fused kernels once on small random slabs against the step-by-step functions
@@ -333,8 +337,10 @@ class GpuStage:
 
     def _capture(self):
         """CUDA graphs at the batch size: one for the encoders and one for the decoders of a split model,
-        one for the whole model otherwise; kept with the model for later stages (kept_graphs)."""
-        from .sam import GraphedStep
+        and, where it measured faster on the device, one that runs a batch's decoders beside the next
+        batch's encoders (sam.OverlappedSteps); one for the whole model otherwise. Kept with the model
+        for later stages (kept_graphs)."""
+        from .sam import GraphedStep, OverlappedSteps, time_overlap
 
         torch = self.torch
 
@@ -344,14 +350,51 @@ class GpuStage:
                 if not self.split:
                     steps = (GraphedStep(self.model, x),)
                 else:
-                    enc = GraphedStep(lambda t: tuple(self.model.encode(t)), x)
-                    steps = (enc, GraphedStep(lambda *e: self.model.decode(list(e), self.size),
-                                              list(enc.static_out)))
+                    encode = lambda t: tuple(self.model.encode(t))   # noqa: E731
+                    decode = lambda *e: self.model.decode(list(e), self.size)   # noqa: E731
+                    enc = GraphedStep(encode, x)
+                    dec = GraphedStep(decode, list(enc.static_out))
+                    overlap, choice = None, {"chosen": "serial"}
+                    if self.DECODER_OVERLAP != "off":
+                        try:
+                            overlap = OverlappedSteps(encode, decode, enc, dec)
+                            if self.DECODER_OVERLAP == "auto":
+                                choice["ms"] = time_overlap(overlap, x)
+                                # the simpler order unless the overlap gains more than timing noise
+                                if not choice["ms"]["overlapped"] < 0.98 * choice["ms"]["serial"]:
+                                    overlap = None
+                        except Exception as exc:   # noqa: BLE001 - a capture that fails: one after the other
+                            choice["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                            overlap = None
+                            torch.cuda.synchronize()
+                    if overlap is not None:
+                        choice["chosen"] = "overlapped"
+                    steps = (enc, dec, overlap, choice)
             torch.cuda.synchronize()
             return steps
 
         self._graph_entry, steps = kept_graphs(self.model, (self.batch, self.size, str(self.device)), self, capture)
         return steps
+
+    def _overlapped(self):
+        """The OverlappedSteps that run this stage's batches, or None: one batch after the other."""
+        if not self.split:
+            return None
+        if self._steps is not None:
+            return self._steps[2] if len(self._steps) > 2 else None
+        if self.DECODER_OVERLAP != "on":   # without graphs only when asked (tests): nothing overlaps eagerly
+            return None
+        from .sam import OverlappedSteps
+        return OverlappedSteps(self.model.encode, lambda *e: self.model.decode(list(e), self.size))
+
+    @property
+    def decoder_overlap(self) -> dict | None:
+        """How a split model's decoders ran: {"chosen": "overlapped" (beside the next batch's encoders)
+        or "serial", "ms": device ms of 4 batches each way, timed at capture, "error": why the overlap
+        could not be captured}; None for a model that is not split."""
+        if self._steps is not None and len(self._steps) > 3:
+            return self._steps[3]
+        return {"chosen": "overlapped" if self._overlap else "serial"} if self.split else None
 
     def _padded(self, x):
         """The graphs' batch is fixed: the last, smaller batch is padded with zeros."""
@@ -374,6 +417,61 @@ class GpuStage:
         return self._steps[0](self._padded(x))[:x.shape[0]]
 
     # ---------------------------------------------------------------- per slab
+    def _model_batches(self, x):
+        """(first index, probabilities) per batch of x, in order; each consumed before the next is made
+        (graph outputs are reused). With the decoders overlapped a batch's probabilities come out of
+        the call that encodes the batch after it, and the slab's last batch is decoded alone."""
+        clock, overlap = self.clock, self._overlap
+        starts = list(range(0, x.shape[0], self.batch))
+        if overlap is not None:
+            for i, b in enumerate(starts):
+                xb = self._padded(x[b:b + self.batch])
+                t0 = clock.mark()
+                if i == 0:
+                    overlap.first(xb)
+                    clock.span("encoder", t0, clock.mark())
+                    continue
+                p = overlap.next(xb)
+                clock.span("model", t0, clock.mark())   # the batch before's decoders and this one's encoders
+                yield starts[i - 1], p
+            t0 = clock.mark()
+            p = overlap.last()
+            clock.span("decoder", t0, clock.mark())
+            yield starts[-1], p
+            return
+        for b in starts:
+            xb = x[b:b + self.batch]
+            t0 = clock.mark()
+            if self.split:
+                emb = self._encode(xb)
+                t1 = clock.mark()
+                p = self._decode(emb, xb.shape[0])
+                t2 = clock.mark()
+                clock.span("encoder", t0, t1)
+                clock.span("decoder", t1, t2)
+            else:
+                p = self._whole(xb)
+                clock.span("model", t0, clock.mark())
+            yield b, p
+
+    def _take_batch(self, p, b: int, n: int, probs, labels) -> None:
+        """One batch's probabilities (n images from index b; a padded batch's extra rows cut off here)
+        into the slab's labels (fused, resize mode), its probabilities (fused tile mode) or the list
+        of them (step by step)."""
+        xp, clock = self.xp, self.clock
+        p = p[:n]
+        expect = (n, len(self.ids), self.size, self.size)
+        if tuple(p.shape) != expect:
+            raise XctrtError(f"the model returned {tuple(p.shape)}, expected {expect}")
+        if self.fused and self.tiled:
+            probs[b:b + n] = p
+        elif self.fused:   # straight from the graph's output, before the next batch reuses it
+            t0 = clock.mark()
+            self._aggregate_fused(p, labels[b:b + n], self.class_voxels)
+            clock.span("aggregate", t0, clock.mark())
+        else:
+            probs.append(_to_xp(xp, p.float()).copy())
+
 
     def submit(self, z0: int, slab: np.ndarray, window) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Queue one slab (z, Y, X) host array; return the slabs finished meanwhile, in order."""
@@ -413,30 +511,8 @@ class GpuStage:
                 labels = torch.empty((n, h, w), dtype=torch.uint8, device=self.device) if self.fused else None
                 if self.fused and self.tiled:   # a slice's tiles may span batches: all of the slab's, float32
                     probs = torch.empty((x.shape[0], len(self.ids), self.size, self.size), device=self.device)
-                for b in range(0, x.shape[0], self.batch):
-                    xb = x[b:b + self.batch]
-                    t0 = clock.mark()
-                    if self.split:
-                        emb = self._encode(xb)
-                        t1 = clock.mark()
-                        p = self._decode(emb, xb.shape[0])
-                        t2 = clock.mark()
-                        clock.span("encoder", t0, t1)
-                        clock.span("decoder", t1, t2)
-                    else:
-                        p = self._whole(xb)
-                        t2 = clock.mark()
-                        clock.span("model", t0, t2)
-                    expect = (xb.shape[0], len(self.ids), self.size, self.size)
-                    if tuple(p.shape) != expect:
-                        raise XctrtError(f"the model returned {tuple(p.shape)}, expected {expect}")
-                    if self.fused and self.tiled:   # graph outputs are reused by the next batch
-                        probs[b:b + xb.shape[0]] = p
-                    elif self.fused:   # straight from the graph's output, before the next batch reuses it
-                        self._aggregate_fused(p, labels[b:b + xb.shape[0]], self.class_voxels)
-                        clock.span("aggregate", t2, clock.mark())
-                    else:
-                        probs.append(_to_xp(xp, p.float()).copy())
+                for b, p in self._model_batches(x):
+                    self._take_batch(p, b, min(self.batch, x.shape[0] - b), probs, labels)
                 if self.fused and self.tiled:
                     t0 = clock.mark()
                     self._aggregate_fused(probs, labels, self.class_voxels)

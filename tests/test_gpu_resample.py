@@ -254,6 +254,36 @@ def test_triton_gpu_stage_decoders_overlapped_give_the_same_result(monkeypatch, 
     assert {"encoder", "decoder", "model"} <= set(b_sec)
 
 
+def test_gpu_stage_decoders_overlapped_carry_a_slab_to_the_next_submit(monkeypatch):
+    """With the decoders overlapped each slab's last batch is decoded by the next submit (or flush), so a
+    slab comes back one submit later than one after the other, with the same labels; labels for the
+    host's components (components="host") too."""
+    from xctrt.gpu.pipeline import GpuStage
+
+    rng = np.random.default_rng(5)
+    volume = rng.integers(0, 65535, (11, 45, 38), endpoint=True).astype(np.uint16)
+    monkeypatch.setattr(GpuStage, "FUSED_ON_CPU", False)
+    for components in ("device", "host"):
+        runs = {}
+        for overlap in ("off", "on"):
+            monkeypatch.setattr(GpuStage, "DECODER_OVERLAP", overlap)
+            stage = GpuStage(_SplitModel(), 32, [0.55, 0.7, 0.8], [1, 2, 3], [1, 2, 0], "priority", volume.shape,
+                             (1.0, 1.0, 1.0), batch_size=3, device="cpu", components=components)
+            back, done = [], []
+            for z in range(0, 11, 4):
+                got = stage.submit(z, volume[z:z + 4], (300, 52000))
+                back.append([g[0] for g in got])
+                done += got
+            got = stage.flush()
+            back.append([g[0] for g in got])
+            done += got
+            runs[overlap] = back, np.concatenate([lab for _, _, lab in sorted(done, key=lambda d: d[0])])
+        np.testing.assert_array_equal(runs["on"][1], runs["off"][1])
+        assert sorted(sum(runs["on"][0], [])) == [0, 4, 8]
+        if components == "host":   # the host's download queue hands each slab back as soon as it is ended
+            assert runs["off"][0] == [[0], [4], [8], []] and runs["on"][0] == [[], [0], [4], [8]]
+
+
 def test_overlapped_steps_decode_each_batch_before_encoding_the_one_after_the_next():
     """The eager order of OverlappedSteps is its graph's: next(x) decodes the batch held, then encodes x;
     each returned result is its own batch's."""

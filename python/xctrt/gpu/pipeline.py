@@ -218,6 +218,7 @@ class GpuStage:
             self.clock.add_span("fused_check", *checked)
         self.gaps = _Clock(torch, self.cuda)   # compute stream idle between slabs (waiting for the host or the copy in)
         self._last_end = None                  # event at the end of the previous slab's compute work
+        self._held = None   # decoders overlapped: (slab, first index, images) of the batch not yet decoded
         # main thread's wait for the components thread (back-pressure, flush); None: components on the host
         self.main_components_s = None if self.host_components else 0.0
         self.voxel_size = tuple(float(v) for v in voxel_size)
@@ -416,68 +417,128 @@ class GpuStage:
             return self.model(x)
         return self._steps[0](self._padded(x))[:x.shape[0]]
 
-    # ---------------------------------------------------------------- per slab
-    def _model_batches(self, x):
-        """(first index, probabilities) per batch of x, in order; each consumed before the next is made
-        (graph outputs are reused). With the decoders overlapped a batch's probabilities come out of
-        the call that encodes the batch after it, and the slab's last batch is decoded alone."""
+    # ---------------------------------------------------------------- per batch
+
+    def _model_batches(self, x, slab):
+        """(slab, first index, images, probabilities) per batch of x, in order; each consumed before the
+        next is made (graph outputs are reused). With the decoders overlapped a batch's probabilities
+        come out of the call that encodes the batch after it, so the first batch yielded may be the
+        previous slab's last, and this slab's last stays held (self._held) for the next submit, or for
+        _drain at the end."""
         clock, overlap = self.clock, self._overlap
-        starts = list(range(0, x.shape[0], self.batch))
-        if overlap is not None:
-            for i, b in enumerate(starts):
-                xb = self._padded(x[b:b + self.batch])
-                t0 = clock.mark()
-                if i == 0:
-                    overlap.first(xb)
-                    clock.span("encoder", t0, clock.mark())
-                    continue
-                p = overlap.next(xb)
-                clock.span("model", t0, clock.mark())   # the batch before's decoders and this one's encoders
-                yield starts[i - 1], p
-            t0 = clock.mark()
-            p = overlap.last()
-            clock.span("decoder", t0, clock.mark())
-            yield starts[-1], p
-            return
-        for b in starts:
+        for b in range(0, x.shape[0], self.batch):
             xb = x[b:b + self.batch]
             t0 = clock.mark()
-            if self.split:
+            if overlap is not None:
+                if self._held is None:
+                    overlap.first(self._padded(xb))
+                    clock.span("encoder", t0, clock.mark())
+                else:
+                    p = overlap.next(self._padded(xb))
+                    clock.span("model", t0, clock.mark())   # the batch before's decoders beside these encoders
+                    yield (*self._held, p)
+                self._held = (slab, b, xb.shape[0])
+            elif self.split:
                 emb = self._encode(xb)
                 t1 = clock.mark()
                 p = self._decode(emb, xb.shape[0])
                 t2 = clock.mark()
                 clock.span("encoder", t0, t1)
                 clock.span("decoder", t1, t2)
+                yield slab, b, xb.shape[0], p
             else:
                 p = self._whole(xb)
                 clock.span("model", t0, clock.mark())
-            yield b, p
+                yield slab, b, xb.shape[0], p
 
-    def _take_batch(self, p, b: int, n: int, probs, labels) -> None:
+    def _take_batch(self, slab: dict, b: int, n: int, p) -> None:
         """One batch's probabilities (n images from index b; a padded batch's extra rows cut off here)
-        into the slab's labels (fused, resize mode), its probabilities (fused tile mode) or the list
-        of them (step by step)."""
+        into its slab's labels (fused, resize mode), probabilities (fused tile mode) or list of them
+        (step by step)."""
         xp, clock = self.xp, self.clock
         p = p[:n]
         expect = (n, len(self.ids), self.size, self.size)
         if tuple(p.shape) != expect:
             raise XctrtError(f"the model returned {tuple(p.shape)}, expected {expect}")
         if self.fused and self.tiled:
-            probs[b:b + n] = p
+            slab["probs"][b:b + n] = p
         elif self.fused:   # straight from the graph's output, before the next batch reuses it
             t0 = clock.mark()
-            self._aggregate_fused(p, labels[b:b + n], self.class_voxels)
+            self._aggregate_fused(p, slab["labels"][b:b + n], self.class_voxels)
             clock.span("aggregate", t0, clock.mark())
         else:
-            probs.append(_to_xp(xp, p.float()).copy())
+            slab["probs"].append(_to_xp(xp, p.float()).copy())
 
+    def _end_slab(self, slab: dict) -> tuple:
+        """A slab whose batches are all taken: its labels (aggregated here in tile mode and step by step)
+        on their way to the host; the item for the components (or the host's download queue). On the
+        compute stream, as the model work before it."""
+        torch, xp, clock = self.torch, self.xp, self.clock
+        labels, probs = slab["labels"], slab.pop("probs")
+        if self.fused and self.tiled:
+            t0 = clock.mark()
+            self._aggregate_fused(probs, labels, self.class_voxels)
+            clock.span("aggregate", t0, clock.mark())
+        elif not self.fused:
+            t0 = clock.mark()
+            probs = probs[0] if len(probs) == 1 else xp.concatenate(probs)
+            labels = self._aggregate_steps(probs, *slab["shape"])
+            for v in {0, *self.ids.tolist()}:   # counts stay on the device: no host sync here
+                self.class_voxels[v] += xp.count_nonzero(labels == v)
+            clock.span("aggregate", t0, clock.mark())
+        del probs
+        labels = _to_xp(xp, labels)
+        z0, host_slab, img = slab["z0"], slab["slab"], slab["img"]
+        if not self.cuda:
+            return z0, host_slab, labels, None, labels, img, None
+        ready = clock.mark(self.compute)
+        out = torch.empty(slab["shape"], dtype=torch.uint8, pin_memory=True)
+        with torch.cuda.stream(self.download):
+            self.download.wait_event(ready)
+            t0 = clock.mark(self.download)
+            out.copy_(_to_torch(torch, labels), non_blocking=True)
+            t1 = clock.mark(self.download)
+        clock.span("d2h", t0, t1)
+        copied = torch.cuda.Event()
+        copied.record(self.download)
+        return z0, host_slab, out, copied, labels, img, ready
+
+    def _pass_on(self, items: list) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Ended slabs to the components (or the host's download queue); the slabs finished meanwhile."""
+        if self.cuda:
+            free, total = self.torch.cuda.mem_get_info()
+            self.memory_used_max = max(self.memory_used_max, total - free)
+        if self.host_components:
+            self._downloading.extend(items)
+            return self._downloaded()
+        for item in items:
+            self._hand_over(item)
+        return self._collect()
+
+    def _drain(self) -> list:
+        """The held batch's decoders (the decoders overlapped: the last slab's last batch) and the end of
+        its slab: [item], or [] when nothing is held."""
+        if self._held is None:
+            return []
+        slab, b, n = self._held
+        self._held = None
+        torch, clock = self.torch, self.clock
+        with torch.inference_mode(), (torch.cuda.stream(self.compute) if self.cuda else nullcontext()), \
+                _xp_stream(self.xp, self.compute if self.cuda else None):
+            t0 = clock.mark()
+            p = self._overlap.last()
+            clock.span("decoder", t0, clock.mark())
+            self._take_batch(slab, b, n, p)
+            return [self._end_slab(slab)]
+
+    # ---------------------------------------------------------------- per slab
 
     def submit(self, z0: int, slab: np.ndarray, window) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Queue one slab (z, Y, X) host array; return the slabs finished meanwhile, in order."""
         torch, xp, clock = self.torch, self.xp, self.clock
         lo, hi = (float(w) for w in window)
         n, h, w = slab.shape
+        ended = []
         with torch.inference_mode():
             if self.cuda:
                 host = torch.from_numpy(_as_int16(np.ascontiguousarray(slab))).pin_memory()
@@ -507,48 +568,20 @@ class GpuStage:
                 x = _to_torch(torch, x).reshape(x.shape[0], 1, self.size, self.size)
                 t1 = clock.mark()
                 clock.span("preprocess", t0, t1)
-                probs = []
-                labels = torch.empty((n, h, w), dtype=torch.uint8, device=self.device) if self.fused else None
+                this = {"z0": z0, "slab": slab, "img": img, "shape": (n, h, w), "probs": [],
+                        "labels": torch.empty((n, h, w), dtype=torch.uint8, device=self.device) if self.fused
+                        else None}
                 if self.fused and self.tiled:   # a slice's tiles may span batches: all of the slab's, float32
-                    probs = torch.empty((x.shape[0], len(self.ids), self.size, self.size), device=self.device)
-                for b, p in self._model_batches(x):
-                    self._take_batch(p, b, min(self.batch, x.shape[0] - b), probs, labels)
-                if self.fused and self.tiled:
-                    t0 = clock.mark()
-                    self._aggregate_fused(probs, labels, self.class_voxels)
-                    clock.span("aggregate", t0, clock.mark())
-                    del probs
-                if not self.fused:
-                    t0 = clock.mark()
-                    probs = probs[0] if len(probs) == 1 else xp.concatenate(probs)
-                    labels = self._aggregate_steps(probs, n, h, w)
-                    for v in {0, *self.ids.tolist()}:   # counts stay on the device: no host sync here
-                        self.class_voxels[v] += xp.count_nonzero(labels == v)
-                    clock.span("aggregate", t0, clock.mark())
-                    del probs
-                labels = _to_xp(xp, labels)
-            if self.cuda:
-                ready = self._last_end = clock.mark(self.compute)
-                out = torch.empty((n, h, w), dtype=torch.uint8, pin_memory=True)
-                with torch.cuda.stream(self.download):
-                    self.download.wait_event(ready)
-                    t0 = clock.mark(self.download)
-                    out.copy_(_to_torch(torch, labels), non_blocking=True)
-                    t1 = clock.mark(self.download)
-                clock.span("d2h", t0, t1)
-                copied = torch.cuda.Event()
-                copied.record(self.download)
-                item = (z0, slab, out, copied, labels, img, ready)
-            else:
-                item = (z0, slab, labels, None, labels, img, None)
-        if self.cuda:
-            free, total = torch.cuda.mem_get_info()
-            self.memory_used_max = max(self.memory_used_max, total - free)
-        if self.host_components:
-            self._downloading.append(item)
-            return self._downloaded()
-        self._hand_over(item)
-        return self._collect()
+                    this["probs"] = torch.empty((x.shape[0], len(self.ids), self.size, self.size), device=self.device)
+                for part, b, nb, p in self._model_batches(x, this):
+                    self._take_batch(part, b, nb, p)
+                    if part is not this:   # the previous slab's last batch (decoders overlapped): it is complete
+                        ended.append(self._end_slab(part))
+                if self._held is None or self._held[0] is not this:
+                    ended.append(self._end_slab(this))
+                if self.cuda:
+                    self._last_end = clock.mark(self.compute)
+        return self._pass_on(ended)
 
     # ---------------------------------------------------------------- components on the host
 
@@ -678,6 +711,7 @@ class GpuStage:
     def close(self) -> None:
         """After a failed run: stop the components thread without labelling what still waits."""
         self._downloading.clear()
+        self._held = None
         if self._labeller_thread is None:
             return
         while True:
@@ -690,19 +724,20 @@ class GpuStage:
 
     def flush(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Wait for the components of every submitted slab; return the slabs not yet handed back."""
+        done = self._pass_on(self._drain())
         if self.host_components:   # their components come after, on the Segmenter's components thread
-            done = self._downloaded(wait=True)
+            done += self._downloaded(wait=True)
             self._release()
             return done
         if self._labeller_thread is None:
-            return []
+            return done
         self._hand_over(None)
         t0 = time.perf_counter()
         while self._labeller_thread.is_alive():
             self._labeller_thread.join(timeout=0.1)
         self._labeller_thread = None
         self.main_components_s += time.perf_counter() - t0
-        return self._collect()
+        return done + self._collect()
 
     def finish(self, min_voxels: int = 0, on_outside_air=None) -> dict:
         """The defect table (same columns and values as the C++ labeller's)."""

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 # (label, naive pipeline stages, ours stages): the host pipeline's "infer" is encoder + decoder together
 ROWS = [("read", ("read",), ("read",)),
         ("to device / preprocess", ("tile",), ("h2d", "preprocess")),
-        ("model (encoder + decoder)", ("infer",), ("encoder", "decoder")),
+        ("model (encoder + decoder)", ("infer",), ("encoder", "decoder", "model")),   # model: both, overlapped
         ("resize + aggregate", ("stitch", "aggregate"), ("aggregate",)),
         ("3D components", ("components",), ("components",)),
         ("to host + write labels.tif", ("write",), ("d2h", "write")),

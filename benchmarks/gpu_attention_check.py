@@ -204,10 +204,19 @@ def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
                 oh, ow = relative_offset_terms(qq, rel_pos_h, rel_pos_w, hw)
                 return attention_triton(qq, kk, vv, oh, ow, hw, scale)
             variant(f"qkv {layout.replace('_', '-')}", from_projection)
+
+        def in_place_offsets_kernel():   # only the offsets read (attention.offset_terms_triton)
+            qq, kk, vv = split_qkv(qkv, "in_place")
+            return attention_triton(qq, kk, vv, *_att.offset_terms_triton(qq, rel_pos_h, rel_pos_w, hw), hw, scale)
+        variant("qkv in-place, offsets kernel", in_place_offsets_kernel)
         res["heads_major_copy"] = copy_ab(qkv, device, warmup, reps)
+        res["offset_terms"] = offsets_ab(split_qkv(qkv, "in_place")[0], rel_pos_h, rel_pos_w, hw, None,
+                                         device, warmup, reps)
         if name == "windowed":
-            res["variants"].append(grid_variant(GRID_OF["tiny" if args.tiny or device == "cpu" else "full"],
-                                                nh, hw, d, dtype, device, tol, warmup, reps, seed))
+            images_grid = GRID_OF["tiny" if args.tiny or device == "cpu" else "full"]
+            for way in ("products", "kernel"):
+                res["variants"].append(grid_variant(images_grid, nh, hw, d, dtype, device, tol, warmup, reps,
+                                                    seed, offsets=way))
         for cfg in sweep:
             if cfg == base:
                 continue
@@ -234,16 +243,19 @@ def run_shape(name, shape, sweep, args, dtype, tol, t0, seed):
     return res
 
 
-def grid_variant(images_grid, nh, hw, d, dtype, device, tol, warmup, reps, seed):
+def grid_variant(images_grid, nh, hw, d, dtype, device, tol, warmup, reps, seed, offsets="products"):
     """The windows read where they lie in their grid (the kernel's WINDOWS mode, what a windowed block
     runs when FastBlock picks "grid"): from a random projection of the grid's tokens and its padding row,
     offset terms and kernel (tuned on CUDA), against the float32 reference on window_partition's copies of
-    the same projection, the padding row standing in for every padding token. A row like the others."""
+    the same projection, the padding row standing in for every padding token. A row like the others.
+    offsets: "products" (every offset term) or "kernel" (only those read, offset_terms_triton)."""
     images, (ih, iw) = images_grid
     wh, ww = hw
     nwy, nwx = -(-ih // wh), -(-iw // ww)
     n, c3 = wh * ww, 3 * nh * d
-    row = {"variant": "grid in-place", "config": f"{images}x{ih}x{iw} grid", "launch": None}
+    row = {"variant": "grid in-place" + (", offsets kernel" if offsets == "kernel" else ""),
+           "config": f"{images}x{ih}x{iw} grid", "launch": None}
+    terms = _att.offset_terms_triton if offsets == "kernel" else relative_offset_terms
     try:
         g = torch.Generator(device="cpu").manual_seed(seed + 7)
         proj = torch.randn(images * ih * iw + 1, c3, generator=g).to(device=device, dtype=dtype)
@@ -252,7 +264,7 @@ def grid_variant(images_grid, nh, hw, d, dtype, device, tol, warmup, reps, seed)
 
         def run():
             q, k, v = proj[:-1].view(images, ih * iw, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)
-            off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw, grid=(ih, iw))
+            off_h, off_w = terms(q, rel_pos_h, rel_pos_w, hw, grid=(ih, iw))
             return attention_triton(q, k, v, off_h, off_w, hw, scale, grid=(ih, iw))
 
         out = run().transpose(1, 2).float()   # (images, IH*IW, NH, D)
@@ -272,6 +284,25 @@ def grid_variant(images_grid, nh, hw, d, dtype, device, tol, warmup, reps, seed)
     except Exception as exc:  # noqa: BLE001
         row.update(error=short_error(exc), check="ERROR")
     return row
+
+
+def offsets_ab(q, rel_pos_h, rel_pos_w, hw, grid, device, warmup, reps):
+    """The offset terms two ways: every offset (relative_offset_terms, two matrix products) and only those
+    the fused kernel reads (offset_terms_triton); ms of each, and the largest difference on the offsets
+    read (float32 sums in another order: a rounding)."""
+    res = {}
+    try:
+        ways = {"products": lambda: relative_offset_terms(q, rel_pos_h, rel_pos_w, hw, grid=grid),
+                "kernel": lambda: _att.offset_terms_triton(q, rel_pos_h, rel_pos_w, hw, grid=grid)}
+        (ph, pw), (kh, kw) = ways["products"](), ways["kernel"]()
+        rh, rw = _att.relative_bias_terms(ph, pw, hw)   # what the kernel reads, by offset
+        xh, xw = _att.relative_bias_terms(kh, kw, hw)
+        res["max_abs_diff_read"] = max(float((rh - xh).abs().max()), float((rw - xw).abs().max()))
+        for name, fn in ways.items():
+            res[name] = {"ms": time_ms(fn, device, warmup, reps)}
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        res["error"] = short_error(exc)
+    return res
 
 
 def copy_ab(qkv, device, warmup, reps):
@@ -310,6 +341,12 @@ def print_table(report):
                   f"words {cp['words']['ms']:.3f} ms ({cp['words']['GB_per_s']:.0f} GB/s), same bits {cp['same_bits']}")
         elif cp.get("error"):
             print(f"{name:9} heads-major copy: {cp['error']}")
+        ot = res.get("offset_terms", {})
+        if "products" in ot and "kernel" in ot:
+            print(f"{name:9} offset terms: products {ot['products']['ms']:.3f} ms, kernel (offsets read) "
+                  f"{ot['kernel']['ms']:.3f} ms, max |diff| read {ot['max_abs_diff_read']:.2e}")
+        elif ot.get("error"):
+            print(f"{name:9} offset terms: {ot['error']}")
         if "best_triton" in res:
             b = res["best_triton"]
             print(f"{name:9} best triton: {b['config']} {b['ms']:.3f} ms {b['tflops']:.4g} TFLOP/s")

@@ -86,7 +86,11 @@ def main(argv=None) -> int:
         "all, windows partitioned, q/k/v in place": (FAST_PARTS, {"window_layout": "partitioned",
                                                                   "qkv_layout": "in_place"}),
         "all, windows partitioned, q/k/v heads-major": (FAST_PARTS, {"window_layout": "partitioned",
-                                                                     "qkv_layout": "heads_major"})})
+                                                                     "qkv_layout": "heads_major"}),
+        # the fused kernel's offset terms: every offset (two products) or only those read (a kernel)
+        "all, offset terms products": (FAST_PARTS, {"offset_terms": "products"}),
+        "all, offset terms kernel": (FAST_PARTS, {"offset_terms": "kernel"})})
+    from xctrt.gpu import attention as att
 
     def timed(fn) -> float:
         if cuda:
@@ -100,6 +104,7 @@ def main(argv=None) -> int:
 
     rows, ref, fast_all = {}, None, None
     for name, (parts, fixed) in variants.items():
+        att.OFFSET_TERMS = fixed.get("offset_terms", "auto")   # a module setting, read as the graphs are captured
         try:
             m = copy.deepcopy(net).cast_weights(dtype)
             if parts is not None:
@@ -138,6 +143,7 @@ def main(argv=None) -> int:
             row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         rows[name] = row
         print(f"{name}: {row}", flush=True)
+    att.OFFSET_TERMS = "auto"
 
     # the decoders beside the next batch's encoders (sam.OverlappedSteps, as the pipeline runs them where
     # that measures faster): 4 batches each way, and the same two batches' probabilities both ways

@@ -312,6 +312,13 @@ def main(out: Path) -> str:
                 lines.append(f"heads-major q/k/v copy, {shape}: permute().contiguous() {_f(cp['torch']['ms'], '.3f')} ms "
                              f"({_f(cp['torch']['GB_per_s'], '.0f')} GB/s), permuted_copy {_f(cp['words']['ms'], '.3f')} ms "
                              f"({_f(cp['words']['GB_per_s'], '.0f')} GB/s), same bits {cp.get('same_bits')}")
+            ot = s.get("offset_terms") or {}
+            if "products" in ot and "kernel" in ot:
+                lines.append(f"offset terms, {shape}: every offset (two products) {_f(ot['products']['ms'], '.3f')} ms, "
+                             f"only those read (kernel) {_f(ot['kernel']['ms'], '.3f')} ms, max |diff| on those "
+                             f"{_f(ot['max_abs_diff_read'], '.2e')}")
+            elif ot.get("error"):
+                lines.append(f"offset terms, {shape}: {ot['error']}")
     else:
         lines.append(_missing("attention"))
     return "\n".join(lines)

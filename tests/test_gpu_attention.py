@@ -449,15 +449,19 @@ def test_sam_attention_module_triton():
 
 
 @interpreted
+@pytest.mark.parametrize("offsets", ["products", "kernel"])
 @pytest.mark.parametrize("grid,ws,bias", [((7, 9), 4, True), ((8, 8), 4, True), ((5, 6), 4, False), ((3, 3), 4, True)])
-def test_image_window_attention_equals_segment_anything_on_padded_windows(grid, ws, bias):
+def test_image_window_attention_equals_segment_anything_on_padded_windows(grid, ws, bias, offsets, monkeypatch):
     """The grid's tokens only, the windows read where they lie and the padding tokens' keys from the
     projection's extra row: the same as segment-anything's Attention on window_partition's padded copies
     (windows past the grid's right, bottom or both; a grid of whole windows; one smaller than a window;
     a qkv without a bias, whose padding keys are zeros), and the same as when the launch is tuned per
-    shape in other block sizes."""
+    shape in other block sizes; with the offset terms of every offset or only those read."""
     ie = pytest.importorskip("segment_anything.modeling.image_encoder")
+    import xctrt.gpu.attention as att
     from xctrt.gpu.attention import image_window_attention
+
+    monkeypatch.setattr(att, "OFFSET_TERMS", offsets)
 
     dim, nh, bsz = 24, 2, 2
     g = torch.Generator().manual_seed(sum(grid) + ws)
@@ -661,3 +665,123 @@ def test_offset_terms_layouts_and_the_plain_products():
     assert off_h.shape == (2, 3, 196, 27) and off_h.stride(2) == 1 and off_h.stride(3) == 2 * 196
     for off, table in ((off_h, ph), (off_w, pw)):
         torch.testing.assert_close(off, q @ table.t(), rtol=0, atol=1e-5)
+
+
+def _needed_offsets(n, hw, grid=None):
+    """Masks (N, 2H-1), (N, 2W-1): the offsets each token's queries read (qh <= t < qh + H, likewise w)."""
+    tok = torch.arange(n)
+    if grid is None:
+        qh, qw = tok // hw[1], tok % hw[1]
+    else:
+        qh, qw = (tok // grid[1]) % hw[0], (tok % grid[1]) % hw[1]
+    th, tw = torch.arange(2 * hw[0] - 1), torch.arange(2 * hw[1] - 1)
+    return ((th[None] >= qh[:, None]) & (th[None] < qh[:, None] + hw[0]),
+            (tw[None] >= qw[:, None]) & (tw[None] < qw[:, None] + hw[1]))
+
+
+@interpreted
+@pytest.mark.parametrize("hw,grid,d", [((5, 6), None, 16), ((4, 4), (7, 9), 8), ((14, 14), (20, 30), 64),
+                                       ((3, 20), None, 24)])
+def test_offset_terms_kernel_writes_the_offsets_the_fused_kernel_reads(hw, grid, d):
+    """offset_terms_triton: relative_offset_terms' layouts (shapes and strides), the same values on every
+    offset a query's keys use (half of them); with every other entry poisoned with NaN the fused kernel
+    still gives the reference attention, so it reads nothing else (padding queries of the grid's
+    windows included: they read token 0's row and are never stored)."""
+    from xctrt.gpu.attention import offset_terms_triton
+
+    g = torch.Generator().manual_seed(sum(hw) + d)
+    ih, iw = grid or hw
+    b, nh, n = 2, 3, ih * iw
+    proj = torch.randn(b * n + 1, 3, nh, d, generator=g) * 0.5    # q, k, v views with a padding row after
+    q, k, v = proj[:-1].view(b, n, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)
+    ph, pw = torch.randn(2 * hw[0] - 1, d, generator=g), torch.randn(2 * hw[1] - 1, d, generator=g)
+    ref_h, ref_w = relative_offset_terms(q, ph, pw, hw, grid=grid)
+    off_h, off_w = offset_terms_triton(q, ph, pw, hw, grid=grid)
+    assert (off_h.shape, off_h.stride(), off_w.shape, off_w.stride()) == \
+        (ref_h.shape, ref_h.stride(), ref_w.shape, ref_w.stride())
+    mh, mw = _needed_offsets(n, hw, grid)
+    assert 2 * mh.sum() == mh.numel() + n and 2 * mw.sum() == mw.numel() + n   # H of the 2H-1 per token
+    torch.testing.assert_close(off_h[..., mh], ref_h[..., mh], rtol=0, atol=1e-5)
+    torch.testing.assert_close(off_w[..., mw], ref_w[..., mw], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        off_h[..., ~mh] = float("nan")
+        off_w[..., ~mw] = float("nan")
+    if grid is None:
+        want = attention_reference(q, k, v, ref_h, ref_w, hw, 0.3)
+        got = attention_triton(q, k, v, off_h, off_w, hw, 0.3, block_m=16, block_n=max(16, 1 << (hw[1] - 1).bit_length()))
+    else:   # whole windows of the grid against the same windows cut out (no window runs past this grid's edge
+        # in the comparison: those are covered by the segment-anything test above)
+        got = attention_triton(q, k, v, off_h, off_w, hw, 0.3, grid=grid, block_m=16, block_n=16)
+        wy, wx = ih // hw[0], iw // hw[1]
+        cut = lambda t: t.reshape(b, nh, ih, iw, -1)[:, :, :wy * hw[0], :wx * hw[1]].reshape(  # noqa: E731
+            b, nh, wy, hw[0], wx, hw[1], -1).permute(0, 2, 4, 1, 3, 5, 6).reshape(b * wy * wx, nh, hw[0] * hw[1], -1)
+        cq, ck, cv = cut(q), cut(k), cut(v)
+        want = attention_reference(cq, ck, cv, *relative_offset_terms(cq, ph, pw, hw), hw, 0.3)
+        got = cut(got)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@interpreted
+def test_offset_terms_are_made_the_chosen_way(monkeypatch):
+    """offset_terms_for_triton: the products on the CPU unless OFFSET_TERMS says otherwise; a wrong way
+    named is refused; attention(impl="triton") gives the same output either way."""
+    import xctrt.gpu.attention as att
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=g) for _ in range(3))
+    ph, pw = torch.randn(7, 16, generator=g), torch.randn(9, 16, generator=g)
+    calls = []
+    real = att.offset_terms_triton
+    monkeypatch.setattr(att, "offset_terms_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    outs = {}
+    for way in ("auto", "products", "kernel"):
+        monkeypatch.setattr(att, "OFFSET_TERMS", way)
+        calls.clear()
+        outs[way] = att.attention(q, k, v, ph, pw, (4, 5), 0.25, impl="triton", block_m=16, block_n=16)
+        assert len(calls) == (way == "kernel"), way
+    for way in ("products", "kernel"):
+        torch.testing.assert_close(outs[way], outs["auto"], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(att, "OFFSET_TERMS", "fast")
+    with pytest.raises(ValueError, match="OFFSET_TERMS"):
+        att.attention(q, k, v, ph, pw, (4, 5), 0.25, impl="triton")
+
+
+_SM90_OFFSETS_SCRIPT = r'''
+from xctrt.gpu import attention as A
+fn = triton.jit(A._offset_terms_fwd)
+names = fn.arg_names
+report = {}
+for (h, w), grid, batch in (((64, 64), None, 8), ((14, 14), (64, 64), 8), ((14, 14), None, 200)):
+    n = (grid[0] * grid[1]) if grid else h * w
+    lh, lw = 2 * h - 1, 2 * w - 1
+    lwp = lw + (-lw % 8)
+    c = 12 * 64
+    const = dict(SQD=1, SGWK=1, KH=h, KW=w, LHP=max(16, A._next_pow2(lh)), LWP=max(16, A._next_pow2(lw)),
+                 HEAD_D=64, BLOCK_D=64, GRID=grid is not None, IEEE=False, BLOCK_T=64)
+    ints = dict(sqb=n * 3 * c, sqh=64, sqn=3 * c, sghb=n, sghh=lh * batch * n, sghn=1, sghk=batch * n,
+                sgwb=n * lwp, sgwh=batch * n * lwp, sgwn=lwp, N=n, NH=12, IW=grid[1] if grid else w)
+    sig = {nm: "*bf16" if nm in ("Q", "TH", "TW") else "*fp32" if nm in ("GH", "GW") else
+           "constexpr" if nm in const else "i32" for nm in names}
+    attrs = {(names.index(nm),): [["tt.divisibility", 16]] for nm in names
+             if nm in ("Q", "TH", "TW", "GH", "GW") or ints.get(nm, 1) % 16 == 0}
+    kern = compile(fn, sig, const, attrs, num_warps=8, num_stages=1)
+    name = f"{h}x{w}" + (f" in {grid[0]}x{grid[1]}" if grid else "")
+    if isinstance(kern, dict):
+        report[name] = kern; continue
+    row = {"mma": any(op in kern.asm.get("ptx", "") for op in ("wgmma", "mma.sync")), "shared": kern.metadata.shared}
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump_of(kern, "-res-usage") or "")
+    if m:
+        row.update(regs=int(m.group(1)), stack=int(m.group(2)))
+    report[name] = row
+print(json.dumps(report))
+'''
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton missing")
+def test_offset_terms_kernel_compiles_for_sm90_without_spills():
+    report = sm90_compile_report(_SM90_OFFSETS_SCRIPT)
+    assert len(report) == 3
+    for name, row in report.items():
+        assert row["mma"], f"{name}: expected tensor-core products"
+        assert row.get("stack", 0) == 0, f"{name}: register spills {row}"

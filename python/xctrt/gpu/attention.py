@@ -15,7 +15,9 @@ the (B, N, NH*D) input of the output projection.
 Every implementation here takes the offset terms off_h[i, t] = q_i . Ph[t] (B, NH, N, 2H-1) and off_w
 (B, NH, N, 2W-1): one plain matrix product each (relative_offset_terms), where the per-query tables of
 SAM's own formulation need a batched product per grid row with the operands transposed. The bias terms
-are read out of them by offset (relative_bias_terms); the fused kernel does that itself, per tile.
+are read out of them by offset (relative_bias_terms); the fused kernel does that itself, per tile. A query
+reads only H of its 2H-1 offsets (those of its own grid's keys): offset_terms_triton writes just those,
+in the same layouts, and offset_terms_for_triton picks per shape whichever way is faster on the device.
 
   attention_reference  plain float32 (or float64) maths, the test oracle
   attention_sdpa       materialises the (B, NH, N, N) bias and calls torch's SDPA (works everywhere)
@@ -62,6 +64,8 @@ __all__ = [
     "permuted_copy",
     "rel_pos_attention",
     "relative_bias_terms",
+    "offset_terms_for_triton",
+    "offset_terms_triton",
     "relative_offset_terms",
     "qkv_layout_choices",
     "split_qkv",
@@ -141,6 +145,81 @@ def relative_offset_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: t
                          + (f" in a {tuple(grid)} grid" if grid else "") + f", got {tuple(q.shape)}")
     return (_products(q, _offset_table(rel_pos_h, h), offsets_outer=True),
             _products(q, _offset_table(rel_pos_w, w)))
+
+
+def offset_terms_triton(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int],
+                        grid: tuple[int, int] | None = None, block_t: int = 64,
+                        num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """relative_offset_terms' two tensors (same shapes, strides and float32 sums) with only the offsets a
+    query's own keys use written: off_h[..., i, t] for qh(i) <= t < qh(i) + H and off_w likewise, half of
+    the 2H-1 (the rest is left as torch.empty left it). That is all attention_triton and
+    relative_bias_terms read. One Triton kernel (_offset_terms_fwd): both products from one read of q,
+    and half the float32 stores of the plain products (for the global 64x64 grid 200 MB per table and
+    block for a batch of 8 instead of 400). float32 q uses IEEE products (the interpreter, tests); the
+    fast path is bf16/fp16. 64 tokens and 8 warps a program: 70 registers for the global grid's shape,
+    56 for the windows in the grid, no spills (sm_90, Triton 3.8; 4 warps took 142)."""
+    if triton is None:
+        raise RuntimeError("offset_terms_triton needs Triton")
+    h, w = hw
+    ih, iw = (h, w) if grid is None else grid
+    b, nh, n, d = q.shape
+    if q.dim() != 4 or n != ih * iw:
+        raise ValueError(f"q must be (B, NH, N={ih * iw}, D) for hw={tuple(hw)}"
+                         + (f" in a {tuple(grid)} grid" if grid else "") + f", got {tuple(q.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {q.dtype}")
+    if b * nh > _MAX_GRID_Y:
+        raise ValueError(f"{b} x {nh} batch-heads: more than one launch holds ({_MAX_GRID_Y})")
+    interpret = q.device.type != "cuda" or _interpret_env()
+    if interpret and not _interpret_env():
+        raise RuntimeError("offset_terms_triton on CPU tensors runs under the Triton interpreter: set "
+                           "TRITON_INTERPRET=1 before triton is imported")
+    th = _offset_table(rel_pos_h, h).to(q.dtype).contiguous()
+    tw = _offset_table(rel_pos_w, w).to(q.dtype).contiguous()
+    lh, lw = 2 * h - 1, 2 * w - 1
+    store_h = torch.empty((nh, lh, b * n), dtype=torch.float32, device=q.device)
+    store_w = torch.empty((nh, b * n, lw + (-lw % 8)), dtype=torch.float32, device=q.device)   # as _products
+    off_h = store_h.view(nh, lh, b, n).permute(2, 0, 3, 1)
+    off_w = store_w[..., :lw].view(nh, b, n, lw).transpose(0, 1)
+    if b * nh * n == 0:
+        return off_h, off_w
+    key = ("offsets", interpret)
+    if key not in _KERNELS:
+        _KERNELS[key] = triton.jit(_offset_terms_fwd)
+    _KERNELS[key][(triton.cdiv(n, block_t), b * nh)](
+        q, th, tw, off_h, off_w, *q.stride()[:3], *off_h.stride(), *off_w.stride()[:3], n, nh, iw,
+        SQD=q.stride(3), SGWK=off_w.stride(3), KH=h, KW=w,
+        LHP=max(16, _next_pow2(lh)), LWP=max(16, _next_pow2(lw)), HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)),
+        GRID=grid is not None, IEEE=q.dtype == torch.float32, BLOCK_T=block_t, num_warps=num_warps)
+    return off_h, off_w
+
+
+# How the fused kernel's offset terms are made per shape: "products" (relative_offset_terms: every offset,
+# two plain matrix products), "kernel" (offset_terms_triton: only the offsets read), or "auto": on CUDA
+# with bf16/fp16 q, whichever choose_fastest times faster on the device, else the products. Tests set it.
+OFFSET_TERMS = "auto"
+
+
+def offset_terms_for_triton(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int],
+                            grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The offset terms attention_triton reads, made the OFFSET_TERMS way."""
+    way = OFFSET_TERMS
+    if way == "auto":
+        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and triton is not None:
+            key = ("offset terms", tuple(q.shape), tuple(q.stride()), q.dtype, str(q.device), tuple(hw), grid)
+            way = choose_fastest(key, ("products", "kernel"),
+                                 lambda opt: _offset_terms_by(opt, q, rel_pos_h, rel_pos_w, hw, grid))
+        else:
+            way = "products"
+    return _offset_terms_by(way, q, rel_pos_h, rel_pos_w, hw, grid)
+
+
+def _offset_terms_by(way: str, q, rel_pos_h, rel_pos_w, hw, grid):
+    if way == "kernel":
+        return offset_terms_triton(q, rel_pos_h, rel_pos_w, hw, grid)
+    if way != "products":
+        raise ValueError(f"OFFSET_TERMS must be auto, products or kernel, not {way!r}")
+    return relative_offset_terms(q, rel_pos_h, rel_pos_w, hw, grid=grid)
 
 
 def relative_bias_terms(off_h: torch.Tensor, off_w: torch.Tensor, hw: tuple[int, int]
@@ -346,6 +425,60 @@ def _attn_fwd(Q, K, V, GH, GW, O,
     else:
         o_ptrs = O + bi * sob + hi * soh + offs_m[:, None] * son + offs_d[None, :] * SOD
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m < N)[:, None] & d_ok[None, :])
+
+
+def _offset_terms_fwd(Q, TH, TW, GH, GW,
+                      sqb, sqh, sqn, sghb, sghh, sghn, sghk, sgwb, sgwh, sgwn,
+                      N, NH, IW,
+                      SQD: tl.constexpr, SGWK: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                      LHP: tl.constexpr, LWP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      GRID: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program = one (batch, head) and BLOCK_T consecutive tokens: every offset term of theirs as one
+    product with each table, P = q . T^T (BLOCK_T x LHP and x LWP, float32 sums), of which each token
+    stores only the KH (KW) offsets its queries read: off_h[i, t] for qh <= t < qh + KH, where qh is the
+    token's row in its KH x KW window (GRID: the token is (y, x) of an IW-wide grid, qh = y % KH; else
+    of one window, qh = i // KW); off_w likewise. Half the stores of writing all 2KH-1, and the table
+    rows past 2KH-1 (padding to a power of two) are zeros, never stored."""
+    pid_t = tl.program_id(0)
+    pid = tl.program_id(1).to(tl.int64)
+    bi = pid // NH
+    hi = pid % NH
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = toks < N
+    tok = tl.minimum(toks, N - 1)
+    if GRID:
+        qh = (tok // IW) % KH
+        qw = (tok % IW) % KW
+    else:
+        qh = tok // KW
+        qw = tok % KW
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    q = tl.load(Q + bi * sqb + hi * sqh + tok[:, None] * sqn + offs_d[None, :] * SQD, mask=d_ok[None, :], other=0.0)
+    # per program an int64 base, per element int32 offsets (tokens times the offset stride: B*N*(2H-1)
+    # at most): 64-bit addresses for every stored value would take twice the registers
+    gh = GH + bi * sghb + hi * sghh
+    gw = GW + bi * sgwb + hi * sgwh
+
+    lh = tl.arange(0, LHP)   # tables loaded transposed: (BLOCK_D, L)
+    th = tl.load(TH + lh[None, :] * HEAD_D + offs_d[:, None], mask=(lh[None, :] < 2 * KH - 1) & d_ok[:, None],
+                 other=0.0)
+    if IEEE:
+        ph = tl.dot(q, th, input_precision="ieee")
+    else:
+        ph = tl.dot(q, th)
+    keep = t_ok[:, None] & (lh[None, :] >= qh[:, None]) & (lh[None, :] < qh[:, None] + KH)
+    tl.store(gh + (tok * sghn)[:, None] + lh[None, :] * sghk, ph, mask=keep)
+
+    lw = tl.arange(0, LWP)
+    tw = tl.load(TW + lw[None, :] * HEAD_D + offs_d[:, None], mask=(lw[None, :] < 2 * KW - 1) & d_ok[:, None],
+                 other=0.0)
+    if IEEE:
+        pw = tl.dot(q, tw, input_precision="ieee")
+    else:
+        pw = tl.dot(q, tw)
+    keep = t_ok[:, None] & (lw[None, :] >= qw[:, None]) & (lw[None, :] < qw[:, None] + KW)
+    tl.store(gw + (tok * sgwn)[:, None] + lw[None, :] * SGWK, pw, mask=keep)
 
 
 _KERNELS: dict = {}
@@ -618,7 +751,7 @@ def image_window_attention(x: torch.Tensor, qkv: torch.nn.Linear, num_heads: int
         torch.mm(rows, qkv.weight.t(), out=proj[:-1])
         proj[-1] = 0
     q, k, v = proj[:-1].view(b, h * w, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-    off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, (ws, ws), grid=(h, w))
+    off_h, off_w = offset_terms_for_triton(q, rel_pos_h, rel_pos_w, (ws, ws), grid=(h, w))
     o = attention_triton(q, k, v, off_h, off_w, (ws, ws), scale, grid=(h, w), **triton_kw)
     return o.transpose(1, 2).reshape(b, h, w, c)   # laid out (B, N, NH, D) by the kernel: a view
 
@@ -722,9 +855,10 @@ def attention(q, k, v, rel_pos_h, rel_pos_w, hw, scale: float | None = None, imp
     sdpa), "triton", "sdpa", "reference". triton_kw (block_m, block_n, num_warps, num_stages, maxnreg) go to
     the Triton kernel."""
     impl = _resolve_impl(impl, q)
-    off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)
     if impl == "triton":
+        off_h, off_w = offset_terms_for_triton(q, rel_pos_h, rel_pos_w, hw)
         return attention_triton(q, k, v, off_h, off_w, hw, scale, **triton_kw)
+    off_h, off_w = relative_offset_terms(q, rel_pos_h, rel_pos_w, hw)
     if impl == "sdpa":
         return attention_sdpa(q, k, v, off_h, off_w, hw, scale)
     return attention_reference(q, k, v, off_h, off_w, hw, scale)

@@ -1061,10 +1061,12 @@ def test_gpu_parts_check_dry_run(tmp_path):
     res = json.loads((tmp_path / "gpu_parts.json").read_text())
     assert list(res["variants"]) == ["none", "all"] + [f"all but {p}" for p in FAST_PARTS] + [
         "all, windows in grid", "all, windows partitioned", "all, windows partitioned, q/k/v in place",
-        "all, windows partitioned, q/k/v heads-major"]
+        "all, windows partitioned, q/k/v heads-major", "all, offset terms products", "all, offset terms kernel"]
     for name, r in res["variants"].items():
         assert r["encoder_ms"] > 0 and r["decoder_ms"] > 0, name
         assert r["max_abs_diff_vs_none"] < 1e-5, name   # float32 on the CPU: the same maths
+    # the decoders beside the next batch's encoders (eager on the CPU): the same probabilities
+    assert res["decoder_overlap"] == {"max_abs_diff_vs_serial": 0.0}
     assert res["decoder_profile_all_parts"] and res["backbone"] == "tiny"
     ops = res["ops_by_shape_all_parts"]   # operators with their input shapes, each pass
     assert set(ops) == {"decoder", "encoder"}

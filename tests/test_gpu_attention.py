@@ -451,7 +451,7 @@ def test_sam_attention_module_triton():
 @interpreted
 @pytest.mark.parametrize("offsets", ["products", "kernel"])
 @pytest.mark.parametrize("grid,ws,bias", [((7, 9), 4, True), ((8, 8), 4, True), ((5, 6), 4, False), ((3, 3), 4, True)])
-def test_image_window_attention_equals_segment_anything_on_padded_windows(grid, ws, bias, offsets, monkeypatch):
+def test_triton_image_window_attention_equals_segment_anything_on_padded_windows(grid, ws, bias, offsets, monkeypatch):
     """The grid's tokens only, the windows read where they lie and the padding tokens' keys from the
     projection's extra row: the same as segment-anything's Attention on window_partition's padded copies
     (windows past the grid's right, bottom or both; a grid of whole windows; one smaller than a window;
@@ -479,7 +479,7 @@ def test_image_window_attention_equals_segment_anything_on_padded_windows(grid, 
 
 
 @interpreted
-def test_image_window_attention_split_over_the_grid_limit(monkeypatch):
+def test_triton_image_window_attention_split_over_the_grid_limit(monkeypatch):
     """Three images of 2 x 3 windows and 2 heads, launched two images and then one (24 programs a
     launch at most): each launch finds the padding row counted from its own first image."""
     ie = pytest.importorskip("segment_anything.modeling.image_encoder")
@@ -559,6 +559,27 @@ def test_triton_inside_a_compiled_graph():
 def test_triton_tests_in_fresh_process():
     """triton was imported here before TRITON_INTERPRET=1: rerun the kernel tests where it is set first."""
     rerun_under_triton_interpreter(__file__)
+
+
+def test_every_interpreter_test_is_one_the_fresh_process_runs():
+    """A test that only runs under the Triton interpreter (@interpreted) is skipped wherever triton was
+    imported first (CI) and then run by the fresh pytest, which selects by INTERPRETED_KEYWORD: a name
+    without "triton" would run nowhere. (Four of them did until 2026-11-28.)"""
+    import ast
+
+    from conftest import INTERPRETED_FILES, INTERPRETED_KEYWORD, REPO
+
+    assert INTERPRETED_KEYWORD == "triton and not fresh_process and not sm90"
+    seen = 0
+    for name in INTERPRETED_FILES:
+        tree = ast.parse((REPO / "tests" / name).read_text())
+        for fn in tree.body:
+            if isinstance(fn, ast.FunctionDef) and any(
+                    isinstance(d, ast.Name) and d.id == "interpreted" for d in fn.decorator_list):
+                seen += 1
+                assert "triton" in fn.name and "fresh_process" not in fn.name and "sm90" not in fn.name, \
+                    f"{name}::{fn.name} runs nowhere in CI: the fresh process selects '{INTERPRETED_KEYWORD}'"
+    assert seen >= 30, seen
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton missing")
@@ -682,7 +703,7 @@ def _needed_offsets(n, hw, grid=None):
 @interpreted
 @pytest.mark.parametrize("hw,grid,d", [((5, 6), None, 16), ((4, 4), (7, 9), 8), ((14, 14), (20, 30), 64),
                                        ((3, 20), None, 24)])
-def test_offset_terms_kernel_writes_the_offsets_the_fused_kernel_reads(hw, grid, d):
+def test_triton_offset_terms_kernel_writes_the_offsets_the_fused_kernel_reads(hw, grid, d):
     """offset_terms_triton: relative_offset_terms' layouts (shapes and strides), the same values on every
     offset a query's keys use (half of them); with every other entry poisoned with NaN the fused kernel
     still gives the reference attention, so it reads nothing else (padding queries of the grid's
@@ -723,7 +744,7 @@ def test_offset_terms_kernel_writes_the_offsets_the_fused_kernel_reads(hw, grid,
 
 
 @interpreted
-def test_offset_terms_are_made_the_chosen_way(monkeypatch):
+def test_triton_offset_terms_are_made_the_chosen_way(monkeypatch):
     """offset_terms_for_triton: the products on the CPU unless OFFSET_TERMS says otherwise; a wrong way
     named is refused; attention(impl="triton") gives the same output either way."""
     import xctrt.gpu.attention as att

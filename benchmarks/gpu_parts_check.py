@@ -30,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 def decoder_overlap(torch, model, x, size: int, cuda: bool) -> dict:
     """Batch x then its reverse through OverlappedSteps and one after the other: the probabilities
-    (identical: the same kernels on the same inputs) and, on CUDA, the device ms of 4 batches each way."""
-    from xctrt.gpu.sam import GraphedStep, OverlappedSteps, time_overlap
+    (identical: the same kernels on the same inputs) and, on CUDA, the device ms of 4 batches each way;
+    then the decoder graph with the heads side by side (ClassNet.head_streams) against one after
+    another: ms of 4 replays each way and the probabilities."""
+    from xctrt.gpu.sam import GraphedStep, OverlappedSteps, best_device_ms, time_overlap
 
     encode = lambda t: tuple(model.encode(t))   # noqa: E731
     decode = lambda *e: model.decode(list(e), size)   # noqa: E731
@@ -52,7 +54,19 @@ def decoder_overlap(torch, model, x, size: int, cuda: bool) -> dict:
             serial = [decode(*encode(xb)).float() for xb in (x, x2)]
         steps.first(x)
         both = [steps.next(x2).float().clone(), steps.last().float().clone()]
-    res["max_abs_diff_vs_serial"] = max(float((a - b).abs().max()) for a, b in zip(both, serial))
+        res["max_abs_diff_vs_serial"] = max(float((a - b).abs().max()) for a, b in zip(both, serial))
+        if cuda and getattr(model, "head_streams", False) is None:
+            model.head_streams = [torch.cuda.Stream() for _ in range(model.num_classes)]
+            try:
+                side = GraphedStep(decode, list(enc.static_out))
+            finally:
+                model.head_streams = None
+            enc(x)
+            one = dec(*enc.static_out).float().clone()
+            res["heads_side_by_side"] = {
+                "max_abs_diff": float((side(*enc.static_out).float() - one).abs().max()),
+                "ms_4_replays": best_device_ms({"one after another": lambda: [dec(*enc.static_out) for _ in range(4)],
+                                               "side by side": lambda: [side(*enc.static_out) for _ in range(4)]})}
     return res
 
 

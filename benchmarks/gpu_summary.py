@@ -198,6 +198,8 @@ def main(out: Path) -> str:
                                         if o.get("garbage_collector") else "")
                                      + (f"; the decoders beside the next batch's encoders or after them: "
                                         f"{o['decoder_overlap']}" if o.get("decoder_overlap") else "")
+                                     + (f"; the decoder heads in the graphs: {o['decoder_heads']}"
+                                        if o.get("decoder_heads") else "")
                                      + (f"; the device labeller took {o['gpu_labeller_calls']['slabs']} slabs in "
                                         f"{o['gpu_labeller_calls']['calls']} calls" if o.get("gpu_labeller_calls") else "")
                                      + _phases_text(o))

@@ -587,6 +587,42 @@ def test_build_random_class_net_structure(nets):
         assert float(p.std()) > 1e-3, "random heads should not give constant maps"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_class_net_heads_side_by_side_give_the_same_probabilities(nets, mode, monkeypatch):
+    """ClassNet.decode with head_streams: each head forked onto a stream of its own and joined back (for a
+    CUDA graph to capture), in the heads' order; here with stand-in streams that record the forks and
+    joins, and the same probabilities as one head after another."""
+    import contextlib
+
+    net = nets[mode]
+    x = torch.rand(2, 1, net.image_size, net.image_size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        emb = net.encode(x)
+        want = net.decode(emb, 40)
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append((self.name, "waits for", other.name))
+
+    main = Stream("main")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: main)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext(events.append(("on", s.name))))
+    net.head_streams = [Stream(f"head {k}") for k in range(net.num_classes)]
+    try:
+        with torch.no_grad():
+            got = net.decode(emb, 40)
+    finally:
+        net.head_streams = None
+    assert torch.equal(got, want)
+    heads = [f"head {k}" for k in range(3)]
+    assert events == [e for h in heads for e in ((h, "waits for", "main"), ("on", h))] + [
+        ("main", "waits for", h) for h in heads]
+
+
 def test_build_random_class_net_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown backbone"):
         build_random_class_net("vit_x", 3)

@@ -597,6 +597,7 @@ class Segmenter:
                            "gpu_cupy_pool_gib": stage.cupy_pool_bytes / 2 ** 30 if stage.cupy_pool_bytes else None,
                            "cuda_graphs_not_used_because": stage.graph_error,
                            "decoder_overlap": stage.decoder_overlap,
+                           "decoder_heads": stage.decoder_heads,
                            "fused_kernels_not_used_because": stage.fused_error,
                            "gpu_labeller_kernels_not_used_because": stage.labeller_kernels_error,
                            "main_thread_s": {**{k: round(v, 4) for k, v in main.seconds.items()},
@@ -636,7 +637,8 @@ class _CpuStage:
     """Labels slab by slab on the host (C++ kernels); components run later, on the components thread."""
 
     memory_used_max = cupy_pool_bytes = None   # what the GPU stage also reports: nothing to say on the host
-    graph_error = fused_error = labeller_kernels_error = main_components_s = label_calls = decoder_overlap = None
+    graph_error = fused_error = labeller_kernels_error = main_components_s = label_calls = decoder_overlap = \
+        decoder_heads = None
 
     @staticmethod
     def compute_idle_s():

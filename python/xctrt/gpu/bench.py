@@ -233,7 +233,7 @@ def _stage_row(summary: dict) -> dict:
             "gpu_compute_idle_s": t["gpu_compute_idle_s"], "table_parts_s": t.get("table_parts_s"),
             "table_surface_runs": t.get("table_surface_runs"), "gpu_labeller_calls": t.get("gpu_labeller_calls"),
             "outside_air_detail": t.get("outside_air_detail"), "garbage_collector": t.get("garbage_collector"),
-            "decoder_overlap": t.get("decoder_overlap"),
+            "decoder_overlap": t.get("decoder_overlap"), "decoder_heads": t.get("decoder_heads"),
             "timeline": summary.get("timeline")}
 
 

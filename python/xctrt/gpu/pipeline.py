@@ -164,6 +164,9 @@ class GpuStage:
     # a split model's decoders beside the next batch's encoders (sam.OverlappedSteps): "auto" where
     # timing at capture says it is faster (CUDA graphs); "on" also runs the order eagerly (tests); "off"
     DECODER_OVERLAP = "auto"
+    # a ClassNet's decoder heads side by side on streams of their own inside the decoder graphs
+    # (ClassNet.head_streams): "auto" where timing at capture says it is faster, "on", "off"
+    DECODER_HEADS = "auto"
 
     def __init__(self, model, input_size: int, thresholds, label_ids, priority, aggregation: str,
                  shape, voxel_size, connectivity: int = 26, classes=(2, 3), *, batch_size: int,
@@ -341,7 +344,7 @@ class GpuStage:
         and, where it measured faster on the device, one that runs a batch's decoders beside the next
         batch's encoders (sam.OverlappedSteps); one for the whole model otherwise. Kept with the model
         for later stages (kept_graphs)."""
-        from .sam import GraphedStep, OverlappedSteps, time_overlap
+        from .sam import GraphedStep, OverlappedSteps, best_device_ms, time_overlap
 
         torch = self.torch
 
@@ -355,6 +358,7 @@ class GpuStage:
                     decode = lambda *e: self.model.decode(list(e), self.size)   # noqa: E731
                     enc = GraphedStep(encode, x)
                     dec = GraphedStep(decode, list(enc.static_out))
+                    dec, heads = self._capture_heads(enc, dec, decode, GraphedStep, best_device_ms)
                     overlap, choice = None, {"chosen": "serial"}
                     if self.DECODER_OVERLAP != "off":
                         try:
@@ -370,12 +374,50 @@ class GpuStage:
                             torch.cuda.synchronize()
                     if overlap is not None:
                         choice["chosen"] = "overlapped"
-                    steps = (enc, dec, overlap, choice)
+                    if heads is not None:   # the graphs hold the forks now; eager calls take the heads in turn
+                        self.model.head_streams = None
+                    steps = (enc, dec, overlap, choice, heads)
             torch.cuda.synchronize()
             return steps
 
         self._graph_entry, steps = kept_graphs(self.model, (self.batch, self.size, str(self.device)), self, capture)
         return steps
+
+    def _capture_heads(self, enc, dec, decode, GraphedStep, best_device_ms):
+        """(decoder graph, how its heads run): the heads of a ClassNet with more than one side by side,
+        each on a stream of its own inside the graph (ClassNet.head_streams), where 4 replays measure
+        faster than one head after another; model.head_streams stays set for the graphs captured after
+        (the overlap's), and _capture clears it. None: a model without heads to run side by side."""
+        torch, model = self.torch, self.model
+        if self.DECODER_HEADS == "off" or getattr(model, "head_streams", False) is not None \
+                or getattr(model, "num_classes", 1) < 2:
+            return dec, None
+        heads = {"chosen": "one after another"}
+        try:
+            model.head_streams = [torch.cuda.Stream() for _ in range(model.num_classes)]
+            side = GraphedStep(decode, list(enc.static_out))
+            if self.DECODER_HEADS == "auto":
+                def replays(step):
+                    return lambda: [step(*enc.static_out) for _ in range(4)]
+                heads["ms"] = best_device_ms({"one after another": replays(dec), "side by side": replays(side)})
+                # the simpler graph unless side by side gains more than timing noise
+                if not heads["ms"]["side by side"] < 0.98 * heads["ms"]["one after another"]:
+                    side = None
+            if side is not None:
+                dec, heads["chosen"] = side, "side by side"
+        except Exception as exc:   # noqa: BLE001 - a capture that fails: one head after another
+            heads["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            torch.cuda.synchronize()
+        if heads["chosen"] != "side by side":
+            model.head_streams = None
+        return dec, heads
+
+    @property
+    def decoder_heads(self) -> dict | None:
+        """How a ClassNet's decoder heads ran in the decoder graphs: {"chosen": "side by side" (each on a
+        stream of its own) or "one after another", "ms": device ms of 4 replays each way, timed at
+        capture, "error": why side by side could not be captured}; None where no such choice was made."""
+        return self._steps[4] if self._steps is not None and len(self._steps) > 4 else None
 
     def _overlapped(self):
         """The OverlappedSteps that run this stage's batches, or None: one batch after the other."""

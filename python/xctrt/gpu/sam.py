@@ -84,13 +84,17 @@ class XctSam(nn.Module):
             return (up.permute(0, 2, 3, 1).reshape(n, hu * wu, cu) @ hyper.unsqueeze(-1)).view(n, 1, hu, wu)
         return (hyper.unsqueeze(1) @ up.reshape(n, cu, hu * wu)).reshape(n, 1, hu, wu)
 
-    def low_res_logits(self, emb: torch.Tensor) -> torch.Tensor:
-        """Image embedding (N, c, h, w) -> mask logits (N, K, 4h, 4w), one channel per head. The
-        embedding plus the no-mask embedding is made once for all heads, channels-last."""
+    def decoder_inputs(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(src, pe) for _decode from an image embedding (N, c, h, w): the embedding plus the no-mask
+        embedding and the positional encoding, channels-last, made once for all heads."""
         pe = self.prompt_encoder.get_dense_pe().to(emb.dtype)   # made in float32 (see ClassNet.cast_weights)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, 1, 1, -1)
         src = emb.permute(0, 2, 3, 1) + dense                 # (N, h, w, c), contiguous
-        pe = pe.permute(0, 2, 3, 1).contiguous()
+        return src, pe.permute(0, 2, 3, 1).contiguous()
+
+    def low_res_logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """Image embedding (N, c, h, w) -> mask logits (N, K, 4h, 4w), one channel per head."""
+        src, pe = self.decoder_inputs(emb)
         return torch.cat([self._decode(d, src, pe) for d in self.mask_decoders], dim=1)
 
     def decode(self, emb: torch.Tensor, size: int) -> torch.Tensor:
@@ -164,6 +168,9 @@ class ClassNet(nn.Module):
     def __init__(self, models: list[XctSam]):
         super().__init__()
         self.models = nn.ModuleList(models)
+        # CUDA streams, one per head: decode runs the heads side by side on them (forked from the
+        # current stream and joined back), for a CUDA graph to capture; None: one after the other
+        self.head_streams = None
 
     @property
     def image_size(self) -> int:
@@ -180,8 +187,30 @@ class ClassNet(nn.Module):
         """Embeddings -> probabilities (N, K, size, size) in float32: the models' low-res logits side
         by side, then one upsampling and the sigmoid in place (upsampling works per channel, so the
         same numbers as each model's decode, without copying the full-size logits together)."""
-        low = torch.cat([m.low_res_logits(e) for m, e in zip(self.models, embeddings)], dim=1)
+        if self.head_streams is None:
+            low = torch.cat([m.low_res_logits(e) for m, e in zip(self.models, embeddings)], dim=1)
+        else:
+            low = self._low_res_side_by_side(embeddings)
         return torch.sigmoid_(upsample_logits(low, size))
+
+    def _low_res_side_by_side(self, embeddings: list[torch.Tensor]) -> torch.Tensor:
+        """The heads' low-res logits, each head on a stream of head_streams: a decoder head is a chain of
+        small kernels, each waiting on the one before, and the heads do not wait on each other. The
+        same kernels on the same inputs as one after the other."""
+        main = torch.cuda.current_stream()
+        streams = iter(self.head_streams)
+        outs, used = [], []
+        for m, e in zip(self.models, embeddings):
+            src, pe = m.decoder_inputs(e)
+            for d in m.mask_decoders:
+                s = next(streams)
+                s.wait_stream(main)
+                with torch.cuda.stream(s):
+                    outs.append(m._decode(d, src, pe))
+                used.append(s)
+        for s in used:
+            main.wait_stream(s)
+        return torch.cat(outs, dim=1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(image), image.shape[-1])
@@ -727,6 +756,23 @@ class OverlappedSteps:
         return self.dec(*self.enc.static_out)
 
 
+def best_device_ms(runs: dict, repeats: int = 3) -> dict:
+    """{name: device ms of runs[name]() on the current stream}, best of `repeats`, taken in turns (a
+    replayed CUDA graph queues in microseconds: the events time the device's work)."""
+    best = {name: float("inf") for name in runs}
+    stream = torch.cuda.current_stream()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record(stream)
+            run()
+            end.record(stream)
+            end.synchronize()
+            best[name] = min(best[name], start.elapsed_time(end))
+    return {k: round(v, 4) for k, v in best.items()}
+
+
 def time_overlap(steps: OverlappedSteps, x: torch.Tensor, batches: int = 4, repeats: int = 3) -> dict:
     """Device ms for `batches` batches of x: encoders then decoders per batch (the two graphs one after
     the other) against the overlapped order (OverlappedSteps), best of `repeats`, taken in turns."""
@@ -743,15 +789,4 @@ def time_overlap(steps: OverlappedSteps, x: torch.Tensor, batches: int = 4, repe
             steps.next(x)
         steps.last()
 
-    best = {"serial": float("inf"), "overlapped": float("inf")}
-    stream = torch.cuda.current_stream()
-    for _ in range(repeats):
-        for name, run in (("serial", serial), ("overlapped", overlapped)):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record(stream)
-            run()
-            end.record(stream)
-            end.synchronize()
-            best[name] = min(best[name], start.elapsed_time(end))
-    return {k: round(v, 4) for k, v in best.items()}
+    return best_device_ms({"serial": serial, "overlapped": overlapped}, repeats)

@@ -688,18 +688,6 @@ def test_offset_terms_layouts_and_the_plain_products():
         torch.testing.assert_close(off, q @ table.t(), rtol=0, atol=1e-5)
 
 
-def _needed_offsets(n, hw, grid=None):
-    """Masks (N, 2H-1), (N, 2W-1): the offsets each token's queries read (qh <= t < qh + H, likewise w)."""
-    tok = torch.arange(n)
-    if grid is None:
-        qh, qw = tok // hw[1], tok % hw[1]
-    else:
-        qh, qw = (tok // grid[1]) % hw[0], (tok % grid[1]) % hw[1]
-    th, tw = torch.arange(2 * hw[0] - 1), torch.arange(2 * hw[1] - 1)
-    return ((th[None] >= qh[:, None]) & (th[None] < qh[:, None] + hw[0]),
-            (tw[None] >= qw[:, None]) & (tw[None] < qw[:, None] + hw[1]))
-
-
 @interpreted
 @pytest.mark.parametrize("hw,grid,d", [((5, 6), None, 16), ((4, 4), (7, 9), 8), ((14, 14), (20, 30), 64),
                                        ((3, 20), None, 24)])
@@ -708,7 +696,7 @@ def test_triton_offset_terms_kernel_writes_the_offsets_the_fused_kernel_reads(hw
     offset a query's keys use (half of them); with every other entry poisoned with NaN the fused kernel
     still gives the reference attention, so it reads nothing else (padding queries of the grid's
     windows included: they read token 0's row and are never stored)."""
-    from xctrt.gpu.attention import offset_terms_triton
+    from xctrt.gpu.attention import offset_terms_triton, offsets_read
 
     g = torch.Generator().manual_seed(sum(hw) + d)
     ih, iw = grid or hw
@@ -720,7 +708,7 @@ def test_triton_offset_terms_kernel_writes_the_offsets_the_fused_kernel_reads(hw
     off_h, off_w = offset_terms_triton(q, ph, pw, hw, grid=grid)
     assert (off_h.shape, off_h.stride(), off_w.shape, off_w.stride()) == \
         (ref_h.shape, ref_h.stride(), ref_w.shape, ref_w.stride())
-    mh, mw = _needed_offsets(n, hw, grid)
+    mh, mw = offsets_read(n, hw, grid)
     assert 2 * mh.sum() == mh.numel() + n and 2 * mw.sum() == mw.numel() + n   # H of the 2H-1 per token
     torch.testing.assert_close(off_h[..., mh], ref_h[..., mh], rtol=0, atol=1e-5)
     torch.testing.assert_close(off_w[..., mw], ref_w[..., mw], rtol=0, atol=1e-5)
@@ -806,3 +794,41 @@ def test_offset_terms_kernel_compiles_for_sm90_without_spills():
     for name, row in report.items():
         assert row["mma"], f"{name}: expected tensor-core products"
         assert row.get("stack", 0) == 0, f"{name}: register spills {row}"
+
+
+@interpreted
+@pytest.mark.parametrize("hw,grid", [((5, 6), None), ((4, 4), (7, 9))])
+def test_triton_offset_terms_check_passes_the_kernel_and_catches_a_difference(hw, grid):
+    """The check run on the kernel's first call per shape (before it may be chosen) compares only the
+    offsets read: the kernel's unwritten entries (NaN here) do not matter, a read entry off by more than
+    a rounding does."""
+    import xctrt.gpu.attention as att
+
+    g = torch.Generator().manual_seed(9)
+    ih, iw = grid or hw
+    q = torch.randn(2, 2, ih * iw, 16, generator=g)
+    ph, pw = torch.randn(2 * hw[0] - 1, 16, generator=g), torch.randn(2 * hw[1] - 1, 16, generator=g)
+    want = relative_offset_terms(q, ph, pw, hw, grid=grid)
+    got = att.offset_terms_triton(q, ph, pw, hw, grid=grid)
+    read_h, read_w = att.offsets_read(ih * iw, hw, grid)
+    with torch.no_grad():
+        got[0][..., ~read_h] = float("nan")
+        got[1][..., ~read_w] = float("nan")
+    att._same_offset_terms(got, want, hw, grid)
+    with torch.no_grad():
+        got[1][0, 1, 3, int(read_w[3].nonzero()[-1])] += 0.5
+    with pytest.raises(RuntimeError, match="differs from the products"):
+        att._same_offset_terms(got, want, hw, grid)
+
+
+def test_graph_checks_refuse_other_probabilities():
+    """What a decoder graph run another way (overlapped, heads side by side) gives is checked against
+    one after the other once at capture: a rounding passes, a missing dependency's garbage does not."""
+    from xctrt.gpu.pipeline import _same_probabilities
+
+    p = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    _same_probabilities((p + 1e-3, p), "a graph")
+    with pytest.raises(RuntimeError, match="a graph gave other probabilities"):
+        _same_probabilities((torch.where(p > 0.9, 0.0, p), p), "a graph")
+    with pytest.raises(RuntimeError, match="other probabilities"):
+        _same_probabilities((p * float("nan"), p), "a graph")

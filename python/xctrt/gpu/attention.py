@@ -207,11 +207,37 @@ def offset_terms_for_triton(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w:
     if way == "auto":
         if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and triton is not None:
             key = ("offset terms", tuple(q.shape), tuple(q.stride()), q.dtype, str(q.device), tuple(hw), grid)
-            way = choose_fastest(key, ("products", "kernel"),
-                                 lambda opt: _offset_terms_by(opt, q, rel_pos_h, rel_pos_w, hw, grid))
+            checked = []
+
+            def run(opt):   # the kernel's first call per shape is checked against the products
+                terms = _offset_terms_by(opt, q, rel_pos_h, rel_pos_w, hw, grid)
+                if opt == "kernel" and not checked:
+                    _same_offset_terms(terms, relative_offset_terms(q, rel_pos_h, rel_pos_w, hw, grid=grid), hw, grid)
+                    checked.append(True)
+                return terms
+            way = choose_fastest(key, ("products", "kernel"), run)
         else:
             way = "products"
     return _offset_terms_by(way, q, rel_pos_h, rel_pos_w, hw, grid)
+
+
+def offsets_read(n: int, hw: tuple[int, int], grid: tuple[int, int] | None = None, device=None):
+    """Masks (N, 2H-1) and (N, 2W-1) of the offsets each token's queries read: qh <= t < qh + H, with qh
+    the token's row in its H x W window (of an IW-wide grid's token, y % H), likewise for w."""
+    tok = torch.arange(n, device=device)
+    qh, qw = (tok // hw[1], tok % hw[1]) if grid is None else ((tok // grid[1]) % hw[0], (tok % grid[1]) % hw[1])
+    th, tw = torch.arange(2 * hw[0] - 1, device=device), torch.arange(2 * hw[1] - 1, device=device)
+    return ((th[None] >= qh[:, None]) & (th[None] < qh[:, None] + hw[0]),
+            (tw[None] >= qw[:, None]) & (tw[None] < qw[:, None] + hw[1]))
+
+
+def _same_offset_terms(got, want, hw, grid=None, tol: float = 1e-3) -> None:
+    """Raise unless the offset terms the fused kernel reads agree (relative to their largest) within tol:
+    float32 sums of the same products in another order differ by a rounding."""
+    for a, b, read in zip(got, want, offsets_read(want[0].shape[2], hw, grid, want[0].device)):
+        diff, scale = float((a[..., read] - b[..., read]).abs().max()), float(b[..., read].abs().max())
+        if not diff <= tol * max(scale, 1.0):
+            raise RuntimeError(f"offset_terms_triton differs from the products (max |diff| {diff:.3g})")
 
 
 def _offset_terms_by(way: str, q, rel_pos_h, rel_pos_w, hw, grid):

@@ -363,6 +363,7 @@ class GpuStage:
                     if self.DECODER_OVERLAP != "off":
                         try:
                             overlap = OverlappedSteps(encode, decode, enc, dec)
+                            _same_probabilities(self._overlap_probs(overlap, enc, dec, x), "the overlapped graph")
                             if self.DECODER_OVERLAP == "auto":
                                 choice["ms"] = time_overlap(overlap, x)
                                 # the simpler order unless the overlap gains more than timing noise
@@ -396,6 +397,7 @@ class GpuStage:
         try:
             model.head_streams = [torch.cuda.Stream() for _ in range(model.num_classes)]
             side = GraphedStep(decode, list(enc.static_out))
+            _same_probabilities((side(*enc.static_out).clone(), dec(*enc.static_out)), "the heads side by side")
             if self.DECODER_HEADS == "auto":
                 def replays(step):
                     return lambda: [step(*enc.static_out) for _ in range(4)]
@@ -411,6 +413,15 @@ class GpuStage:
         if heads["chosen"] != "side by side":
             model.head_streams = None
         return dec, heads
+
+    @staticmethod
+    def _overlap_probs(overlap, enc, dec, x):
+        """(overlapped, one after the other) probabilities of the batch x, by the captured graphs."""
+        overlap.first(x)
+        got = overlap.next(x).clone()   # x's decoders, beside x's encoders again
+        overlap.last()
+        enc(x)
+        return got, dec(*enc.static_out)
 
     @property
     def decoder_heads(self) -> dict | None:
@@ -851,6 +862,16 @@ class GpuStage:
         """Seconds the compute stream sat idle between slabs, waiting for the host to queue the next slab
         or for its copy to the device (None on the CPU)."""
         return self.gaps.finish().get("compute_idle", 0.0) if self.cuda else None
+
+
+def _same_probabilities(pair, what: str, tol: float = 1e-2) -> None:
+    """Raise unless the two probability tensors agree within tol: a graph that runs the same kernels in
+    another order or on other streams must give what one after the other gives (a difference beyond a
+    rounding means a missing dependency); checked once, when it is captured."""
+    got, want = pair
+    diff = float((got.float() - want.float()).abs().max())
+    if not diff <= tol:
+        raise RuntimeError(f"{what} gave other probabilities than one after the other (max |diff| {diff:.3g})")
 
 
 def _xp_stream(xp, torch_stream):

@@ -139,12 +139,18 @@ def relative_offset_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: t
     for a whole query row; off_w token by token, since a query reads its whole row of them once.
     grid=(IH, IW): q holds an IH x IW grid's tokens, whose H x W windows attend (attention_triton's grid)."""
     h, w = hw
-    n = h * w if grid is None else grid[0] * grid[1]
-    if q.dim() != 4 or q.shape[2] != n:
-        raise ValueError(f"q must be (B, NH, N={n}, D) for hw={tuple(hw)}"
-                         + (f" in a {tuple(grid)} grid" if grid else "") + f", got {tuple(q.shape)}")
+    _grid_of(q, hw, grid)
     return (_products(q, _offset_table(rel_pos_h, h), offsets_outer=True),
             _products(q, _offset_table(rel_pos_w, w)))
+
+
+def _grid_of(q: torch.Tensor, hw: tuple[int, int], grid: tuple[int, int] | None) -> tuple[int, int]:
+    """(IH, IW): the token grid q (B, NH, IH*IW, D) holds (hw itself without grid); raises if q does not."""
+    ih, iw = tuple(hw) if grid is None else tuple(grid)
+    if q.dim() != 4 or q.shape[2] != ih * iw:
+        raise ValueError(f"q must be (B, NH, N={ih * iw}, D) for hw={tuple(hw)}"
+                         + (f" in a {tuple(grid)} grid" if grid else "") + f", got {tuple(q.shape)}")
+    return ih, iw
 
 
 def offset_terms_triton(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int],
@@ -158,22 +164,14 @@ def offset_terms_triton(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: tor
     block for a batch of 8 instead of 400). float32 q uses IEEE products (the interpreter, tests); the
     fast path is bf16/fp16. 64 tokens and 8 warps a program: 70 registers for the global grid's shape,
     56 for the windows in the grid, no spills (sm_90, Triton 3.8; 4 warps took 142)."""
-    if triton is None:
-        raise RuntimeError("offset_terms_triton needs Triton")
     h, w = hw
-    ih, iw = (h, w) if grid is None else grid
+    ih, iw = _grid_of(q, hw, grid)
     b, nh, n, d = q.shape
-    if q.dim() != 4 or n != ih * iw:
-        raise ValueError(f"q must be (B, NH, N={ih * iw}, D) for hw={tuple(hw)}"
-                         + (f" in a {tuple(grid)} grid" if grid else "") + f", got {tuple(q.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {q.dtype}")
     if b * nh > _MAX_GRID_Y:
         raise ValueError(f"{b} x {nh} batch-heads: more than one launch holds ({_MAX_GRID_Y})")
-    interpret = q.device.type != "cuda" or _interpret_env()
-    if interpret and not _interpret_env():
-        raise RuntimeError("offset_terms_triton on CPU tensors runs under the Triton interpreter: set "
-                           "TRITON_INTERPRET=1 before triton is imported")
+    kernel = _kernel(q.device.type != "cuda" or _interpret_env(), _offset_terms_fwd, "offset_terms_triton")
     th = _offset_table(rel_pos_h, h).to(q.dtype).contiguous()
     tw = _offset_table(rel_pos_w, w).to(q.dtype).contiguous()
     lh, lw = 2 * h - 1, 2 * w - 1
@@ -183,10 +181,7 @@ def offset_terms_triton(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: tor
     off_w = store_w[..., :lw].view(nh, b, n, lw).transpose(0, 1)
     if b * nh * n == 0:
         return off_h, off_w
-    key = ("offsets", interpret)
-    if key not in _KERNELS:
-        _KERNELS[key] = triton.jit(_offset_terms_fwd)
-    _KERNELS[key][(triton.cdiv(n, block_t), b * nh)](
+    kernel[(triton.cdiv(n, block_t), b * nh)](
         q, th, tw, off_h, off_w, *q.stride()[:3], *off_h.stride(), *off_w.stride()[:3], n, nh, iw,
         SQD=q.stride(3), SGWK=off_w.stride(3), KH=h, KW=w,
         LHP=max(16, _next_pow2(lh)), LWP=max(16, _next_pow2(lw)), HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)),
@@ -519,19 +514,21 @@ def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _kernel(interpret: bool):
-    """The kernel, built on first use rather than at import: triton.jit decides compile-vs-interpret when
-    it decorates, so building late lets a module imported before TRITON_INTERPRET was set still pick
-    the interpreter. (Triton's own tl.max/tl.sum are decorated when triton is imported, so the variable
-    must also have been set before that; a CPU run without it fails with a clear message.)"""
+def _kernel(interpret: bool, fn=_attn_fwd, who: str = "attention_triton"):
+    """A kernel of this module (fn), built on first use rather than at import: triton.jit decides
+    compile-vs-interpret when it decorates, so building late lets a module imported before
+    TRITON_INTERPRET was set still pick the interpreter. (Triton's own tl.max/tl.sum are decorated when
+    triton is imported, so the variable must also have been set before that; a CPU run without it fails
+    with a clear message naming `who`.)"""
     if triton is None:
-        raise RuntimeError("attention_triton needs Triton")
+        raise RuntimeError(f"{who} needs Triton")
     if interpret and not _interpret_env():
-        raise RuntimeError("attention_triton on CPU tensors runs under the Triton interpreter: set "
+        raise RuntimeError(f"{who} on CPU tensors runs under the Triton interpreter: set "
                            "TRITON_INTERPRET=1 before triton is imported")
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_attn_fwd)
-    return _KERNELS[interpret]
+    key = (fn.__name__, interpret)
+    if key not in _KERNELS:
+        _KERNELS[key] = triton.jit(fn)
+    return _KERNELS[key]
 
 
 def _next_pow2(x: int) -> int:

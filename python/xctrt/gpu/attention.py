@@ -853,8 +853,8 @@ def device_ms(fn, runs: int = 3, cuda=None) -> float:
 
 
 def qkv_layout_choices() -> dict:
-    """What choose_qkv_layout (and FastBlock's window layout, by choose_fastest) chose per key, with the
-    median ms of each layout."""
+    """What choose_fastest chose per key (the q/k/v layouts, FastBlock's window layouts, the offset terms'
+    way), with the median ms of each option."""
     return {str(k): {"chosen": v["chosen"], "ms": {lay: round(t, 4) for lay, t in v["ms"].items()},
                      **({"errors": v["errors"]} if "errors" in v else {})}
             for k, v in _LAYOUT.items()}

@@ -344,7 +344,7 @@ class GpuStage:
         and, where it measured faster on the device, one that runs a batch's decoders beside the next
         batch's encoders (sam.OverlappedSteps); one for the whole model otherwise. Kept with the model
         for later stages (kept_graphs)."""
-        from .sam import GraphedStep, OverlappedSteps, best_device_ms, time_overlap
+        from .sam import GraphedStep, OverlappedSteps, time_overlap
 
         torch = self.torch
 
@@ -358,7 +358,7 @@ class GpuStage:
                     decode = lambda *e: self.model.decode(list(e), self.size)   # noqa: E731
                     enc = GraphedStep(encode, x)
                     dec = GraphedStep(decode, list(enc.static_out))
-                    dec, heads = self._capture_heads(enc, dec, decode, GraphedStep, best_device_ms)
+                    dec, heads = self._capture_heads(enc, dec, decode)
                     overlap, choice = None, {"chosen": "serial"}
                     if self.DECODER_OVERLAP != "off":
                         try:
@@ -384,11 +384,13 @@ class GpuStage:
         self._graph_entry, steps = kept_graphs(self.model, (self.batch, self.size, str(self.device)), self, capture)
         return steps
 
-    def _capture_heads(self, enc, dec, decode, GraphedStep, best_device_ms):
+    def _capture_heads(self, enc, dec, decode):
         """(decoder graph, how its heads run): the heads of a ClassNet with more than one side by side,
         each on a stream of its own inside the graph (ClassNet.head_streams), where 4 replays measure
         faster than one head after another; model.head_streams stays set for the graphs captured after
         (the overlap's), and _capture clears it. None: a model without heads to run side by side."""
+        from .sam import GraphedStep, best_device_ms
+
         torch, model = self.torch, self.model
         if self.DECODER_HEADS == "off" or getattr(model, "head_streams", False) is not None \
                 or getattr(model, "num_classes", 1) < 2:

@@ -693,8 +693,8 @@ class OverlappedSteps:
     """A split model's batches run with each batch's decoders beside the next batch's encoders.
 
     The decoders are many small kernels, most of them waiting on the one before; alone on the device
-    they leave most of it idle (~3 ms per batch of 8 for three heads on an H200, against ~20 ms of
-    encoder, gpu_parts.json of 2026-11-28). Here they run on a second stream next to the encoder of the
+    they make a few % of the encoder's arithmetic rate (~3 ms per batch of 8 for three heads on an H200,
+    against ~20 ms of encoder, gpu_parts.json of 2026-11-28). Here they run on a second stream next to the encoder of the
     batch after theirs, in one CUDA graph: the embeddings of the batch before (held in the encoder
     graph's output) are copied into the decoder graph's input, then the decoders run on a side stream
     while the encoders run on the graph's own, and both join at the end. A run of batches is then

@@ -89,10 +89,12 @@ def main(argv=None) -> dict:
         if path.read_bytes() != text:
             raise SystemExit("write_table_csv wrote other bytes than table_to_csv")
 
-    out = {"gc_objects": objects, "gc_full_pass_s": round(full, 4), "gc_full_pass_frozen_s": round(frozen, 4),
-           "air_runs": args.runs, "host_pick_s": round(pick, 4), "host_copy_of_all_s": round(copy, 4),
-           "csv_rows": args.csv_rows, "csv_bytes": len(text), "csv_format_s": round(fmt, 4),
-           "csv_write_s": round(write, 4), "csv_streamed_s": round(streamed, 4), "check_probs_on_host_s": round(probs, 4), "cores": os.cpu_count()}
+    # seconds to the microsecond: a small run's pick or write takes tens of them, which 0.1 ms would round to 0
+    out = {"gc_objects": objects, "gc_full_pass_s": round(full, 6), "gc_full_pass_frozen_s": round(frozen, 6),
+           "air_runs": args.runs, "host_pick_s": round(pick, 6), "host_copy_of_all_s": round(copy, 6),
+           "csv_rows": args.csv_rows, "csv_bytes": len(text), "csv_format_s": round(fmt, 6),
+           "csv_write_s": round(write, 6), "csv_streamed_s": round(streamed, 6), "check_probs_on_host_s": round(probs, 6),
+           "cores": os.cpu_count()}
     print(f"full garbage-collection pass over {objects:,} objects: {full:.3f} s; with them frozen: {frozen:.4f} s")
     print(f"picking the flagged ones of {args.runs:,} air runs on the host: {pick * 1e3:.1f} ms "
           f"(a plain copy of all {rows.nbytes / 1e6:.0f} MB: {copy * 1e3:.1f} ms)")

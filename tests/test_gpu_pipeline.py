@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -601,12 +602,29 @@ def test_class_net_heads_side_by_side_give_the_same_probabilities(nets, mode, mo
         want = net.decode(emb, 40)
     events = []
 
+    # every model's decoder inputs, made on the main stream and read on the heads' streams, must still be
+    # alive at the joins: freed earlier, the allocator could give their memory to the next model's
+    made = []
+
+    def keeping_track(m):
+        def decoder_inputs(e):
+            got = type(m).decoder_inputs(m, e)
+            made.extend(weakref.ref(t) for t in got)
+            return got
+        return decoder_inputs
+
+    for m in net.models:
+        monkeypatch.setattr(m, "decoder_inputs", keeping_track(m))
+    alive_at_joins = []
+
     class Stream:
         def __init__(self, name):
             self.name = name
 
         def wait_stream(self, other):
             events.append((self.name, "waits for", other.name))
+            if self.name == "main":
+                alive_at_joins.append(sum(r() is not None for r in made))
 
     main = Stream("main")
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: main)
@@ -618,6 +636,7 @@ def test_class_net_heads_side_by_side_give_the_same_probabilities(nets, mode, mo
     finally:
         net.head_streams = None
     assert torch.equal(got, want)
+    assert len(made) == 2 * len(net.models) and alive_at_joins == [len(made)] * 3
     heads = [f"head {k}" for k in range(3)]
     assert events == [e for h in heads for e in ((h, "waits for", "main"), ("on", h))] + [
         ("main", "waits for", h) for h in heads]

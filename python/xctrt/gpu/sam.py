@@ -200,8 +200,13 @@ class ClassNet(nn.Module):
         main = torch.cuda.current_stream()
         streams = iter(self.head_streams)
         outs, used = [], []
+        # every model's (src, pe) is made on the main stream and read on the heads' streams: held until
+        # the joins, or the allocator (which tracks a block by the stream that made it) hands a model's
+        # freed inputs to the next model's while a head may still read them
+        inputs = []
         for m, e in zip(self.models, embeddings):
-            src, pe = m.decoder_inputs(e)
+            inputs.append(m.decoder_inputs(e))
+            src, pe = inputs[-1]
             for d in m.mask_decoders:
                 s = next(streams)
                 s.wait_stream(main)
@@ -210,6 +215,7 @@ class ClassNet(nn.Module):
                 used.append(s)
         for s in used:
             main.wait_stream(s)
+        del inputs   # joined: their reads are done before anything main queues next
         return torch.cat(outs, dim=1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -344,6 +344,46 @@ def test_choose_qkv_layout_times_each_once_and_remembers(monkeypatch):
         assert choose_qkv_layout("k3", run) == "in_place" and "k3" not in A._LAYOUT and calls == []
 
 
+def test_choose_fastest_drops_a_faster_way_whose_first_result_differs(monkeypatch):
+    """With `same`, each way's first result is checked against the first way's before any timing can
+    choose it: a faster way that agrees is chosen, a faster one that differs is dropped (reason kept)."""
+    from xctrt.gpu import attention as A
+
+    monkeypatch.setattr(A, "_LAYOUT", {})
+    want = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)) * 5
+    results = {"first": want, "rounded": want.bfloat16().float(), "wrong": want.flip(0)}
+    cost = {"first": 2.0, "rounded": 1.0, "wrong": 0.5}
+    current = {}
+
+    def run(way):
+        current["way"] = way
+        return results[way].clone()
+
+    def timer(fn):
+        fn()
+        return cost[current["way"]]
+
+    chosen = A.choose_fastest("k", ("first", "rounded", "wrong"), run, timer, repeats=1, same=A.close_to)
+    assert chosen == "rounded"
+    errors = A.qkv_layout_choices()["k"]["errors"]
+    assert set(errors) == {"wrong"} and "differs from the first way" in errors["wrong"]
+    # without the check the wrong way's speed would have won
+    assert A.choose_fastest("k2", ("first", "rounded", "wrong"), run, timer, repeats=1) == "wrong"
+
+
+def test_close_to_passes_roundings_and_refuses_errors():
+    from xctrt.gpu.attention import close_to
+
+    g = torch.Generator().manual_seed(2)
+    want = torch.randn(64, 64, generator=g) * 10
+    close_to(want.bfloat16(), want)   # one bf16 rounding of every value
+    close_to(torch.zeros(3), torch.full((3,), 0.01))   # small values: judged against 1, not their own size
+    for bad in (want + 0.3 * want.abs().max() * (torch.rand(64, 64, generator=g) > 0.99),
+                torch.where(want > 2, float("nan"), want)):
+        with pytest.raises(RuntimeError, match="differs"):
+            close_to(bad, want)
+
+
 class _SimulatedStream:
     """torch.cuda as device_ms uses it, on one simulated stream: every launch costs the host launch_ms,
     and the device runs what was queued in order, each piece from when it was queued and the device was

@@ -56,6 +56,7 @@ __all__ = [
     "attention_triton",
     "choose_fastest",
     "choose_qkv_layout",
+    "close_to",
     "default_config",
     "device_ms",
     "empty_output",
@@ -202,15 +203,10 @@ def offset_terms_for_triton(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w:
     if way == "auto":
         if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and triton is not None:
             key = ("offset terms", tuple(q.shape), tuple(q.stride()), q.dtype, str(q.device), tuple(hw), grid)
-            checked = []
-
-            def run(opt):   # the kernel's first call per shape is checked against the products
-                terms = _offset_terms_by(opt, q, rel_pos_h, rel_pos_w, hw, grid)
-                if opt == "kernel" and not checked:
-                    _same_offset_terms(terms, relative_offset_terms(q, rel_pos_h, rel_pos_w, hw, grid=grid), hw, grid)
-                    checked.append(True)
-                return terms
-            way = choose_fastest(key, ("products", "kernel"), run)
+            # the kernel's first call per shape is checked against the products' before it may be chosen
+            way = choose_fastest(key, ("products", "kernel"),
+                                 lambda opt: _offset_terms_by(opt, q, rel_pos_h, rel_pos_w, hw, grid),
+                                 same=lambda got, want: _same_offset_terms(got, want, hw, grid))
         else:
             way = "products"
     return _offset_terms_by(way, q, rel_pos_h, rel_pos_w, hw, grid)
@@ -782,12 +778,21 @@ def image_window_attention(x: torch.Tensor, qkv: torch.nn.Linear, num_heads: int
 _LAYOUT = {}   # key -> {"chosen": layout, "ms": {layout: median ms}}
 
 
-def choose_qkv_layout(key, run, timer=None, repeats: int = 5) -> str:
+def close_to(got: torch.Tensor, want: torch.Tensor, tol: float = 0.02) -> None:
+    """A choose_fastest `same` for tensors made another way (another layout, other GEMM shapes): raise
+    unless max |got - want| <= tol * max(max |want|, 1). bf16 roundings in another order stay within a few
+    units of the last place of the largest value (0.0039 relative); a wrong read is of its order."""
+    diff, scale = float((got.float() - want.float()).abs().max()), float(want.float().abs().max())
+    if not diff <= tol * max(scale, 1.0):   # NaN fails too
+        raise RuntimeError(f"differs from the first way (max |diff| {diff:.3g} of {scale:.3g})")
+
+
+def choose_qkv_layout(key, run, timer=None, repeats: int = 5, same=None) -> str:
     """The faster of QKV_LAYOUTS for `run(layout)` (the whole attention from the projection), timed on
     the first call per key and remembered; "in_place" wherever nothing can be timed (CPU, a CUDA graph
     being captured, torch.compile tracing). timer(fn) -> milliseconds of one call (device_ms when None:
     the device's time, as the pipeline's CUDA graphs replay it, not the host's launches)."""
-    return choose_fastest(key, QKV_LAYOUTS, run, timer, repeats)
+    return choose_fastest(key, QKV_LAYOUTS, run, timer, repeats, same)
 
 
 # A windowed encoder block's two ways: segment-anything's (norm1 and the window partition padded to
@@ -797,10 +802,12 @@ def choose_qkv_layout(key, run, timer=None, repeats: int = 5) -> str:
 WINDOW_LAYOUTS = ("partitioned", "grid")
 
 
-def choose_fastest(key, options, run, timer=None, repeats: int = 5) -> str:
+def choose_fastest(key, options, run, timer=None, repeats: int = 5, same=None) -> str:
     """The option of `options` whose run(option) is fastest, timed on the first call per key and
     remembered; options[0] wherever nothing can be timed (CPU, a CUDA graph being captured,
-    torch.compile tracing), and where another fails (its error kept; options[0]'s failure is raised)."""
+    torch.compile tracing), and where another fails (its error kept; options[0]'s failure is raised).
+    same(got, want): raises unless another option's first result agrees with options[0]'s; one that
+    does not is a failure (a faster wrong result cannot be chosen by timing)."""
     if torch.compiler.is_compiling():   # torch.compile lays out its own graph
         return options[0]
     if key in _LAYOUT:
@@ -809,10 +816,15 @@ def choose_fastest(key, options, run, timer=None, repeats: int = 5) -> str:
         if not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
             return options[0]
         timer = device_ms
-    ms, errors = {}, {}
+    ms, errors, first = {}, {}, None
     for option in options:
         try:
-            run(option)   # first call: the kernel's launch tuning, allocations
+            got = run(option)   # first call: the kernel's launch tuning, allocations
+            if same is not None:
+                if option == options[0]:
+                    first = got
+                else:
+                    same(got, first)
             ms[option] = sorted(timer(lambda opt=option: run(opt)) for _ in range(repeats))[repeats // 2]
         except Exception as exc:   # noqa: BLE001 - the others are options: the first remains (its failure is real)
             if option == options[0]:

@@ -384,7 +384,7 @@ def _make_fast_block() -> type:
     from segment_anything.modeling.image_encoder import Block
 
     from . import layout
-    from .attention import WINDOW_LAYOUTS, choose_fastest
+    from .attention import WINDOW_LAYOUTS, choose_fastest, close_to
 
     class FastBlock(Block):
         """segment-anything's encoder Block with norm1 + window partition and the first residual add +
@@ -423,7 +423,8 @@ def _make_fast_block() -> type:
             if not x.is_cuda:
                 return "partitioned"
             key = ("window layout", tuple(x.shape), x.dtype, str(x.device))
-            return choose_fastest(key, WINDOW_LAYOUTS, lambda way: self._fused(x, way))
+            # the grid's first output is checked against the partitioned one's before it may be chosen
+            return choose_fastest(key, WINDOW_LAYOUTS, lambda way: self._fused(x, way), same=close_to)
 
         def _fused(self, shortcut: torch.Tensor, way: str | None) -> torch.Tensor:
             ws = self.window_size
@@ -625,7 +626,8 @@ def _make_fast_decoder_attention() -> type:
 def _make_fast_attention() -> type:
     from segment_anything.modeling.image_encoder import Attention
 
-    from .attention import _resolve_impl, choose_qkv_layout, image_window_attention, rel_pos_attention, split_qkv
+    from .attention import (_resolve_impl, choose_qkv_layout, close_to, image_window_attention, rel_pos_attention,
+                            split_qkv)
 
     class FastAttention(Attention):
         """segment-anything's Attention, computed by one fused kernel (no N×N matrix in memory).
@@ -644,7 +646,8 @@ def _make_fast_attention() -> type:
                 # call per shape timed faster (on CUDA; views elsewhere), unless qkv_layout says
                 key = (tuple(proj.shape), proj.dtype, str(proj.device), self.attention_impl)
                 layout = self.qkv_layout if self.qkv_layout != "auto" else \
-                    choose_qkv_layout(key, lambda lay: self._attend(proj, lay, h, w)) if proj.is_cuda else "in_place"
+                    choose_qkv_layout(key, lambda lay: self._attend(proj, lay, h, w), same=close_to) \
+                    if proj.is_cuda else "in_place"
                 o = self._attend(proj, layout, h, w)
             # o laid out as (B, N, NH, D) by the operator: a view here, not a copy
             return self.proj(o.transpose(1, 2).reshape(b, h, w, -1))

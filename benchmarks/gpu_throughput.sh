@@ -12,7 +12,8 @@
 #      results under $OUT: gpu_throughput.log, summary.md (the table, printed last), timeline.png
 #      (benchmarks/timeline_figure.py: when each stage of ours and ours-host worked), results.tar.gz
 #      (gpu_post.json, bench.json, bench_compiled.json, gpu_attention.json, gpu_parts.json,
-#      gpu_package.json) and torch.compile's tuning and cache (below)
+#      gpu_package.json, stalls.json: benchmarks/timeline_stalls.py on bench.json) and torch.compile's
+#      tuning and cache (below)
 #   3. here: commit the tuning the call brought back (cp inductor_tuning.tar.xz benchmarks/cache/)
 #   Afterwards, here, other runs' timelines as a picture (timeline.png has ours and ours-host):
 #          python benchmarks/timeline_figure.py bench.json timeline.png [--runs naive ours ...]
@@ -174,6 +175,12 @@ elif want warm && [ "$(left)" -gt 80 ]; then
   timeout $(( $(left) - 40 )) $PY benchmarks/compile_warm.py --batch $BATCH --compile-mode "$WARM_MODE" $WARM \
     && touch "$TORCHINDUCTOR_CACHE_DIR/xctrt-warmed-$WARM_MODE" \
     || echo "warm step stopped (rc $?): the cache keeps what it finished"
+fi
+
+if [ -f "$OUT/bench.json" ]; then   # spans held up far past their kind's median, and what stretched beside them
+  stage "stalls: spans of the bench's runs far past their kind's median"
+  $PY benchmarks/timeline_stalls.py "$OUT/bench.json" --runs ours ours-host --json "$OUT/stalls.json" \
+    || echo "timeline stalls failed (rc $?): run benchmarks/timeline_stalls.py on bench.json afterwards"
 fi
 
 stage "summary"

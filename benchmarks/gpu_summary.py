@@ -200,6 +200,8 @@ def main(out: Path) -> str:
                                         f"{o['decoder_overlap']}" if o.get("decoder_overlap") else "")
                                      + (f"; the decoder heads in the graphs: {o['decoder_heads']}"
                                         if o.get("decoder_heads") else "")
+                                     + (f"; pinned host blocks made during the run: {o['pinned_host']}"
+                                        if o.get("pinned_host") else "")
                                      + (f"; the device labeller took {o['gpu_labeller_calls']['slabs']} slabs in "
                                         f"{o['gpu_labeller_calls']['calls']} calls" if o.get("gpu_labeller_calls") else "")
                                      + _phases_text(o))

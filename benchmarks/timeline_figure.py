@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 # stages in the order the data flows, each with its colour; stages not listed go after them in grey
 STAGES = [("read", (120, 120, 120)), ("fused_check", (200, 160, 60)), ("capture", (200, 160, 60)), ("tile", (90, 150, 200)),
-          ("h2d", (90, 150, 200)), ("preprocess", (60, 130, 190)), ("infer", (40, 110, 200)),
+          ("pin", (150, 150, 200)), ("h2d", (90, 150, 200)), ("preprocess", (60, 130, 190)), ("infer", (40, 110, 200)),
           ("model", (40, 110, 200)), ("encoder", (40, 110, 200)), ("decoder", (90, 80, 200)),
           ("stitch", (70, 170, 120)), ("aggregate", (70, 170, 120)), ("compute_idle", (220, 50, 50)),
           ("components", (230, 140, 40)), ("d2h", (150, 110, 60)), ("write", (150, 110, 60)),

@@ -128,20 +128,16 @@ def test_components_thread_error_reaches_the_caller_and_the_thread_ends(nets, pa
     with pytest.raises(RuntimeError, match="second slab"):
         host.segment(volume, out_dir=tmp_path / "out")
     assert not (tmp_path / "out" / "summary.json").exists()
-    for t in threading.enumerate():
-        if t.name == "xctrt-components":
-            t.join(timeout=5)
-            assert not t.is_alive()
+    # the run joined its threads before it raised: the components thread and the labeller's kd-tree
+    # thread, which the first slab's outside air had started
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("xctrt-")]
     # and one that fails in the main thread (the reader) stops the components thread too
     monkeypatch.setattr(post.ComponentLabeller, "add_slab", real)
     bad = volume.astype(np.float32)
     bad[7, 3, 3] = np.nan
     with pytest.raises(XctrtError):
         host.segment(bad)
-    for t in threading.enumerate():
-        if t.name == "xctrt-components":
-            t.join(timeout=5)
-            assert not t.is_alive()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("xctrt-")]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -1284,3 +1280,25 @@ def test_timeline_stalls_finds_the_spans_that_stretched_together(tmp_path, capsy
     assert "3 stalled spans; the compute stream's spans 0.200 s past their medians" in capsys.readouterr().out
     assert json.loads((tmp_path / "stalls.json").read_text())["shared mode, ours: 160 slices, 200.0 slices/s"] == \
         json.loads(json.dumps(got))
+
+
+def test_pinned_host_counts_the_blocks_made_during_the_stage():
+    """GpuStage.pinned_host: the pinned blocks torch's host allocator made since the stage began and the
+    ms they took (a cudaHostAlloc holds the driver's lock: other threads' launches wait), from torch's
+    host_memory_stats; None where torch keeps none."""
+    from types import SimpleNamespace
+
+    from xctrt.gpu import pipeline as P
+
+    stats = {"num_host_alloc": 3, "host_alloc_time.total": 1500.0, "allocated_bytes.current": 2 ** 30}
+    fake = SimpleNamespace(cuda=SimpleNamespace(host_memory_stats=lambda: dict(stats)))
+    stage = object.__new__(P.GpuStage)
+    stage.torch, stage._pinned_at_start = fake, P._pinned_host_stats(fake)
+    stats.update({"num_host_alloc": 5, "host_alloc_time.total": 41500.0, "allocated_bytes.current": 3 * 2 ** 29})
+    assert stage.pinned_host == {"blocks_made": 2, "making_ms": 40.0, "pool_gib": 1.5}
+    stage._pinned_at_start = None   # off CUDA
+    assert stage.pinned_host is None
+
+    def no_stats():
+        raise RuntimeError("not kept by this torch")
+    assert P._pinned_host_stats(SimpleNamespace(cuda=SimpleNamespace(host_memory_stats=no_stats))) is None

@@ -277,6 +277,7 @@ def test_gpu_stage_decoders_overlapped_carry_a_slab_to_the_next_submit(monkeypat
             got = stage.flush()
             back.append([g[0] for g in got])
             done += got
+            stage.close()   # no table made here: the labeller's kd-tree thread stops with the stage
             runs[overlap] = back, np.concatenate([lab for _, _, lab in sorted(done, key=lambda d: d[0])])
         np.testing.assert_array_equal(runs["on"][1], runs["off"][1])
         assert sorted(sum(runs["on"][0], [])) == [0, 4, 8]

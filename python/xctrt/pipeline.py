@@ -598,6 +598,7 @@ class Segmenter:
                            "cuda_graphs_not_used_because": stage.graph_error,
                            "decoder_overlap": stage.decoder_overlap,
                            "decoder_heads": stage.decoder_heads,
+                           "pinned_host": getattr(stage, "pinned_host", None),
                            "fused_kernels_not_used_because": stage.fused_error,
                            "gpu_labeller_kernels_not_used_because": stage.labeller_kernels_error,
                            "main_thread_s": {**{k: round(v, 4) for k, v in main.seconds.items()},

@@ -234,7 +234,7 @@ def _stage_row(summary: dict) -> dict:
             "table_surface_runs": t.get("table_surface_runs"), "gpu_labeller_calls": t.get("gpu_labeller_calls"),
             "outside_air_detail": t.get("outside_air_detail"), "garbage_collector": t.get("garbage_collector"),
             "decoder_overlap": t.get("decoder_overlap"), "decoder_heads": t.get("decoder_heads"),
-            "timeline": summary.get("timeline")}
+            "pinned_host": t.get("pinned_host"), "timeline": summary.get("timeline")}
 
 
 def profile_labeller(torch, labels_path: Path, volume_path: Path, planes: int, slab: int, cuda: bool,

@@ -69,6 +69,17 @@ def kept_graphs(model, key, stage, capture):
     return entry, steps
 
 
+def _pinned_host_stats(torch) -> dict | None:
+    """torch's pinned host allocator so far: blocks made, microseconds spent making them, bytes held;
+    None where this torch keeps no such statistics."""
+    try:
+        stats = torch.cuda.host_memory_stats()
+    except Exception:   # noqa: BLE001 - an older torch, or none kept: nothing to report
+        return None
+    return {"blocks": int(stats.get("num_host_alloc", 0)), "alloc_us": float(stats.get("host_alloc_time.total", 0)),
+            "bytes": int(stats.get("allocated_bytes.current", 0))}
+
+
 class _Clock(StageTimer):
     """Per-stage busy time: CUDA events on the stage's stream (read once the slab is finished), or
     the host clock on the CPU, where every call has finished when it returns. Each span is kept too,
@@ -189,6 +200,7 @@ class GpuStage:
         self.device = torch.device(device)
         self.xp = cuda_array_module() if self.cuda else np
         self.memory_used_max = 0   # device memory in use (all allocators and the CUDA context), sampled per slab
+        self._pinned_at_start = _pinned_host_stats(torch) if self.cuda else None
         self.cupy_pool_bytes = None   # what CuPy's pool held at the end, before finish() gave it back
         self.model, self.size, self.batch = model, int(input_size), int(batch_size)
         if input_mode not in ("resize", "tile"):
@@ -444,6 +456,20 @@ class GpuStage:
         return OverlappedSteps(self.model.encode, lambda *e: self.model.decode(list(e), self.size))
 
     @property
+    def pinned_host(self) -> dict | None:
+        """Pinned host blocks torch's caching allocator made since this stage began ("blocks_made", each a
+        cudaHostAlloc, which holds the driver's lock while the pages are locked: other threads' launches
+        wait) and the ms they took; the pool's size at the end ("pool_gib"). None off CUDA, or where torch
+        keeps no such statistics. Each slab's pinning is a "pin" span of the timeline."""
+        now = _pinned_host_stats(self.torch) if self._pinned_at_start is not None else None
+        if now is None:
+            return None
+        before = self._pinned_at_start
+        return {"blocks_made": now["blocks"] - before["blocks"],
+                "making_ms": round((now["alloc_us"] - before["alloc_us"]) / 1000.0, 3),
+                "pool_gib": round(now["bytes"] / 2 ** 30, 3)}
+
+    @property
     def decoder_overlap(self) -> dict | None:
         """How a split model's decoders ran: {"chosen": "overlapped" (beside the next batch's encoders)
         or "serial", "ms": device ms of 4 batches each way, timed at capture, "error": why the overlap
@@ -547,7 +573,9 @@ class GpuStage:
         if not self.cuda:
             return z0, host_slab, labels, None, labels, img, None
         ready = clock.mark(self.compute)
+        t0 = time.perf_counter()
         out = torch.empty(slab["shape"], dtype=torch.uint8, pin_memory=True)
+        clock.record("pin", t0, time.perf_counter())   # a new pinned block holds up the other threads' launches
         with torch.cuda.stream(self.download):
             self.download.wait_event(ready)
             t0 = clock.mark(self.download)
@@ -596,7 +624,9 @@ class GpuStage:
         ended = []
         with torch.inference_mode():
             if self.cuda:
+                t0 = time.perf_counter()
                 host = torch.from_numpy(_as_int16(np.ascontiguousarray(slab))).pin_memory()
+                clock.record("pin", t0, time.perf_counter())
                 with torch.cuda.stream(self.copy):
                     t0 = clock.mark(self.copy)
                     dev = host.to(self.device, non_blocking=True)
@@ -764,18 +794,21 @@ class GpuStage:
                 return done
 
     def close(self) -> None:
-        """After a failed run: stop the components thread without labelling what still waits."""
+        """After a failed run: stop the components thread without labelling what still waits (it ends
+        the call it is in), then the labeller's own threads; none of them outlives the run."""
         self._downloading.clear()
         self._held = None
-        if self._labeller_thread is None:
-            return
-        while True:
-            try:
-                self._to_label.get_nowait()
-            except queue.Empty:
-                break
-        self._to_label.put_nowait(None)   # room: the queue was just emptied, and only this thread puts
-        self._labeller_thread = None
+        thread, self._labeller_thread = self._labeller_thread, None
+        if thread is not None:
+            while True:
+                try:
+                    self._to_label.get_nowait()
+                except queue.Empty:
+                    break
+            self._to_label.put_nowait(None)   # room: the queue was just emptied, and only this thread puts
+            thread.join()
+        if self.labeller is not None:
+            self.labeller.close()
 
     def flush(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Wait for the components of every submitted slab; return the slabs not yet handed back."""

@@ -859,6 +859,13 @@ class ComponentLabeller:
         self._air_id.append(ids)
         self._air_n += n
 
+    def close(self) -> None:
+        """After a failed run (finish() never called): stop the thread that builds the outside air's
+        kd-trees, its queued builds dropped. finish() does this itself."""
+        pool, self._tree_pool = self._tree_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def _air_tree(self, air: np.ndarray) -> tuple:
         """The kd-tree (nodes, air) over a slab's early outside-air runs (_core.air_tree), built on the host
         thread. On CuPy it is sent to the device there as well, on a stream of its own, while later slabs

@@ -598,7 +598,7 @@ class Segmenter:
                            "cuda_graphs_not_used_because": stage.graph_error,
                            "decoder_overlap": stage.decoder_overlap,
                            "decoder_heads": stage.decoder_heads,
-                           "pinned_host": getattr(stage, "pinned_host", None),
+                           "pinned_host": stage.pinned_host,
                            "fused_kernels_not_used_because": stage.fused_error,
                            "gpu_labeller_kernels_not_used_because": stage.labeller_kernels_error,
                            "main_thread_s": {**{k: round(v, 4) for k, v in main.seconds.items()},
@@ -639,7 +639,7 @@ class _CpuStage:
 
     memory_used_max = cupy_pool_bytes = None   # what the GPU stage also reports: nothing to say on the host
     graph_error = fused_error = labeller_kernels_error = main_components_s = label_calls = decoder_overlap = \
-        decoder_heads = None
+        decoder_heads = pinned_host = None
 
     @staticmethod
     def compute_idle_s():

@@ -194,8 +194,6 @@ if [ -f "$OUT/bench.json" ]; then   # spans held up far past their kind's median
     || echo "timeline stalls failed (rc $?): run benchmarks/timeline_stalls.py on bench.json afterwards"
 fi
 
-stage "summary"
-$PY benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
 if [ -f "$OUT/bench.json" ]; then   # the bench's timelines as a picture: the fill, the gaps, the tail
   $PY benchmarks/timeline_figure.py "$OUT/bench.json" "$OUT/timeline.png" --runs ours ours-host \
     || echo "timeline figure failed (rc $?): draw it from bench.json afterwards"
@@ -216,7 +214,10 @@ if want compiled || want warm; then
     fi
   fi
 fi
-# at most 8 files come back: the rest goes in one archive
+# the short table last (the "prints a short table last"), then, quietly, at most 8 files come
+# back: the rest goes in one archive
+stage "summary"
+$PY benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
 (cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.md ! -name "$LOG" ! -name timeline.png \
    ! -name results.tar.gz ! -name 'inductor_*' -printf '%P\n' | tar -czf results.tar.gz -T - --remove-files) \
-  && echo "results packed: $OUT/results.tar.gz"
+  || echo "results not packed (rc $?): the files under $OUT are loose"

@@ -202,6 +202,9 @@ def main(out: Path) -> str:
                                         if o.get("decoder_heads") else "")
                                      + (f"; pinned host blocks made during the run: {o['pinned_host']}"
                                         if o.get("pinned_host") else "")
+                                     + (f"; {len(o['stalls']['stalls'])} spans far past their kind's median "
+                                        f"(the compute stream's {o['stalls']['device_excess_s']:.3f} s past its)"
+                                        if o.get("stalls") else "")
                                      + (f"; the device labeller took {o['gpu_labeller_calls']['slabs']} slabs in "
                                         f"{o['gpu_labeller_calls']['calls']} calls" if o.get("gpu_labeller_calls") else "")
                                      + _phases_text(o))

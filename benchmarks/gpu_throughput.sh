@@ -13,8 +13,8 @@
 #      results under $OUT: gpu_throughput.log, summary.md (the table, printed last), timeline.png
 #      (benchmarks/timeline_figure.py: when each stage of ours and ours-host worked), results.tar.gz
 #      (gpu_post.json, bench.json, bench_compiled.json, gpu_attention.json, gpu_parts.json,
-#      gpu_package.json, stalls.json: benchmarks/timeline_stalls.py on bench.json) and torch.compile's
-#      tuning and cache (below)
+#      gpu_package.json) and torch.compile's tuning and cache (below); the log lists each run's stalls
+#      (benchmarks/timeline_stalls.py; bench.json keeps them per run as "stalls")
 #   3. here: commit the tuning the call brought back (cp inductor_tuning.tar.xz benchmarks/cache/)
 #   4. while max-autotune's warm-up is unfinished ("tuning at the end" has no "max-autotune" among its
 #      finished compiles) and the session has 3 min or more of device time left: commit the tuning (3.),
@@ -197,7 +197,7 @@ fi
 
 if [ -f "$OUT/bench.json" ]; then   # spans held up far past their kind's median, and what stretched beside them
   stage "stalls: spans of the bench's runs far past their kind's median"
-  $PY benchmarks/timeline_stalls.py "$OUT/bench.json" --runs ours ours-host --json "$OUT/stalls.json" \
+  $PY benchmarks/timeline_stalls.py "$OUT/bench.json" --runs ours ours-host \
     || echo "timeline stalls failed (rc $?): run benchmarks/timeline_stalls.py on bench.json afterwards"
 fi
 

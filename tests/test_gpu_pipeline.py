@@ -978,6 +978,8 @@ def test_datasheet_bf16_peaks_by_device_name():
 def test_bench_gpu_host_arrays_cli(tmp_path):
     """The whole `xctrt bench --gpu` on host arrays, ours through torch.compile (Inductor on the CPU) and
     profiled, as the device script's ours-compiled step runs it; then the summary and the picture."""
+    from xctrt.timing import stalled_spans
+
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "xctrt", "bench", "--gpu", "--host-arrays", "--backbone", "tiny",
            "--shape", "6", "64", "64", "--naive-slices", "3", "--compile-mode", "none", "--batch-size", "2",
@@ -1014,6 +1016,10 @@ def test_bench_gpu_host_arrays_cli(tmp_path):
         with tifffile.TiffFile(work / f"warm-up-{mode}" / "labels.tif") as t:
             assert len(t.pages) == 6
         assert r["ours"]["warm_up_run_s"] > 0 and r["ours-host"]["warm_up_run_s"] == r["ours"]["warm_up_run_s"]
+        # each run's stalls, from its own timeline
+        for run in ("ours", "ours-host"):
+            assert r[run]["stalls"] == json.loads(json.dumps(stalled_spans(r[run]["timeline"])))
+            assert set(r[run]["stalls"]) == {"kinds", "stalls", "device_excess_s"}
     last = p.stdout.strip().splitlines()[-6:]
     assert [line.split()[:2] for line in last] == [["paper", "naive"], ["paper", "ours"], ["paper", "ours-host"],
                                                    ["shared", "naive"], ["shared", "ours"], ["shared", "ours-host"]], \
@@ -1253,11 +1259,14 @@ def test_host_tail_costs_benchmark_runs(tmp_path):
     assert out["csv_format_s"] > 0 and out["csv_write_s"] > 0 and out["csv_streamed_s"] > 0 and out["check_probs_on_host_s"] > 0 and list(tmp_path.iterdir()) == [tmp_path / "costs.json"]
 
 
-def test_timeline_stalls_finds_the_spans_that_stretched_together(tmp_path, capsys):
-    """benchmarks/timeline_stalls.py: a run of 20 batches of 20 ms with one held up 200 ms while the
-    reader and the main thread's stage stretched too. The three are found, each with the others beside
-    it; the compute stream's loss is that span's excess; waits and zero-length marks are not work."""
-    stalls = load_benchmark("timeline_stalls")
+def test_stalled_spans_finds_the_spans_that_stretched_together(tmp_path, capsys):
+    """xctrt.timing.stalled_spans (and benchmarks/timeline_stalls.py, its command line): a run of 20
+    batches of 20 ms with one held up 200 ms while the reader and the main thread's stage stretched too.
+    The three are found, each with the others beside it; the compute stream's loss is that span's excess;
+    waits and zero-length marks are not work."""
+    from xctrt.timing import stalled_spans
+
+    cli = load_benchmark("timeline_stalls")
     timeline, t = [], 0.0
     for i in range(20):
         d = 0.22 if i == 10 else 0.02
@@ -1267,16 +1276,16 @@ def test_timeline_stalls_finds_the_spans_that_stretched_together(tmp_path, capsy
     # stretch over the same time, the others are short and elsewhere
     timeline += [["read", a, b] for a, b in ((0.0, 0.03), (0.1, 0.13), (0.19, 0.49), (0.5, 0.53), (0.6, 0.63))]
     timeline += [["main stage", a, b] for a, b in ((0.02, 0.03), (0.12, 0.13), (0.18, 0.44), (0.52, 0.53), (0.62, 0.63))]
-    got = stalls.stalls(timeline)
+    got = stalled_spans(timeline)
     assert [s["kind"] for s in got["stalls"]] == ["main stage", "read", "encoder"]
     assert all({b["kind"] for b in s["beside"]} == {"main stage", "read", "encoder"} - {s["kind"]} for s in got["stalls"])
     assert abs(got["device_excess_s"] - 0.2) < 1e-9
     assert set(got["kinds"]) == {"encoder", "read", "main stage"} and got["kinds"]["encoder"]["median_ms"] == 20.0
     quiet = [s for s in timeline if not (s[0] == "encoder" and s[2] - s[1] > 0.1)]
-    assert stalls.stalls(quiet)["device_excess_s"] == 0
+    assert stalled_spans(quiet)["device_excess_s"] == 0
     doc = {"modes": {"shared": {"ours": {"slices": 160, "slices_per_s": 200.0, "timeline": timeline}}}}
     (tmp_path / "bench.json").write_text(json.dumps(doc))
-    assert stalls.main([str(tmp_path / "bench.json"), "--json", str(tmp_path / "stalls.json")]) == 0
+    assert cli.main([str(tmp_path / "bench.json"), "--json", str(tmp_path / "stalls.json")]) == 0
     assert "3 stalled spans; the compute stream's spans 0.200 s past their medians" in capsys.readouterr().out
     assert json.loads((tmp_path / "stalls.json").read_text())["shared mode, ours: 160 slices, 200.0 slices/s"] == \
         json.loads(json.dumps(got))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import statistics
 import threading
 import time
 from collections import defaultdict
@@ -98,3 +99,43 @@ class CollectorWatch:
         """For summary.json's timing: objects frozen out of the passes, passes and seconds per generation."""
         return {"frozen_objects": self.frozen, "passes": list(self.passes),
                 "seconds": [round(v, 4) for v in self.seconds]}
+
+
+# the compute stream's spans: their time past their kind's median is time the run lost
+DEVICE_SPANS = ("encoder", "decoder", "model", "infer", "aggregate", "preprocess")
+
+
+def stalled_spans(timeline, factor: float = 3.0, min_ms: float = 20.0, min_count: int = 5) -> dict:
+    """Spans of a run's timeline far longer than their kind's median, and what else ran long beside them:
+    {"kinds": {kind: {count, median_ms, max_ms}}, "stalls": [...], "device_excess_s"}.
+
+    A repeated stage (encoder, decoder, read, main stage, components ...) whose span takes several times
+    its median did not do more work than the others: something held it up. Only kinds of work with at
+    least min_count spans count (not the waits and idle gaps, which are the stalls' effects, nor the
+    zero-length hand-over marks). A stall is a span longer than factor x its kind's median and at least
+    min_ms past it, listed with the other kinds' stalled spans that overlap it: when the host threads'
+    spans all stretch together, the process as a whole stood still (the GIL held by one thread, as a full
+    pass of Python's garbage collector holds it). Device spans are placed by CUDA events, so one stretches
+    when the host queued its work late; device_excess_s sums the compute stream's spans' excess."""
+    by_kind = {}
+    for name, t0, t1 in timeline:
+        if "wait" not in name and "idle" not in name and t1 - t0 >= 1e-4:
+            by_kind.setdefault(name, []).append((t0, t1))
+    medians = {k: statistics.median(t1 - t0 for t0, t1 in v) for k, v in by_kind.items() if len(v) >= min_count}
+
+    def stretched(name, t0, t1):
+        med = medians.get(name)
+        return med is not None and (t1 - t0) > factor * med and (t1 - t0) - med >= min_ms / 1e3
+
+    long = [(name, t0, t1) for name, v in by_kind.items() for t0, t1 in v if stretched(name, t0, t1)]
+    out = []
+    for name, t0, t1 in sorted(long, key=lambda s: s[1]):
+        beside = [{"kind": n, "start_s": round(a, 4), "ms": round((b - a) * 1e3, 1),
+                   "median_ms": round(medians[n] * 1e3, 1)}
+                  for n, a, b in long if n != name and a < t1 and b > t0]
+        out.append({"kind": name, "start_s": round(t0, 4), "ms": round((t1 - t0) * 1e3, 1),
+                    "median_ms": round(medians[name] * 1e3, 1), "beside": beside})
+    excess = sum((t1 - t0) - medians[name] for name, t0, t1 in long if name in DEVICE_SPANS)
+    kinds = {k: {"count": len(by_kind[k]), "median_ms": round(m * 1e3, 2),
+                 "max_ms": round(max(t1 - t0 for t0, t1 in by_kind[k]) * 1e3, 2)} for k, m in sorted(medians.items())}
+    return {"kinds": kinds, "stalls": out, "device_excess_s": round(excess, 4)}

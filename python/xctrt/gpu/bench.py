@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import XctrtError
 from ..model import ClassSpec, ModelPackage
+from ..timing import stalled_spans
 
 CLASSES = (("material", 1), ("pore", 2), ("inclusion", 3))
 COVER = {"material": 0.60, "pore": 0.01, "inclusion": 0.01}   # target voxel fractions for the thresholds
@@ -234,7 +235,10 @@ def _stage_row(summary: dict) -> dict:
             "table_surface_runs": t.get("table_surface_runs"), "gpu_labeller_calls": t.get("gpu_labeller_calls"),
             "outside_air_detail": t.get("outside_air_detail"), "garbage_collector": t.get("garbage_collector"),
             "decoder_overlap": t.get("decoder_overlap"), "decoder_heads": t.get("decoder_heads"),
-            "pinned_host": t.get("pinned_host"), "timeline": summary.get("timeline")}
+            "pinned_host": t.get("pinned_host"),
+            # spans held up far past their kind's median (a process-wide stall shows in every thread's)
+            "stalls": stalled_spans(summary["timeline"]) if summary.get("timeline") else None,
+            "timeline": summary.get("timeline")}
 
 
 def profile_labeller(torch, labels_path: Path, volume_path: Path, planes: int, slab: int, cuda: bool,

@@ -195,13 +195,12 @@ elif want warm && [ "$(left)" -gt 80 ]; then
     || echo "warm step stopped (rc $?): the cache keeps what it finished"
 fi
 
-if [ -f "$OUT/bench.json" ]; then   # spans held up far past their kind's median, and what stretched beside them
+if [ -f "$OUT/bench.json" ]; then
+  # spans held up far past their kind's median, and what stretched beside them
   stage "stalls: spans of the bench's runs far past their kind's median"
   $PY benchmarks/timeline_stalls.py "$OUT/bench.json" --runs ours ours-host \
     || echo "timeline stalls failed (rc $?): run benchmarks/timeline_stalls.py on bench.json afterwards"
-fi
-
-if [ -f "$OUT/bench.json" ]; then   # the bench's timelines as a picture: the fill, the gaps, the tail
+  # the bench's timelines as a picture: the fill, the gaps, the tail
   $PY benchmarks/timeline_figure.py "$OUT/bench.json" "$OUT/timeline.png" --runs ours ours-host \
     || echo "timeline figure failed (rc $?): draw it from bench.json afterwards"
 fi

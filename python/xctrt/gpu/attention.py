@@ -226,9 +226,7 @@ def _same_offset_terms(got, want, hw, grid=None, tol: float = 1e-3) -> None:
     """Raise unless the offset terms the fused kernel reads agree (relative to their largest) within tol:
     float32 sums of the same products in another order differ by a rounding."""
     for a, b, read in zip(got, want, offsets_read(want[0].shape[2], hw, grid, want[0].device)):
-        diff, scale = float((a[..., read] - b[..., read]).abs().max()), float(b[..., read].abs().max())
-        if not diff <= tol * max(scale, 1.0):
-            raise RuntimeError(f"offset_terms_triton differs from the products (max |diff| {diff:.3g})")
+        close_to(a[..., read], b[..., read], tol, "offset_terms_triton differs from the products")
 
 
 def _offset_terms_by(way: str, q, rel_pos_h, rel_pos_w, hw, grid):
@@ -778,13 +776,14 @@ def image_window_attention(x: torch.Tensor, qkv: torch.nn.Linear, num_heads: int
 _LAYOUT = {}   # key -> {"chosen": layout, "ms": {layout: median ms}}
 
 
-def close_to(got: torch.Tensor, want: torch.Tensor, tol: float = 0.02) -> None:
-    """A choose_fastest `same` for tensors made another way (another layout, other GEMM shapes): raise
-    unless max |got - want| <= tol * max(max |want|, 1). bf16 roundings in another order stay within a few
-    units of the last place of the largest value (0.0039 relative); a wrong read is of its order."""
+def close_to(got: torch.Tensor, want: torch.Tensor, tol: float = 0.02, what: str = "differs from the first way") -> None:
+    """Raise (`what`, and the difference) unless max |got - want| <= tol * max(max |want|, 1): the check of
+    a result made another way (another layout, other GEMM shapes, another order of the same kernels), as
+    choose_fastest's `same`. bf16 roundings in another order stay within a few units of the last place of
+    the largest value (0.0039 relative); a wrong read is of its order."""
     diff, scale = float((got.float() - want.float()).abs().max()), float(want.float().abs().max())
     if not diff <= tol * max(scale, 1.0):   # NaN fails too
-        raise RuntimeError(f"differs from the first way (max |diff| {diff:.3g} of {scale:.3g})")
+        raise RuntimeError(f"{what} (max |diff| {diff:.3g} of {scale:.3g})")
 
 
 def choose_qkv_layout(key, run, timer=None, repeats: int = 5, same=None) -> str:

@@ -903,10 +903,10 @@ def _same_probabilities(pair, what: str, tol: float = 1e-2) -> None:
     """Raise unless the two probability tensors agree within tol: a graph that runs the same kernels in
     another order or on other streams must give what one after the other gives (a difference beyond a
     rounding means a missing dependency); checked once, when it is captured."""
-    got, want = pair
-    diff = float((got.float() - want.float()).abs().max())
-    if not diff <= tol:
-        raise RuntimeError(f"{what} gave other probabilities than one after the other (max |diff| {diff:.3g})")
+    from .attention import close_to
+
+    # probabilities are at most 1, so close_to's bound is tol itself
+    close_to(*pair, tol, f"{what} gave other probabilities than one after the other")
 
 
 def _xp_stream(xp, torch_stream):

@@ -332,6 +332,37 @@ def test_labels_round_trip_through_write_volume_tiff(tmp_path, voxel_size):
         np.testing.assert_array_equal(read_all(src), labels)
 
 
+@pytest.mark.parametrize("batch_pages", [2, 3, None])
+def test_labels_are_compressed_and_written_as_their_pages_come(tmp_path, monkeypatch, batch_pages):
+    """write_volume_tiff compresses each batch of pages once it has them and writes it before asking for
+    more: the file holds the first batches before the last page is asked for, and reads back whole. By
+    default (64 MiB of pages) a small volume is one batch, written only once its last page has come:
+    tifffile's way with every batch, and the check that the file's size tells the two apart. Random pages
+    (incompressible) outgrow the file object's buffer; two compression threads, as on a 2-core machine."""
+    import xctrt.io
+    monkeypatch.setattr(xctrt.io, "usable_cpus", lambda: 2)
+    labels = np.random.default_rng(5).integers(0, 256, (8, 96, 128)).astype(np.uint8)   # 12 KiB pages
+    p = tmp_path / "labels.tif"
+    size_before = []   # the file's size when page i was asked for
+
+    def pages():
+        for page in labels:
+            size_before.append(p.stat().st_size if p.exists() else 0)
+            yield page
+
+    write_volume_tiff(p, pages(), labels.shape, np.uint8, None, batch_pages=batch_pages)
+    with open_volume(p) as src:
+        np.testing.assert_array_equal(read_all(src), labels)
+    page_bytes = labels[0].nbytes
+    if batch_pages is None:
+        assert size_before[-1] < page_bytes, size_before
+        return
+    for i, size in enumerate(size_before):   # every whole batch before page i: on disk (past its buffer)
+        done = (i // batch_pages) * batch_pages
+        assert size >= done * page_bytes - 8192, (i, size_before)
+    assert size_before[batch_pages] >= batch_pages * page_bytes - 8192
+
+
 def test_one_slice_ome_and_imagej_files_are_volumes_of_one_slice(tmp_path):
     """tifffile squeezes Z = 1 away, but OME and ImageJ state the Z size: xctrt reads back its own one-slice
     label files (a plain one-page TIFF stays a 2D image, refused: test_errors)."""

@@ -515,14 +515,32 @@ def ome_metadata(voxel_size: tuple[float, float, float] | None) -> dict:
     return md
 
 
+ROWS_PER_STRIP = 64   # the compressed strips' height: a page's strips are compressed in parallel threads
+BATCH_BYTES = 64 * 2 ** 20   # the pages compressed together by default
+
+
 def write_volume_tiff(target: Path, pages: Iterable[np.ndarray], shape: tuple[int, int, int], dtype,
-                      voxel_size: tuple[float, float, float] | None, compression: str | None = "zlib") -> None:
+                      voxel_size: tuple[float, float, float] | None, compression: str | None = "zlib",
+                      batch_pages: int | None = None) -> None:
     """Write a compressed OME-TIFF page by page from an iterator (stage it with StagedOutputs).
 
     zlib at level 1: label volumes still shrink ~6× (level 6: ~8.6×) at ~3× the speed, which keeps
-    the writer ahead of a GPU producing 100+ slices/s."""
-    extra = ({"compressionargs": {"level": 1}, "rowsperstrip": 64, "maxworkers": min(8, usable_cpus())}
-             if compression == "zlib" else {})   # strips of a page are compressed in parallel threads
+    the writer ahead of a GPU producing 100+ slices/s. The strips of `batch_pages` pages (default: 64 MiB
+    of them) are compressed together as soon as those pages have come; a streamed volume passes the
+    pages it hands over at a time. tifffile's own default gathers 512 MiB of strips before compressing
+    any (368 pages of 1200²): nothing was written before then, each batch was thousands of compressions
+    queued at once on 8 threads (where a GPU run's timelines show their longest stalls), and the last
+    batch was compressed only after the last page had come (benchmarks/RESULTS.md, "An eighth pass")."""
+    extra = {}
+    if compression == "zlib":
+        rows = min(ROWS_PER_STRIP, shape[1])
+        page_strips = -(-shape[1] // rows)
+        strip_bytes = rows * int(np.prod(shape[2:])) * np.dtype(dtype).itemsize
+        if batch_pages is None:
+            batch_pages = max(1, BATCH_BYTES // (page_strips * strip_bytes))
+        # tifffile compresses buffersize // strip_bytes strips at a time: whole pages, batch_pages of them
+        extra = {"compressionargs": {"level": 1}, "rowsperstrip": rows, "maxworkers": min(8, usable_cpus()),
+                 "buffersize": batch_pages * page_strips * strip_bytes}
     with tifffile.TiffWriter(target, bigtiff=True, ome=True) as tw:
         tw.write(data=iter(pages), shape=tuple(shape), dtype=np.dtype(dtype), compression=compression,
                  photometric="minisblack", metadata=ome_metadata(voxel_size), **extra)

@@ -446,7 +446,8 @@ class Segmenter:
         def write():
             if staged is not None:
                 with staged.write("labels.tif") as tmp:
-                    write_volume_tiff(tmp, pages(), (Z, Y, X), np.uint8, vs if unit == "mm" else None)
+                    write_volume_tiff(tmp, pages(), (Z, Y, X), np.uint8, vs if unit == "mm" else None,
+                                      batch_pages=self.slab)   # each slab compressed as it comes
             else:
                 for _ in pages():
                     pass

@@ -47,8 +47,10 @@ def timeline_phases(timeline: list | None, total_s: float | None) -> dict | None
     first = min(a for a, _ in spans)
     last = max(b for name, _, b in timeline if name in MODEL_STAGES + ("aggregate",))
     busy = sum(b - a for a, b in spans)
+    close = [(a, b) for name, a, b in timeline if name == "write_close"]   # labels.tif after its last slab
     return {"fill_s": first, "last_model_end_s": last, "tail_s": max(0.0, total_s - last),
-            "model_busy_share": busy / (last - first) if last > first else None}
+            "model_busy_share": busy / (last - first) if last > first else None,
+            "write_close": tuple(close[0]) if close else None}
 
 
 def _phases_text(o: dict) -> str:
@@ -57,7 +59,10 @@ def _phases_text(o: dict) -> str:
         return ""
     return (f"; timeline: first model work at {ph['fill_s']:.2f} s, the last model/aggregate work ends at "
             f"{ph['last_model_end_s']:.2f} s, then {ph['tail_s']:.2f} s to the end; model busy "
-            f"{_f(100 * ph['model_busy_share'] if ph['model_busy_share'] is not None else None, '.0f')} % in between")
+            f"{_f(100 * ph['model_busy_share'] if ph['model_busy_share'] is not None else None, '.0f')} % in between"
+            + ("" if ph["write_close"] is None else
+               f"; labels.tif's writer took its last slab at {ph['write_close'][0]:.2f} s and closed the file "
+               f"{ph['write_close'][1] - ph['write_close'][0]:.2f} s later"))
 
 
 def _f(v, fmt=".1f"):

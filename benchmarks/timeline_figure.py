@@ -26,6 +26,7 @@ STAGES = [("read", (120, 120, 120)), ("fused_check", (200, 160, 60)), ("capture"
           ("stitch", (70, 170, 120)), ("aggregate", (70, 170, 120)), ("compute_idle", (220, 50, 50)),
           ("components", (230, 140, 40)), ("d2h", (150, 110, 60)), ("write", (150, 110, 60)),
           ("write_wait", (215, 215, 215)),   # the writer thread waiting for labels
+          ("write_close", (150, 110, 60)),   # the writer after its last slab: its last batch, the file closed
           ("table", (180, 60, 150)), ("table outside air", (200, 90, 170)), ("table merge", (200, 90, 170)),
           ("table surface", (200, 90, 170)), ("table columns", (200, 90, 170)), ("fill", (180, 60, 150)), ("preview", (120, 60, 160)),
           ("csv", (120, 60, 160)), ("csv_write", (150, 110, 60)), ("report", (120, 60, 160)),

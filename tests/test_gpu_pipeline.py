@@ -345,6 +345,10 @@ def test_host_arrays_matches_cpu_pipeline(nets, packages, volume, mode, slab, ba
         assert all(0 <= start <= end <= t["total_s"] + 1e-3 for _, start, end in rows)
         stages = {name for name, _, _ in rows}
         assert {"read", "components", "write", "main stage", "main wait_read"} <= stages
+        # the writer's time after its last slab (the last batch compressed, the file closed): one span, last
+        closes = [(start, end) for name, start, end in rows if name == "write_close"]
+        assert len(closes) == 1, closes
+        assert all(start <= closes[0][0] for name, start, _ in rows if name == "write")
         for stage in ("read", "components", "encoder", "decoder", "aggregate", "preprocess"):
             if stage in t["stage_busy_s"]:
                 spans = sum(end - start for name, start, end in rows if name == stage)
@@ -1059,7 +1063,9 @@ def test_gpu_summary_timeline_phases():
                 ["compute_idle", 2.75, 3.0], ["encoder", 3.0, 4.0], ["aggregate", 4.0, 4.25], ["table", 4.25, 5.5],
                 ["main stage", 0.0, 5.0]]
     ph = phases(timeline, 6.0)
-    assert ph == {"fill_s": 1.0, "last_model_end_s": 4.25, "tail_s": 1.75, "model_busy_share": 2.5 / 3.25}
+    assert ph == {"fill_s": 1.0, "last_model_end_s": 4.25, "tail_s": 1.75, "model_busy_share": 2.5 / 3.25,
+                  "write_close": None}
+    assert phases(timeline + [["write_close", 4.5, 4.75]], 6.0)["write_close"] == (4.5, 4.75)
     assert phases([["read", 0.0, 1.0]], 2.0) is None and phases(None, 2.0) is None and phases(timeline, None) is None
 
 

@@ -356,6 +356,11 @@ def test_summary_timeline_and_its_figure(rich, phantom_path, tmp_path):
         assert spans, stage
         assert sum(b - a for a, b in spans) == pytest.approx(t["stage_busy_s"][stage], abs=2e-3), stage
     assert max(b for name, _, b in rows if name == "report") > max(b for name, _, b in rows if name == "read")
+    # labels.tif: one span per slab but the last, whose span runs on to the file's close (write_close)
+    writes = [(a, b) for name, a, b in rows if name == "write"]
+    (close,) = [(a, b) for name, a, b in rows if name == "write_close"]
+    slabs = -(-res.summary["input"]["shape"][0] // rich.slab)
+    assert len(writes) == slabs - 1 and all(a <= close[0] for a, _ in writes)
 
     fig = load_benchmark("timeline_figure")
     png = tmp_path / "timeline.png"

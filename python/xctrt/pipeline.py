@@ -432,15 +432,22 @@ class Segmenter:
                 with timer("table"):
                     made["table"] = counter.finish(self.min_voxels)
 
+        last_slab = []   # when the writer took the last slab: what follows it is the run's to wait for
+
         def pages():
+            written = 0
             while True:
                 with timer("write_wait"):
                     lab = _get(q_write, failed)
                 if lab is _END:
                     return
                 t = time.perf_counter()
+                written += len(lab)
+                if written == Z:   # tifffile asks for no page past the last: the loop ends inside this slab
+                    last_slab.append(t)
                 yield from lab
-                timer.add_span("write", t, time.perf_counter())   # this slab's encoding and disk time
+                if written < Z:   # the last slab's is write_close
+                    timer.add_span("write", t, time.perf_counter())   # this slab's encoding and disk time (its batch)
 
         @guarded
         def write():
@@ -451,6 +458,8 @@ class Segmenter:
             else:
                 for _ in pages():
                     pass
+            if last_slab:
+                timer.add_span("write_close", last_slab[0], time.perf_counter())   # its batch, the file closed
 
         def writer():
             t0 = time.perf_counter()

@@ -13,6 +13,9 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::FutureWarning,ignore::UserWarni
 stage() { echo; echo "=== [+${SECONDS}s] $*"; }
 stage "environment"
 _xctrt_needs=${1:-}
+# xctrt's writer needs TiffWriter.write(buffersize=) (tifffile >= 2023.8.30): a machine's older tifffile
+# gets the carried one
+[ -n "$_xctrt_needs" ] && _xctrt_needs="$_xctrt_needs; import inspect, tifffile; assert 'buffersize' in inspect.signature(tifffile.TiffWriter.write).parameters"
 _xctrt_wheels=${WHEELS:-.whl}
 if [ -n "$_xctrt_needs" ] && [ -d "$_xctrt_wheels" ] && ! $PY -c "$_xctrt_needs" 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/xctrt_site "$_xctrt_wheels"/*.whl

@@ -4,8 +4,9 @@
 # one. Device time the session has left after it goes to more warm-up (4. below).
 #
 #   1. here, once: the wheels the machine's image lacks (segment-anything for the bench; onnx2torch for the
-#      package step's torch backend: the image has onnx, torch and torchvision, not onnx2torch)
-#          mkdir -p .whl-sam && pip download --no-deps segment-anything==1.0 onnx2torch==1.5.15 -d .whl-sam
+#      package step's torch backend: the image has onnx, torch and torchvision, not onnx2torch; tifffile in
+#      case the image's is older than xctrt needs)
+#          mkdir -p .whl-sam && pip download --no-deps segment-anything==1.0 onnx2torch==1.5.15 tifffile==2026.3.3 -d .whl-sam
 #   2. the device call (tool `run`), exactly:
 #          command:   bash benchmarks/gpu_throughput.sh
 #          carry:     [".whl-sam"]
@@ -111,7 +112,9 @@ else
   STEPS="bench post compiled attention parts warm"
   echo "package step left out until max-autotune's warm-up has finished (STEPS=\"... package ...\" runs it)"
 fi
-$PY -c "import torch, xctrt._core, segment_anything, onnx2torch; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" || exit 1
+$PY -c "import torch, tifffile, xctrt._core, segment_anything, onnx2torch; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none', 'tifffile', tifffile.__version__)" || exit 1
+$PY -c "import imagecodecs; print('imagecodecs', imagecodecs.__version__)" 2>/dev/null \
+  || echo "no imagecodecs: tifffile compresses labels.tif with Python's zlib (slower than imagecodecs' libdeflate)"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
 
 if [ "$DRY_RUN" = 1 ]; then

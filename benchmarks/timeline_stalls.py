@@ -1,5 +1,6 @@
 """Spans of a run's timeline far longer than their kind's median, and what else ran long beside them
-(xctrt.timing.stalled_spans; `xctrt bench --gpu` keeps the same per run as `stalls` in its JSON).
+(xctrt.timing.stalled_spans; `xctrt bench --gpu` keeps the same per run as `stalls` in its JSON); and
+how long labels.tif's writer worked after it took the last slab.
 
     python benchmarks/timeline_stalls.py bench.json [--runs ours] [--factor 3] [--min-ms 20] [--json out.json]
     python benchmarks/timeline_stalls.py out/summary.json                  # one `xctrt segment` run
@@ -18,6 +19,23 @@ from timeline_figure import runs_of  # noqa: E402
 from xctrt.timing import stalled_spans  # noqa: E402
 
 
+def writer_tail(run: dict) -> dict | None:
+    """labels.tif's writer after it took the last slab: when it took it and how long it was busy then
+    (the `write_close` span; a run from before that span: the writer's busy seconds less its `write`
+    spans, since tifffile asks for no page past the last and the last slab's span was never recorded)."""
+    timeline = run.get("timeline") or []
+    close = [(a, b) for name, a, b in timeline if name == "write_close"]
+    if close:
+        took, done = close[0]
+        return {"took_last_slab_s": took, "after_s": done - took, "total_s": run.get("total_s")}
+    waits = [b for name, _, b in timeline if name == "write_wait"]
+    busy = (run.get("stage_busy_s") or {}).get("write")
+    if not waits or busy is None:
+        return None
+    spans = sum(b - a for name, a, b in timeline if name == "write")
+    return {"took_last_slab_s": max(waits), "after_s": max(0.0, busy - spans), "total_s": run.get("total_s")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("timing", type=Path, help="a bench JSON (xctrt bench --gpu) or an xctrt segment summary.json")
@@ -29,8 +47,13 @@ def main(argv=None) -> int:
     found = {}
     for title, run in runs_of(json.loads(args.timing.read_text()), args.runs):
         got = found[title] = stalled_spans(run["timeline"], args.factor, args.min_ms)
+        writer = got["writer"] = writer_tail(run)
         print(f"{title}: {len(got['stalls'])} stalled spans; the compute stream's spans "
-              f"{got['device_excess_s']:.3f} s past their medians")
+              f"{got['device_excess_s']:.3f} s past their medians"
+              + ("" if writer is None else
+                 f"; labels.tif's writer took its last slab at {writer['took_last_slab_s']:.3f} s and was busy "
+                 f"{writer['after_s']:.3f} s after it" + ("" if writer["total_s"] is None else
+                                                             f" (the run: {writer['total_s']:.3f} s)")))
         for s in got["stalls"]:
             beside = ", ".join(f"{b['kind']} {b['ms']:.0f} ms (median {b['median_ms']:.0f})" for b in s["beside"])
             print(f"  {s['start_s']:8.3f} s  {s['kind']:<16} {s['ms']:7.1f} ms (median {s['median_ms']:.1f})"

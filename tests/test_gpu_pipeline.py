@@ -1294,7 +1294,21 @@ def test_stalled_spans_finds_the_spans_that_stretched_together(tmp_path, capsys)
     assert cli.main([str(tmp_path / "bench.json"), "--json", str(tmp_path / "stalls.json")]) == 0
     assert "3 stalled spans; the compute stream's spans 0.200 s past their medians" in capsys.readouterr().out
     assert json.loads((tmp_path / "stalls.json").read_text())["shared mode, ours: 160 slices, 200.0 slices/s"] == \
-        json.loads(json.dumps(got))
+        {**json.loads(json.dumps(got)), "writer": None}   # no writer's spans in this timeline
+
+
+def test_timeline_stalls_says_how_long_the_writer_worked_after_its_last_slab():
+    """benchmarks/timeline_stalls.writer_tail: the write_close span where a run has it; for a run from
+    before it, the writer's busy seconds less its write spans, from the time it took its last slab."""
+    tail = load_benchmark("timeline_stalls").writer_tail
+    waits = [["write_wait", 0.0, 1.0], ["write", 1.0, 1.1], ["write_wait", 1.1, 2.0], ["write", 2.0, 2.2],
+             ["write_wait", 2.2, 3.0]]
+    old = {"timeline": waits, "stage_busy_s": {"write": 0.8}, "total_s": 4.0}
+    got = tail(old)
+    assert got["took_last_slab_s"] == 3.0 and abs(got["after_s"] - 0.5) < 1e-9 and got["total_s"] == 4.0
+    new = {"timeline": waits + [["write_close", 3.0, 3.25]], "stage_busy_s": {"write": 0.55}, "total_s": 4.0}
+    assert tail(new) == {"took_last_slab_s": 3.0, "after_s": 0.25, "total_s": 4.0}
+    assert tail({"timeline": [["read", 0.0, 1.0]], "stage_busy_s": {}}) is None
 
 
 def test_pinned_host_counts_the_blocks_made_during_the_stage():

@@ -1,6 +1,7 @@
 """Markdown summary of one benchmarks/gpu_throughput.sh call: python benchmarks/gpu_summary.py OUT_DIR.
 
-Reads what the steps wrote (gpu_post.json, bench.json, bench_compiled.json, gpu_attention.json);
+Reads what the steps wrote (gpu_post.json, bench.json, bench_compiled.json, gpu_attention.json,
+label_writer.json);
 a step that failed or ran out of time is named as missing, the others are still summarised.
 """
 from __future__ import annotations
@@ -333,6 +334,16 @@ def main(out: Path) -> str:
                 lines.append(f"offset terms, {shape}: {ot['error']}")
     else:
         lines.append(_missing("attention"))
+    wr = _load(out, "label_writer.json")
+    if wr:
+        lines.append(f"labels.tif's writer on this host ({wr['cpus']} CPUs, {wr['shape']} handed over in slabs of "
+                     f"{wr['slab']} at {wr['rate']:.0f} slices/s): " + "; ".join(
+                         f"{way} (batch {r['batch_pages']} pages) after the last slab {r['after_last_slab_s']:.3f} s, "
+                         f"most pages not on disk {r['most_pages_not_on_disk']}, a ticking thread's longest gap "
+                         f"{r['ticker_longest_gap_ms']:.1f} ms"
+                         for way, runs in wr["runs"].items() for r in runs))
+    else:
+        lines.append(_missing("writer"))
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@
 #      results under $OUT: gpu_throughput.log, summary.md (the table, printed last), timeline.png
 #      (benchmarks/timeline_figure.py: when each stage of ours and ours-host worked), results.tar.gz
 #      (gpu_post.json, bench.json, bench_compiled.json, gpu_attention.json, gpu_parts.json,
-#      gpu_package.json) and torch.compile's tuning and cache (below); the log lists each run's stalls
+#      label_writer.json, gpu_package.json) and torch.compile's tuning and cache (below); the log lists each run's stalls
 #      (benchmarks/timeline_stalls.py; bench.json keeps them per run as "stalls")
 #   3. here: commit the tuning the call brought back (cp inductor_tuning.tar.xz benchmarks/cache/)
 #   4. while max-autotune's warm-up is unfinished ("tuning at the end" has no "max-autotune" among its
@@ -49,6 +49,10 @@
 #   parts      benchmarks/gpu_parts_check.py: encoder and decoder time per batch with each part of the fast
 #              forward (attention, decoder attention, patch embedding, MLP epilogue, upscaling) left out in turn;
 #              then the encoder with every part at batch 4 and 16 too (time per image, peak memory)
+#   writer     benchmarks/label_writer.py: labels.tif (1000x1200x1200) handed to the writer in slabs of 32 at
+#              250 slices/s, compressed per slab (what runs do) and in tifffile's own 512 MiB batch (what
+#              they did until 2026-11-28): the writer's time after the last slab, and the longest gap of a
+#              Python thread ticking beside it, on this host's cores (~15 s)
 #   package    benchmarks/gpu_package_check.py: the shipped model (torch backend) with --device cuda vs the
 #              host C++ pipeline around the same GPU engine, 16x768x768 phantom: identical labels/table, speed;
 #              then bf16, and the Conv-LoRA experts routed (eager, dynamic shapes) against static in CUDA graphs
@@ -58,7 +62,7 @@
 #   warm       benchmarks/compile_warm.py: compiles the anchor with max-autotune, whatever time the call has
 #              left, for a later call (not timed)
 # Knobs (environment): SAMPLE (1: the bench step under benchmarks/sample_threads.py, thread_samples.json),
-# STEPS ("bench post compiled attention parts package warm"; without package while max-autotune's warm-up
+# STEPS ("bench post compiled attention parts writer package warm"; without package while max-autotune's warm-up
 # has not finished), BENCH_MODES (the bench step's modes: "paper
 # shared"; "shared" alone takes about half its time), SHAPE
 # ("1000 1200 1200"), BATCH (8), COMPILE_MODE (max-autotune when the tuning or a carried cache holds a finished
@@ -104,12 +108,12 @@ done
 $PY benchmarks/inductor_tuning.py "$TORCHINDUCTOR_CACHE_DIR" --label "tuning at the start"
 if [ -n "$STEPS_ASKED" ]; then STEPS=$STEPS_ASKED
 elif [ -f "$TORCHINDUCTOR_CACHE_DIR/xctrt-warmed-max-autotune" ] || [ "$DRY_RUN" = 1 ]; then
-  STEPS="bench post compiled attention parts package warm"
+  STEPS="bench post compiled attention parts writer package warm"
 else
   # max-autotune's warm-up unfinished: its warm step gets the package check's time (74 s of the H200 call
   # of 2026-11-28, whose shipped model gave the host pipeline's labels and table exactly, as in the two
   # calls before it); the anchor it tunes is the issue's last unmeasured target
-  STEPS="bench post compiled attention parts warm"
+  STEPS="bench post compiled attention parts writer warm"
   echo "package step left out until max-autotune's warm-up has finished (STEPS=\"... package ...\" runs it)"
 fi
 $PY -c "import torch, tifffile, xctrt._core, segment_anything, onnx2torch; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none', 'tifffile', tifffile.__version__)" || exit 1
@@ -122,10 +126,12 @@ if [ "$DRY_RUN" = 1 ]; then
   POST="--xp numpy --z 16 --y 128 --x 128"; ATTN="--device cpu"; PARTS="--device cpu"
   PKG="--host-arrays -m untrained-tiny --shape 4 300 280 --batch-size 4 --slab 3"
   BENCH="--host-arrays --backbone tiny --naive-slices 4 --compiled-slices 4 --slab 4"
+  WRITER="--shape 64 256 256 --slab 8 --repeat 1"
   COMPILE_MODE=${COMPILE_MODE:-default}; WARM_MODE=default
 else
   SHAPE=${SHAPE:-"1000 1200 1200"}; BATCH=${BATCH:-8}
   POST=""; ATTN=""; PARTS=""; PKG=""; BENCH="--slab 32"
+  WRITER="--shape 1000 1200 1200 --slab 32 --rate 250 --repeat 1"
   # max-autotune only where the tuning holds a finished warm-up of it (else its benchmarking outruns the call)
   [ -f "$TORCHINDUCTOR_CACHE_DIR/xctrt-warmed-max-autotune" ] && COMPILE_MODE=${COMPILE_MODE:-max-autotune} \
     || COMPILE_MODE=${COMPILE_MODE:-default}
@@ -174,6 +180,13 @@ fi
 if want parts; then
   stage "parts: each part of the fast forward on and off"
   run_step parts 90 $PY benchmarks/gpu_parts_check.py --out "$OUT" $PARTS
+fi
+
+if want writer; then
+  # labels.tif's compression, per slab (runs since 2026-11-28) vs tifffile's 512 MiB batch, on this host's
+  # cores, at shared mode's target pace: what the bench's runs no longer show side by side
+  stage "writer: labels.tif compressed per slab vs in tifffile's batch, on this host"
+  run_step writer 60 $PY benchmarks/label_writer.py $WRITER --json "$OUT/label_writer.json"
 fi
 
 if want package; then

@@ -10,7 +10,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from timeline_stalls import writer_tail  # noqa: E402
 
 from xctrt.gpu.bench import comparisons  # noqa: E402  (the runs and ratios, as `xctrt bench --gpu` prints them)
 
@@ -48,22 +51,21 @@ def timeline_phases(timeline: list | None, total_s: float | None) -> dict | None
     first = min(a for a, _ in spans)
     last = max(b for name, _, b in timeline if name in MODEL_STAGES + ("aggregate",))
     busy = sum(b - a for a, b in spans)
-    close = [(a, b) for name, a, b in timeline if name == "write_close"]   # labels.tif after its last slab
     return {"fill_s": first, "last_model_end_s": last, "tail_s": max(0.0, total_s - last),
-            "model_busy_share": busy / (last - first) if last > first else None,
-            "write_close": tuple(close[0]) if close else None}
+            "model_busy_share": busy / (last - first) if last > first else None}
 
 
 def _phases_text(o: dict) -> str:
     ph = timeline_phases(o.get("timeline"), o.get("total_s"))
     if ph is None:
         return ""
+    writer = writer_tail(o)   # labels.tif's writer after its last slab
     return (f"; timeline: first model work at {ph['fill_s']:.2f} s, the last model/aggregate work ends at "
             f"{ph['last_model_end_s']:.2f} s, then {ph['tail_s']:.2f} s to the end; model busy "
             f"{_f(100 * ph['model_busy_share'] if ph['model_busy_share'] is not None else None, '.0f')} % in between"
-            + ("" if ph["write_close"] is None else
-               f"; labels.tif's writer took its last slab at {ph['write_close'][0]:.2f} s and closed the file "
-               f"{ph['write_close'][1] - ph['write_close'][0]:.2f} s later"))
+            + ("" if writer is None else
+               f"; labels.tif's writer took its last slab at {writer['took_last_slab_s']:.2f} s and closed the file "
+               f"{writer['after_s']:.2f} s later"))
 
 
 def _f(v, fmt=".1f"):

@@ -1063,9 +1063,12 @@ def test_gpu_summary_timeline_phases():
                 ["compute_idle", 2.75, 3.0], ["encoder", 3.0, 4.0], ["aggregate", 4.0, 4.25], ["table", 4.25, 5.5],
                 ["main stage", 0.0, 5.0]]
     ph = phases(timeline, 6.0)
-    assert ph == {"fill_s": 1.0, "last_model_end_s": 4.25, "tail_s": 1.75, "model_busy_share": 2.5 / 3.25,
-                  "write_close": None}
-    assert phases(timeline + [["write_close", 4.5, 4.75]], 6.0)["write_close"] == (4.5, 4.75)
+    assert ph == {"fill_s": 1.0, "last_model_end_s": 4.25, "tail_s": 1.75, "model_busy_share": 2.5 / 3.25}
+    # the summary's line names labels.tif's writer after its last slab (timeline_stalls.writer_tail)
+    text = load_benchmark("gpu_summary")._phases_text
+    assert "writer" not in text({"timeline": timeline, "total_s": 6.0})
+    assert "labels.tif's writer took its last slab at 4.50 s and closed the file 0.25 s later" in \
+        text({"timeline": timeline + [["write_close", 4.5, 4.75]], "total_s": 6.0})
     assert phases([["read", 0.0, 1.0]], 2.0) is None and phases(None, 2.0) is None and phases(timeline, None) is None
 
 
